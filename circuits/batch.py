@@ -1,0 +1,61 @@
+"""A batch of tokenized examples: what the engine runs and what a metric reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Tokenized clean and corrupted prompts of one token length, with their answers.
+
+    All examples in a batch share one token length, so the metric reads position -1 of every
+    example (tasks bucket examples of different lengths into separate batches).
+
+    Attributes
+    ----------
+    clean, corrupt : Tensor
+        ``[batch, pos]`` token ids.
+    answers, wrong : Tensor
+        ``[batch, n]`` token ids of the answer(s) that show the behavior and of the wrong
+        one(s), padded with ``-1`` where examples have fewer.
+    clean_logits : Tensor or None
+        ``[batch, vocab]`` the model's clean logits at the last position, filled in by the engine
+        for metrics that compare with the clean distribution (``kl``).
+    """
+
+    clean: Tensor
+    corrupt: Tensor
+    answers: Tensor
+    wrong: Tensor
+    clean_logits: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.clean.shape != self.corrupt.shape:
+            raise ValueError(
+                f"clean {tuple(self.clean.shape)} and corrupt {tuple(self.corrupt.shape)} "
+                "token ids must have the same shape"
+            )
+
+    @property
+    def size(self) -> int:
+        return int(self.clean.shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.clean.shape[1])
+
+    def with_clean_logits(self, logits: Tensor) -> Batch:
+        """Return a copy holding the clean last-position logits ``[batch, vocab]``."""
+        return replace(self, clean_logits=logits.detach())
+
+    def to(self, device: torch.device | str) -> Batch:
+        """Return a copy with every tensor on `device`."""
+        moved = {
+            name: (value.to(device) if isinstance(value, Tensor) else value)
+            for name, value in self.__dict__.items()
+        }
+        return Batch(**moved)

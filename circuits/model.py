@@ -1,0 +1,167 @@
+"""Loading a Hugging Face causal LM and its tokenizer, wrapped with nnsight."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelLoadError
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+@dataclass
+class Model:
+    """A loaded model: the Hugging Face module, its tokenizer and an nnsight wrapper.
+
+    Attributes
+    ----------
+    hf : transformers.PreTrainedModel
+        The causal LM, in eval mode.
+    tokenizer : transformers.PreTrainedTokenizerBase
+    name : str
+        What it was loaded from (a zoo name, a folder or a hub name).
+    """
+
+    hf: Any
+    tokenizer: Any
+    name: str
+    _envoy: Any = field(default=None, repr=False)
+
+    @property
+    def envoy(self) -> Any:
+        """The nnsight wrapper of `hf`, for node-level interventions (created on first use)."""
+        if self._envoy is None:
+            import nnsight
+
+            self._envoy = nnsight.NNsight(self.hf)
+        return self._envoy
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def architecture(self) -> str:
+        return type(self.hf).__name__
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids ``[batch, pos]`` of texts that all have the same token length."""
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        if len({len(x) for x in ids}) != 1:
+            raise ValueError("texts have different token lengths; tokenize them separately")
+        return torch.tensor(ids, device=self.device)
+
+
+def _resolve(name_or_path: str | os.PathLike) -> tuple[Path | None, str]:
+    """Return (local folder or None for a hub name, display name)."""
+    text = os.fspath(name_or_path)
+    from . import zoo
+
+    shipped = zoo.find(text)
+    if shipped is not None:
+        return shipped, text
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path, text
+    if path.exists():
+        raise ModelLoadError(f"{text!r} is a file; pass the folder that holds config.json")
+    # Hub names are 'name' or 'org/name'; anything else that does not exist is a missing folder.
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
+        raise ModelLoadError(
+            f"no model folder at {text!r}; pass an existing folder, a shipped model "
+            "(see `circuits models`) or a Hugging Face hub name like 'gpt2'"
+        )
+    return None, text
+
+
+def _check_folder(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json; it is not a Hugging Face model folder")
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise ModelLoadError(
+            f"{path} has no weights (model.safetensors or pytorch_model.bin); "
+            "save the model with save_pretrained() into that folder"
+        )
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{path} has no tokenizer (tokenizer.json); save it with tokenizer.save_pretrained()"
+        )
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Model:
+    """Load a causal LM and its tokenizer from a shipped name, a local folder or the hub.
+
+    Parameters
+    ----------
+    name_or_path : str or path
+        A reference model shipped with circuits (``circuits models`` lists them), a folder
+        holding a Hugging Face model (config.json, weights, tokenizer) or a hub name such as
+        ``"gpt2"`` (needs network access or the hub cache).
+    device : str or torch.device
+    dtype : torch.dtype
+        Parameter dtype; float32 by default (the parity tests pin float32).
+
+    Returns
+    -------
+    Model
+
+    Raises
+    ------
+    ModelLoadError
+        The folder is missing or incomplete, or the hub could not be reached.
+
+    Examples
+    --------
+    >>> import circuits
+    >>> model = circuits.load_model("ioi-gpt2")  # doctest: +SKIP
+    """
+    folder, display = _resolve(name_or_path)
+    if folder is not None:
+        _check_folder(folder)
+    source = str(folder) if folder is not None else display
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=folder is not None)
+            hf = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, local_files_only=folder is not None
+            )
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if folder is None:
+            raise ModelLoadError(
+                f"could not load {display!r} from the Hugging Face hub ({first}); check the name "
+                "and your network access, or pass a local folder"
+            ) from None
+        raise ModelLoadError(f"could not load the model in {folder}: {first}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    logging.getLogger(__name__).debug("loaded %s", display)
+    hf.eval().to(device)
+    return Model(hf=hf, tokenizer=tokenizer, name=display)
