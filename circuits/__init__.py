@@ -1,40 +1,92 @@
 """circuits: causal circuit discovery for Hugging Face transformer language models.
 
-The pipeline is a handful of verbs: `load_model`, define or pick a task, `score` its edges with
-a method, select a circuit, `evaluate` it, render or export it.
+The pipeline is a handful of verbs: `load_model`, define or pick a `Task`, `score` its edges with
+a method, `select` a circuit, `evaluate` it, then render or export it.
 """
 
+from .api import discover, score
 from .batch import Batch
+from .circuit import Circuit, circuit_from_edges, prune, select
 from .engine import Engine, Trace
 from .errors import (
     CircuitFileError,
     CircuitsError,
+    DependencyError,
     ModelLoadError,
     OptionError,
     TaskError,
     UnsupportedModelError,
 )
+from .evaluate import (
+    MIB_FRACTIONS,
+    Curve,
+    Evaluation,
+    cmd,
+    cpr,
+    evaluate,
+    faithfulness_curve,
+    fine_fractions,
+    pr_curve,
+    precision_recall,
+    roc_auc,
+    smallest_faithful,
+)
 from .graph import Edge, Graph, Node
+from .io import export, load_circuit, save_circuit
+from .methods import available as available_methods
+from .metrics import Metric, get_metric
 from .model import Model, load_model
 from .scores import Scores
+from .setup import Setup
+from .task import Example, Task, get_task, list_tasks
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MIB_FRACTIONS",
     "Batch",
+    "Circuit",
     "CircuitFileError",
     "CircuitsError",
+    "Curve",
+    "DependencyError",
     "Edge",
     "Engine",
+    "Evaluation",
+    "Example",
     "Graph",
+    "Metric",
     "Model",
     "ModelLoadError",
     "Node",
     "OptionError",
     "Scores",
+    "Setup",
+    "Task",
     "TaskError",
     "Trace",
     "UnsupportedModelError",
-    "load_model",
     "__version__",
+    "available_methods",
+    "circuit_from_edges",
+    "cmd",
+    "cpr",
+    "discover",
+    "evaluate",
+    "export",
+    "faithfulness_curve",
+    "fine_fractions",
+    "get_metric",
+    "get_task",
+    "list_tasks",
+    "load_circuit",
+    "load_model",
+    "pr_curve",
+    "precision_recall",
+    "prune",
+    "roc_auc",
+    "save_circuit",
+    "score",
+    "select",
+    "smallest_faithful",
 ]

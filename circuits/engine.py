@@ -88,7 +88,7 @@ class Engine:
     >>> engine = circuits.Engine(tiny_gpt2(n_layer=2, n_head=2))
     >>> ids = torch.tensor([[1, 2, 3, 4]])
     >>> engine.graph.n_edges
-    40
+    46
     >>> torch.allclose(engine.logits(ids), engine.model.hf(ids).logits, atol=1e-5)
     True
     """
@@ -127,98 +127,148 @@ class Engine:
         patched = ablate is not None
         if patched and ablated is None:
             raise ValueError("ablate needs the ablated source outputs")
+        # Past the last layer's attention only the last position reaches the logits we return.
+        truncate = last_only and not keep
+        last_attn = g.attn_stage(a.n_layers - 1)
 
         first = 0 if start is None else start[0]
         self.passes.forward += C * (self._n_stages - first) / self._n_stages
-        delta = None  # [n_src, C * b, p, d]: ablated - current, for patched runs
-        outs = None  # [n_src, C * b, p, d]: every source's output, for keep
+        state: dict[str, Tensor | None] = {
+            "delta": None,  # [n_src, C * b, p, d]: ablated - current, for patched runs
+            "outs": None,  # [n_src, C * b, p, d]: every source's output, for keep
+            "ablated": ablated,
+        }
         resid_at: dict[int, Tensor] = {}
         if start is None:
             x0 = a.embed(ids)
             if sink is not None:
                 x0 = x0.detach().requires_grad_(True)
             resid = x0.repeat(C, 1, 1) if C > 1 else x0
-            shape = (g.n_sources, C * b, p, x0.shape[-1])
         else:
-            trace = start[1]
-            resid = trace.resid[first].repeat(C, 1, 1)
-            shape = (g.n_sources, C * b, p, resid.shape[-1])
+            resid = start[1].resid[first]
+            resid = resid.repeat(C, 1, 1) if C > 1 else resid
+        shape = (g.n_sources, *resid.shape)
         if keep:
-            outs = resid.new_zeros(shape)
+            state["outs"] = resid.new_empty(shape)
         if patched:
-            delta = resid.new_zeros(shape)
+            state["delta"] = resid.new_empty(shape)
 
         def record(sources: slice, value: Tensor) -> None:
             """Store a stage's source outputs ``[n, C*b, p, d]``."""
-            if outs is not None:
-                outs[sources] = value
-            if delta is not None:
-                delta[sources] = _tile(ablated[sources], C) - value
+            if state["outs"] is not None:
+                state["outs"][sources] = value.detach()
+            if state["delta"] is not None:
+                state["delta"][sources] = _tile(state["ablated"][sources], C) - value
+
+        def cut(x: Tensor) -> Tensor:
+            """Keep the last position of ``[..., p, d]``."""
+            return x[..., -1:, :]
+
+        def truncate_state() -> None:
+            if state["delta"] is not None:
+                state["delta"] = cut(state["delta"])
+                abl = state["ablated"]
+                state["ablated"] = cut(abl) if abl.shape[2] > 1 else abl
 
         if start is None:
             record(slice(0, 1), resid[None])
         else:
             n_before = g.n_sources_before(first)
-            cached = start[1].outs[:n_before].repeat(1, C, 1, 1)
-            if outs is not None:
-                outs[:n_before] = cached
-            if delta is not None:
-                delta[:n_before] = _tile(ablated[:n_before], C) - cached
+            cached = start[1].outs[:n_before]
+            cached = cached.repeat(1, C, 1, 1) if C > 1 else cached
+            if state["outs"] is not None:
+                state["outs"][:n_before] = cached
+            if state["delta"] is not None:
+                state["delta"][:n_before] = _tile(ablated[:n_before], C) - cached
+        if truncate and first > last_attn:
+            resid = cut(resid)
+            truncate_state()
 
-        def inputs(stage: int, dsts: slice | list[int], base: Tensor) -> Tensor | None:
-            """Per-destination inputs ``[nD, C*b, p, d]``, or None when all share `resid`."""
+        def inputs(stage: int, dsts: slice | list[int], base: Tensor
+                   ) -> tuple[Tensor, Tensor] | None:
+            """Inputs ``[n, C*b, p, d]`` of the destinations that need their own, and their
+            positions in `dsts`; None when every destination reads `base` as it is."""
             n_up = g.n_sources_before(stage)
             idx = torch.arange(g.n_destinations)[dsts]
+            own = torch.arange(len(idx))
             extra = None
             if patched:
                 w = ablate[:, :n_up, idx]  # [C, n_up, nD]
-                rows = w.abs().sum((0, 2)).nonzero().squeeze(1)
-                if rows.numel():
-                    d_up = delta[rows].unflatten(1, (C, b))  # [r, C, b, p, d]
-                    extra = torch.einsum("rcbpd,crD->Dcbpd", d_up, w[:, rows]).flatten(1, 2)
+                if sink is None:
+                    own = (w.abs().sum((0, 1)) > 0).nonzero().squeeze(1)
+                    w = w[:, :, own]
+                used = w.abs().sum((0, 2)) > 0  # [n_up] sources with an ablated edge here
+                n_used = int(used.sum())
+                if n_used:
+                    delta = state["delta"]
+                    # a gather copies; past half the sources, multiplying zeros is cheaper
+                    if 2 * n_used < n_up:
+                        rows = used.nonzero().squeeze(1)
+                        d_up, w = delta[rows], w[:, rows]
+                    else:
+                        d_up = delta[:n_up]
+                    extra = _mix(d_up, w, C)  # [n, C*b, p, d]
             if extra is None and sink is None:
                 return None
-            x = base.unsqueeze(0).expand(len(idx), *base.shape)
             if extra is not None:
-                x = x + extra
+                x = extra.add_(base)
+            else:
+                x = base.unsqueeze(0).expand(len(idx), *base.shape)
             if sink is not None:
                 x.register_hook(lambda grad: sink(idx, n_up, grad))
-            return x
+            return x, own
 
         split_heads = keep or patched
+        H = a.n_heads
         for layer in range(a.n_layers):
             attn_in = resid
             stage = g.attn_stage(layer)
             if stage >= first:
                 resid_at[stage] = resid
-                x = inputs(stage, g.attn_destinations(layer), resid)
-                if x is None:
-                    q, k, v = a.qkv(layer, resid)
+                got = inputs(stage, g.attn_destinations(layer), resid)
+                if got is not None and len(got[1]) == 3 * H:
+                    # every q/k/v reads its own input: project each with its head's weights
+                    ports, heads = got[1] // H, got[1] % H
+                    own = a.qkv_heads(layer, got[0], ports, heads)  # [3H, C*b, p, dh]
+                    q, k, v = own.unflatten(0, (3, H)).transpose(1, 2)
                 else:
-                    q, k, v = a.qkv_split(layer, x.unflatten(0, (3, a.n_heads)))
-                z = a.attend(layer, q, k, v)
+                    q, k, v = a.qkv(layer, resid)  # [C*b, H, p, dh]
+                    if got is not None:
+                        x, pos = got
+                        ports, heads = pos // H, pos % H
+                        own = a.qkv_heads(layer, x, ports, heads)  # [n, C*b, p, dh]
+                        qkv = torch.stack((q, k, v)).transpose(1, 2)  # [3, H, C*b, p, dh]
+                        qkv = qkv.index_put((ports, heads), own)
+                        q, k, v = qkv.transpose(1, 2)
+                last = truncate and layer == a.n_layers - 1
+                if last:
+                    z = a.attend(layer, q[..., -1:, :], k, v, causal=False)  # [C*b, H, 1, dh]
+                    resid, attn_in = cut(resid), cut(attn_in)
+                    truncate_state()
+                else:
+                    z = a.attend(layer, q, k, v)
                 if split_heads:
-                    heads = a.head_outputs(layer, z)  # [H, C*b, p, d]
-                    record(g.head_sources(layer), heads)
-                    resid = resid + heads.sum(0) + a.attn_bias(layer)
+                    heads_out = a.head_outputs(layer, z)  # [H, C*b, p, d]
+                    record(g.head_sources(layer), heads_out)
+                    resid = resid + heads_out.sum(0) + a.attn_bias(layer)
                 else:
                     resid = resid + a.attn_output(layer, z)
             stage = g.mlp_stage(layer)
             if stage >= first:
                 mlp_in = attn_in if a.parallel else resid
                 resid_at[stage] = mlp_in
-                x = inputs(stage, [g.mlp_destination(layer)], mlp_in)
-                out = a.mlp(layer, mlp_in if x is None else x[0])
+                got = inputs(stage, [g.mlp_destination(layer)], mlp_in)
+                out = a.mlp(layer, mlp_in if got is None else got[0][0])
                 m = g.mlp_source(layer)
                 record(slice(m, m + 1), out[None])
                 resid = resid + out
         resid_at[g.logits_stage] = resid
-        x = inputs(g.logits_stage, [g.n_destinations - 1], resid)
-        final = resid if x is None else x[0]
+        got = inputs(g.logits_stage, [g.n_destinations - 1], resid)
+        final = resid if got is None else got[0][0]
         if last_only:
             final = final[:, -1]
         logits = a.unembed(final)
-        trace = Trace(outs, resid_at, logits) if keep else None
+        trace = Trace(state["outs"], resid_at, logits) if keep else None
         return logits, trace
 
     # -- public runs --------------------------------------------------------------------------
@@ -299,34 +349,150 @@ class Engine:
         self,
         ids: Tensor,
         metric: Callable[[Tensor], Tensor],
-        delta: Tensor,
+        ablated: Tensor,
+        delta: Tensor | None = None,
         ablate: Tensor | None = None,
-        ablated: Tensor | None = None,
+        only: Tensor | None = None,
     ) -> Tensor:
         """``sum over (b, p) of delta[s] . d metric / d input[d]`` for every edge, in one backward.
 
-        metric : maps the last-position logits ``[b, vocab]`` to a scalar.
-        delta : ``[n_src, b, p, d]`` per-source differences to score against (``ablated -
-        clean`` for EAP). ablate/ablated : optional interpolation of the run itself (integrated
-        gradients). Returns ``[n_src, n_dst]`` (zero off the valid edges).
+        Parameters
+        ----------
+        metric : callable
+            Maps the last-position logits ``[rows, vocab]`` to a scalar.
+        ablated : Tensor
+            The sources' ablated outputs, broadcastable to ``[n_src, b, p, d]``.
+        delta : Tensor, optional
+            ``[n_src, b, p, d]`` differences to score against. By default ``ablated - clean``
+            taken from this very run (which must then be unpatched): EAP in one forward and one
+            backward.
+        ablate : Tensor, optional
+            ``[n_src, n_dst]`` or ``[C, n_src, n_dst]`` interpolation weights of the run itself
+            (integrated gradients); with C variants the gradients of all variants are summed.
+        only : Tensor, optional
+            Bool ``[n_dst]``: score only these destinations.
+
+        Returns
+        -------
+        Tensor
+            ``[n_src, n_dst]``, zero off the valid edges.
         """
         g = self.graph
-        scores = torch.zeros(g.n_sources, g.n_destinations, dtype=torch.float32,
-                             device=delta.device)
+        b = ids.shape[0]
+        scores = torch.zeros(g.n_sources, g.n_destinations, dtype=torch.float32)
+        ref: dict[str, Tensor] = {}
 
         def sink(dsts: Tensor, n_up: int, grad: Tensor) -> None:
-            contrib = torch.einsum("sbpd,Dbpd->sD", delta[:n_up].to(grad.dtype), grad)
-            scores[:n_up, dsts] += contrib.float()
+            if only is not None:
+                keep = only[dsts]
+                if not keep.any():
+                    return
+                dsts, grad = dsts[keep], grad[keep]
+            grad = grad.unflatten(1, (-1, b)).sum(1)  # variants share delta: [nD, b, p, d]
+            # past the last attention only the last position is computed (and matters)
+            d = ref["delta"][:n_up, :, -grad.shape[2]:].to(grad.dtype)
+            scores[:n_up, dsts] += torch.einsum("sbpd,Dbpd->sD", d, grad).float().cpu()
 
         weights = None
         if ablate is not None:
             weights = (ablate if ablate.dim() == 3 else ablate.unsqueeze(0)).to(self.model.dtype)
+            weights = weights * self.graph.valid.to(weights)
         with frozen_parameters(self.model.hf), torch.enable_grad():
-            logits, _ = self._forward(ids, ablate=weights, ablated=ablated, sink=sink,
-                                      last_only=True)
+            logits, trace = self._forward(ids, ablate=weights, ablated=ablated, sink=sink,
+                                          last_only=True, keep=delta is None)
+            if delta is None:
+                if weights is not None:
+                    raise ValueError("pass delta explicitly for an interpolated run")
+                delta = ablated - trace.outs
+            ref["delta"] = delta
             metric(logits).backward()
         self.passes.backward += 1
-        return scores * g.valid.to(scores.device)
+        return scores * g.valid
+
+    @torch.no_grad()
+    def edge_effects(
+        self, ids: Tensor, ablated: Tensor, metric: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        """The metric with each edge alone ablated: ``[n_src, n_dst]`` (NaN off the edges).
+
+        All edges into one stage run together as variants of the batch, restarting at that stage
+        from the clean run's cached residual: an edge into a head changes only that head's
+        output, an edge into an MLP only the MLP's, and the rest of the model runs unpatched.
+
+        metric : maps last-position logits ``[k * b, vocab]`` (k variants, variant-major) to
+        per-variant means ``[k]``.
+        """
+        g, a = self.graph, self.adapter
+        if a.parallel:
+            raise NotImplementedError("exact edge patching assumes sequential attention and MLP")
+        b, p = ids.shape
+        H = a.n_heads
+        trace = self.trace(ids)
+        outs = trace.outs
+        effects = torch.full((g.n_sources, g.n_destinations), float("nan"))
+
+        def rest(stage: int, resid: Tensor) -> Tensor:
+            """Unpatched run from `stage` on ``[rows, p, d]`` residuals -> per-variant metric."""
+            state = Trace(outs, {stage: resid}, trace.logits)
+            logits = self._forward(ids.new_empty(resid.shape[0], p), start=(stage, state),
+                                   last_only=True)[0]
+            return metric(logits)
+
+        for layer in range(a.n_layers):
+            stage = g.attn_stage(layer)
+            n_up = g.n_sources_before(stage)
+            resid = trace.resid[stage]  # [b, p, d]
+            delta = ablated[:n_up] - outs[:n_up]  # [n_up, b, p, d]
+            q, k, v = a.qkv(layer, resid)  # [b, H, p, dh]
+            heads = outs[g.head_sources(layer)]  # [H, b, p, d]
+            after = resid + heads.sum(0) + a.attn_bias(layer)
+            next_stage = stage + 1
+            step = max(1, self.chunk // (H * b))
+            for lo in range(0, n_up, step):
+                hi = min(n_up, lo + step)
+                q2, k2, v2 = a.qkv(layer, resid + delta[lo:hi])  # [c, b, H, p, dh]
+                for port, (qq, kk, vv) in enumerate(((q2, k, v), (q, k2, v), (q, k, v2))):
+                    z = a.attend(layer, qq, kk, vv)  # [c, b, H, p, dh]
+                    new = torch.stack([a.head_outputs(layer, zc) for zc in z])  # [c,H,b,p,d]
+                    rows = (after + new - heads).flatten(0, 1).flatten(0, 1)
+                    values = rest(next_stage, rows).view(hi - lo, H)
+                    dst = g.attn_destinations(layer).start + port * H
+                    effects[lo:hi, dst:dst + H] = values.cpu()
+            stage = g.mlp_stage(layer)
+            n_up = g.n_sources_before(stage)
+            resid = trace.resid[stage]
+            delta = ablated[:n_up] - outs[:n_up]
+            m = g.mlp_source(layer)
+            after = resid + outs[m]
+            step = max(1, self.chunk // b)
+            for lo in range(0, n_up, step):
+                hi = min(n_up, lo + step)
+                new = a.mlp(layer, resid + delta[lo:hi])  # [c, b, p, d]
+                rows = (after + new - outs[m]).flatten(0, 1)
+                effects[lo:hi, g.mlp_destination(layer)] = rest(stage + 1, rows).cpu()
+        stage = g.logits_stage
+        resid = trace.resid[stage]
+        delta = ablated - outs
+        step = max(1, self.chunk // b)
+        for lo in range(0, g.n_sources, step):
+            hi = min(g.n_sources, lo + step)
+            logits = a.unembed((resid + delta[lo:hi])[:, :, -1]).flatten(0, 1)
+            effects[lo:hi, -1] = metric(logits).cpu()
+        self.passes.forward += g.n_sources / self._n_stages
+        return effects.masked_fill(~g.valid, float("nan"))
+
+
+def _mix(delta: Tensor, w: Tensor, C: int) -> Tensor:
+    """``out[D, (c, b)] = sum over r of w[c, r, D] * delta[r, (c, b)]`` as one (batched) matmul.
+
+    delta : ``[r, C*b, p, d]``; w : ``[C, r, nD]``; returns ``[nD, C*b, p, d]``.
+    """
+    r, rows, p, d = delta.shape
+    if C == 1:
+        return (w[0].T @ delta.reshape(r, -1)).view(-1, rows, p, d)
+    per = delta.reshape(r, C, -1).transpose(0, 1)  # [C, r, b*p*d]
+    out = torch.bmm(w.transpose(1, 2), per)  # [C, nD, b*p*d]
+    return out.transpose(0, 1).reshape(-1, rows, p, d)
 
 
 def _tile(x: Tensor, times: int) -> Tensor:

@@ -13,7 +13,8 @@ class ModelLoadError(CircuitsError):
 
 
 class UnsupportedModelError(CircuitsError):
-    """The edge-level engine has no adapter for this architecture."""
+    """The edge-level engine has no adapter for this architecture, or the modules node-level
+    patching needs (layers, attention output projection, MLP) could not be found."""
 
 
 class TaskError(CircuitsError):
@@ -26,3 +27,7 @@ class CircuitFileError(CircuitsError):
 
 class OptionError(CircuitsError):
     """An option has a value that is not allowed."""
+
+
+class DependencyError(CircuitsError):
+    """A program or optional package the requested feature needs is not installed."""

@@ -144,7 +144,9 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -162,6 +164,8 @@ def load_model(
         raise ModelLoadError(f"could not load the model in {folder}: {first}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     logging.getLogger(__name__).debug("loaded %s", display)
     hf.eval().to(device)
     return Model(hf=hf, tokenizer=tokenizer, name=display)

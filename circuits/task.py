@@ -170,6 +170,13 @@ class Task:
     def __len__(self) -> int:
         return len(self.examples)
 
+    def __repr__(self) -> str:
+        metric = self.metric if isinstance(self.metric, str) else self.metric.name
+        return (
+            f"Task({self.name!r}, {len(self.examples)} examples, metric={metric!r}, "
+            f"reference_model={self.reference_model!r})"
+        )
+
     @property
     def metric_fn(self) -> Metric:
         """The task's `Metric` object."""
@@ -254,7 +261,9 @@ class Task:
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise TaskError(f"cannot read task file {path}: {exc.strerror}; check the path") from exc
+            raise TaskError(
+                f"cannot read task file {path}: {exc.strerror}; check the path"
+            ) from exc
         examples = []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .batch import Batch
 from .model import Model
 
 
@@ -26,3 +27,13 @@ def tiny_gpt2(
     )
     hf = GPT2LMHeadModel(cfg).eval()
     return Model(hf=hf, tokenizer=None, name=f"tiny-gpt2-{n_layer}l{n_head}h{n_embd}d")
+
+
+def make_batch(b: int = 4, p: int = 6, vocab: int = 40, seed: int = 0) -> Batch:
+    """Random clean and corrupt prompts with one answer and one (different) wrong token each."""
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, vocab, (b, p), generator=gen)
+    corrupt = torch.randint(0, vocab, (b, p), generator=gen)
+    answers = torch.randint(0, vocab, (b, 1), generator=gen)
+    wrong = (answers + 1 + torch.randint(0, vocab - 1, (b, 1), generator=gen)) % vocab
+    return Batch(clean, corrupt, answers, wrong)

@@ -56,7 +56,9 @@ TEMPLATES = (
     "At the {place}, {a} and {b} found a {obj}. Later, {s} threw the {obj} to",
 )
 
-DESCRIPTION = "indirect object identification: 'When Mary and John ..., John gave a drink to' -> ' Mary'"
+DESCRIPTION = (
+    "indirect object identification: 'When Mary and John ..., John gave a drink to' -> ' Mary'"
+)
 
 
 def usable_names(tokenizer: Any = None) -> list[str]:

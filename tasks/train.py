@@ -22,16 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from circuits.tasks import factual, induction, ioi
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from circuits.metrics import answer_accuracy, logit_diff
 from circuits.task import Task
-from circuits.tasks import factual, induction, ioi
 
 MODELS_DIR = Path(__file__).parent / "models"
 TRAIN_SEED = 0
-VALID_SEED = 999  # checked during training to stop early
+VALID_SEED = 999  # logged during training
 EVAL_SEED = 12345  # held-out prompts for the card; never used for training or stopping
 EOS = "<|endoftext|>"
 UNK = "<unk>"
@@ -74,12 +74,12 @@ def _draw_factual(rng: random.Random, n: int) -> list[str]:
 
 
 RECIPES = {
-    "ioi": Recipe("ioi-gpt2-4l", "ioi", ioi.build, 4, 4, 128, 6000, 1e-3, _draw_ioi),
+    "ioi": Recipe("ioi-gpt2-4l", "ioi", ioi.build, 4, 4, 128, 1500, 1e-3, _draw_ioi),
     "induction": Recipe(
-        "induction-gpt2-2l", "induction", induction.build, 2, 4, 128, 4000, 1e-3, _draw_induction
+        "induction-gpt2-2l", "induction", induction.build, 2, 4, 128, 2500, 1e-3, _draw_induction
     ),
     "factual": Recipe(
-        "factual-gpt2-4l", "factual", factual.build, 4, 4, 128, 4000, 1e-3, _draw_factual
+        "factual-gpt2-4l", "factual", factual.build, 4, 4, 128, 1000, 1e-3, _draw_factual
     ),
 }
 
@@ -154,6 +154,15 @@ def evaluate(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, task: T
     return torch.cat(correct).float().mean().item(), torch.cat(diffs).mean().item()
 
 
+def _portable_tokenizer_config(folder: Path) -> None:
+    """Name the tokenizer class that every transformers version (4.x and 5.x) knows."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config.pop("backend", None)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def train(recipe: Recipe, out_dir: Path, tokenizer: PreTrainedTokenizerFast,
           batch_size: int = 64, log: Callable[[str], None] = print) -> dict:
     """Train one reference model, save it to ``out_dir/<name>`` and return its card."""
@@ -172,7 +181,6 @@ def train(recipe: Recipe, out_dir: Path, tokenizer: PreTrainedTokenizerFast,
     )
     valid = recipe.build(tokenizer, n=300, seed=VALID_SEED)
     start = time.time()
-    step = 0
     for step in range(1, recipe.steps + 1):
         ids, real = _batch(tokenizer, recipe.draw(rng, batch_size))
         loss = _loss(model, ids, real, recipe)
@@ -185,14 +193,13 @@ def train(recipe: Recipe, out_dir: Path, tokenizer: PreTrainedTokenizerFast,
             accuracy, diff = evaluate(model, tokenizer, valid)
             log(f"{recipe.name} step {step} loss {loss.item():.3f} valid acc {accuracy:.3f} "
                 f"logit diff {diff:.2f} ({time.time() - start:.0f}s)")
-            if accuracy >= 0.995 and diff >= 6.0:
-                break
     seconds = time.time() - start
     heldout = recipe.build(tokenizer, n=1000, seed=EVAL_SEED)
     accuracy, diff = evaluate(model, tokenizer, heldout)
     folder = out_dir / recipe.name
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+    _portable_tokenizer_config(folder)
     size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
     card = {
         "name": recipe.name,
@@ -209,9 +216,10 @@ def train(recipe: Recipe, out_dir: Path, tokenizer: PreTrainedTokenizerFast,
         "heldout_n": len(heldout),
         "heldout_seed": EVAL_SEED,
         "train_seed": TRAIN_SEED,
-        "train_steps": step,
+        "train_steps": recipe.steps,
         "train_seconds": round(seconds, 1),
-        "trained_by": "python -m circuits.tasks.train --only " + recipe.task,
+        "train_threads": torch.get_num_threads(),
+        "trained_by": f"python -m circuits.tasks.train --only {recipe.task} --threads 1",
     }
     (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     log(json.dumps(card))
@@ -223,7 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(RECIPES), action="append")
     parser.add_argument("--out", type=Path, default=MODELS_DIR)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads (1 reproduces the shipped weights bit for bit)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer()

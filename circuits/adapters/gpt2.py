@@ -58,18 +58,25 @@ class GPT2Adapter(Adapter):
         qkv = qkv.unflatten(-1, (3, self.n_heads, self.d_head)).movedim(-3, -5).transpose(-3, -2)
         return qkv.select(-5, 0), qkv.select(-5, 1), qkv.select(-5, 2)
 
-    def qkv_split(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries, keys and values ``[b, H, p, dh]`` when each head's q, k and v read their own
-        residual: `x` is ``[3, H, b, p, d]`` (port, head)."""
-        h = self.blocks[layer].ln_1(x)
-        w, b = self._qkv_weights(layer)
-        out = torch.einsum("thbpd,dthe->tbhpe", h, w) + b[:, None, :, None, :]
-        return out[0], out[1], out[2]
+    def qkv_heads(self, layer: int, x: Tensor, ports: Tensor, heads: Tensor) -> Tensor:
+        """Queries, keys or values for chosen (port, head) pairs, each reading its own residual.
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Causal attention per head: ``[..., H, p, dh]`` each -> ``z`` ``[..., H, p, dh]``."""
+        x : ``[n, b, p, d]``; ports : ``[n]`` (0 q, 1 k, 2 v); heads : ``[n]``.
+        Returns ``[n, b, p, dh]``.
+        """
+        h = self.blocks[layer].ln_1(x)
+        w, b = self._qkv_weights(layer)  # [d, 3, H, dh], [3, H, dh]
+        return torch.einsum("nbpd,dne->nbpe", h, w[:, ports, heads]) + b[ports, heads][
+            :, None, None, :
+        ]
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
+        """Attention per head: ``[..., H, p, dh]`` each -> ``z`` ``[..., H, p, dh]``.
+
+        ``causal=False`` is for a query at the last position alone, which sees every key.
+        """
         scale = self._scale_base / (layer + 1) if self._by_layer else self._scale_base
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
     def head_outputs(self, layer: int, z: Tensor) -> Tensor:
         """Each head's write to the residual: ``z`` ``[b, H, p, dh]`` -> ``[H, b, p, d]``."""

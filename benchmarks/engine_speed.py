@@ -1,0 +1,103 @@
+"""Engine overhead against the plain Hugging Face model (GPT-2-small shape, random weights).
+
+Prints the median time of the engine's unpatched forward, one circuit evaluation (ablated run +
+patched run) and one pass of per-edge gradients (ablated run + clean forward-backward), each
+next to the plain model's same passes, and their ratio.
+
+    python benchmarks/engine_speed.py [--batch 8] [--tokens 32] [--threads 2] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from circuits.engine import Engine
+from circuits.testing import tiny_gpt2
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=12)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = tiny_gpt2(n_layer=args.layers, n_head=12, n_embd=768, vocab_size=50257,
+                      n_positions=1024)
+    hf = model.hf
+    engine = Engine(model)
+    g = engine.graph
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50257, (args.batch, args.tokens), generator=gen)
+    cor = torch.randint(0, 50257, (args.batch, args.tokens), generator=gen)
+    answer = torch.randint(0, 50257, (args.batch,), generator=gen)
+    circuit = torch.rand(g.n_sources, g.n_destinations, generator=gen) < 0.05
+    ablate = (g.valid & ~circuit).float()
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return logits.gather(1, answer[:, None]).mean()
+
+    def hf_forward():
+        with torch.no_grad():
+            return hf(ids).logits
+
+    def hf_two_forwards():
+        with torch.no_grad():
+            hf(cor)
+            return hf(ids).logits
+
+    def hf_forward_and_backward():
+        with torch.no_grad():
+            hf(cor)
+        out = hf(ids).logits[:, -1]
+        metric(out).backward()
+        hf.zero_grad(set_to_none=True)
+
+    def engine_forward():
+        return engine.logits(ids)
+
+    def engine_circuit():
+        ablated = engine.ablated_outputs(ids, "resample", corrupt=cor)
+        return engine.patched_logits(ids, ablate, ablated)
+
+    def engine_gradients():
+        ablated = engine.ablated_outputs(ids, "resample", corrupt=cor)
+        return engine.edge_attribution(ids, metric, ablated)
+
+    rows = [
+        ("unpatched forward", engine_forward, "1 forward", hf_forward, 1.1),
+        ("circuit evaluation", engine_circuit, "2 forwards", hf_two_forwards, 1.3),
+        ("per-edge gradients", engine_gradients, "1 fwd + 1 fwd/bwd", hf_forward_and_backward,
+         1.3),
+    ]
+    print(f"GPT-2-small shape ({args.layers} layers, {g.n_edges} edges), batch {args.batch}, "
+          f"{args.tokens} tokens, {args.threads} threads, median of {args.repeats}")
+    print(f"{'engine pass':<22}{'engine s':>10}  {'plain model':<20}{'plain s':>9}{'ratio':>8}"
+          f"{'target':>8}")
+    for name, fn, plain_name, plain_fn, target in rows:
+        t_engine = median_time(fn, args.repeats)
+        t_plain = median_time(plain_fn, args.repeats)
+        print(f"{name:<22}{t_engine:>10.3f}  {plain_name:<20}{t_plain:>9.3f}"
+              f"{t_engine / t_plain:>8.2f}{target:>8.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The top-level verbs: `score` a task's edges on a model, `discover` its circuit end to end."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .circuit import Circuit, select
+from .errors import OptionError
+from .evaluate import Evaluation, evaluate
+from .methods import get_method, run_method
+from .metrics import Metric
+from .model import Model, load_model
+from .scores import Scores
+from .setup import Setup
+from .task import Task, get_task
+
+DEFAULT_METHOD = "eap-ig"
+DEFAULT_SELECTION = "faithfulness:0.85"
+
+
+def resolve(task: Task | str, model: Model | str | None = None, n: int | None = None,
+            seed: int = 0) -> tuple[Task, Model]:
+    """A built-in task name or JSONL file and a model name, path or None (the task's reference
+    model), turned into a Task and a loaded Model."""
+    if isinstance(task, str) and task.endswith(".jsonl"):
+        task = Task.from_jsonl(task)
+    if isinstance(model, str):
+        model = load_model(model)
+    if isinstance(task, str):
+        if model is None:
+            reference = get_task(task, n=1).reference_model
+            if reference is None:
+                raise OptionError(f"task {task!r} has no reference model; pass --model")
+            model = load_model(reference)
+        task = get_task(task, model.tokenizer, n=n, seed=seed)
+    elif model is None:
+        if task.reference_model is None:
+            raise OptionError(f"task {task.name!r} has no reference model; pass a model")
+        model = load_model(task.reference_model)
+    if n is not None and n < len(task):
+        task = replace(task, examples=task.examples[:n])
+    return task, model
+
+
+def make_setup(
+    model: Model,
+    task: Task,
+    *,
+    ablation: str = "resample",
+    metric: str | Metric | None = None,
+    batch_size: int = 32,
+    per_position: bool = False,
+) -> Setup:
+    """Tokenize a task for a model and resolve everything a method runs on."""
+    batches = task.batches(model.tokenizer, batch_size=batch_size, device=model.device)
+    return Setup(model, batches, metric or task.metric_fn, ablation, per_position,
+                 task=task.name)
+
+
+def score(
+    model: Model | str,
+    task: Task | str,
+    method: str = DEFAULT_METHOD,
+    *,
+    ablation: str = "resample",
+    metric: str | Metric | None = None,
+    batch_size: int = 32,
+    **options: Any,
+) -> Scores:
+    """Score every edge (or node) of `model`'s graph for the behavior of `task`.
+
+    Parameters
+    ----------
+    model : Model or str
+        A loaded model, or anything `load_model` takes.
+    task : Task or str
+        A Task, a built-in task name or a JSONL file.
+    method : str
+        A registered method (``circuits methods``); EAP-IG by default.
+    ablation : "resample", "mean" or "zero"
+    metric : str or Metric, optional
+        The task's metric by default.
+    batch_size : int
+    **options
+        Passed to the method (``steps=`` for EAP-IG, ``threshold=`` for ACDC, ...).
+
+    Returns
+    -------
+    Scores
+    """
+    task, model = resolve(task, model)
+    get_method(method)
+    setup = make_setup(model, task, ablation=ablation, metric=metric, batch_size=batch_size)
+    return run_method(method, setup, **options)
+
+
+def parse_selection(text: str) -> dict[str, float]:
+    """``threshold:X``, ``topk:N`` or ``faithfulness:F`` -> keyword arguments of `select`."""
+    kind, sep, value = text.partition(":")
+    names = {"threshold": "threshold", "topk": "top_k", "top-k": "top_k",
+             "faithfulness": "faithfulness"}
+    if not sep or kind not in names:
+        raise OptionError(f"bad selection {text!r}; use threshold:X, topk:N or faithfulness:F")
+    try:
+        number = int(value) if names[kind] == "top_k" else float(value)
+    except ValueError:
+        raise OptionError(f"bad selection {text!r}: {value!r} is not a number") from None
+    if names[kind] == "faithfulness" and not 0 < number <= 1:
+        raise OptionError(f"bad selection {text!r}: faithfulness must be in (0, 1]")
+    return {names[kind]: number}
+
+
+@dataclass
+class Discovery:
+    """Everything `discover` found: scores, the selected circuit, and its held-out evaluation."""
+
+    scores: Scores
+    circuit: Circuit
+    heldout: Evaluation
+    task: Task
+    model: Model
+    seconds: float
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def discover(
+    task: Task | str,
+    model: Model | str | None = None,
+    method: str = DEFAULT_METHOD,
+    *,
+    ablation: str = "resample",
+    metric: str | Metric | None = None,
+    level: str = "edge",
+    selection: str | dict[str, float] = DEFAULT_SELECTION,
+    heldout: float = 0.3,
+    n: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    **options: Any,
+) -> Discovery:
+    """Score, select, prune and evaluate a circuit on held-out prompts.
+
+    Parameters
+    ----------
+    task, model
+        As in `score`; the model defaults to the task's reference model.
+    level : "edge" or "node"
+        Node level selects heads and MLPs (edge scores summed over each component's outgoing
+        edges) and keeps the edges among them.
+    selection : str or dict
+        ``threshold:X``, ``topk:N`` or ``faithfulness:F`` (evaluated on the discovery prompts).
+    heldout : float
+        Fraction of the prompts kept apart for evaluation.
+    n : int, optional
+        Number of prompts (the task's default when None).
+    seed : int
+        Seeds the prompts, the split and the method.
+
+    Returns
+    -------
+    Discovery
+    """
+    if level not in ("edge", "node"):
+        raise OptionError(f"unknown level {level!r}; use edge or node")
+    chosen = parse_selection(selection) if isinstance(selection, str) else dict(selection)
+    get_method(method)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    task, model = resolve(task, model, n=n, seed=seed)
+    if len(task) < 2:
+        raise OptionError("need at least 2 prompts to keep some apart for evaluation")
+    if not 0 < heldout < 1:
+        raise OptionError(f"heldout must be a fraction between 0 and 1, got {heldout}")
+    found, kept = task.split(1 - heldout, seed=seed)
+    common = dict(ablation=ablation, metric=metric, batch_size=batch_size)
+    setup = make_setup(model, found, **common)
+    scores = run_method(method, setup, **options)
+    if level == "node" and scores.level == "edge":
+        per_node = scores.values.sum(1)
+        scores = Scores(scores.graph, per_node, "node", scores.method, scores.task, scores.model,
+                        scores.options, scores.cost, scores.extra)
+    circuit = select(scores, setup=setup, **chosen)
+    heldout_setup = make_setup(model, kept, **common)
+    result = evaluate(circuit, heldout_setup)
+    circuit.metrics.update({f"heldout_{k}": v for k, v in result.as_dict().items()})
+    circuit.options.update(selection=chosen, level=level, seed=seed, n_prompts=len(task),
+                           n_heldout=len(kept))
+    return Discovery(scores, circuit, result, task, model, time.perf_counter() - t0,
+                     {"selection": chosen, "level": level, **common})

@@ -1,0 +1,457 @@
+"""Circuits: a subset of the graph's edges, selected from scores, pruned, viewed as networkx.
+
+A `Circuit` is a dense bool mask ``[n_sources, n_destinations]`` over the graph's edges (True =
+the edge is kept) together with the scores it was selected from and what is known about it
+(task, model, method, options, faithfulness). Small views sit on top: the kept edges and nodes,
+and a networkx graph for any graph algorithm.
+
+Selection ranks the edges (or, for node scores, the heads and MLPs) by |score| (or by signed
+score), keeps a prefix of that ranking and then *prunes*: every edge that lies on no path from
+``input`` to ``logits`` is dropped, and with it every node left without such a path. A head is
+entered through any of its q/k/v destinations and left through its source; an MLP through its
+input. Sizes are always reported after pruning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import InitVar, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .errors import OptionError
+from .graph import Edge, Graph
+from .scores import Level, Scores
+
+if TYPE_CHECKING:
+    import networkx as nx
+
+    from .setup import Setup
+
+
+# -- pruning ----------------------------------------------------------------------------------
+def destination_nodes(graph: Graph) -> Tensor:
+    """``[n_dst]`` for each destination the source index of the node it feeds (``n_src`` for
+    logits), so a head's q, k and v all point at the head."""
+    idx = [graph.src_index.get(d.split("<", 1)[0], graph.n_sources) for d in graph.destinations]
+    return torch.tensor(idx)
+
+
+def prune(graph: Graph, mask: Tensor) -> Tensor:
+    """Keep only the edges that lie on some path from ``input`` to ``logits``.
+
+    The graph is a DAG ordered in stages, so one forward sweep (which nodes ``input`` reaches)
+    and one backward sweep (which nodes reach ``logits``) give the fixed point that repeated
+    removal of dangling edges and nodes would reach.
+
+    Parameters
+    ----------
+    graph : Graph
+    mask : Tensor
+        ``[n_src, n_dst]`` bool, True = edge kept.
+
+    Returns
+    -------
+    Tensor
+        ``[n_src, n_dst]`` bool, the pruned mask (a subset of `mask`).
+
+    Examples
+    --------
+    >>> from circuits.graph import Graph
+    >>> g = Graph(1, 1)
+    >>> m = g.mask_from_edges(["input->a0.h0<q>", "a0.h0->logits", "input->m0"])
+    >>> sorted(e.name for e in edges_of(g, prune(g, m)))
+    ['a0.h0->logits', 'input->a0.h0<q>']
+    """
+    mask = mask.bool() & graph.valid
+    dst_node = destination_nodes(graph)  # [n_dst]
+    n_src = graph.n_sources
+    stages = sorted(set(graph.dst_stage.tolist()))
+
+    # forward: reach[s] = some kept path input -> s. Sources of stage k only feed later stages.
+    reach = torch.zeros(n_src + 1, dtype=torch.bool)
+    reach[0] = True
+    for stage in stages:
+        dsts = (graph.dst_stage == stage).nonzero().squeeze(1)
+        live = (mask[:, dsts] & reach[:n_src, None]).any(0)  # [nD]
+        hits = torch.zeros(n_src + 1).index_add_(0, dst_node[dsts], live.float())
+        reach |= hits > 0
+
+    # backward: co[s] = some kept path s -> logits, sweeping stages from the last.
+    co = torch.zeros(n_src + 1, dtype=torch.bool)
+    co[n_src] = True
+    for stage in sorted(set(graph.src_stage.tolist()), reverse=True):
+        srcs = (graph.src_stage == stage).nonzero().squeeze(1)
+        co[srcs] = (mask[srcs] & co[dst_node][None, :]).any(1)
+
+    return mask & reach[:n_src, None] & co[dst_node][None, :]
+
+
+def edges_of(graph: Graph, mask: Tensor) -> list[Edge]:
+    """The edges where `mask` ``[n_src, n_dst]`` is True, source-major."""
+    return [
+        Edge(graph.sources[i], graph.destinations[j])
+        for i, j in (mask.bool() & graph.valid).nonzero().tolist()
+    ]
+
+
+def nodes_of(graph: Graph, mask: Tensor) -> list[str]:
+    """The nodes an (already pruned) mask touches, in graph order; empty for an empty mask."""
+    mask = mask.bool() & graph.valid
+    if not mask.any():
+        return []
+    used = mask.any(1).tolist()
+    dst_used = {d.split("<", 1)[0] for d, u in zip(graph.destinations, mask.any(0).tolist(),
+                                                   strict=True) if u}
+    return [s for s, u in zip(graph.sources, used, strict=True) if u or s in dst_used] + [
+        "logits"
+    ]
+
+
+# -- ranking ----------------------------------------------------------------------------------
+def ranks(graph: Graph, values: Tensor, level: Level = "edge", by_abs: bool = True) -> Tensor:
+    """Position of every edge (or node) in the score ranking, best first.
+
+    Parameters
+    ----------
+    graph : Graph
+    values : Tensor
+        ``[n_src, n_dst]`` edge scores or ``[n_src]`` node scores.
+    level : "edge" or "node"
+    by_abs : bool
+        Rank by |score| (default) or by signed score (largest first).
+
+    Returns
+    -------
+    Tensor
+        Edge level: ``[n_src, n_dst]`` long, 0 for the best edge, ``n_edges`` off the graph.
+        Node level: ``[n_src]`` long over the components, -1 for ``input`` (always kept).
+        Ties keep graph order; NaN scores (not scored) rank last.
+    """
+    flat = values[graph.valid] if level == "edge" else values[1:]
+    key = flat.abs() if by_abs else flat
+    key = torch.nan_to_num(key.double(), nan=-math.inf)
+    order = torch.argsort(key, descending=True, stable=True)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(len(order))
+    if level == "node":
+        return torch.cat([torch.tensor([-1]), position])
+    out = torch.full(graph.valid.shape, graph.n_edges, dtype=torch.long)
+    out[graph.valid] = position
+    return out
+
+
+def top_mask(graph: Graph, rank: Tensor, k: int, level: Level = "edge") -> Tensor:
+    """The unpruned mask of the `k` best edges (or the edges among the `k` best nodes)."""
+    if level == "edge":
+        return rank < k
+    keep = rank < k  # [n_src]; input has rank -1
+    keep_dst = torch.cat([keep, torch.tensor([True])])[destination_nodes(graph)]  # logits kept
+    return graph.valid & keep[:, None] & keep_dst[None, :]
+
+
+def n_items(graph: Graph, level: Level) -> int:
+    """How many things a ranking orders: edges, or components (heads and MLPs)."""
+    return graph.n_edges if level == "edge" else graph.n_sources - 1
+
+
+# -- the circuit ------------------------------------------------------------------------------
+@dataclass
+class Circuit:
+    """A circuit: the kept edges of a graph, with the scores they were selected from.
+
+    Attributes
+    ----------
+    graph : Graph
+    mask : Tensor
+        ``[n_src, n_dst]`` bool, True = edge in the circuit (pruned at construction unless
+        the constructor gets ``keep_dangling=True``).
+    values : Tensor or None
+        The scores: ``[n_src, n_dst]`` (edge level) or ``[n_src]`` (node level); None for a
+        circuit given as a bare set of edges.
+    level : "edge" or "node"
+    method, task, model : str
+    options : dict
+        How the scores and the selection were made.
+    metrics : dict
+        Evaluation results (``faithfulness`` etc.), filled by selection or `evaluate`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from circuits.graph import Graph
+    >>> g = Graph(1, 1)
+    >>> c = Circuit(g, g.mask_from_edges(["input->m0", "m0->logits", "a0.h0->logits"]))
+    >>> c.n_edges, c.nodes
+    (2, ['input', 'm0', 'logits'])
+    """
+
+    graph: Graph
+    mask: Tensor
+    values: Tensor | None = None
+    level: Level = "edge"
+    method: str = ""
+    task: str = ""
+    model: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    keep_dangling: InitVar[bool] = False
+
+    def __post_init__(self, keep_dangling: bool) -> None:
+        g = self.graph
+        if tuple(self.mask.shape) != (g.n_sources, g.n_destinations):
+            raise OptionError(f"a circuit mask must have shape {(g.n_sources, g.n_destinations)}, "
+                              f"got {tuple(self.mask.shape)}; build it with graph.mask_from_edges")
+        mask = self.mask.detach().cpu().bool() & g.valid
+        self.mask = mask if keep_dangling else prune(g, mask)
+        if self.values is not None:
+            self.values = self.values.detach().float().cpu()
+
+    @classmethod
+    def from_scores(cls, scores: Scores, mask: Tensor, **metrics: Any) -> Circuit:
+        """A circuit of `mask` carrying the scores' values, names and options."""
+        return cls(scores.graph, mask, scores.values, scores.level, method=scores.method,
+                   task=scores.task, model=scores.model, options=dict(scores.options),
+                   metrics=dict(metrics))
+
+    # -- views --------------------------------------------------------------------------------
+    @property
+    def n_edges(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def fraction(self) -> float:
+        """Share of the graph's edges in the circuit."""
+        return self.n_edges / self.graph.n_edges
+
+    def edges(self) -> list[Edge]:
+        """The circuit's edges, source-major."""
+        return edges_of(self.graph, self.mask)
+
+    @property
+    def edge_names(self) -> list[str]:
+        return [e.name for e in self.edges()]
+
+    @property
+    def nodes(self) -> list[str]:
+        """The circuit's nodes (input, heads, MLPs, logits that some kept edge touches)."""
+        return nodes_of(self.graph, self.mask)
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def edge_values(self) -> Tensor | None:
+        """``[n_src, n_dst]`` edge scores, or None for node-level or score-less circuits."""
+        return self.values if self.level == "edge" else None
+
+    @property
+    def node_values(self) -> Tensor | None:
+        """``[n_src]`` node scores: given (node level) or summed over outgoing edges."""
+        if self.values is None:
+            return None
+        return self.values if self.level == "node" else (self.values * self.graph.valid).sum(1)
+
+    @property
+    def scores(self) -> Scores | None:
+        """The scores as a `Scores` object (None for a score-less circuit)."""
+        if self.values is None:
+            return None
+        return Scores(self.graph, self.values, self.level, self.method, self.task, self.model,
+                      dict(self.options))
+
+    @cached_property
+    def _dst_node(self) -> Tensor:
+        return destination_nodes(self.graph)
+
+    def to_networkx(self, full: bool = False) -> nx.MultiDiGraph:
+        """The circuit as a networkx ``MultiDiGraph``.
+
+        A head is one node, so its q, k and v inputs from one source are three parallel edges;
+        they are told apart by their key, which is the destination name (``'a1.h0<q>'``).
+
+        Parameters
+        ----------
+        full : bool
+            Include every edge and node of the model graph, flagged with ``in_circuit``
+            (default: only the circuit's).
+
+        Returns
+        -------
+        networkx.MultiDiGraph
+            Nodes carry ``kind`` (input/head/mlp/logits), ``layer`` (-1 for input, n_layers for
+            logits), ``head`` (-1 when not a head), ``in_circuit`` and, with scores, ``score``.
+            Edges carry ``score`` (edge level), ``in_circuit``, ``port`` (``'q'``, ``'k'``,
+            ``'v'`` or ``''``), ``destination`` and ``name``.
+        """
+        import networkx as nx
+
+        g = self.graph
+        out = nx.MultiDiGraph(task=self.task, model=self.model, method=self.method,
+                              level=self.level)
+        in_nodes = set(self.nodes)
+        node_values = self.node_values
+        for node in g.nodes:
+            if not full and node.name not in in_nodes:
+                continue
+            attrs: dict[str, Any] = dict(kind=node.kind, layer=node.layer,
+                                         head=-1 if node.head is None else node.head,
+                                         in_circuit=node.name in in_nodes)
+            if node_values is not None and node.name in g.src_index:
+                attrs["score"] = float(node_values[g.src_index[node.name]])
+            out.add_node(node.name, **attrs)
+        which = g.valid if full else self.mask
+        ev = self.edge_values
+        for i, j in which.nonzero().tolist():
+            e = Edge(g.sources[i], g.destinations[j])
+            attrs = dict(in_circuit=bool(self.mask[i, j]), port=e.port or "",
+                         destination=e.destination, name=e.name)
+            if ev is not None:
+                attrs["score"] = float(ev[i, j])
+            out.add_edge(e.source, e.target_node, key=e.destination, **attrs)
+        return out
+
+    # -- verbs --------------------------------------------------------------------------------
+    def evaluate(self, setup: Setup) -> dict[str, float]:
+        """Faithfulness and metric values of this circuit on `setup`'s prompts; also stored in
+        `metrics`. See `circuits.evaluate.evaluate`."""
+        from .evaluate import evaluate
+
+        result = evaluate(self, setup).as_dict()
+        self.metrics.update(result)
+        return result
+
+    def save(self, path: str | Path) -> Path:
+        """Write the circuit as versioned JSON (see `circuits.io`); returns the path."""
+        from .io import save_circuit
+
+        return save_circuit(self, path)
+
+    def export(self, path: str | Path, format: str | None = None, **options: Any) -> Path:
+        """Write the circuit as ``json``, ``graphml``, ``dot`` or ``mib`` (see `circuits.io`)."""
+        from .io import export
+
+        return export(self, path, format=format, **options)
+
+    def render(self, path: str | Path, format: str | None = None, **options: Any) -> Path:
+        """Draw the circuit with graphviz to SVG, PNG, PDF or DOT (see `circuits.render`)."""
+        from .render import render
+
+        return render(self, path, format=format, **options)
+
+    def to_html(self, path: str | Path, **options: Any) -> Path:
+        """Write a self-contained interactive page (see `circuits.html`)."""
+        from .html import to_html
+
+        return to_html(self, path, **options)
+
+    def __repr__(self) -> str:
+        f = self.metrics.get("faithfulness")
+        tail = "" if f is None else f", faithfulness={f:.3f}"
+        return (f"Circuit(method={self.method!r}, task={self.task!r}, edges={self.n_edges}, "
+                f"nodes={self.n_nodes}{tail})")
+
+
+# -- selection --------------------------------------------------------------------------------
+def select(
+    scores: Scores,
+    *,
+    threshold: float | None = None,
+    top_k: int | None = None,
+    faithfulness: float | None = None,
+    setup: Setup | None = None,
+    signed: bool = False,
+    chunk: int | None = None,
+) -> Circuit:
+    """Select a circuit from scores: by threshold, top-k, or the smallest that is faithful enough.
+
+    Give exactly one of `threshold`, `top_k`, `faithfulness`. The circuit is pruned (edges on no
+    input-to-logits path dropped) and its size counted after pruning.
+
+    Parameters
+    ----------
+    scores : Scores
+        Edge or node scores.
+    threshold : float, optional
+        Keep edges (nodes) whose |score| (or score, with `signed`) is at least this.
+    top_k : int, optional
+        Keep the `top_k` best-ranked edges (nodes), then prune.
+    faithfulness : float, optional
+        The smallest prefix of the ranking whose pruned circuit reaches this faithfulness on
+        `setup`, found by bisection over the prefix length (see
+        `circuits.evaluate.smallest_faithful`). The result's ``metrics`` hold its faithfulness.
+    setup : Setup, optional
+        Needed with `faithfulness`: the prompts, metric and ablation to evaluate on.
+    signed : bool
+        Rank by signed score (most positive first) instead of |score|.
+    chunk : int, optional
+        With `faithfulness`: most circuit sizes evaluated in one batched forward.
+
+    Returns
+    -------
+    Circuit
+
+    Examples
+    --------
+    >>> import torch
+    >>> from circuits.graph import Graph
+    >>> from circuits.scores import Scores
+    >>> g = Graph(1, 1)
+    >>> v = torch.zeros(g.n_sources, g.n_destinations)
+    >>> v[g.edge_index("input->m0")], v[g.edge_index("m0->logits")] = 2.0, -3.0
+    >>> select(Scores(g, v), top_k=2).edge_names
+    ['input->m0', 'm0->logits']
+    >>> select(Scores(g, v), top_k=2, signed=True).edge_names
+    []
+    """
+    given = [name for name, v in (("threshold", threshold), ("top_k", top_k),
+                                  ("faithfulness", faithfulness)) if v is not None]
+    if len(given) != 1:
+        raise OptionError("select needs exactly one of threshold=, top_k= or faithfulness=, "
+                          f"got {', '.join(given) or 'none'}")
+    g, level = scores.graph, scores.level
+    by_abs = not signed
+    selection = {"signed": signed}
+    if faithfulness is not None:
+        if setup is None:
+            raise OptionError("select(faithfulness=...) needs setup= to evaluate circuits on")
+        from .evaluate import smallest_faithful
+
+        circuit = smallest_faithful(scores, setup, faithfulness, by_abs=by_abs, chunk=chunk)
+        circuit.options.update(selection)
+        return circuit
+    if top_k is not None:
+        if top_k < 0:
+            raise OptionError(f"top_k must be >= 0, got {top_k}")
+        mask = top_mask(g, ranks(g, scores.values, level, by_abs), top_k, level)
+        selection["top_k"] = top_k
+    else:
+        key = scores.values.abs() if by_abs else scores.values
+        passed = torch.nan_to_num(key, nan=-math.inf) >= threshold
+        if level == "edge":
+            mask = passed & g.valid
+        else:
+            mask = g.node_mask_to_edges([s for s, p in zip(g.sources, passed.tolist(),
+                                                            strict=True) if p])
+        selection["threshold"] = threshold
+    circuit = Circuit.from_scores(scores, mask)
+    circuit.options.update(selection)
+    return circuit
+
+
+def circuit_from_edges(graph: Graph, edges: Iterable[str], keep_dangling: bool = False,
+                       **info: Any) -> Circuit:
+    """A score-less circuit from edge names (``'a0.h1->m1'``) or, if every name is a node,
+    the circuit induced by those nodes."""
+    names = list(edges)
+    if all("->" not in n for n in names):
+        mask = graph.node_mask_to_edges(names)
+    else:
+        mask = graph.mask_from_edges(names)
+    return Circuit(graph, mask, keep_dangling=keep_dangling, **info)

@@ -1,0 +1,111 @@
+"""A self-contained interactive page for a circuit: zoom, pan, hover, and a circuit-size slider.
+
+The page holds every edge's score in the order of the ranking; moving the slider to n keeps the
+top n edges (for node scores: the top n heads and MLPs and the edges among them), prunes what
+lies on no input-to-logits path and draws the result, all in the browser. Nothing is fetched:
+the data, the styles and the script (plain JavaScript drawing SVG, layered by stage with input
+at the bottom) are inlined. Opening ``page.html#n=40`` starts at size 40; the page also exposes
+``setCircuitSize(n)`` and records what it drew on ``<div id="state" data-edges data-nodes>``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .circuit import destination_nodes, n_items, ranks
+from .render import title
+
+if TYPE_CHECKING:
+    from .circuit import Circuit
+
+
+def page_data(circuit: Circuit, max_size: int = 5000) -> dict[str, Any]:
+    """What the page script needs: nodes with their stage, edges in ranking order, sizes."""
+    g = circuit.graph
+    signed = bool(circuit.options.get("signed", False))
+    values = circuit.values
+    level = circuit.level if values is not None else "edge"
+    if values is None:  # no scores: the slider walks the circuit's own edges in graph order
+        values = circuit.mask.float()
+    stage = [int(s) for s in g.src_stage] + [g.logits_stage]
+    node_values = circuit.node_values
+    nodes = [
+        {"name": n.name, "kind": n.kind, "layer": n.layer, "stage": stage[i],
+         "score": None if node_values is None or i >= g.n_sources else float(node_values[i])}
+        for i, n in enumerate(g.nodes)
+    ]
+    rank = ranks(g, values, level, by_abs=not signed)
+    dst_node = destination_nodes(g).tolist()
+    src, dst = g.valid.nonzero(as_tuple=True)
+    if level == "edge":
+        order = torch.argsort(rank[src, dst])
+        src, dst = src[order], dst[order]
+        kept_ranks = rank[circuit.mask]
+    else:
+        kept = torch.zeros(g.n_sources, dtype=torch.bool)
+        for name in circuit.nodes:
+            if name in g.src_index:
+                kept[g.src_index[name]] = True
+        kept[0] = False
+        kept_ranks = rank[kept]
+    score_of = circuit.edge_values
+    edges = [
+        [s, dst_node[d], g.destinations[d][-2] if g.destinations[d].endswith(">") else "",
+         0.0 if score_of is None else float(score_of[s, d])]
+        for s, d in zip(src.tolist(), dst.tolist(), strict=True)
+    ]
+    initial = int(kept_ranks.max()) + 1 if kept_ranks.numel() else 0
+    initial = int(circuit.options.get("k", circuit.options.get("top_k", initial)))
+    total = n_items(g, level)
+    node_ranking = [] if level == "edge" else (torch.argsort(rank[1:]) + 1).tolist()
+    f = circuit.metrics.get("faithfulness")
+    return {
+        "title": title(circuit).split(" — ")[0] if (circuit.task or circuit.model
+                                                     or circuit.method) else "circuit",
+        "level": level,
+        "hasEdgeScores": score_of is not None,
+        "nodes": nodes,
+        "edges": edges,
+        "nodeRanking": node_ranking,
+        "initial": initial,
+        "maxSize": max(min(total, max_size), initial),
+        "faithfulness": None if f is None else float(f),
+    }
+
+
+def render_html(circuit: Circuit, max_size: int = 5000) -> str:
+    """The page's HTML text."""
+    data = json.dumps(page_data(circuit, max_size), separators=(",", ":"))
+    # a "</script>" inside the JSON would end the script element early
+    data = data.replace("</", "<\\/")
+    template = resources.files("circuits").joinpath("html_template.html").read_text("utf-8")
+    return (template.replace("__TITLE__", html.escape(title(circuit)))
+            .replace("__DATA__", data))
+
+
+def to_html(circuit: Circuit, path: str | Path, max_size: int = 5000) -> Path:
+    """Write the interactive page of a circuit.
+
+    Parameters
+    ----------
+    circuit : Circuit
+    path : str or Path
+        Output ``.html`` file, written atomically.
+    max_size : int
+        Largest size the slider offers (edges, or nodes for node scores).
+
+    Returns
+    -------
+    Path
+    """
+    from .io import write_atomic
+
+    path = Path(path)
+    write_atomic(path, render_html(circuit, max_size).encode("utf-8"))
+    return path

@@ -1,0 +1,421 @@
+"""ACDC (Conmy et al. 2023): greedy edge pruning in reverse topological order.
+
+Starting from the full graph, ACDC visits every destination from ``logits`` back to the first
+layer and tries to remove its incoming edges one at a time, on top of everything removed so far:
+an edge whose removal changes the metric by less than the threshold τ is removed for good, any
+other edge is kept.
+
+Visit order (fixed, so runs and checkpoints are reproducible)
+    Destinations by stage, latest first (``logits``, then the MLP of the last layer, then its
+    attention, ...); within an attention stage by decreasing graph index, i.e. the value inputs
+    of the heads (last head first), then the keys, then the queries. Into one destination the
+    edges are tried from the latest source to the earliest (``input`` last).
+
+What is measured
+    A *loss* that grows as the behavior is lost: by default (``metric="kl"``) the KL divergence
+    KL(clean || patched) of the last-position next-token distribution, averaged over prompts;
+    with ``metric="task"`` the setup's metric turned so that larger means less behavior,
+    ``-setup.sign * metric`` (for a ``kl`` setup metric this is the KL itself). Batches are
+    weighted by their size. The *change* of an edge is ``loss(circuit without the edge) -
+    loss(current circuit)``; the edge is removed when ``change < τ`` (or ``|change| < τ`` with
+    ``absolute=True``), as in the reference implementation.
+
+How it runs fast
+    Nothing upstream of the destination being visited has been ablated yet (removed edges all
+    enter destinations at the same or later stages), so every candidate runs only from the
+    destination's stage on, restarting from a clean trace cached once per batch. The candidates
+    into one destination are evaluated by *prefix speculation*: the cumulative states "remove
+    e1", "remove e1, e2", ... run side by side as variants of one forward (``chunk`` at a time);
+    they are accepted in order while each one's change against the previous accepted state stays
+    below τ; at the first rejection that edge is kept and speculation restarts after it (with
+    half the width, which doubles again, up to ``chunk``, after each fully accepted block, to
+    waste less work where many edges are kept). This gives exactly the result of the
+    one-edge-at-a-time loop. A destination whose node has lost
+    all its outgoing edges (so no path to the logits is left) cannot matter: its incoming edges
+    are removed without being evaluated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ..engine import Trace
+from ..errors import CircuitsError, OptionError
+from ..graph import Graph
+from ..setup import Setup
+from . import register
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "circuits-acdc-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def visit_order(graph: Graph) -> list[int]:
+    """Destination indices in ACDC's visit order: latest stage first, then decreasing index.
+
+    Parameters
+    ----------
+    graph : Graph
+
+    Returns
+    -------
+    list[int]
+        Every destination index once.
+
+    Examples
+    --------
+    >>> g = Graph(n_layers=1, n_heads=2)
+    >>> [g.destinations[j] for j in visit_order(g)][:4]
+    ['logits', 'm0', 'a0.h1<v>', 'a0.h0<v>']
+    """
+    stages = graph.dst_stage.tolist()
+    return sorted(range(graph.n_destinations), key=lambda j: (-stages[j], -j))
+
+
+def incoming(graph: Graph, dst: int) -> list[int]:
+    """Source indices of the edges into `dst`, in the order ACDC tries them (latest first)."""
+    return graph.valid[:, dst].nonzero().squeeze(1).flip(0).tolist()
+
+
+@dataclass
+class _State:
+    """Where a run stands; everything a checkpoint holds besides the fingerprint."""
+
+    removed: Tensor  # [n_src, n_dst] bool
+    scores: Tensor  # [n_src, n_dst] float64
+    loss: float  # the current circuit's loss
+    position: int = 0  # next index into the visit order
+    visits: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Loss:
+    """Evaluates the loss of stacks of removed-edge masks, restarting at a given stage."""
+
+    def __init__(self, setup: Setup, kind: Literal["kl", "task"]) -> None:
+        self.setup = setup
+        self.kind = kind
+        self.engine = setup.engine
+        # One clean trace per batch: the residual every stage reads and every source's output.
+        self.traces: list[Trace] = [self.engine.trace(b.clean, last_only=True)
+                                    for b in setup.batches]
+        self.forwards = 0
+        self.variants = 0
+
+    def __call__(self, removed: Tensor, stage: int) -> Tensor:
+        """The loss ``[C]`` (float64) of each mask in `removed` ``[C, n_src, n_dst]``."""
+        C = removed.shape[0]
+        model = self.setup.model
+        ablate = removed.to(device=model.device, dtype=model.dtype)  # [C, n_src, n_dst]
+        total = torch.zeros(C, dtype=torch.float64)
+        for (batch, ablated, weight), trace in zip(self.setup.items(), self.traces, strict=True):
+            logits = self.engine.patched_logits(
+                batch.clean, ablate, ablated, last_only=True, start=(stage, trace)
+            )  # [C * b, vocab], variant-major
+            total += weight * self._per_variant(logits, batch, C).double().cpu()
+        self.forwards += 1
+        self.variants += C
+        return total
+
+    def _per_variant(self, logits: Tensor, batch: Any, C: int) -> Tensor:
+        """Mean loss over the batch's prompts for each of the C variants ``[C]``."""
+        if self.kind == "kl":
+            clean = batch.clean_logits.log_softmax(-1)  # [b, vocab]
+            patched = logits.unflatten(0, (C, batch.size)).log_softmax(-1)  # [C, b, vocab]
+            return (clean.exp() * (clean - patched)).sum(-1).mean(1)
+        values = self.setup.metric_values(logits, batch).view(C, batch.size)
+        return -self.setup.sign * values.mean(1)
+
+
+def _fingerprint(setup: Setup) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed on this setup."""
+    g = setup.graph
+    digest = hashlib.sha256()
+    for b in setup.batches:
+        digest.update(b.clean.cpu().numpy().tobytes())
+        digest.update(b.corrupt.cpu().numpy().tobytes())
+    return {
+        "n_layers": g.n_layers,
+        "n_heads": g.n_heads,
+        "parallel": g.parallel,
+        "n_prompts": sum(b.size for b in setup.batches),
+        "batch_sizes": [b.size for b in setup.batches],
+        "prompts_sha256": digest.hexdigest()[:16],
+        "ablation": setup.ablation,
+        "per_position": setup.per_position,
+        "model": setup.model.name,
+    }
+
+
+def _save_checkpoint(path: Path, header: dict[str, Any], state: _State) -> None:
+    """Write the state atomically: a temporary file renamed over the checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    payload = {
+        **header,
+        "removed": state.removed,
+        "scores": state.scores,
+        "loss": state.loss,
+        "position": state.position,
+        "visits": state.visits,
+    }
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, header: dict[str, Any], graph: Graph) -> _State | None:
+    """The saved state if `path` exists and was written for this very run, else an error."""
+    if not path.exists():
+        return None
+    how = "delete it or pass another checkpoint path"
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception as err:  # any unreadable file gets the same advice
+        raise OptionError(
+            f"checkpoint {path} could not be read ({type(err).__name__}); {how}"
+        ) from None
+    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+        raise OptionError(f"{path} is not an ACDC checkpoint; {how}")
+    differ = [k for k, v in header.items() if saved.get(k) != v]
+    if differ:
+        raise OptionError(
+            f"checkpoint {path} was written by a different run (differs in "
+            f"{', '.join(differ)}); {how}"
+        )
+    removed = saved["removed"]
+    shape = (graph.n_sources, graph.n_destinations)
+    if tuple(removed.shape) != shape or bool((removed & ~graph.valid).any()):
+        raise OptionError(f"checkpoint {path} holds a mask that does not fit the graph; {how}")
+    return _State(removed, saved["scores"], float(saved["loss"]), int(saved["position"]),
+                  list(saved["visits"]))
+
+
+def _check_upstream_clean(graph: Graph, removed: Tensor, stage: int) -> None:
+    """Restarting at `stage` is exact only if nothing before it has been ablated."""
+    early = graph.dst_stage < stage  # [n_dst]
+    if bool(removed[:, early].any()):
+        raise CircuitsError(
+            f"internal error in ACDC: edges into stages before {stage} were removed before "
+            "visiting it; please report this with the options used"
+        )
+
+
+def _show_progress(progress: bool | None) -> bool:
+    return sys.stderr.isatty() if progress is None else bool(progress)
+
+
+@register(
+    "acdc",
+    level="edge",
+    description="ACDC: greedy removal of edges whose ablation moves the metric by less than τ",
+    passes="about one partial forward per (prompts x edges), batched over candidate edges",
+)
+def acdc(
+    setup: Setup,
+    threshold: float = 0.01,
+    metric: Literal["kl", "task"] = "kl",
+    absolute: bool = False,
+    chunk: int | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    progress: bool | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """Discover a circuit with ACDC and score every edge by the change it was measured to cause.
+
+    Parameters
+    ----------
+    setup : Setup
+        Model, batches, ablation and (for ``metric="task"``) the metric.
+    threshold : float
+        τ >= 0: an edge is removed when its change is below it. The circuit found depends
+        strongly on τ, so sweep it (e.g. on a log scale); the default 0.01 (nats of KL, or units
+        of the task metric) is a starting point, not a recommendation.
+    metric : "kl" or "task"
+        ``"kl"``: KL(clean || patched) at the last position. ``"task"``: the setup's metric,
+        counted as ``-setup.sign * metric`` so that a positive change is a loss of behavior.
+    absolute : bool
+        Compare ``|change|`` with τ instead of ``change`` (edges that *help* the behavior when
+        removed are then kept too).
+    chunk : int, optional
+        Most candidate variants evaluated in one forward (each costs a batch of rows). By
+        default ``engine.chunk // largest batch``, at most 32.
+    checkpoint : str or path, optional
+        File written atomically after every destination. A run that finds it resumes from it
+        (and a finished one returns at once); a file from a different run is an OptionError.
+    progress : bool, optional
+        Show a tqdm bar (edges visited, kept, elapsed, time left). By default only when
+        stderr is a terminal. A ``logging`` debug line is written per destination either way.
+
+    Returns
+    -------
+    scores : Tensor
+        ``[n_src, n_dst]`` the change measured for each edge when it was tried: kept edges have
+        ``change >= τ`` (positive for τ > 0), removed edges their small change, edges into
+        destinations skipped as disconnected 0.
+    extra : dict
+        ``kept``: the circuit, a bool ``[n_src, n_dst]`` mask. ``summary``: counts (edges
+        visited, kept, skipped, variants evaluated, forwards run) and the initial and final
+        loss. ``visits``: one entry per destination (name, edges, kept, skipped, evaluated).
+
+    Raises
+    ------
+    OptionError
+        A bad option value, or a checkpoint written by a different run.
+
+    Examples
+    --------
+    >>> from circuits.setup import Setup
+    >>> from circuits.methods import run_method
+    >>> from circuits.toys import induction_toy
+    >>> model, batches, true_edges = induction_toy(n=8)
+    >>> scores = run_method("acdc", Setup(model, batches, "logit-diff"), threshold=0.1)
+    >>> kept = scores.extra["kept"]
+    >>> sorted(e.name for e in scores.graph.edges() if kept[scores.graph.edge_index(e)]) == \
+sorted(true_edges)
+    True
+    """
+    if not isinstance(threshold, (int, float)) or math.isnan(threshold) or threshold < 0:
+        raise OptionError(f"threshold must be a number >= 0, got {threshold!r}")
+    if metric not in ("kl", "task"):
+        raise OptionError(f"metric must be 'kl' or 'task', got {metric!r}")
+    engine, graph = setup.engine, setup.graph
+    if chunk is None:
+        chunk = max(1, min(32, engine.chunk // max(b.size for b in setup.batches)))
+    if not isinstance(chunk, int) or chunk < 1:
+        raise OptionError(f"chunk must be a positive integer, got {chunk!r}")
+
+    order = visit_order(graph)
+    loss = _Loss(setup, metric)
+    metric_name = "kl" if metric == "kl" else f"task:{setup.metric.name}"
+    header = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "fingerprint": _fingerprint(setup),
+        "threshold": float(threshold),
+        "metric": metric_name,
+        "absolute": bool(absolute),
+    }
+    path = None if checkpoint is None else Path(checkpoint)
+    state = None if path is None else _load_checkpoint(path, header, graph)
+    if state is None:
+        none = torch.zeros(1, graph.n_sources, graph.n_destinations, dtype=torch.bool)
+        state = _State(
+            removed=none[0].clone(),
+            scores=torch.zeros(graph.n_sources, graph.n_destinations, dtype=torch.float64),
+            loss=float(loss(none, graph.logits_stage)[0]),
+        )
+    initial_loss = state.visits[0]["loss_before"] if state.visits else state.loss
+
+    def is_small(change: float) -> bool:
+        return (abs(change) if absolute else change) < threshold
+
+    n_edges = graph.n_edges
+    visited = sum(v["edges"] for v in state.visits)
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    visited_at_start = visited
+    with tqdm(total=n_edges, initial=visited, unit="edge", desc="acdc",
+              disable=not _show_progress(progress), leave=False) as bar:
+        for position in range(state.position, len(order)):
+            dst = order[position]
+            stage = int(graph.dst_stage[dst])
+            _check_upstream_clean(graph, state.removed, stage)
+            sources = incoming(graph, dst)
+            node = graph.node(graph.destinations[dst]).name
+            loss_before = state.loss
+            evaluated = 0
+            # The node's outgoing edges are final (all go to later stages, visited already).
+            skipped = node != "logits" and not bool(
+                (graph.valid[graph.src_index[node]] & ~state.removed[graph.src_index[node]]).any()
+            )
+            if skipped:
+                state.removed[sources, dst] = True
+            else:
+                evaluated = _prune_into(dst, stage, sources, state, loss, chunk, is_small)
+            kept = sum(not bool(state.removed[s, dst]) for s in sources)
+            state.visits.append({
+                "destination": graph.destinations[dst], "edges": len(sources), "kept": kept,
+                "skipped": skipped, "evaluated": evaluated, "loss_before": loss_before,
+                "loss_after": state.loss,
+            })
+            state.position = position + 1
+            if path is not None:
+                _save_checkpoint(path, header, state)
+            visited += len(sources)
+            n_kept = int((graph.valid & ~state.removed).sum()) - (n_edges - visited)
+            bar.update(len(sources))
+            bar.set_postfix(kept=n_kept, refresh=False)
+            elapsed = time.perf_counter() - t0
+            rate = elapsed / max(1, visited - visited_at_start)
+            log.debug(
+                "acdc %s: %d/%d edges visited, %d kept, %.1fs elapsed, ~%.1fs left%s",
+                graph.destinations[dst], visited, n_edges, n_kept, elapsed,
+                rate * (n_edges - visited), " (skipped: disconnected)" if skipped else "",
+            )
+
+    kept_mask = graph.valid & ~state.removed
+    skipped_visits = [v for v in state.visits if v["skipped"]]
+    summary = {
+        "threshold": float(threshold),
+        "metric": metric_name,
+        "edges": n_edges,
+        "kept": int(kept_mask.sum()),
+        "removed": n_edges - int(kept_mask.sum()),
+        "skipped_destinations": len(skipped_visits),
+        "skipped_edges": sum(v["edges"] for v in skipped_visits),
+        "evaluated": sum(v["evaluated"] for v in state.visits),
+        "forwards_this_run": loss.forwards,
+        "initial_loss": initial_loss,
+        "final_loss": state.loss,
+    }
+    return state.scores.float(), {"kept": kept_mask, "summary": summary, "visits": state.visits}
+
+
+def _prune_into(
+    dst: int,
+    stage: int,
+    sources: list[int],
+    state: _State,
+    loss: _Loss,
+    chunk: int,
+    is_small: Callable[[float], bool],
+) -> int:
+    """Try the edges ``sources -> dst`` in order by prefix speculation; returns the number of
+    variants evaluated. Updates `state` (removed, scores, loss) in place."""
+    evaluated = 0
+    i = 0
+    width = chunk  # speculation width: halved after a rejection wasted the rest of a block
+    while i < len(sources):
+        block = sources[i:i + width]
+        # Variant j removes block[0..j] on top of what is removed: [C, n_src, n_dst].
+        variants = state.removed.unsqueeze(0).repeat(len(block), 1, 1)
+        for j, s in enumerate(block):
+            variants[j:, s, dst] = True
+        losses = loss(variants, stage).tolist()  # [C]
+        evaluated += len(block)
+        for j, s in enumerate(block):
+            change = losses[j] - state.loss
+            state.scores[s, dst] = change
+            i += 1
+            if is_small(change):
+                state.removed[s, dst] = True
+                state.loss = losses[j]
+            else:
+                # Kept: the later variants assumed its removal, so speculate again after it.
+                width = max(1, width // 2)
+                break
+        else:
+            width = min(chunk, 2 * width)
+    return evaluated

@@ -1,0 +1,201 @@
+"""Circuit diagrams with graphviz: SVG, PNG, PDF or DOT.
+
+Layout: one row per stage (the heads of a layer, then its MLP, each on a row of their own, so
+head-to-MLP edges of one layer point upwards too), ``input`` at the bottom and ``logits`` at the
+top (``reverse=True`` flips it). Heads are rounded boxes with three input ports q, k, v where
+their incoming edges land; MLPs are orange boxes; input and logits grey. Edge width grows with
+|score|, colour gives the sign (blue positive, red negative); circuits without edge scores
+(node-level ones) draw grey edges. A legend sits beside ``input``; the title states task, model,
+method, size and faithfulness.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import DependencyError, OptionError
+
+if TYPE_CHECKING:
+    import graphviz
+
+    from .circuit import Circuit
+
+FORMATS = ("svg", "png", "pdf", "dot")
+POSITIVE, NEGATIVE, NEUTRAL = "#2166ac", "#b2182b", "#777777"
+HEAD_FILL, MLP_FILL, END_FILL = "#dbe9f6", "#fde0bf", "#e6e6e6"
+
+
+def title(circuit: Circuit) -> str:
+    """'task · model · method — N edges, M nodes, faithfulness F' (parts that are known)."""
+    names = " · ".join(x for x in (circuit.task, circuit.model, circuit.method) if x)
+    size = f"{circuit.n_edges} edges, {circuit.n_nodes} nodes"
+    f = circuit.metrics.get("faithfulness")
+    if f is not None:
+        size += f", faithfulness {f:.3f}"
+    return f"{names} — {size}" if names else size
+
+
+def _head_label(name: str, ports_below: bool, used: set[str]) -> str:
+    """HTML label of a head: its name and a row of q/k/v ports where edges land."""
+    cells = "".join(
+        f'<TD PORT="{p}" BGCOLOR="{"white" if p in used else HEAD_FILL}">'
+        f'<FONT POINT-SIZE="8" COLOR="{"black" if p in used else "#9aaabb"}">{p}</FONT></TD>'
+        for p in "qkv"
+    )
+    top = f'<TR><TD COLSPAN="3" BORDER="0"><B>{name}</B></TD></TR>'
+    ports = f"<TR>{cells}</TR>"
+    rows = top + ports if ports_below else ports + top
+    return (f'<<TABLE BORDER="1" CELLBORDER="1" CELLSPACING="0" CELLPADDING="2" STYLE="rounded" '
+            f'BGCOLOR="{HEAD_FILL}" COLOR="#4a6d8c">{rows}</TABLE>>')
+
+
+def _legend(has_scores: bool) -> str:
+    """HTML label of the legend box."""
+    rows = [
+        f'<TR><TD BGCOLOR="{HEAD_FILL}" STYLE="rounded">a1.h2</TD><TD ALIGN="LEFT">attention '
+        'head (q/k/v inputs)</TD></TR>',
+        f'<TR><TD BGCOLOR="{MLP_FILL}">m1</TD><TD ALIGN="LEFT">MLP</TD></TR>',
+    ]
+    if has_scores:
+        rows += [
+            f'<TR><TD><FONT COLOR="{POSITIVE}"><B>———</B></FONT></TD><TD ALIGN="LEFT">positive '
+            'score (carries the behavior)</TD></TR>',
+            f'<TR><TD><FONT COLOR="{NEGATIVE}"><B>———</B></FONT></TD><TD ALIGN="LEFT">negative '
+            'score</TD></TR>',
+            '<TR><TD COLSPAN="2" ALIGN="LEFT">width ∝ |score|</TD></TR>',
+        ]
+    return ('<<TABLE BORDER="1" CELLBORDER="0" CELLSPACING="2" CELLPADDING="2" COLOR="#999999">'
+            '<TR><TD COLSPAN="2"><B>legend</B></TD></TR>' + "".join(rows) + "</TABLE>>")
+
+
+def to_graphviz(circuit: Circuit, reverse: bool = False, legend: bool = True,
+                min_width: float = 0.5, max_width: float | None = None) -> graphviz.Digraph:
+    """The circuit as a `graphviz.Digraph` (not yet laid out).
+
+    Parameters
+    ----------
+    circuit : Circuit
+    reverse : bool
+        Put ``input`` at the top and ``logits`` at the bottom.
+    legend : bool
+        Draw the legend.
+    min_width, max_width : float
+        Pen widths of the weakest and strongest edge; `max_width` shrinks from 5 as the
+        circuit grows, so large circuits stay legible.
+
+    Returns
+    -------
+    graphviz.Digraph
+    """
+    import graphviz
+
+    g = circuit.graph
+    n = circuit.n_edges
+    if max_width is None:
+        max_width = 5.0 if n <= 30 else 3.5 if n <= 100 else 2.5
+    ports_below = not reverse  # edges come from below when input is at the bottom
+    compass = "s" if ports_below else "n"
+    dot = graphviz.Digraph(
+        "circuit",
+        graph_attr=dict(
+            rankdir="TB" if reverse else "BT", newrank="true", splines="true",
+            # long edges widen dot's layout; taller ranks and tighter columns keep large
+            # circuits near a readable aspect ratio
+            nodesep="0.25" if n <= 100 else "0.12",
+            ranksep=f"{0.5 + 1.5 * min(n, 300) / 300:.2f}",
+            fontname="Helvetica", fontsize="16", label=title(circuit), labelloc="t",
+            labeljust="c", outputorder="edgesfirst", bgcolor="white", pad="0.3",
+        ),
+        node_attr=dict(fontname="Helvetica", fontsize="11", style="filled", penwidth="1"),
+        edge_attr=dict(arrowsize="0.5"),
+    )
+    edges = circuit.edges()
+    used: dict[str, set[str]] = {}
+    for e in edges:
+        used.setdefault(e.target_node, set()).add(e.port or "")
+    node_values = circuit.node_values
+
+    def tooltip(name: str) -> str:
+        if node_values is None or name not in g.src_index:
+            return name
+        return f"{name}: {float(node_values[g.src_index[name]]):.4g}"
+
+    by_stage: dict[int, list[str]] = {}
+    for name in circuit.nodes:
+        node = g.node(name)
+        stage = (0 if node.kind == "input" else g.logits_stage if node.kind == "logits"
+                 else g.attn_stage(node.layer) if node.kind == "head" else g.mlp_stage(node.layer))
+        by_stage.setdefault(stage, []).append(name)
+        if node.kind == "head":
+            dot.node(name, _head_label(name, ports_below, used.get(name, set())), shape="plain",
+                     style="", tooltip=tooltip(name))
+        elif node.kind == "mlp":
+            dot.node(name, name, shape="box", fillcolor=MLP_FILL, color="#b07a3b",
+                     tooltip=tooltip(name))
+        else:
+            dot.node(name, name, shape="ellipse", fillcolor=END_FILL, color="#555555",
+                     fontsize="13", tooltip=tooltip(name))
+    if legend and circuit.nodes:
+        dot.node("legend", _legend(circuit.edge_values is not None), shape="plain", style="")
+        by_stage[0].append("legend")
+    for names in by_stage.values():
+        with dot.subgraph() as row:
+            row.attr(rank="same")
+            for name in names:
+                row.node(name)
+
+    ev = circuit.edge_values
+    strongest = float((ev * circuit.mask).abs().max()) if ev is not None else 0.0
+    for e in edges:
+        head = f"{e.target_node}:{e.port}:{compass}" if e.port else e.target_node
+        if ev is None or strongest == 0:
+            dot.edge(e.source, head, color=NEUTRAL, penwidth="1.2", tooltip=e.name)
+            continue
+        s = float(ev[g.edge_index(e)])
+        strength = abs(s) / strongest
+        width = min_width + (max_width - min_width) * strength
+        # weak edges fade so the strong paths stand out in large circuits
+        alpha = int(255 * (0.35 + 0.65 * strength))
+        dot.edge(e.source, head, color=f"{POSITIVE if s >= 0 else NEGATIVE}{alpha:02x}",
+                 penwidth=f"{width:.2f}", tooltip=f"{e.name}: {s:.4g}")
+    return dot
+
+
+def render(circuit: Circuit, path: str | Path, format: str | None = None,
+           **options: Any) -> Path:
+    """Draw a circuit to a file.
+
+    Parameters
+    ----------
+    circuit : Circuit
+    path : str or Path
+        Output file; written atomically (a temporary file renamed into place).
+    format : "svg", "png", "pdf" or "dot", optional
+        Taken from the path's suffix when omitted.
+    **options
+        Passed to `to_graphviz` (``reverse``, ``legend``, ``min_width``, ``max_width``).
+
+    Returns
+    -------
+    Path
+    """
+    path = Path(path)
+    fmt = (format or path.suffix.lstrip(".") or "svg").lower()
+    if fmt == "gv":
+        fmt = "dot"
+    if fmt not in FORMATS:
+        raise OptionError(f"cannot render to {fmt!r}; use one of {', '.join(FORMATS)}")
+    dot = to_graphviz(circuit, **options)
+    if fmt == "dot":
+        data = dot.source.encode()
+    else:
+        if shutil.which("dot") is None:
+            raise DependencyError("Graphviz's 'dot' program is not installed; install Graphviz "
+                                  "(e.g. apt-get install graphviz) or render to format='dot'")
+        data = dot.pipe(format=fmt)
+    from .io import write_atomic
+
+    write_atomic(path, data)
+    return path

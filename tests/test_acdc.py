@@ -1,0 +1,240 @@
+"""ACDC: the known circuit of the hand-built toy, exactness of prefix speculation, checkpoints."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from circuits.batch import Batch
+from circuits.errors import CircuitsError, OptionError
+from circuits.methods import acdc as acdc_module
+from circuits.methods import run_method
+from circuits.metrics import kl
+from circuits.setup import Setup
+from circuits.testing import tiny_gpt2
+from circuits.toys import INDUCTION_EDGES, induction_toy
+
+
+def kept_names(scores) -> set[str]:
+    g, kept = scores.graph, scores.extra["kept"]
+    return {e.name for e in g.edges() if kept[g.edge_index(e)]}
+
+
+def random_setup(seed: int = 0, ablation: str = "resample") -> Setup:
+    """A 2-layer random GPT-2 in float64 (so batched and one-at-a-time runs agree to ~1e-15)
+    with two batches of random clean/corrupt prompts. Weights drawn 10x larger than GPT-2's
+    init so that many edges matter (with 0.02 nearly all effects are below 1e-4)."""
+    model = tiny_gpt2(n_layer=2, n_head=2, n_embd=16, vocab_size=24, seed=seed,
+                      initializer_range=0.2)
+    model.hf.double()
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for b in (3, 2):
+        clean = torch.randint(0, 24, (b, 5), generator=gen)
+        corrupt = torch.randint(0, 24, (b, 5), generator=gen)
+        answers = torch.randint(0, 24, (b, 1), generator=gen)
+        batches.append(Batch(clean, corrupt, answers, (answers + 1) % 24))
+    return Setup(model, batches, "logit-diff", ablation=ablation)
+
+
+def sequential_acdc(setup: Setup, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain ACDC: one full forward per edge, no restart, no speculation, no skipping.
+
+    Destinations latest stage first, then decreasing index; sources latest first; an edge is
+    removed when KL(clean || patched) rises by less than `threshold` over the current circuit.
+    """
+    engine, g = setup.engine, setup.graph
+
+    def loss(removed: torch.Tensor) -> float:
+        total = 0.0
+        for batch, ablated, weight in setup.items():
+            logits = engine.patched_logits(batch.clean, removed.double(), ablated)
+            total += weight * float(kl(logits, batch).mean())
+        return total
+
+    removed = torch.zeros(g.n_sources, g.n_destinations, dtype=torch.bool)
+    scores = torch.zeros(g.n_sources, g.n_destinations, dtype=torch.float64)
+    current = loss(removed)
+    stages = g.dst_stage.tolist()
+    for dst in sorted(range(g.n_destinations), key=lambda j: (-stages[j], -j)):
+        for src in reversed(range(g.n_sources)):
+            if not g.valid[src, dst]:
+                continue
+            removed[src, dst] = True
+            after = loss(removed)
+            scores[src, dst] = after - current
+            if after - current < threshold:
+                current = after
+            else:
+                removed[src, dst] = False
+    return g.valid & ~removed, scores
+
+
+# -- the known circuit ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return induction_toy(n=16, batch_size=8, seed=0)
+
+
+@pytest.mark.parametrize("metric", ["kl", "task"])
+def test_acdc_finds_the_induction_circuit(toy, metric):
+    model, batches, true_edges = toy
+    setup = Setup(model, batches, "logit-diff")
+    # τ = 0.1: the 41 edges off the circuit have no effect in exact arithmetic (their writers'
+    # blocks are not read by the destination, and resampled writes keep the residual's norm, so
+    # LayerNorm does not see them either); in float32 they move KL or logit difference by
+    # < 1e-4. Each circuit edge moves them by several units: ablating it sends the prediction to
+    # another token (logit 10 vs 0). Any τ between the two works; 0.1 is far from both.
+    scores = run_method("acdc", setup, threshold=0.1, metric=metric)
+    assert kept_names(scores) == set(true_edges) == set(INDUCTION_EDGES)
+    g, values = scores.graph, scores.values
+    for name in true_edges:
+        assert values[g.edge_index(name)] > 1.0
+    off = g.valid & ~scores.extra["kept"]
+    assert values[off].abs().max() < 1e-3
+    summary = scores.extra["summary"]
+    assert summary["kept"] == 5 and summary["removed"] == g.n_edges - 5 == 41
+
+
+def test_disconnected_destinations_are_skipped(toy):
+    model, batches, _ = toy
+    scores = run_method("acdc", Setup(model, batches, "logit-diff"), threshold=0.1)
+    visits = {v["destination"]: v for v in scores.extra["visits"]}
+    # The logits keep only a1.h0, so m1 and the distractor a1.h1 lose their only output edge,
+    # and then m0 and a0.h1 (whose outputs went only to those and to the logits) lose all theirs.
+    skipped = {d for d, v in visits.items() if v["skipped"]}
+    heads = [f"a{layer}.h1<{p}>" for layer in (0, 1) for p in "qkv"]
+    assert skipped == {"m1", "m0", *heads}
+    assert all(visits[d]["evaluated"] == 0 for d in skipped)
+    # Skipped: 6 sources into m1, 4 into each of a1.h1 q, k, v, 3 into m0, 1 into each of
+    # a0.h1 q, k, v. Evaluated: 7 into logits, 4 into each of a1.h0 q, k, v, 1 into each of
+    # a0.h0 q, k, v.
+    assert scores.extra["summary"]["skipped_edges"] == 6 + 3 * 4 + 3 + 3 * 1
+    assert sum(v["edges"] for v in visits.values() if not v["skipped"]) == 7 + 3 * 4 + 3 * 1
+
+
+def test_everything_removed_with_an_infinite_threshold():
+    setup = random_setup()
+    scores = run_method("acdc", setup, threshold=float("inf"))
+    g = setup.graph
+    assert not scores.extra["kept"].any()
+    # Only the edges into logits are ever evaluated; every other node is then disconnected.
+    assert scores.extra["summary"]["evaluated"] == g.n_sources
+    assert scores.extra["summary"]["skipped_destinations"] == g.n_destinations - 1
+
+
+# -- exactness of the fast scheme ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
+def test_prefix_speculation_matches_the_sequential_loop(seed):
+    setup = random_setup(seed)
+    g = setup.graph
+    # τ drawn log-uniformly in [1e-3, 1e-2], where the edges' changes lie on this model, so
+    # that some edges are kept and some removed (checked below).
+    gen = torch.Generator().manual_seed(100 + seed)
+    threshold = float(1e-3 * 10 ** torch.rand(1, generator=gen))
+    kept_ref, scores_ref = sequential_acdc(setup, threshold)
+    assert 0 < int(kept_ref.sum()) < g.n_edges
+    for chunk in (3, 64):  # 3 also exercises the width halving down to 1
+        scores = run_method("acdc", setup, threshold=threshold, chunk=chunk)
+        assert torch.equal(scores.extra["kept"], kept_ref), chunk
+        # Scores agree where both measured them; skipped edges are 0 here and ~1e-16 there.
+        assert torch.allclose(scores.values.double(), scores_ref, atol=1e-9)
+
+
+def test_batched_runs_cost_less_than_a_forward_per_edge():
+    setup = random_setup()
+    g = setup.graph
+    scores = run_method("acdc", setup, threshold=1e-2, chunk=64)
+    summary = scores.extra["summary"]
+    visited = [v for v in scores.extra["visits"] if not v["skipped"]]
+    # Plain ACDC runs 1 + (edges evaluated) full forwards of each of the 2 batches. Here each
+    # destination needs one batched run per kept edge plus one (a rejection restarts the
+    # speculation), and each runs only from the destination's stage on.
+    assert summary["forwards_this_run"] <= 1 + sum(1 + v["kept"] for v in visited)
+    assert summary["forwards_this_run"] < sum(v["edges"] for v in visited) / 2
+    assert scores.cost.forward < 2 * (1 + sum(v["edges"] for v in visited))
+    assert 0 < summary["kept"] < g.n_edges
+
+
+def test_restart_invariant_is_checked():
+    g = random_setup().graph
+    removed = torch.zeros(g.n_sources, g.n_destinations, dtype=torch.bool)
+    removed[g.edge_index("input->a0.h0<q>")] = True
+    acdc_module._check_upstream_clean(g, removed, g.attn_stage(0))  # same stage: fine
+    with pytest.raises(CircuitsError, match="internal error"):
+        acdc_module._check_upstream_clean(g, removed, g.mlp_stage(0))
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+
+def test_interrupted_run_resumes_to_the_same_circuit(tmp_path, monkeypatch):
+    setup = random_setup(1)
+    full = run_method("acdc", setup, threshold=2e-3)
+    path = tmp_path / "acdc.pt"
+    save = acdc_module._save_checkpoint
+    calls = []
+
+    def interrupt_after_three(*args, **kwargs):
+        save(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(acdc_module, "_save_checkpoint", interrupt_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        run_method("acdc", setup, threshold=2e-3, checkpoint=path)
+    monkeypatch.setattr(acdc_module, "_save_checkpoint", save)
+    assert path.exists() and not path.with_name("acdc.pt.tmp").exists()
+    resumed = run_method("acdc", setup, threshold=2e-3, checkpoint=path)
+    assert torch.equal(resumed.extra["kept"], full.extra["kept"])
+    assert torch.equal(resumed.values, full.values)
+    assert resumed.extra["summary"]["evaluated"] == full.extra["summary"]["evaluated"]
+    # The resumed run did not redo the first three destinations (logits, m1, a1.h1<v>).
+    assert resumed.extra["summary"]["forwards_this_run"] < full.extra["summary"][
+        "forwards_this_run"]
+    # A finished checkpoint returns the result without evaluating anything.
+    again = run_method("acdc", setup, threshold=2e-3, checkpoint=path)
+    assert again.extra["summary"]["forwards_this_run"] == 0
+    assert torch.equal(again.extra["kept"], full.extra["kept"])
+
+
+def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
+    setup = random_setup()
+    path = tmp_path / "acdc.pt"
+    run_method("acdc", setup, threshold=1e-3, checkpoint=path)
+    with pytest.raises(OptionError, match="differs in threshold.*delete it"):
+        run_method("acdc", setup, threshold=2e-3, checkpoint=path)
+    with pytest.raises(OptionError, match="differs in fingerprint"):
+        run_method("acdc", random_setup(ablation="zero"), threshold=1e-3, checkpoint=path)
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(OptionError, match="could not be read"):
+        run_method("acdc", setup, threshold=1e-3, checkpoint=junk)
+
+
+# -- options and progress ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options", [{"threshold": -1.0}, {"metric": "logit-diff"}, {"chunk": 0}]
+)
+def test_bad_options(options):
+    with pytest.raises(OptionError):
+        run_method("acdc", random_setup(), **options)
+
+
+def test_progress_bar_and_debug_log(toy, capsys, caplog):
+    model, batches, _ = toy
+    with caplog.at_level(logging.DEBUG, logger="circuits.methods.acdc"):
+        run_method("acdc", Setup(model, batches, "logit-diff"), threshold=0.1, progress=True)
+    assert "acdc" in capsys.readouterr().err
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 15  # one per destination
+    assert lines[-1].startswith("acdc a0.h0<q>: 46/46 edges visited, 5 kept")
