@@ -5,11 +5,11 @@ MLP ``m{l}``. Destinations are each head's query, key and value input (``a{l}.h{
 ``<v>``), each MLP's input (``m{l}``) and ``logits``. An edge joins a source to every destination
 downstream of it; scores and masks over edges are dense ``[n_sources, n_destinations]`` tensors.
 
-The graph is ordered in *stages*: stage 0 is the embedding, stage ``2l + 1`` the attention of layer
-``l``, stage ``2l + 2`` its MLP, and the last stage the unembedding. A source feeds a destination when
-its stage is earlier. Models whose attention and MLP read the same residual stream (parallel
-blocks, as in GPT-J and some Pythia models) put both in one stage, which removes the
-head-to-same-layer-MLP edges.
+The graph is ordered in *stages*: stage 0 is the embedding, stage ``2l + 1`` the attention of
+layer ``l``, stage ``2l + 2`` its MLP, and the last stage the unembedding. A source feeds a
+destination when its stage is earlier. Models whose attention and MLP read the same residual
+stream (parallel blocks, as in GPT-J and some Pythia models) put both in one stage, which
+removes the head-to-same-layer-MLP edges.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from circuits.testing import make_batch, tiny_gpt2
 
 

@@ -51,7 +51,8 @@ class GPT2Adapter(Adapter):
         return w, b
 
     def qkv(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries, keys and values ``[..., b, H, p, dh]`` from a shared residual ``[..., b, p, d]``."""
+        """Queries, keys and values ``[..., b, H, p, dh]`` from a shared residual ``[..., b, p,
+        d]``."""
         h = self.blocks[layer].ln_1(x)
         qkv = self.blocks[layer].attn.c_attn(h)  # [..., b, p, 3 * d]
         # [..., b, p, 3, H, dh] -> [..., 3, b, H, p, dh]
