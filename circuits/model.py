@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,33 @@ def _resolve(name_or_path: str | os.PathLike) -> tuple[Path | None, str]:
     return None, text
 
 
+def _in_hub_cache(name: str) -> bool:
+    """Whether a hub model's config is already in the local cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
+    """Whether the hub endpoint (``HF_ENDPOINT`` or the default) answers a TCP connect quickly,
+    so a missing network fails in seconds instead of after minutes of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False, "HF_HUB_OFFLINE is set"
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError as err:
+        return False, f"cannot reach {url.hostname}: {err.strerror or err}"
+    return True, ""
+
+
 def _check_folder(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json; it is not a Hugging Face model folder")
@@ -143,6 +171,14 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    local_only = folder is not None or _in_hub_cache(display)
+    if not local_only:
+        reachable, why = _hub_reachable()
+        if not reachable:
+            raise ModelLoadError(
+                f"could not load {display!r} from the Hugging Face hub ({why}) and it is not in "
+                "the local cache; connect to the network or pass a local model folder"
+            )
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -150,9 +186,9 @@ def load_model(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=folder is not None)
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
             hf = AutoModelForCausalLM.from_pretrained(
-                source, dtype=dtype, local_files_only=folder is not None
+                source, dtype=dtype, local_files_only=local_only
             )
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

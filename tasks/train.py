@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from circuits.tasks import factual, induction, ioi
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from circuits.metrics import answer_accuracy, logit_diff
 from circuits.task import Task
+from circuits.tasks import factual, induction, ioi
 
 MODELS_DIR = Path(__file__).parent / "models"
 TRAIN_SEED = 0

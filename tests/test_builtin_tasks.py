@@ -1,12 +1,12 @@
 """The built-in tasks give valid prompt pairs for the reference tokenizer and a GPT-2-style BPE."""
 
 import pytest
-from circuits.tasks import factual, induction, ioi
 from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoTokenizer
 
 from circuits import zoo
 from circuits.task import get_task, list_tasks
+from circuits.tasks import factual, induction, ioi
 
 TASKS = ["ioi", "induction", "factual"]
 

@@ -3,11 +3,11 @@
 import json
 from pathlib import Path
 
-import circuits.tasks
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import circuits.tasks
 from circuits import zoo
 from circuits.metrics import answer_accuracy, logit_diff
 from circuits.task import get_task
@@ -35,7 +35,6 @@ def test_find():
     assert zoo.models_dir() == Path(circuits.tasks.__file__).parent / "models"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("task_name", sorted(MODELS))
 def test_model_does_its_task_on_fresh_prompts(task_name):
     folder = zoo.find(MODELS[task_name])
