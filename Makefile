@@ -35,7 +35,7 @@ test-deps:
 	  else echo "install chromium for the interactive page test (it is skipped without it)" >&2; fi; }
 
 demo: setup
-	$(BIN)/python -m circuits demo
+	$(BIN)/circuits discover ioi
 
 test: setup test-deps
 	$(BIN)/python -m pytest
