@@ -479,6 +479,9 @@ _BUILTIN_MODULES: dict[str, str] = {
     "ioi": "circuits.tasks.ioi",
     "induction": "circuits.tasks.induction",
     "factual": "circuits.tasks.factual",
+    "planted-induction": "circuits.tasks.planted",
+    "planted-ioi": "circuits.tasks.planted",
+    "planted-mlp": "circuits.tasks.planted",
 }
 _REGISTRY: dict[str, TaskSpec] = {}
 
@@ -503,7 +506,9 @@ def register_task(spec: TaskSpec) -> TaskSpec:
 def _spec(name: str) -> TaskSpec:
     """Look up a spec, importing its built-in module on first use."""
     if name not in _REGISTRY and name in _BUILTIN_MODULES:
-        register_task(importlib.import_module(_BUILTIN_MODULES[name]).SPEC)
+        module = importlib.import_module(_BUILTIN_MODULES[name])
+        for spec in getattr(module, "SPECS", None) or (module.SPEC,):
+            register_task(spec)
     if name not in _REGISTRY:
         names = sorted(set(_REGISTRY) | set(_BUILTIN_MODULES))
         raise OptionError(f"unknown task {name!r}: use one of {', '.join(names)}")
