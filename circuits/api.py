@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -140,6 +141,7 @@ def discover(
     n: int | None = None,
     seed: int = 0,
     batch_size: int = 32,
+    progress: Callable[[str], None] | None = None,
     **options: Any,
 ) -> Discovery:
     """Score, select, prune and evaluate a circuit on held-out prompts.
@@ -159,6 +161,8 @@ def discover(
         Number of prompts (the task's default when None).
     seed : int
         Seeds the prompts, the split and the method.
+    progress : callable, optional
+        Called with ``"scoring"``, ``"selecting"`` and ``"evaluating"`` as each stage starts.
 
     Returns
     -------
@@ -177,13 +181,17 @@ def discover(
         raise OptionError(f"heldout must be a fraction between 0 and 1, got {heldout}")
     found, kept = task.split(1 - heldout, seed=seed)
     common = dict(ablation=ablation, metric=metric, batch_size=batch_size)
+    stage = progress or (lambda name: None)
     setup = make_setup(model, found, **common)
+    stage("scoring")
     scores = run_method(method, setup, **options)
     if level == "node" and scores.level == "edge":
         per_node = scores.values.sum(1)
         scores = Scores(scores.graph, per_node, "node", scores.method, scores.task, scores.model,
                         scores.options, scores.cost, scores.extra)
+    stage("selecting")
     circuit = select(scores, setup=setup, **chosen)
+    stage("evaluating")
     heldout_setup = make_setup(model, kept, **common)
     result = evaluate(circuit, heldout_setup)
     circuit.metrics.update({f"heldout_{k}": v for k, v in result.as_dict().items()})

@@ -147,6 +147,9 @@ class Engine:
         else:
             resid = start[1].resid[first]
             resid = resid.repeat(C, 1, 1) if C > 1 else resid
+            if sink is not None:
+                # gradients flow back to the restart point and no further
+                resid = resid.detach().requires_grad_(True)
         shape = (g.n_sources, *resid.shape)
         if keep:
             state["outs"] = resid.new_empty(shape)
@@ -353,6 +356,7 @@ class Engine:
         delta: Tensor | None = None,
         ablate: Tensor | None = None,
         only: Tensor | None = None,
+        start: tuple[int, Trace] | None = None,
     ) -> Tensor:
         """``sum over (b, p) of delta[s] . d metric / d input[d]`` for every edge, in one backward.
 
@@ -371,6 +375,9 @@ class Engine:
             (integrated gradients); with C variants the gradients of all variants are summed.
         only : Tensor, optional
             Bool ``[n_dst]``: score only these destinations.
+        start : (stage, Trace), optional
+            Restart the run (and stop the backward) at that stage of a clean trace; valid when
+            `ablate` is zero before it and only destinations from that stage on are scored.
 
         Returns
         -------
@@ -399,7 +406,7 @@ class Engine:
             weights = weights * self.graph.valid.to(weights)
         with frozen_parameters(self.model.hf), torch.enable_grad():
             logits, trace = self._forward(ids, ablate=weights, ablated=ablated, sink=sink,
-                                          last_only=True, keep=delta is None)
+                                          last_only=True, keep=delta is None, start=start)
             if delta is None:
                 if weights is not None:
                     raise ValueError("pass delta explicitly for an interpolated run")

@@ -18,9 +18,11 @@ TASKS = ("ioi", "induction", "factual")
 
 @pytest.fixture(scope="module", params=TASKS)
 def scored(request):
+    """Exact, EAP and both EAP-IG variants on 64 fresh prompts of one task."""
     task, model = resolve(request.param, None, n=64, seed=1)
     setup = make_setup(model, task, batch_size=64)
-    return request.param, setup, run_method("exact", setup).flat()
+    runs = {"exact": {}, "eap": {}, "eap-ig": {"steps": 5}, "eap-ig-activations": {"steps": 5}}
+    return request.param, {m: run_method(m, setup, **o).flat() for m, o in runs.items()}
 
 
 def agreement(scores: torch.Tensor, exact: torch.Tensor) -> tuple[float, int]:
@@ -32,15 +34,15 @@ def agreement(scores: torch.Tensor, exact: torch.Tensor) -> tuple[float, int]:
 
 @pytest.mark.slow
 def test_eap_ig_activations_agrees_with_exact(scored):
-    _, setup, exact = scored
-    pearson, overlap = agreement(run_method("eap-ig-activations", setup, steps=5).flat(), exact)
+    _, s = scored
+    pearson, overlap = agreement(s["eap-ig-activations"], s["exact"])
     assert pearson >= 0.95 and overlap >= 14, (pearson, overlap)
 
 
 @pytest.mark.slow
 def test_eap_ig_inputs_agrees_with_exact(scored):
-    name, setup, exact = scored
-    pearson, overlap = agreement(run_method("eap-ig", setup, steps=5).flat(), exact)
+    name, s = scored
+    pearson, overlap = agreement(s["eap-ig"], s["exact"])
     assert overlap >= 14, overlap
     # Interpolating every input embedding at once follows the path to the fully corrupted run;
     # on induction (half of the tokens change) that path departs furthest from single-edge
@@ -50,7 +52,5 @@ def test_eap_ig_inputs_agrees_with_exact(scored):
 
 @pytest.mark.slow
 def test_eap_ig_is_closer_to_exact_than_eap(scored):
-    _, setup, exact = scored
-    eap, _ = agreement(run_method("eap", setup).flat(), exact)
-    ig, _ = agreement(run_method("eap-ig-activations", setup, steps=5).flat(), exact)
-    assert ig > eap
+    _, s = scored
+    assert agreement(s["eap-ig-activations"], s["exact"])[0] > agreement(s["eap"], s["exact"])[0]

@@ -85,6 +85,8 @@ def run_method(name: str, setup: Setup, **options: Any) -> Scores:
         out = spec.fn(setup, **options)
     values, extra = out if isinstance(out, tuple) else (out, {})
     graph = setup.graph
-    recorded = {"ablation": setup.ablation, "metric": setup.metric.name, **options}
+    # d_model travels with the scores because MIB's submission format records it.
+    recorded = {"ablation": setup.ablation, "metric": setup.metric.name,
+                "d_model": int(setup.model.hf.config.hidden_size), **options}
     return Scores(graph, values, spec.level, name, setup.task, setup.model.name, recorded,
                   cost, extra)

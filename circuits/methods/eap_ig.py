@@ -33,21 +33,23 @@ def _alphas(steps: int) -> Tensor:
     return (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
 
 
-def _sweeps(setup: Setup, over: str, steps: int) -> list[tuple[Tensor, Tensor | None]]:
-    """(ablate weights [steps, n_src, n_dst], destinations to score or None) per sweep."""
+def _sweeps(setup: Setup, over: str, steps: int
+            ) -> list[tuple[Tensor, Tensor | None, int | None]]:
+    """(ablate weights [steps, n_src, n_dst], destinations to score or None, the stage the run
+    can restart at) per sweep."""
     g = setup.engine.graph
     alphas = _alphas(steps)
     if over == "inputs":
         w = torch.zeros(steps, g.n_sources, g.n_destinations)
         w[:, 0, :] = alphas[:, None]
-        return [(w, None)]
+        return [(w, None, None)]
     if over == "activations":
         sweeps = []
         for stage in sorted(set(g.dst_stage.tolist())):
             only = g.dst_stage == stage
             w = torch.zeros(steps, g.n_sources, g.n_destinations)
             w[:, :, only] = alphas[:, None, None]
-            sweeps.append((w * g.valid, only))
+            sweeps.append((w * g.valid, only, stage))
         return sweeps
     raise OptionError(f"unknown EAP-IG variant {over!r}; use 'inputs' or 'activations'")
 
@@ -58,9 +60,10 @@ def _eap_ig(setup: Setup, over: str, steps: int) -> Tensor:
     total = torch.zeros(g.n_sources, g.n_destinations)
     sweeps = _sweeps(setup, over, steps)
     for batch, ablated, weight in setup.items():
-        clean = engine.trace(batch.clean, last_only=True).outs
-        delta = ablated - clean  # [n_src, b, p, d]
-        for w, only in sweeps:
+        trace = engine.trace(batch.clean, last_only=True)
+        delta = ablated - trace.outs  # [n_src, b, p, d]
+        for w, only, stage in sweeps:
+            # upstream of the interpolated stage the run is the clean one: restart there
             change = engine.edge_attribution(
                 batch.clean,
                 lambda logits, batch=batch: setup.metric_mean(logits, batch),
@@ -68,6 +71,7 @@ def _eap_ig(setup: Setup, over: str, steps: int) -> Tensor:
                 delta=delta,
                 ablate=w,
                 only=only,
+                start=None if stage is None else (stage, trace),
             )
             # the metric is a mean over steps x prompts, so the summed gradient is already the
             # average over steps.

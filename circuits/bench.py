@@ -1,0 +1,666 @@
+"""The benchmark runner behind ``circuits bench``: methods x tasks x models, one row each.
+
+For every task and model (by default each task's reference model) the prompts are split in
+two: the methods score edges on the *discovery* half, and every number in the table is
+measured on the *held-out* half (an honest curve, not one fitted to the prompts it ranks on).
+
+Each row holds: CPR and CMD of the faithfulness curve on MIB's grid of edge fractions (the
+whole curve is in the CSV, ``f_0.1%`` ... ``f_100%``), the smallest circuit (edges, after
+pruning) reaching faithfulness 0.8, the ROC AUC of the ranking against the true circuit where
+one is known (the planted tasks, ``circuits.planted.true_edges``), and the method's wall time,
+forward and backward passes and peak memory.
+
+Ranking
+    Every method's edges are ranked by |score| (MIB's convention for CMD; a method's sign is
+    kept in its scores, and an edge that hurts the behavior is still part of the mechanism),
+    except ACDC's, ranked by its signed score: its score is the loss change measured when the
+    edge was tried, kept edges have a change of at least τ and removed ones less, so the signed
+    ranking puts its circuit first, and edges whose removal *helped* last.
+
+ACDC's threshold
+    ACDC runs on the task's own metric (``metric="task"``, the quantity faithfulness is measured
+    in) with τ set per task from the size of the effect rather than picked by hand:
+    ``τ = ACDC_TAU_FRACTION * |m(model) - m(empty circuit)|`` on the discovery prompts, so one
+    rule serves tasks whose logit differences span 10 or 20 units alike. (On its default KL
+    loss, ACDC keeps circuits that are small in KL but poor in logit difference: on the IOI
+    reference model 6-12 edges with held-out faithfulness 0.3-0.7 for τ from 0.001 to 0.03 of
+    the empty circuit's KL, against 37 edges and 0.99 on the task metric.) The τ used is in the
+    ``options`` column.
+
+Resuming
+    The CSV is rewritten atomically after every finished row. A row is keyed by task, model and
+    method and stamped with a hash of everything that changes its numbers (prompts, seed,
+    split, method options, grid); on start, rows whose stamp matches are kept and not run again,
+    rows with another stamp are recomputed, and rows of other keys are left in the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import importlib
+import io
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CircuitsError, OptionError
+from .evaluate import MIB_FRACTIONS, faithfulness_curve, metric_of_masks, roc_auc, smallest_faithful
+from .methods import available, run_method
+from .model import Model, load_model
+from .setup import Setup
+from .task import Task, get_task, list_tasks, register_task
+
+#: Bumped when a change to the runner changes the numbers, so old rows are recomputed.
+BENCH_VERSION = 1
+DEFAULT_OUT = "benchmarks/results"
+REFERENCE_TASKS = ("ioi", "induction", "factual")
+PLANTED_TASKS = ("planted-induction", "planted-ioi", "planted-mlp")
+CAUSAL_METHODS = ("eap", "eap-ig", "exact", "acdc")
+BASELINE_METHODS = ("random", "activation", "grad-x-act", "attention-rollout")
+QUICK_TASKS = ("induction", "planted-induction")
+FULL_N, QUICK_N = 128, 32
+FULL_STEPS, QUICK_STEPS = 5, 3
+HELDOUT = 0.5
+TARGET = 0.8
+ACDC_TAU_FRACTION = 0.002
+SIGNED_RANKING = frozenset({"acdc"})
+
+CURVE_COLUMNS = tuple(f"f_{100 * x:g}%" for x in MIB_FRACTIONS)
+COLUMNS = (
+    "task", "model", "method", "cpr", "cmd", "f_1%", "f_5%", "f_10%", "edges_f0.8", "roc_auc",
+    "seconds", "forward", "backward", "peak_memory_mb", "n_discovery", "n_heldout", "n_edges",
+    "options", "config",
+) + tuple(c for c in CURVE_COLUMNS if c not in ("f_1%", "f_5%", "f_10%"))
+
+
+# -- configuration ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BenchConfig:
+    """What one benchmark run covers and with which settings.
+
+    Attributes
+    ----------
+    tasks, methods : tuple[str, ...]
+    models : tuple[str | None, ...]
+        Model names or folders; None stands for each task's reference model.
+    out : Path
+        Folder for results.csv, results.md and the plots.
+    n : int
+        Prompts per task before the discovery / held-out split.
+    seed : int
+        Seeds the prompts, the split and every method.
+    steps : int
+        EAP-IG integration steps.
+    batch_size : int
+    heldout : float
+        Share of the prompts kept for evaluation.
+    quick : bool
+    """
+
+    tasks: tuple[str, ...]
+    methods: tuple[str, ...]
+    models: tuple[str | None, ...] = (None,)
+    out: Path = Path(DEFAULT_OUT)
+    n: int = FULL_N
+    seed: int = 0
+    steps: int = FULL_STEPS
+    batch_size: int = 64
+    heldout: float = HELDOUT
+    quick: bool = False
+
+    def method_options(self, method: str) -> dict[str, Any]:
+        """Options passed to `method` (ACDC's τ is added per task, see the module notes)."""
+        if method == "eap-ig":
+            return {"steps": self.steps}
+        if method == "acdc":
+            return {"metric": "task"}
+        if method == "random":
+            return {"seed": self.seed}
+        return {}
+
+    def stamp(self, task: str, model: str, method: str) -> str:
+        """A short hash of everything that changes the numbers of one row."""
+        what = {
+            "version": BENCH_VERSION, "task": task, "model": model, "method": method,
+            "n": self.n, "seed": self.seed, "heldout": self.heldout,
+            "batch_size": self.batch_size, "options": self.method_options(method),
+            "tau_fraction": ACDC_TAU_FRACTION if method == "acdc" else None,
+            "fractions": list(MIB_FRACTIONS), "target": TARGET,
+            "signed": method in SIGNED_RANKING,
+        }
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _registered_tasks() -> set[str]:
+    """Names of every registered task, the planted ones included where they are shipped."""
+    try:
+        planted = importlib.import_module("circuits.tasks.planted")
+    except ModuleNotFoundError:
+        planted = None
+    known = {name for name, _ in list_tasks()}
+    for spec in getattr(planted, "SPECS", ()):
+        if spec.name not in known:
+            register_task(spec)
+    return {name for name, _ in list_tasks()}
+
+
+def default_tasks(quick: bool = False) -> tuple[list[str], list[str]]:
+    """The tasks a run covers by default, and notes on the ones left out (not registered)."""
+    known = _registered_tasks()
+    wanted = QUICK_TASKS if quick else REFERENCE_TASKS + PLANTED_TASKS
+    notes = [f"task {t!r} is not registered; skipped" for t in wanted if t not in known]
+    return [t for t in wanted if t in known], notes
+
+
+def default_methods() -> tuple[list[str], list[str]]:
+    """The causal methods and the baselines that are registered at edge level, and notes on the
+    ones left out."""
+    methods = available()
+    chosen, notes = [], []
+    for name in CAUSAL_METHODS + BASELINE_METHODS:
+        if name not in methods:
+            notes.append(f"method {name!r} is not registered; skipped")
+        elif methods[name].level != "edge":
+            notes.append(f"method {name!r} scores nodes, not edges; left out of the edge table")
+        else:
+            chosen.append(name)
+    return chosen, notes
+
+
+def true_edges(task: str) -> list[str] | None:
+    """The known circuit of a planted task (edge names), or None where none is known."""
+    try:
+        planted = importlib.import_module("circuits.planted")
+    except ModuleNotFoundError:
+        return None
+    known = getattr(planted, "true_edges", None)
+    if known is None:
+        return None
+    try:
+        return sorted(known(task))
+    except (KeyError, CircuitsError):
+        return None
+
+
+# -- files --------------------------------------------------------------------------------------
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` on a temporary file next to `path`, then rename it over `path`, so a
+    crash leaves either the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a results CSV (empty when there is none yet)."""
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"task", "model", "method", "config"} <= set(
+            reader.fieldnames
+        ):
+            raise OptionError(f"{path} is not a results table of `circuits bench`; move it away "
+                              "or pass another --out folder")
+        return list(reader)
+
+
+def write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Write the results CSV atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in COLUMNS})
+    _atomic_text(path, buf.getvalue())
+
+
+def _key(row: dict[str, Any]) -> tuple[str, str, str]:
+    return (row["task"], row["model"], row["method"])
+
+
+# -- one task x model ---------------------------------------------------------------------------
+@dataclass
+class _Prepared:
+    """A task on a model, split and tokenized: the discovery and held-out setups."""
+
+    task: Task
+    model: Model
+    found: Setup
+    kept: Setup
+    _span: float | None = field(default=None, repr=False)
+
+    def metric_span(self) -> float:
+        """|m(model) - m(empty circuit)| of the task metric on the discovery prompts."""
+        if self._span is None:
+            valid = self.found.graph.valid
+            m = metric_of_masks(self.found, torch.stack([valid, torch.zeros_like(valid)]))
+            self._span = abs(float(m[0] - m[1]))
+        return self._span
+
+
+class _Models:
+    """Loads each model once per run."""
+
+    def __init__(self) -> None:
+        self.loaded: dict[str, Model] = {}
+
+    def get(self, name: str) -> Model:
+        if name not in self.loaded:
+            self.loaded[name] = load_model(name)
+        return self.loaded[name]
+
+
+def model_label(task: str, model: str | None) -> str:
+    """The name a row records for the model: the one given, or the task's reference model."""
+    if model is not None:
+        return model
+    reference = get_task(task, n=1).reference_model
+    if reference is None:
+        raise OptionError(f"task {task!r} has no reference model; pass --models")
+    return reference
+
+
+def prepare(config: BenchConfig, task_name: str, model: Model) -> _Prepared:
+    """Build the task for the model's tokenizer and split it into discovery and held-out."""
+    from .api import make_setup
+
+    task = get_task(task_name, model.tokenizer, n=config.n, seed=config.seed)
+    if len(task) < 4:
+        raise OptionError(f"task {task_name!r} has only {len(task)} prompts for this model; "
+                          "the benchmark needs at least 4 (raise --n)")
+    found, kept = task.split(1 - config.heldout, seed=config.seed)
+    found_setup = make_setup(model, found, batch_size=config.batch_size)
+    kept_setup = make_setup(model, kept, batch_size=config.batch_size)
+    # Computed now so that no method's time includes the ablated run every method shares, and
+    # one untimed EAP run so that the first method timed does not pay for the first backward.
+    found_setup.ablated  # noqa: B018
+    kept_setup.ablated  # noqa: B018
+    run_method("eap", found_setup)
+    return _Prepared(task, model, found_setup, kept_setup)
+
+
+def bench_row(config: BenchConfig, prep: _Prepared, method: str, model: str,
+              progress: bool) -> dict[str, Any]:
+    """Score one method on a prepared task and measure everything the table shows."""
+    options = config.method_options(method)
+    if method == "acdc":
+        options.update(threshold=round(ACDC_TAU_FRACTION * prep.metric_span(), 6),
+                       progress=progress)
+    torch.manual_seed(config.seed)
+    scores = run_method(method, prep.found, **options)
+    by_abs = method not in SIGNED_RANKING
+    curve = faithfulness_curve(scores, prep.kept, MIB_FRACTIONS, by_abs=by_abs)
+    smallest = smallest_faithful(scores, prep.kept, TARGET, by_abs=by_abs)
+    truth = true_edges(prep.task.name)
+    auc = roc_auc(scores, truth, by_abs=by_abs) if truth else None
+    shown = {k: v for k, v in options.items() if k != "progress"}
+    row: dict[str, Any] = {
+        "task": prep.task.name, "model": model, "method": method,
+        "cpr": _fmt(curve.cpr), "cmd": _fmt(curve.cmd),
+        "edges_f0.8": smallest.n_edges, "roc_auc": None if auc is None else _fmt(auc),
+        "seconds": _fmt(scores.cost.seconds), "forward": _fmt(scores.cost.forward, 2),
+        "backward": scores.cost.backward, "peak_memory_mb": _fmt(scores.cost.peak_memory_mb, 1),
+        "n_discovery": sum(b.size for b in prep.found.batches),
+        "n_heldout": sum(b.size for b in prep.kept.batches),
+        "n_edges": scores.graph.n_edges,
+        "options": " ".join(f"{k}={v}" for k, v in shown.items()),
+        "config": config.stamp(prep.task.name, model, method),
+    }
+    row.update({c: _fmt(f) for c, f in zip(CURVE_COLUMNS, curve.faithfulness, strict=True)})
+    return row
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    return "nan" if math.isnan(x) else f"{x:.{digits}f}"
+
+
+# -- the run ------------------------------------------------------------------------------------
+@dataclass
+class BenchResult:
+    """What `run_bench` did: every row in the table, which it computed, and notes."""
+
+    rows: list[dict[str, Any]]
+    computed: list[tuple[str, str, str]]
+    skipped: list[tuple[str, str, str]]
+    notes: list[str]
+    failed: list[str]
+    seconds: float
+
+
+def run_bench(config: BenchConfig, notes: Sequence[str] = (),
+              log: Callable[[str], None] | None = None) -> BenchResult:
+    """Run every method on every task x model, resuming from the results already in the CSV.
+
+    Parameters
+    ----------
+    config : BenchConfig
+    notes : sequence of str
+        Notes to record in results.md (what the defaults left out).
+    log : callable, optional
+        Receives one line per finished row (stderr by default).
+
+    Returns
+    -------
+    BenchResult
+    """
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    tty = sys.stderr.isatty()
+    t0 = time.perf_counter()
+    _registered_tasks()
+    out = Path(config.out)
+    csv_path = out / "results.csv"
+    rows = {_key(r): r for r in read_rows(csv_path)}
+    notes = list(notes)
+    computed: list[tuple[str, str, str]] = []
+    skipped: list[tuple[str, str, str]] = []
+    failed: list[str] = []
+    models = _Models()
+    plan = [(t, m) for t in config.tasks for m in config.models]
+    total = len(plan) * len(config.methods)
+    done = 0
+    for task_name, model_arg in plan:
+        label = model_label(task_name, model_arg)
+        todo = []
+        for method in config.methods:
+            key = (task_name, label, method)
+            if key in rows and rows[key].get("config") == config.stamp(*key):
+                skipped.append(key)
+                done += 1
+            else:
+                todo.append(method)
+        if not todo:
+            continue
+        if tty:
+            log(f"preparing {task_name} on {label} ...")
+        try:
+            prep = prepare(config, task_name, models.get(label))
+        except CircuitsError as err:
+            failed.append(f"{task_name} on {label}: {err}")
+            log(f"  {task_name} on {label} failed: {err}")
+            done += len(todo)
+            continue
+        for method in todo:
+            if tty:
+                log(f"[{done + 1}/{total}] {task_name} {label} {method} ...")
+            try:
+                row = bench_row(config, prep, method, label, progress=tty)
+            except CircuitsError as err:
+                failed.append(f"{method} on {task_name} / {label}: {err}")
+                log(f"[{done + 1}/{total}] {task_name} {label} {method}: failed: {err}")
+                done += 1
+                continue
+            done += 1
+            rows[_key(row)] = row
+            computed.append(_key(row))
+            write_rows(csv_path, list(rows.values()))
+            auc = f" AUC {row['roc_auc']}" if row["roc_auc"] else ""
+            log(f"[{done}/{total}] {task_name} {label} {method}: CPR {row['cpr']} "
+                f"CMD {row['cmd']}{auc} edges@0.8 {row['edges_f0.8']} {row['seconds']} s")
+    ordered = _order(list(rows.values()), config)
+    write_rows(csv_path, ordered)
+    seconds = time.perf_counter() - t0
+    result = BenchResult(ordered, computed, skipped, notes + failed, failed, seconds)
+    write_report(out, ordered, config, result.notes)
+    return result
+
+
+def _order(rows: list[dict[str, Any]], config: BenchConfig) -> list[dict[str, Any]]:
+    """Rows grouped by task and model in run order, methods in the configured order, then any
+    rows of earlier runs that this one did not cover."""
+    tasks = {t: i for i, t in enumerate(config.tasks)}
+    methods = {m: i for i, m in enumerate(config.methods)}
+    big = len(tasks) + len(methods) + 1
+    return sorted(rows, key=lambda r: (tasks.get(r["task"], big), r["task"], r["model"],
+                                       methods.get(r["method"], big), r["method"]))
+
+
+# -- report -------------------------------------------------------------------------------------
+_MD_COLUMNS = (
+    ("task", "task"), ("model", "model"), ("method", "method"), ("cpr", "CPR ↑"),
+    ("cmd", "CMD ↓"), ("f_1%", "f@1%"), ("f_5%", "f@5%"), ("f_10%", "f@10%"),
+    ("edges_f0.8", "edges f≥0.8"), ("roc_auc", "ROC AUC"), ("seconds", "time (s)"),
+    ("forward", "fwd"), ("backward", "bwd"), ("peak_memory_mb", "peak MB"),
+)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The results as a markdown table (blank cells where a value is not known)."""
+    lines = ["| " + " | ".join(h for _, h in _MD_COLUMNS) + " |",
+             "|" + "|".join("---" if c in ("task", "model", "method") else "---:"
+                            for c, _ in _MD_COLUMNS) + "|"]
+    for row in rows:
+        cells = []
+        for col, _ in _MD_COLUMNS:
+            value = row.get(col, "")
+            value = "" if value is None else str(value)
+            if col in ("cpr", "cmd", "f_1%", "f_5%", "f_10%", "roc_auc") and value not in ("",
+                                                                                       "nan"):
+                value = f"{float(value):.3f}"
+            elif col == "seconds" and value:
+                value = f"{float(value):.2f}"
+            elif col == "forward" and value:
+                value = f"{float(value):g}"
+            cells.append(value)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, rows: Sequence[dict[str, Any]], config: BenchConfig,
+                 notes: Sequence[str]) -> None:
+    """Write results.md and the plots (curves per task, time against CPR) for `rows`."""
+    plots = plot_results(out, rows)
+    when = time.strftime("%Y-%m-%d %H:%M")
+    head = [
+        "# circuits bench results", "",
+        f"Written {when} by `circuits bench{' --quick' if config.quick else ''}` "
+        f"(n={config.n} prompts per task, {1 - config.heldout:.0%} for discovery and "
+        f"{config.heldout:.0%} held out, seed {config.seed}, EAP-IG steps {config.steps}, "
+        f"ACDC on the task metric with τ = {ACDC_TAU_FRACTION:g} x |m(model) - m(empty)|).",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch "
+        f"{torch.__version__} with {torch.get_num_threads()} threads; load average "
+        f"{os.getloadavg()[0]:.1f} when the report was written (other work on the machine "
+        "slows every timing, and more torch threads than free cores slow it many times).", "",
+        "Every column but time, passes and memory is measured on the held-out prompts: CPR "
+        "and CMD are the areas under f and |1 - f| over MIB's edge fractions (0.1% ... 100%), "
+        "f@x is the faithfulness of the top x of the edges (pruned), *edges f≥0.8* the "
+        "smallest such circuit reaching 0.8, ROC AUC the ranking against the planted circuit. "
+        "Time, passes (batch-forward equivalents) and peak memory are those of scoring on the "
+        "discovery prompts.", "",
+        markdown_table(rows),
+    ]
+    if notes:
+        head += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    if plots:
+        head += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    _atomic_text(out / "results.md", "\n".join(head))
+
+
+def plot_results(out: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
+    """Faithfulness curves per task and model (one line per method) and time against CPR."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["task"], row["model"]), []).append(row)
+    xs = list(MIB_FRACTIONS)
+    for (task, model), group in groups.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for row in group:
+            ys = [float(row[c]) for c in CURVE_COLUMNS]
+            label = f"{row['method']} (CPR {float(row['cpr']):.2f})"
+            ax.plot(xs, ys, marker="o", ms=3, label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("fraction of edges kept")
+        ax.set_ylabel("faithfulness (held out)")
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set_title(f"{task} on {model}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"curves_{_slug(task)}__{_slug(model)}.png"
+        _atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
+        plt.close(fig)
+        written.append(path)
+    if rows:
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        methods = sorted({r["method"] for r in rows})
+        tasks = sorted({r["task"] for r in rows})
+        markers = "osD^v<>pP*Xh"
+        for row in rows:
+            ax.scatter(max(float(row["seconds"]), 1e-4), float(row["cpr"]),
+                       color=f"C{methods.index(row['method']) % 10}",
+                       marker=markers[tasks.index(row["task"]) % len(markers)])
+        # Legend proxies: colour names the method, marker the task (hollow, not a method's
+        # colour).
+        for i, method in enumerate(methods):
+            ax.scatter([], [], color=f"C{i % 10}", marker="o", label=method)
+        for j, task in enumerate(tasks):
+            ax.scatter([], [], facecolors="none", edgecolors="black",
+                       marker=markers[j % len(markers)], label=task)
+        ax.set_xscale("log")
+        ax.set_xlabel("scoring wall time (s, log)")
+        ax.set_ylabel("CPR (held out)")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = out / "time_vs_cpr.png"
+        _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
+
+
+# -- command line -------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``circuits bench`` to `parser`."""
+    parser.add_argument("--tasks", nargs="+", metavar="TASK",
+                        help="tasks to run (default: ioi induction factual and the planted "
+                             "tasks; with --quick: induction planted-induction)")
+    parser.add_argument("--methods", nargs="+", metavar="METHOD",
+                        help="edge methods to run (default: eap eap-ig exact acdc and the "
+                             "baselines random activation grad-x-act attention-rollout)")
+    parser.add_argument("--models", nargs="+", metavar="MODEL",
+                        help="models to run every task on (default: each task's reference "
+                             "model)")
+    parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT,
+                        help=f"folder for results.csv, results.md and plots (default: "
+                             f"{DEFAULT_OUT}); finished rows there are kept and not rerun")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a smoke run: {QUICK_N} prompts, EAP-IG {QUICK_STEPS} steps, "
+                             "two tasks")
+    parser.add_argument("--n", type=int, metavar="N",
+                        help=f"prompts per task, split in half (default {FULL_N}; "
+                             f"{QUICK_N} with --quick)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of prompts, split, methods")
+    parser.add_argument("--batch-size", type=int, default=64, help="prompts per batch")
+    parser.add_argument("--threads", type=int, metavar="T",
+                        help="torch CPU threads (default: torch's choice)")
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[BenchConfig, list[str]]:
+    """The run configuration and notes (what the defaults left out) from parsed arguments."""
+    notes: list[str] = []
+    if args.tasks:
+        known = _registered_tasks()
+        unknown = [t for t in args.tasks if t not in known]
+        if unknown:
+            raise OptionError(f"unknown task {unknown[0]!r}; choose from "
+                              f"{', '.join(sorted(known))}")
+        tasks = list(args.tasks)
+    else:
+        tasks, notes_t = default_tasks(args.quick)
+        notes += notes_t
+    if args.methods:
+        methods = available()
+        for name in args.methods:
+            if name not in methods:
+                raise OptionError(f"unknown method {name!r}; choose from {', '.join(methods)}")
+        chosen = [m for m in args.methods if methods[m].level == "edge"]
+        notes += [f"method {m!r} scores nodes, not edges; left out of the edge table"
+                  for m in args.methods if methods[m].level != "edge"]
+    else:
+        chosen, notes_m = default_methods()
+        notes += notes_m
+    if not tasks or not chosen:
+        raise OptionError("nothing to run: no task or no edge-level method is left; check "
+                          "--tasks and --methods")
+    n = args.n if args.n is not None else (QUICK_N if args.quick else FULL_N)
+    if n < 4:
+        raise OptionError(f"--n must be at least 4 (half is held out), got {n}")
+    if args.batch_size < 1:
+        raise OptionError(f"--batch-size must be positive, got {args.batch_size}")
+    config = BenchConfig(
+        tasks=tuple(tasks), methods=tuple(chosen),
+        models=tuple(args.models) if args.models else (None,), out=Path(args.out), n=n,
+        seed=args.seed, steps=QUICK_STEPS if args.quick else FULL_STEPS,
+        batch_size=args.batch_size, quick=args.quick,
+    )
+    return config, notes
+
+
+def run(args: argparse.Namespace) -> int:
+    """``circuits bench``: run the benchmark and print where the results are.
+
+    Returns
+    -------
+    int
+        0 when every row was computed or kept, 1 when some failed (listed in results.md).
+    """
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    config, notes = config_from_args(args)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    result = run_bench(config, notes)
+    print(f"{len(result.computed)} rows computed, {len(result.skipped)} kept from an earlier "
+          f"run, {len(result.failed)} failed in {result.seconds:.0f} s; results in "
+          f"{config.out / 'results.md'}")
+    return 1 if result.failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m circuits.bench``: the same as ``circuits bench``."""
+    parser = argparse.ArgumentParser(prog="circuits bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    try:
+        return run(parser.parse_args(argv))
+    except CircuitsError as err:
+        print(f"circuits bench: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

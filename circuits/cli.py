@@ -1,0 +1,562 @@
+"""The ``circuits`` command line: discover, evaluate, render and export circuits; list what exists.
+
+Every command is a thin layer over the Python API (`circuits.api.discover`, `circuits.evaluate`,
+`Circuit.render`, `circuits.io.export`). Heavy modules (torch, transformers) are imported inside
+the command functions, so ``circuits --help`` stays quick.
+
+Exit status: 0 on success; 2 when an input is wrong (unknown task, method or model, a bad option
+value, an unreadable or malformed file: any `CircuitsError`), with one line ``circuits: error:
+...`` on stderr; 1 when something unexpected fails once the work has started (outputs finished
+before it stay in place; each is written atomically); 130 on Ctrl-C. ``--debug`` also prints the
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import os
+import shlex
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+PROG = "circuits"
+ABLATIONS = ("resample", "mean", "zero")
+RENDER_SUFFIXES = ("svg", "png", "pdf", "dot", "gv", "html")
+EXPORT_FORMATS = ("graphml", "dot", "json", "mib")
+DISCOVER_FILES = ("circuit.json", "scores.json", "circuit.svg", "circuit.png", "circuit.html",
+                  "report.md")
+
+# Flags that become method options only when given, so each method keeps its own defaults.
+METHOD_FLAGS = {"steps": "steps", "threshold": "threshold"}
+
+
+class Stages:
+    """A stage indicator on stderr: a tqdm line with the running stage and a ticking clock on a
+    terminal, silent otherwise."""
+
+    def __init__(self, names: Sequence[str], enabled: bool | None = None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.total = len(names)
+        self.bar: Any = None
+        self.stop = threading.Event()
+        self.ticker: threading.Thread | None = None
+
+    def __call__(self, name: str) -> None:
+        """Mark the previous stage done and show `name` as running."""
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            # stages differ in length by orders of magnitude: show the stage and the clock,
+            # not a misleading fraction done
+            self.bar = tqdm(total=self.total, file=sys.stderr, leave=False,
+                            bar_format="circuits: {desc} [{elapsed}]", desc=name + " ...")
+            # tqdm redraws only when called; a long stage would freeze the clock
+            self.ticker = threading.Thread(target=self._tick, daemon=True)
+            self.ticker.start()
+        else:
+            self.bar.update(1)
+            self.bar.set_description_str(name + " ...")
+
+    def _tick(self) -> None:
+        while not self.stop.wait(1.0):
+            self.bar.refresh()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.ticker is not None:
+            self.ticker.join()
+        if self.bar is not None:
+            self.bar.close()
+
+
+@contextlib.contextmanager
+def stages(names: Sequence[str]) -> Iterator[Stages]:
+    """`Stages` that are closed (the bar erased) also when the command fails."""
+    shown = Stages(names)
+    try:
+        yield shown
+    finally:
+        shown.close()
+
+
+def _fail(message: str) -> Any:
+    """Raise an OptionError (imported lazily to keep this module light)."""
+    from .errors import OptionError
+
+    raise OptionError(message)
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+def _is_task_file(text: str) -> bool:
+    return text.endswith(".jsonl") or os.path.isfile(text)
+
+
+def load_task_and_model(task: str, model: str | None, n: int | None, seed: int) -> tuple[Any, Any]:
+    """The Task (built-in name or JSONL file) and the loaded Model (name, folder, hub name or
+    None for the task's reference model)."""
+    from .api import resolve
+    from .task import Task, get_task
+
+    if n is not None and n < 1:
+        _fail(f"--n must be at least 1, got {n}")
+    if _is_task_file(task):
+        given = Task.from_jsonl(task)
+    else:
+        get_task(task, n=1)  # an unknown name fails here, before a model is loaded
+        given = task
+    return resolve(given, model, n=n, seed=seed)
+
+
+def method_options(method: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The method options given on the command line, checked against the method's signature."""
+    from .methods import get_method
+
+    spec = get_method(method)
+    accepted = inspect.signature(spec.fn).parameters
+    options = {}
+    for flag, name in METHOD_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if name not in accepted:
+            _fail(f"method {method!r} has no --{flag} option; drop it or pick a method that "
+                  "takes it (see `circuits methods`)")
+        options[name] = value
+    return options
+
+
+def d_model_of(name: str) -> int | None:
+    """Width of a shipped or local model, read from its config.json without loading it."""
+    import json
+
+    from . import zoo
+
+    folder = zoo.find(name) or (Path(name) if name and Path(name).is_dir() else None)
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    config = json.loads((folder / "config.json").read_text("utf-8"))
+    width = config.get("n_embd", config.get("hidden_size"))
+    return width if isinstance(width, int) else None
+
+
+# -- commands -----------------------------------------------------------------------------------
+def cmd_discover(args: argparse.Namespace) -> int:
+    """Score, select, evaluate on held-out prompts, write the six files, print a summary."""
+    from .api import parse_selection
+    from .methods import get_method
+    from .metrics import get_metric
+
+    # check everything that can be wrong before the slow part starts
+    get_method(args.method)
+    options = method_options(args.method, args)
+    selection = parse_selection(args.select)
+    if args.metric is not None:
+        get_metric(args.metric)
+    if not 0 < args.heldout < 1:
+        _fail(f"--heldout must be a fraction between 0 and 1, got {args.heldout}")
+    if args.batch_size < 1:
+        _fail(f"--batch-size must be at least 1, got {args.batch_size}")
+
+    t0 = time.perf_counter()
+    names = ["loading", "scoring", "selecting", "evaluating", "writing"]
+    with stages(names) as stage:
+        stage("loading")
+        task, model = load_task_and_model(args.task, args.model, args.n, args.seed)
+        out = Path(args.out or Path("circuits-out") / task.name)
+        found = run_discovery(task, model, args, selection, options, stage)
+        stage("writing")
+        write_discovery(found, out, " ".join([PROG, *map(shlex.quote, args.argv)]))
+    from .report import summary_rows, text_table
+
+    print(text_table(summary_rows(found, f"{out}{os.sep}", time.perf_counter() - t0)))
+    return 0
+
+
+def run_discovery(task: Any, model: Any, args: argparse.Namespace, selection: dict[str, float],
+                  options: dict[str, Any], stage: Callable[[str], None]) -> Any:
+    """`circuits.api.discover` on a resolved task and model, with the discovery-prompt
+    faithfulness filled in when the selection did not measure it."""
+    from .api import discover, make_setup
+    from .evaluate import evaluate
+
+    kwargs: dict[str, Any] = dict(ablation=args.ablation, metric=args.metric, level=args.level,
+                                  selection=selection, heldout=args.heldout, seed=args.seed,
+                                  batch_size=args.batch_size, progress=stage, **options)
+    found = discover(task, model, args.method, **kwargs)
+    circuit = found.circuit
+    if "faithfulness" not in circuit.metrics:
+        # threshold/top-k selection measures nothing; the report shows both faithfulnesses,
+        # so evaluate on the same discovery prompts discover used (its split, its seed)
+        stage("evaluating (discovery prompts)")
+        discovery_part, _ = found.task.split(1 - args.heldout, seed=args.seed)
+        setup = make_setup(found.model, discovery_part, ablation=args.ablation,
+                           metric=args.metric, batch_size=args.batch_size)
+        circuit.metrics.update(evaluate(circuit, setup).as_dict())
+    # the circuit belongs to the whole task (the scores to its discovery part): evaluate and
+    # the diagrams' titles use this name, and a JSONL task is found again through its path
+    circuit.task = found.task.name
+    if _is_task_file(args.task):
+        circuit.options["task_file"] = args.task
+    return found
+
+
+def write_discovery(found: Any, out: Path, command: str) -> list[Path]:
+    """Write circuit.json, scores.json, the diagrams, the page and report.md into `out`, each
+    atomically and in that order, so a failure keeps what was finished."""
+    from .io import write_atomic
+    from .report import report_markdown, scores_json
+
+    circuit = found.circuit
+    out.mkdir(parents=True, exist_ok=True)
+    written = [circuit.save(out / "circuit.json")]
+    write_atomic(out / "scores.json", scores_json(found.scores).encode("utf-8"))
+    written.append(out / "scores.json")
+    written.append(circuit.render(out / "circuit.svg"))
+    written.append(circuit.render(out / "circuit.png"))
+    written.append(circuit.to_html(out / "circuit.html"))
+    report = report_markdown(found, [p.name for p in written], command)
+    write_atomic(out / "report.md", report.encode("utf-8"))
+    written.append(out / "report.md")
+    return written
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Faithfulness, metric values and the faithfulness curve of a saved circuit on fresh
+    prompts."""
+    from .api import make_setup
+    from .evaluate import evaluate, faithfulness_curve
+    from .io import load_circuit
+    from .metrics import get_metric
+    from .report import text_table
+
+    circuit = load_circuit(args.circuit)
+    task_file = circuit.options.get("task_file")
+    saved_task = task_file if isinstance(task_file, str) and _is_task_file(task_file) else (
+        circuit.task.removesuffix("/discovery").removesuffix("/heldout"))
+    task_name = args.task or saved_task
+    model_name = args.model or circuit.model
+    if not task_name:
+        _fail(f"{args.circuit} names no task; pass --task (a built-in task or a JSONL file)")
+    if not model_name:
+        _fail(f"{args.circuit} names no model; pass --model")
+    # fresh prompts: a generator seed other than the one the circuit was discovered with
+    seed = args.seed if args.seed is not None else int(circuit.options.get("seed", 0)) + 1
+    n = args.n if args.n is not None else circuit.options.get("n_prompts")
+    ablation = args.ablation or circuit.options.get("ablation", "resample")
+    metric = args.metric or circuit.options.get("metric")
+    if metric is not None:
+        get_metric(metric)
+    if args.batch_size < 1:
+        _fail(f"--batch-size must be at least 1, got {args.batch_size}")
+
+    with stages(["loading", "evaluating", "curve"]) as stage:
+        stage("loading")
+        task, model = load_task_and_model(task_name, model_name, n, seed)
+        setup = make_setup(model, task, ablation=ablation, metric=metric,
+                           batch_size=args.batch_size)
+        g, h = circuit.graph, setup.graph
+        if (g.n_layers, g.n_heads, g.parallel) != (h.n_layers, h.n_heads, h.parallel):
+            _fail(f"the circuit is for a {g.n_layers}-layer, {g.n_heads}-head model but "
+                  f"{model.name!r} has {h.n_layers} layers and {h.n_heads} heads; pass the "
+                  "circuit's model with --model")
+        stage("evaluating")
+        result = evaluate(circuit, setup)
+        curve = None
+        if circuit.scores is not None:
+            stage("curve")
+            curve = faithfulness_curve(circuit.scores, setup)
+
+    print(text_table([
+        ("circuit", f"{args.circuit} ({circuit.method or 'no method'}, {circuit.level} level)"),
+        ("task", f"{task.name} ({len(task)} prompts, seed {seed})"),
+        ("model", model.name),
+        ("ablation / metric", f"{setup.ablation} / {setup.metric.name}"),
+        ("edges", f"{result.n_edges} / {g.n_edges} ({result.n_edges / g.n_edges:.1%})"),
+        ("nodes", result.n_nodes),
+        ("faithfulness", f"{result.faithfulness:.3f}"),
+        ("metric: circuit", f"{result.metric_circuit:.4f}"),
+        ("metric: model", f"{result.metric_model:.4f}"),
+        ("metric: empty", f"{result.metric_empty:.4f}"),
+    ]))
+    if curve is None:
+        print("\nno faithfulness curve: the circuit file holds no scores to rank edges by")
+        return 0
+    unit = "edges" if circuit.level == "edge" else "nodes"
+    print(f"\nfaithfulness curve (top fraction of {unit} by |score|, pruned)")
+    print(text_table([(f"{x:.1%}", k, f"{f:.3f}")
+                      for x, k, f in zip(curve.fractions, curve.n_edges, curve.faithfulness,
+                                         strict=True)],
+                     header=("fraction", "edges", "faithfulness")))
+    print(f"CPR {curve.cpr:.3f} (higher is better)   CMD {curve.cmd:.3f} (lower is better)")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    """Draw a saved circuit to SVG, PNG, PDF, DOT or an interactive HTML page."""
+    from .io import load_circuit
+
+    out = Path(args.output)
+    suffix = out.suffix.lstrip(".").lower()
+    if suffix not in RENDER_SUFFIXES:
+        _fail(f"cannot tell the format of {out.name!r}; name the output .svg, .png, .pdf, .dot "
+              "or .html")
+    circuit = load_circuit(args.circuit)
+    if suffix == "html":
+        circuit.to_html(out)
+    else:
+        circuit.render(out, reverse=args.reverse)
+    print(out)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a saved circuit as GraphML, DOT, our JSON, or a MIB submission entry."""
+    from .io import export, load_circuit
+
+    out = Path(args.output)
+    fmt = args.format or out.suffix.lstrip(".").lower()
+    if fmt not in EXPORT_FORMATS:
+        _fail(f"cannot tell the export format of {out.name!r}; pass --format "
+              f"{'|'.join(EXPORT_FORMATS)}")
+    circuit = load_circuit(args.circuit)
+    options: dict[str, Any] = {}
+    if fmt == "mib":
+        width = args.d_model or circuit.options.get("d_model") or d_model_of(circuit.model)
+        if not isinstance(width, int):
+            _fail(f"MIB's format records the model width and {circuit.model or 'the model'!r} "
+                  "is not a local model to read it from; pass --d-model (768 for GPT-2 small)")
+        options = dict(d_model=width, binary=args.binary)
+    elif args.binary or args.d_model:
+        _fail("--binary and --d-model only apply to --format mib")
+    export(circuit, out, format=fmt, **options)
+    print(out)
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .report import text_table
+    from .task import get_task, list_tasks
+
+    rows = [(name, f"[{get_task(name, n=1).reference_model or 'no reference model'}]", text)
+            for name, text in list_tasks()]
+    print(text_table(rows))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .zoo import list_models
+
+    for card in list_models():
+        print(card.line())
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import available
+    from .report import text_table
+
+    print(text_table([(s.name, s.level, s.passes, s.description)
+                      for s in available().values()]))
+    return 0
+
+
+def cmd_bench_missing(args: argparse.Namespace) -> int:
+    from .errors import DependencyError
+
+    raise DependencyError("`circuits bench` needs the circuits.bench module, which this "
+                          "installation lacks; update circuits")
+
+
+# -- the parser ---------------------------------------------------------------------------------
+EXAMPLES = {
+    "discover": """examples:
+  circuits discover ioi                              # IOI circuit of the reference model
+  circuits discover ioi --method eap --select topk:30 --out out/ioi-eap
+  circuits discover my_behavior.jsonl --model ioi-gpt2-4l --n 100 --seed 1
+  circuits discover induction --method acdc --threshold 0.02""",
+    "evaluate": """examples:
+  circuits evaluate circuits-out/ioi/circuit.json
+  circuits evaluate circuits-out/ioi/circuit.json --n 300 --seed 7 --ablation mean""",
+    "render": """examples:
+  circuits render circuits-out/ioi/circuit.json -o ioi.pdf
+  circuits render circuits-out/ioi/circuit.json -o ioi.html    # interactive page""",
+    "export": """examples:
+  circuits export circuits-out/ioi/circuit.json --format graphml -o ioi.graphml
+  circuits export circuits-out/ioi/circuit.json --format mib -o ioi_gpt2/importances.json
+  circuits export circuits-out/ioi/circuit.json --format mib --binary -o ioi_gpt2/""",
+    "tasks": "example:\n  circuits tasks",
+    "models": "example:\n  circuits models",
+    "methods": "example:\n  circuits methods",
+    "bench": "example:\n  circuits bench --help",
+}
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand named in `argv` (the first word that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The argument parser; `argv` tells whether ``bench`` needs its (lazily imported) options."""
+    from . import __version__
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback when something fails")
+    parser = argparse.ArgumentParser(
+        prog=PROG, parents=[common],
+        description="Causal circuit discovery for Hugging Face transformer language models.",
+        epilog="example:\n  circuits discover ioi     # then open circuits-out/ioi/circuit.svg\n"
+               "run `circuits COMMAND --help` for a command's options",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], text: str,
+                **kwargs: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=text, description=text,
+                           epilog=EXAMPLES[name],
+                           formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("discover", cmd_discover, "Discover a behavior's circuit: score every edge, "
+                "select a circuit, check it on held-out prompts, write diagrams and a report.")
+    p.add_argument("task", metavar="TASK",
+                   help="a built-in task (`circuits tasks`) or a JSONL file of prompt pairs")
+    p.add_argument("--model", help="a shipped model (`circuits models`), a local model folder "
+                   "or a hub name (default: the task's reference model)")
+    p.add_argument("--method", default="eap-ig",
+                   help="a registered method (`circuits methods`; default: %(default)s)")
+    p.add_argument("--ablation", choices=ABLATIONS, default="resample",
+                   help="what replaces an edge outside the circuit (default: %(default)s)")
+    p.add_argument("--metric", help="logit-diff, prob-diff, logprob or kl (default: the task's)")
+    p.add_argument("--level", choices=("edge", "node"), default="edge",
+                   help="select edges, or heads and MLPs (default: %(default)s)")
+    p.add_argument("--select", default="faithfulness:0.85", metavar="RULE",
+                   help="threshold:X, topk:N or faithfulness:F, the smallest circuit reaching "
+                   "faithfulness F on the discovery prompts (default: %(default)s)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: circuits-out/TASK)")
+    p.add_argument("--n", type=int, help="number of prompts, discovery and held-out together "
+                   "(default: the task's; a JSONL task uses all its lines)")
+    p.add_argument("--heldout", type=float, default=0.3, metavar="F",
+                   help="fraction of the prompts kept apart for evaluation (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="B",
+                   help="prompts per forward pass (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="seeds the prompts, the split and the method; same seed, same circuit "
+                   "(default: %(default)s)")
+    p.add_argument("--steps", type=int, metavar="K",
+                   help="integration steps (eap-ig, eap-ig-activations; method default if unset)")
+    p.add_argument("--threshold", type=float, metavar="TAU",
+                   help="ACDC's removal threshold τ (acdc; method default if unset)")
+
+    p = command("evaluate", cmd_evaluate, "Evaluate a saved circuit on fresh prompts: "
+                "faithfulness, metric values and the faithfulness curve (CPR, CMD).")
+    p.add_argument("circuit", metavar="CIRCUIT.json")
+    p.add_argument("--task", help="task name or JSONL file (default: the circuit's task)")
+    p.add_argument("--model", help="model (default: the circuit's model)")
+    p.add_argument("--n", type=int, help="number of prompts (default: as many as the "
+                   "discovery used)")
+    p.add_argument("--seed", type=int, metavar="S", help="prompt seed (default: the "
+                   "discovery's seed + 1, so the prompts are fresh)")
+    p.add_argument("--ablation", choices=ABLATIONS, help="default: the circuit's")
+    p.add_argument("--metric", help="default: the circuit's")
+    p.add_argument("--batch-size", type=int, default=32, metavar="B")
+
+    p = command("render", cmd_render, "Draw a saved circuit: SVG, PNG, PDF or DOT with "
+                "graphviz, or an interactive HTML page (format from the file name).")
+    p.add_argument("circuit", metavar="CIRCUIT.json")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="FILE.svg, .png, .pdf, .dot or .html")
+    p.add_argument("--reverse", action="store_true", help="input at the top, logits at the "
+                   "bottom")
+
+    p = command("export", cmd_export, "Export a saved circuit as GraphML, DOT, JSON or a MIB "
+                "circuit-track submission entry.")
+    p.add_argument("circuit", metavar="CIRCUIT.json")
+    p.add_argument("--format", choices=EXPORT_FORMATS,
+                   help="default: from the output's suffix (mib must be named)")
+    p.add_argument("-o", "--output", required=True, metavar="PATH",
+                   help="output file (a folder for --format mib --binary)")
+    p.add_argument("--d-model", type=int, metavar="D", help="model width MIB records (default: "
+                   "from the circuit or its local model)")
+    p.add_argument("--binary", action="store_true", help="MIB: one circuit per edge budget "
+                   "instead of an importance-score file")
+
+    command("tasks", cmd_tasks, "List the built-in tasks, one per line.")
+    command("models", cmd_models, "List the shipped reference models, one per line.")
+    command("methods", cmd_methods, "List the discovery methods: name, level, passes, "
+            "description.")
+
+    text = "Benchmark methods x tasks x models (faithfulness curves, ROC AUC, time, memory)."
+    if _command_of(argv) == "bench":
+        # imported only when asked for: the benchmark runner pulls in far more than --help needs
+        try:
+            from . import bench
+        except ModuleNotFoundError as err:
+            if err.name != f"{__package__}.bench":
+                raise
+            p = command("bench", cmd_bench_missing, text)
+            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        else:
+            p = command("bench", bench.run, text)
+            bench.add_arguments(p)
+    else:
+        command("bench", cmd_bench_missing, text)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``circuits`` command line.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments after the program name (``sys.argv[1:]`` when None).
+
+    Returns
+    -------
+    int
+        The exit status: 0 success, 1 unexpected failure, 2 bad input, 130 interrupted.
+
+    Examples
+    --------
+    >>> main(["methods"]) == 0  # doctest: +ELLIPSIS
+    acdc ...
+    True
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser(argv).parse_args(argv)
+    except SystemExit as done:  # --help, --version and argparse's usage errors (status 2)
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
+    args.argv = argv
+    debug = getattr(args, "debug", False)
+    t0 = time.perf_counter()
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted after {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        return 130
+    except Exception as err:  # every failure ends as one line (and a traceback with --debug)
+        from .errors import CircuitsError
+
+        if debug:
+            traceback.print_exc()
+        text = " ".join(str(err).split()) or "no message"
+        if isinstance(err, CircuitsError):
+            print(f"{PROG}: error: {text}", file=sys.stderr)
+            return 2
+        hint = "" if debug else " (run again with --debug for the traceback)"
+        print(f"{PROG}: error: {type(err).__name__}: {text}{hint}", file=sys.stderr)
+        return 1

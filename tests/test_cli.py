@@ -1,0 +1,338 @@
+"""The command line: every command's help, the listings, discover's six files and summary,
+reproducibility, evaluate/render/export, and one clear line with the right exit status on errors.
+
+Most checks call `circuits.cli.main(argv)` in-process (no interpreter start-up); a few run the
+installed entry points in a subprocess to check what a user's shell sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from circuits import cli
+from circuits.graph import Graph
+from circuits.io import load_circuit
+
+PYTHON = sys.executable
+SMALL = ["--n", "24", "--method", "eap", "--seed", "3"]  # a few seconds on the IOI model
+IOI_LAYERS, IOI_HEADS = 4, 4  # the ioi-gpt2-4l reference model
+
+
+def ioi_edges() -> int:
+    """Edges of a 4-layer, 4-head GPT-2 graph, counted by hand: each layer's 4 heads x (q, k, v)
+    and its MLP read from the input and every earlier head and MLP (5 per layer); the MLP
+    also from its own layer's 4 heads; logits from all 1 + 4 x 5 sources."""
+    per_layer = [12 * (1 + 5 * layer) + (1 + 5 * layer + 4) for layer in range(IOI_LAYERS)]
+    return sum(per_layer) + 1 + 5 * IOI_LAYERS
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str, *words: str) -> None:
+    """stderr holds exactly one line, ``circuits: error: ...`` naming `words`, no traceback."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("circuits: error: "), err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0], (word, err)
+
+
+@pytest.fixture(scope="module")
+def discovered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One small discovery shared by the tests that read its outputs: (folder, stdout)."""
+    out = tmp_path_factory.mktemp("discover") / "ioi"
+    buffer = io.StringIO()  # capsys is function-scoped, so capture by hand here
+    with contextlib.redirect_stdout(buffer):
+        code = cli.main(["discover", "ioi", *SMALL, "--select", "topk:30", "--out", str(out)])
+    assert code == 0
+    return out, buffer.getvalue()
+
+
+# -- help and listings ------------------------------------------------------------------------
+COMMANDS = ["discover", "evaluate", "render", "export", "tasks", "models", "methods"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_an_example(command, capsys):
+    code, out, _ = run([command, "--help"], capsys)
+    assert code == 0
+    assert f"usage: circuits {command}" in out
+    assert f"circuits {command}" in out.split("example", 1)[1]
+
+
+def test_top_level_help_lists_every_command(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    for command in [*COMMANDS, "bench"]:
+        assert command in out
+
+
+def test_listings_print_one_line_per_item(capsys):
+    from circuits.methods import available
+    from circuits.task import list_tasks
+    from circuits.zoo import list_models
+
+    code, out, _ = run(["tasks"], capsys)
+    assert code == 0
+    assert [line.split()[0] for line in out.splitlines()] == [n for n, _ in list_tasks()]
+    ioi = next(line for line in out.splitlines() if line.startswith("ioi "))
+    assert "[ioi-gpt2-4l]" in ioi  # its reference model
+    code, out, _ = run(["models"], capsys)
+    assert [line.split()[0] for line in out.splitlines()] == [c.name for c in list_models()]
+    code, out, _ = run(["methods"], capsys)
+    rows = [line.split()[:2] for line in out.splitlines()]
+    assert rows == [[s.name, s.level] for s in available().values()]
+    assert available()["eap"].passes in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("circuits.bench") is None,
+                    reason="circuits.bench (the benchmark runner) is not written yet")
+def test_bench_help(capsys):
+    code, out, _ = run(["bench", "--help"], capsys)
+    assert code == 0 and "usage: circuits bench" in out
+
+
+# -- discover ---------------------------------------------------------------------------------
+def test_discover_writes_six_valid_files_and_a_summary(discovered):
+    out, stdout = discovered
+    assert sorted(p.name for p in out.iterdir()) == sorted(cli.DISCOVER_FILES)
+    circuit = load_circuit(out / "circuit.json")
+    total = ioi_edges()
+    assert Graph(IOI_LAYERS, IOI_HEADS).n_edges == total
+    # topk:30 keeps at most 30 edges before pruning
+    assert 0 < circuit.n_edges <= 30
+    assert (circuit.task, circuit.model, circuit.method) == ("ioi", "ioi-gpt2-4l", "eap")
+    assert {"faithfulness", "heldout_faithfulness"} <= set(circuit.metrics)
+    assert circuit.options["d_model"] == 128 and circuit.options["seed"] == 3
+
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["format"] == "circuits.scores" and scores["method"] == "eap"
+    assert len(scores["scores"]) == total
+    assert scores["cost"]["backward"] >= 1  # EAP's forward-backward
+    # the circuit file carries the very same scores
+    doc = json.loads((out / "circuit.json").read_text())
+    assert all(doc["edges"][name]["score"] == pytest.approx(v, rel=1e-6)
+               for name, v in scores["scores"].items())
+
+    assert (out / "circuit.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
+    assert (out / "circuit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<svg" in (out / "circuit.html").read_text()
+
+    report = (out / "report.md").read_text()
+    assert report.startswith("# Circuit: ioi on ioi-gpt2-4l")
+    assert f"| edges | {circuit.n_edges} of {total} " in report
+    held = circuit.metrics["heldout_faithfulness"]
+    assert f"| faithfulness, held-out prompts | {held:.3f} |" in report
+    assert "## Top 20 edges" in report and "## Top 20 nodes" in report
+
+    summary = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in stdout.strip().splitlines())
+    assert summary["edges kept"].startswith(f"{circuit.n_edges} / {total}")
+    assert summary["faithfulness"].startswith(f"{held:.3f} held-out")
+    assert summary["nodes"] == str(circuit.n_nodes)
+    assert summary["outputs"].rstrip("/") == str(out)
+
+
+def test_same_seed_same_circuit_other_seed_other_prompts(tmp_path, capsys):
+    runs = {}
+    for name, seed in (("a", "5"), ("b", "5"), ("c", "6")):
+        argv = ["discover", "ioi", "--n", "24", "--method", "eap", "--seed", seed,
+                "--select", "topk:20", "--out", str(tmp_path / name)]
+        assert run(argv, capsys)[0] == 0
+        runs[name] = json.loads((tmp_path / name / "scores.json").read_text())["scores"]
+    a, b, c = (load_circuit(tmp_path / n / "circuit.json") for n in "abc")
+    assert a.edge_names == b.edge_names and a.values.equal(b.values)
+    assert runs["a"] == runs["b"]
+    assert runs["a"] != runs["c"]  # another seed draws other prompts, so other scores
+
+
+def test_method_options_are_checked_and_passed(tmp_path, capsys):
+    code, _, err = run(["discover", "ioi", "--method", "eap", "--steps", "3"], capsys)
+    assert code == 2
+    one_error_line(err, "--steps", "eap")
+    argv = ["discover", "ioi", "--n", "12", "--method", "eap-ig", "--steps", "2",
+            "--select", "topk:10", "--out", str(tmp_path)]
+    assert run(argv, capsys)[0] == 0
+    assert json.loads((tmp_path / "scores.json").read_text())["options"]["steps"] == 2
+
+
+# -- evaluate, render, export -----------------------------------------------------------------
+def test_evaluate_prints_faithfulness_and_the_curve(discovered, capsys):
+    out, _ = discovered
+    code, stdout, _ = run(["evaluate", str(out / "circuit.json"), "--n", "16"], capsys)
+    assert code == 0
+    circuit = load_circuit(out / "circuit.json")
+    assert "seed 4" in stdout  # fresh prompts: the discovery's seed 3, plus one
+    assert f"{circuit.n_edges} / {ioi_edges()}" in stdout
+    curve = stdout.split("faithfulness curve", 1)[1].splitlines()
+    fractions = [line.split()[0] for line in curve[3:13]]
+    assert fractions == ["0.1%", "0.2%", "0.5%", "1.0%", "2.0%", "5.0%", "10.0%", "20.0%",
+                         "50.0%", "100.0%"]
+    # the whole graph reproduces the model: faithfulness 1 at 100%
+    assert curve[12].split()[1:] == [str(ioi_edges()), "1.000"]
+    assert "CPR" in stdout and "CMD" in stdout
+
+
+@pytest.mark.parametrize("suffix", ["svg", "png", "pdf", "dot", "html"])
+def test_render_every_format(discovered, tmp_path, capsys, suffix):
+    out, _ = discovered
+    target = tmp_path / f"c.{suffix}"
+    code, stdout, _ = run(["render", str(out / "circuit.json"), "-o", str(target)], capsys)
+    assert code == 0 and stdout.strip() == str(target)
+    data = target.read_bytes()
+    starts = {"svg": b"<?xml", "png": b"\x89PNG", "pdf": b"%PDF", "dot": b"digraph",
+              "html": b"<!"}
+    assert data.lstrip().startswith(starts[suffix])
+
+
+def test_export_every_format(discovered, tmp_path, capsys):
+    import networkx as nx
+
+    out, _ = discovered
+    circuit = load_circuit(out / "circuit.json")
+    src = str(out / "circuit.json")
+    assert run(["export", src, "--format", "graphml", "-o", str(tmp_path / "c.graphml")],
+               capsys)[0] == 0
+    g = nx.read_graphml(tmp_path / "c.graphml")
+    assert g.number_of_edges() == circuit.n_edges
+    assert run(["export", src, "-o", str(tmp_path / "c.dot")], capsys)[0] == 0  # from suffix
+    assert (tmp_path / "c.dot").read_text().startswith("digraph")
+    assert run(["export", src, "--format", "json", "-o", str(tmp_path / "c.json")],
+               capsys)[0] == 0
+    assert load_circuit(tmp_path / "c.json").edge_names == circuit.edge_names
+    assert run(["export", src, "--format", "mib", "-o", str(tmp_path / "mib.json")],
+               capsys)[0] == 0
+    mib = json.loads((tmp_path / "mib.json").read_text())
+    assert mib["cfg"]["d_model"] == 128 and len(mib["edges"]) == ioi_edges()
+    assert sum(e["in_graph"] for e in mib["edges"].values()) == circuit.n_edges
+    assert run(["export", src, "--format", "mib", "--binary", "-o", str(tmp_path / "bin")],
+               capsys)[0] == 0
+    assert len(list((tmp_path / "bin").glob("edges_*.json"))) == 10  # MIB's ten budgets
+
+
+# -- errors -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, words", [
+    (["discover", "nosuchtask"], ["unknown task", "nosuchtask"]),
+    (["discover", "ioi", "--method", "nosuch"], ["unknown method", "nosuch"]),
+    (["discover", "ioi", "--model", "./no-such-model-folder"], ["no model folder"]),
+    (["discover", "ioi", "--select", "topk:many"], ["bad selection", "topk:many"]),
+    (["discover", "ioi", "--select", "biggest:3"], ["bad selection"]),
+    (["discover", "ioi", "--select", "faithfulness:1.5"], ["faithfulness"]),
+    (["discover", "ioi", "--heldout", "1.5"], ["--heldout"]),
+    (["discover", "ioi", "--metric", "accuracy"], ["accuracy"]),
+    (["discover", "missing-file.jsonl"], ["missing-file.jsonl"]),
+])
+def test_bad_inputs_exit_2_with_one_line(argv, words, capsys):
+    code, out, err = run(argv, capsys)
+    assert code == 2 and out == ""
+    one_error_line(err, *words)
+
+
+def test_bad_circuit_files_exit_2(tmp_path, capsys):
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text('{"format": "circuits.circuit", "version": 1, "graph": ')
+    other = tmp_path / "other.json"
+    other.write_text('{"format": "something-else"}')
+    for path, words in ((tmp_path / "missing.json", ["cannot read"]),
+                        (truncated, ["not valid JSON"]), (other, ["something-else"])):
+        for argv in (["evaluate", str(path)], ["render", str(path), "-o", "x.svg"],
+                     ["export", str(path), "--format", "dot", "-o", "x.dot"]):
+            code, _, err = run(argv, capsys)
+            assert code == 2, argv
+            one_error_line(err, *words)
+
+
+def test_bad_output_names_exit_2(discovered, capsys):
+    out, _ = discovered
+    code, _, err = run(["render", str(out / "circuit.json"), "-o", "diagram.jpeg"], capsys)
+    assert code == 2
+    one_error_line(err, "diagram.jpeg")
+    code, _, err = run(["export", str(out / "circuit.json"), "-o", "x.xlsx"], capsys)
+    assert code == 2
+    one_error_line(err, "--format")
+
+
+def test_argparse_usage_errors_exit_2(capsys):
+    code, _, err = run(["discover", "ioi", "--ablation", "halfway"], capsys)
+    assert code == 2 and "invalid choice" in err
+    code, _, err = run(["frobnicate"], capsys)
+    assert code == 2 and "Traceback" not in err
+
+
+def test_failure_inside_the_run_exits_1_and_keeps_finished_outputs(tmp_path, capsys,
+                                                                   monkeypatch):
+    from circuits.circuit import Circuit
+
+    def broken(self, path, *args, **kwargs):
+        raise RuntimeError("the renderer broke")
+
+    monkeypatch.setattr(Circuit, "render", broken)
+    argv = ["discover", "ioi", *SMALL, "--select", "topk:10", "--out", str(tmp_path)]
+    code, _, err = run(argv, capsys)
+    assert code == 1
+    one_error_line(err, "RuntimeError", "the renderer broke", "--debug")
+    # circuit.json and scores.json were written before the diagrams; nothing half-written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["circuit.json", "scores.json"]
+    assert load_circuit(tmp_path / "circuit.json").n_edges <= 10
+
+
+def test_debug_shows_the_traceback_and_ctrl_c_exits_130(monkeypatch, capsys):
+    import circuits.methods
+
+    def fail():
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(circuits.methods, "available", fail)
+    code, _, err = run(["methods", "--debug"], capsys)
+    assert code == 1 and "Traceback" in err and err.strip().endswith("RuntimeError: boom")
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(circuits.methods, "available", interrupt)
+    code, _, err = run(["methods"], capsys)
+    assert code == 130
+    assert err.strip().splitlines() == [err.strip()] and "interrupted" in err
+
+
+def test_stage_indicator_only_when_enabled(capsys):
+    quiet = cli.Stages(["scoring", "writing"], enabled=False)
+    quiet("scoring")
+    quiet.close()
+    assert capsys.readouterr().err == ""
+    shown = cli.Stages(["scoring", "writing"], enabled=True)
+    shown("scoring")
+    shown("writing")
+    shown.close()
+    err = capsys.readouterr().err
+    assert "scoring ..." in err and "writing ..." in err
+
+
+# -- what a shell sees --------------------------------------------------------------------------
+def test_entry_points_in_a_subprocess(tmp_path):
+    script = Path(PYTHON).parent / "circuits"
+    for command in ([str(script), "--help"], [PYTHON, "-m", "circuits", "--help"]):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.startswith("usage: circuits")
+    done = subprocess.run([PYTHON, "-m", "circuits", "tasks"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "ioi" in done.stdout
+    # a bad input: one line, status 2, and no progress output when stderr is not a terminal
+    done = subprocess.run([PYTHON, "-m", "circuits", "discover", "nosuchtask"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    one_error_line(done.stderr, "unknown task")
+    assert list(tmp_path.iterdir()) == []  # nothing written on a bad input
