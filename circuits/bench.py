@@ -482,7 +482,7 @@ def write_report(out: Path, rows: Sequence[dict[str, Any]], config: BenchConfig,
         f"{config.heldout:.0%} held out, seed {config.seed}, EAP-IG steps {config.steps}, "
         f"ACDC on the task metric with τ = {ACDC_TAU_FRACTION:g} x |m(model) - m(empty)|).",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch "
-        f"{torch.__version__} with {torch.get_num_threads()} threads; load average "
+        f"{torch.__version__} with {torch.get_num_threads()} thread(s); load average "
         f"{os.getloadavg()[0]:.1f} when the report was written (other work on the machine "
         "slows every timing, and more torch threads than free cores slow it many times).", "",
         "Every column but time, passes and memory is measured on the held-out prompts: CPR "

@@ -1,0 +1,146 @@
+"""The benchmark runner: table files, resuming, configuration stamps."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import pytest
+
+from circuits import bench
+from circuits.errors import OptionError
+from circuits.graph import Graph
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_stamp_changes_with_what_changes_the_numbers():
+    base = bench.BenchConfig(tasks=("ioi",), methods=("eap", "eap-ig"))
+    same = bench.BenchConfig(tasks=("ioi", "induction"), methods=("eap-ig",), quick=True)
+    assert base.stamp("ioi", "m", "eap-ig") == same.stamp("ioi", "m", "eap-ig")
+    fewer_steps = bench.BenchConfig(tasks=("ioi",), methods=("eap-ig",), steps=3)
+    assert base.stamp("ioi", "m", "eap-ig") != fewer_steps.stamp("ioi", "m", "eap-ig")
+    # EAP has no steps option: its rows survive a change of EAP-IG's steps.
+    assert base.stamp("ioi", "m", "eap") == fewer_steps.stamp("ioi", "m", "eap")
+    assert base.stamp("ioi", "m", "eap") != bench.BenchConfig(
+        tasks=("ioi",), methods=("eap",), seed=1).stamp("ioi", "m", "eap")
+    assert base.stamp("ioi", "m", "eap") != base.stamp("ioi", "other", "eap")
+
+
+def test_rows_round_trip_and_blank_cells(tmp_path: Path):
+    path = tmp_path / "results.csv"
+    rows = [{"task": "t", "model": "m", "method": "eap", "cpr": "0.5000", "roc_auc": None,
+             "config": "abc"}]
+    bench.write_rows(path, rows)
+    back = bench.read_rows(path)
+    assert list(back[0]) == list(bench.COLUMNS)
+    assert back[0]["cpr"] == "0.5000" and back[0]["roc_auc"] == "" and back[0]["config"] == "abc"
+    assert not list(tmp_path.glob(".results*"))  # no temporary file left behind
+
+
+def test_failed_write_keeps_the_old_file(tmp_path: Path):
+    path = tmp_path / "results.csv"
+    path.write_text("old")
+
+    def broken(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        bench._atomic_write(path, broken)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+
+
+def test_a_foreign_csv_is_refused(tmp_path: Path):
+    (tmp_path / "results.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(OptionError, match="not a results table"):
+        bench.read_rows(tmp_path / "results.csv")
+
+
+def test_markdown_table_rounds_and_leaves_unknowns_blank():
+    row = {"task": "ioi", "model": "m", "method": "eap", "cpr": "0.95312", "cmd": "0.0469",
+           "f_1%": "0.1", "f_5%": "0.5", "f_10%": "0.9", "edges_f0.8": "35", "roc_auc": "",
+           "seconds": "0.1234", "forward": "10.0", "backward": "10", "peak_memory_mb": "5.4"}
+    lines = bench.markdown_table([row]).splitlines()
+    assert len(lines) == 3
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells == ["ioi", "m", "eap", "0.953", "0.047", "0.100", "0.500", "0.900", "35", "",
+                     "0.12", "10", "10", "5.4"]
+
+
+def test_options_defaults_and_errors():
+    config, _ = bench.config_from_args(parse(["--tasks", "ioi", "--methods", "eap"]))
+    assert config.n == bench.FULL_N and config.steps == bench.FULL_STEPS
+    assert config.models == (None,)
+    quick, _ = bench.config_from_args(parse(["--quick", "--methods", "eap"]))
+    assert quick.n == bench.QUICK_N and quick.steps == bench.QUICK_STEPS
+    assert set(quick.tasks) <= set(bench.QUICK_TASKS) and "induction" in quick.tasks
+    # Node-level methods are left out of the edge table, with a note.
+    config, notes = bench.config_from_args(
+        parse(["--tasks", "ioi", "--methods", "eap", "activation-patching"]))
+    assert config.methods == ("eap",) and any("activation-patching" in n for n in notes)
+    with pytest.raises(OptionError, match="unknown method"):
+        bench.config_from_args(parse(["--tasks", "ioi", "--methods", "nope"]))
+    with pytest.raises(OptionError, match="unknown task"):
+        bench.config_from_args(parse(["--tasks", "nope", "--methods", "eap"]))
+
+
+def test_default_methods_are_registered_edge_methods():
+    chosen, notes = bench.default_methods()
+    assert chosen[:4] == ["eap", "eap-ig", "exact", "acdc"]
+    named = bench.CAUSAL_METHODS + bench.BASELINE_METHODS
+    assert len(chosen) + len(notes) == len(named)
+
+
+def read(out: Path) -> list[dict[str, str]]:
+    with open(out / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_quick_run_writes_the_table_and_resumes(tmp_path: Path, capsys):
+    out = tmp_path / "bench"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    rows = read(out)
+    config, _ = bench.config_from_args(parse(["--quick"]))
+    assert {(r["task"], r["method"]) for r in rows} == {
+        (t, m) for t in config.tasks for m in config.methods}
+    for name in ("results.md", "results.csv", "time_vs_cpr.png"):
+        assert (out / name).stat().st_size > 0
+    for task in config.tasks:
+        assert list(out.glob(f"curves_{task}__*.png"))
+    for row in rows:
+        assert set(bench.COLUMNS) <= set(row)
+        # The full circuit is the model and the empty one nothing: f(100%) is 1 exactly.
+        assert float(row["f_100%"]) == pytest.approx(1.0, abs=1e-6)
+        assert int(row["n_discovery"]) + int(row["n_heldout"]) == bench.QUICK_N
+        n_layers, n_heads = (2, 4) if row["task"] == "induction" else (None, None)
+        if n_layers:
+            assert int(row["n_edges"]) == Graph(n_layers, n_heads).n_edges
+        assert 0 < int(row["edges_f0.8"]) <= int(row["n_edges"])
+        assert float(row["seconds"]) > 0
+        has_truth = bench.true_edges(row["task"]) is not None
+        assert (row["roc_auc"] != "") == has_truth
+    md = (out / "results.md").read_text()
+    assert "| task | model | method | CPR" in md and "time_vs_cpr.png" in md
+    before = (out / "results.csv").read_text()
+
+    # A second run recomputes nothing and leaves the table as it was.
+    capsys.readouterr()
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    assert f"0 rows computed, {len(rows)} kept" in capsys.readouterr().out
+    assert (out / "results.csv").read_text() == before
+
+    # Changing EAP-IG's steps recomputes its rows only, and keeps every other row.
+    result = bench.run_bench(bench.BenchConfig(
+        tasks=("induction",), methods=("eap", "eap-ig"), out=out, n=bench.QUICK_N,
+        steps=bench.QUICK_STEPS + 1, quick=True))
+    assert result.computed == [("induction", "induction-gpt2-2l", "eap-ig")]
+    assert result.skipped == [("induction", "induction-gpt2-2l", "eap")]
+    assert len(read(out)) == len(rows)
