@@ -61,14 +61,14 @@ from .evaluate import MIB_FRACTIONS, faithfulness_curve, metric_of_masks, roc_au
 from .methods import available, run_method
 from .model import Model, load_model
 from .setup import Setup
-from .task import Task, get_task, list_tasks, register_task
+from .task import Task, get_task, list_tasks
 
 #: Bumped when a change to the runner changes the numbers, so old rows are recomputed.
 BENCH_VERSION = 1
 DEFAULT_OUT = "benchmarks/results"
 REFERENCE_TASKS = ("ioi", "induction", "factual")
 PLANTED_TASKS = ("planted-induction", "planted-ioi", "planted-mlp")
-CAUSAL_METHODS = ("eap", "eap-ig", "exact", "acdc")
+CAUSAL_METHODS = ("eap", "eap-ig", "eap-ig-activations", "exact", "acdc")
 BASELINE_METHODS = ("random", "activation", "grad-x-act", "attention-rollout")
 QUICK_TASKS = ("induction", "planted-induction")
 FULL_N, QUICK_N = 128, 32
@@ -123,7 +123,7 @@ class BenchConfig:
 
     def method_options(self, method: str) -> dict[str, Any]:
         """Options passed to `method` (ACDC's τ is added per task, see the module notes)."""
-        if method == "eap-ig":
+        if method in ("eap-ig", "eap-ig-activations"):
             return {"steps": self.steps}
         if method == "acdc":
             return {"metric": "task"}
@@ -145,15 +145,7 @@ class BenchConfig:
 
 
 def _registered_tasks() -> set[str]:
-    """Names of every registered task, the planted ones included where they are shipped."""
-    try:
-        planted = importlib.import_module("circuits.tasks.planted")
-    except ModuleNotFoundError:
-        planted = None
-    known = {name for name, _ in list_tasks()}
-    for spec in getattr(planted, "SPECS", ()):
-        if spec.name not in known:
-            register_task(spec)
+    """Names of every registered task (the planted ones are built-ins)."""
     return {name for name, _ in list_tasks()}
 
 
@@ -570,8 +562,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tasks to run (default: ioi induction factual and the planted "
                              "tasks; with --quick: induction planted-induction)")
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
-                        help="edge methods to run (default: eap eap-ig exact acdc and the "
-                             "baselines random activation grad-x-act attention-rollout)")
+                        help="edge methods to run (default: eap eap-ig eap-ig-activations exact "
+                             "acdc and the baselines random activation grad-x-act "
+                             "attention-rollout)")
     parser.add_argument("--models", nargs="+", metavar="MODEL",
                         help="models to run every task on (default: each task's reference "
                              "model)")

@@ -95,7 +95,8 @@ class Setup:
         if batch.clean_logits is not None:
             return batch
         with torch.no_grad():
-            logits = self.model.hf(batch.clean).logits[:, -1]
+            mask = torch.ones_like(batch.clean)  # prompts are never padded
+            logits = self.model.hf(batch.clean, attention_mask=mask).logits[:, -1]
         return batch.with_clean_logits(logits)
 
     @cached_property

@@ -93,7 +93,7 @@ def test_options_defaults_and_errors():
 
 def test_default_methods_are_registered_edge_methods():
     chosen, notes = bench.default_methods()
-    assert chosen[:4] == ["eap", "eap-ig", "exact", "acdc"]
+    assert chosen[:5] == ["eap", "eap-ig", "eap-ig-activations", "exact", "acdc"]
     named = bench.CAUSAL_METHODS + bench.BASELINE_METHODS
     assert len(chosen) + len(notes) == len(named)
 
