@@ -156,25 +156,39 @@ class Engine:
         if patched:
             state["delta"] = resid.new_empty(shape)
 
-        def record(sources: slice, value: Tensor) -> None:
+        # With gradients, the delta buffer holds detached values: reading rows of one buffer
+        # that autograd tracks would send a buffer-sized gradient back at every stage. Deltas
+        # that gradients must flow through (sources computed in this run) are kept as `live`
+        # groups (first row, last row + 1, [n, C*b, p, d]) instead.
+        live: list[tuple[int, int, Tensor]] = []
+
+        def record(sources: slice, value: Tensor, tracked: bool = True) -> None:
             """Store a stage's source outputs ``[n, C*b, p, d]``."""
             if state["outs"] is not None:
                 state["outs"][sources] = value.detach()
             if state["delta"] is not None:
-                state["delta"][sources] = _tile(state["ablated"][sources], C) - value
+                diff = _tile(state["ablated"][sources], C) - value
+                if sink is None:
+                    state["delta"][sources] = diff
+                else:
+                    state["delta"][sources] = diff.detach()
+                    if tracked:
+                        live.append((sources.start, sources.stop, diff))
 
         def cut(x: Tensor) -> Tensor:
             """Keep the last position of ``[..., p, d]``."""
             return x[..., -1:, :]
 
         def truncate_state() -> None:
+            live[:] = [(lo, hi, cut(diff)) for lo, hi, diff in live]
             if state["delta"] is not None:
                 state["delta"] = cut(state["delta"])
                 abl = state["ablated"]
                 state["ablated"] = cut(abl) if abl.shape[2] > 1 else abl
 
         if start is None:
-            record(slice(0, 1), resid[None])
+            # the embedding is the root of the backward: no gradient needed through its delta
+            record(slice(0, 1), resid[None], tracked=False)
         else:
             n_before = g.n_sources_before(first)
             cached = start[1].outs[:n_before]
@@ -203,14 +217,7 @@ class Engine:
                 used = w.abs().sum((0, 2)) > 0  # [n_up] sources with an ablated edge here
                 n_used = int(used.sum())
                 if n_used:
-                    delta = state["delta"]
-                    # a gather copies; past half the sources, multiplying zeros is cheaper
-                    if 2 * n_used < n_up:
-                        rows = used.nonzero().squeeze(1)
-                        d_up, w = delta[rows], w[:, rows]
-                    else:
-                        d_up = delta[:n_up]
-                    extra = _mix(d_up, w, C)  # [n, C*b, p, d]
+                    extra = _mix_used(state["delta"], live, used, w, n_up, C)
             if extra is None and sink is None:
                 return None
             if extra is not None:
@@ -487,6 +494,32 @@ class Engine:
             effects[lo:hi, -1] = metric(logits).cpu()
         self.passes.forward += g.n_sources / self._n_stages
         return effects.masked_fill(~g.valid, float("nan"))
+
+
+def _mix_used(delta: Tensor, live: list[tuple[int, int, Tensor]], used: Tensor, w: Tensor,
+              n_up: int, C: int) -> Tensor:
+    """``sum over used sources r of w[:, r] * delta[r]`` ``[n, C*b, p, d]``: the buffer's rows up
+    to the first live group, then each live group that has a used row."""
+    n_const = min(live[0][0], n_up) if live else n_up
+    parts = []
+    if used[:n_const].any():
+        n_used = int(used[:n_const].sum())
+        # a gather copies; past half the sources, multiplying zeros is cheaper
+        if 2 * n_used < n_const:
+            rows = used[:n_const].nonzero().squeeze(1)
+            parts.append(_mix(delta[rows], w[:, rows], C))
+        else:
+            parts.append(_mix(delta[:n_const], w[:, :n_const], C))
+    for lo, hi, diff in live:
+        if lo >= n_up:
+            break
+        sel = used[lo:hi]
+        if sel.any():
+            parts.append(_mix(diff[sel], w[:, lo:hi][:, sel], C))
+    extra = parts[0]
+    for part in parts[1:]:
+        extra = extra + part
+    return extra
 
 
 def _mix(delta: Tensor, w: Tensor, C: int) -> Tensor:
