@@ -1,10 +1,14 @@
-"""Engine overhead against the plain Hugging Face model (GPT-2-small shape, random weights).
+"""Engine overhead against the plain Hugging Face model (random weights, one shape a family).
 
 Prints the median time of the engine's unpatched forward, one circuit evaluation (ablated run +
 patched run) and one pass of per-edge gradients (ablated run + clean forward-backward), each
-next to the plain model's same passes, and their ratio.
+next to the plain model's same passes, and their ratio. Shapes: GPT-2 small; a Llama-style
+model of about 100M parameters with grouped-query attention (12 query heads, 4 key/value
+heads); Pythia-160M (parallel blocks, rotary on a quarter of each head); a small Gemma-2 (8
+query heads, 4 key/value heads, post-norms, soft-caps, alternating sliding windows).
 
-    python benchmarks/engine_speed.py [--batch 8] [--tokens 32] [--threads 2] [--repeats 5]
+    python benchmarks/engine_speed.py [--family gpt2 llama pythia gemma2] [--batch 8]
+        [--tokens 32] [--threads 2] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -17,7 +21,26 @@ from collections.abc import Callable
 import torch
 
 from circuits.engine import Engine
-from circuits.testing import tiny_gpt2
+from circuits.model import Model
+from circuits.testing import tiny_gpt2, tiny_model
+
+SHAPES = {
+    "gpt2": ("GPT-2 small", lambda layers: tiny_gpt2(
+        n_layer=layers, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)),
+    "llama": ("Llama-style ~100M, GQA 12/4", lambda layers: tiny_model(
+        "llama", vocab_size=32000, num_hidden_layers=layers, hidden_size=768,
+        num_attention_heads=12, num_key_value_heads=4, intermediate_size=2048,
+        tie_word_embeddings=True)),
+    "pythia": ("Pythia-160M", lambda layers: tiny_model(
+        "neox", vocab_size=50304, num_hidden_layers=layers, hidden_size=768,
+        num_attention_heads=12, intermediate_size=3072, rotary_pct=0.25,
+        use_parallel_residual=True)),
+    "gemma2": ("Gemma-2 small, GQA 8/4", lambda layers: tiny_model(
+        "gemma2", vocab_size=32000, num_hidden_layers=layers, hidden_size=768,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=96, intermediate_size=2304,
+        query_pre_attn_scalar=96, sliding_window=16, attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0)),
+}
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:
@@ -37,18 +60,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--family", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(f"batch {args.batch}, {args.tokens} tokens, {args.threads} threads, median of "
+          f"{args.repeats}")
+    for family in args.family:
+        name, build = SHAPES[family]
+        bench(name, build(args.layers), args)
 
-    model = tiny_gpt2(n_layer=args.layers, n_head=12, n_embd=768, vocab_size=50257,
-                      n_positions=1024)
+
+def bench(name: str, model: Model, args: argparse.Namespace) -> None:
     hf = model.hf
+    vocab = hf.config.vocab_size
     engine = Engine(model)
     g = engine.graph
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 50257, (args.batch, args.tokens), generator=gen)
-    cor = torch.randint(0, 50257, (args.batch, args.tokens), generator=gen)
-    answer = torch.randint(0, 50257, (args.batch,), generator=gen)
+    ids = torch.randint(0, vocab, (args.batch, args.tokens), generator=gen)
+    cor = torch.randint(0, vocab, (args.batch, args.tokens), generator=gen)
+    answer = torch.randint(0, vocab, (args.batch,), generator=gen)
     circuit = torch.rand(g.n_sources, g.n_destinations, generator=gen) < 0.05
     ablate = (g.valid & ~circuit).float()
 
@@ -88,8 +118,8 @@ def main() -> None:
         ("per-edge gradients", engine_gradients, "1 fwd + 1 fwd/bwd", hf_forward_and_backward,
          1.3),
     ]
-    print(f"GPT-2-small shape ({args.layers} layers, {g.n_edges} edges), batch {args.batch}, "
-          f"{args.tokens} tokens, {args.threads} threads, median of {args.repeats}")
+    params = sum(p.numel() for p in hf.parameters()) / 1e6
+    print(f"\n{name} ({args.layers} layers, {params:.0f}M parameters, {g.n_edges} edges)")
     print(f"{'engine pass':<22}{'engine s':>10}  {'plain model':<20}{'plain s':>9}{'ratio':>8}"
           f"{'target':>8}")
     for name, fn, plain_name, plain_fn, target in rows:

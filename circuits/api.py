@@ -14,7 +14,7 @@ from .errors import OptionError
 from .evaluate import Evaluation, evaluate
 from .methods import get_method, run_method
 from .metrics import Metric
-from .model import Model, load_model
+from .model import Model, dtype_name, load_model, resolve_device, resolve_dtype
 from .scores import Scores
 from .setup import Setup
 from .task import Task, get_task
@@ -24,27 +24,50 @@ DEFAULT_SELECTION = "faithfulness:0.85"
 
 
 def resolve(task: Task | str, model: Model | str | None = None, n: int | None = None,
-            seed: int = 0) -> tuple[Task, Model]:
+            seed: int = 0, device: str | torch.device | None = None,
+            dtype: str | torch.dtype | None = None) -> tuple[Task, Model]:
     """A built-in task name or JSONL file and a model name, path or None (the task's reference
-    model), turned into a Task and a loaded Model."""
+    model), turned into a Task and a Model loaded on `device` in `dtype` (cpu and float32 when
+    None; a model given loaded must already be there)."""
+    device = None if device is None else resolve_device(device)
+    dtype = None if dtype is None else resolve_dtype(dtype)
+
+    def load(name: str) -> Model:
+        return load_model(name, "cpu" if device is None else device,
+                          torch.float32 if dtype is None else dtype)
+
     if isinstance(task, str) and task.endswith(".jsonl"):
         task = Task.from_jsonl(task)
-    if isinstance(model, str):
-        model = load_model(model)
+    if isinstance(model, Model):
+        _check_loaded(model, device, dtype)
+    elif isinstance(model, str):
+        model = load(model)
     if isinstance(task, str):
         if model is None:
             reference = get_task(task, n=1).reference_model
             if reference is None:
                 raise OptionError(f"task {task!r} has no reference model; pass --model")
-            model = load_model(reference)
+            model = load(reference)
         task = get_task(task, model.tokenizer, n=n, seed=seed)
     elif model is None:
         if task.reference_model is None:
             raise OptionError(f"task {task.name!r} has no reference model; pass a model")
-        model = load_model(task.reference_model)
+        model = load(task.reference_model)
     if n is not None and n < len(task):
         task = replace(task, examples=task.examples[:n])
     return task, model
+
+
+def _check_loaded(model: Model, device: torch.device | None, dtype: torch.dtype | None) -> None:
+    """An OptionError when a loaded model is not on the device or in the dtype asked for (it is
+    not moved behind the caller's back)."""
+    have = model.device
+    wrong_device = device is not None and (
+        device.type != have.type or device.index not in (None, have.index))
+    if wrong_device or (dtype is not None and dtype != model.dtype):
+        raise OptionError(f"{model.name!r} is loaded on {have} in {dtype_name(model.dtype)}, not "
+                          "as asked; load it with load_model(name, device=..., dtype=...) or "
+                          "pass its name instead")
 
 
 def make_setup(
@@ -70,6 +93,8 @@ def score(
     ablation: str = "resample",
     metric: str | Metric | None = None,
     batch_size: int = 32,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
     **options: Any,
 ) -> Scores:
     """Score every edge (or node) of `model`'s graph for the behavior of `task`.
@@ -86,6 +111,12 @@ def score(
     metric : str or Metric, optional
         The task's metric by default.
     batch_size : int
+    device : str or torch.device, optional
+        Where a model given by name is loaded (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``;
+        cpu when None). A loaded model must already be there.
+    dtype : str or torch.dtype, optional
+        ``"float32"`` (when None), ``"bfloat16"`` or ``"float16"``, likewise; recorded in the
+        scores' options.
     **options
         Passed to the method (``steps=`` for EAP-IG, ``threshold=`` for ACDC, ...).
 
@@ -93,7 +124,7 @@ def score(
     -------
     Scores
     """
-    task, model = resolve(task, model)
+    task, model = resolve(task, model, device=device, dtype=dtype)
     get_method(method)
     setup = make_setup(model, task, ablation=ablation, metric=metric, batch_size=batch_size)
     return run_method(method, setup, **options)
@@ -142,6 +173,8 @@ def discover(
     seed: int = 0,
     batch_size: int = 32,
     progress: Callable[[str], None] | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
     **options: Any,
 ) -> Discovery:
     """Score, select, prune and evaluate a circuit on held-out prompts.
@@ -163,6 +196,8 @@ def discover(
         Seeds the prompts, the split and the method.
     progress : callable, optional
         Called with ``"scoring"``, ``"selecting"`` and ``"evaluating"`` as each stage starts.
+    device, dtype : optional
+        As in `score`.
 
     Returns
     -------
@@ -174,7 +209,7 @@ def discover(
     get_method(method)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    task, model = resolve(task, model, n=n, seed=seed)
+    task, model = resolve(task, model, n=n, seed=seed, device=device, dtype=dtype)
     if len(task) < 2:
         raise OptionError("need at least 2 prompts to keep some apart for evaluation")
     if not 0 < heldout < 1:

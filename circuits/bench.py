@@ -59,7 +59,7 @@ import torch
 from .errors import CircuitsError, OptionError
 from .evaluate import MIB_FRACTIONS, faithfulness_curve, metric_of_masks, roc_auc, smallest_faithful
 from .methods import available, run_method
-from .model import Model, load_model
+from .model import Model, dtype_name, load_model, resolve_device, resolve_dtype
 from .setup import Setup
 from .task import Task, get_task, list_tasks
 
@@ -108,6 +108,9 @@ class BenchConfig:
     heldout : float
         Share of the prompts kept for evaluation.
     quick : bool
+    device, dtype : str
+        Where and in which parameter dtype every model runs (checked names, see
+        `circuits.model.resolve_device` and `resolve_dtype`).
     """
 
     tasks: tuple[str, ...]
@@ -120,6 +123,8 @@ class BenchConfig:
     batch_size: int = 64
     heldout: float = HELDOUT
     quick: bool = False
+    device: str = "cpu"
+    dtype: str = "float32"
 
     def method_options(self, method: str) -> dict[str, Any]:
         """Options passed to `method` (ACDC's τ is added per task, see the module notes)."""
@@ -141,6 +146,9 @@ class BenchConfig:
             "fractions": list(MIB_FRACTIONS), "target": TARGET,
             "signed": method in SIGNED_RANKING,
         }
+        # only where not the defaults, so rows computed before these options existed still match
+        if (self.device, self.dtype) != ("cpu", "float32"):
+            what.update(device=self.device, dtype=self.dtype)
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -256,14 +264,15 @@ class _Prepared:
 
 
 class _Models:
-    """Loads each model once per run."""
+    """Loads each model once per run, on the configured device in the configured dtype."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: BenchConfig) -> None:
+        self.config = config
         self.loaded: dict[str, Model] = {}
 
     def get(self, name: str) -> Model:
         if name not in self.loaded:
-            self.loaded[name] = load_model(name)
+            self.loaded[name] = load_model(name, self.config.device, self.config.dtype)
         return self.loaded[name]
 
 
@@ -288,10 +297,11 @@ def prepare(config: BenchConfig, task_name: str, model: Model) -> _Prepared:
     found, kept = task.split(1 - config.heldout, seed=config.seed)
     found_setup = make_setup(model, found, batch_size=config.batch_size)
     kept_setup = make_setup(model, kept, batch_size=config.batch_size)
-    # Computed now so that no method's time includes the ablated run every method shares, and
-    # one untimed EAP run so that the first method timed does not pay for the first backward.
-    found_setup.ablated  # noqa: B018
-    kept_setup.ablated  # noqa: B018
+    # Kept now so that no method's time includes the ablated run every method shares, and one
+    # untimed EAP run so that the first method timed does not pay for the first backward.
+    for setup in (found_setup, kept_setup):
+        for _ in setup.items(reuse=True):
+            pass
     run_method("eap", found_setup)
     return _Prepared(task, model, found_setup, kept_setup)
 
@@ -315,7 +325,7 @@ def bench_row(config: BenchConfig, prep: _Prepared, method: str, model: str,
         "task": prep.task.name, "model": model, "method": method,
         "cpr": _fmt(curve.cpr), "cmd": _fmt(curve.cmd),
         "edges_f0.8": smallest.n_edges, "roc_auc": None if auc is None else _fmt(auc),
-        "seconds": _fmt(scores.cost.seconds), "forward": _fmt(scores.cost.forward, 2),
+        "seconds": f"{scores.cost.seconds:.4g}", "forward": _fmt(scores.cost.forward, 2),
         "backward": scores.cost.backward, "peak_memory_mb": _fmt(scores.cost.peak_memory_mb, 1),
         "n_discovery": sum(b.size for b in prep.found.batches),
         "n_heldout": sum(b.size for b in prep.kept.batches),
@@ -371,7 +381,7 @@ def run_bench(config: BenchConfig, notes: Sequence[str] = (),
     computed: list[tuple[str, str, str]] = []
     skipped: list[tuple[str, str, str]] = []
     failed: list[str] = []
-    models = _Models()
+    models = _Models(config)
     plan = [(t, m) for t in config.tasks for m in config.models]
     total = len(plan) * len(config.methods)
     done = 0
@@ -472,6 +482,7 @@ def write_report(out: Path, rows: Sequence[dict[str, Any]], config: BenchConfig,
         f"Written {when} by `circuits bench{' --quick' if config.quick else ''}` "
         f"(n={config.n} prompts per task, {1 - config.heldout:.0%} for discovery and "
         f"{config.heldout:.0%} held out, seed {config.seed}, EAP-IG steps {config.steps}, "
+        f"{config.dtype} on {config.device}, "
         f"ACDC on the task metric with τ = {ACDC_TAU_FRACTION:g} x |m(model) - m(empty)|).",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch "
         f"{torch.__version__} with {torch.get_num_threads()} thread(s); load average "
@@ -558,6 +569,8 @@ def _slug(text: str) -> str:
 # -- command line -------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``circuits bench`` to `parser`."""
+    from .cli import add_device_arguments
+
     parser.add_argument("--tasks", nargs="+", metavar="TASK",
                         help="tasks to run (default: ioi induction factual and the planted "
                              "tasks; with --quick: induction planted-induction)")
@@ -579,6 +592,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{QUICK_N} with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompts, split, methods")
     parser.add_argument("--batch-size", type=int, default=64, help="prompts per batch")
+    add_device_arguments(parser)
     parser.add_argument("--threads", type=int, metavar="T",
                         help="torch CPU threads (default: torch's choice)")
 
@@ -620,6 +634,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[BenchConfig, list[str]]:
         models=tuple(args.models) if args.models else (None,), out=Path(args.out), n=n,
         seed=args.seed, steps=QUICK_STEPS if args.quick else FULL_STEPS,
         batch_size=args.batch_size, quick=args.quick,
+        device=str(resolve_device(args.device)), dtype=dtype_name(resolve_dtype(args.dtype)),
     )
     return config, notes
 

@@ -9,7 +9,9 @@ Selection ranks the edges (or, for node scores, the heads and MLPs) by |score| (
 score), keeps a prefix of that ranking and then *prunes*: every edge that lies on no path from
 ``input`` to ``logits`` is dropped, and with it every node left without such a path. A head is
 entered through any of its q/k/v destinations and left through its source; an MLP through its
-input. Sizes are always reported after pruning.
+input. In a grouped-query graph a key/value head (``a1.kv0``) is a node of its own: its ``<k>``
+and ``<v>`` destinations are inputs of every query head of its group. Sizes are always reported
+after pruning.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import InitVar, dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .errors import OptionError
-from .graph import Edge, Graph
+from .graph import Edge, Graph, Node
 from .scores import Level, Scores
 
 if TYPE_CHECKING:
@@ -34,12 +35,23 @@ if TYPE_CHECKING:
     from .setup import Setup
 
 
-# -- pruning ----------------------------------------------------------------------------------
-def destination_nodes(graph: Graph) -> Tensor:
-    """``[n_dst]`` for each destination the source index of the node it feeds (``n_src`` for
-    logits), so a head's q, k and v all point at the head."""
-    idx = [graph.src_index.get(d.split("<", 1)[0], graph.n_sources) for d in graph.destinations]
-    return torch.tensor(idx)
+# -- nodes and pruning ------------------------------------------------------------------------
+def all_nodes(graph: Graph) -> list[Node]:
+    """Every node a circuit can hold, in graph order: ``graph.nodes`` and, in a grouped-query
+    graph, the key/value heads ``a{l}.kv{g}`` right after the query heads of their layer."""
+    if graph.group_size == 1:
+        return graph.nodes
+    out: list[Node] = []
+    for node in graph.nodes:
+        out.append(node)
+        if node.kind == "head" and node.head == graph.n_heads - 1:
+            out += [graph.node(graph.kv_name(node.layer, kv)) for kv in range(graph.n_kv_heads)]
+    return out
+
+
+def group_of(graph: Graph, kv: str) -> list[str]:
+    """The query heads that share key/value head `kv` (``'a1.kv0'`` -> ``['a1.h0', 'a1.h1']``)."""
+    return graph.fed_nodes(graph.dst_index[f"{kv}<k>"])
 
 
 def prune(graph: Graph, mask: Tensor) -> Tensor:
@@ -47,7 +59,10 @@ def prune(graph: Graph, mask: Tensor) -> Tensor:
 
     The graph is a DAG ordered in stages, so one forward sweep (which nodes ``input`` reaches)
     and one backward sweep (which nodes reach ``logits``) give the fixed point that repeated
-    removal of dangling edges and nodes would reach.
+    removal of dangling edges and nodes would reach. A destination passes on to every node it is
+    an input of (`Graph.feeds`): a head is reached when any of its q, k, v destinations is, and a
+    key/value destination shared by a grouped-query head's group lies on a path to the logits
+    when any head of the group does.
 
     Parameters
     ----------
@@ -67,29 +82,37 @@ def prune(graph: Graph, mask: Tensor) -> Tensor:
     >>> m = g.mask_from_edges(["input->a0.h0<q>", "a0.h0->logits", "input->m0"])
     >>> sorted(e.name for e in edges_of(g, prune(g, m)))
     ['a0.h0->logits', 'input->a0.h0<q>']
+    >>> g = Graph(1, 2, n_kv_heads=1)  # a0.h0 and a0.h1 share a0.kv0
+    >>> m = g.mask_from_edges(["input->a0.kv0<v>", "a0.h1->logits", "input->a0.h0<q>"])
+    >>> sorted(e.name for e in edges_of(g, prune(g, m)))
+    ['a0.h1->logits', 'input->a0.kv0<v>']
     """
     mask = mask.bool() & graph.valid
-    dst_node = destination_nodes(graph)  # [n_dst]
+    feeds = graph.feeds  # [n_dst, n_src + 1], the last column is the logits
     n_src = graph.n_sources
-    stages = sorted(set(graph.dst_stage.tolist()))
+    stages = sorted(set(graph.dst_stage.tolist()) | set(graph.src_stage.tolist()))
 
-    # forward: reach[s] = some kept path input -> s. Sources of stage k only feed later stages.
+    # forward: reach[s] = some kept path input -> s. Sources of stage k are fed by destinations
+    # of stage k and feed only later stages.
     reach = torch.zeros(n_src + 1, dtype=torch.bool)
     reach[0] = True
     for stage in stages:
         dsts = (graph.dst_stage == stage).nonzero().squeeze(1)
         live = (mask[:, dsts] & reach[:n_src, None]).any(0)  # [nD]
-        hits = torch.zeros(n_src + 1).index_add_(0, dst_node[dsts], live.float())
-        reach |= hits > 0
+        reach |= (feeds[dsts] & live[:, None]).any(0)
 
-    # backward: co[s] = some kept path s -> logits, sweeping stages from the last.
+    # backward, sweeping stages from the last: co[s] = some kept path s -> logits, and
+    # co_dst[d] = some node that destination d is an input of has such a path.
     co = torch.zeros(n_src + 1, dtype=torch.bool)
     co[n_src] = True
-    for stage in sorted(set(graph.src_stage.tolist()), reverse=True):
+    co_dst = torch.zeros(graph.n_destinations, dtype=torch.bool)
+    for stage in reversed(stages):
         srcs = (graph.src_stage == stage).nonzero().squeeze(1)
-        co[srcs] = (mask[srcs] & co[dst_node][None, :]).any(1)
+        co[srcs] = (mask[srcs] & co_dst[None, :]).any(1)
+        dsts = (graph.dst_stage == stage).nonzero().squeeze(1)
+        co_dst[dsts] = (feeds[dsts] & co[None, :]).any(1)
 
-    return mask & reach[:n_src, None] & co[dst_node][None, :]
+    return mask & reach[:n_src, None] & co_dst[None, :]
 
 
 def edges_of(graph: Graph, mask: Tensor) -> list[Edge]:
@@ -101,16 +124,17 @@ def edges_of(graph: Graph, mask: Tensor) -> list[Edge]:
 
 
 def nodes_of(graph: Graph, mask: Tensor) -> list[str]:
-    """The nodes an (already pruned) mask touches, in graph order; empty for an empty mask."""
+    """The nodes an (already pruned) mask touches, in the order of `all_nodes`; empty for an
+    empty mask. A used shared key/value destination (``a1.kv0<k>``) brings its key/value head
+    (``a1.kv0``)."""
     mask = mask.bool() & graph.valid
     if not mask.any():
         return []
-    used = mask.any(1).tolist()
-    dst_used = {d.split("<", 1)[0] for d, u in zip(graph.destinations, mask.any(0).tolist(),
-                                                   strict=True) if u}
-    return [s for s, u in zip(graph.sources, used, strict=True) if u or s in dst_used] + [
-        "logits"
-    ]
+    used = {s for s, u in zip(graph.sources, mask.any(1).tolist(), strict=True) if u}
+    used |= {d.split("<", 1)[0] for d, u in zip(graph.destinations, mask.any(0).tolist(),
+                                                strict=True) if u}
+    used.add("logits")
+    return [n.name for n in all_nodes(graph) if n.name in used]
 
 
 # -- ranking ----------------------------------------------------------------------------------
@@ -151,7 +175,9 @@ def top_mask(graph: Graph, rank: Tensor, k: int, level: Level = "edge") -> Tenso
     if level == "edge":
         return rank < k
     keep = rank < k  # [n_src]; input has rank -1
-    keep_dst = torch.cat([keep, torch.tensor([True])])[destination_nodes(graph)]  # logits kept
+    # a destination is kept when a node it is an input of is: a shared key/value destination
+    # when any head of its group is; the logits always are
+    keep_dst = (graph.feeds & torch.cat([keep, torch.tensor([True])])[None, :]).any(1)  # [n_dst]
     return graph.valid & keep[:, None] & keep_dst[None, :]
 
 
@@ -239,7 +265,8 @@ class Circuit:
 
     @property
     def nodes(self) -> list[str]:
-        """The circuit's nodes (input, heads, MLPs, logits that some kept edge touches)."""
+        """The circuit's nodes (input, heads, key/value heads, MLPs, logits that some kept edge
+        touches), in the order of `all_nodes`."""
         return nodes_of(self.graph, self.mask)
 
     @property
@@ -266,15 +293,17 @@ class Circuit:
         return Scores(self.graph, self.values, self.level, self.method, self.task, self.model,
                       dict(self.options))
 
-    @cached_property
-    def _dst_node(self) -> Tensor:
-        return destination_nodes(self.graph)
-
     def to_networkx(self, full: bool = False) -> nx.MultiDiGraph:
         """The circuit as a networkx ``MultiDiGraph``.
 
         A head is one node, so its q, k and v inputs from one source are three parallel edges;
         they are told apart by their key, which is the destination name (``'a1.h0<q>'``).
+
+        In a grouped-query graph each key/value head is a node too (``'a1.kv0'``, kind ``kv``):
+        edges into its shared destinations ``a1.kv0<k>`` and ``a1.kv0<v>`` end there (ports
+        ``'k'`` and ``'v'``), and a *group edge* without a score, port ``'group'`` and key
+        ``'group'``, joins it to each query head of its group (``a1.kv0 -> a1.h0``); in the
+        circuit view only to the heads that are in the circuit.
 
         Parameters
         ----------
@@ -285,10 +314,22 @@ class Circuit:
         Returns
         -------
         networkx.MultiDiGraph
-            Nodes carry ``kind`` (input/head/mlp/logits), ``layer`` (-1 for input, n_layers for
-            logits), ``head`` (-1 when not a head), ``in_circuit`` and, with scores, ``score``.
-            Edges carry ``score`` (edge level), ``in_circuit``, ``port`` (``'q'``, ``'k'``,
-            ``'v'`` or ``''``), ``destination`` and ``name``.
+            Nodes carry ``kind`` (input/head/kv/mlp/logits), ``layer`` (-1 for input, n_layers
+            for logits), ``head`` (the head or key/value head index, -1 for others),
+            ``in_circuit`` and, with scores, ``score`` (not on key/value heads). Edges carry
+            ``score`` (edge level, not on group edges), ``in_circuit``, ``port`` (``'q'``,
+            ``'k'``, ``'v'``, ``'group'`` or ``''``), ``destination`` and ``name``.
+
+        Examples
+        --------
+        >>> from circuits.graph import Graph
+        >>> g = Graph(1, 2, n_kv_heads=1)
+        >>> c = Circuit(g, g.mask_from_edges(["input->a0.kv0<k>", "a0.h1->logits"]))
+        >>> nxg = c.to_networkx()
+        >>> nxg.nodes["a0.kv0"]["kind"], nxg["input"]["a0.kv0"]["a0.kv0<k>"]["port"]
+        ('kv', 'k')
+        >>> list(nxg.edges("a0.kv0", keys=True))
+        [('a0.kv0', 'a0.h1', 'group')]
         """
         import networkx as nx
 
@@ -297,7 +338,7 @@ class Circuit:
                               level=self.level)
         in_nodes = set(self.nodes)
         node_values = self.node_values
-        for node in g.nodes:
+        for node in all_nodes(g):
             if not full and node.name not in in_nodes:
                 continue
             attrs: dict[str, Any] = dict(kind=node.kind, layer=node.layer,
@@ -315,6 +356,12 @@ class Circuit:
             if ev is not None:
                 attrs["score"] = float(ev[i, j])
             out.add_edge(e.source, e.target_node, key=e.destination, **attrs)
+        for kv in [n for n in out.nodes if out.nodes[n]["kind"] == "kv"]:
+            for head in group_of(g, kv):
+                if head in out:
+                    inside = kv in in_nodes and head in in_nodes
+                    out.add_edge(kv, head, key="group", in_circuit=inside, port="group",
+                                 destination=head, name=f"{kv}->{head}")
         return out
 
     # -- verbs --------------------------------------------------------------------------------

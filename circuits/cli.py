@@ -100,9 +100,18 @@ def _is_task_file(text: str) -> bool:
     return text.endswith(".jsonl") or os.path.isfile(text)
 
 
-def load_task_and_model(task: str, model: str | None, n: int | None, seed: int) -> tuple[Any, Any]:
-    """The Task (built-in name or JSONL file) and the loaded Model (name, folder, hub name or
-    None for the task's reference model)."""
+def check_device_and_dtype(args: argparse.Namespace) -> None:
+    """Fail on an unknown or unavailable --device or an unknown --dtype before any work."""
+    from .model import resolve_device, resolve_dtype
+
+    resolve_device(args.device)
+    resolve_dtype(args.dtype)
+
+
+def load_task_and_model(task: str, model: str | None, n: int | None, seed: int,
+                        args: argparse.Namespace) -> tuple[Any, Any]:
+    """The Task (built-in name or JSONL file) and the Model (name, folder, hub name or None for
+    the task's reference model) loaded on ``--device`` in ``--dtype``."""
     from .api import resolve
     from .task import Task, get_task
 
@@ -113,7 +122,7 @@ def load_task_and_model(task: str, model: str | None, n: int | None, seed: int) 
     else:
         get_task(task, n=1)  # an unknown name fails here, before a model is loaded
         given = task
-    return resolve(given, model, n=n, seed=seed)
+    return resolve(given, model, n=n, seed=seed, device=args.device, dtype=args.dtype)
 
 
 def method_options(method: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -165,12 +174,13 @@ def cmd_discover(args: argparse.Namespace) -> int:
         _fail(f"--heldout must be a fraction between 0 and 1, got {args.heldout}")
     if args.batch_size < 1:
         _fail(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_device_and_dtype(args)
 
     t0 = time.perf_counter()
     names = ["loading", "scoring", "selecting", "evaluating", "writing"]
     with stages(names) as stage:
         stage("loading")
-        task, model = load_task_and_model(args.task, args.model, args.n, args.seed)
+        task, model = load_task_and_model(args.task, args.model, args.n, args.seed, args)
         out = Path(args.out or Path("circuits-out") / task.name)
         found = run_discovery(task, model, args, selection, options, stage)
         stage("writing")
@@ -236,6 +246,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, faithfulness_curve
     from .io import load_circuit
     from .metrics import get_metric
+    from .model import dtype_name
     from .report import text_table
 
     circuit = load_circuit(args.circuit)
@@ -257,14 +268,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         get_metric(metric)
     if args.batch_size < 1:
         _fail(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_device_and_dtype(args)
 
     with stages(["loading", "evaluating", "curve"]) as stage:
         stage("loading")
-        task, model = load_task_and_model(task_name, model_name, n, seed)
+        task, model = load_task_and_model(task_name, model_name, n, seed, args)
         setup = make_setup(model, task, ablation=ablation, metric=metric,
                            batch_size=args.batch_size)
         g, h = circuit.graph, setup.graph
-        if (g.n_layers, g.n_heads, g.parallel) != (h.n_layers, h.n_heads, h.parallel):
+        if g.shape() != h.shape():
             _fail(f"the circuit is for a {g.n_layers}-layer, {g.n_heads}-head model but "
                   f"{model.name!r} has {h.n_layers} layers and {h.n_heads} heads; pass the "
                   "circuit's model with --model")
@@ -278,7 +290,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(text_table([
         ("circuit", f"{args.circuit} ({circuit.method or 'no method'}, {circuit.level} level)"),
         ("task", f"{task.name} ({len(task)} prompts, seed {seed})"),
-        ("model", model.name),
+        ("model", f"{model.name} ({dtype_name(model.dtype)}, {model.device})"),
         ("ablation / metric", f"{setup.ablation} / {setup.metric.name}"),
         ("edges", f"{result.n_edges} / {g.n_edges} ({result.n_edges / g.n_edges:.1%})"),
         ("nodes", result.n_nodes),
@@ -382,7 +394,8 @@ EXAMPLES = {
   circuits discover ioi                              # IOI circuit of the reference model
   circuits discover ioi --method eap --select topk:30 --out out/ioi-eap
   circuits discover my_behavior.jsonl --model ioi-gpt2-4l --n 100 --seed 1
-  circuits discover induction --method acdc --threshold 0.02""",
+  circuits discover induction --method acdc --threshold 0.02
+  circuits discover ioi --model gpt2 --device cuda --dtype bfloat16""",
     "evaluate": """examples:
   circuits evaluate circuits-out/ioi/circuit.json
   circuits evaluate circuits-out/ioi/circuit.json --n 300 --seed 7 --ablation mean""",
@@ -403,6 +416,17 @@ EXAMPLES = {
 def _command_of(argv: Sequence[str]) -> str | None:
     """The subcommand named in `argv` (the first word that is not an option)."""
     return next((a for a in argv if not a.startswith("-")), None)
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype``, for every command that loads a model (checked by the
+    command, so that a bad value is one line and exit status 2)."""
+    parser.add_argument("--device", default="cpu", metavar="DEV",
+                        help="where the model runs: cpu, cuda, cuda:N or mps "
+                        "(default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", metavar="DTYPE",
+                        help="parameter dtype: float32, bfloat16 or float16; metrics are "
+                        "computed in float32, and float16 is slow on CPUs (default: %(default)s)")
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
@@ -459,6 +483,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                    help="integration steps (eap-ig, eap-ig-activations; method default if unset)")
     p.add_argument("--threshold", type=float, metavar="TAU",
                    help="ACDC's removal threshold τ (acdc; method default if unset)")
+    add_device_arguments(p)
 
     p = command("evaluate", cmd_evaluate, "Evaluate a saved circuit on fresh prompts: "
                 "faithfulness, metric values and the faithfulness curve (CPR, CMD).")
@@ -472,6 +497,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--ablation", choices=ABLATIONS, help="default: the circuit's")
     p.add_argument("--metric", help="default: the circuit's")
     p.add_argument("--batch-size", type=int, default=32, metavar="B")
+    add_device_arguments(p)
 
     p = command("render", cmd_render, "Draw a saved circuit: SVG, PNG, PDF or DOT with "
                 "graphviz, or an interactive HTML page (format from the file name).")

@@ -14,18 +14,19 @@ import torch
 
 @dataclass
 class Cost:
-    """Passes are counted in batch-forward equivalents: a run over C variants of a batch that
-    starts halfway through the model counts C / 2."""
+    """Passes are forward-equivalents over the prompt set: the rows run through the model's
+    stages, divided by (prompts x stages). One plain forward over every prompt is 1; a run of C
+    variants of every prompt that starts halfway through the model is C / 2."""
 
     forward: float = 0.0
-    backward: int = 0
+    backward: float = 0.0
     seconds: float = 0.0
     peak_memory_mb: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return {
             "forward": round(self.forward, 3),
-            "backward": self.backward,
+            "backward": round(self.backward, 3),
             "seconds": round(self.seconds, 4),
             "peak_memory_mb": round(self.peak_memory_mb, 1),
         }
@@ -33,10 +34,17 @@ class Cost:
 
 @dataclass
 class PassCounter:
-    """Running totals the engine adds to."""
+    """Running totals, in prompt-forwards: rows (prompts x variants) times the share of the
+    model's stages they went through. Every executor counts here and nowhere else."""
 
     forward: float = 0.0
-    backward: int = 0
+    backward: float = 0.0
+
+    def add_forward(self, rows: int, fraction: float = 1.0) -> None:
+        self.forward += rows * fraction
+
+    def add_backward(self, rows: int, fraction: float = 1.0) -> None:
+        self.backward += rows * fraction
 
 
 def _rss_mb() -> float:
@@ -60,9 +68,10 @@ class _Sampler:
 
 
 @contextlib.contextmanager
-def measure(counter: PassCounter, device: torch.device | None = None) -> Iterator[Cost]:
-    """Fill a Cost with the passes added to `counter`, the wall time and the peak memory above
-    the starting point while the block runs."""
+def measure(counter: PassCounter, device: torch.device | None = None, prompts: int = 1
+            ) -> Iterator[Cost]:
+    """Fill a Cost with the passes added to `counter` (divided by the `prompts` they ran over),
+    the wall time and the peak memory above the starting point while the block runs."""
     cost = Cost()
     f0, b0 = counter.forward, counter.backward
     cuda = device is not None and device.type == "cuda"
@@ -78,9 +87,12 @@ def measure(counter: PassCounter, device: torch.device | None = None) -> Iterato
     try:
         yield cost
     finally:
+        if cuda:
+            # CUDA runs asynchronously: without this, kernels still queued escape the time
+            torch.cuda.synchronize(device)
         cost.seconds = time.perf_counter() - t0
-        cost.forward = counter.forward - f0
-        cost.backward = counter.backward - b0
+        cost.forward = (counter.forward - f0) / prompts
+        cost.backward = (counter.backward - b0) / prompts
         if cuda:
             cost.peak_memory_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         else:

@@ -60,7 +60,8 @@ def metric_of_masks(setup: Setup, masks: Tensor, chunk: int | None = None) -> Te
     Parameters
     ----------
     setup : Setup
-        Prompts, metric, ablation (its ablated source outputs are computed once and reused).
+        Prompts, metric, ablation (its ablated source outputs are computed once and kept, within
+        ``setup.memory_budget`` in memory and on disk beyond it, for the next call).
     masks : Tensor
         ``[C, n_src, n_dst]`` bool, True = edge kept.
     chunk : int, optional
@@ -76,7 +77,7 @@ def metric_of_masks(setup: Setup, masks: Tensor, chunk: int | None = None) -> Te
     C = masks.shape[0]
     chunk = chunk or default_chunk(setup)
     total = torch.zeros(C, dtype=torch.float64)
-    for batch, ablated, weight in setup.items():
+    for batch, ablated, weight in setup.items(reuse=True):
         for start in range(0, C, chunk):
             part = masks[start:start + chunk]  # [c, n_src, n_dst]
             ablate = (valid & ~part).float().to(ablated.device)
@@ -349,7 +350,9 @@ def _truth(graph: Graph, level: Level, true: Circuit | Tensor | Iterable[str]) -
     """Labels over the ranked items (valid edges source-major, or components) from a Circuit,
     a mask, or names of edges (``'a0.h1->m1'``) or nodes (``'a0.h1'``)."""
     if isinstance(true, Circuit):
-        true = true.mask if level == "edge" else set(true.nodes)
+        # node level: its heads and MLPs (a key/value head of a grouped layer is no component)
+        true = (true.mask if level == "edge"
+                else {n for n in true.nodes if n in graph.src_index})
     if isinstance(true, Tensor):
         if level == "edge" and tuple(true.shape) == tuple(graph.valid.shape):
             return true.bool()[graph.valid].numpy()

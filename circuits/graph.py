@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-NodeKind = Literal["input", "head", "mlp", "logits"]
+NodeKind = Literal["input", "head", "kv", "mlp", "logits"]
 QKV = ("q", "k", "v")
 
 
@@ -82,6 +82,18 @@ class Graph:
         Shape of the model.
     parallel : bool
         True when attention and MLP of a layer read the same residual stream.
+    n_kv_heads : int, optional
+        Key/value heads per layer (grouped-query attention); `n_heads` by default. With fewer
+        key/value heads than query heads, each key/value head is one ``<k>`` and one ``<v>``
+        destination, ``a{l}.kv{g}<k>``, shared by the query heads of its group.
+
+    Notes
+    -----
+    With ``S = n_heads + 1`` sources per layer and ``D = n_heads + 2 * n_kv_heads`` attention
+    destinations per layer, layer ``l`` reads ``1 + l * S`` upstream sources, so the edge count is
+    ``sum over l of (1 + l*S) * (D + 1) + n_heads`` plus ``1 + n_layers * S`` edges into the
+    logits; parallel blocks drop the ``n_heads`` head-to-same-layer-MLP edges of every layer
+    (`edge_count`).
 
     Examples
     --------
@@ -92,33 +104,77 @@ class Graph:
     (('input', 'a0.h0', 'a0.h1'), 'logits')
     >>> Graph(2, 2).edge_index("a0.h1->a1.h0<k>")
     (2, 9)
+    >>> Graph(1, 4, n_kv_heads=2).destinations[4:8]
+    ('a0.kv0<k>', 'a0.kv1<k>', 'a0.kv0<v>', 'a0.kv1<v>')
     """
 
-    def __init__(self, n_layers: int, n_heads: int, parallel: bool = False) -> None:
+    def __init__(self, n_layers: int, n_heads: int, parallel: bool = False,
+                 n_kv_heads: int | None = None) -> None:
+        K = n_heads if n_kv_heads is None else n_kv_heads
+        if K < 1 or n_heads % K:
+            raise ValueError(f"{n_heads} query heads cannot share {K} key/value heads evenly")
         self.n_layers = n_layers
         self.n_heads = n_heads
+        self.n_kv_heads = K
         self.parallel = parallel
         H = n_heads
         sources: list[str] = ["input"]
         src_stage: list[int] = [0]
         destinations: list[str] = []
         dst_stage: list[int] = []
+        ports: list[int] = []  # 0 q, 1 k, 2 v, 3 MLP or logits
+        heads: list[int] = []  # query head for q, key/value head for k and v, -1 otherwise
         for layer in range(n_layers):
             attn, mlp = self.attn_stage(layer), self.mlp_stage(layer)
             sources += [head_name(layer, h) for h in range(H)] + [mlp_name(layer)]
             src_stage += [attn] * H + [mlp]
-            # q of every head, then k of every head, then v: one reshape gives [3, heads].
-            destinations += [f"{head_name(layer, h)}<{p}>" for p in QKV for h in range(H)]
+            # q of every head, then k of every key/value head, then v: ports are contiguous.
+            for port, n in ((0, H), (1, K), (2, K)):
+                destinations += [f"{self.kv_name(layer, i) if port else head_name(layer, i)}"
+                                 f"<{QKV[port]}>" for i in range(n)]
+                ports += [port] * n
+                heads += list(range(n))
             destinations.append(mlp_name(layer))
-            dst_stage += [attn] * 3 * H + [mlp]
+            ports.append(3)
+            heads.append(-1)
+            dst_stage += [attn] * (H + 2 * K) + [mlp]
         destinations.append("logits")
         dst_stage.append(self.logits_stage)
+        ports.append(3)
+        heads.append(-1)
         self.sources: tuple[str, ...] = tuple(sources)
         self.destinations: tuple[str, ...] = tuple(destinations)
         self.src_stage = torch.tensor(src_stage)
         self.dst_stage = torch.tensor(dst_stage)
+        self.dst_port = torch.tensor(ports)
+        self.dst_head = torch.tensor(heads)
         self.src_index = {name: i for i, name in enumerate(sources)}
         self.dst_index = {name: i for i, name in enumerate(destinations)}
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_name(self, layer: int, kv: int) -> str:
+        """Key/value head `kv`'s name: the head itself without grouping, else ``a{l}.kv{g}``."""
+        return head_name(layer, kv) if self.group_size == 1 else f"a{layer}.kv{kv}"
+
+    @staticmethod
+    def edge_count(n_layers: int, n_heads: int, n_kv_heads: int | None = None,
+                   parallel: bool = False) -> int:
+        """The number of edges, from the closed formula (see the class notes).
+
+        Examples
+        --------
+        >>> Graph.edge_count(12, 12), Graph.edge_count(24, 14, 2)  # GPT-2 small, Qwen2.5-0.5B
+        (32491, 79813)
+        """
+        L, H = n_layers, n_heads
+        K = H if n_kv_heads is None else n_kv_heads
+        S, D = H + 1, H + 2 * K
+        n = L * (D + 1 + H) + S * (D + 1) * L * (L - 1) // 2 + 1 + L * S
+        return n - L * H if parallel else n
 
     # -- stages -------------------------------------------------------------------------------
     def attn_stage(self, layer: int) -> int:
@@ -131,13 +187,18 @@ class Graph:
     def logits_stage(self) -> int:
         return self.n_layers + 1 if self.parallel else 2 * self.n_layers + 1
 
+    @property
+    def n_attn_destinations(self) -> int:
+        """q, k and v destinations of one layer: ``n_heads + 2 * n_kv_heads``."""
+        return self.n_heads + 2 * self.n_kv_heads
+
     def attn_destinations(self, layer: int) -> slice:
-        """Index range of the q, k, v destinations of `layer` (``[3 * n_heads]``)."""
-        start = layer * (3 * self.n_heads + 1)
-        return slice(start, start + 3 * self.n_heads)
+        """Index range of the q, k, v destinations of `layer` (``[n_attn_destinations]``)."""
+        start = layer * (self.n_attn_destinations + 1)
+        return slice(start, start + self.n_attn_destinations)
 
     def mlp_destination(self, layer: int) -> int:
-        return layer * (3 * self.n_heads + 1) + 3 * self.n_heads
+        return layer * (self.n_attn_destinations + 1) + self.n_attn_destinations
 
     def head_sources(self, layer: int) -> slice:
         start = 1 + layer * (self.n_heads + 1)
@@ -198,7 +259,8 @@ class Graph:
 
     # -- nodes --------------------------------------------------------------------------------
     def node(self, name: str) -> Node:
-        """The Node for a source or destination name (``a1.h2<q>`` belongs to ``a1.h2``)."""
+        """The Node for a source or destination name (``a1.h2<q>`` belongs to ``a1.h2``; a shared
+        key/value destination ``a1.kv0<k>`` to the key/value head ``a1.kv0``)."""
         base = name.split("<", 1)[0]
         if base == "input":
             return Node("input", "input", -1)
@@ -209,7 +271,32 @@ class Graph:
             return Node(base, "head", int(layer), int(head))
         if base in self.src_index and base.startswith("m"):
             return Node(base, "mlp", int(base[1:]))
+        if self.group_size > 1 and f"{base}<k>" in self.dst_index:
+            layer, kv = base[1:].split(".kv")
+            return Node(base, "kv", int(layer), int(kv))
         raise KeyError(f"{name!r} is not a node of this graph")
+
+    @cached_property
+    def feeds(self) -> Tensor:
+        """``[n_dst, n_src + 1]`` bool: the source nodes each destination is an input of (the last
+        column stands for the logits). A head's q feeds the head; a key/value destination feeds
+        every query head of its group; an MLP input feeds the MLP."""
+        out = torch.zeros(self.n_destinations, self.n_sources + 1, dtype=torch.bool)
+        out[-1, -1] = True
+        for layer in range(self.n_layers):
+            first = self.head_sources(layer).start
+            for j in range(self.attn_destinations(layer).start,
+                           self.attn_destinations(layer).stop):
+                port, head = int(self.dst_port[j]), int(self.dst_head[j])
+                group = 1 if port == 0 else self.group_size
+                out[j, first + head * group:first + (head + 1) * group] = True
+            out[self.mlp_destination(layer), self.mlp_source(layer)] = True
+        return out
+
+    def fed_nodes(self, destination: int) -> list[str]:
+        """The names of the source nodes a destination is an input of (``logits`` for it)."""
+        cols = self.feeds[destination].nonzero().squeeze(1).tolist()
+        return [self.sources[c] if c < self.n_sources else "logits" for c in cols]
 
     @property
     def nodes(self) -> list[Node]:
@@ -222,21 +309,36 @@ class Graph:
         return list(self.sources[1:])
 
     def destinations_of(self, node: str) -> list[int]:
-        """Destination indices that belong to a node (its q/k/v inputs, or the MLP input)."""
-        return [j for j, d in enumerate(self.destinations) if d.split("<", 1)[0] == node]
+        """Destination indices that are inputs of a node (its q/k/v inputs, or the MLP input); a
+        head of a grouped-query layer shares its key and value destinations with its group."""
+        if node in self.dst_index:
+            return [self.dst_index[node]]
+        col = self.n_sources if node == "logits" else self.src_index.get(node)
+        if col is None:
+            if f"{node}<k>" in self.dst_index:  # a key/value head
+                return [self.dst_index[f"{node}<k>"], self.dst_index[f"{node}<v>"]]
+            return []
+        return self.feeds[:, col].nonzero().squeeze(1).tolist()
 
     def node_mask_to_edges(self, nodes: set[str] | list[str]) -> Tensor:
-        """Edge mask of the circuit induced by a node set: edges between kept nodes.
+        """Edge mask of the circuit induced by a node set: edges between kept nodes (a shared
+        key/value destination is kept when any head of its group is).
 
         ``input`` and ``logits`` are always kept.
         """
         keep = set(nodes) | {"input", "logits"}
         src_keep = torch.tensor([s in keep for s in self.sources])
-        dst_keep = torch.tensor([d.split("<", 1)[0] in keep for d in self.destinations])
+        dst_keep = (self.feeds & torch.cat([src_keep, torch.tensor([True])])[None, :]).any(1)
         return self.valid & src_keep[:, None] & dst_keep[None, :]
 
+    def shape(self) -> dict[str, int | bool]:
+        """What rebuilds this graph: ``Graph(**g.shape())``."""
+        return {"n_layers": self.n_layers, "n_heads": self.n_heads,
+                "n_kv_heads": self.n_kv_heads, "parallel": self.parallel}
+
     def __repr__(self) -> str:
+        kv = f", n_kv_heads={self.n_kv_heads}" if self.group_size > 1 else ""
         return (
-            f"Graph(n_layers={self.n_layers}, n_heads={self.n_heads}, "
+            f"Graph(n_layers={self.n_layers}, n_heads={self.n_heads}{kv}, "
             f"parallel={self.parallel}, edges={self.n_edges})"
         )

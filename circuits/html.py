@@ -6,6 +6,11 @@ lies on no input-to-logits path and draws the result, all in the browser. Nothin
 the data, the styles and the script (plain JavaScript drawing SVG, layered by stage with input
 at the bottom) are inlined. Opening ``page.html#n=40`` starts at size 40; the page also exposes
 ``setCircuitSize(n)`` and records what it drew on ``<div id="state" data-edges data-nodes>``.
+
+In a grouped-query graph each key/value head (``a1.kv0``) is a node of the page, on a row just
+below the query heads of its layer: edges into its shared ``<k>`` and ``<v>`` destinations land
+on it, and dashed *group* lines join it to the query heads of its group that are drawn. The page
+prunes like `circuits.circuit.prune`: a key/value head passes on to every head of its group.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .circuit import destination_nodes, n_items, ranks
+from .circuit import all_nodes, group_of, n_items, ranks
 from .render import title
 
 if TYPE_CHECKING:
@@ -26,7 +31,12 @@ if TYPE_CHECKING:
 
 
 def page_data(circuit: Circuit, max_size: int = 5000) -> dict[str, Any]:
-    """What the page script needs: nodes with their stage, edges in ranking order, sizes."""
+    """What the page script needs: nodes with their stage, edges in ranking order, sizes.
+
+    ``nodes`` are the graph's sources (same indices), the logits (index ``logits``) and then the
+    key/value heads of a grouped graph, each with the indices of its ``group``; an edge is
+    ``[source, node it enters, port, score]``.
+    """
     g = circuit.graph
     signed = bool(circuit.options.get("signed", False))
     values = circuit.values
@@ -35,13 +45,19 @@ def page_data(circuit: Circuit, max_size: int = 5000) -> dict[str, Any]:
         values = circuit.mask.float()
     stage = [int(s) for s in g.src_stage] + [g.logits_stage]
     node_values = circuit.node_values
-    nodes = [
+    nodes: list[dict[str, Any]] = [
         {"name": n.name, "kind": n.kind, "layer": n.layer, "stage": stage[i],
          "score": None if node_values is None or i >= g.n_sources else float(node_values[i])}
         for i, n in enumerate(g.nodes)
     ]
+    # key/value heads sit half a stage below their query heads, so group lines point upwards
+    nodes += [{"name": n.name, "kind": n.kind, "layer": n.layer,
+               "stage": g.attn_stage(n.layer) - 0.5, "score": None,
+               "group": [g.src_index[h] for h in group_of(g, n.name)]}
+              for n in all_nodes(g) if n.kind == "kv"]
+    index = {n["name"]: i for i, n in enumerate(nodes)}
     rank = ranks(g, values, level, by_abs=not signed)
-    dst_node = destination_nodes(g).tolist()
+    dst_node = [index[d.split("<", 1)[0]] for d in g.destinations]
     src, dst = g.valid.nonzero(as_tuple=True)
     if level == "edge":
         order = torch.argsort(rank[src, dst])
@@ -70,6 +86,8 @@ def page_data(circuit: Circuit, max_size: int = 5000) -> dict[str, Any]:
                                                      or circuit.method) else "circuit",
         "level": level,
         "hasEdgeScores": score_of is not None,
+        "grouped": g.group_size > 1,
+        "logits": g.n_sources,
         "nodes": nodes,
         "edges": edges,
         "nodeRanking": node_ranking,

@@ -4,23 +4,29 @@ The circuit file (``"format": "circuits.circuit", "version": 1``) is plain JSON,
 `json` alone (nothing in it is ever executed)::
 
     {"format": "circuits.circuit", "version": 1, "package_version": "0.1.0",
-     "graph": {"n_layers": 12, "n_heads": 12, "parallel": false},
+     "graph": {"n_layers": 12, "n_heads": 12, "n_kv_heads": 12, "parallel": false},
      "level": "edge", "task": "ioi", "model": "gpt2", "method": "eap-ig",
      "options": {...}, "metrics": {"faithfulness": 0.93, ...},
      "has_scores": true,
      "nodes": {"input": {"in_circuit": true, "score": 1.2}, "a0.h0": {...}, ..., "logits": {...}},
      "edges": {"input->a0.h0<q>": {"score": -0.0003, "in_circuit": false}, ...}}
 
-Every node and edge of the model graph is listed (in graph order). Edge scores are present for
-edge-level circuits, node scores for node-level ones (``nodes[...]["score"]``); scores are
-float32 values written as decimal floats, which read back bit for bit.
+Every node and edge of the model graph is listed (in graph order; a grouped-query graph's
+key/value heads ``a{l}.kv{g}`` after the query heads of their layer, and its shared edges
+``...->a{l}.kv{g}<k>`` once). Edge scores are present for edge-level circuits, node scores for
+node-level ones (``nodes[...]["score"]``, never on key/value heads); scores are float32 values
+written as decimal floats, which read back bit for bit.
 
 The MIB circuit-track layout (`export_mib`) is the one EAP-IG's ``Graph.to_json`` writes and
-MIB's evaluation reads: ``{"cfg": {"n_layers", "n_heads", "parallel_attn_mlp", "d_model"},
-"nodes": {name: {"in_graph": bool[, "score": float]}}, "edges": {name: {"score": float,
-"in_graph": bool}}}`` with the same node and edge names as ours. A submission is either one
-importance-score file per task/model folder, or binary circuits (no scores) at MIB's edge
-budgets 0.1%, 0.2%, 0.5%, 1%, 2%, 5%, 10%, 20%, 50% (and 100%).
+MIB's evaluation reads: ``{"cfg": {"n_layers", "n_heads", "n_kv_heads", "parallel_attn_mlp",
+"d_model"}, "nodes": {name: {"in_graph": bool[, "score": float]}}, "edges": {name: {"score":
+float, "in_graph": bool}}}`` with the same node and edge names as ours. MIB's layout has no
+shared destinations, so a grouped-query graph is written *ungrouped*, as its peers do: each edge
+into a shared key/value destination ``a{l}.kv{g}<k>`` appears once per query head of the group,
+as ``a{l}.h{h}<k>``, with the shared score and in-graph flag, and key/value heads are not
+nodes there. A submission is either one importance-score file per task/model folder, or binary
+circuits (no scores) at MIB's edge budgets 0.1%, 0.2%, 0.5%, 1%, 2%, 5%, 10%, 20%, 50% (and
+100%).
 """
 
 from __future__ import annotations
@@ -86,16 +92,17 @@ def _plain(value: Any) -> Any:
 def circuit_to_dict(circuit: Circuit) -> dict[str, Any]:
     """The circuit as the version-1 JSON document (see the module docstring)."""
     from . import __version__
+    from .circuit import all_nodes
 
     g = circuit.graph
     in_nodes = set(circuit.nodes)
     node_values = circuit.values if circuit.level == "node" else None
     nodes: dict[str, dict[str, Any]] = {}
-    for i, name in enumerate([*g.sources, "logits"]):
-        entry: dict[str, Any] = {"in_circuit": name in in_nodes}
-        if node_values is not None and i < g.n_sources:
-            entry["score"] = float(node_values[i])
-        nodes[name] = entry
+    for node in all_nodes(g):
+        entry: dict[str, Any] = {"in_circuit": node.name in in_nodes}
+        if node_values is not None and node.name in g.src_index:
+            entry["score"] = float(node_values[g.src_index[node.name]])
+        nodes[node.name] = entry
     edge_values = circuit.edge_values
     edges: dict[str, dict[str, Any]] = {}
     for i, j in g.valid.nonzero().tolist():
@@ -105,7 +112,7 @@ def circuit_to_dict(circuit: Circuit) -> dict[str, Any]:
         edges[f"{g.sources[i]}->{g.destinations[j]}"] = entry
     return {
         "format": FORMAT, "version": VERSION, "package_version": __version__,
-        "graph": {"n_layers": g.n_layers, "n_heads": g.n_heads, "parallel": g.parallel},
+        "graph": g.shape(),
         "level": circuit.level, "task": circuit.task, "model": circuit.model,
         "method": circuit.method, "options": _plain(circuit.options),
         "metrics": _plain(circuit.metrics), "has_scores": circuit.values is not None,
@@ -138,7 +145,7 @@ def _need(cond: bool, where: str, what: str) -> None:
 
 def circuit_from_dict(doc: Any, where: str = "circuit") -> Circuit:
     """Rebuild a circuit from its JSON document, checking every part (CircuitFileError)."""
-    from .circuit import Circuit
+    from .circuit import Circuit, all_nodes
 
     _need(isinstance(doc, dict), where, "the file does not hold a JSON object; is it a circuit "
           "saved with circuit.save()?")
@@ -155,7 +162,10 @@ def circuit_from_dict(doc: Any, where: str = "circuit") -> Circuit:
                                           for k in ("n_layers", "n_heads"))
           and isinstance(shape.get("parallel", False), bool), where,
           "'graph' must give integer n_layers and n_heads and a boolean parallel")
-    g = Graph(shape["n_layers"], shape["n_heads"], shape.get("parallel", False))
+    kv = shape.get("n_kv_heads", shape["n_heads"])
+    _need(isinstance(kv, int) and kv >= 1 and shape["n_heads"] % kv == 0, where,
+          "'graph' n_kv_heads must be a positive integer that divides n_heads")
+    g = Graph(shape["n_layers"], shape["n_heads"], shape.get("parallel", False), kv)
     level = doc["level"]
     _need(level in ("edge", "node"), where, f"level is {level!r}; it must be 'edge' or 'node'")
     has_scores = doc.get("has_scores", True)
@@ -186,20 +196,20 @@ def circuit_from_dict(doc: Any, where: str = "circuit") -> Circuit:
             _need(isinstance(s, (int, float)) and not isinstance(s, bool), where,
                   f"edge {name!r} needs a numeric 'score'")
             values[i, j] = s
-    node_names = [*g.sources, "logits"]
+    node_names = [n.name for n in all_nodes(g)]
     _need(set(nodes) == set(node_names), where,
           f"the nodes do not match the graph (missing {sorted(set(node_names) - set(nodes))[:3]}, "
           f"unknown {sorted(set(nodes) - set(node_names))[:3]})")
     node_values = torch.zeros(g.n_sources) if level == "node" else None
-    for i, name in enumerate(node_names):
+    for name in node_names:
         entry = nodes[name]
         _need(isinstance(entry, dict) and isinstance(entry.get("in_circuit"), bool), where,
               f"node {name!r} needs a boolean 'in_circuit'")
-        if node_values is not None and has_scores and i < g.n_sources:
+        if node_values is not None and has_scores and name in g.src_index:
             s = entry.get("score")
             _need(isinstance(s, (int, float)) and not isinstance(s, bool), where,
                   f"node {name!r} needs a numeric 'score' (node-level circuit)")
-            node_values[i] = s
+            node_values[g.src_index[name]] = s
     scores = (values if level == "edge" else node_values) if has_scores else None
     circuit = Circuit(g, mask, scores, level, method=doc.get("method", ""),
                       task=doc.get("task", ""), model=doc.get("model", ""),
@@ -261,8 +271,9 @@ def export_graphml(circuit: Circuit, path: str | Path, full: bool = False) -> Pa
 
 def mib_dict(circuit: Circuit, d_model: int | None = None, mask: torch.Tensor | None = None,
              scores: bool = True) -> dict[str, Any]:
-    """The circuit in MIB's layout (see the module docstring); `mask` overrides the in-graph
-    edges, `scores=False` leaves the scores out (binary circuits)."""
+    """The circuit in MIB's layout (see the module docstring; a grouped-query graph is written
+    ungrouped); `mask` overrides the in-graph edges, `scores=False` leaves the scores out (binary
+    circuits)."""
     g = circuit.graph
     d_model = d_model if d_model is not None else circuit.options.get("d_model")
     if not isinstance(d_model, int):
@@ -279,15 +290,22 @@ def mib_dict(circuit: Circuit, d_model: int | None = None, mask: torch.Tensor | 
         if scores and node_values is not None and i < g.n_sources:
             nodes[name]["score"] = float(node_values[i])
     ev = circuit.edge_values
+    # MIB has no shared destinations: a key/value destination is written once per query head of
+    # its group, under that head's name (a1.kv0<k> -> a1.h0<k>, a1.h1<k>)
+    shared = g.group_size > 1
+    ungrouped = [[f"{h}<{d[-2]}>" for h in g.fed_nodes(j)] if shared and port in (1, 2) else [d]
+                 for j, (d, port) in enumerate(zip(g.destinations, g.dst_port.tolist(),
+                                                   strict=True))]
     edges: dict[str, dict[str, Any]] = {}
     for i, j in g.valid.nonzero().tolist():
         entry: dict[str, Any] = {}
         if scores:
             entry["score"] = float(ev[i, j]) if ev is not None else math.nan
         entry["in_graph"] = bool(mask[i, j])
-        edges[f"{g.sources[i]}->{g.destinations[j]}"] = entry
-    cfg = {"n_layers": g.n_layers, "n_heads": g.n_heads, "parallel_attn_mlp": g.parallel,
-           "d_model": d_model}
+        for d in ungrouped[j]:
+            edges[f"{g.sources[i]}->{d}"] = dict(entry)
+    cfg = {"n_layers": g.n_layers, "n_heads": g.n_heads, "n_kv_heads": g.n_kv_heads,
+           "parallel_attn_mlp": g.parallel, "d_model": d_model}
     return {"cfg": cfg, "nodes": nodes, "edges": edges}
 
 
@@ -303,7 +321,8 @@ def export_mib(circuit: Circuit, path: str | Path, d_model: int | None = None,
         ``binary=False``: the importance-score JSON file (``importances.json`` in MIB's
         ``<task>_<model>`` folder). ``binary=True``: a folder that receives one circuit per
         MIB edge budget, ``edges_<percent>.json``, each the top ``floor(budget * n)`` edges
-        pruned (so at most that share of the edges).
+        pruned (so at most that share of the edges). In a grouped-query graph the budget counts
+        a shared key/value edge once, though the file lists it once per query head.
     d_model : int, optional
         The model width, which MIB's config records; from ``circuit.options['d_model']`` if
         omitted.

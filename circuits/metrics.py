@@ -2,7 +2,8 @@
 
 A metric reads the logits at the last position (``[batch, vocab]``) and the `Batch` they came
 from and returns ``[batch]`` values that stay differentiable, so attribution methods can take
-gradients through them.
+gradients through them. Logits of a half-precision model are read in float32: a bfloat16 logit
+difference or softmax over the vocabulary would be rounded to a few significant digits.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ from torch import Tensor
 
 from .batch import Batch
 from .errors import OptionError, TaskError
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _full(x: Tensor) -> Tensor:
+    """`x` in float32 when it is half precision, else as it is."""
+    return x.float() if x.dtype in HALF else x
 
 
 @dataclass(frozen=True)
@@ -48,9 +56,9 @@ class Metric:
         Returns
         -------
         Tensor
-            ``[batch]`` one value per example.
+            ``[batch]`` one value per example (float32 or wider).
         """
-        return self.fn(logits, batch)
+        return self.fn(_full(logits), batch)
 
 
 def _gather_mean(values: Tensor, ids: Tensor) -> Tensor:
@@ -157,7 +165,7 @@ def kl(logits: Tensor, batch: Batch) -> Tensor:
         raise TaskError(
             "metric 'kl' needs the clean logits: call batch.with_clean_logits(logits) first"
         )
-    clean = batch.clean_logits.log_softmax(-1)  # [batch, vocab]
+    clean = _full(batch.clean_logits).log_softmax(-1)  # [batch, vocab]
     current = logits.log_softmax(-1)
     return (clean.exp() * (clean - current)).sum(-1)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, OptionError
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -21,6 +21,86 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The parameter dtype for a name (``"float32"``, ``"bfloat16"``, ``"float16"``) or one of
+    those torch dtypes.
+
+    Parameters
+    ----------
+    dtype : str or torch.dtype
+
+    Returns
+    -------
+    torch.dtype
+
+    Raises
+    ------
+    OptionError
+        Any other name or dtype.
+
+    Examples
+    --------
+    >>> resolve_dtype("bfloat16")
+    torch.bfloat16
+    """
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise OptionError(f"unknown dtype {str(dtype)!r}; use float32, bfloat16 or float16")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (how a dtype is recorded in results)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch device for ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` (or a torch.device),
+    checked to exist on this machine.
+
+    Parameters
+    ----------
+    device : str or torch.device
+
+    Returns
+    -------
+    torch.device
+
+    Raises
+    ------
+    OptionError
+        Torch cannot parse the name, the device type is not one of cpu, cuda and mps, or this
+        machine has no such device.
+
+    Examples
+    --------
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise OptionError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type not in DEVICE_TYPES:
+        raise OptionError(f"device type {dev.type!r} is not supported; use cpu, cuda, cuda:N or "
+                          "mps")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(f"device {str(device)!r} asked for, but torch sees no CUDA GPU on "
+                              "this machine (or was built without CUDA); use cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise OptionError(f"device {str(device)!r} does not exist: this machine has {count} "
+                              f"CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise OptionError(f"device {str(device)!r} asked for, but torch sees no Apple MPS device "
+                          "on this machine; use cpu")
+    return dev
 
 
 @dataclass
@@ -136,7 +216,7 @@ def _check_folder(path: Path) -> None:
 def load_model(
     name_or_path: str | os.PathLike,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = torch.float32,
 ) -> Model:
     """Load a causal LM and its tokenizer from a shipped name, a local folder or the hub.
 
@@ -147,8 +227,11 @@ def load_model(
         holding a Hugging Face model (config.json, weights, tokenizer) or a hub name such as
         ``"gpt2"`` (needs network access or the hub cache).
     device : str or torch.device
-    dtype : torch.dtype
-        Parameter dtype; float32 by default (the parity tests pin float32).
+        ``"cpu"`` (default), ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+    dtype : str or torch.dtype
+        Parameter dtype: ``"float32"`` (default; the parity tests pin it), ``"bfloat16"`` or
+        ``"float16"``. Metrics are computed in float32 whatever the dtype. float16 runs on the
+        CPU too, many times slower than float32; bfloat16 is the half precision for CPUs.
 
     Returns
     -------
@@ -158,12 +241,16 @@ def load_model(
     ------
     ModelLoadError
         The folder is missing or incomplete, or the hub could not be reached.
+    OptionError
+        The device or dtype is unknown or not available here, or the model cannot run in that
+        dtype on that device.
 
     Examples
     --------
     >>> import circuits
     >>> model = circuits.load_model("ioi-gpt2")  # doctest: +SKIP
     """
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
     folder, display = _resolve(name_or_path)
     if folder is not None:
         _check_folder(folder)
@@ -204,4 +291,19 @@ def load_model(
             hf_logging.enable_progress_bar()
     logging.getLogger(__name__).debug("loaded %s", display)
     hf.eval().to(device)
+    if dtype != torch.float32:
+        _check_runs(hf, display, device, dtype)
     return Model(hf=hf, tokenizer=tokenizer, name=display)
+
+
+def _check_runs(hf: Any, display: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Run one token through the model, so that a dtype the device has no kernels for fails
+    now, with the fix, rather than halfway through a method."""
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    try:
+        with torch.no_grad():
+            hf(ids, attention_mask=torch.ones_like(ids))
+    except (RuntimeError, NotImplementedError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OptionError(f"{display!r} cannot run in {dtype_name(dtype)} on {device} ({first}); "
+                          "use dtype float32, which runs everywhere") from None

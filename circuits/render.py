@@ -3,7 +3,10 @@
 Layout: one row per stage (the heads of a layer, then its MLP, each on a row of their own, so
 head-to-MLP edges of one layer point upwards too), ``input`` at the bottom and ``logits`` at the
 top (``reverse=True`` flips it). Heads are rounded boxes with three input ports q, k, v where
-their incoming edges land; MLPs are orange boxes; input and logits grey. Edge width grows with
+their incoming edges land; MLPs are orange boxes; input and logits grey. In a grouped-query
+graph a key/value head (``a1.kv0``) is a small box with ports k and v beside the query heads of
+its layer, and a dashed edge joins it to the port kv of each query head of its group in the
+circuit (those heads have ports q and kv). Edge width grows with
 |score|, colour gives the sign (blue positive, red negative); circuits without edge scores
 (node-level ones) draw grey edges. A legend sits beside ``input``; the title states task, model,
 method, size and faithfulness.
@@ -15,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .circuit import group_of
 from .errors import DependencyError, OptionError
 
 if TYPE_CHECKING:
@@ -25,6 +29,7 @@ if TYPE_CHECKING:
 FORMATS = ("svg", "png", "pdf", "dot")
 POSITIVE, NEGATIVE, NEUTRAL = "#2166ac", "#b2182b", "#777777"
 HEAD_FILL, MLP_FILL, END_FILL = "#dbe9f6", "#fde0bf", "#e6e6e6"
+HEAD_LINE = "#4a6d8c"
 
 
 def title(circuit: Circuit) -> str:
@@ -37,27 +42,33 @@ def title(circuit: Circuit) -> str:
     return f"{names} — {size}" if names else size
 
 
-def _head_label(name: str, ports_below: bool, used: set[str]) -> str:
-    """HTML label of a head: its name and a row of q/k/v ports where edges land."""
+def _ports_label(name: str, ports: tuple[str, ...], ports_below: bool, used: set[str],
+                 small: bool = False) -> str:
+    """HTML label of a head or key/value head: its name and a row of ports where edges land."""
     cells = "".join(
         f'<TD PORT="{p}" BGCOLOR="{"white" if p in used else HEAD_FILL}">'
         f'<FONT POINT-SIZE="8" COLOR="{"black" if p in used else "#9aaabb"}">{p}</FONT></TD>'
-        for p in "qkv"
+        for p in ports
     )
-    top = f'<TR><TD COLSPAN="3" BORDER="0"><B>{name}</B></TD></TR>'
-    ports = f"<TR>{cells}</TR>"
-    rows = top + ports if ports_below else ports + top
+    text = f'<FONT POINT-SIZE="9">{name}</FONT>' if small else f"<B>{name}</B>"
+    top = f'<TR><TD COLSPAN="{len(ports)}" BORDER="0">{text}</TD></TR>'
+    row = f"<TR>{cells}</TR>"
+    rows = top + row if ports_below else row + top
     return (f'<<TABLE BORDER="1" CELLBORDER="1" CELLSPACING="0" CELLPADDING="2" STYLE="rounded" '
-            f'BGCOLOR="{HEAD_FILL}" COLOR="#4a6d8c">{rows}</TABLE>>')
+            f'BGCOLOR="{HEAD_FILL}" COLOR="{HEAD_LINE}">{rows}</TABLE>>')
 
 
-def _legend(has_scores: bool) -> str:
+def _legend(has_scores: bool, grouped: bool) -> str:
     """HTML label of the legend box."""
     rows = [
         f'<TR><TD BGCOLOR="{HEAD_FILL}" STYLE="rounded">a1.h2</TD><TD ALIGN="LEFT">attention '
-        'head (q/k/v inputs)</TD></TR>',
+        f'head ({"q input, kv from its key/value head" if grouped else "q/k/v inputs"})</TD></TR>',
         f'<TR><TD BGCOLOR="{MLP_FILL}">m1</TD><TD ALIGN="LEFT">MLP</TD></TR>',
     ]
+    if grouped:
+        rows.append(f'<TR><TD BGCOLOR="{HEAD_FILL}" STYLE="rounded"><FONT POINT-SIZE="9">a1.kv0'
+                    '</FONT></TD><TD ALIGN="LEFT">key/value head (k/v inputs), shared by the '
+                    f'heads its <FONT COLOR="{HEAD_LINE}">- - -</FONT> edges reach</TD></TR>')
     if has_scores:
         rows += [
             f'<TR><TD><FONT COLOR="{POSITIVE}"><B>———</B></FONT></TD><TD ALIGN="LEFT">positive '
@@ -112,9 +123,17 @@ def to_graphviz(circuit: Circuit, reverse: bool = False, legend: bool = True,
         edge_attr=dict(arrowsize="0.5"),
     )
     edges = circuit.edges()
+    nodes = circuit.nodes
+    # (key/value head, query head) pairs of the circuit, drawn as dashed edges into port kv
+    in_nodes = set(nodes)
+    groups = [(kv, h) for kv in nodes if g.node(kv).kind == "kv" for h in group_of(g, kv)
+              if h in in_nodes]
+    head_ports = ("q", "k", "v") if g.group_size == 1 else ("q", "kv")
     used: dict[str, set[str]] = {}
     for e in edges:
         used.setdefault(e.target_node, set()).add(e.port or "")
+    for _, h in groups:
+        used.setdefault(h, set()).add("kv")
     node_values = circuit.node_values
 
     def tooltip(name: str) -> str:
@@ -123,22 +142,28 @@ def to_graphviz(circuit: Circuit, reverse: bool = False, legend: bool = True,
         return f"{name}: {float(node_values[g.src_index[name]]):.4g}"
 
     by_stage: dict[int, list[str]] = {}
-    for name in circuit.nodes:
+    for name in nodes:
         node = g.node(name)
         stage = (0 if node.kind == "input" else g.logits_stage if node.kind == "logits"
-                 else g.attn_stage(node.layer) if node.kind == "head" else g.mlp_stage(node.layer))
+                 else g.mlp_stage(node.layer) if node.kind == "mlp" else g.attn_stage(node.layer))
         by_stage.setdefault(stage, []).append(name)
         if node.kind == "head":
-            dot.node(name, _head_label(name, ports_below, used.get(name, set())), shape="plain",
-                     style="", tooltip=tooltip(name))
+            dot.node(name, _ports_label(name, head_ports, ports_below, used.get(name, set())),
+                     shape="plain", style="", tooltip=tooltip(name))
+        elif node.kind == "kv":
+            dot.node(name, _ports_label(name, ("k", "v"), ports_below, used.get(name, set()),
+                                      small=True),
+                     shape="plain", style="", tooltip=f"{name}: key/value head of "
+                     + ", ".join(group_of(g, name)))
         elif node.kind == "mlp":
             dot.node(name, name, shape="box", fillcolor=MLP_FILL, color="#b07a3b",
                      tooltip=tooltip(name))
         else:
             dot.node(name, name, shape="ellipse", fillcolor=END_FILL, color="#555555",
                      fontsize="13", tooltip=tooltip(name))
-    if legend and circuit.nodes:
-        dot.node("legend", _legend(circuit.edge_values is not None), shape="plain", style="")
+    if legend and nodes:
+        dot.node("legend", _legend(circuit.edge_values is not None, g.group_size > 1),
+                 shape="plain", style="")
         by_stage[0].append("legend")
     for names in by_stage.values():
         with dot.subgraph() as row:
@@ -146,6 +171,9 @@ def to_graphviz(circuit: Circuit, reverse: bool = False, legend: bool = True,
             for name in names:
                 row.node(name)
 
+    for kv, h in groups:
+        dot.edge(kv, f"{h}:kv", style="dashed", color=HEAD_LINE, penwidth="1",
+                 dir="none", tooltip=f"{kv} is the key/value head of {h}")
     ev = circuit.edge_values
     strongest = float((ev * circuit.mask).abs().max()) if ev is not None else 0.0
     for e in edges:

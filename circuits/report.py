@@ -141,9 +141,11 @@ def report_markdown(found: Discovery, files: Sequence[str] = (), command: str = 
     """
     c, s, held = found.circuit, found.scores, found.heldout
     m = c.metrics
-    # ablation and metric get their own row; d_model describes the model, not the method
+    # ablation and metric get their own row; d_model, dtype and device describe the model run,
+    # not the method
     method_options = {k: v for k, v in s.options.items()
-                      if k not in ("ablation", "metric", "d_model")}
+                      if k not in ("ablation", "metric", "d_model", "dtype", "device")}
+    run_on = ", ".join(str(s.options[k]) for k in ("dtype", "device") if k in s.options)
     opts = ", ".join(f"{k}={v}" for k, v in method_options.items()) or "defaults"
     selection = ", ".join(f"{k}={v}" for k, v in found.options.get("selection", {}).items())
     n_held = c.options.get("n_heldout", "?")
@@ -153,7 +155,7 @@ def report_markdown(found: Discovery, files: Sequence[str] = (), command: str = 
         *([f"`{command}`", ""] if command else []),
         markdown_table(["", ""], [
             ("task", f"{found.task.name}: {found.task.description or '(no description)'}"),
-            ("model", c.model),
+            ("model", f"{c.model} ({run_on})" if run_on else c.model),
             ("method", f"{c.method} ({opts})"),
             ("ablation / metric", f"{s.options.get('ablation')} / {s.options.get('metric')}"),
             ("level", found.options.get("level", c.level)),

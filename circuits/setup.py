@@ -1,4 +1,4 @@
-"""Everything a method runs on, resolved once: model, engine, batches, metric, ablated values."""
+"""Everything a method runs on, resolved once: model, engine, batches, metric, ablation."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .errors import OptionError, UnsupportedModelError
 from .graph import Graph
 from .metrics import Metric, get_metric
 from .model import Model
+from .store import DEFAULT_BUDGET, Store, check_budget
 
 
 @dataclass
@@ -23,8 +24,10 @@ class Setup:
     """A model, its discovery batches, a metric and an ablation, ready for any method.
 
     Batches get the clean last-position logits filled in (what the ``kl`` metric compares with).
-    The ablated source outputs of each batch are computed once, on first use, and shared by every
-    run of the method.
+    The ablated source outputs of a batch are computed as `items` reaches it and dropped after,
+    so memory grows with the batch size, not with the number of prompts; methods that loop over
+    the batches many times call ``items(reuse=True)``, which keeps them (up to `memory_budget`
+    bytes in memory, the rest on disk) for every later call.
 
     Parameters
     ----------
@@ -36,8 +39,14 @@ class Setup:
         Mean ablation per token position (needs prompts of one length).
     mean_reference : list[Tensor] or None
         Prompts to average for mean ablation; the batches' corrupted prompts by default.
-    task, model_name : str
-        Names recorded in the results.
+    task : str
+        Name recorded in the results.
+    memory_budget : int
+        Bytes of per-batch tensors kept in memory for reuse (the ablated outputs kept by
+        ``items(reuse=True)``; ACDC's clean traces get a budget of their own); beyond it they are
+        written to a temporary directory (under ``$TMPDIR``, which needs room for them) and read
+        back memory-mapped. 256 MiB by default; the directory is deleted by `close` or when the
+        Setup is garbage-collected.
     """
 
     model: Model
@@ -48,7 +57,9 @@ class Setup:
     mean_reference: list[Tensor] | None = None
     task: str = ""
     node_passes: PassCounter = field(default_factory=PassCounter)
+    memory_budget: int = DEFAULT_BUDGET
     _engine: Engine | None = field(default=None, repr=False)
+    _kept: Store | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.ablation not in ABLATIONS:
@@ -57,6 +68,7 @@ class Setup:
             )
         if not self.batches:
             raise OptionError("no prompts to run on; the task has no examples")
+        check_budget(self.memory_budget)
         self.metric = get_metric(self.metric)
         self.batches = [self._with_clean_logits(b) for b in self.batches]
 
@@ -74,10 +86,14 @@ class Setup:
         try:
             return self.engine.graph
         except UnsupportedModelError:
+            from .nodes import NodeSites
+
+            sites = NodeSites.of(self.model)
             cfg = self.model.hf.config
-            n_layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
-            n_heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
-            return Graph(n_layers, n_heads, bool(getattr(cfg, "use_parallel_residual", False)))
+            kv = getattr(cfg, "num_key_value_heads", None) or sites.n_heads
+            parallel = bool(getattr(cfg, "use_parallel_residual", False)
+                            or getattr(cfg, "parallel_attn", False))
+            return Graph(sites.n_layers, sites.n_heads, parallel, kv)
 
     @property
     def sign(self) -> float:
@@ -96,8 +112,9 @@ class Setup:
             return batch
         with torch.no_grad():
             mask = torch.ones_like(batch.clean)  # prompts are never padded
-            logits = self.model.hf(batch.clean, attention_mask=mask).logits[:, -1]
-        return batch.with_clean_logits(logits)
+            logits = self.model.hf(batch.clean, attention_mask=mask).logits
+        # a copy of the last position: the view would keep all of [b, p, vocab] alive
+        return batch.with_clean_logits(logits[:, -1].contiguous())  # [b, vocab]
 
     @cached_property
     def mean(self) -> Tensor | None:
@@ -108,16 +125,61 @@ class Setup:
         return self.engine.mean_outputs(ref, per_position=self.per_position)
 
     @cached_property
-    def ablated(self) -> list[Tensor]:
-        """Per batch, the ablated source outputs (broadcastable to ``[n_src, b, p, d]``)."""
-        return [
-            self.engine.ablated_outputs(b.clean, self.ablation, corrupt=b.corrupt, mean=self.mean)
-            for b in self.batches
-        ]
+    def _shared(self) -> Tensor | None:
+        """The ablated outputs every batch shares (mean and zero ablation), None for resample."""
+        if self.ablation == "resample":
+            return None
+        return self.engine.ablated_outputs(self.batches[0].clean, self.ablation, mean=self.mean)
 
-    def items(self) -> Iterator[tuple[Batch, Tensor, float]]:
-        """(batch, ablated outputs, weight) for each batch."""
-        yield from zip(self.batches, self.ablated, self.weights, strict=True)
+    def items(self, reuse: bool = False) -> Iterator[tuple[Batch, Tensor, float]]:
+        """(batch, ablated source outputs, weight) for each batch, in order.
+
+        Parameters
+        ----------
+        reuse : bool
+            Keep each batch's ablated outputs (resample ablation: the source outputs of its
+            corrupted prompts) for later calls, up to `memory_budget` bytes in memory and the
+            rest on disk. For callers that loop over the batches many times; without it the
+            outputs are computed as each batch is reached and dropped after (kept ones are
+            read either way).
+
+        Yields
+        ------
+        batch : Batch
+        ablated : Tensor
+            Broadcastable to ``[n_src, b, p, d]``.
+        weight : float
+            The batch's share of the examples.
+
+        Examples
+        --------
+        >>> from circuits import Setup
+        >>> from circuits.testing import make_batch, tiny_gpt2
+        >>> batches = [make_batch(vocab=32, seed=0), make_batch(vocab=32, seed=1)]
+        >>> setup = Setup(tiny_gpt2(), batches, "logit-diff")
+        >>> [(tuple(ablated.shape), w) for _, ablated, w in setup.items()]
+        [((7, 4, 6, 16), 0.5), ((7, 4, 6, 16), 0.5)]
+        """
+        if reuse and self._kept is None and self._shared is None:
+            self._kept = Store(self.memory_budget)
+        kept = self._kept
+        for i, (batch, weight) in enumerate(zip(self.batches, self.weights, strict=True)):
+            if self._shared is not None:
+                ablated = self._shared
+            elif kept is not None and i < len(kept):
+                ablated = kept[i]
+            else:
+                ablated = self.engine.ablated_outputs(batch.clean, "resample",
+                                                      corrupt=batch.corrupt)
+                if reuse and kept is not None and i == len(kept):
+                    kept.append(ablated)
+            yield batch, ablated, weight
+
+    def close(self) -> None:
+        """Drop the kept ablated outputs and delete their files (a later `items` recomputes)."""
+        if self._kept is not None:
+            self._kept.close()
+            self._kept = None
 
     def metric_values(self, logits: Tensor, batch: Batch) -> Tensor:
         """Per-example metric ``[rows]`` of last-position logits; rows may be variant-major

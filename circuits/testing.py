@@ -37,3 +37,48 @@ def make_batch(b: int = 4, p: int = 6, vocab: int = 40, seed: int = 0) -> Batch:
     answers = torch.randint(0, vocab, (b, 1), generator=gen)
     wrong = (answers + 1 + torch.randint(0, vocab - 1, (b, 1), generator=gen)) % vocab
     return Batch(clean, corrupt, answers, wrong)
+
+
+# Small configurations of each edge-level family: (transformers class, config class, defaults).
+_FAMILIES: dict[str, tuple[str, str, dict[str, object]]] = {
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(n_layer=2, n_head=4, n_embd=32)),
+    "neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", dict(
+        num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+        rotary_pct=0.25, use_parallel_residual=True)),
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+        intermediate_size=64)),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+        intermediate_size=64)),
+    "mistral": ("MistralForCausalLM", "MistralConfig", dict(
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+        intermediate_size=64, sliding_window=4)),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+        head_dim=8, intermediate_size=64, query_pre_attn_scalar=8, sliding_window=4,
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+}
+FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
+
+
+def tiny_model(family: str, vocab_size: int = 50, seed: int = 0, **config: object) -> Model:
+    """A randomly initialised `Model` (no tokenizer) of one edge-level family.
+
+    `family` is one of `FAMILIES`; `config` overrides the small default configuration (any
+    field of the family's ``transformers`` config).
+
+    Examples
+    --------
+    >>> tiny_model("llama", num_key_value_heads=1).hf.config.num_key_value_heads
+    1
+    """
+    import transformers
+
+    cls, cfg_cls, defaults = _FAMILIES[family]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, cfg_cls)(
+        vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, **{**defaults, **config}
+    )
+    hf = getattr(transformers, cls)(cfg).eval()
+    return Model(hf=hf, tokenizer=None, name=f"tiny-{family}")

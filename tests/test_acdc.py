@@ -49,7 +49,7 @@ def sequential_acdc(setup: Setup, threshold: float) -> tuple[torch.Tensor, torch
 
     def loss(removed: torch.Tensor) -> float:
         total = 0.0
-        for batch, ablated, weight in setup.items():
+        for batch, ablated, weight in setup.items(reuse=True):
             logits = engine.patched_logits(batch.clean, removed.double(), ablated)
             total += weight * float(kl(logits, batch).mean())
         return total

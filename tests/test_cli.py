@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from circuits import cli
 from circuits.graph import Graph
@@ -221,6 +222,52 @@ def test_export_every_format(discovered, tmp_path, capsys):
     assert run(["export", src, "--format", "mib", "--binary", "-o", str(tmp_path / "bin")],
                capsys)[0] == 0
     assert len(list((tmp_path / "bin").glob("edges_*.json"))) == 10  # MIB's ten budgets
+
+
+# -- devices and dtypes -----------------------------------------------------------------------
+def test_discover_and_evaluate_run_in_bfloat16(tmp_path, capsys):
+    out = tmp_path / "bf16"
+    half = ["--device", "cpu", "--dtype", "bfloat16"]
+    argv = ["discover", "ioi", *SMALL, "--select", "topk:30", *half, "--out", str(out)]
+    assert run(argv, capsys)[0] == 0
+    circuit = load_circuit(out / "circuit.json")
+    assert circuit.options["dtype"] == "bfloat16" and circuit.options["device"] == "cpu"
+    assert json.loads((out / "scores.json").read_text())["options"]["dtype"] == "bfloat16"
+    assert "| model | ioi-gpt2-4l (bfloat16, cpu) |" in (out / "report.md").read_text()
+    code, stdout, _ = run(["evaluate", str(out / "circuit.json"), "--n", "16", *half], capsys)
+    assert code == 0 and "ioi-gpt2-4l (bfloat16, cpu)" in stdout and "faithfulness" in stdout
+
+
+def test_bench_runs_in_bfloat16(tmp_path, capsys):
+    argv = ["bench", "--tasks", "induction", "--methods", "random", "--n", "8", "--device", "cpu",
+            "--dtype", "bfloat16", "--out", str(tmp_path)]
+    code, _, _ = run(argv, capsys)
+    assert code == 0
+    assert "bfloat16 on cpu" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("command", ["discover", "evaluate", "bench"])
+@pytest.mark.parametrize("flag, value, words", [
+    ("--dtype", "float64", ["'float64'", "float32, bfloat16 or float16"]),
+    ("--device", "gpu0", ["'gpu0'", "cuda:N"]),
+    ("--device", "cuda", ["no CUDA GPU", "use cpu"]),
+])
+def test_bad_device_or_dtype_exits_2_before_loading(command, flag, value, words, discovered,
+                                                    tmp_path, capsys, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    monkeypatch.setattr("circuits.api.load_model", no_loading)
+    monkeypatch.setattr("circuits.bench.load_model", no_loading)
+    out = tmp_path / "out"
+    argv = {"discover": ["discover", "ioi", "--out", str(out)],
+            "evaluate": ["evaluate", str(discovered[0] / "circuit.json")],
+            "bench": ["bench", "--tasks", "induction", "--methods", "eap", "--out", str(out)]}
+    code, stdout, err = run([*argv[command], flag, value], capsys)
+    assert code == 2 and stdout == ""
+    one_error_line(err, *words)
+    assert not out.exists()
 
 
 # -- errors -----------------------------------------------------------------------------------

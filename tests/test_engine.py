@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from circuits.engine import Engine
+from circuits.errors import OptionError
 from circuits.graph import Graph
+from circuits.runs import make_plan
 from circuits.testing import tiny_gpt2
 
 CONFIGS = [
@@ -156,7 +158,7 @@ def test_mean_ablation_values():
     assert torch.allclose(mean[:, 0, 0], outs.mean((1, 2)), atol=1e-6)
     per_pos = engine.mean_outputs([a, b], per_position=True)
     assert torch.allclose(per_pos[:, 0], outs.mean(1), atol=1e-6)
-    with pytest.raises(ValueError, match="one length"):
+    with pytest.raises(OptionError, match="one length"):
         engine.mean_outputs([a, b[:, :4]], per_position=True)
 
 
@@ -191,8 +193,8 @@ def test_per_edge_gradients_match_autograd_on_a_written_function():
         q, k, v = a.qkv(1, resid)
         _, k2, _ = a.qkv(1, x)
         k = torch.cat([k2[:, :1], k[:, 1:]], 1)
-        heads = a.head_outputs(1, a.attend(1, q, k, v))
-        after = resid + heads.sum(0) + a.attn_bias(1)
+        heads = a.head_writes(1, a.attend(1, q, k, v))
+        after = resid + heads.sum(0) + a.out_bias(1)
         final = after + a.mlp(1, after)
         return metric(a.unembed(final[:, -1]))
 
@@ -251,7 +253,7 @@ def test_gradients_of_a_patched_run_match_finite_differences():
     w = w * (torch.rand(w.shape, generator=gen) < 0.3) * g.valid
     metric = lambda logits: logits[:, 7].mean() - logits[:, 3].mean()  # noqa: E731
     with torch.no_grad():
-        patched_outs = engine._forward(ids, ablate=w[None], ablated=ablated, keep=True)[1].outs
+        patched_outs = engine.run(make_plan(g, w[None], keep=True), ids, ablated)[1].outs
     scores = engine.edge_attribution(ids, metric, ablated, delta=ablated - patched_outs, ablate=w)
     eps = 1e-6
     for edge in ["input->a1.h0<q>", "a0.h1->a2.h1<k>", "a1.h0->m1", "a0.h0->logits", "m0->m2"]:

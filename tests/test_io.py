@@ -110,7 +110,8 @@ def test_mib_layout(tmp_path):
     with pytest.raises(OptionError):
         c.export(tmp_path / "x.json", format="mib")  # MIB records d_model
     doc = json.loads(c.export(tmp_path / "imp.json", format="mib", d_model=16).read_text())
-    assert doc["cfg"] == {"n_layers": 2, "n_heads": 2, "parallel_attn_mlp": False, "d_model": 16}
+    assert doc["cfg"] == {"n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "parallel_attn_mlp": False,
+                          "d_model": 16}
     assert list(doc["nodes"])[:3] == ["input", "a0.h0", "a0.h1"] and "logits" in doc["nodes"]
     assert len(doc["edges"]) == c.graph.n_edges
     assert sum(e["in_graph"] for e in doc["edges"].values()) == c.n_edges

@@ -61,7 +61,12 @@ def _single_source_setup(model, source: str):
     ablated = clean.clone()
     s = engine.graph.src_index[source]
     ablated[s] = other[s]
-    setup.__dict__["ablated"] = [ablated]
+
+    def items(reuse: bool = False):
+        """The one batch with the hand-made ablated outputs."""
+        yield batch, ablated, 1.0
+
+    setup.items = items  # every method reads the ablated outputs through items()
     return setup
 
 
@@ -91,7 +96,7 @@ def test_eap_ig_inputs_is_complete(tiny):
     setup = Setup(tiny, [make_batch(vocab=40)], "logit-diff")
     engine = setup.engine
     g = engine.graph
-    batch, ablated = setup.batches[0], setup.ablated[0]
+    batch, ablated, _ = next(setup.items())
     w = torch.zeros(g.n_sources, g.n_destinations)
     w[0] = 1.0
     patched = setup.metric_mean(engine.patched_logits(batch.clean, w, ablated), batch)

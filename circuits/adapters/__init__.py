@@ -1,29 +1,35 @@
-"""Family adapters for the edge-level engine, looked up by the model's class name."""
+"""Family adapters for the edge-level engine, looked up by the model's class name.
+
+Adding a family is one adapter file (its `Architecture` and module lookups) listed in `FAMILIES`,
+plus its parity tests.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import Adapter
+from .base import Adapter, Architecture
+from .gemma2 import Gemma2Adapter
 from .gpt2 import GPT2Adapter
+from .llama import LlamaAdapter
+from .neox import NeoXAdapter
 
-ADAPTERS: dict[str, type[Adapter]] = {
-    arch: cls for cls in (GPT2Adapter,) for arch in cls.architectures
-}
+FAMILIES: tuple[type[Adapter], ...] = (GPT2Adapter, NeoXAdapter, LlamaAdapter, Gemma2Adapter)
+ADAPTERS: dict[str, type[Adapter]] = {arch: cls for cls in FAMILIES for arch in cls.architectures}
 
 
 def adapter_for(hf: nn.Module) -> Adapter:
-    """The adapter of `hf`'s family, or an UnsupportedModelError that says what still works."""
+    """The adapter of `hf`'s family, or an UnsupportedModelError naming the supported ones."""
     arch = type(hf).__name__
     cls = ADAPTERS.get(arch)
     if cls is None:
         raise UnsupportedModelError(
-            f"the edge-level engine does not support {arch} yet (supported: "
-            f"{', '.join(sorted(ADAPTERS))}); node-level methods such as activation patching "
-            "still work on it"
+            f"edge-level methods need one of the supported families ({', '.join(ADAPTERS)}), "
+            f"not {arch}; use a node-level method (--level node, e.g. activation-patching), "
+            "which runs on any causal LM"
         )
     return cls(hf)
 
 
-__all__ = ["ADAPTERS", "Adapter", "adapter_for"]
+__all__ = ["ADAPTERS", "FAMILIES", "Adapter", "Architecture", "adapter_for"]

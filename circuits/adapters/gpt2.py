@@ -1,16 +1,11 @@
-"""GPT-2 family adapter: the model's own modules, run in residual-decomposed order.
-
-Only what differs between families lives here: where the embeddings, LayerNorms, attention
-projections, MLPs and unembedding are, and how attention is computed per head.
-"""
+"""GPT-2: LayerNorm, learned positions, one fused q/k/v projection (Conv1D), sequential blocks."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .base import Adapter
+from .base import Adapter, Architecture, HeadWeights
 
 
 class GPT2Adapter(Adapter):
@@ -18,83 +13,55 @@ class GPT2Adapter(Adapter):
 
     architectures = ("GPT2LMHeadModel",)
 
-    def __init__(self, hf: nn.Module) -> None:
-        cfg = hf.config
-        self.hf = hf
-        self.n_layers = cfg.n_layer
-        self.n_heads = cfg.n_head
-        self.d_model = cfg.n_embd
-        self.d_head = cfg.n_embd // cfg.n_head
-        self.parallel = False
-        self.blocks = list(hf.transformer.h)
-        self.wte, self.wpe = hf.transformer.wte, hf.transformer.wpe
-        self.ln_f, self.lm_head = hf.transformer.ln_f, hf.lm_head
-        self._scale_base = self.d_head**-0.5 if cfg.scale_attn_weights else 1.0
-        self._by_layer = bool(getattr(cfg, "scale_attn_by_inverse_layer_idx", False))
+    def describe(self, cfg: object) -> Architecture:
+        H, d = cfg.n_head, cfg.n_embd
+        base = (d // H) ** -0.5 if cfg.scale_attn_weights else 1.0
+        by_layer = bool(getattr(cfg, "scale_attn_by_inverse_layer_idx", False))
+        return Architecture(
+            n_layers=cfg.n_layer, n_heads=H, n_kv_heads=H, d_model=d, d_head=d // H,
+            attn_scales=tuple(base / (i + 1) if by_layer else base for i in range(cfg.n_layer)),
+            windows=(None,) * cfg.n_layer,
+        )
 
-    # -- embeddings and unembedding -----------------------------------------------------------
+    @property
+    def _blocks(self) -> torch.nn.ModuleList:
+        return self.hf.transformer.h
+
     def embed(self, ids: Tensor) -> Tensor:
-        """``[b, p]`` ids -> ``[b, p, d]`` token + position embeddings."""
         pos = torch.arange(ids.shape[-1], device=ids.device)
-        return self.wte(ids) + self.wpe(pos)
+        return self.hf.transformer.wte(ids) + self.hf.transformer.wpe(pos)
 
     def unembed(self, x: Tensor) -> Tensor:
-        """``[..., p, d]`` residual -> ``[..., p, vocab]`` logits."""
-        return self.lm_head(self.ln_f(x))
+        return self.hf.lm_head(self.hf.transformer.ln_f(x))
 
-    # -- attention ----------------------------------------------------------------------------
-    def _qkv_weights(self, layer: int) -> tuple[Tensor, Tensor]:
-        attn = self.blocks[layer].attn
+    def attn_norm(self, layer: int, x: Tensor) -> Tensor:
+        return self._blocks[layer].ln_1(x)
+
+    def project(self, layer: int, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        a = self.arch
+        qkv = self._blocks[layer].attn.c_attn(h)  # [..., b, p, 3 * d]
+        # [..., b, p, 3, H, dh] -> [3, ..., b, H, p, dh]
+        qkv = qkv.unflatten(-1, (3, a.n_heads, a.d_head)).movedim(-3, 0).transpose(-3, -2)
+        return qkv[0], qkv[1], qkv[2]
+
+    def qkv_weights(self, layer: int) -> tuple[HeadWeights, HeadWeights, HeadWeights]:
+        a = self.arch
+        attn = self._blocks[layer].attn
         # Conv1D stores [d_in, d_out]; d_out is (q, k, v) x heads x d_head.
-        w = attn.c_attn.weight.view(self.d_model, 3, self.n_heads, self.d_head)
-        b = attn.c_attn.bias.view(3, self.n_heads, self.d_head)
-        return w, b
+        w = attn.c_attn.weight.view(a.d_model, 3, a.n_heads, a.d_head).permute(1, 2, 3, 0)
+        b = attn.c_attn.bias.view(3, a.n_heads, a.d_head)
+        return (w[0], b[0]), (w[1], b[1]), (w[2], b[2])
 
-    def qkv(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries, keys and values ``[..., b, H, p, dh]`` from a shared residual ``[..., b, p,
-        d]``."""
-        h = self.blocks[layer].ln_1(x)
-        qkv = self.blocks[layer].attn.c_attn(h)  # [..., b, p, 3 * d]
-        # [..., b, p, 3, H, dh] -> [..., 3, b, H, p, dh]
-        qkv = qkv.unflatten(-1, (3, self.n_heads, self.d_head)).movedim(-3, -5).transpose(-3, -2)
-        return qkv.select(-5, 0), qkv.select(-5, 1), qkv.select(-5, 2)
+    def out_weight(self, layer: int) -> Tensor:
+        a = self.arch
+        return self._blocks[layer].attn.c_proj.weight.view(a.n_heads, a.d_head, a.d_model)
 
-    def qkv_heads(self, layer: int, x: Tensor, ports: Tensor, heads: Tensor) -> Tensor:
-        """Queries, keys or values for chosen (port, head) pairs, each reading its own residual.
-
-        x : ``[n, b, p, d]``; ports : ``[n]`` (0 q, 1 k, 2 v); heads : ``[n]``.
-        Returns ``[n, b, p, dh]``.
-        """
-        h = self.blocks[layer].ln_1(x)
-        w, b = self._qkv_weights(layer)  # [d, 3, H, dh], [3, H, dh]
-        return torch.einsum("nbpd,dne->nbpe", h, w[:, ports, heads]) + b[ports, heads][
-            :, None, None, :
-        ]
-
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
-        """Attention per head: ``[..., H, p, dh]`` each -> ``z`` ``[..., H, p, dh]``.
-
-        ``causal=False`` is for a query at the last position alone, which sees every key.
-        """
-        scale = self._scale_base / (layer + 1) if self._by_layer else self._scale_base
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-
-    def head_outputs(self, layer: int, z: Tensor) -> Tensor:
-        """Each head's write to the residual: ``z`` ``[b, H, p, dh]`` -> ``[H, b, p, d]``."""
-        w = self.blocks[layer].attn.c_proj.weight.view(self.n_heads, self.d_head, self.d_model)
-        return torch.einsum("bhpe,hed->hbpd", z, w)
+    def out_bias(self, layer: int) -> Tensor | None:
+        return self._blocks[layer].attn.c_proj.bias
 
     def attn_output(self, layer: int, z: Tensor) -> Tensor:
-        """The summed attention write ``[..., b, p, d]`` (all heads and the bias) from ``z``."""
-        merged = z.movedim(-3, -2).flatten(-2)  # [..., b, p, H * dh]
-        return self.blocks[layer].attn.c_proj(merged)
+        return self._blocks[layer].attn.c_proj(z.transpose(-3, -2).flatten(-2))
 
-    def attn_bias(self, layer: int) -> Tensor:
-        """The output bias: a constant write that belongs to no head ``[d]``."""
-        return self.blocks[layer].attn.c_proj.bias
-
-    # -- MLP ----------------------------------------------------------------------------------
     def mlp(self, layer: int, x: Tensor) -> Tensor:
-        """The MLP's write ``[..., b, p, d]`` from its residual input (LayerNorm included)."""
-        block = self.blocks[layer]
+        block = self._blocks[layer]
         return block.mlp(block.ln_2(x))

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..cost import measure
 from ..errors import OptionError
+from ..model import dtype_name
 from ..scores import Level, Scores
 from ..setup import Setup
 
@@ -81,12 +82,15 @@ def run_method(name: str, setup: Setup, **options: Any) -> Scores:
     spec = get_method(name)
     device = setup.model.device
     counter = setup.engine.passes if spec.edge_engine else setup.node_passes
-    with measure(counter, device) as cost:
+    prompts = sum(b.size for b in setup.batches)
+    with measure(counter, device, prompts) as cost:
         out = spec.fn(setup, **options)
     values, extra = out if isinstance(out, tuple) else (out, {})
     graph = setup.graph
-    # d_model travels with the scores because MIB's submission format records it.
+    # d_model travels with the scores because MIB's submission format records it; dtype and
+    # device because the scores (and the cost) depend on them.
     recorded = {"ablation": setup.ablation, "metric": setup.metric.name,
-                "d_model": int(setup.model.hf.config.hidden_size), **options}
+                "d_model": int(setup.model.hf.config.hidden_size),
+                "dtype": dtype_name(setup.model.dtype), "device": str(device), **options}
     return Scores(graph, values, spec.level, name, setup.task, setup.model.name, recorded,
                   cost, extra)

@@ -23,9 +23,10 @@ What is measured
 How it runs fast
     Nothing upstream of the destination being visited has been ablated yet (removed edges all
     enter destinations at the same or later stages), so every candidate runs only from the
-    destination's stage on, restarting from a clean trace cached once per batch. The candidates
-    into one destination are evaluated by *prefix speculation*: the cumulative states "remove
-    e1", "remove e1, e2", ... run side by side as variants of one forward (``chunk`` at a time);
+    destination's stage on, restarting from a clean trace cached once per batch (in memory up to
+    the setup's ``memory_budget``, on disk beyond it). The candidates into one destination are
+    evaluated by *prefix speculation*: the cumulative states "remove e1", "remove e1, e2", ...
+    run side by side as variants of one forward (``chunk`` at a time);
     they are accepted in order while each one's change against the previous accepted state stays
     below τ; at the first rejection that edge is kept and speculation restarts after it (with
     half the width, which doubles again, up to ``chunk``, after each fully accepted block, to
@@ -37,6 +38,7 @@ How it runs fast
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -55,6 +57,7 @@ from ..engine import Trace
 from ..errors import CircuitsError, OptionError
 from ..graph import Graph
 from ..setup import Setup
+from ..store import Store
 from . import register
 
 log = logging.getLogger(__name__)
@@ -108,11 +111,18 @@ class _Loss:
         self.setup = setup
         self.kind = kind
         self.engine = setup.engine
-        # One clean trace per batch: the residual every stage reads and every source's output.
-        self.traces: list[Trace] = [self.engine.trace(b.clean, last_only=True)
-                                    for b in setup.batches]
+        # One clean trace per batch (the residual every stage reads and every source's output),
+        # in memory up to the setup's budget and on disk beyond it; `close` deletes them.
+        self.traces = Store(setup.memory_budget)
+        for b in setup.batches:
+            trace = self.engine.trace(b.clean, last_only=True)
+            self.traces.append({"outs": trace.outs, "resid": trace.resid, "logits": trace.logits})
         self.forwards = 0
         self.variants = 0
+
+    def close(self) -> None:
+        """Drop the clean traces (and delete their files)."""
+        self.traces.close()
 
     def __call__(self, removed: Tensor, stage: int) -> Tensor:
         """The loss ``[C]`` (float64) of each mask in `removed` ``[C, n_src, n_dst]``."""
@@ -120,7 +130,9 @@ class _Loss:
         model = self.setup.model
         ablate = removed.to(device=model.device, dtype=model.dtype)  # [C, n_src, n_dst]
         total = torch.zeros(C, dtype=torch.float64)
-        for (batch, ablated, weight), trace in zip(self.setup.items(), self.traces, strict=True):
+        for (batch, ablated, weight), kept in zip(self.setup.items(reuse=True), self.traces,
+                                                  strict=True):
+            trace = Trace(kept["outs"], kept["resid"], kept["logits"])
             logits = self.engine.patched_logits(
                 batch.clean, ablate, ablated, last_only=True, start=(stage, trace)
             )  # [C * b, vocab], variant-major
@@ -296,7 +308,6 @@ sorted(true_edges)
         raise OptionError(f"chunk must be a positive integer, got {chunk!r}")
 
     order = visit_order(graph)
-    loss = _Loss(setup, metric)
     metric_name = "kl" if metric == "kl" else f"task:{setup.metric.name}"
     header = {
         "format": CHECKPOINT_FORMAT,
@@ -308,62 +319,64 @@ sorted(true_edges)
     }
     path = None if checkpoint is None else Path(checkpoint)
     state = None if path is None else _load_checkpoint(path, header, graph)
-    if state is None:
-        none = torch.zeros(1, graph.n_sources, graph.n_destinations, dtype=torch.bool)
-        state = _State(
-            removed=none[0].clone(),
-            scores=torch.zeros(graph.n_sources, graph.n_destinations, dtype=torch.float64),
-            loss=float(loss(none, graph.logits_stage)[0]),
-        )
-    initial_loss = state.visits[0]["loss_before"] if state.visits else state.loss
 
     def is_small(change: float) -> bool:
         return (abs(change) if absolute else change) < threshold
 
     n_edges = graph.n_edges
-    visited = sum(v["edges"] for v in state.visits)
     from tqdm.auto import tqdm
 
-    t0 = time.perf_counter()
-    visited_at_start = visited
-    with tqdm(total=n_edges, initial=visited, unit="edge", desc="acdc",
-              disable=not _show_progress(progress), leave=False) as bar:
-        for position in range(state.position, len(order)):
-            dst = order[position]
-            stage = int(graph.dst_stage[dst])
-            _check_upstream_clean(graph, state.removed, stage)
-            sources = incoming(graph, dst)
-            node = graph.node(graph.destinations[dst]).name
-            loss_before = state.loss
-            evaluated = 0
-            # The node's outgoing edges are final (all go to later stages, visited already).
-            skipped = node != "logits" and not bool(
-                (graph.valid[graph.src_index[node]] & ~state.removed[graph.src_index[node]]).any()
+    with contextlib.closing(_Loss(setup, metric)) as loss:
+        if state is None:
+            none = torch.zeros(1, graph.n_sources, graph.n_destinations, dtype=torch.bool)
+            state = _State(
+                removed=none[0].clone(),
+                scores=torch.zeros(graph.n_sources, graph.n_destinations, dtype=torch.float64),
+                loss=float(loss(none, graph.logits_stage)[0]),
             )
-            if skipped:
-                state.removed[sources, dst] = True
-            else:
-                evaluated = _prune_into(dst, stage, sources, state, loss, chunk, is_small)
-            kept = sum(not bool(state.removed[s, dst]) for s in sources)
-            state.visits.append({
-                "destination": graph.destinations[dst], "edges": len(sources), "kept": kept,
-                "skipped": skipped, "evaluated": evaluated, "loss_before": loss_before,
-                "loss_after": state.loss,
-            })
-            state.position = position + 1
-            if path is not None:
-                _save_checkpoint(path, header, state)
-            visited += len(sources)
-            n_kept = int((graph.valid & ~state.removed).sum()) - (n_edges - visited)
-            bar.update(len(sources))
-            bar.set_postfix(kept=n_kept, refresh=False)
-            elapsed = time.perf_counter() - t0
-            rate = elapsed / max(1, visited - visited_at_start)
-            log.debug(
-                "acdc %s: %d/%d edges visited, %d kept, %.1fs elapsed, ~%.1fs left%s",
-                graph.destinations[dst], visited, n_edges, n_kept, elapsed,
-                rate * (n_edges - visited), " (skipped: disconnected)" if skipped else "",
-            )
+        initial_loss = state.visits[0]["loss_before"] if state.visits else state.loss
+        visited = sum(v["edges"] for v in state.visits)
+        t0 = time.perf_counter()
+        visited_at_start = visited
+        with tqdm(total=n_edges, initial=visited, unit="edge", desc="acdc",
+                  disable=not _show_progress(progress), leave=False) as bar:
+            for position in range(state.position, len(order)):
+                dst = order[position]
+                stage = int(graph.dst_stage[dst])
+                _check_upstream_clean(graph, state.removed, stage)
+                sources = incoming(graph, dst)
+                loss_before = state.loss
+                evaluated = 0
+                # The outgoing edges of the nodes this destination feeds (a head, a key/value
+                # head's group, an MLP) are final: they all go to later stages, visited already.
+                fed = graph.feeds[dst, :graph.n_sources]
+                skipped = not bool(graph.feeds[dst, -1]) and not bool(
+                    (graph.valid[fed] & ~state.removed[fed]).any()
+                )
+                if skipped:
+                    state.removed[sources, dst] = True
+                else:
+                    evaluated = _prune_into(dst, stage, sources, state, loss, chunk, is_small)
+                kept = sum(not bool(state.removed[s, dst]) for s in sources)
+                state.visits.append({
+                    "destination": graph.destinations[dst], "edges": len(sources), "kept": kept,
+                    "skipped": skipped, "evaluated": evaluated, "loss_before": loss_before,
+                    "loss_after": state.loss,
+                })
+                state.position = position + 1
+                if path is not None:
+                    _save_checkpoint(path, header, state)
+                visited += len(sources)
+                n_kept = int((graph.valid & ~state.removed).sum()) - (n_edges - visited)
+                bar.update(len(sources))
+                bar.set_postfix(kept=n_kept, refresh=False)
+                elapsed = time.perf_counter() - t0
+                rate = elapsed / max(1, visited - visited_at_start)
+                log.debug(
+                    "acdc %s: %d/%d edges visited, %d kept, %.1fs elapsed, ~%.1fs left%s",
+                    graph.destinations[dst], visited, n_edges, n_kept, elapsed,
+                    rate * (n_edges - visited), " (skipped: disconnected)" if skipped else "",
+                )
 
     kept_mask = graph.valid & ~state.removed
     skipped_visits = [v for v in state.visits if v["skipped"]]

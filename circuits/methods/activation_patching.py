@@ -41,7 +41,7 @@ def ablated_values(setup: Setup, sites: NodeSites, names: list[str]) -> list[dic
         out = []
         for batch in setup.batches:
             out.append(collect(setup.model, batch.corrupt, names))
-            setup.node_passes.forward += 1
+            setup.node_passes.add_forward(batch.size)
         return out
     if setup.ablation == "zero":
         dtype, device = setup.model.dtype, setup.model.device
@@ -56,7 +56,7 @@ def ablated_values(setup: Setup, sites: NodeSites, names: list[str]) -> list[dic
     count = 0
     for ids in reference:
         acts = collect(setup.model, ids, names)  # name -> [b, p, width]
-        setup.node_passes.forward += 1
+        setup.node_passes.add_forward(ids.shape[0])
         for name, act in acts.items():
             dims = (0,) if setup.per_position else (0, 1)
             s = act.sum(dims, keepdim=True)  # [1, p|1, width]
@@ -74,20 +74,21 @@ def _effects(
 ) -> Tensor:
     """``[len(patches)]`` weighted mean of ``sign * (m(clean) - m(patched))`` for patches given
     as (node, position or None for all positions)."""
-    total = torch.zeros(len(patches))
+    # summed where the model runs and moved to the CPU once, so no batch waits on a copy
+    total = torch.zeros(len(patches), device=setup.model.device)
     if not patches:
-        return total
+        return total.cpu()
     for batch, values, weight in zip(setup.batches, ablated, setup.weights, strict=True):
         clean = setup.metric_values(batch.clean_logits, batch)  # [b]
         variants = [{name: values[name]} for name, _ in patches]
         positions = [pos for _, pos in patches]
         logits = patch_each(setup.model, batch.clean, variants, positions=positions,
                             chunk=chunk, last_only=True)  # [C * b, V]
-        setup.node_passes.forward += len(patches)
+        setup.node_passes.add_forward(len(patches) * batch.size)
         patched = setup.metric_values(logits, batch).view(len(patches), batch.size)  # [C, b]
         effect = setup.sign * (clean[None] - patched).mean(1)  # [C]
-        total += weight * effect.detach().float().cpu()
-    return total
+        total += weight * effect.detach().float()
+    return total.cpu()
 
 
 @register(

@@ -49,13 +49,14 @@ def activation(setup: Setup, kind: Literal["norm", "diff"] = "norm") -> Tensor:
         raise OptionError(f"unknown activation kind {kind!r}; use 'norm' or 'diff'")
     engine = setup.engine
     g = engine.graph
-    per_source = torch.zeros(g.n_sources)
+    # summed where the model runs and moved to the CPU once, so no batch waits on a copy
+    per_source = torch.zeros(g.n_sources, device=setup.model.device)
     for batch, ablated, weight in setup.items():
         outs = engine.trace(batch.clean).outs  # [n_src, b, p, d]
         if kind == "diff":
             outs = ablated - outs
-        per_source += weight * outs.norm(dim=-1).mean((1, 2)).float().cpu()
-    return per_source[:, None] * g.valid
+        per_source += weight * outs.norm(dim=-1).mean((1, 2)).float()
+    return per_source.cpu()[:, None] * g.valid
 
 
 @register(
@@ -70,7 +71,7 @@ def grad_x_act(setup: Setup) -> Tensor:
     g = engine.graph
     total = torch.zeros(g.n_sources, g.n_destinations)
     zeros = engine.ablated_outputs(setup.batches[0].clean, "zero")
-    for batch, _, weight in setup.items():
+    for batch, weight in zip(setup.batches, setup.weights, strict=True):
         # against zeros, the delta the run takes from itself is -clean: no separate clean trace
         change = engine.edge_attribution(
             batch.clean, lambda logits, batch=batch: setup.metric_mean(logits, batch), zeros
@@ -92,9 +93,9 @@ def attention_patterns(setup: Setup, ids: Tensor) -> list[Tensor]:
     p = ids.shape[1]
     patterns = []
     with torch.no_grad():
-        for layer in range(a.n_layers):
-            q, k, _ = a.qkv(layer, trace.resid[g.attn_stage(layer)])  # [b, H, p, dh]
-            eye = torch.eye(p, dtype=q.dtype, device=q.device).expand(*q.shape[:2], p, p)
+        for layer in range(g.n_layers):
+            q, k, _ = a.qkv(layer, trace.resid[g.attn_stage(layer)])  # [b, H|K, p, dh]
+            eye = torch.eye(p, dtype=q.dtype, device=q.device).expand(*k.shape[:2], p, p)
             patterns.append(a.attend(layer, q, k, eye.contiguous()))
     return patterns
 
@@ -127,9 +128,10 @@ def attention_rollout(setup: Setup) -> Tensor:
     The score is ``sum_x u_s[x] rho_d[x]``, averaged over prompts.
     """
     engine = setup.engine
-    g, H = engine.graph, engine.adapter.n_heads
-    total = torch.zeros(g.n_sources, g.n_destinations)
-    for batch, _, weight in setup.items():
+    g = engine.graph
+    H, K = g.n_heads, g.n_kv_heads
+    total = torch.zeros(g.n_sources, g.n_destinations, device=setup.model.device)
+    for batch, weight in zip(setup.batches, setup.weights, strict=True):
         patterns = [A.float() for A in attention_patterns(setup, batch.clean)]  # [b, H, p, p]
         b, p = batch.clean.shape
         eye = torch.eye(p, device=patterns[0].device)
@@ -139,8 +141,9 @@ def attention_rollout(setup: Setup) -> Tensor:
         content[0] = c
         for layer, (A, R) in enumerate(zip(patterns, mixes, strict=True)):
             content[g.head_sources(layer)] = (A @ c[:, None, :, None]).squeeze(-1).transpose(0, 1)
+            read = c  # a parallel block's MLP reads what its attention reads
             c = (R @ c[..., None]).squeeze(-1)
-            content[g.mlp_source(layer)] = c
+            content[g.mlp_source(layer)] = read if g.parallel else c
         relevance = torch.zeros(g.n_destinations, b, p, device=eye.device)  # rho_d [n_dst, b, p]
         r = torch.zeros(b, p, device=eye.device)
         r[:, -1] = 1.0
@@ -150,10 +153,12 @@ def attention_rollout(setup: Setup) -> Tensor:
             relevance[g.mlp_destination(layer)] = r / 2
             dst = g.attn_destinations(layer).start
             reads_keys = (r[:, None, None, :] @ A).squeeze(2).transpose(0, 1) / (2 * H)  # [H,b,p]
+            # a shared key/value head serves every query head of its group
+            reads_keys = reads_keys.unflatten(0, (K, -1)).sum(1)  # [K, b, p]
             relevance[dst:dst + H] = (r / (2 * H)).expand(H, b, p)  # queries
-            relevance[dst + H:dst + 2 * H] = reads_keys  # keys
-            relevance[dst + 2 * H:dst + 3 * H] = reads_keys  # values
+            relevance[dst + H:dst + H + K] = reads_keys  # keys
+            relevance[dst + H + K:dst + H + 2 * K] = reads_keys  # values
             r = (r[:, None, :] @ mixes[layer]).squeeze(1)
         flow = torch.einsum("sbx,dbx->sd", content, relevance) / b
-        total += weight * flow.cpu()
-    return total * g.valid
+        total += weight * flow
+    return total.cpu() * g.valid

@@ -35,21 +35,23 @@ def _alphas(steps: int) -> Tensor:
 
 def _sweeps(setup: Setup, over: str, steps: int
             ) -> list[tuple[Tensor, Tensor | None, int | None]]:
-    """(ablate weights [steps, n_src, n_dst], destinations to score or None, the stage the run
-    can restart at) per sweep."""
+    """(ablate weights [steps, n_src, n_dst] on the model's device, moved there once rather than
+    on every batch; destinations to score or None; the stage the run can restart at) per
+    sweep."""
     g = setup.engine.graph
+    device = setup.model.device
     alphas = _alphas(steps)
     if over == "inputs":
         w = torch.zeros(steps, g.n_sources, g.n_destinations)
         w[:, 0, :] = alphas[:, None]
-        return [(w, None, None)]
+        return [(w.to(device), None, None)]
     if over == "activations":
         sweeps = []
         for stage in sorted(set(g.dst_stage.tolist())):
             only = g.dst_stage == stage
             w = torch.zeros(steps, g.n_sources, g.n_destinations)
             w[:, :, only] = alphas[:, None, None]
-            sweeps.append((w * g.valid, only, stage))
+            sweeps.append(((w * g.valid).to(device), only, stage))
         return sweeps
     raise OptionError(f"unknown EAP-IG variant {over!r}; use 'inputs' or 'activations'")
 

@@ -43,6 +43,7 @@ def path_effects(setup: Setup, senders: Sequence[Sequence[str]], receivers: Sequ
     """``sign * (m(clean) - m(patched))`` for each group of senders, ``[n_groups]``."""
     engine = setup.engine
     g = engine.graph
+    device = setup.model.device
     cols = receiver_columns(g, receivers)
     masks = []
     for group in senders:
@@ -51,16 +52,17 @@ def path_effects(setup: Setup, senders: Sequence[Sequence[str]], receivers: Sequ
             if s not in g.src_index:
                 raise OptionError(f"unknown sender {s!r}; senders are sources like 'a0.h1'")
             w[g.src_index[s], cols] = 1.0
-        masks.append(w * g.valid)
-    out = torch.zeros(len(masks))
+        masks.append((w * g.valid).to(device))
+    # the effects stay on the model's device until the end: no batch waits on a copy
+    out = torch.zeros(len(masks), device=device)
     for batch, ablated, weight in setup.items():
-        clean = setup.metric_mean(batch.clean_logits, batch).cpu()
+        clean = setup.metric_mean(batch.clean_logits, batch)
         for lo in range(0, len(masks), chunk):
             ws = torch.stack(masks[lo:lo + chunk])
             logits = engine.patched_logits(batch.clean, ws, ablated)
-            patched = setup.metric_values(logits, batch).view(len(ws), -1).mean(1).cpu()
+            patched = setup.metric_values(logits, batch).view(len(ws), -1).mean(1)
             out[lo:lo + len(ws)] += weight * (clean - patched)
-    return setup.sign * out
+    return setup.sign * out.cpu()
 
 
 @register(

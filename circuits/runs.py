@@ -1,0 +1,415 @@
+"""Run plans and the executors that carry them out.
+
+A run walks the graph's stages (embedding, then attention and MLP of each layer, then the
+unembedding). Every destination's input is the shared residual stream plus, for each upstream
+source whose edge into it is (partly) ablated, ``weight * (ablated - current)`` of that source:
+
+    input[d] = resid + sum_s ablate[s, d] * (ablated[s] - out[s])
+
+With ``ablate`` the 0/1 complement of a circuit this evaluates the circuit in one forward; with
+fractional weights it interpolates (integrated gradients); with none it is the plain model.
+
+Everything a run needs to know is resolved once into a frozen `RunPlan`: the stage it starts
+at, how many variants of the batch run side by side, which destinations of each stage read an
+input of their own (the others share the residual, so an unpatched run costs what the model's
+own forward costs), which sources are mixed into them, whether the run is recorded as a `Trace`
+and whether only the last position's logits are wanted. Two executors run plans:
+`run_patched` (no gradients) and `run_gradient` (each destination's input gets a hook that hands
+its gradient to a sink, so all edges are scored in one backward pass). Both count the rows they
+run through the model in one `PassCounter`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .adapters import Adapter
+from .cost import PassCounter
+from .graph import Graph
+
+# sink(destination indices [n], n upstream sources, gradient of their inputs [n, rows, p, d])
+GradSink = Callable[[Tensor, int, Tensor], None]
+
+
+@dataclass
+class Trace:
+    """What a clean run leaves behind for restarting later runs at any stage.
+
+    Attributes
+    ----------
+    outs : Tensor
+        ``[n_sources, b, p, d]`` every source's output.
+    resid : dict[int, Tensor]
+        ``resid[k]`` is the residual stream ``[b, p, d]`` that stage ``k`` reads.
+    logits : Tensor
+        ``[b, p, vocab]`` (or ``[b, vocab]`` when only the last position was unembedded).
+    """
+
+    outs: Tensor
+    resid: dict[int, Tensor]
+    logits: Tensor
+
+
+@dataclass(frozen=True)
+class ReaderPlan:
+    """The destinations of one reader (a layer's attention, a layer's MLP, the unembedding) that
+    read an input of their own.
+
+    first : the graph index of the reader's first destination. n_up : the sources upstream of
+    it. own : ``[n]`` the positions of those destinations among the reader's. weights : ``[C,
+    n_up, n]`` the weights of the upstream sources' deltas, or None when only gradients are
+    wanted there. used : ``[n_up]`` bool, the sources with a nonzero weight into them.
+    """
+
+    first: int
+    n_up: int
+    own: Tensor
+    weights: Tensor | None
+    used: Tensor | None
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A run resolved before it starts (see the module docstring)."""
+
+    variants: int
+    start: int
+    readers: dict[int, ReaderPlan]  # by first destination, for readers with own inputs
+    patched: bool
+    keep: bool
+    last_only: bool
+
+    @property
+    def split_heads(self) -> bool:
+        """Heads are computed one by one when their outputs are recorded or patched."""
+        return self.keep or self.patched
+
+    @property
+    def truncate(self) -> bool:
+        """After the last attention only the last position is computed."""
+        return self.last_only and not self.keep
+
+
+def make_plan(
+    graph: Graph,
+    weights: Tensor | None = None,
+    *,
+    start: int = 0,
+    own: Tensor | None = None,
+    keep: bool = False,
+    last_only: bool = False,
+) -> RunPlan:
+    """Resolve a run.
+
+    Parameters
+    ----------
+    weights : Tensor, optional
+        ``[C, n_src, n_dst]`` ablation weights (zero off the valid edges); None runs unpatched.
+    start : int
+        First stage to run; earlier ones come from a clean Trace. Weights into earlier stages
+        must be zero.
+    own : Tensor, optional
+        ``[n_dst]`` bool, destinations that need an input of their own even without weights
+        (those whose gradient is wanted).
+    keep, last_only : bool
+        Record a Trace; unembed only the last position.
+    """
+    C = 1 if weights is None else weights.shape[0]
+    readers: dict[int, ReaderPlan] = {}
+    for dsts in _readers(graph):
+        stage = int(graph.dst_stage[dsts.start])
+        if stage < start:
+            continue
+        n_up = graph.n_sources_before(stage)
+        need = torch.zeros(dsts.stop - dsts.start, dtype=torch.bool)
+        w = None
+        if weights is not None:
+            w = weights[:, :n_up, dsts]  # [C, n_up, nD]
+            need |= (w != 0).any(0).any(0).cpu()
+        if own is not None:
+            need |= own[dsts].cpu()
+        if not need.any():
+            continue
+        pos = need.nonzero().squeeze(1)
+        used = None
+        if w is not None:
+            w = w[:, :, pos.to(w.device)]
+            used = (w != 0).any(2).any(0)
+            if not used.any():
+                w = used = None
+        readers[dsts.start] = ReaderPlan(dsts.start, n_up, pos, w, used)
+    return RunPlan(C, start, readers, weights is not None, keep, last_only)
+
+
+def _readers(graph: Graph) -> list[slice]:
+    """The destinations of each reader, in run order: attention and MLP of every layer, then the
+    logits. (Readers of one stage — a parallel block's attention and MLP — read the same
+    residual but have inputs of their own.)"""
+    out = []
+    for layer in range(graph.n_layers):
+        m = graph.mlp_destination(layer)
+        out += [graph.attn_destinations(layer), slice(m, m + 1)]
+    return [*out, slice(graph.n_destinations - 1, graph.n_destinations)]
+
+
+class _Deltas:
+    """``ablated - current`` of every source written so far, ``[n_src, C*b, p, d]``.
+
+    With gradients the buffer holds detached values: reading rows of one buffer that autograd
+    tracks would send a buffer-sized gradient back at every stage. Deltas that gradients must
+    flow through (sources computed in this run) are kept as `live` groups (first row, last row
+    + 1, ``[n, C*b, p, d]``) instead.
+    """
+
+    def __init__(self, ablated: Tensor, like: Tensor, n_sources: int, C: int,
+                 tracked: bool) -> None:
+        self.ablated, self.C, self.tracked = ablated, C, tracked
+        self.buf = like.new_empty(n_sources, *like.shape)
+        self.live: list[tuple[int, int, Tensor]] = []
+
+    def record(self, sources: slice, value: Tensor, through: bool = True) -> None:
+        diff = _tile(self.ablated[sources], self.C) - value
+        self.buf[sources] = diff.detach() if self.tracked else diff
+        if self.tracked and through:
+            self.live.append((sources.start, sources.stop, diff))
+
+    def restore(self, cached: Tensor) -> None:
+        """Deltas of the sources before a restart, from their cached clean outputs."""
+        n = cached.shape[0]
+        self.buf[:n] = _tile(self.ablated[:n], self.C) - _tile(cached, self.C)
+
+    def cut(self) -> None:
+        self.buf = self.buf[..., -1:, :]
+        self.live = [(lo, hi, diff[..., -1:, :]) for lo, hi, diff in self.live]
+        if self.ablated.shape[2] > 1:
+            self.ablated = self.ablated[..., -1:, :]
+
+    def mix(self, used: Tensor, w: Tensor, n_up: int) -> Tensor:
+        """``sum over used sources r of w[:, r] * delta[r]`` ``[n, C*b, p, d]``: the buffer's
+        rows up to the first live group, then each live group that has a used row."""
+        n_const = min(self.live[0][0], n_up) if self.live else n_up
+        parts = []
+        if used[:n_const].any():
+            n_used = int(used[:n_const].sum())
+            # a gather copies; past half the sources, multiplying zeros is cheaper
+            if 2 * n_used < n_const:
+                rows = used[:n_const].nonzero().squeeze(1)
+                parts.append(_mix(self.buf[rows], w[:, rows], self.C))
+            else:
+                parts.append(_mix(self.buf[:n_const], w[:, :n_const], self.C))
+        for lo, hi, diff in self.live:
+            if lo >= n_up:
+                break
+            sel = used[lo:hi]
+            if sel.any():
+                parts.append(_mix(diff[sel], w[:, lo:hi][:, sel], self.C))
+        extra = parts[0]
+        for part in parts[1:]:
+            extra = extra + part
+        return extra
+
+
+class _Walk:
+    """One run of a plan: the shared residual, the destinations with inputs of their own, and
+    the records (deltas, Trace) the plan asks for."""
+
+    def __init__(self, adapter: Adapter, graph: Graph, plan: RunPlan, ablated: Tensor | None,
+                 sink: GradSink | None) -> None:
+        if plan.patched and ablated is None:
+            raise ValueError("a patched run needs the ablated source outputs")
+        self.a, self.g, self.plan = adapter, graph, plan
+        self.ablated, self.sink = ablated, sink
+        self.deltas: _Deltas | None = None
+        self.outs: Tensor | None = None
+        self.resid_at: dict[int, Tensor] = {}
+
+    def __call__(self, ids: Tensor, trace: Trace | None) -> tuple[Tensor, Trace | None]:
+        a, g, plan = self.a, self.g, self.plan
+        resid = self._begin(ids, trace)
+        last_attn = g.attn_stage(a.arch.n_layers - 1)
+        if plan.truncate and plan.start > last_attn:
+            resid = self._cut(resid)
+        for layer in range(a.arch.n_layers):
+            attn_in = resid
+            if g.attn_stage(layer) >= plan.start:
+                resid, attn_in = self._attention(layer, resid)
+            if g.mlp_stage(layer) >= plan.start:
+                resid = self._mlp(layer, attn_in if a.arch.parallel else resid, resid)
+        self.resid_at[g.logits_stage] = resid
+        got = self._inputs(g.n_destinations - 1, resid)
+        final = resid if got is None else got[0][0]
+        logits = a.unembed(final[:, -1] if plan.last_only else final)
+        trace = Trace(self.outs, self.resid_at, logits) if plan.keep else None
+        return logits, trace
+
+    def _begin(self, ids: Tensor, trace: Trace | None) -> Tensor:
+        """The residual `plan.start` reads ``[C*b, p, d]``, and the records of earlier stages."""
+        plan, C = self.plan, self.plan.variants
+        if plan.start == 0:
+            resid = self.a.embed(ids)
+        else:
+            if trace is None:
+                raise ValueError("a run that starts after the embedding needs a clean Trace")
+            resid = trace.resid[plan.start]
+        if self.sink is not None:
+            # gradients flow back to the start and no further
+            resid = resid.detach().requires_grad_(True)
+        resid = resid.repeat(C, 1, 1) if C > 1 else resid
+        if plan.keep:
+            self.outs = resid.new_empty(self.g.n_sources, *resid.shape)
+        if plan.patched:
+            self.deltas = _Deltas(self.ablated, resid, self.g.n_sources, C,
+                                  tracked=self.sink is not None)
+        if plan.start == 0:
+            # the embedding is the root of the backward: no gradient through its delta
+            self._record(slice(0, 1), resid[None], through=False)
+        else:
+            cached = trace.outs[:self.g.n_sources_before(plan.start)]
+            if self.outs is not None:
+                self.outs[:len(cached)] = _tile(cached, C)
+            if self.deltas is not None:
+                self.deltas.restore(cached)
+        return resid
+
+    def _record(self, sources: slice, value: Tensor, through: bool = True) -> None:
+        """Store a stage's source outputs ``[n, C*b, p, d]``."""
+        if self.outs is not None:
+            self.outs[sources] = value.detach()
+        if self.deltas is not None:
+            self.deltas.record(sources, value, through)
+
+    def _cut(self, resid: Tensor) -> Tensor:
+        """Keep only the last position from here on."""
+        if self.deltas is not None:
+            self.deltas.cut()
+        return resid[..., -1:, :]
+
+    def _inputs(self, first: int, base: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Inputs ``[n, C*b, p, d]`` of the reader's destinations that read their own (the reader
+        whose first destination is `first`), and their positions among the reader's; None when
+        all of them read `base`."""
+        rp = self.plan.readers.get(first)
+        if rp is None:
+            return None
+        if rp.weights is not None:
+            x = self.deltas.mix(rp.used, rp.weights, rp.n_up).add_(base)
+        else:
+            x = base.unsqueeze(0).expand(len(rp.own), *base.shape)
+        if self.sink is not None:
+            idx, n_up = rp.own + first, rp.n_up
+            x.register_hook(lambda grad: self.sink(idx, n_up, grad))
+        return x, rp.own
+
+    def _attention(self, layer: int, resid: Tensor) -> tuple[Tensor, Tensor]:
+        """Run a layer's attention; returns the residual after it and the stage's input (both
+        cut to the last position when this is where the run stops needing the others)."""
+        a, g, plan = self.a, self.g, self.plan
+        stage = g.attn_stage(layer)
+        self.resid_at[stage] = resid
+        q, k, v = self._qkv(layer, resid, self._inputs(g.attn_destinations(layer).start, resid))
+        if plan.truncate and layer == a.arch.n_layers - 1:
+            z = a.attend(layer, q[..., -1:, :], k, v)  # [C*b, H, 1, dh]
+            resid = self._cut(resid)
+        else:
+            z = a.attend(layer, q, k, v)
+        if not plan.split_heads:
+            return resid + a.attn_output(layer, z), resid
+        heads, rest = a.attn_sources(layer, z)  # [H, C*b, p, d]
+        self._record(g.head_sources(layer), heads)
+        after = resid + heads.sum(0)
+        return (after if rest is None else after + rest), resid
+
+    def _qkv(self, layer: int, resid: Tensor, got: tuple[Tensor, Tensor] | None
+             ) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values, each q/k/v destination with its own input where it has
+        one."""
+        a, g = self.a, self.g
+        if got is None:
+            return a.qkv(layer, resid)
+        x, pos = got
+        j = g.attn_destinations(layer).start + pos
+        ports, heads = g.dst_port[j], g.dst_head[j]
+        own = a.qkv_heads(layer, x, ports, heads)  # [n, C*b, p, dh]
+        H, K = g.n_heads, g.n_kv_heads
+        if len(pos) == g.n_attn_destinations:
+            # every q/k/v reads its own input: no shared projection needed
+            return tuple(own[lo:hi].transpose(0, 1) for lo, hi in ((0, H), (H, H + K),
+                                                                   (H + K, H + 2 * K)))
+        shared = a.qkv(layer, resid)  # [C*b, n, p, dh] each
+        out = []
+        for port, t in enumerate(shared):
+            sel = ports == port
+            if sel.any():
+                t = t.transpose(0, 1).index_put((heads[sel],), own[sel]).transpose(0, 1)
+            out.append(t)
+        return tuple(out)
+
+    def _mlp(self, layer: int, mlp_in: Tensor, resid: Tensor) -> Tensor:
+        self.resid_at.setdefault(self.g.mlp_stage(layer), mlp_in)
+        got = self._inputs(self.g.mlp_destination(layer), mlp_in)
+        out = self.a.mlp(layer, mlp_in if got is None else got[0][0])
+        m = self.g.mlp_source(layer)
+        self._record(slice(m, m + 1), out[None])
+        return resid + out
+
+
+def _stage_fraction(graph: Graph, start: int) -> float:
+    """The share of the model's stages a run from `start` goes through."""
+    return (graph.logits_stage + 1 - start) / (graph.logits_stage + 1)
+
+
+def run_patched(adapter: Adapter, graph: Graph, plan: RunPlan, ids: Tensor,
+                ablated: Tensor | None = None, trace: Trace | None = None,
+                counter: PassCounter | None = None) -> tuple[Tensor, Trace | None]:
+    """Carry out a plan without gradients: the logits and, when the plan keeps one, a Trace."""
+    if counter is not None:
+        counter.add_forward(plan.variants * ids.shape[0], _stage_fraction(graph, plan.start))
+    with torch.no_grad():
+        return _Walk(adapter, graph, plan, ablated, None)(ids, trace)
+
+
+def run_gradient(adapter: Adapter, graph: Graph, plan: RunPlan, ids: Tensor,
+                 metric: Callable[[Tensor, Trace | None], Tensor], sink: GradSink,
+                 ablated: Tensor | None = None, trace: Trace | None = None,
+                 counter: PassCounter | None = None) -> Trace | None:
+    """Carry out a plan with gradients: `metric` of the logits (and of the run's Trace, when the
+    plan keeps one) is differentiated, and the gradient of every destination input the plan
+    gives its own reaches `sink` as the backward pass goes by. The parameters' gradients are
+    left untouched."""
+    rows, fraction = plan.variants * ids.shape[0], _stage_fraction(graph, plan.start)
+    flags = [(p, p.requires_grad) for p in adapter.hf.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            logits, trace_out = _Walk(adapter, graph, plan, ablated, sink)(ids, trace)
+            metric(logits, trace_out).backward()
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    if counter is not None:
+        counter.add_forward(rows, fraction)
+        counter.add_backward(rows, fraction)
+    return trace_out
+
+
+def _mix(delta: Tensor, w: Tensor, C: int) -> Tensor:
+    """``out[D, (c, b)] = sum over r of w[c, r, D] * delta[r, (c, b)]`` as one (batched) matmul.
+
+    delta : ``[r, C*b, p, d]``; w : ``[C, r, nD]``; returns ``[nD, C*b, p, d]``.
+    """
+    r, rows, p, d = delta.shape
+    if C == 1:
+        return (w[0].T @ delta.reshape(r, -1)).view(-1, rows, p, d)
+    per = delta.reshape(r, C, -1).transpose(0, 1)  # [C, r, b*p*d]
+    out = torch.bmm(w.transpose(1, 2), per)  # [C, nD, b*p*d]
+    return out.transpose(0, 1).reshape(-1, rows, p, d)
+
+
+def _tile(x: Tensor, times: int) -> Tensor:
+    """Repeat the batch dimension (dim 1) of ``[n, b|1, p|1, d]`` `times` times."""
+    return x if times == 1 or x.shape[1] == 1 else x.repeat(1, times, 1, 1)
