@@ -119,28 +119,27 @@ def make_plan(
         Record a Trace; unembed only the last position.
     """
     C = 1 if weights is None else weights.shape[0]
+    # which edges are ablated in some variant: one transfer from the weights' device
+    nonzero = None if weights is None else (weights != 0).any(0).cpu()  # [n_src, n_dst]
+    need_all = torch.zeros(graph.n_destinations, dtype=torch.bool)
+    if nonzero is not None:
+        need_all |= nonzero.any(0)
+    if own is not None:
+        need_all |= own.cpu()
     readers: dict[int, ReaderPlan] = {}
     for dsts in _readers(graph):
         stage = int(graph.dst_stage[dsts.start])
-        if stage < start:
+        if stage < start or not need_all[dsts].any():
             continue
         n_up = graph.n_sources_before(stage)
-        need = torch.zeros(dsts.stop - dsts.start, dtype=torch.bool)
-        w = None
-        if weights is not None:
-            w = weights[:, :n_up, dsts]  # [C, n_up, nD]
-            need |= (w != 0).any(0).any(0).cpu()
-        if own is not None:
-            need |= own[dsts].cpu()
-        if not need.any():
-            continue
-        pos = need.nonzero().squeeze(1)
-        used = None
-        if w is not None:
-            w = w[:, :, pos.to(w.device)]
-            used = (w != 0).any(2).any(0)
-            if not used.any():
-                w = used = None
+        pos = need_all[dsts].nonzero().squeeze(1)
+        w = used = None
+        if nonzero is not None:
+            used = nonzero[:n_up, dsts][:, pos].any(1)  # [n_up]
+            if used.any():
+                w = weights[:, :n_up, dsts][:, :, pos.to(weights.device)]  # [C, n_up, n]
+            else:
+                used = None
         readers[dsts.start] = ReaderPlan(dsts.start, n_up, pos, w, used)
     return RunPlan(C, start, readers, weights is not None, keep, last_only)
 
