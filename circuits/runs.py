@@ -299,8 +299,9 @@ class _Walk:
         else:
             x = base.unsqueeze(0).expand(len(rp.own), *base.shape)
         if self.sink is not None:
-            idx, n_up = rp.own + first, rp.n_up
-            x.register_hook(lambda grad: self.sink(idx, n_up, grad))
+            # the hook must not hold the walk (and its buffers) alive past the backward
+            sink, idx, n_up = self.sink, rp.own + first, rp.n_up
+            x.register_hook(lambda grad: sink(idx, n_up, grad))
         return x, rp.own
 
     def _attention(self, layer: int, resid: Tensor) -> tuple[Tensor, Tensor]:
