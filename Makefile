@@ -37,6 +37,7 @@ test-deps:
 demo: setup
 	$(BIN)/circuits discover ioi
 
+# The tests and every docstring's Examples (testpaths and --doctest-modules in pyproject.toml).
 test: setup test-deps
 	$(BIN)/python -m pytest
 

@@ -1,4 +1,7 @@
-"""The top-level verbs: `score` a task's edges on a model, `discover` its circuit end to end."""
+"""The top-level verbs: `score` a task's edges on a model, `discover` its circuit end to end.
+
+Both take the task first and the model second (the task's reference model when left out).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +15,8 @@ import torch
 from .circuit import Circuit, select
 from .errors import OptionError
 from .evaluate import Evaluation, evaluate
-from .methods import get_method, run_method
-from .metrics import Metric
+from .methods import check_metric, check_options, run_method
+from .metrics import Metric, get_metric
 from .model import Model, dtype_name, load_model, resolve_device, resolve_dtype
 from .scores import Scores
 from .setup import Setup
@@ -29,6 +32,9 @@ def resolve(task: Task | str, model: Model | str | None = None, n: int | None = 
     """A built-in task name or JSONL file and a model name, path or None (the task's reference
     model), turned into a Task and a Model loaded on `device` in `dtype` (cpu and float32 when
     None; a model given loaded must already be there)."""
+    if isinstance(task, Model) or isinstance(model, Task):
+        raise OptionError("the task comes first, then the model: score(task, model, method) and "
+                          "discover(task, model, method)")
     device = None if device is None else resolve_device(device)
     dtype = None if dtype is None else resolve_dtype(dtype)
 
@@ -85,9 +91,17 @@ def make_setup(
                  task=task.name)
 
 
+def _check_method(method: str, metric: str | Metric | None, options: dict[str, Any]) -> None:
+    """The checks `run_method` makes, before anything is loaded: the method exists, takes these
+    options and can use the metric (the task's own metric is checked when it is known)."""
+    check_options(method, options)
+    if metric is not None:
+        check_metric(method, get_metric(metric))
+
+
 def score(
-    model: Model | str,
     task: Task | str,
+    model: Model | str | None = None,
     method: str = DEFAULT_METHOD,
     *,
     ablation: str = "resample",
@@ -101,10 +115,10 @@ def score(
 
     Parameters
     ----------
-    model : Model or str
-        A loaded model, or anything `load_model` takes.
     task : Task or str
         A Task, a built-in task name or a JSONL file.
+    model : Model or str, optional
+        A loaded model, or anything `load_model` takes; the task's reference model when None.
     method : str
         A registered method (``circuits methods``); EAP-IG by default.
     ablation : "resample", "mean" or "zero"
@@ -123,9 +137,15 @@ def score(
     Returns
     -------
     Scores
+
+    Raises
+    ------
+    OptionError
+        For an unknown method, an option the method does not take, or a metric it cannot use
+        (EAP with ``kl``), before anything is loaded.
     """
+    _check_method(method, metric, options)
     task, model = resolve(task, model, device=device, dtype=dtype)
-    get_method(method)
     setup = make_setup(model, task, ablation=ablation, metric=metric, batch_size=batch_size)
     return run_method(method, setup, **options)
 
@@ -206,7 +226,7 @@ def discover(
     if level not in ("edge", "node"):
         raise OptionError(f"unknown level {level!r}; use edge or node")
     chosen = parse_selection(selection) if isinstance(selection, str) else dict(selection)
-    get_method(method)
+    _check_method(method, metric, options)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     task, model = resolve(task, model, n=n, seed=seed, device=device, dtype=dtype)

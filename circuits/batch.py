@@ -7,6 +7,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from .errors import TaskError
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -35,9 +37,10 @@ class Batch:
 
     def __post_init__(self) -> None:
         if self.clean.shape != self.corrupt.shape:
-            raise ValueError(
+            raise TaskError(
                 f"clean {tuple(self.clean.shape)} and corrupt {tuple(self.corrupt.shape)} "
-                "token ids must have the same shape"
+                "token ids must have the same shape; pair each clean prompt with a corrupted "
+                "one of the same token length"
             )
 
     @property

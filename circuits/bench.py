@@ -10,6 +10,19 @@ pruning) reaching faithfulness 0.8, the ROC AUC of the ranking against the true 
 one is known (the planted tasks, ``circuits.planted.true_edges``), and the method's wall time,
 forward and backward passes and peak memory.
 
+Cost columns
+    Measured by `circuits.cost.measure` around the method on the discovery prompts, after the
+    ablated (corrupted) run that every method shares has been kept (see `prepare`). ``forward``
+    and ``backward`` are forward-equivalents over those prompts: the rows run through the model
+    times the share of its stages they went through, divided by the number of prompts (one plain
+    forward of every prompt is 1). ``peak_memory_mb`` is the most memory the method added at
+    once on top of what was in use when it began, in MiB: on the CPU the growth of the process's
+    peak resident memory, counted after freed heap memory is handed back to the system so that
+    memory reused from the run before is seen; on CUDA the growth of the tensors allocated (see
+    `circuits.cost` for exactly what each is). It grows with the batch size and the model; the
+    Setup streams per-batch tensors, so it grows with the number of batches only as far as
+    methods keep them (ACDC's clean traces, up to the Setup's memory budget).
+
 Ranking
     Every method's edges are ranked by |score| (MIB's convention for CMD; a method's sign is
     kept in its scores, and an edge that hurts the behavior is still part of the mechanism),
@@ -63,12 +76,13 @@ from .model import Model, dtype_name, load_model, resolve_device, resolve_dtype
 from .setup import Setup
 from .task import Task, get_task, list_tasks
 
-#: Bumped when a change to the runner changes the numbers, so old rows are recomputed.
-BENCH_VERSION = 1
+#: Bumped when a change to the runner changes the numbers, so old rows are recomputed (2: peak
+#: memory measured from the kernel's high-water mark, passes per prompt).
+BENCH_VERSION = 2
 DEFAULT_OUT = "benchmarks/results"
 REFERENCE_TASKS = ("ioi", "induction", "factual")
 PLANTED_TASKS = ("planted-induction", "planted-ioi", "planted-mlp")
-CAUSAL_METHODS = ("eap", "eap-ig", "eap-ig-activations", "exact", "acdc")
+CAUSAL_METHODS = ("eap", "eap-ig", "eap-ig-stages", "exact", "acdc")
 BASELINE_METHODS = ("random", "activation", "grad-x-act", "attention-rollout")
 QUICK_TASKS = ("induction", "planted-induction")
 FULL_N, QUICK_N = 128, 32
@@ -128,7 +142,7 @@ class BenchConfig:
 
     def method_options(self, method: str) -> dict[str, Any]:
         """Options passed to `method` (ACDC's τ is added per task, see the module notes)."""
-        if method in ("eap-ig", "eap-ig-activations"):
+        if method in ("eap-ig", "eap-ig-stages", "eap-ig-activations"):
             return {"steps": self.steps}
         if method == "acdc":
             return {"metric": "task"}
@@ -326,7 +340,8 @@ def bench_row(config: BenchConfig, prep: _Prepared, method: str, model: str,
         "cpr": _fmt(curve.cpr), "cmd": _fmt(curve.cmd),
         "edges_f0.8": smallest.n_edges, "roc_auc": None if auc is None else _fmt(auc),
         "seconds": f"{scores.cost.seconds:.4g}", "forward": _fmt(scores.cost.forward, 2),
-        "backward": scores.cost.backward, "peak_memory_mb": _fmt(scores.cost.peak_memory_mb, 1),
+        "backward": _fmt(scores.cost.backward, 2),
+        "peak_memory_mb": _fmt(scores.cost.peak_memory_mb, 3),
         "n_discovery": sum(b.size for b in prep.found.batches),
         "n_heldout": sum(b.size for b in prep.kept.batches),
         "n_edges": scores.graph.n_edges,
@@ -446,7 +461,7 @@ _MD_COLUMNS = (
     ("task", "task"), ("model", "model"), ("method", "method"), ("cpr", "CPR ↑"),
     ("cmd", "CMD ↓"), ("f_1%", "f@1%"), ("f_5%", "f@5%"), ("f_10%", "f@10%"),
     ("edges_f0.8", "edges f≥0.8"), ("roc_auc", "ROC AUC"), ("seconds", "time (s)"),
-    ("forward", "fwd"), ("backward", "bwd"), ("peak_memory_mb", "peak MB"),
+    ("forward", "fwd"), ("backward", "bwd"), ("peak_memory_mb", "peak MiB"),
 )
 
 
@@ -465,8 +480,11 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
                 value = f"{float(value):.3f}"
             elif col == "seconds" and value:
                 value = f"{float(value):.2f}"
-            elif col == "forward" and value:
+            elif col in ("forward", "backward") and value:
                 value = f"{float(value):g}"
+            elif col == "peak_memory_mb" and value not in ("", "nan"):
+                mib = float(value)
+                value = f"{mib:.1f}" if mib >= 1 else f"{mib:.3f}"
             cells.append(value)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -492,8 +510,11 @@ def write_report(out: Path, rows: Sequence[dict[str, Any]], config: BenchConfig,
         "and CMD are the areas under f and |1 - f| over MIB's edge fractions (0.1% ... 100%), "
         "f@x is the faithfulness of the top x of the edges (pruned), *edges f≥0.8* the "
         "smallest such circuit reaching 0.8, ROC AUC the ranking against the planted circuit. "
-        "Time, passes (batch-forward equivalents) and peak memory are those of scoring on the "
-        "discovery prompts.", "",
+        "Time, passes and peak memory are those of scoring on the discovery prompts, the "
+        "ablated run every method shares done beforehand: passes are forward-equivalents over "
+        "the prompts (one plain forward of every prompt is 1), peak memory the most the method "
+        "added at once on top of what was in use when it began (on the CPU the growth of the "
+        "process's peak resident memory; see `circuits/cost.py`).", "",
         markdown_table(rows),
     ]
     if notes:
@@ -575,7 +596,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tasks to run (default: ioi induction factual and the planted "
                              "tasks; with --quick: induction planted-induction)")
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
-                        help="edge methods to run (default: eap eap-ig eap-ig-activations exact "
+                        help="edge methods to run (default: eap eap-ig eap-ig-stages exact "
                              "acdc and the baselines random activation grad-x-act "
                              "attention-rollout)")
     parser.add_argument("--models", nargs="+", metavar="MODEL",

@@ -495,9 +495,9 @@ def select(
 def circuit_from_edges(graph: Graph, edges: Iterable[str], keep_dangling: bool = False,
                        **info: Any) -> Circuit:
     """A score-less circuit from edge names (``'a0.h1->m1'``) or, if every name is a node,
-    the circuit induced by those nodes."""
+    the circuit induced by those nodes; no names give the empty circuit."""
     names = list(edges)
-    if all("->" not in n for n in names):
+    if names and all("->" not in n for n in names):
         mask = graph.node_mask_to_edges(names)
     else:
         mask = graph.mask_from_edges(names)

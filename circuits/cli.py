@@ -161,7 +161,7 @@ def d_model_of(name: str) -> int | None:
 def cmd_discover(args: argparse.Namespace) -> int:
     """Score, select, evaluate on held-out prompts, write the six files, print a summary."""
     from .api import parse_selection
-    from .methods import get_method
+    from .methods import check_metric, get_method
     from .metrics import get_metric
 
     # check everything that can be wrong before the slow part starts
@@ -169,7 +169,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
     options = method_options(args.method, args)
     selection = parse_selection(args.select)
     if args.metric is not None:
-        get_metric(args.metric)
+        check_metric(args.method, get_metric(args.metric))
     if not 0 < args.heldout < 1:
         _fail(f"--heldout must be a fraction between 0 and 1, got {args.heldout}")
     if args.batch_size < 1:
@@ -480,7 +480,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                    help="seeds the prompts, the split and the method; same seed, same circuit "
                    "(default: %(default)s)")
     p.add_argument("--steps", type=int, metavar="K",
-                   help="integration steps (eap-ig, eap-ig-activations; method default if unset)")
+                   help="integration steps (eap-ig, eap-ig-activations, eap-ig-stages; method "
+                        "default if unset)")
     p.add_argument("--threshold", type=float, metavar="TAU",
                    help="ACDC's removal threshold τ (acdc; method default if unset)")
     add_device_arguments(p)

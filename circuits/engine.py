@@ -161,7 +161,7 @@ class Engine:
         delta : Tensor, optional
             ``[n_src, b, p, d]`` differences to score against. By default ``ablated - clean``
             taken from this very run (which must then be unpatched): EAP in one forward and one
-            backward.
+            backward. `ids` may repeat the ``b`` prompts (step-major); the repeats share it.
         ablate : Tensor, optional
             ``[n_src, n_dst]`` or ``[C, n_src, n_dst]`` interpolation weights of the run itself
             (integrated gradients); with C variants the gradients of all variants are summed.
@@ -177,7 +177,6 @@ class Engine:
             ``[n_src, n_dst]`` float32 on the CPU, zero off the valid edges.
         """
         g = self.graph
-        b = ids.shape[0]
         if delta is None and ablate is not None:
             raise OptionError("pass delta explicitly for an interpolated run")
         stage, trace = start if start is not None else (0, None)
@@ -189,9 +188,10 @@ class Engine:
         ref = {"delta": delta}
 
         def sink(dsts: Tensor, n_up: int, grad: Tensor) -> None:
-            grad = grad.unflatten(1, (-1, b)).sum(1)  # variants share delta: [nD, b, p, d]
             # past the last attention only the last position is computed (and matters)
             d = ref["delta"][:n_up, :, -grad.shape[2]:].to(grad.dtype)
+            # variants and repeats of the prompts share delta: [nD, b, p, d]
+            grad = grad.unflatten(1, (-1, d.shape[1])).sum(1)
             scores[:n_up, dsts.to(scores.device)] += torch.einsum("sbpd,Dbpd->sD", d,
                                                                   grad).float()
 

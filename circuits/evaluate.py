@@ -367,12 +367,12 @@ def _truth(graph: Graph, level: Level, true: Circuit | Tensor | Iterable[str]) -
             raise OptionError(f"{unknown[0]!r} is not a head or MLP of this graph; name nodes "
                               "like 'a0.h1' or 'm2'")
         return np.array([s in names for s in graph.sources[1:]])
-    if all("->" not in name for name in names):
-        return graph.node_mask_to_edges(names)[graph.valid].numpy()
     try:
+        if names and all("->" not in name for name in names):
+            return graph.node_mask_to_edges(names)[graph.valid].numpy()
         return graph.mask_from_edges(sorted(names))[graph.valid].numpy()
-    except KeyError as err:
-        raise OptionError(f"true circuit: {err.args[0]}; name edges like 'a0.h1->m2'") from None
+    except OptionError as err:
+        raise OptionError(f"true circuit: {err}") from None
 
 
 def _keys(scores: Scores, by_abs: bool) -> np.ndarray:

@@ -21,6 +21,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .errors import OptionError
+
 NodeKind = Literal["input", "head", "kv", "mlp", "logits"]
 QKV = ("q", "k", "v")
 
@@ -69,7 +71,8 @@ def parse_edge(name: str) -> Edge:
     """Split ``'src->dst'`` into an Edge."""
     source, sep, destination = name.partition("->")
     if not sep or not source or not destination:
-        raise ValueError(f"edge name {name!r} is not of the form 'source->destination'")
+        raise OptionError(f"edge name {name!r} is not of the form 'source->destination'; name "
+                          "edges like 'a0.h1->m2'")
     return Edge(source.strip(), destination.strip())
 
 
@@ -112,7 +115,8 @@ class Graph:
                  n_kv_heads: int | None = None) -> None:
         K = n_heads if n_kv_heads is None else n_kv_heads
         if K < 1 or n_heads % K:
-            raise ValueError(f"{n_heads} query heads cannot share {K} key/value heads evenly")
+            raise OptionError(f"{n_heads} query heads cannot share {K} key/value heads evenly; "
+                              "use a number of key/value heads that divides them")
         self.n_layers = n_layers
         self.n_heads = n_heads
         self.n_kv_heads = K
@@ -235,9 +239,12 @@ class Graph:
         try:
             i, j = self.src_index[e.source], self.dst_index[e.destination]
         except KeyError as missing:
-            raise KeyError(f"{missing.args[0]!r} is not a node of this graph") from None
+            raise OptionError(f"{missing.args[0]!r} is not a node of this graph; use input, "
+                              "a{layer}.h{head}, m{layer} or logits, with q/k/v ports like "
+                              "'a1.h0<q>'") from None
         if not self.valid[i, j]:
-            raise KeyError(f"there is no edge {e.name}: {e.source} is not upstream of it")
+            raise OptionError(f"there is no edge {e.name}: {e.source} is not upstream of "
+                              f"{e.destination}")
         return i, j
 
     def edges(self) -> list[Edge]:
@@ -274,7 +281,8 @@ class Graph:
         if self.group_size > 1 and f"{base}<k>" in self.dst_index:
             layer, kv = base[1:].split(".kv")
             return Node(base, "kv", int(layer), int(kv))
-        raise KeyError(f"{name!r} is not a node of this graph")
+        raise OptionError(f"{name!r} is not a node of this graph; use input, a{{layer}}.h{{head}}, "
+                          "m{layer} or logits")
 
     @cached_property
     def feeds(self) -> Tensor:
@@ -324,9 +332,11 @@ class Graph:
         """Edge mask of the circuit induced by a node set: edges between kept nodes (a shared
         key/value destination is kept when any head of its group is).
 
-        ``input`` and ``logits`` are always kept.
+        ``input`` and ``logits`` are always kept; an unknown name is an OptionError.
         """
         keep = set(nodes) | {"input", "logits"}
+        for name in keep:
+            self.node(name)
         src_keep = torch.tensor([s in keep for s in self.sources])
         dst_keep = (self.feeds & torch.cat([src_keep, torch.tensor([True])])[None, :]).any(1)
         return self.valid & src_keep[:, None] & dst_keep[None, :]

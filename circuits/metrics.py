@@ -37,11 +37,15 @@ class Metric:
         ``fn(logits [batch, vocab], batch) -> Tensor [batch]``.
     higher_is_better : bool
         Whether a larger value means the behavior is shown more strongly.
+    flat_at_clean : bool
+        Whether its gradient is zero at the clean run, as for KL(clean || current), which is
+        smallest there: methods that only take gradients at the clean run (EAP) refuse it.
     """
 
     name: str
     fn: Callable[[Tensor, Batch], Tensor]
     higher_is_better: bool = True
+    flat_at_clean: bool = False
 
     def __call__(self, logits: Tensor, batch: Batch) -> Tensor:
         """Return the per-example values ``[batch]`` for last-position `logits` ``[batch, vocab]``.
@@ -174,7 +178,7 @@ METRICS: dict[str, Metric] = {
     "logit-diff": Metric("logit-diff", logit_diff, True),
     "prob-diff": Metric("prob-diff", prob_diff, True),
     "logprob": Metric("logprob", logprob, True),
-    "kl": Metric("kl", kl, False),
+    "kl": Metric("kl", kl, False, flat_at_clean=True),
 }
 
 

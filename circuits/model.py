@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .errors import ModelLoadError, OptionError
+from .errors import ModelLoadError, OptionError, TaskError
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -146,7 +146,7 @@ class Model:
         """Token ids ``[batch, pos]`` of texts that all have the same token length."""
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         if len({len(x) for x in ids}) != 1:
-            raise ValueError("texts have different token lengths; tokenize them separately")
+            raise TaskError("texts have different token lengths; tokenize them separately")
         return torch.tensor(ids, device=self.device)
 
 
@@ -248,7 +248,9 @@ def load_model(
     Examples
     --------
     >>> import circuits
-    >>> model = circuits.load_model("ioi-gpt2")  # doctest: +SKIP
+    >>> model = circuits.load_model("ioi-gpt2-4l")
+    >>> model.name, model.hf.config.n_layer
+    ('ioi-gpt2-4l', 4)
     """
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     folder, display = _resolve(name_or_path)

@@ -7,6 +7,7 @@ caller with `circuits.io.write_atomic`, so an error never leaves half a file beh
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -177,8 +178,10 @@ def report_markdown(found: Discovery, files: Sequence[str] = (), command: str = 
              f"{_number(held.metric_empty)}"),
             ("time (everything)", f"{found.seconds:.1f} s"),
             ("time (scoring)", f"{s.cost.seconds:.2f} s"),
-            ("passes (scoring)", f"{s.cost.forward:g} forward, {s.cost.backward} backward"),
-            ("peak memory (scoring)", f"{s.cost.peak_memory_mb:.0f} MiB"),
+            ("passes (scoring)", f"{s.cost.forward:.3g} forward, {s.cost.backward:.3g} backward "
+             "(forward-equivalents over the prompts)"),
+            ("peak memory (scoring)", "not measured" if math.isnan(s.cost.peak_memory_mb)
+             else f"{s.cost.peak_memory_mb:.3g} MiB"),
         ]),
         "",
     ]

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .cost import Cost
+from .errors import OptionError
 from .graph import Graph
 
 Level = Literal["edge", "node"]
@@ -48,14 +49,15 @@ class Scores:
         g = self.graph
         want = (g.n_sources, g.n_destinations) if self.level == "edge" else (g.n_sources,)
         if tuple(self.values.shape) != want:
-            raise ValueError(f"{self.level} scores must have shape {want}, got "
-                             f"{tuple(self.values.shape)}")
+            raise OptionError(f"{self.level} scores must have shape {want}, got "
+                              f"{tuple(self.values.shape)}; give one score per "
+                              f"{'source x destination' if self.level == 'edge' else 'source'}")
         self.values = self.values.detach().float().cpu()
 
     def edge_scores(self) -> dict[str, float]:
         """``{'src->dst': score}`` for every edge (edge level only)."""
         if self.level != "edge":
-            raise ValueError("these are node scores; use node_scores()")
+            raise OptionError("these are node scores; use node_scores()")
         v = self.values
         return {e.name: float(v[self.graph.edge_index(e)]) for e in self.graph.edges()}
 

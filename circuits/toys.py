@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .batch import Batch
+from .errors import OptionError
 from .model import Model
 
 VOCAB = 8  # token 0 is BOS, tokens 1..7 fill the prompts
@@ -206,7 +207,7 @@ def induction_batches(
     [4, 4, 2]
     """
     if not 4 <= length <= POSITIONS or length - 2 > VOCAB - 1:
-        raise ValueError(f"length must be between 4 and {POSITIONS}, got {length}")
+        raise OptionError(f"length must be between 4 and {POSITIONS}, got {length}")
     gen = torch.Generator().manual_seed(seed)
 
     def prompts(count: int) -> tuple[Tensor, Tensor, Tensor]:

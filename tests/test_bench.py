@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from pathlib import Path
 
 import pytest
 
 from circuits import bench
+from circuits.circuit import select
 from circuits.errors import OptionError
+from circuits.evaluate import MIB_FRACTIONS, cpr, evaluate
 from circuits.graph import Graph
+from circuits.methods import run_method
+from circuits.model import load_model
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -74,6 +79,14 @@ def test_markdown_table_rounds_and_leaves_unknowns_blank():
                      "0.12", "10", "10", "5.4"]
 
 
+@pytest.mark.parametrize(("mib", "shown"), [("0.0081", "0.008"), ("1234.567", "1234.6"),
+                                            ("nan", "nan")])
+def test_markdown_table_keeps_small_memory_figures(mib: str, shown: str):
+    """A method that adds a few KiB is not rounded to 0; an unmeasured one stays nan."""
+    line = bench.markdown_table([{"peak_memory_mb": mib}]).splitlines()[2]
+    assert line.strip("| ").split(" | ")[-1].strip() == shown
+
+
 def test_options_defaults_and_errors():
     config, _ = bench.config_from_args(parse(["--tasks", "ioi", "--methods", "eap"]))
     assert config.n == bench.FULL_N and config.steps == bench.FULL_STEPS
@@ -93,7 +106,7 @@ def test_options_defaults_and_errors():
 
 def test_default_methods_are_registered_edge_methods():
     chosen, notes = bench.default_methods()
-    assert chosen[:5] == ["eap", "eap-ig", "eap-ig-activations", "exact", "acdc"]
+    assert chosen[:5] == ["eap", "eap-ig", "eap-ig-stages", "exact", "acdc"]
     named = bench.CAUSAL_METHODS + bench.BASELINE_METHODS
     assert len(chosen) + len(notes) == len(named)
 
@@ -117,16 +130,34 @@ def test_quick_run_writes_the_table_and_resumes(tmp_path: Path, capsys):
         assert list(out.glob(f"curves_{task}__*.png"))
     for row in rows:
         assert set(bench.COLUMNS) <= set(row)
-        # The full circuit is the model and the empty one nothing: f(100%) is 1 exactly.
-        assert float(row["f_100%"]) == pytest.approx(1.0, abs=1e-6)
+        # CPR is the area under the row's own curve (columns rounded to 4 decimals, so the two
+        # trapezoid sums differ by at most 0.5e-4, plus CPR's own rounding)
+        curve = [float(row[c]) for c in bench.CURVE_COLUMNS]
+        assert float(row["cpr"]) == pytest.approx(cpr(MIB_FRACTIONS, curve), abs=1.1e-4)
         assert int(row["n_discovery"]) + int(row["n_heldout"]) == bench.QUICK_N
         n_layers, n_heads = (2, 4) if row["task"] == "induction" else (None, None)
         if n_layers:
             assert int(row["n_edges"]) == Graph(n_layers, n_heads).n_edges
         assert 0 < int(row["edges_f0.8"]) <= int(row["n_edges"])
         assert float(row["seconds"]) > 0
+        if sys.platform.startswith("linux") and row["method"] != "random":
+            # random runs no model: its few KiB are below what resident memory resolves
+            assert float(row["peak_memory_mb"]) > 0, row["method"]
         has_truth = bench.true_edges(row["task"]) is not None
         assert (row["roc_auc"] != "") == has_truth
+    by_key = {(r["task"], r["method"]): r for r in rows}
+    # The ablated outputs are kept before any method is timed, so EAP costs its one
+    # forward-backward and nothing else, and random scores run no model at all.
+    eap = by_key[("induction", "eap")]
+    assert (float(eap["forward"]), float(eap["backward"])) == (1.0, 1.0)
+    random = by_key[("induction", "random")]
+    assert (float(random["forward"]), float(random["backward"])) == (0.0, 0.0)
+    # The curve is measured on the held-out prompts: redo one point of it by hand.
+    prep = bench.prepare(config, "induction", load_model("induction-gpt2-2l"))
+    scores = run_method("eap", prep.found)
+    k = int(0.1 * scores.graph.n_edges)
+    assert evaluate(select(scores, top_k=k), prep.kept).faithfulness == pytest.approx(
+        float(eap["f_10%"]), abs=1e-4)
     md = (out / "results.md").read_text()
     assert "| task | model | method | CPR" in md and "time_vs_cpr.png" in md
     before = (out / "results.csv").read_text()

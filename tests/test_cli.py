@@ -172,19 +172,32 @@ def test_method_options_are_checked_and_passed(tmp_path, capsys):
 
 # -- evaluate, render, export -----------------------------------------------------------------
 def test_evaluate_prints_faithfulness_and_the_curve(discovered, capsys):
+    from circuits.api import make_setup, resolve
+    from circuits.evaluate import evaluate, faithfulness_curve
+
     out, _ = discovered
     code, stdout, _ = run(["evaluate", str(out / "circuit.json"), "--n", "16"], capsys)
     assert code == 0
     circuit = load_circuit(out / "circuit.json")
     assert "seed 4" in stdout  # fresh prompts: the discovery's seed 3, plus one
     assert f"{circuit.n_edges} / {ioi_edges()}" in stdout
+    # the numbers printed are the circuit's on those 16 prompts, computed here by hand
+    task, model = resolve("ioi", None, n=16, seed=4)
+    setup = make_setup(model, task)
+    result = evaluate(circuit, setup)
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1)
+                for line in stdout.split("faithfulness curve", 1)[0].strip().splitlines())
+    assert rows["faithfulness"] == f"{result.faithfulness:.3f}"
+    assert rows["metric: circuit"] == f"{result.metric_circuit:.4f}"
+    assert rows["metric: empty"] == f"{result.metric_empty:.4f}"
     curve = stdout.split("faithfulness curve", 1)[1].splitlines()
-    fractions = [line.split()[0] for line in curve[3:13]]
-    assert fractions == ["0.1%", "0.2%", "0.5%", "1.0%", "2.0%", "5.0%", "10.0%", "20.0%",
-                         "50.0%", "100.0%"]
-    # the whole graph reproduces the model: faithfulness 1 at 100%
-    assert curve[12].split()[1:] == [str(ioi_edges()), "1.000"]
-    assert "CPR" in stdout and "CMD" in stdout
+    want = faithfulness_curve(circuit.scores, setup)
+    printed = [line.split() for line in curve[3:13]]
+    assert [row[0] for row in printed] == ["0.1%", "0.2%", "0.5%", "1.0%", "2.0%", "5.0%",
+                                           "10.0%", "20.0%", "50.0%", "100.0%"]
+    assert [row[1:] for row in printed] == [[str(k), f"{f:.3f}"] for k, f in
+                                            zip(want.n_edges, want.faithfulness, strict=True)]
+    assert f"CPR {want.cpr:.3f}" in stdout and f"CMD {want.cmd:.3f}" in stdout
 
 
 @pytest.mark.parametrize("suffix", ["svg", "png", "pdf", "dot", "html"])
@@ -383,3 +396,37 @@ def test_entry_points_in_a_subprocess(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     one_error_line(done.stderr, "unknown task")
     assert list(tmp_path.iterdir()) == []  # nothing written on a bad input
+
+
+# -- node level and mean ablation ---------------------------------------------------------------
+def test_discover_at_node_level_with_mean_ablation(tmp_path, capsys):
+    """The README's node-level example: ``--ablation mean`` reaches the method and
+    ``--level node`` scores each head and MLP by the sum of its outgoing edge scores, then keeps
+    the top components and the edges among them."""
+    from circuits.api import make_setup, resolve
+    from circuits.methods import run_method
+
+    out = tmp_path / "nodes"
+    argv = ["discover", "induction", "--method", "eap", "--ablation", "mean", "--level", "node",
+            "--select", "topk:3", "--n", "24", "--seed", "2", "--out", str(out)]
+    assert run(argv, capsys)[0] == 0
+    doc = json.loads((out / "scores.json").read_text())
+    assert doc["level"] == "node" and doc["options"]["ablation"] == "mean"
+    # the same scores by hand: the discovery part of the same prompts (70%, split by the seed)
+    task, model = resolve("induction", None, n=24, seed=2)
+    discovery, _ = task.split(0.7, seed=2)
+    sums = {}
+    for ablation in ("mean", "resample"):
+        edge = run_method("eap", make_setup(model, discovery, ablation=ablation))
+        sums[ablation] = dict(zip(edge.graph.sources, edge.values.sum(1).tolist(), strict=True))
+    assert doc["scores"] == pytest.approx(sums["mean"], abs=1e-5)
+    assert doc["scores"] != pytest.approx(sums["resample"], abs=1e-5)  # the option mattered
+    circuit = load_circuit(out / "circuit.json")
+    assert circuit.options["level"] == "node"
+    heads_and_mlps = sorted(sums["mean"], key=lambda s: -abs(sums["mean"][s]))
+    top = [s for s in heads_and_mlps if s != "input"][:3]
+    assert set(top) <= set(circuit.nodes)
+    kept = set(top) | {"input", "logits"}
+    for name in circuit.edge_names:
+        source, destination = name.split("->")
+        assert source in kept and destination.split("<")[0] in kept, name

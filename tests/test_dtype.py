@@ -91,7 +91,7 @@ def test_float16_runs_on_the_cpu():
     """float16 is allowed on the CPU: torch has the kernels (slowly); scores come out finite."""
     model = circuits.load_model(MODEL, dtype="float16")
     task = circuits.get_task("ioi", model.tokenizer, n=8)
-    scores = circuits.score(model, task, "eap")
+    scores = circuits.score(task, model, "eap")
     assert scores.options["dtype"] == "float16"
     assert torch.isfinite(scores.values).all() and scores.values.abs().max() > 0
 
@@ -124,20 +124,20 @@ def test_metrics_read_half_precision_logits_in_float32():
 # -- recording --------------------------------------------------------------------------------
 def test_score_and_discover_record_the_dtype(model32):
     task = circuits.get_task("ioi", model32.tokenizer, n=16)
-    scores = circuits.score(MODEL, task, "eap", dtype="bfloat16", device="cpu")
+    scores = circuits.score(task, MODEL, "eap", dtype="bfloat16", device="cpu")
     assert scores.options["dtype"] == "bfloat16" and scores.options["device"] == "cpu"
     found = circuits.discover(task, MODEL, "eap", selection="topk:10", dtype=torch.bfloat16)
     assert found.model.dtype == torch.bfloat16
     assert found.circuit.options["dtype"] == "bfloat16"
-    assert circuits.score(model32, task, "eap").options["dtype"] == "float32"
+    assert circuits.score(task, model32, "eap").options["dtype"] == "float32"
 
 
 def test_a_loaded_model_is_not_moved_behind_the_callers_back(model32):
     task = circuits.get_task("ioi", model32.tokenizer, n=4)
     with pytest.raises(OptionError, match="loaded on cpu in float32"):
-        circuits.score(model32, task, "eap", dtype="bfloat16")
+        circuits.score(task, model32, "eap", dtype="bfloat16")
     assert model32.dtype == torch.float32
-    assert circuits.score(model32, task, "eap", dtype="float32", device="cpu") is not None
+    assert circuits.score(task, model32, "eap", dtype="float32", device="cpu") is not None
 
 
 def test_bench_rows_of_another_dtype_or_device_are_recomputed():

@@ -233,7 +233,7 @@ def test_graph_names_and_indices():
     p = Graph(n_layers=2, n_heads=2, parallel=True)
     assert not p.valid[p.src_index["a0.h0"], p.dst_index["m0"]]
     assert g.n_edges - p.n_edges == 2 * 2
-    with pytest.raises(KeyError, match="no edge"):
+    with pytest.raises(OptionError, match="no edge"):
         g.edge_index("m1->a0.h0<q>")
 
 

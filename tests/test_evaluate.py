@@ -16,9 +16,10 @@ from circuits.evaluate import (
     roc_auc,
 )
 from circuits.graph import Graph
+from circuits.model import Model
 from circuits.scores import Scores
 from circuits.setup import Setup
-from circuits.testing import tiny_gpt2
+from circuits.testing import make_batch, tiny_gpt2
 
 
 def make_setup(seed: int = 1) -> Setup:
@@ -42,17 +43,115 @@ def scores(setup) -> Scores:
     return Scores(g, v * g.valid, method="random", task="toy")
 
 
-def test_full_circuit_is_1_and_empty_is_0(setup):
+# -- an independent reference: plain Hugging Face runs with forward hooks ----------------------
+def hf_run(model: Model, ids: torch.Tensor, patch: dict | None = None,
+           ablated: frozenset[str] = frozenset()) -> tuple[torch.Tensor, dict]:
+    """Last-position logits ``[b, vocab]`` of the Hugging Face GPT-2 itself, with the outputs of
+    the `ablated` sources replaced by `patch`'s; also returns what each source wrote in this run
+    (``input``: the embeddings; ``z{l}``: layer l's heads before ``c_proj``, whose slice h times
+    ``c_proj`` is head h's write; ``m{l}``: the MLP's output).
+
+    Replacing a source's output everywhere downstream is what ablating all of its outgoing
+    edges means, so this computes a circuit's metric without the engine."""
+    hf = model.hf
+    n_head = hf.config.n_head
+    dh = hf.config.n_embd // n_head
+    record: dict[str, torch.Tensor] = {}
+
+    def on_embed(module, args, out):
+        record["input"] = out
+        return patch["input"].expand_as(out) if "input" in ablated else None
+
+    def on_heads(module, args, layer):
+        (z,) = args  # [b, p, n_head * dh]
+        record[f"z{layer}"] = z
+        z = z.clone()
+        for h in range(n_head):
+            if f"a{layer}.h{h}" in ablated:
+                z[..., h * dh:(h + 1) * dh] = patch[f"z{layer}"][..., h * dh:(h + 1) * dh]
+        return (z,)
+
+    def on_mlp(module, args, out, layer):
+        record[f"m{layer}"] = out
+        return patch[f"m{layer}"].expand_as(out) if f"m{layer}" in ablated else None
+
+    handles = [hf.transformer.drop.register_forward_hook(on_embed)]
+    for layer, block in enumerate(hf.transformer.h):
+        handles.append(block.attn.c_proj.register_forward_pre_hook(
+            lambda m, a, layer=layer: on_heads(m, a, layer)))
+        handles.append(block.mlp.register_forward_hook(
+            lambda m, a, o, layer=layer: on_mlp(m, a, o, layer)))
+    try:
+        with torch.no_grad():
+            logits = hf(ids).logits[:, -1]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, record
+
+
+def hf_metric(setup: Setup, ablated: frozenset[str], mean: dict | None = None) -> float:
+    """The logit difference over all of `setup`'s prompts with the `ablated` sources replaced by
+    their corrupted-run outputs (resample) or by `mean`."""
+    values = []
+    for batch in setup.batches:
+        patch = mean if mean is not None else hf_run(setup.model, batch.corrupt)[1]
+        logits, _ = hf_run(setup.model, batch.clean, patch, ablated)
+        values.append(logits.gather(1, batch.answers) - logits.gather(1, batch.wrong))
+    return float(torch.cat(values).mean())  # every prompt counts once, whatever its batch
+
+
+def hf_mean(setup: Setup) -> dict:
+    """Every source's output averaged over the corrupted prompts and their positions."""
+    records = [hf_run(setup.model, b.corrupt)[1] for b in setup.batches]
+    return {k: torch.cat([r[k] for r in records]).mean((0, 1), keepdim=True) for k in records[0]}
+
+
+@pytest.fixture(scope="module")
+def strong_model() -> Model:
+    # larger weights than the default: logit differences of order 1, far above float rounding
+    return tiny_gpt2(n_layer=2, n_head=2, initializer_range=0.3)
+
+
+@pytest.mark.parametrize("ablation", ["resample", "mean"])
+@pytest.mark.parametrize("ablated", [{"a0.h1", "m0", "a1.h0"}, {"input", "a1.h1"}])
+def test_faithfulness_agrees_with_hooked_hugging_face_runs(strong_model, ablation, ablated):
+    # two batches of different sizes: the metric is a mean over prompts, not over batches
+    batches = [make_batch(b=4, vocab=32, seed=0), make_batch(b=3, vocab=32, seed=1)]
+    setup = Setup(strong_model, batches, "logit-diff", ablation)
+    g = setup.graph
+    mean = hf_mean(setup) if ablation == "mean" else None
+    m_model = hf_metric(setup, frozenset(), mean)
+    m_empty = hf_metric(setup, frozenset(g.sources), mean)
+    m_circuit = hf_metric(setup, frozenset(ablated), mean)
+    mask = g.valid.clone()
+    for source in ablated:
+        mask[g.src_index[source]] = False  # every outgoing edge of the source
+    got = evaluate(mask, setup)
+    assert got.metric_model == pytest.approx(m_model, abs=1e-5)
+    assert got.metric_empty == pytest.approx(m_empty, abs=1e-5)
+    assert got.metric_circuit == pytest.approx(m_circuit, abs=1e-5)
+    assert abs(m_model - m_empty) > 0.1  # the ratio below is well conditioned
+    f = (m_circuit - m_empty) / (m_model - m_empty)
+    assert got.faithfulness == pytest.approx(f, abs=1e-4)
+    if ablation == "resample":
+        # every source swapped for its corrupted output is the corrupted run itself
+        logits = torch.cat([hf_run(strong_model, b.corrupt)[0] for b in batches])
+        answers = torch.cat([b.answers for b in batches])
+        wrong = torch.cat([b.wrong for b in batches])
+        corrupt = float((logits.gather(1, answers) - logits.gather(1, wrong)).mean())
+        assert got.metric_empty == pytest.approx(corrupt, abs=1e-5)
+
+
+def test_sizes_and_the_model_metric(setup):
     g = setup.graph
     full = evaluate(Circuit(g, g.valid.clone()), setup)
     empty = evaluate(torch.zeros_like(g.valid), setup)
-    assert full.faithfulness == 1.0 and empty.faithfulness == 0.0
     assert full.n_edges == g.n_edges and empty.n_edges == 0
     # m(model) is the model's own metric: the Hugging Face logits Setup stored agree with it
     batch = setup.batches[0]
     direct = setup.metric(batch.clean_logits, batch).mean().item()
     assert full.metric_model == pytest.approx(direct, abs=1e-5)
-    assert full.metric_empty != pytest.approx(full.metric_model)
 
 
 def test_batched_masks_agree_with_one_at_a_time(setup, scores):
@@ -66,7 +165,8 @@ def test_batched_masks_agree_with_one_at_a_time(setup, scores):
 
 def test_curve_points_are_the_circuits_faithfulness(setup, scores):
     curve = faithfulness_curve(scores, setup, fractions=(0.1, 0.5, 1.0))
-    assert curve.faithfulness[-1] == 1.0 and curve.n_edges[-1] == setup.graph.n_edges
+    # every edge of the graph lies on a path from input to logits: pruning keeps them all
+    assert curve.n_edges[-1] == setup.graph.n_edges
     for x, f in zip(curve.fractions[:-1], curve.faithfulness[:-1], strict=True):
         k = int(x * setup.graph.n_edges)  # 40 edges: k = 4, 20
         assert evaluate(select(scores, top_k=k), setup).faithfulness == pytest.approx(f, abs=1e-5)
@@ -103,11 +203,25 @@ def test_smallest_faithful_reaches_target_and_one_less_does_not(setup, scores, c
     assert (setup.engine.passes.forward - before) / prompts < 20
 
 
-def test_held_out_setup_gives_its_own_numbers(setup, scores):
-    held_out = make_setup(seed=7)
+def test_a_setup_of_two_prompt_sets_averages_them_by_prompt(setup, scores):
+    """Evaluating on the discovery prompts first leaves nothing behind that a held-out Setup
+    reads, and the metrics of both prompt sets together are their prompt-weighted means."""
     c = select(scores, top_k=20)
-    a, b = evaluate(c, setup), evaluate(c, held_out)
-    assert a.metric_model != pytest.approx(b.metric_model)
+    a = evaluate(c, setup)  # 4 prompts; keeps its ablated outputs for reuse
+    held = make_setup(seed=7)
+    small = Batch(*(t[:2] for t in (held.batches[0].clean, held.batches[0].corrupt,
+                                     held.batches[0].answers, held.batches[0].wrong)))
+    model = setup.model
+    b = evaluate(c, Setup(model, [small], "logit-diff", "resample"))  # 2 prompts
+    both = evaluate(c, Setup(model, [setup.batches[0], small], "logit-diff", "resample"))
+    for name in ("metric_circuit", "metric_model", "metric_empty"):
+        want = (4 * getattr(a, name) + 2 * getattr(b, name)) / 6
+        assert getattr(both, name) == pytest.approx(want, abs=1e-6), name
+    f = (both.metric_circuit - both.metric_empty) / (both.metric_model - both.metric_empty)
+    assert both.faithfulness == pytest.approx(f, abs=1e-6)
+    # and a fresh Setup on the same prompts gives the held-out numbers again
+    again = evaluate(c, Setup(model, [small], "logit-diff", "resample"))
+    assert again.as_dict() == pytest.approx(b.as_dict(), abs=1e-6)
 
 
 def test_roc_auc_by_hand():

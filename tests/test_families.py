@@ -301,7 +301,7 @@ def test_every_method_runs(name):
     setup = _setup(name, seed=3)
     g = setup.graph
     options = {"acdc": dict(threshold=0.01), "eap-ig": dict(steps=2),
-               "eap-ig-activations": dict(steps=2),
+               "eap-ig-activations": dict(steps=2), "eap-ig-stages": dict(steps=2),
                "path-patching": dict(receivers=["logits"])}
     for method, spec in available().items():
         scores = run_method(method, setup, **options.get(method, {}))

@@ -31,7 +31,8 @@ def linear_toy():
 
 def test_registry_lists_the_methods():
     names = set(available())
-    assert {"eap", "eap-ig", "eap-ig-activations", "exact", "path-patching"} <= names
+    assert {"eap", "eap-ig", "eap-ig-activations", "eap-ig-stages", "exact",
+            "path-patching"} <= names
     with pytest.raises(Exception, match="unknown method 'nope'"):
         get_method("nope")
 
@@ -82,7 +83,7 @@ def test_eap_ig_converges_to_exact_on_a_smooth_model():
     exact = run_method("exact", setup).values[edge]
     eap = run_method("eap", setup).values[edge]
     errors = [
-        abs(run_method("eap-ig-activations", setup, steps=steps).values[edge] - exact)
+        abs(run_method("eap-ig-stages", setup, steps=steps).values[edge] - exact)
         for steps in (1, 4, 32)
     ]
     assert abs(eap - exact) > 10 * errors[-1]

@@ -3,12 +3,15 @@
 A method is a function ``fn(setup: Setup, **options) -> Tensor | tuple[Tensor, dict]`` returning
 signed scores (``[n_sources, n_destinations]`` for edge methods, ``[n_sources]`` for node
 methods; positive = the component carries the behavior) and optionally extra results. It is
-registered with `register`; `run_method` adds the bookkeeping (cost, names, options).
+registered with `register`; `run_method` checks the options and the metric against the method
+and adds the bookkeeping (cost, names, options).
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +20,7 @@ from torch import Tensor
 
 from ..cost import measure
 from ..errors import OptionError
+from ..metrics import Metric
 from ..model import dtype_name
 from ..scores import Level, Scores
 from ..setup import Setup
@@ -26,7 +30,18 @@ MethodFn = Callable[..., "Tensor | tuple[Tensor, dict[str, Any]]"]
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: what it scores and what it costs."""
+    """A registered method: what it scores, what it costs and which metrics it can use.
+
+    Attributes
+    ----------
+    gradient_at_clean : bool
+        Its scores are gradients of the metric at the clean run alone (EAP, gradient x
+        activation). It refuses metrics whose gradient vanishes there (`Metric.flat_at_clean`,
+        e.g. ``kl``): every score would be rounding noise.
+    uses_metric : bool
+        False for baselines whose scores ignore the metric (random scores, activation norms,
+        attention rollout).
+    """
 
     name: str
     fn: MethodFn
@@ -34,6 +49,13 @@ class MethodSpec:
     description: str
     passes: str
     edge_engine: bool = True
+    gradient_at_clean: bool = False
+    uses_metric: bool = True
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The names of the options the method takes (its parameters after `setup`)."""
+        return tuple(inspect.signature(self.fn).parameters)[1:]
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -43,12 +65,14 @@ _MODULES = (
 
 
 def register(
-    name: str, level: Level, description: str, passes: str, edge_engine: bool = True
+    name: str, level: Level, description: str, passes: str, edge_engine: bool = True,
+    gradient_at_clean: bool = False, uses_metric: bool = True,
 ) -> Callable[[MethodFn], MethodFn]:
-    """Decorator adding a method to the registry under `name`."""
+    """Decorator adding a method to the registry under `name` (fields as in `MethodSpec`)."""
 
     def add(fn: MethodFn) -> MethodFn:
-        METHODS[name] = MethodSpec(name, fn, level, description, passes, edge_engine)
+        METHODS[name] = MethodSpec(name, fn, level, description, passes, edge_engine,
+                                   gradient_at_clean, uses_metric)
         return fn
 
     return add
@@ -77,9 +101,48 @@ def get_method(name: str) -> MethodSpec:
     return methods[name]
 
 
-def run_method(name: str, setup: Setup, **options: Any) -> Scores:
-    """Run a registered method on a prepared setup and return its Scores with the cost."""
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """An OptionError, listing the method's options, for any option method `name` does not
+    take."""
     spec = get_method(name)
+    unknown = [key for key in options if key not in spec.options]
+    if not unknown:
+        return
+    key = unknown[0]
+    close = difflib.get_close_matches(key, spec.options, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    valid = (f"its options are {', '.join(spec.options)}" if spec.options
+             else "it takes no options")
+    raise OptionError(f"method {name!r} has no option {key!r}; {hint}{valid}")
+
+
+def check_metric(name: str, metric: Metric) -> None:
+    """An OptionError, naming the methods that can use it, when method `name` cannot score with
+    `metric` (a method that only takes gradients at the clean run, and a metric that is flat
+    there)."""
+    spec = get_method(name)
+    if not (spec.gradient_at_clean and metric.flat_at_clean):
+        return
+    usable = [m.name for m in available().values()
+              if m.level == spec.level and m.uses_metric and not m.gradient_at_clean]
+    raise OptionError(
+        f"method {name!r} takes the gradient at the clean run, where metric {metric.name!r} has "
+        f"zero gradient, so every score would be rounding noise; with {metric.name!r} use one of "
+        f"{', '.join(usable)}, or keep {name!r} with a metric such as logit-diff"
+    )
+
+
+def run_method(name: str, setup: Setup, **options: Any) -> Scores:
+    """Run a registered method on a prepared setup and return its Scores with the cost.
+
+    Raises
+    ------
+    OptionError
+        For an unknown method, an option the method does not take, or a metric it cannot use.
+    """
+    spec = get_method(name)
+    check_options(name, options)
+    check_metric(name, setup.metric)
     device = setup.model.device
     counter = setup.engine.passes if spec.edge_engine else setup.node_passes
     prompts = sum(b.size for b in setup.batches)

@@ -5,7 +5,8 @@
   under the ablation (``kind="diff"``); the same for every destination of the source. Active
   components score high whether or not the answer depends on them.
 - ``grad-x-act``: gradient times activation, ``clean_s . d m / d input_d`` summed over prompts
-  and positions: EAP with zero ablation, whatever the setup's ablation.
+  and positions: EAP with zero ablation, whatever the setup's ablation (and, like EAP, refusing
+  metrics flat at the clean run such as ``kl``).
 - ``attention-rollout``: Abnar & Zuidema's (2020) attention rollout, turned into edge scores by
   the flow of the prompt's changed tokens through each edge to the last position (see
   `attention_rollout`).
@@ -28,6 +29,7 @@ from . import register
     level="edge",
     description="baseline: seeded random scores (the floor; ROC AUC about 0.5)",
     passes="none",
+    uses_metric=False,
 )
 def random_scores(setup: Setup, seed: int = 0) -> Tensor:
     """Standard normal scores on the valid edges, reproducible from `seed`."""
@@ -41,6 +43,7 @@ def random_scores(setup: Setup, seed: int = 0) -> Tensor:
     level="edge",
     description="baseline: a source's mean output norm (or ablation change), for all its edges",
     passes="1 clean forward per batch (kind='diff' also uses the ablated run)",
+    uses_metric=False,
 )
 def activation(setup: Setup, kind: Literal["norm", "diff"] = "norm") -> Tensor:
     """Score edge (s, d) by the mean over prompts and positions of ``||out_s||`` (``norm``) or
@@ -64,6 +67,7 @@ def activation(setup: Setup, kind: Literal["norm", "diff"] = "norm") -> Tensor:
     level="edge",
     description="baseline: gradient x activation (EAP with zero ablation)",
     passes="1 forward-backward per batch",
+    gradient_at_clean=True,
 )
 def grad_x_act(setup: Setup) -> Tensor:
     """Score = sign * sum over (b, p) of ``clean_s . d m / d input_d``, batch-weighted."""
@@ -105,6 +109,7 @@ def attention_patterns(setup: Setup, ids: Tensor) -> list[Tensor]:
     level="edge",
     description="baseline: attention rollout (Abnar & Zuidema 2020) of the changed tokens",
     passes="1 clean forward per batch",
+    uses_metric=False,
 )
 def attention_rollout(setup: Setup) -> Tensor:
     """Edge scores from attention rollout; not causal, a baseline.

@@ -1,7 +1,8 @@
 """Edge attribution patching (EAP): every edge from one ablated run and one forward-backward.
 
 The effect of ablating edge (s, d) is approximated to first order:
-``m(ablated) - m(clean) ~ (ablated_s - clean_s) . d m / d input_d``.
+``m(ablated) - m(clean) ~ (ablated_s - clean_s) . d m / d input_d``. The gradient is taken at the
+clean run alone, so metrics that are flat there (``kl``) are refused: use EAP-IG with them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from . import register
     level="edge",
     description="edge attribution patching: first-order estimate of every edge's effect",
     passes="1 ablated forward + 1 forward-backward per batch",
+    gradient_at_clean=True,
 )
 def eap(setup: Setup) -> Tensor:
     """Score every edge with EAP; positive = ablating the edge is estimated to lower the metric."""

@@ -1,0 +1,155 @@
+"""Peak memory from `circuits.cost.measure`: real figures, never hidden by memory the allocator
+reuses, growing with the batch and the model."""
+
+from __future__ import annotations
+
+import gc
+import math
+import platform
+import sys
+
+import pytest
+import torch
+
+from circuits.cost import PassCounter, measure
+from circuits.methods import available, run_method
+from circuits.setup import Setup
+from circuits.testing import make_batch, tiny_gpt2
+
+MiB = 2**20
+#: The kernel sums each CPU's count of resident pages lazily (32 pages a CPU here), so its
+#: figures can be off by a few hundred KiB.
+SLACK = 1.0
+linux_glibc = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="CPU memory is measured from /proc/self and glibc's allocator",
+)
+
+
+def resident_mib() -> float:
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def ones_mib(mib: float) -> torch.Tensor:
+    """A tensor of `mib` MiB, every page of it written."""
+    return torch.ones(int(mib * MiB) // 4)
+
+
+@pytest.fixture
+def one_thread():
+    """One thread (the kernel's count lags on fewer CPUs), and the code that writes a tensor
+    already paged in (a first call in the process brings in megabytes of it, which count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ones_mib(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def about(mib: float, expected: float) -> bool:
+    return expected - SLACK <= mib < expected + SLACK
+
+
+def peak_of(method: str, b: int = 16, p: int = 16, **shape: int) -> float:
+    """Peak memory of `method` on one batch of `b` random prompts of `p` tokens."""
+    shape = {"n_layer": 2, "n_head": 4, "n_embd": 64} | shape
+    model = tiny_gpt2(vocab_size=50, n_positions=p, **shape)
+    setup = Setup(model, [make_batch(b=b, p=p, vocab=50, seed=0)], "logit-diff")
+    gc.collect()
+    return run_method(method, setup).cost.peak_memory_mb
+
+
+@linux_glibc
+def test_measure_sees_memory_the_allocator_reuses(one_thread):
+    """20 MiB allocated and freed stay with the C allocator, and a 16 MiB tensor made after fits
+    into them without touching a new page: a difference of resident memory sees nothing.
+    `measure` reports the 16 MiB all the same, every time."""
+    ones_mib(30)  # freed mmap'ed block: glibc serves blocks up to 30 MiB from its heap after it
+    ones_mib(20)
+    before = resident_mib()
+    x = ones_mib(16)
+    assert resident_mib() - before < 1, "the 16 MiB should reuse freed memory"
+    del x
+    for _ in range(3):
+        with measure(PassCounter()) as cost:
+            ones_mib(16)
+        assert about(cost.peak_memory_mb, 16), cost.peak_memory_mb
+
+
+@linux_glibc
+def test_measure_reports_the_peak_not_what_is_left(one_thread):
+    with measure(PassCounter()) as cost:
+        kept = ones_mib(4)
+        ones_mib(24)
+    assert about(cost.peak_memory_mb, 28), cost.peak_memory_mb
+    del kept
+
+
+@linux_glibc
+def test_measures_nest(one_thread):
+    """An inner measurement restarts the peak; the outer one keeps what it saw before, and what
+    it holds while the inner one runs."""
+    with measure(PassCounter()) as outer:
+        ones_mib(32)
+        held = ones_mib(8)
+        with measure(PassCounter()) as inner:
+            ones_mib(12)
+        del held
+    assert about(inner.peak_memory_mb, 12) and about(outer.peak_memory_mb, 32)
+    with measure(PassCounter()) as outer:
+        held = ones_mib(8)
+        with measure(PassCounter()) as inner:
+            ones_mib(30)
+        del held
+    assert about(inner.peak_memory_mb, 30) and about(outer.peak_memory_mb, 38)
+
+
+@linux_glibc
+def test_eap_memory_grows_with_the_prompts_in_one_batch():
+    """4x the prompts in one batch: EAP's activations, gradients and ablated outputs are 4x as
+    large. Measured small, large, small again: the second small run still reports its own need,
+    though the allocator holds enough memory freed by the large one to run it without a new
+    page."""
+    small, large, again = peak_of("eap", b=16), peak_of("eap", b=64), peak_of("eap", b=16)
+    assert small > 1 and again > 1
+    assert large > 2 * max(small, again), (small, large, again)
+
+
+@linux_glibc
+@pytest.mark.parametrize("bigger", [{"n_embd": 256}, {"n_layer": 8}])
+def test_memory_grows_with_the_model(bigger):
+    base, big = peak_of("eap"), peak_of("eap", **bigger)
+    assert big > 2 * base, (base, big)
+
+
+@linux_glibc
+def test_every_edge_method_that_runs_the_model_reports_memory():
+    """Even on a tiny model and after other methods ran. Random scores run nothing: their few
+    KiB are below what resident memory resolves."""
+    model = tiny_gpt2(n_layer=2, n_head=2, vocab_size=40)
+    batches = [make_batch(b=4, p=6, vocab=40, seed=s) for s in range(2)]
+    for name, spec in available().items():
+        if spec.level != "edge":
+            continue
+        setup = Setup(model, batches, "logit-diff")
+        options = {"threshold": 0.01, "progress": False} if name == "acdc" else {}
+        gc.collect()
+        memory = run_method(name, setup, **options).cost.peak_memory_mb
+        assert (0 <= memory < SLACK) if name == "random" else (memory > 0), (name, memory)
+
+
+def test_memory_elsewhere_is_not_measured():
+    with measure(PassCounter(), torch.device("meta")) as cost:
+        torch.ones(4, device="meta")
+    assert math.isnan(cost.peak_memory_mb) and cost.as_dict()["peak_memory_mb"] is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_measure_sees_memory_the_caching_allocator_reuses():
+    device = torch.device("cuda")
+    torch.ones(16 * MiB, device=device)  # 64 MiB, freed: the caching allocator keeps the block
+    with measure(PassCounter(), device) as cost:
+        torch.ones(16 * MiB, device=device)  # reuses it
+    assert cost.peak_memory_mb == 64

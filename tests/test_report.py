@@ -1,0 +1,131 @@
+"""What `circuits discover` writes besides the circuit: scores.json, report.md and the printed
+summary. Every number in them must be the one the results hold, every table in the right order
+and every 'in circuit' mark right."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+import circuits
+from circuits.report import (
+    markdown_table,
+    report_markdown,
+    scores_document,
+    scores_json,
+    summary_rows,
+    text_table,
+)
+
+
+@pytest.fixture(scope="module")
+def found():
+    # the planted MLP model: a known 5-edge circuit, scores far apart from every other edge's
+    return circuits.discover(task="planted-mlp", method="eap-ig", selection="topk:5", n=20,
+                             seed=4, steps=2)
+
+
+@pytest.fixture(scope="module")
+def found_nodes():
+    return circuits.discover(task="planted-mlp", method="eap", selection="topk:3", n=20, seed=4,
+                             level="node")
+
+
+def table_after(text: str, heading: str) -> list[list[str]]:
+    """The body rows of the markdown table that follows `heading`, cell by cell."""
+    lines = text.split(heading, 1)[1].strip().splitlines()
+    rows = []
+    for line in lines[2:]:  # past the header and the --- row
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split(" | ")])
+    return rows
+
+
+def field(text: str, name: str) -> str:
+    """The value of a two-column row ``| name | value |``."""
+    return re.search(rf"^\| {re.escape(name)} \| (.*) \|$", text, re.M).group(1)
+
+
+# -- scores.json --------------------------------------------------------------------------------
+def test_scores_document_holds_every_edge_and_the_run(found):
+    s = found.scores
+    doc = scores_document(s)
+    assert (doc["format"], doc["version"], doc["level"]) == ("circuits.scores", 1, "edge")
+    assert (doc["method"], doc["task"], doc["model"]) == (s.method, s.task, s.model)
+    assert doc["scores"] == s.edge_scores() and len(doc["scores"]) == s.graph.n_edges
+    assert doc["options"]["steps"] == 2 and doc["options"]["ablation"] == "resample"
+    assert doc["cost"]["backward"] == s.cost.backward
+    # what is written is plain JSON (no NaN, no tensors) and reads back as the same document
+    text = scores_json(s)
+    json.dumps(json.loads(text), allow_nan=False)
+    assert json.loads(text) == json.loads(json.dumps(doc))
+
+
+# -- tables -------------------------------------------------------------------------------------
+def test_text_table_aligns_columns_under_a_header():
+    lines = text_table([("a", 1, "x"), ("longer", 22, "y")], header=("name", "n", "c")).split("\n")
+    assert lines == ["name    n   c", "------  --  -", "a       1   x", "longer  22  y"]
+
+
+def test_markdown_table_escapes_bars():
+    assert markdown_table(["a"], [("x|y",)]).splitlines()[2] == "| x\\|y |"
+
+
+# -- the summary --------------------------------------------------------------------------------
+def test_summary_rows(found):
+    c = found.circuit
+    rows = dict(summary_rows(found, "out/", total=12.5))
+    assert rows["task"] == "planted-mlp (20 prompts)" and rows["method"] == "eap-ig"
+    assert rows["edges kept"] == f"5 / {c.graph.n_edges} ({5 / c.graph.n_edges:.1%})"
+    assert rows["faithfulness"].startswith(f"{found.heldout.faithfulness:.3f} held-out")
+    assert rows["time"].endswith("12.5 s in all") and rows["outputs"] == "out/"
+    bare = dict(summary_rows(found))
+    assert "outputs" not in bare and "in all" not in bare["time"]
+
+
+# -- report.md ----------------------------------------------------------------------------------
+def test_report_states_the_run_and_its_result(found):
+    c, held = found.circuit, found.heldout
+    text = report_markdown(found, ["circuit.json", "circuit.svg"], "circuits discover x")
+    assert text.startswith(f"# Circuit: {c.task} on {c.model}\n\n`circuits discover x`")
+    # method options, without what has rows of its own or describes the model run
+    assert field(text, "method") == "eap-ig (steps=2)"
+    assert field(text, "ablation / metric") == "resample / logit-diff"
+    assert field(text, "prompts") == "20 (14 discovery, 6 held out)"
+    assert field(text, "edges") == f"5 of {c.graph.n_edges} ({c.fraction:.1%})"
+    assert field(text, "faithfulness, held-out prompts") == f"{held.faithfulness:.3f}"
+    assert field(text, "faithfulness, discovery prompts") == "—"  # top-k measured nothing
+    # EAP-IG with 2 steps: the ablated and the clean forward, and 2 steps' forward-backward
+    assert field(text, "passes (scoring)").startswith("4 forward, 2 backward")
+    assert field(text, "held-out metric: circuit / model / empty") == (
+        f"{held.metric_circuit:.3f} / {held.metric_model:.3f} / {held.metric_empty:.3f}")
+    assert "- [circuit.svg](circuit.svg)" in text.split("## Files", 1)[1]
+
+
+def test_report_ranks_edges_and_nodes_and_marks_the_circuit(found):
+    c, s = found.circuit, found.scores
+    text = report_markdown(found)
+    edges = table_after(text, "## Top 20 edges (by |score|)")
+    assert [row[1].strip("`") for row in edges] == [name for name, _ in s.top(20)]
+    for _, name, value, mark in edges:
+        name = name.strip("`")
+        assert float(value) == pytest.approx(s.edge_scores()[name], rel=1e-3)
+        assert (mark == "yes") == (name in c.edge_names)
+    assert sum(row[3] == "yes" for row in edges) == 5  # all five edges rank first here
+    nodes = table_after(text, "(by |sum of outgoing edge scores|)")
+    sums = s.node_scores()
+    assert [row[1].strip("`") for row in nodes] == sorted(sums, key=lambda n: -abs(sums[n]))
+    for _, name, _, mark in nodes:
+        assert (mark == "yes") == (name.strip("`") in c.nodes)
+    assert "## Files" not in text
+
+
+def test_node_level_report_has_no_edge_table(found_nodes):
+    text = report_markdown(found_nodes)
+    assert "edges (by |score|)" not in text and field(text, "level") == "node"
+    nodes = table_after(text, "(by |score|)")
+    values = found_nodes.scores.node_scores()
+    assert [row[1].strip("`") for row in nodes] == sorted(values, key=lambda n: -abs(values[n]))
