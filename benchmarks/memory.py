@@ -4,7 +4,7 @@ A GPT-2-small-shaped model with random weights (12 layers, 12 heads, width 768, 
 50257) scores all 32,491 edges with EAP-IG on batches of 16 random prompts of 16 tokens; 64, 256
 and 1024 prompts by default. Each count runs in a fresh process, which reports its resident
 memory once the Setup is built and how far the peak rose above that during the method (the
-kernel's peak-RSS count, restarted just before the method). For comparison the table shows what
+peak the method run measured itself, `Cost.peak_memory_mb`: the kernel peak-RSS count restarted as it began). For comparison the table shows what
 keeping every batch's ablated source outputs at once (what the Setup did before it streamed
 them) would add: ``batches x 157 sources x 16 x 16 x 768 x 4`` bytes.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -33,16 +32,6 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def reset_peak() -> bool:
-    """Restart the kernel's peak-RSS count (ru_maxrss) from the current RSS; False if refused."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
 def probe(n_prompts: int, steps: int, threads: int) -> dict[str, float]:
     """Build the model and the Setup, run EAP-IG, and measure (in this process)."""
     import circuits
@@ -57,11 +46,9 @@ def probe(n_prompts: int, steps: int, threads: int) -> dict[str, float]:
     setup = circuits.Setup(model, batches, "logit-diff")
     setup.engine  # noqa: B018  (built before the measured run)
     before = rss_mib()
-    exact = reset_peak()
     scores = run_method("eap-ig", setup, steps=steps)
-    # ru_maxrss (KiB on Linux) counts from the reset; without it, the sampled figure
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
-    return {"before": before, "growth": peak if exact else scores.cost.peak_memory_mb,
+    # the run's own cost: the kernel's peak resident memory above the level it began at
+    return {"before": before, "growth": scores.cost.peak_memory_mb,
             "seconds": scores.cost.seconds, "n_sources": setup.graph.n_sources}
 
 
