@@ -4,8 +4,8 @@ A GPT-2-small-shaped model with random weights (12 layers, 12 heads, width 768, 
 50257) scores all 32,491 edges with EAP-IG on batches of 16 random prompts of 16 tokens; 64, 256
 and 1024 prompts by default. Each count runs in a fresh process, which reports its resident
 memory once the Setup is built and how far the peak rose above that during the method (the
-peak the method run measured itself, `Cost.peak_memory_mb`: the kernel peak-RSS count restarted as it began). For comparison the table shows what
-keeping every batch's ablated source outputs at once (what the Setup did before it streamed
+run's own `Cost.peak_memory_mb`: the kernel's peak-RSS count, restarted as it began). For
+comparison the table shows what keeping every batch's ablated source outputs at once (what the Setup did before it streamed
 them) would add: ``batches x 157 sources x 16 x 16 x 768 x 4`` bytes.
 
     python benchmarks/memory.py [--prompts 64 256 1024] [--steps 5] [--threads 2]
