@@ -5,8 +5,8 @@ A GPT-2-small-shaped model with random weights (12 layers, 12 heads, width 768, 
 and 1024 prompts by default. Each count runs in a fresh process, which reports its resident
 memory once the Setup is built and how far the peak rose above that during the method (the
 run's own `Cost.peak_memory_mb`: the kernel's peak-RSS count, restarted as it began). For
-comparison the table shows what keeping every batch's ablated source outputs at once (what the Setup did before it streamed
-them) would add: ``batches x 157 sources x 16 x 16 x 768 x 4`` bytes.
+comparison the table shows what keeping every batch's ablated source outputs at once (what the
+Setup did before it streamed them) would add: ``batches x 157 sources x 16 x 16 x 768 x 4`` bytes.
 
     python benchmarks/memory.py [--prompts 64 256 1024] [--steps 5] [--threads 2]
 """
