@@ -9,6 +9,7 @@ from .batch import Batch
 from .circuit import Circuit, circuit_from_edges, prune, select
 from .engine import Engine, Trace
 from .errors import (
+    BehaviorError,
     CircuitFileError,
     CircuitsError,
     DependencyError,
@@ -19,8 +20,10 @@ from .errors import (
 )
 from .evaluate import (
     MIB_FRACTIONS,
+    Behavior,
     Curve,
     Evaluation,
+    behavior,
     cmd,
     cpr,
     evaluate,
@@ -45,6 +48,8 @@ __version__ = "0.1.0"
 __all__ = [
     "MIB_FRACTIONS",
     "Batch",
+    "Behavior",
+    "BehaviorError",
     "Circuit",
     "CircuitFileError",
     "CircuitsError",
@@ -68,6 +73,7 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "available_methods",
+    "behavior",
     "circuit_from_edges",
     "cmd",
     "cpr",

@@ -1,7 +1,5 @@
 """``python -m circuits``: the same command line as ``circuits``."""
 
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()

@@ -12,12 +12,13 @@ from typing import Any
 
 import torch
 
-from .circuit import Circuit, select
-from .errors import OptionError
-from .evaluate import Evaluation, evaluate
+from .circuit import Circuit, parse_selection, select
+from .errors import BehaviorError, OptionError
+from .evaluate import Behavior, Evaluation, behavior, evaluate
 from .methods import check_metric, check_options, run_method
 from .metrics import Metric, get_metric
 from .model import Model, dtype_name, load_model, resolve_device, resolve_dtype
+from .progress import Checkpoint
 from .scores import Scores
 from .setup import Setup
 from .task import Task, get_task
@@ -86,7 +87,8 @@ def make_setup(
     per_position: bool = False,
 ) -> Setup:
     """Tokenize a task for a model and resolve everything a method runs on."""
-    batches = task.batches(model.tokenizer, batch_size=batch_size, device=model.device)
+    batches = task.batches(model.tokenizer, batch_size=batch_size, device=model.device,
+                           max_length=model.context_length)
     return Setup(model, batches, metric or task.metric_fn, ablation, per_position,
                  task=task.name)
 
@@ -150,22 +152,6 @@ def score(
     return run_method(method, setup, **options)
 
 
-def parse_selection(text: str) -> dict[str, float]:
-    """``threshold:X``, ``topk:N`` or ``faithfulness:F`` -> keyword arguments of `select`."""
-    kind, sep, value = text.partition(":")
-    names = {"threshold": "threshold", "topk": "top_k", "top-k": "top_k",
-             "faithfulness": "faithfulness"}
-    if not sep or kind not in names:
-        raise OptionError(f"bad selection {text!r}; use threshold:X, topk:N or faithfulness:F")
-    try:
-        number = int(value) if names[kind] == "top_k" else float(value)
-    except ValueError:
-        raise OptionError(f"bad selection {text!r}: {value!r} is not a number") from None
-    if names[kind] == "faithfulness" and not 0 < number <= 1:
-        raise OptionError(f"bad selection {text!r}: faithfulness must be in (0, 1]")
-    return {names[kind]: number}
-
-
 @dataclass
 class Discovery:
     """Everything `discover` found: scores, the selected circuit, and its held-out evaluation."""
@@ -177,6 +163,13 @@ class Discovery:
     model: Model
     seconds: float
     options: dict[str, Any] = field(default_factory=dict)
+    behavior: Behavior | None = None
+
+    @property
+    def warnings(self) -> list[str]:
+        """One line per thing the reader should distrust (a behavior too weak to measure)."""
+        weak = self.behavior is not None and self.behavior.weak
+        return [weak_behavior(self.behavior)] if weak else []
 
 
 def discover(
@@ -195,6 +188,8 @@ def discover(
     progress: Callable[[str], None] | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    strict: bool = False,
+    checkpoint: Checkpoint | None = None,
     **options: Any,
 ) -> Discovery:
     """Score, select, prune and evaluate a circuit on held-out prompts.
@@ -215,13 +210,24 @@ def discover(
     seed : int
         Seeds the prompts, the split and the method.
     progress : callable, optional
-        Called with ``"scoring"``, ``"selecting"`` and ``"evaluating"`` as each stage starts.
+        Called with ``"measuring the behavior"``, ``"scoring"``, ``"selecting"`` and
+        ``"evaluating"`` as each stage starts.
     device, dtype : optional
         As in `score`.
+    strict : bool
+        Raise `BehaviorError` when the model barely shows the behavior on the discovery prompts
+        (see `circuits.evaluate.behavior`), instead of recording a warning
+        (``Discovery.warnings``).
+    checkpoint : Checkpoint, optional
+        Where a long method keeps its progress, so an interrupted run can resume
+        (`circuits.progress.Checkpoint`).
 
     Returns
     -------
     Discovery
+        The circuit's metrics hold the faithfulness on the discovery and on the held-out prompts
+        with 95% bootstrap intervals (``heldout_`` prefix for the latter) and the behavior's
+        effect and spread; its options record the model's fingerprint.
     """
     if level not in ("edge", "node"):
         raise OptionError(f"unknown level {level!r}; use edge or node")
@@ -229,15 +235,23 @@ def discover(
     _check_method(method, metric, options)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
+    if not (isinstance(heldout, float) and 0 < heldout < 1):
+        raise OptionError(f"heldout must be a fraction between 0 and 1, got {heldout!r}")
     task, model = resolve(task, model, n=n, seed=seed, device=device, dtype=dtype)
     if len(task) < 2:
         raise OptionError("need at least 2 prompts to keep some apart for evaluation")
-    if not 0 < heldout < 1:
-        raise OptionError(f"heldout must be a fraction between 0 and 1, got {heldout}")
     found, kept = task.split(1 - heldout, seed=seed)
     common = dict(ablation=ablation, metric=metric, batch_size=batch_size)
     stage = progress or (lambda name: None)
     setup = make_setup(model, found, **common)
+    setup.checkpoint = checkpoint
+    # tokenized now, so that a bad held-out prompt stops the run before the scoring
+    heldout_setup = make_setup(model, kept, **common)
+    stage("measuring the behavior")
+    strength = behavior(setup)
+    setup.close()  # the method computes its own ablated outputs: its cost is its own
+    if strength.weak and strict:
+        raise BehaviorError(f"{weak_behavior(strength)} (strict mode)")
     stage("scoring")
     scores = run_method(method, setup, **options)
     if level == "node" and scores.level == "edge":
@@ -247,10 +261,18 @@ def discover(
     stage("selecting")
     circuit = select(scores, setup=setup, **chosen)
     stage("evaluating")
-    heldout_setup = make_setup(model, kept, **common)
+    circuit.metrics.update(evaluate(circuit, setup).as_dict())
     result = evaluate(circuit, heldout_setup)
     circuit.metrics.update({f"heldout_{k}": v for k, v in result.as_dict().items()})
+    circuit.metrics.update(behavior_effect=strength.effect, behavior_spread=strength.spread)
     circuit.options.update(selection=chosen, level=level, seed=seed, n_prompts=len(task),
-                           n_heldout=len(kept))
+                           n_heldout=len(kept), model_fingerprint=model.fingerprint)
     return Discovery(scores, circuit, result, task, model, time.perf_counter() - t0,
-                     {"selection": chosen, "level": level, **common})
+                     {"selection": chosen, "level": level, **common}, strength)
+
+
+def weak_behavior(strength: Behavior) -> str:
+    """The one-line warning for a model that barely shows the behavior, with what to do."""
+    return (f"the model barely shows this behavior: {strength.reason}; faithfulness is then a "
+            "ratio of noise: use more prompts (--n), a corruption that changes the answer more, "
+            "or a model that can do the task")

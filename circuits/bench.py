@@ -41,16 +41,19 @@ ACDC's threshold
     ``options`` column.
 
 Resuming
-    The CSV is rewritten atomically after every finished row. A row is keyed by task, model and
-    method and stamped with a hash of everything that changes its numbers (prompts, seed,
-    split, method options, grid); on start, rows whose stamp matches are kept and not run again,
-    rows with another stamp are recomputed, and rows of other keys are left in the table.
+    The CSV is the run's progress: it is rewritten atomically after every finished row, so an
+    interrupted run (Ctrl-C, a crash, SIGKILL) leaves a valid table of the rows done. A row is
+    keyed by task, model and method and stamped with a hash of everything that changes its
+    numbers (prompts, seed, split, method options, grid). With ``--resume`` the rows whose
+    stamp matches are kept and not run again (so a run picks up where an interrupted one
+    stopped, and after a change of options only the rows it affects are recomputed); without
+    it every row of the run is computed afresh. Rows of other keys are left in the table
+    either way.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import hashlib
 import importlib
@@ -60,7 +63,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -71,8 +73,10 @@ import torch
 
 from .errors import CircuitsError, OptionError
 from .evaluate import MIB_FRACTIONS, faithfulness_curve, metric_of_masks, roc_auc, smallest_faithful
+from .io import write_atomic
 from .methods import available, run_method
 from .model import Model, dtype_name, load_model, resolve_device, resolve_dtype
+from .progress import check_interrupt, interrupted, sigint_handler
 from .setup import Setup
 from .task import Task, get_task, list_tasks
 
@@ -125,6 +129,9 @@ class BenchConfig:
     device, dtype : str
         Where and in which parameter dtype every model runs (checked names, see
         `circuits.model.resolve_device` and `resolve_dtype`).
+    resume : bool
+        Keep the rows of the table whose stamp matches instead of computing them again (see
+        the module notes).
     """
 
     tasks: tuple[str, ...]
@@ -139,6 +146,7 @@ class BenchConfig:
     quick: bool = False
     device: str = "cpu"
     dtype: str = "float32"
+    resume: bool = False
 
     def method_options(self, method: str) -> dict[str, Any]:
         """Options passed to `method` (ACDC's τ is added per task, see the module notes)."""
@@ -209,24 +217,16 @@ def true_edges(task: str) -> list[str] | None:
         return None
 
 
-# -- files --------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a temporary file next to `path`, then rename it over `path`, so a
-    crash leaves either the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
+# -- files (each written whole to a temporary file, then renamed over the old one) ---------------
 def _atomic_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_atomic(path, text.encode("utf-8"))
+
+
+def _save_png(fig: Any, path: Path) -> None:
+    """A matplotlib figure as a PNG file, written atomically."""
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    write_atomic(path, buf.getvalue())
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -371,7 +371,8 @@ class BenchResult:
 
 def run_bench(config: BenchConfig, notes: Sequence[str] = (),
               log: Callable[[str], None] | None = None) -> BenchResult:
-    """Run every method on every task x model, resuming from the results already in the CSV.
+    """Run every method on every task x model (with ``config.resume``, only the rows not in
+    the CSV yet).
 
     Parameters
     ----------
@@ -405,7 +406,7 @@ def run_bench(config: BenchConfig, notes: Sequence[str] = (),
         todo = []
         for method in config.methods:
             key = (task_name, label, method)
-            if key in rows and rows[key].get("config") == config.stamp(*key):
+            if config.resume and key in rows and rows[key].get("config") == config.stamp(*key):
                 skipped.append(key)
                 done += 1
             else:
@@ -435,6 +436,7 @@ def run_bench(config: BenchConfig, notes: Sequence[str] = (),
             rows[_key(row)] = row
             computed.append(_key(row))
             write_rows(csv_path, list(rows.values()))
+            check_interrupt()  # a Ctrl-C swallowed during the row stops the run here
             auc = f" AUC {row['roc_auc']}" if row["roc_auc"] else ""
             log(f"[{done}/{total}] {task_name} {label} {method}: CPR {row['cpr']} "
                 f"CMD {row['cmd']}{auc} edges@0.8 {row['edges_f0.8']} {row['seconds']} s")
@@ -552,7 +554,7 @@ def plot_results(out: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"curves_{_slug(task)}__{_slug(model)}.png"
-        _atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
+        _save_png(fig, path)
         plt.close(fig)
         written.append(path)
     if rows:
@@ -577,7 +579,7 @@ def plot_results(out: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         path = out / "time_vs_cpr.png"
-        _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        _save_png(fig, path)
         plt.close(fig)
         written.append(path)
     return written
@@ -604,7 +606,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "model)")
     parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT,
                         help=f"folder for results.csv, results.md and plots (default: "
-                             f"{DEFAULT_OUT}); finished rows there are kept and not rerun")
+                             f"{DEFAULT_OUT}); rows of other tasks, models and methods there "
+                             "are kept")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of results.csv computed with the same settings "
+                             "(an interrupted run continues where it stopped) instead of "
+                             "computing every row afresh")
     parser.add_argument("--quick", action="store_true",
                         help=f"a smoke run: {QUICK_N} prompts, EAP-IG {QUICK_STEPS} steps, "
                              "two tasks")
@@ -656,6 +663,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[BenchConfig, list[str]]:
         seed=args.seed, steps=QUICK_STEPS if args.quick else FULL_STEPS,
         batch_size=args.batch_size, quick=args.quick,
         device=str(resolve_device(args.device)), dtype=dtype_name(resolve_dtype(args.dtype)),
+        resume=bool(getattr(args, "resume", False)),
     )
     return config, notes
 
@@ -684,11 +692,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m circuits.bench``: the same as ``circuits bench``."""
     parser = argparse.ArgumentParser(prog="circuits bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except CircuitsError as err:
-        print(f"circuits bench: {err}", file=sys.stderr)
-        return 2
+    args = parser.parse_args(argv)
+    with sigint_handler():
+        try:
+            status = run(args)
+        except KeyboardInterrupt:
+            status = 130
+        except CircuitsError as err:
+            print(f"circuits bench: {err}", file=sys.stderr)
+            return 2
+    if status == 130 or interrupted():
+        print(f"circuits bench: interrupted; the rows finished are in "
+              f"{Path(args.out) / 'results.csv'} (rerun with --resume to continue)",
+              file=sys.stderr)
+        return 130
+    return status
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ after pruning.
 from __future__ import annotations
 
 import math
+import numbers
+import re
 from collections.abc import Iterable
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
@@ -406,6 +408,106 @@ class Circuit:
 
 
 # -- selection --------------------------------------------------------------------------------
+SELECTION_NAMES = {"threshold": "threshold", "topk": "top_k", "top-k": "top_k",
+                   "faithfulness": "faithfulness"}
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+_COUNT = re.compile(r"[0-9]{1,18}", re.ASCII)
+
+
+def parse_selection(text: str) -> dict[str, float]:
+    """``threshold:X``, ``topk:N`` or ``faithfulness:F`` -> keyword arguments of `select`.
+
+    The value is a plain decimal number (``0.02``, ``1e-3``), no spaces: a finite threshold, a
+    non-negative whole number of edges (or nodes), a faithfulness in (0, 1].
+
+    Parameters
+    ----------
+    text : str
+
+    Returns
+    -------
+    dict
+        ``{"threshold": x}``, ``{"top_k": n}`` (an int) or ``{"faithfulness": f}``.
+
+    Raises
+    ------
+    OptionError
+        The text is not one of the three forms, or its value is out of range.
+
+    Examples
+    --------
+    >>> parse_selection("topk:20"), parse_selection("threshold:1e-3")
+    ({'top_k': 20}, {'threshold': 0.001})
+    """
+    if not isinstance(text, str):
+        raise OptionError(f"a selection is text like 'topk:20', 'threshold:0.01' or "
+                          f"'faithfulness:0.8', got {type(text).__name__}")
+    shown = repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
+    kind, sep, value = text.partition(":")
+    if not sep or kind not in SELECTION_NAMES:
+        raise OptionError(f"bad selection {shown}; use threshold:X, topk:N or faithfulness:F "
+                          "(no spaces)")
+    name = SELECTION_NAMES[kind]
+    if name == "top_k":
+        if not _COUNT.fullmatch(value):
+            raise OptionError(f"bad selection {shown}: topk needs a whole number of at most 18 "
+                              "digits, like topk:20")
+        return {name: int(value)}
+    number = float(value) if _DECIMAL.fullmatch(value) else math.nan
+    if not math.isfinite(number):
+        raise OptionError(f"bad selection {shown}: {name} needs a finite decimal number, like "
+                          f"{name}:{'0.01' if name == 'threshold' else '0.8'}")
+    if name == "faithfulness" and not 0 < number <= 1:
+        raise OptionError(f"bad selection {shown}: faithfulness must be in (0, 1], like "
+                          "faithfulness:0.8")
+    return {name: number}
+
+
+def _brief(value: Any) -> str:
+    """`value` for a one-line message: its repr when short and on one line, else its type."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer past Python's digit limit
+        text = ""
+    if 0 < len(text) <= 40 and "\n" not in text:
+        return text
+    return f"a value of type {type(value).__name__}"
+
+
+def _check_selection(scores: Any, threshold: Any, top_k: Any, faithfulness: Any,
+                     signed: Any, chunk: Any) -> None:
+    """OptionError unless `select`'s arguments have allowed types and values."""
+    if not isinstance(scores, Scores):
+        raise OptionError(f"select needs a Scores object (from circuits.score), got "
+                          f"{type(scores).__name__}")
+    given = [name for name, v in (("threshold", threshold), ("top_k", top_k),
+                                  ("faithfulness", faithfulness)) if v is not None]
+    if len(given) != 1:
+        raise OptionError("select needs exactly one of threshold=, top_k= or faithfulness=, "
+                          f"got {', '.join(given) or 'none'}")
+
+    def real(v: Any) -> bool:
+        if not isinstance(v, numbers.Real) or isinstance(v, bool):
+            return False
+        try:
+            return math.isfinite(v)
+        except OverflowError:  # an integer beyond float's range
+            return False
+
+    if threshold is not None and not real(threshold):
+        raise OptionError(f"threshold must be a finite number, got {_brief(threshold)}")
+    if top_k is not None and not (isinstance(top_k, numbers.Integral)
+                                  and not isinstance(top_k, bool) and top_k >= 0):
+        raise OptionError(f"top_k must be a whole number >= 0, got {_brief(top_k)}")
+    if faithfulness is not None and not (real(faithfulness) and 0 < faithfulness <= 1):
+        raise OptionError(f"faithfulness must be a number in (0, 1], got {_brief(faithfulness)}")
+    if not isinstance(signed, bool):
+        raise OptionError(f"signed must be True or False, got {_brief(signed)}")
+    if chunk is not None and not (isinstance(chunk, numbers.Integral)
+                                  and not isinstance(chunk, bool) and chunk >= 1):
+        raise OptionError(f"chunk must be a whole number >= 1, got {_brief(chunk)}")
+
+
 def select(
     scores: Scores,
     *,
@@ -419,19 +521,20 @@ def select(
     """Select a circuit from scores: by threshold, top-k, or the smallest that is faithful enough.
 
     Give exactly one of `threshold`, `top_k`, `faithfulness`. The circuit is pruned (edges on no
-    input-to-logits path dropped) and its size counted after pruning.
+    input-to-logits path dropped) and its size counted after pruning. A NaN score ranks last and
+    passes no threshold.
 
     Parameters
     ----------
     scores : Scores
         Edge or node scores.
     threshold : float, optional
-        Keep edges (nodes) whose |score| (or score, with `signed`) is at least this.
+        Keep edges (nodes) whose |score| (or score, with `signed`) is at least this; finite.
     top_k : int, optional
-        Keep the `top_k` best-ranked edges (nodes), then prune.
+        Keep the `top_k` best-ranked edges (nodes), then prune; a whole number >= 0.
     faithfulness : float, optional
-        The smallest prefix of the ranking whose pruned circuit reaches this faithfulness on
-        `setup`, found by bisection over the prefix length (see
+        In (0, 1]. The smallest prefix of the ranking whose pruned circuit reaches this
+        faithfulness on `setup`, found by bisection over the prefix length (see
         `circuits.evaluate.smallest_faithful`). The result's ``metrics`` hold its faithfulness.
     setup : Setup, optional
         Needed with `faithfulness`: the prompts, metric and ablation to evaluate on.
@@ -443,6 +546,12 @@ def select(
     Returns
     -------
     Circuit
+
+    Raises
+    ------
+    OptionError
+        `scores` is not a `Scores`, not exactly one rule is given, or a value has the wrong
+        type or range (a bool, a non-integral `top_k`, a NaN or infinite number).
 
     Examples
     --------
@@ -457,11 +566,7 @@ def select(
     >>> select(Scores(g, v), top_k=2, signed=True).edge_names
     []
     """
-    given = [name for name, v in (("threshold", threshold), ("top_k", top_k),
-                                  ("faithfulness", faithfulness)) if v is not None]
-    if len(given) != 1:
-        raise OptionError("select needs exactly one of threshold=, top_k= or faithfulness=, "
-                          f"got {', '.join(given) or 'none'}")
+    _check_selection(scores, threshold, top_k, faithfulness, signed, chunk)
     g, level = scores.graph, scores.level
     by_abs = not signed
     selection = {"signed": signed}
@@ -474,11 +579,13 @@ def select(
         circuit.options.update(selection)
         return circuit
     if top_k is not None:
-        if top_k < 0:
-            raise OptionError(f"top_k must be >= 0, got {top_k}")
-        mask = top_mask(g, ranks(g, scores.values, level, by_abs), top_k, level)
+        top_k = int(top_k)
+        # k past the ranking's length keeps everything (and stays within a tensor's int64)
+        k = min(top_k, n_items(g, level))
+        mask = top_mask(g, ranks(g, scores.values, level, by_abs), k, level)
         selection["top_k"] = top_k
     else:
+        threshold = float(threshold)
         key = scores.values.abs() if by_abs else scores.values
         passed = torch.nan_to_num(key, nan=-math.inf) >= threshold
         if level == "edge":

@@ -100,6 +100,42 @@ def _is_task_file(text: str) -> bool:
     return text.endswith(".jsonl") or os.path.isfile(text)
 
 
+def check_output(path: Path, folder: bool, flag: str) -> None:
+    """Fail before any work when `path` cannot be written: an existing file where a folder is
+    wanted (or the reverse), a path under a file, or a place that refuses new files (read-only,
+    no permission, /proc). Nothing is created: the test file goes into the deepest existing
+    folder and is removed at once."""
+    import tempfile
+
+    if folder and path.exists() and not path.is_dir():
+        _fail(f"{flag} {path} is an existing file, not a folder; pass a new or existing folder")
+    if not folder and path.is_dir():
+        _fail(f"{flag} {path} is a folder; pass a file name")
+    place = path if folder else path.parent
+    place = place.absolute()
+    while not place.exists():
+        place = place.parent
+    if not place.is_dir():
+        _fail(f"cannot write {path}: {place} is a file, not a folder; pick another {flag}")
+    try:
+        with tempfile.TemporaryFile(dir=place):
+            pass
+    except OSError as err:
+        _fail(f"cannot write into {place} ({err.strerror or err}); pick another {flag} "
+              "in a folder you can write to")
+
+
+def check_seed_and_n(seed: int, n: int | None) -> None:
+    """Fail on a --seed or --n out of range before any work."""
+    from .task import MAX_PROMPTS
+
+    if not 0 <= seed < 2**32:
+        _fail(f"--seed must be between 0 and 2**32 - 1, got {seed}")
+    if n is not None and not 1 <= n <= MAX_PROMPTS:
+        _fail(f"--n must be between 1 and {MAX_PROMPTS}, got {n}; more prompts rarely "
+              "change a circuit, and the prompts alone would fill the memory")
+
+
 def check_device_and_dtype(args: argparse.Namespace) -> None:
     """Fail on an unknown or unavailable --device or an unknown --dtype before any work."""
     from .model import resolve_device, resolve_dtype
@@ -115,8 +151,6 @@ def load_task_and_model(task: str, model: str | None, n: int | None, seed: int,
     from .api import resolve
     from .task import Task, get_task
 
-    if n is not None and n < 1:
-        _fail(f"--n must be at least 1, got {n}")
     if _is_task_file(task):
         given = Task.from_jsonl(task)
     else:
@@ -161,12 +195,13 @@ def d_model_of(name: str) -> int | None:
 def cmd_discover(args: argparse.Namespace) -> int:
     """Score, select, evaluate on held-out prompts, write the six files, print a summary."""
     from .api import parse_selection
-    from .methods import check_metric, get_method
+    from .methods import check_metric, check_options, get_method
     from .metrics import get_metric
 
     # check everything that can be wrong before the slow part starts
     get_method(args.method)
     options = method_options(args.method, args)
+    check_options(args.method, options)
     selection = parse_selection(args.select)
     if args.metric is not None:
         check_metric(args.method, get_metric(args.metric))
@@ -174,43 +209,64 @@ def cmd_discover(args: argparse.Namespace) -> int:
         _fail(f"--heldout must be a fraction between 0 and 1, got {args.heldout}")
     if args.batch_size < 1:
         _fail(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_seed_and_n(args.seed, args.n)
     check_device_and_dtype(args)
+    out = Path(args.out or Path("circuits-out") / task_name(args.task))
+    check_output(out, folder=True, flag="--out")
 
     t0 = time.perf_counter()
-    names = ["loading", "scoring", "selecting", "evaluating", "writing"]
+    names = ["loading", "measuring the behavior", "scoring", "selecting", "evaluating",
+             "writing"]
     with stages(names) as stage:
         stage("loading")
         task, model = load_task_and_model(args.task, args.model, args.n, args.seed, args)
-        out = Path(args.out or Path("circuits-out") / task.name)
-        found = run_discovery(task, model, args, selection, options, stage)
+        checkpoint = discovery_checkpoint(out, task, model, args, options)
+        found = run_discovery(task, model, args, selection, options, stage, checkpoint)
         stage("writing")
         write_discovery(found, out, " ".join([PROG, *map(shlex.quote, args.argv)]))
+        checkpoint.finish()
     from .report import summary_rows, text_table
 
     print(text_table(summary_rows(found, f"{out}{os.sep}", time.perf_counter() - t0)))
     return 0
 
 
+def task_name(task: str) -> str:
+    """The name a task will have: a built-in task's own, a JSONL file's stem."""
+    return Path(task).stem if _is_task_file(task) else task
+
+
+def discovery_checkpoint(out: Path, task: Any, model: Any, args: argparse.Namespace,
+                         options: dict[str, Any]) -> Any:
+    """Where a long discovery keeps its progress (``OUT/.progress``), keyed by everything the
+    scores depend on, so ``--resume`` continues only the same run."""
+    import hashlib
+    import json
+
+    from .progress import Checkpoint
+
+    prompts = json.dumps([e.to_dict() for e in task.examples], sort_keys=True)
+    run = dict(command="discover", method=args.method, options=options,
+               task=task.name, prompts=hashlib.sha256(prompts.encode("utf-8")).hexdigest()[:16],
+               model=model.fingerprint, dtype=args.dtype, ablation=args.ablation,
+               metric=args.metric, batch_size=args.batch_size, heldout=args.heldout,
+               seed=args.seed)
+    return Checkpoint(out / ".progress", run, resume=args.resume)
+
+
 def run_discovery(task: Any, model: Any, args: argparse.Namespace, selection: dict[str, float],
-                  options: dict[str, Any], stage: Callable[[str], None]) -> Any:
-    """`circuits.api.discover` on a resolved task and model, with the discovery-prompt
-    faithfulness filled in when the selection did not measure it."""
-    from .api import discover, make_setup
-    from .evaluate import evaluate
+                  options: dict[str, Any], stage: Callable[[str], None],
+                  checkpoint: Any = None) -> Any:
+    """`circuits.api.discover` on a resolved task and model, the circuit named after the whole
+    task (and its JSONL file, so `evaluate` finds it again)."""
+    from .api import discover
 
     kwargs: dict[str, Any] = dict(ablation=args.ablation, metric=args.metric, level=args.level,
                                   selection=selection, heldout=args.heldout, seed=args.seed,
-                                  batch_size=args.batch_size, progress=stage, **options)
+                                  batch_size=args.batch_size, progress=stage,
+                                  strict=args.strict, checkpoint=checkpoint, **options)
     found = discover(task, model, args.method, **kwargs)
     circuit = found.circuit
-    if "faithfulness" not in circuit.metrics:
-        # threshold/top-k selection measures nothing; the report shows both faithfulnesses,
-        # so evaluate on the same discovery prompts discover used (its split, its seed)
-        stage("evaluating (discovery prompts)")
-        discovery_part, _ = found.task.split(1 - args.heldout, seed=args.seed)
-        setup = make_setup(found.model, discovery_part, ablation=args.ablation,
-                           metric=args.metric, batch_size=args.batch_size)
-        circuit.metrics.update(evaluate(circuit, setup).as_dict())
     # the circuit belongs to the whole task (the scores to its discovery part): evaluate and
     # the diagrams' titles use this name, and a JSONL task is found again through its path
     circuit.task = found.task.name
@@ -220,23 +276,40 @@ def run_discovery(task: Any, model: Any, args: argparse.Namespace, selection: di
 
 
 def write_discovery(found: Any, out: Path, command: str) -> list[Path]:
-    """Write circuit.json, scores.json, the diagrams, the page and report.md into `out`, each
-    atomically and in that order, so a failure keeps what was finished."""
+    """Write circuit.json, scores.json, the diagrams, the page and report.md into `out`.
+
+    Everything is first written into a staging folder inside `out`, then moved into place with
+    Ctrl-C held back, so `out` holds either the previous complete set of files or the new one,
+    never a mix or half a file."""
+    import shutil
+    import signal
+    import tempfile
+
     from .io import write_atomic
     from .report import report_markdown, scores_json
 
     circuit = found.circuit
     out.mkdir(parents=True, exist_ok=True)
-    written = [circuit.save(out / "circuit.json")]
-    write_atomic(out / "scores.json", scores_json(found.scores).encode("utf-8"))
-    written.append(out / "scores.json")
-    written.append(circuit.render(out / "circuit.svg"))
-    written.append(circuit.render(out / "circuit.png"))
-    written.append(circuit.to_html(out / "circuit.html"))
-    report = report_markdown(found, [p.name for p in written], command)
-    write_atomic(out / "report.md", report.encode("utf-8"))
-    written.append(out / "report.md")
-    return written
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        staged = [circuit.save(staging / "circuit.json")]
+        write_atomic(staging / "scores.json", scores_json(found.scores).encode("utf-8"))
+        staged.append(staging / "scores.json")
+        staged.append(circuit.render(staging / "circuit.svg"))
+        staged.append(circuit.render(staging / "circuit.png"))
+        staged.append(circuit.to_html(staging / "circuit.html"))
+        report = report_markdown(found, [f.name for f in staged], command)
+        write_atomic(staging / "report.md", report.encode("utf-8"))
+        staged.append(staging / "report.md")
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for f in staged:
+                os.replace(f, out / f.name)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [out / f.name for f in staged]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -246,7 +319,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, faithfulness_curve
     from .io import load_circuit
     from .metrics import get_metric
-    from .model import dtype_name
+    from .model import dtype_name, load_model
     from .report import text_table
 
     circuit = load_circuit(args.circuit)
@@ -260,8 +333,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not model_name:
         _fail(f"{args.circuit} names no model; pass --model")
     # fresh prompts: a generator seed other than the one the circuit was discovered with
-    seed = args.seed if args.seed is not None else int(circuit.options.get("seed", 0)) + 1
-    n = args.n if args.n is not None else circuit.options.get("n_prompts")
+    saved_seed, saved_n = circuit.options.get("seed", 0), circuit.options.get("n_prompts")
+    if not isinstance(saved_seed, int) or not (saved_n is None or isinstance(saved_n, int)):
+        _fail(f"{args.circuit}: options 'seed' and 'n_prompts' must be integers; fix the file "
+              "or pass --seed and --n")
+    seed = args.seed if args.seed is not None else (saved_seed + 1) % 2**32
+    n = args.n if args.n is not None else saved_n
+    check_seed_and_n(seed, n)
     ablation = args.ablation or circuit.options.get("ablation", "resample")
     metric = args.metric or circuit.options.get("metric")
     if metric is not None:
@@ -272,14 +350,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     with stages(["loading", "evaluating", "curve"]) as stage:
         stage("loading")
-        task, model = load_task_and_model(task_name, model_name, n, seed, args)
+        model = load_model(model_name, args.device, args.dtype)
+        check_model(circuit, model, args)
+        task, model = load_task_and_model(task_name, model, n, seed, args)
         setup = make_setup(model, task, ablation=ablation, metric=metric,
                            batch_size=args.batch_size)
-        g, h = circuit.graph, setup.graph
-        if g.shape() != h.shape():
-            _fail(f"the circuit is for a {g.n_layers}-layer, {g.n_heads}-head model but "
-                  f"{model.name!r} has {h.n_layers} layers and {h.n_heads} heads; pass the "
-                  "circuit's model with --model")
+        check_shape(circuit, model, setup.graph)
+        g = circuit.graph
         stage("evaluating")
         result = evaluate(circuit, setup)
         curve = None
@@ -294,7 +371,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ("ablation / metric", f"{setup.ablation} / {setup.metric.name}"),
         ("edges", f"{result.n_edges} / {g.n_edges} ({result.n_edges / g.n_edges:.1%})"),
         ("nodes", result.n_nodes),
-        ("faithfulness", f"{result.faithfulness:.3f}"),
+        ("faithfulness", f"{result.faithfulness:.3f} (95% CI {_interval(result)})"),
         ("metric: circuit", f"{result.metric_circuit:.4f}"),
         ("metric: model", f"{result.metric_model:.4f}"),
         ("metric: empty", f"{result.metric_empty:.4f}"),
@@ -312,6 +389,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_shape(circuit: Any, model: Any, graph: Any) -> None:
+    """Refuse a model whose graph has another shape than the circuit's."""
+    g = circuit.graph
+    if g.shape() != graph.shape():
+        _fail(f"the circuit is for a {g.n_layers}-layer, {g.n_heads}-head model but "
+              f"{model.name!r} has {graph.n_layers} layers and {graph.n_heads} heads; pass the "
+              "circuit's model with --model")
+
+
+def check_model(circuit: Any, model: Any, args: argparse.Namespace) -> None:
+    """Refuse a model whose weights differ from those the circuit was discovered on (its
+    fingerprint, recorded in the circuit file) unless --any-model."""
+    from .model import dtype_name
+
+    saved = circuit.options.get("model_fingerprint")
+    # the fingerprint samples the weights as loaded, so it is compared in the dtype it was taken
+    same_dtype = circuit.options.get("dtype", "float32") == dtype_name(model.dtype)
+    if saved is not None and same_dtype and saved != model.fingerprint and not args.any_model:
+        _fail(f"{args.circuit} was discovered on {circuit.model or 'another model'!r} (weights "
+              f"{saved}), but {model.name!r} has other weights ({model.fingerprint}); pass the "
+              "circuit's model with --model, or --any-model to evaluate it anyway")
+
+
+def _interval(result: Any) -> str:
+    """A faithfulness confidence interval as text."""
+    low, high = result.faithfulness_ci
+    return f"{low:.3f} to {high:.3f}"
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     """Draw a saved circuit to SVG, PNG, PDF, DOT or an interactive HTML page."""
     from .io import load_circuit
@@ -321,6 +427,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     if suffix not in RENDER_SUFFIXES:
         _fail(f"cannot tell the format of {out.name!r}; name the output .svg, .png, .pdf, .dot "
               "or .html")
+    check_output(out, folder=False, flag="-o")
     circuit = load_circuit(args.circuit)
     if suffix == "html":
         circuit.to_html(out)
@@ -339,6 +446,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if fmt not in EXPORT_FORMATS:
         _fail(f"cannot tell the export format of {out.name!r}; pass --format "
               f"{'|'.join(EXPORT_FORMATS)}")
+    if args.d_model is not None and args.d_model < 1:
+        _fail(f"--d-model must be a positive width, got {args.d_model}")
+    check_output(out, folder=fmt == "mib" and args.binary, flag="-o")
     circuit = load_circuit(args.circuit)
     options: dict[str, Any] = {}
     if fmt == "mib":
@@ -484,6 +594,12 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                         "default if unset)")
     p.add_argument("--threshold", type=float, metavar="TAU",
                    help="ACDC's removal threshold τ (acdc; method default if unset)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop with an error, instead of a warning, when the model barely shows "
+                   "the behavior (its effect is small against its spread over the prompts)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same command from the progress "
+                   "it kept in the output folder (acdc, exact, eap-ig)")
     add_device_arguments(p)
 
     p = command("evaluate", cmd_evaluate, "Evaluate a saved circuit on fresh prompts: "
@@ -498,6 +614,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--ablation", choices=ABLATIONS, help="default: the circuit's")
     p.add_argument("--metric", help="default: the circuit's")
     p.add_argument("--batch-size", type=int, default=32, metavar="B")
+    p.add_argument("--any-model", action="store_true",
+                   help="evaluate even on a model whose weights differ from those the circuit "
+                   "was discovered on (refused by default)")
     add_device_arguments(p)
 
     p = command("render", cmd_render, "Draw a saved circuit: SVG, PNG, PDF or DOT with "
@@ -562,28 +681,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     acdc ...
     True
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser(argv).parse_args(argv)
-    except SystemExit as done:  # --help, --version and argparse's usage errors (status 2)
-        return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
-    args.argv = argv
-    debug = getattr(args, "debug", False)
-    t0 = time.perf_counter()
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted after {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        return 130
-    except Exception as err:  # every failure ends as one line (and a traceback with --debug)
-        from .errors import CircuitsError
+    from .progress import interrupted, sigint_handler
 
-        if debug:
-            traceback.print_exc()
-        text = " ".join(str(err).split()) or "no message"
-        if isinstance(err, CircuitsError):
-            print(f"{PROG}: error: {text}", file=sys.stderr)
-            return 2
-        hint = "" if debug else " (run again with --debug for the traceback)"
-        print(f"{PROG}: error: {type(err).__name__}: {text}{hint}", file=sys.stderr)
-        return 1
+    argv = list(sys.argv[1:] if argv is None else argv)
+    t0 = time.perf_counter()
+
+    def stopped() -> int:
+        print(f"\n{PROG}: interrupted after {time.perf_counter() - t0:.0f} s; finished outputs "
+              "are kept (rerun with --resume to continue where supported)", file=sys.stderr)
+        return 130
+
+    debug = False
+    with sigint_handler():  # from the start: parsing `bench` already imports torch
+        try:
+            try:
+                args = build_parser(argv).parse_args(argv)
+            except SystemExit as done:  # --help, --version and argparse's usage errors
+                return done.code if isinstance(done.code, int) else (
+                    0 if done.code is None else 2)
+            args.argv = argv
+            debug = getattr(args, "debug", False)
+            status = args.func(args)
+        except KeyboardInterrupt:
+            return stopped()
+        except Exception as err:  # every failure ends as one line (and a traceback with --debug)
+            if interrupted():  # a Ctrl-C that a library turned into another exception
+                return stopped()
+            from .errors import CircuitsError
+
+            if debug:
+                traceback.print_exc()
+            text = " ".join(str(err).split()) or "no message"
+            if isinstance(err, CircuitsError):
+                print(f"{PROG}: error: {text}", file=sys.stderr)
+                return 2
+            hint = "" if debug else " (run again with --debug for the traceback)"
+            print(f"{PROG}: error: {type(err).__name__}: {text}{hint}", file=sys.stderr)
+            return 1
+        # a Ctrl-C swallowed somewhere still ends the command as interrupted
+        return stopped() if interrupted() else status
+
+
+def entry() -> None:
+    """The ``circuits`` program: `main`, then exit with its status.
+
+    Once `main` has returned, a Ctrl-C is ignored: the interpreter's shutdown (atexit callbacks,
+    library finalizers) takes a moment, and a Ctrl-C there would print a traceback and lose the
+    status.
+    """
+    import signal
+
+    status = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(status)

@@ -31,3 +31,7 @@ class OptionError(CircuitsError):
 
 class DependencyError(CircuitsError):
     """A program or optional package the requested feature needs is not installed."""
+
+
+class BehaviorError(CircuitsError):
+    """The model barely shows the behavior (raised instead of a warning with ``strict=True``)."""

@@ -1,4 +1,5 @@
-"""How good is a circuit: faithfulness, faithfulness curves (CPR, CMD), ROC and precision/recall.
+"""How good is a circuit: faithfulness and its bootstrap interval, faithfulness curves (CPR, CMD),
+ROC and precision/recall; and whether the model shows the behavior at all (`behavior`).
 
 Faithfulness of a circuit C is ``f(C) = (m(C) - m(empty)) / (m(model) - m(empty))`` where m is
 the task metric averaged over the prompts (weighted by batch size) with every edge outside C
@@ -7,7 +8,10 @@ themselves (the full mask and the empty mask are two more variants), so f(full) 
 f(empty) = 0 hold exactly, not up to rounding.
 
 Every function takes a `Setup`; to evaluate on held-out prompts, build a second Setup on them
-(same model, metric and ablation) and pass that one instead of the discovery Setup.
+(same model, metric and ablation) and pass that one instead of the discovery Setup. The edge
+engine runs the circuits; on a model without an edge adapter, node-level circuits run by node
+patching instead (`metric_of_masks` chooses), so selection, evaluation and curves of node scores
+work on any causal LM.
 
 Faithfulness curves follow the MIB circuit track: circuits keep the top ``floor(x * n)`` edges
 for x in 0.1%, 0.2%, 0.5%, 1%, 2%, 5%, 10%, 20%, 50%, 100% of the n edges (pruned afterwards),
@@ -33,8 +37,10 @@ import torch
 from torch import Tensor
 
 from .circuit import Circuit, n_items, prune, ranks, top_mask
-from .errors import OptionError
+from .engine import Engine
+from .errors import OptionError, UnsupportedModelError
 from .graph import Graph
+from .nodes import metric_of_nodes, node_sets
 from .scores import Level, Scores
 from .setup import Setup
 
@@ -48,14 +54,29 @@ def fine_fractions(points: int = 31) -> tuple[float, ...]:
 
 
 # -- evaluating masks ---------------------------------------------------------------------------
+NODE_ROWS = 512  # rows per forward of node patching (the engine's default budget)
+
+
 def default_chunk(setup: Setup) -> int:
-    """How many circuits to run side by side: the engine's row budget over the largest batch."""
+    """How many circuits to run side by side: the row budget over the largest batch (the
+    engine's, or `NODE_ROWS` for a model that has no edge adapter)."""
+    try:
+        rows = setup.engine.chunk
+    except UnsupportedModelError:
+        rows = NODE_ROWS
     largest = max(b.size for b in setup.batches)
-    return max(1, min(32, setup.engine.chunk // largest))
+    return max(1, min(32, rows // largest))
 
 
-def metric_of_masks(setup: Setup, masks: Tensor, chunk: int | None = None) -> Tensor:
+def metric_of_masks(
+    setup: Setup, masks: Tensor, chunk: int | None = None, per_prompt: bool = False
+) -> Tensor:
     """The task metric with everything outside each circuit ablated.
+
+    The edge engine runs the circuits. On a model whose family has no edge adapter, circuits
+    that are all induced by node sets (node-level circuits: `node_sets` finds their nodes) run
+    through node patching instead (`metric_of_nodes`), which gives the same values; any other
+    circuit raises the engine's UnsupportedModelError.
 
     Parameters
     ----------
@@ -66,25 +87,44 @@ def metric_of_masks(setup: Setup, masks: Tensor, chunk: int | None = None) -> Te
         ``[C, n_src, n_dst]`` bool, True = edge kept.
     chunk : int, optional
         Most circuits run side by side in one forward (``chunk * batch`` rows).
+    per_prompt : bool
+        Return every prompt's value instead of the mean (from the same forwards).
 
     Returns
     -------
     Tensor
-        ``[C]`` float64, the metric averaged over all prompts (weighted by batch size).
+        ``[C]`` float64, the metric averaged over all prompts (each prompt counts once, whatever
+        its batch), or ``[C, n_prompts]`` with `per_prompt` (prompts in batch order).
     """
+    masks = masks.bool() & setup.graph.valid
+    try:
+        engine = setup.engine
+    except UnsupportedModelError as err:
+        keep = node_sets(setup.graph, masks)
+        if keep is None:
+            raise UnsupportedModelError(
+                f"only node-level circuits (every edge among a set of nodes) can be evaluated "
+                f"on this model, and these keep other sets of edges: {err}") from None
+        return metric_of_nodes(setup, keep, chunk or default_chunk(setup), per_prompt)
+    values = _engine_values(setup, engine, masks, chunk or default_chunk(setup))
+    return values if per_prompt else values.mean(1)
+
+
+def _engine_values(setup: Setup, engine: Engine, masks: Tensor, chunk: int) -> Tensor:
+    """``[C, n_prompts]`` float64 metric of each circuit run by the edge engine."""
     valid = setup.graph.valid
-    masks = masks.bool() & valid
     C = masks.shape[0]
-    chunk = chunk or default_chunk(setup)
-    total = torch.zeros(C, dtype=torch.float64)
-    for batch, ablated, weight in setup.items(reuse=True):
+    out = []
+    for batch, ablated, _ in setup.items(reuse=True):
+        rows = torch.empty(C, batch.size, dtype=torch.float64)
         for start in range(0, C, chunk):
             part = masks[start:start + chunk]  # [c, n_src, n_dst]
             ablate = (valid & ~part).float().to(ablated.device)
-            logits = setup.engine.patched_logits(batch.clean, ablate, ablated)  # [c * b, vocab]
+            logits = engine.patched_logits(batch.clean, ablate, ablated)  # [c * b, vocab]
             values = setup.metric_values(logits, batch).view(len(part), batch.size)
-            total[start:start + len(part)] += weight * values.double().mean(1).cpu()
-    return total
+            rows[start:start + len(part)] = values.double().cpu()
+        out.append(rows)
+    return torch.cat(out, 1)
 
 
 def _ratio(m: Tensor, m_model: float, m_empty: float) -> Tensor:
@@ -127,7 +167,20 @@ def _faithfulness(
 
 @dataclass(frozen=True)
 class Evaluation:
-    """A circuit's faithfulness on one Setup and the metric values it comes from."""
+    """A circuit's faithfulness on one Setup and the metric values it comes from.
+
+    Attributes
+    ----------
+    faithfulness : float
+        ``(m(C) - m(empty)) / (m(model) - m(empty))``, NaN when m(model) = m(empty).
+    metric_circuit, metric_model, metric_empty : float
+        m(C), m(model), m(empty): the metric averaged over the prompts.
+    n_edges, n_nodes : int
+        The circuit's size.
+    faithfulness_ci : tuple[float, float]
+        95% percentile-bootstrap interval of the faithfulness over the prompts
+        (`bootstrap_faithfulness`); NaN where the faithfulness is undefined.
+    """
 
     faithfulness: float
     metric_circuit: float
@@ -135,13 +188,91 @@ class Evaluation:
     metric_empty: float
     n_edges: int
     n_nodes: int
+    faithfulness_ci: tuple[float, float] = (math.nan, math.nan)
 
     def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+        """Flat numbers for JSON: the fields, the interval as ``faithfulness_ci_low`` and
+        ``faithfulness_ci_high``."""
+        out = asdict(self)
+        out["faithfulness_ci_low"], out["faithfulness_ci_high"] = out.pop("faithfulness_ci")
+        return out
 
 
-def evaluate(circuit: Circuit | Tensor, setup: Setup, chunk: int | None = None) -> Evaluation:
-    """Faithfulness of a circuit (or a bool edge mask) on a setup's prompts.
+def bootstrap_faithfulness(
+    m_circuit: Sequence[float] | np.ndarray | Tensor,
+    m_model: Sequence[float] | np.ndarray | Tensor,
+    m_empty: Sequence[float] | np.ndarray | Tensor,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the faithfulness from per-prompt metric values.
+
+    Each resample draws n prompts with replacement, jointly for the three runs (a prompt's
+    m(C), m(model) and m(empty) stay together), and recomputes ``(mean m(C) - mean m(empty)) /
+    (mean m(model) - mean m(empty))``; the interval holds the central `level` of those values.
+    The draws come from a numpy Generator seeded with `seed`, so the interval is deterministic.
+    Resamples whose m(model) and m(empty) agree (no ratio) are left out.
+
+    Parameters
+    ----------
+    m_circuit, m_model, m_empty : array-like
+        ``[n_prompts]`` metric values of the circuit, the full model and the empty circuit.
+    n_resamples : int
+    level : float
+        Coverage of the interval, in (0, 1).
+    seed : int
+
+    Returns
+    -------
+    tuple[float, float]
+        (low, high); (NaN, NaN) when the faithfulness itself is undefined (mean m(model) =
+        mean m(empty)) or there are no prompts.
+
+    Examples
+    --------
+    >>> bootstrap_faithfulness([0.5, 0.5, 0.5], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
+    (0.5, 0.5)
+    >>> lo, hi = bootstrap_faithfulness([0.2, 0.9, 0.4, 0.7], [1.0] * 4, [0.0] * 4)
+    >>> bool(lo < 0.55 < hi)
+    True
+    """
+    if not 0 < level < 1 or n_resamples < 1:
+        raise OptionError(f"a bootstrap needs 0 < level < 1 and at least one resample, got "
+                          f"level={level}, n_resamples={n_resamples}")
+    c, full, empty = (np.asarray(torch.as_tensor(v, dtype=torch.float64).cpu(), dtype=np.float64)
+                      for v in (m_circuit, m_model, m_empty))
+    n = len(c)
+    if n == 0 or full.mean() == empty.mean():
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    step = max(1, 2**22 // n)  # resamples per block: at most ~4M drawn indices at a time
+    f = []
+    for start in range(0, n_resamples, step):
+        idx = rng.integers(0, n, size=(min(step, n_resamples - start), n))  # [r, n]
+        mc, mm, me = c[idx].mean(1), full[idx].mean(1), empty[idx].mean(1)
+        span = mm - me
+        with np.errstate(divide="ignore", invalid="ignore"):
+            f.append(np.where(span != 0, (mc - me) / span, np.nan))
+    values = np.concatenate(f)
+    if np.isnan(values).all():
+        return (math.nan, math.nan)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.nanpercentile(values, [tail, 100 - tail])
+    return (float(lo), float(hi))
+
+
+def evaluate(
+    circuit: Circuit | Tensor,
+    setup: Setup,
+    chunk: int | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> Evaluation:
+    """Faithfulness of a circuit (or a bool edge mask) on a setup's prompts, with a bootstrap
+    interval.
+
+    Node-level circuits evaluate on any causal LM (see `metric_of_masks`).
 
     Parameters
     ----------
@@ -151,19 +282,142 @@ def evaluate(circuit: Circuit | Tensor, setup: Setup, chunk: int | None = None) 
         Prompts to evaluate on: the discovery Setup, or one built on held-out prompts.
     chunk : int, optional
         Most circuits run side by side per forward.
+    n_resamples, seed : int
+        Bootstrap resamples of the prompts and the seed of their draws
+        (`bootstrap_faithfulness`, 95% interval).
 
     Returns
     -------
     Evaluation
         ``faithfulness``, ``metric_circuit`` m(C), ``metric_model`` m(model), ``metric_empty``
-        m(empty), and the circuit's size.
+        m(empty), the circuit's size and ``faithfulness_ci``.
     """
-    mask = circuit.mask if isinstance(circuit, Circuit) else circuit.bool() & setup.graph.valid
-    f, m, base = faithfulness_of_masks(setup, mask[None], chunk)
-    c = circuit if isinstance(circuit, Circuit) else Circuit(setup.graph, mask,
-                                                              keep_dangling=True)
-    return Evaluation(float(f[0]), float(m[0]), base.metric_model, base.metric_empty,
-                      c.n_edges, c.n_nodes)
+    g = setup.graph
+    mask = circuit.mask if isinstance(circuit, Circuit) else circuit.bool() & g.valid
+    masks = torch.stack([g.valid, torch.zeros_like(g.valid), mask.bool().cpu()])
+    per = metric_of_masks(setup, masks, chunk, per_prompt=True)  # [3, n_prompts]
+    m_model, m_empty, m_circuit = (float(v) for v in per.mean(1))
+    f = float(_ratio(per[2].mean()[None], m_model, m_empty)[0])  # float64
+    ci = bootstrap_faithfulness(per[2], per[0], per[1], n_resamples, seed=seed)
+    c = circuit if isinstance(circuit, Circuit) else Circuit(g, mask, keep_dangling=True)
+    return Evaluation(f, m_circuit, m_model, m_empty, c.n_edges, c.n_nodes, ci)
+
+
+# -- behavior strength ------------------------------------------------------------------------
+MIN_EFFECT_RATIO = 0.5  # effect / spread below this: the behavior is weak
+MIN_T = 3.0  # t statistic below this: the behavior is weak
+
+
+@dataclass(frozen=True)
+class Behavior:
+    """How strongly a model shows a task's behavior, from the per-prompt effect of ablating
+    everything: ``d_i = sign * (m_i(model) - m_i(empty))`` (see `behavior`).
+
+    Attributes
+    ----------
+    effect : float
+        Mean of d over the prompts.
+    spread : float
+        Standard deviation of d (sample, n - 1; NaN for one prompt).
+    n : int
+        Number of prompts.
+    t : float
+        ``effect / (spread / sqrt(n))``: the effect in standard errors.
+    weak : bool
+        True when the effect is not clearly positive against its spread: ``effect / spread <
+        MIN_EFFECT_RATIO`` (0.5) or ``t < MIN_T`` (3), or too few prompts to tell.
+    reason : str
+        One line saying why (or the numbers when it is not weak).
+    """
+
+    effect: float
+    spread: float
+    n: int
+    t: float
+    weak: bool
+    reason: str
+
+    def as_dict(self) -> dict[str, float | int | bool | str]:
+        return asdict(self)
+
+    @classmethod
+    def of(cls, d: Sequence[float] | np.ndarray | Tensor) -> Behavior:
+        """Judge per-prompt effects ``d`` ``[n]`` by the rule of `behavior`.
+
+        Examples
+        --------
+        >>> Behavior.of([2.0, 1.0, 3.0, 2.0]).weak  # effect 2, spread 0.82, t = 4.9
+        False
+        >>> Behavior.of([2.0, -1.0, 3.0, 0.0]).weak  # effect 1, spread 1.8, t = 1.1
+        True
+        """
+        d = np.asarray(torch.as_tensor(d, dtype=torch.float64).cpu(), dtype=np.float64)
+        n = len(d)
+        effect = float(d.mean()) if n else math.nan
+        spread = float(d.std(ddof=1)) if n > 1 else math.nan
+        if n > 1 and spread == 0:
+            ratio = t = math.inf if effect > 0 else math.nan
+        else:
+            ratio, t = effect / spread, effect / spread * math.sqrt(n)
+        numbers = f"effect {effect:.3g}, spread {spread:.3g} over {n} prompts, t = {t:.2f}"
+        if n < 2:
+            reason = f"too few prompts to tell an effect from noise ({numbers})"
+        elif not effect > 0:
+            reason = f"ablating every component does not lower the behavior ({numbers})"
+        elif not ratio >= MIN_EFFECT_RATIO:
+            reason = (f"the effect is only {ratio:.2f} of its spread across prompts, below "
+                      f"{MIN_EFFECT_RATIO:g} ({numbers})")
+        elif not t >= MIN_T:
+            reason = f"the effect is within {MIN_T:g} standard errors of zero ({numbers})"
+        else:
+            return cls(effect, spread, n, t, False, numbers)
+        return cls(effect, spread, n, t, True, reason)
+
+
+def behavior(setup: Setup, chunk: int | None = None) -> Behavior:
+    """Whether the model shows the behavior at all on a setup's prompts.
+
+    Per prompt, ``d_i = sign * (m_i(model) - m_i(empty))``, where the empty circuit has every
+    edge (node) ablated: for resample ablation the run on the corrupted prompt, for mean and
+    zero ablation every source at its mean or zero. ``sign`` is `Setup.sign` (+1, -1 for
+    ``kl``), so d > 0 means the model does what the task measures and ablation takes it away.
+    A circuit's faithfulness divides by the mean of d: when d is small against its spread,
+    faithfulness is noise.
+
+    The behavior is *weak* when its effect is not clearly positive against its spread:
+
+    * ``effect / spread < 0.5`` (`MIN_EFFECT_RATIO`): prompts disagree about as much as they
+      agree, or
+    * ``t = effect / (spread / sqrt(n)) < 3`` (`MIN_T`): the mean is within three standard
+      errors of zero (or below it),
+
+    and with fewer than two prompts (no spread to compare with). A spread of zero with a
+    positive effect is not weak. `Behavior.of` applies the rule to given effects.
+
+    Parameters
+    ----------
+    setup : Setup
+        Runs on any causal LM: without an edge adapter the empty circuit runs by node patching.
+    chunk : int, optional
+        As in `metric_of_masks`.
+
+    Returns
+    -------
+    Behavior
+
+    Examples
+    --------
+    >>> import circuits
+    >>> model = circuits.load_model("induction-gpt2-2l")
+    >>> task = circuits.get_task("induction", model.tokenizer, n=16)
+    >>> found = behavior(circuits.Setup(model, task.batches(model.tokenizer), task.metric))
+    >>> found.weak, found.n
+    (False, 16)
+    """
+    g = setup.graph
+    per = metric_of_masks(setup, torch.stack([g.valid, torch.zeros_like(g.valid)]), chunk,
+                          per_prompt=True)  # [2, n_prompts]
+    return Behavior.of(setup.sign * (per[0] - per[1]))
 
 
 # -- the smallest faithful circuit ------------------------------------------------------------

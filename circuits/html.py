@@ -16,7 +16,7 @@ prunes like `circuits.circuit.prune`: a key/value head passes on to every head o
 from __future__ import annotations
 
 import html
-import json
+import math
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,7 +80,6 @@ def page_data(circuit: Circuit, max_size: int = 5000) -> dict[str, Any]:
     initial = int(circuit.options.get("k", circuit.options.get("top_k", initial)))
     total = n_items(g, level)
     node_ranking = [] if level == "edge" else (torch.argsort(rank[1:]) + 1).tolist()
-    f = circuit.metrics.get("faithfulness")
     return {
         "title": title(circuit).split(" — ")[0] if (circuit.task or circuit.model
                                                      or circuit.method) else "circuit",
@@ -93,13 +92,31 @@ def page_data(circuit: Circuit, max_size: int = 5000) -> dict[str, Any]:
         "nodeRanking": node_ranking,
         "initial": initial,
         "maxSize": max(min(total, max_size), initial),
-        "faithfulness": None if f is None else float(f),
+        **_faithfulness(circuit.metrics),
     }
+
+
+def _finite(x: Any) -> float | None:
+    """`x` as a float, None when missing or not finite (JSON has no NaN)."""
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def _faithfulness(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The faithfulnesses the page's title shows, with their 95% bootstrap intervals."""
+    data: dict[str, Any] = {}
+    for prefix, key in (("", "faithfulness"), ("heldout_", "heldoutFaithfulness")):
+        low = _finite(metrics.get(f"{prefix}faithfulness_ci_low"))
+        high = _finite(metrics.get(f"{prefix}faithfulness_ci_high"))
+        data[key] = _finite(metrics.get(f"{prefix}faithfulness"))
+        data[f"{key}CI"] = None if low is None or high is None else [low, high]
+    return data
 
 
 def render_html(circuit: Circuit, max_size: int = 5000) -> str:
     """The page's HTML text."""
-    data = json.dumps(page_data(circuit, max_size), separators=(",", ":"))
+    from .io import dumps
+
+    data = dumps(page_data(circuit, max_size), separators=(",", ":"))
     # a "</script>" inside the JSON would end the script element early
     data = data.replace("</", "<\\/")
     template = resources.files("circuits").joinpath("html_template.html").read_text("utf-8")

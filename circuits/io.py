@@ -17,6 +17,16 @@ key/value heads ``a{l}.kv{g}`` after the query heads of their layer, and its sha
 node-level ones (``nodes[...]["score"]``, never on key/value heads); scores are float32 values
 written as decimal floats, which read back bit for bit.
 
+Every JSON document the package writes goes through `dumps`, so it is strict JSON that any
+parser reads (JavaScript's ``JSON.parse`` included): a NaN or infinite number, such as the
+faithfulness of a task whose answer equals its wrong answer, is written as ``null``. A ``null``
+metric loads back as NaN; a score must be a finite float32 number.
+
+`load_circuit` checks a file against this schema before it allocates anything sized by it: the
+file size (at most `MAX_FILE_BYTES`), the graph shape (at most `MAX_LAYERS` layers and
+`MAX_HEADS` heads, and exactly as many edges as the file lists), every type and every score.
+Anything wrong raises `CircuitFileError` with one line saying what and where.
+
 The MIB circuit-track layout (`export_mib`) is the one EAP-IG's ``Graph.to_json`` writes and
 MIB's evaluation reads: ``{"cfg": {"n_layers", "n_heads", "n_kv_heads", "parallel_attn_mlp",
 "d_model"}, "nodes": {name: {"in_graph": bool[, "score": float]}}, "edges": {name: {"score":
@@ -33,6 +43,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import tempfile
 from pathlib import Path
@@ -50,6 +61,10 @@ FORMAT = "circuits.circuit"
 VERSION = 1
 EXPORT_FORMATS = ("json", "graphml", "dot", "mib")
 MIB_BUDGETS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+MAX_FILE_BYTES = 512 * 2**20  # about 8M edges; a GPT-2 XL edge circuit (2.2M) is ~130 MiB
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -88,6 +103,48 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
+def _finite(value: Any) -> Any:
+    """`value` with every non-finite float (also in dicts, lists, numpy/torch values) as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if hasattr(value, "tolist") and callable(value.tolist):  # numpy and torch values
+        return _finite(value.tolist())
+    return value
+
+
+def dumps(obj: Any, **kw: Any) -> str:
+    """Strict JSON text of `obj`: every NaN or infinite float becomes ``null``.
+
+    Python's `json` writes ``NaN`` and ``Infinity``, which strict parsers (JavaScript's
+    ``JSON.parse``, ``jq``) refuse; this writes ``null`` instead, also inside nested dicts and
+    lists and for numpy and torch scalars and tensors (turned into numbers and lists).
+
+    Parameters
+    ----------
+    obj : Any
+        Dicts, lists, tuples, strings, numbers, None, numpy or torch values.
+    **kw
+        Passed to `json.dumps` (``indent``, ``separators``, ...); ``allow_nan`` is always False.
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> import torch
+    >>> dumps({"f": float("nan"), "x": [1.5, -float("inf")], "t": torch.tensor(2.0)})
+    '{"f": null, "x": [1.5, null], "t": 2.0}'
+    """
+    return json.dumps(_finite(obj), **{**kw, "allow_nan": False})
+
+
 # -- the circuit file ---------------------------------------------------------------------------
 def circuit_to_dict(circuit: Circuit) -> dict[str, Any]:
     """The circuit as the version-1 JSON document (see the module docstring)."""
@@ -123,6 +180,10 @@ def circuit_to_dict(circuit: Circuit) -> dict[str, Any]:
 def save_circuit(circuit: Circuit, path: str | Path) -> Path:
     """Save a circuit as versioned JSON, atomically.
 
+    The file is strict JSON (`dumps`): a NaN metric is written as ``null`` and loads back as
+    NaN. A NaN score is written as ``null`` too, but `load_circuit` refuses it, since selection
+    and drawing need every score.
+
     Parameters
     ----------
     circuit : Circuit
@@ -133,56 +194,173 @@ def save_circuit(circuit: Circuit, path: str | Path) -> Path:
     Path
     """
     path = Path(path)
-    text = json.dumps(circuit_to_dict(circuit), separators=(",", ":"))
+    text = dumps(circuit_to_dict(circuit), separators=(",", ":"))
     write_atomic(path, text.encode("utf-8"))
     return path
 
 
 def _need(cond: bool, where: str, what: str) -> None:
+    """Raise CircuitFileError ``where: what`` unless `cond`."""
     if not cond:
         raise CircuitFileError(f"{where}: {what}")
 
 
+def _show(value: Any) -> str:
+    """A short one-line rendering of a JSON value for an error message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value) if abs(value) < 10**30 else "a huge integer"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else {"nan": "NaN", "inf": "Infinity",
+                                                         "-inf": "-Infinity"}[repr(value)]
+    if isinstance(value, str):
+        text = repr(value)
+        return text if len(text) <= 60 else text[:56] + "...'"
+    return {list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _score(entry: dict[str, Any], what: str, where: str) -> float:
+    """The entry's score as a float that fits float32, or CircuitFileError naming `what`."""
+    s = entry.get("score")
+    _need("score" in entry and s is not None, where,
+          f"{what} has no score ({'null' if 'score' in entry else 'missing'}); a scored "
+          "circuit needs a finite number here (the score was NaN when it was saved, or the "
+          "file was edited)")
+    _need(isinstance(s, (int, float)) and not isinstance(s, bool), where,
+          f"{what} has score {_show(s)}; a score must be a number")
+    # compared before float(): float() of a huge integer raises OverflowError
+    _need(abs(s) <= FLOAT32_MAX, where, f"{what} has score {_show(s)}; a score must be a finite "
+          "float32 number (at most 3.4e38 in size)")
+    return float(s)
+
+
+def _graph(shape: Any, n_edges: int, where: str) -> Graph:
+    """The Graph of the 'graph' entry, built only once its shape is plausible and gives exactly
+    `n_edges` edges (`Graph.edge_count`), so a hand-edited size cannot exhaust memory."""
+    _need(isinstance(shape, dict), where, "'graph' must be an object with n_layers, n_heads, "
+          "n_kv_heads and parallel")
+    for key, low, high in (("n_layers", 0, MAX_LAYERS), ("n_heads", 1, MAX_HEADS)):
+        v = shape.get(key)
+        _need(_is_int(v) and low <= v <= high, where,
+              f"'graph' {key} is {_show(v) if key in shape else 'missing'}; it must be an "
+              f"integer from {low} to {high}")
+    n_layers, n_heads = shape["n_layers"], shape["n_heads"]
+    kv = shape.get("n_kv_heads", n_heads)
+    _need(_is_int(kv) and 1 <= kv <= n_heads and n_heads % kv == 0, where,
+          f"'graph' n_kv_heads is {_show(kv)}; it must be a positive integer that divides "
+          f"n_heads ({n_heads})")
+    parallel = shape.get("parallel", False)
+    _need(isinstance(parallel, bool), where,
+          f"'graph' parallel is {_show(parallel)}; it must be true or false")
+    want = Graph.edge_count(n_layers, n_heads, kv, parallel)
+    _need(want == n_edges, where,
+          f"'graph' ({n_layers} layers, {n_heads} heads, {kv} key/value heads"
+          f"{', parallel' if parallel else ''}) has {want} edges but the file lists {n_edges}; "
+          "'graph' does not match the edges (the file was edited or truncated)")
+    return Graph(n_layers, n_heads, parallel, kv)
+
+
+def _metrics(metrics: Any, where: str) -> dict[str, Any]:
+    """The 'metrics' entry with null read as NaN; every value must be a number or null."""
+    _need(isinstance(metrics, dict), where, "'metrics' must be an object")
+    out: dict[str, Any] = {}
+    for key, v in metrics.items():
+        ok = v is None or isinstance(v, float) or (_is_int(v) and abs(v) <= FLOAT32_MAX)
+        _need(ok, where, f"metric {_show(key)} is {_show(v)}; metrics must be numbers or null")
+        out[key] = math.nan if v is None else v
+    return out
+
+
+# options the package reads back from a loaded circuit (evaluate, export, the page), with the
+# test a value must pass and what it must be
+_OPTIONS: dict[str, tuple[Any, str]] = {
+    "seed": (lambda v: _is_int(v) and abs(v) < 2**63, "an integer"),
+    "n_prompts": (lambda v: v is None or (_is_int(v) and 1 <= v < 2**63),
+                  "a positive integer or null"),
+    "d_model": (lambda v: v is None or (_is_int(v) and 1 <= v < 2**63),
+                "a positive integer or null"),
+    "k": (lambda v: _is_int(v) and 0 <= v < 2**63, "a non-negative integer"),
+    "top_k": (lambda v: _is_int(v) and 0 <= v < 2**63, "a non-negative integer"),
+    "signed": (lambda v: isinstance(v, bool), "true or false"),
+    "ablation": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "metric": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "task_file": (lambda v: v is None or isinstance(v, str), "a string or null"),
+}
+
+
+def _options(options: Any, where: str) -> dict[str, Any]:
+    """The 'options' entry, with the values the package reads back type-checked."""
+    _need(isinstance(options, dict), where, "'options' must be an object")
+    for key, (ok, what) in _OPTIONS.items():
+        if key in options:
+            _need(ok(options[key]), where,
+                  f"option {key!r} is {_show(options[key])}; it must be {what}")
+    return dict(options)
+
+
 def circuit_from_dict(doc: Any, where: str = "circuit") -> Circuit:
-    """Rebuild a circuit from its JSON document, checking every part (CircuitFileError)."""
+    """Rebuild a circuit from its JSON document, checking every part.
+
+    The graph is built only after its shape has been checked against the number of edges the
+    document lists, so nothing large is allocated for a malformed document.
+
+    Parameters
+    ----------
+    doc : Any
+        The parsed JSON (see the module docstring).
+    where : str
+        Names the document in error messages (the file's path).
+
+    Returns
+    -------
+    Circuit
+
+    Raises
+    ------
+    CircuitFileError
+        Anything in the document is missing, of the wrong type, out of range or inconsistent.
+    """
     from .circuit import Circuit, all_nodes
 
     _need(isinstance(doc, dict), where, "the file does not hold a JSON object; is it a circuit "
           "saved with circuit.save()?")
     _need(doc.get("format") == FORMAT, where,
-          f"format is {doc.get('format')!r}, not {FORMAT!r}; save it with circuit.save()")
-    _need(doc.get("version") == VERSION, where,
-          f"version {doc.get('version')!r} is not supported (this package reads version "
+          f"format is {_show(doc.get('format'))}, not {FORMAT!r}; save it with circuit.save()")
+    _need(_is_int(doc.get("version")) and doc["version"] == VERSION, where,
+          f"version {_show(doc.get('version'))} is not supported (this package reads version "
           f"{VERSION}); save it again with this package")
     for key in ("graph", "level", "nodes", "edges"):
         _need(key in doc, where, f"the {key!r} entry is missing; the file is truncated or "
               "was not written by circuit.save()")
-    shape = doc["graph"]
-    _need(isinstance(shape, dict) and all(isinstance(shape.get(k), int) and shape[k] >= 0
-                                          for k in ("n_layers", "n_heads"))
-          and isinstance(shape.get("parallel", False), bool), where,
-          "'graph' must give integer n_layers and n_heads and a boolean parallel")
-    kv = shape.get("n_kv_heads", shape["n_heads"])
-    _need(isinstance(kv, int) and kv >= 1 and shape["n_heads"] % kv == 0, where,
-          "'graph' n_kv_heads must be a positive integer that divides n_heads")
-    g = Graph(shape["n_layers"], shape["n_heads"], shape.get("parallel", False), kv)
     level = doc["level"]
-    _need(level in ("edge", "node"), where, f"level is {level!r}; it must be 'edge' or 'node'")
+    _need(level in ("edge", "node"), where,
+          f"level is {_show(level)}; it must be 'edge' or 'node'")
     has_scores = doc.get("has_scores", True)
+    _need(isinstance(has_scores, bool), where,
+          f"'has_scores' is {_show(has_scores)}; it must be true or false")
     for key in ("task", "model", "method"):
-        _need(isinstance(doc.get(key, ""), str), where, f"{key!r} must be a string")
-    for key in ("options", "metrics"):
-        _need(isinstance(doc.get(key, {}), dict), where, f"{key!r} must be an object")
-
+        _need(isinstance(doc.get(key, ""), str), where,
+              f"{key!r} is {_show(doc.get(key))}; it must be a string")
+    options = _options(doc.get("options", {}), where)
+    metrics = _metrics(doc.get("metrics", {}), where)
     edges, nodes = doc["edges"], doc["nodes"]
     _need(isinstance(edges, dict) and isinstance(nodes, dict), where,
           "'nodes' and 'edges' must be objects keyed by name")
+
+    g = _graph(doc["graph"], len(edges), where)
     names = [f"{g.sources[i]}->{g.destinations[j]}" for i, j in g.valid.nonzero().tolist()]
     missing = [n for n in names if n not in edges]
     _need(not missing, where, f"{len(missing)} edges of the graph are missing, the first "
-          f"{missing[0] if missing else ''!r}; the file is truncated or from another model")
-    _need(len(edges) == len(names), where, "edges not in the graph: "
-          f"{sorted(set(edges) - set(names))[:3]}; 'graph' does not match the edges")
+          f"{missing[0] if missing else ''!r}, and as many unknown ones are listed (the first "
+          f"{_show(min(set(edges) - set(names), default=''))}); 'graph' does not match the "
+          "edges, or the file is from another model")
     mask = torch.zeros_like(g.valid)
     values = torch.zeros(g.n_sources, g.n_destinations) if level == "edge" else None
     for name in names:
@@ -192,29 +370,23 @@ def circuit_from_dict(doc: Any, where: str = "circuit") -> Circuit:
         i, j = g.edge_index(name)
         mask[i, j] = entry["in_circuit"]
         if values is not None and has_scores:
-            s = entry.get("score")
-            _need(isinstance(s, (int, float)) and not isinstance(s, bool), where,
-                  f"edge {name!r} needs a numeric 'score'")
-            values[i, j] = s
+            values[i, j] = _score(entry, f"edge {name!r}", where)
     node_names = [n.name for n in all_nodes(g)]
-    _need(set(nodes) == set(node_names), where,
-          f"the nodes do not match the graph (missing {sorted(set(node_names) - set(nodes))[:3]}, "
-          f"unknown {sorted(set(nodes) - set(node_names))[:3]})")
+    unknown = set(nodes) - set(node_names)
+    _need(set(nodes) == set(node_names), where, "the nodes do not match the graph (missing "
+          f"{sorted(set(node_names) - set(nodes))[:3]}, unknown "
+          f"{[_show(n) for n in sorted(unknown)[:3]]})")
     node_values = torch.zeros(g.n_sources) if level == "node" else None
     for name in node_names:
         entry = nodes[name]
         _need(isinstance(entry, dict) and isinstance(entry.get("in_circuit"), bool), where,
               f"node {name!r} needs a boolean 'in_circuit'")
         if node_values is not None and has_scores and name in g.src_index:
-            s = entry.get("score")
-            _need(isinstance(s, (int, float)) and not isinstance(s, bool), where,
-                  f"node {name!r} needs a numeric 'score' (node-level circuit)")
-            node_values[g.src_index[name]] = s
+            node_values[g.src_index[name]] = _score(entry, f"node {name!r}", where)
     scores = (values if level == "edge" else node_values) if has_scores else None
     circuit = Circuit(g, mask, scores, level, method=doc.get("method", ""),
                       task=doc.get("task", ""), model=doc.get("model", ""),
-                      options=dict(doc.get("options", {})),
-                      metrics=dict(doc.get("metrics", {})), keep_dangling=True)
+                      options=options, metrics=metrics, keep_dangling=True)
     _need(torch.equal(circuit.mask, mask), where, "edges marked in_circuit are not edges of "
           "the graph")
     in_nodes = set(circuit.nodes)
@@ -227,6 +399,9 @@ def circuit_from_dict(doc: Any, where: str = "circuit") -> Circuit:
 def load_circuit(path: str | Path) -> Circuit:
     """Load a circuit saved with `Circuit.save` (plain JSON; nothing in it is executed).
 
+    The file is checked before anything sized by it is allocated: it must be at most
+    `MAX_FILE_BYTES` long, and its graph shape must be plausible and match the edges it lists.
+
     Parameters
     ----------
     path : str or Path
@@ -234,18 +409,34 @@ def load_circuit(path: str | Path) -> Circuit:
     Returns
     -------
     Circuit
+        A ``null`` metric (a NaN when the circuit was saved) is NaN here.
 
     Raises
     ------
     CircuitFileError
-        The file is missing, not JSON (e.g. truncated), of another format or version, or its
-        content is inconsistent; the message says which.
+        The file is missing, too large, not JSON (e.g. truncated), of another format or
+        version, or its content is of the wrong type, not finite or inconsistent; the message
+        says which.
+    OptionError
+        `path` is not a path.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise OptionError(f"load_circuit needs a file path, got {type(path).__name__}")
     path = Path(path)
+    too_big = (f"{path}: the file is larger than {MAX_FILE_BYTES // 2**20} MiB, far more than "
+               "any circuit file; is it a circuit JSON?")
     try:
-        text = path.read_text("utf-8")
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise CircuitFileError(too_big)
+        with path.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)  # bounded: a device or pipe reports size 0
     except OSError as err:
-        raise CircuitFileError(f"{path}: cannot read it ({err.strerror}); check the path") from None
+        raise CircuitFileError(f"{path}: cannot read it ({err.strerror or err}); check the "
+                               "path") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise CircuitFileError(too_big)
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise CircuitFileError(f"{path}: not a UTF-8 text file; is it a circuit JSON?") from None
     try:
@@ -253,6 +444,12 @@ def load_circuit(path: str | Path) -> Circuit:
     except json.JSONDecodeError as err:
         raise CircuitFileError(f"{path}: not valid JSON at line {err.lineno} column {err.colno} "
                                f"({err.msg}); the file is truncated or corrupted") from None
+    except ValueError as err:  # e.g. an integer longer than Python's digit limit
+        raise CircuitFileError(f"{path}: not a circuit JSON ({str(err).splitlines()[0]}); the "
+                               "file is corrupted") from None
+    except RecursionError:
+        raise CircuitFileError(f"{path}: the JSON is nested too deeply to be a circuit file; "
+                               "the file is corrupted") from None
     return circuit_from_dict(doc, str(path))
 
 
@@ -269,16 +466,28 @@ def export_graphml(circuit: Circuit, path: str | Path, full: bool = False) -> Pa
     return path
 
 
+def _d_model(circuit: Circuit, d_model: Any) -> int:
+    """The model width MIB's config records: `d_model`, else the circuit's option; a positive
+    integer (OptionError otherwise)."""
+    d_model = d_model if d_model is not None else circuit.options.get("d_model")
+    if d_model is None:
+        raise OptionError("MIB's format records the model width; pass d_model= (e.g. 768 for "
+                          "GPT-2 small)")
+    integral = isinstance(d_model, numbers.Integral) and not isinstance(d_model, bool)
+    shown = int(d_model) if integral else d_model  # numpy integers shown as numbers
+    if not integral or d_model < 1:
+        raise OptionError(f"d_model must be a positive integer (the model width, e.g. 768 for "
+                          f"GPT-2 small), got {_show(shown)}")
+    return int(d_model)
+
+
 def mib_dict(circuit: Circuit, d_model: int | None = None, mask: torch.Tensor | None = None,
              scores: bool = True) -> dict[str, Any]:
     """The circuit in MIB's layout (see the module docstring; a grouped-query graph is written
     ungrouped); `mask` overrides the in-graph edges, `scores=False` leaves the scores out (binary
-    circuits)."""
+    circuits). A NaN score stays NaN here; `dumps` writes it as null."""
     g = circuit.graph
-    d_model = d_model if d_model is not None else circuit.options.get("d_model")
-    if not isinstance(d_model, int):
-        raise OptionError("MIB's format records the model width; pass d_model= (e.g. 768 for "
-                          "GPT-2 small)")
+    d_model = _d_model(circuit, d_model)
     from .circuit import nodes_of
 
     mask = circuit.mask if mask is None else mask
@@ -325,7 +534,7 @@ def export_mib(circuit: Circuit, path: str | Path, d_model: int | None = None,
         a shared key/value edge once, though the file lists it once per query head.
     d_model : int, optional
         The model width, which MIB's config records; from ``circuit.options['d_model']`` if
-        omitted.
+        omitted. A positive integer (OptionError otherwise).
     binary : bool
     by_abs : bool
         Rank by |score| (default) or signed score for the binary circuits.
@@ -335,8 +544,9 @@ def export_mib(circuit: Circuit, path: str | Path, d_model: int | None = None,
     Path
     """
     path = Path(path)
+    d_model = _d_model(circuit, d_model)  # checked before the folder of binary circuits is made
     if not binary:
-        write_atomic(path, json.dumps(mib_dict(circuit, d_model)).encode("utf-8"))
+        write_atomic(path, dumps(mib_dict(circuit, d_model)).encode("utf-8"))
         return path
     if circuit.values is None:
         raise OptionError("binary MIB circuits are cut from scores; this circuit has none")
@@ -349,7 +559,7 @@ def export_mib(circuit: Circuit, path: str | Path, d_model: int | None = None,
     for budget in MIB_BUDGETS:
         mask = prune(g, top_mask(g, rank, math.floor(budget * n + 1e-9), level))
         doc = mib_dict(circuit, d_model, mask=mask, scores=False)
-        write_atomic(path / f"edges_{budget * 100:g}.json", json.dumps(doc).encode("utf-8"))
+        write_atomic(path / f"edges_{budget * 100:g}.json", dumps(doc).encode("utf-8"))
     return path
 
 

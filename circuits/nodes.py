@@ -23,19 +23,27 @@ Decoder layers return a tensor in transformers 5 and a tuple in older versions; 
 Every read or patch of many nodes is one traced forward. `patch_each` runs many independent
 patches in one forward by repeating the batch, variant-major (rows ``c*b:(c+1)*b`` belong to
 variant ``c``), in chunks of at most ``chunk`` rows.
+
+On top of these, for a `Setup`: `ablated_values` gives each node's ablated value (resample, mean
+or zero ablation), and `metric_of_nodes` evaluates node-level circuits (sets of kept nodes, the
+rest ablated) on any causal LM; `node_sets` recognises the edge masks such circuits induce.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from .errors import OptionError, UnsupportedModelError
 from .model import Model
+
+if TYPE_CHECKING:
+    from .graph import Graph
+    from .setup import Setup
 
 SiteKind = Literal["input", "head", "mlp", "resid"]
 Positions = int | Sequence[int] | Tensor | None
@@ -93,6 +101,9 @@ class NodeSites:
         Per layer, the path of the attention output projection.
     mlp : tuple[str, ...]
         Per layer, the path of the MLP module.
+    parallel : bool
+        Whether attention and MLP of a layer read the same residual stream (see
+        `is_parallel`).
 
     Examples
     --------
@@ -102,6 +113,8 @@ class NodeSites:
     ('transformer.h.1.attn.c_proj', 'transformer.h.0.mlp', 8)
     >>> sites.site("a1.h1").width
     slice(8, 16, None)
+    >>> sites.parallel
+    False
     """
 
     n_layers: int
@@ -111,6 +124,7 @@ class NodeSites:
     layers: str
     attn_out: tuple[str, ...]
     mlp: tuple[str, ...]
+    parallel: bool = False
 
     @classmethod
     def of(cls, model: Model | nn.Module) -> NodeSites:
@@ -161,7 +175,8 @@ class NodeSites:
             attn_out.append(f"{prefix}.{attn_name}.{proj_name}")
             mlp.append(f"{prefix}.{mlp_name}")
         assert d_head is not None  # n_layers >= 1, checked by _find_layers
-        return cls(n_layers, n_heads, d_head, d_model, layers_path, tuple(attn_out), tuple(mlp))
+        return cls(n_layers, n_heads, d_head, d_model, layers_path, tuple(attn_out), tuple(mlp),
+                   is_parallel(cfg, layers[0]))
 
     @property
     def names(self) -> list[str]:
@@ -215,6 +230,28 @@ class NodeSites:
 
 
 # -- discovery helpers ------------------------------------------------------------------------
+_PARALLEL_FLAGS = ("use_parallel_residual", "parallel_attn")
+
+
+def is_parallel(cfg: Any, layer: nn.Module) -> bool:
+    """Whether a decoder layer's attention and MLP read the same residual stream.
+
+    A config that has a flag for it decides (GPT-NeoX and StableLM's ``use_parallel_residual``,
+    Falcon's ``parallel_attn``). Otherwise the layer does: it is parallel when it holds a single
+    normalisation module (a direct child whose class name contains "norm"). A sequential pre-norm
+    block normalises once before the attention and once before the MLP (GPT-2's ``ln_1`` and
+    ``ln_2``, Llama's ``input_layernorm`` and ``post_attention_layernorm``, Gemma-2's four),
+    while a parallel block feeds one normalised stream to both (GPT-J's ``ln_1``, Phi's
+    ``input_layernorm``, CodeGen, Cohere).
+    """
+    for flag in _PARALLEL_FLAGS:
+        value = getattr(cfg, flag, None)
+        if isinstance(value, bool):
+            return value
+    norms = [c for c in layer.children() if "norm" in type(c).__name__.lower()]
+    return len(norms) == 1
+
+
 def _config_int(cfg: Any, keys: tuple[str, ...]) -> int | None:
     """The first of `keys` the config sets to an int."""
     for key in keys:
@@ -502,3 +539,131 @@ def patch_each(
         batch_ids = ids.repeat(len(group), 1)  # [len(group) * b, p]
         pieces.append(_run(model, batch_ids, writes, [], last_only=last_only)[0])
     return torch.cat(pieces)
+
+
+def ablated_values(setup: Setup, sites: NodeSites, names: Sequence[str]) -> list[dict[str, Tensor]]:
+    """Per batch, each node's ablated value (broadcastable to the node's ``[b, p, width]``).
+
+    resample: the node's activation on the batch's corrupted prompts. mean: its mean over the
+    reference prompts (the batches' corrupted prompts unless `setup.mean_reference` is set), per
+    position when `setup.per_position`. zero: zeros.
+    """
+    if setup.ablation == "resample":
+        out = []
+        for batch in setup.batches:
+            out.append(collect(setup.model, batch.corrupt, names))
+            setup.node_passes.add_forward(batch.size)
+        return out
+    if setup.ablation == "zero":
+        dtype, device = setup.model.dtype, setup.model.device
+        zeros = {n: torch.zeros(1, 1, sites.width_of(n), dtype=dtype, device=device)
+                 for n in names}
+        return [zeros] * len(setup.batches)
+    reference = setup.mean_reference or [b.corrupt for b in setup.batches]
+    if setup.per_position and len({ids.shape[1] for ids in reference}) > 1:
+        raise OptionError("per-position mean ablation needs reference prompts of one length; "
+                          "use per_position=False or prompts of one token length")
+    totals: dict[str, Tensor] = {}
+    count = 0
+    for ids in reference:
+        acts = collect(setup.model, ids, names)  # name -> [b, p, width]
+        setup.node_passes.add_forward(ids.shape[0])
+        for name, act in acts.items():
+            dims = (0,) if setup.per_position else (0, 1)
+            s = act.sum(dims, keepdim=True)  # [1, p|1, width]
+            totals[name] = s if name not in totals else totals[name] + s
+        count += ids.shape[0] * (1 if setup.per_position else ids.shape[1])
+    means = {name: total / count for name, total in totals.items()}
+    return [means] * len(setup.batches)
+
+
+# -- circuits of node sets --------------------------------------------------------------------
+def node_sets(graph: Graph, masks: Tensor) -> Tensor | None:
+    """The kept nodes ``[C, n_src]`` of circuits ``[C, n_src, n_dst]`` that are all induced by
+    node sets, else None.
+
+    A node set K induces the edges from the sources in K into the inputs of the nodes in K and
+    into the logits (`Graph.node_mask_to_edges`, which always keeps ``input``; here ``input`` may
+    be left out too, as in the empty circuit). Every source feeds the logits, so K is read off
+    the logits column and the mask must be exactly what K induces.
+
+    Examples
+    --------
+    >>> from circuits.graph import Graph
+    >>> g = Graph(1, 2)
+    >>> node_sets(g, g.node_mask_to_edges(["a0.h1"])[None]).tolist()
+    [[True, False, True, False]]
+    >>> node_sets(g, g.mask_from_edges(["input->logits", "a0.h1->logits"])[None]) is None
+    True
+    """
+    masks = masks.bool() & graph.valid
+    keep = masks[:, :, graph.dst_index["logits"]]  # [C, n_src]
+    fed = torch.cat([keep, torch.ones(len(keep), 1, dtype=torch.bool)], 1)  # [C, n_src + 1]
+    dst_keep = (graph.feeds[None] & fed[:, None, :]).any(2)  # [C, n_dst]
+    induced = graph.valid & keep[:, :, None] & dst_keep[:, None, :]
+    return keep if torch.equal(induced, masks) else None
+
+
+def metric_of_nodes(
+    setup: Setup, keep: Tensor, chunk: int | None = None, per_prompt: bool = False
+) -> Tensor:
+    """The task metric with every source node outside each node set ablated, by node patching.
+
+    Each ablated node's output is replaced by its ablated value (resample: its output on the
+    corrupted prompts; mean: its mean output over the reference prompts; zero: zeros; see
+    `ablated_values`) by `patch_each`, so this runs on any causal LM. A node outside the circuit
+    reaches the rest of the model only through its outgoing edges, so this equals the edge
+    engine's metric of the circuit the node set induces (`node_sets`).
+
+    Parameters
+    ----------
+    setup : Setup
+    keep : Tensor
+        ``[C, n_src]`` bool over the graph's sources (``input``, heads, MLPs), True = kept.
+    chunk : int, optional
+        Most node sets run side by side in one forward (default: as many as fill 512 rows).
+    per_prompt : bool
+        Return every prompt's value instead of the mean.
+
+    Returns
+    -------
+    Tensor
+        ``[C]`` float64 (``[C, n_prompts]`` with `per_prompt`), as `metric_of_masks`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from circuits import Setup
+    >>> from circuits.evaluate import metric_of_masks
+    >>> from circuits.testing import make_batch, tiny_gpt2
+    >>> setup = Setup(tiny_gpt2(), [make_batch(vocab=32)], "logit-diff")
+    >>> keep = torch.ones(2, setup.graph.n_sources, dtype=torch.bool)
+    >>> keep[1, 1:] = False  # only the input: every head and MLP ablated
+    >>> full = torch.stack([setup.graph.valid, setup.graph.node_mask_to_edges([])])
+    >>> torch.allclose(metric_of_nodes(setup, keep), metric_of_masks(setup, full), atol=1e-5)
+    True
+    """
+    g = setup.graph
+    keep = keep.bool().cpu()
+    if tuple(keep.shape[1:]) != (g.n_sources,):
+        raise OptionError(f"node sets must have shape [C, {g.n_sources}] (one flag per source), "
+                          f"got {list(keep.shape)}")
+    C = len(keep)
+    chunk = chunk or max(1, 512 // max(b.size for b in setup.batches))
+    names = list(g.sources)
+    ablated = ablated_values(setup, NodeSites.of(setup.model), names)
+    out = []
+    for batch, values in zip(setup.batches, ablated, strict=True):
+        rows = torch.empty(C, batch.size, dtype=torch.float64)
+        for start in range(0, C, chunk):
+            part = keep[start:start + chunk].tolist()
+            variants = [{n: values[n] for n, kept in zip(names, row, strict=True) if not kept}
+                        for row in part]
+            logits = patch_each(setup.model, batch.clean, variants, chunk=len(part) * batch.size,
+                                last_only=True)  # [c * b, vocab]
+            setup.node_passes.add_forward(len(part) * batch.size)
+            m = setup.metric_values(logits, batch).view(len(part), batch.size)
+            rows[start:start + len(part)] = m.double().cpu()
+        out.append(rows)
+    per = torch.cat(out, 1)  # [C, n_prompts]
+    return per if per_prompt else per.mean(1)

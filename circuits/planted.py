@@ -297,6 +297,8 @@ def _induction_examples(rng: random.Random, n: int) -> list[Example]:
     for _ in range(n):
         words, i = draw()
         other, j = draw()
+        while (other, j) == (words, i):  # rare; a pair that patching cannot tell apart
+            other, j = draw()
         clean = " ".join([EOS, *words, words[i]])
         corrupt = " ".join([EOS, *other, other[j]])
         answer = words[i + 1]

@@ -8,12 +8,15 @@ graph a key/value head (``a1.kv0``) is a small box with ports k and v beside the
 its layer, and a dashed edge joins it to the port kv of each query head of its group in the
 circuit (those heads have ports q and kv). Edge width grows with
 |score|, colour gives the sign (blue positive, red negative); circuits without edge scores
-(node-level ones) draw grey edges. A legend sits beside ``input``; the title states task, model,
-method, size and faithfulness.
+(node-level ones) draw grey edges, and so does an edge whose score is NaN or infinite (thinnest,
+left out of the width scale: such a score says nothing about strength). A legend sits beside
+``input``; the title states task, model, method, size and faithfulness (when it is a number).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +40,7 @@ def title(circuit: Circuit) -> str:
     names = " · ".join(x for x in (circuit.task, circuit.model, circuit.method) if x)
     size = f"{circuit.n_edges} edges, {circuit.n_nodes} nodes"
     f = circuit.metrics.get("faithfulness")
-    if f is not None:
+    if isinstance(f, numbers.Real) and math.isfinite(f):  # NaN: undefined, nothing to state
         size += f", faithfulness {f:.3f}"
     return f"{names} — {size}" if names else size
 
@@ -94,11 +97,17 @@ def to_graphviz(circuit: Circuit, reverse: bool = False, legend: bool = True,
         Draw the legend.
     min_width, max_width : float
         Pen widths of the weakest and strongest edge; `max_width` shrinks from 5 as the
-        circuit grows, so large circuits stay legible.
+        circuit grows, so large circuits stay legible. Edges whose score is NaN or infinite are
+        drawn grey at `min_width`.
 
     Returns
     -------
     graphviz.Digraph
+
+    Raises
+    ------
+    OptionError
+        A width is not a number from 0 to 100, or `min_width` exceeds `max_width`.
     """
     import graphviz
 
@@ -106,6 +115,13 @@ def to_graphviz(circuit: Circuit, reverse: bool = False, legend: bool = True,
     n = circuit.n_edges
     if max_width is None:
         max_width = 5.0 if n <= 30 else 3.5 if n <= 100 else 2.5
+    for name, w in (("min_width", min_width), ("max_width", max_width)):
+        if not (isinstance(w, numbers.Real) and not isinstance(w, bool) and 0 <= w <= 100):
+            small = isinstance(w, (bool, float)) or (isinstance(w, int) and abs(w) < 10**9)
+            raise OptionError(f"{name} must be a number from 0 to 100 (points), got "
+                              f"{repr(w) if small else 'a value of type ' + type(w).__name__}")
+    if min_width > max_width:
+        raise OptionError(f"min_width ({min_width}) must not exceed max_width ({max_width})")
     ports_below = not reverse  # edges come from below when input is at the bottom
     compass = "s" if ports_below else "n"
     dot = graphviz.Digraph(
@@ -175,13 +191,18 @@ def to_graphviz(circuit: Circuit, reverse: bool = False, legend: bool = True,
         dot.edge(kv, f"{h}:kv", style="dashed", color=HEAD_LINE, penwidth="1",
                  dir="none", tooltip=f"{kv} is the key/value head of {h}")
     ev = circuit.edge_values
-    strongest = float((ev * circuit.mask).abs().max()) if ev is not None else 0.0
+    scaled = circuit.mask & ev.isfinite() if ev is not None else None  # [n_src, n_dst]
+    strongest = float(ev[scaled].abs().max()) if scaled is not None and scaled.any() else 0.0
     for e in edges:
         head = f"{e.target_node}:{e.port}:{compass}" if e.port else e.target_node
         if ev is None or strongest == 0:
             dot.edge(e.source, head, color=NEUTRAL, penwidth="1.2", tooltip=e.name)
             continue
         s = float(ev[g.edge_index(e)])
+        if not math.isfinite(s):
+            dot.edge(e.source, head, color=NEUTRAL, penwidth=f"{min_width:.2f}",
+                     tooltip=f"{e.name}: {s} (no finite score)")
+            continue
         strength = abs(s) / strongest
         width = min_width + (max_width - min_width) * strength
         # weak edges fade so the strong paths stand out in large circuits

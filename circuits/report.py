@@ -6,7 +6,6 @@ caller with `circuits.io.write_atomic`, so an error never leaves half a file beh
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -56,7 +55,9 @@ def scores_document(scores: Scores) -> dict[str, Any]:
 
 def scores_json(scores: Scores) -> str:
     """`scores_document` as JSON text."""
-    return json.dumps(scores_document(scores), indent=1)
+    from .io import dumps
+
+    return dumps(scores_document(scores), indent=1)
 
 
 # -- tables -------------------------------------------------------------------------------------
@@ -112,14 +113,27 @@ def summary_rows(found: Discovery, out: str | None = None,
         ("method", c.method),
         ("edges kept", f"{c.n_edges} / {c.graph.n_edges} ({c.fraction:.1%})"),
         ("nodes", str(c.n_nodes)),
-        ("faithfulness", f"{_number(found.heldout.faithfulness)} held-out, "
-                         f"{_number(c.metrics.get('faithfulness'))} discovery"),
+        ("faithfulness", f"{_number(found.heldout.faithfulness)} held-out "
+                         f"({interval(c.metrics, 'heldout_')}), "
+                         f"{_number(c.metrics.get('faithfulness'))} discovery "
+                         f"({interval(c.metrics)})"),
         ("time", f"{found.seconds:.1f} s discovery"
                  + ("" if total is None else f", {total:.1f} s in all")),
     ]
     if out is not None:
         rows.append(("outputs", out))
+    rows += [("warning", text) for text in found.warnings]
     return rows
+
+
+def interval(metrics: dict[str, Any], prefix: str = "") -> str:
+    """The 95% bootstrap interval of a faithfulness in `metrics` as text, e.g. '95% CI 0.81 to
+    0.97' ('no CI' when it was not measured)."""
+    low = metrics.get(f"{prefix}faithfulness_ci_low")
+    high = metrics.get(f"{prefix}faithfulness_ci_high")
+    if low is None or high is None:
+        return "no CI"
+    return f"95% CI {_number(low)} to {_number(high)}"
 
 
 def report_markdown(found: Discovery, files: Sequence[str] = (), command: str = "") -> str:
@@ -154,6 +168,7 @@ def report_markdown(found: Discovery, files: Sequence[str] = (), command: str = 
         f"# Circuit: {c.task} on {c.model}",
         "",
         *([f"`{command}`", ""] if command else []),
+        *[f"> **Warning:** {text}\n" for text in found.warnings],
         markdown_table(["", ""], [
             ("task", f"{found.task.name}: {found.task.description or '(no description)'}"),
             ("model", f"{c.model} ({run_on})" if run_on else c.model),
@@ -171,8 +186,12 @@ def report_markdown(found: Discovery, files: Sequence[str] = (), command: str = 
         markdown_table(["", ""], [
             ("edges", f"{c.n_edges} of {c.graph.n_edges} ({c.fraction:.1%})"),
             ("nodes", f"{c.n_nodes} ({', '.join(c.nodes)})"),
-            ("faithfulness, discovery prompts", _number(m.get("faithfulness"))),
-            ("faithfulness, held-out prompts", _number(held.faithfulness)),
+            ("faithfulness, discovery prompts",
+             f"{_number(m.get('faithfulness'))} ({interval(m)})"),
+            ("faithfulness, held-out prompts",
+             f"{_number(held.faithfulness)} ({interval(m, 'heldout_')})"),
+            ("behavior: effect / spread over prompts",
+             f"{_number(m.get('behavior_effect'))} / {_number(m.get('behavior_spread'))}"),
             ("held-out metric: circuit / model / empty",
              f"{_number(held.metric_circuit)} / {_number(held.metric_model)} / "
              f"{_number(held.metric_empty)}"),

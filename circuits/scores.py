@@ -47,6 +47,11 @@ class Scores:
 
     def __post_init__(self) -> None:
         g = self.graph
+        if self.level not in ("edge", "node"):
+            raise OptionError(f"unknown score level {self.level!r}; use 'edge' or 'node'")
+        if not isinstance(self.values, Tensor):
+            raise OptionError(f"scores must be a torch Tensor, got {type(self.values).__name__}; "
+                              "build them with torch.tensor")
         want = (g.n_sources, g.n_destinations) if self.level == "edge" else (g.n_sources,)
         if tuple(self.values.shape) != want:
             raise OptionError(f"{self.level} scores must have shape {want}, got "

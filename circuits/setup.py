@@ -16,6 +16,7 @@ from .errors import OptionError, UnsupportedModelError
 from .graph import Graph
 from .metrics import Metric, get_metric
 from .model import Model
+from .progress import Checkpoint, check_interrupt
 from .store import DEFAULT_BUDGET, Store, check_budget
 
 
@@ -58,6 +59,7 @@ class Setup:
     task: str = ""
     node_passes: PassCounter = field(default_factory=PassCounter)
     memory_budget: int = DEFAULT_BUDGET
+    checkpoint: Checkpoint | None = None  # where long methods keep their progress, if anywhere
     _engine: Engine | None = field(default=None, repr=False)
     _kept: Store | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -82,7 +84,8 @@ class Setup:
     @cached_property
     def graph(self) -> Graph:
         """The component graph: the engine's, or for families without an edge adapter one built
-        from the config (enough for node-level methods)."""
+        from the config and the module tree (enough for node-level methods and circuits; parallel
+        blocks as `circuits.nodes.is_parallel` detects them)."""
         try:
             return self.engine.graph
         except UnsupportedModelError:
@@ -91,9 +94,7 @@ class Setup:
             sites = NodeSites.of(self.model)
             cfg = self.model.hf.config
             kv = getattr(cfg, "num_key_value_heads", None) or sites.n_heads
-            parallel = bool(getattr(cfg, "use_parallel_residual", False)
-                            or getattr(cfg, "parallel_attn", False))
-            return Graph(sites.n_layers, sites.n_heads, parallel, kv)
+            return Graph(sites.n_layers, sites.n_heads, sites.parallel, kv)
 
     @property
     def sign(self) -> float:
@@ -164,6 +165,7 @@ class Setup:
             self._kept = Store(self.memory_budget)
         kept = self._kept
         for i, (batch, weight) in enumerate(zip(self.batches, self.weights, strict=True)):
+            check_interrupt()  # a Ctrl-C swallowed somewhere stops the run here
             if self._shared is not None:
                 ablated = self._shared
             elif kept is not None and i < len(kept):

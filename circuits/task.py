@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import numbers
 import os
 import random
 from collections.abc import Callable, Iterable, Mapping
@@ -33,15 +34,24 @@ class Example:
     clean : str
         The prompt that shows the behavior.
     corrupt : str
-        The same prompt with the behavior removed; must have the clean prompt's token length.
+        The same prompt with the behavior removed; must differ from the clean prompt and have
+        its token length.
     answers : tuple of str
         Tokens that show the behavior (each a single token, e.g. ``" Mary"``).
     wrong : tuple of str
-        Tokens the behavior argues against (each a single token).
+        Tokens the behavior argues against (each a single token, none of them an answer).
     meta : mapping
         Free-form extra data (e.g. the subject string of a factual prompt). Not compared.
     line : int or None
         Source line in a JSONL file, used in error messages. Not compared.
+    file : str or None
+        The JSONL file, used in error messages. Not compared.
+
+    Raises
+    ------
+    TaskError
+        A field has the wrong type or is not valid Unicode, there is no answer, a token is both
+        an answer and a wrong answer, or the two prompts are the same.
     """
 
     clean: str
@@ -50,26 +60,38 @@ class Example:
     wrong: tuple[str, ...] = ()
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
     line: int | None = field(default=None, compare=False)
+    file: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        # Accept a single string or any iterable for answers/wrong, store tuples.
-        for name in ("answers", "wrong"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = (value,)
-            value = tuple(value)
-            if not all(isinstance(v, str) for v in value):
-                raise TaskError(f"{self.where()}: {name} must be strings, got {value!r}")
-            object.__setattr__(self, name, value)
+        where = self.where()
         for name in ("clean", "corrupt"):
-            if not isinstance(getattr(self, name), str):
-                raise TaskError(f"{self.where()}: {name!r} must be a string")
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise TaskError(f"{where}: {name} must be a string, got {_show(value)}; write "
+                                f'e.g. "{name}": "When Mary and John went to the store"')
+            _check_unicode(where, name, value)
+            if not value.strip():
+                raise TaskError(f"{where}: the {name} prompt is empty; give a prompt")
+        for name in ("answers", "wrong"):
+            object.__setattr__(self, name, _strings(where, name, getattr(self, name)))
         if not self.answers:
-            raise TaskError(f"{self.where()}: no answers; give at least one answer token")
+            raise TaskError(f"{where}: no answers; give at least one answer token")
+        both = [text for text in self.answers if text in self.wrong]
+        if both:
+            raise TaskError(f"{where}: {both[0]!r} is both an answer and a wrong answer, so the "
+                            "metric cannot tell them apart; remove it from one of the lists")
+        if self.clean == self.corrupt:
+            raise TaskError(f"{where}: the clean and corrupted prompts are the same, so patching "
+                            "changes nothing and faithfulness is 0/0; change the corrupted prompt")
+        if not isinstance(self.meta, Mapping):
+            raise TaskError(f"{where}: meta must be a mapping (a JSON object), got "
+                            f"{_show(self.meta)}")
 
     def where(self) -> str:
         """Say where the example came from, for error messages."""
-        return f"line {self.line}" if self.line is not None else f"example {self.clean!r}"
+        if self.line is None:
+            return f"example {_short(self.clean)}"
+        return f"line {self.line}" if self.file is None else f"{self.file}: line {self.line}"
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON-ready dict (``meta`` only when non-empty)."""
@@ -82,6 +104,45 @@ class Example:
         if self.meta:
             record["meta"] = dict(self.meta)
         return record
+
+
+def _show(value: Any) -> str:
+    """``5 (a number)``: a value and its JSON kind, cut short, for error messages."""
+    kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "a list", tuple: "a list", dict: "an object", type(None): "null"}
+    kind = kinds.get(type(value), f"a {type(value).__name__}")
+    return f"{_short(value)} ({kind})"
+
+
+def _short(value: Any, width: int = 40) -> str:
+    """The repr of `value`, cut to about `width` characters."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _check_unicode(where: str, name: str, text: str) -> None:
+    """Refuse text that cannot be written as UTF-8 (an unpaired surrogate from a bad escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TaskError(f"{where}: {name} holds {text[exc.start]!r}, half of a surrogate pair, "
+                        "which is not a character; fix the \\u escape") from None
+
+
+def _strings(where: str, name: str, value: Any) -> tuple[str, ...]:
+    """A single string or a list of strings as a tuple, else a `TaskError`."""
+    if isinstance(value, str):
+        value = (value,)
+    elif isinstance(value, (Mapping, bytes, bytearray)) or not isinstance(value, Iterable):
+        raise TaskError(f"{where}: {name} must be a string or a list of strings, got "
+                        f'{_show(value)}; write e.g. "{name}": [" Mary"]')
+    value = tuple(value)
+    for text in value:
+        if not isinstance(text, str):
+            raise TaskError(f"{where}: {name} must be strings, but one is {_show(text)}; write "
+                            f'e.g. "{name}": [" Mary"]')
+        _check_unicode(where, name, text)
+    return value
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -155,7 +216,9 @@ class Task:
     reference_model: str | None = None
 
     def __post_init__(self) -> None:
-        examples = tuple(self.examples)
+        if not isinstance(self.name, str):
+            raise TaskError(f"the task name must be a string, got {_show(self.name)}")
+        examples = _items(f"task {self.name!r}", self.examples)
         if not examples:
             raise TaskError(f"task {self.name!r} has no examples: give at least one")
         for i, example in enumerate(examples):
@@ -219,7 +282,8 @@ class Task:
         (' x',)
         """
         parsed = [
-            e if isinstance(e, Example) else _example_from_record(e, None) for e in examples
+            e if isinstance(e, Example) else _example_from_record(e, f"examples[{i}]")
+            for i, e in enumerate(_items("from_examples", examples))
         ]
         return cls(name, tuple(parsed), metric, description, reference_model)
 
@@ -235,7 +299,8 @@ class Task:
 
         Each line is ``{"clean": ..., "corrupt": ..., "answers": [...], "wrong": [...]}``;
         ``"answer"`` / a single string for ``"wrong"`` are accepted too, and an optional
-        ``"meta"`` dict is kept. Blank lines are skipped.
+        ``"meta"`` dict is kept. Blank lines are skipped. The file must be UTF-8 (a byte-order
+        mark is allowed); only ``\\n`` ends a line. Nothing in the file is executed.
 
         Parameters
         ----------
@@ -255,17 +320,15 @@ class Task:
         Raises
         ------
         TaskError
-            On a missing or empty file, invalid JSON or a missing key (naming the line).
+            On a missing, unreadable, non-UTF-8 or empty file, a directory, invalid JSON, a
+            line that is not a JSON object, a missing key or a value of the wrong type, and
+            every check of `Example` (naming the file and line).
         """
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise TaskError(
-                f"cannot read task file {path}: {exc.strerror}; check the path"
-            ) from exc
+        text, path = _read_text(path)
         examples = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        # Only "\n" ends a line: str.splitlines() would also split inside a JSON string at
+        # characters such as U+2028 or U+0085, which `to_jsonl` writes unescaped.
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -275,7 +338,15 @@ class Task:
                     f"{path}: line {number} is not valid JSON ({exc.msg}); write one JSON "
                     "object per line"
                 ) from None
-            examples.append(_example_from_record(record, number, path))
+            except ValueError as exc:  # e.g. an integer of more than 4300 digits
+                raise TaskError(f"{path}: line {number} is not valid JSON ({exc}); write one "
+                                "JSON object per line") from None
+            except RecursionError:
+                raise TaskError(f"{path}: line {number} nests JSON lists or objects too deeply; "
+                                "write one flat JSON object per line") from None
+            examples.append(
+                _example_from_record(record, f"{path}: line {number}", number, str(path))
+            )
         if not examples:
             raise TaskError(
                 f"{path} is empty: write one JSON object per line with keys "
@@ -290,10 +361,26 @@ class Task:
         ----------
         path : path-like
             Output file (overwritten).
+
+        Raises
+        ------
+        TaskError
+            If an example's ``meta`` holds a value JSON cannot write, or the file cannot be
+            written (nothing is written then).
         """
-        with open(path, "w", encoding="utf-8") as out:
-            for example in self.examples:
-                out.write(json.dumps(example.to_dict(), ensure_ascii=False) + "\n")
+        lines = []
+        for example in self.examples:
+            try:
+                lines.append(json.dumps(example.to_dict(), ensure_ascii=False) + "\n")
+            except (TypeError, ValueError) as exc:
+                raise TaskError(f"{example.where()}: meta cannot be written as JSON ({exc}); keep "
+                                "meta to strings, numbers, lists and dicts") from None
+        try:
+            with open(path, "w", encoding="utf-8") as out:
+                out.writelines(lines)
+        except OSError as exc:
+            raise TaskError(f"cannot write task file {path}: {exc.strerror or exc}; check that "
+                            "its folder exists and is writable") from None
 
     def split(self, n_or_fraction: int | float, seed: int = 0) -> tuple[Task, Task]:
         """Split into a discovery task and a held-out task, after a seeded shuffle.
@@ -313,18 +400,32 @@ class Task:
 
         Raises
         ------
+        OptionError
+            `n_or_fraction` is not a number, or `seed` is not a valid seed.
         TaskError
-            If either part would be empty.
+            A count outside ``1 .. len(task) - 1``, a fraction outside ``(0, 1)``, or a
+            fraction that leaves a part empty.
         """
+        value = n_or_fraction
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise OptionError(f"split takes a count (int) or a fraction (float between 0 and 1), "
+                              f"got {_show(value)}")
+        _check_seed(seed)
         total = len(self.examples)
-        if isinstance(n_or_fraction, float) and 0 < n_or_fraction < 1:
-            n = round(total * n_or_fraction)
-        else:
-            n = int(n_or_fraction)
+        if total < 2:
+            raise TaskError(f"task {self.name!r} has {total} example and cannot be split in two; "
+                            "add examples")
+        if _whole(value):
+            n = int(value)
+        elif 0 < value < 1:
+            n = round(total * value)
+        else:  # a float outside (0, 1), NaN included
+            n = -1
         if not 0 < n < total:
             raise TaskError(
-                f"cannot split {total} examples of task {self.name!r} at {n_or_fraction!r}: "
-                f"give a count between 1 and {total - 1} or a fraction between 0 and 1"
+                f"cannot split {total} examples of task {self.name!r} at {value!r}: that leaves "
+                f"a part empty; give a count between 1 and {total - 1} or a fraction between 0 "
+                "and 1 that keeps both parts non-empty"
             )
         order = list(range(total))
         random.Random(seed).shuffle(order)
@@ -338,7 +439,11 @@ class Task:
         )
 
     def batches(
-        self, tokenizer: Any, batch_size: int = 32, device: torch.device | str = "cpu"
+        self,
+        tokenizer: Any,
+        batch_size: int = 32,
+        device: torch.device | str = "cpu",
+        max_length: int | None = None,
     ) -> list[Batch]:
         """Tokenize, check and group the examples into batches of one token length each.
 
@@ -354,6 +459,9 @@ class Task:
             Largest number of examples in a batch.
         device : torch.device or str
             Where the tensors are put.
+        max_length : int or None
+            Longest prompt, in tokens, the model can read (``model.context_length``); None
+            checks no length.
 
         Returns
         -------
@@ -362,14 +470,26 @@ class Task:
         Raises
         ------
         TaskError
-            If a clean and corrupted prompt differ in token length, or an answer or wrong
-            token is not a single token for this tokenizer.
+            If there is no tokenizer; a clean and corrupted prompt differ in token length, are
+            the same tokens or are longer than `max_length`; an answer or wrong token is not a
+            single token for this tokenizer or is its unknown token; or an answer is also a
+            wrong token.
+        OptionError
+            If `batch_size` or `max_length` is not a positive whole number.
         """
-        if batch_size < 1:
-            raise OptionError(f"batch_size must be at least 1, got {batch_size}")
+        if tokenizer is None:
+            raise TaskError(f"task {self.name!r} needs a tokenizer, got None; load the model with "
+                            "its tokenizer (load_model reads it from the model folder)")
+        if not _whole(batch_size) or batch_size < 1:
+            raise OptionError(f"batch_size must be a whole number of at least 1, got "
+                              f"{_show(batch_size)}")
+        if max_length is not None and (not _whole(max_length) or max_length < 1):
+            raise OptionError(f"max_length must be a whole number of at least 1 or None, got "
+                              f"{_show(max_length)}")
+        unknown = _unknown_token(tokenizer)
         buckets: dict[int, list[tuple[list[int], list[int], list[int], list[int]]]] = {}
         for example in self.examples:
-            row = _tokenize_example(tokenizer, example)
+            row = _tokenize_example(tokenizer, example, max_length, unknown)
             buckets.setdefault(len(row[0]), []).append(row)
         batches = []
         for length in sorted(buckets):
@@ -379,55 +499,128 @@ class Task:
         return batches
 
 
+def _read_text(path: Any) -> tuple[str, Path]:
+    """The text of a task file and its `Path`, or a `TaskError` saying why it cannot be read."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TaskError(f"a task file must be a path, got {_show(path)}; pass e.g. 'task.jsonl'")
+    path = Path(path)
+    if path.is_dir():
+        raise TaskError(f"{path} is a directory; pass a JSONL file, one JSON object per line")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TaskError(
+            f"cannot read task file {path}: {exc.strerror or exc}; check the path"
+        ) from None
+    except ValueError as exc:  # e.g. a NUL character in the path
+        raise TaskError(f"cannot read task file {path!r}: {exc}; check the path") from None
+    try:
+        return data.decode("utf-8-sig"), path
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise TaskError(
+            f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); save it "
+            "as UTF-8 JSONL, one JSON object per line"
+        ) from None
+
+
+def _items(what: str, items: Any) -> tuple[Any, ...]:
+    """A tuple of the items of a list-like, or a `TaskError` for anything else."""
+    if isinstance(items, (str, bytes, Mapping, Example)) or not isinstance(items, Iterable):
+        raise TaskError(f"{what}: examples must be a list of Example objects or dicts, got "
+                        f"{_show(items)}; wrap a single example in a list")
+    return tuple(items)
+
+
 def _example_from_record(
-    record: Any, line: int | None, path: Path | None = None
+    record: Any, where: str, line: int | None = None, file: str | None = None
 ) -> Example:
-    """Turn one JSON record into an `Example`, raising `TaskError` that names the line."""
-    where = f"{path}: line {line}" if line is not None else "example"
+    """Turn one JSON record into an `Example`; errors name `where` (file and line)."""
     if not isinstance(record, Mapping):
         raise TaskError(
-            f"{where} is a {type(record).__name__}, not a JSON object; write "
+            f"{where} is {_show(record)}, not a JSON object; write "
             '{"clean": ..., "corrupt": ..., "answers": [...], "wrong": [...]}'
         )
-    answers = record.get("answers", record.get("answer"))
-    wrong = record.get("wrong", record.get("wrongs", ()))
     missing = [key for key in ("clean", "corrupt") if key not in record]
-    if answers is None:
+    if "answers" not in record and "answer" not in record:
         missing.append("answers")
     if missing:
         raise TaskError(f"{where} is missing key(s) {', '.join(missing)}: add them to the line")
-    meta = record.get("meta") or {}
+    answers = record["answers"] if "answers" in record else record["answer"]
+    wrong = record.get("wrong", record.get("wrongs", ()))
+    meta = record.get("meta")
+    if meta is None:
+        meta = {}
     if not isinstance(meta, Mapping):
-        raise TaskError(f"{where}: 'meta' must be a JSON object")
-    try:
-        return Example(record["clean"], record["corrupt"], answers, wrong, dict(meta), line)
-    except TaskError as exc:
-        raise TaskError(f"{where}: {exc}") from None
+        raise TaskError(f"{where}: meta must be a JSON object, got {_show(meta)}")
+    return Example(record["clean"], record["corrupt"], answers, wrong, dict(meta), line, file)
+
+
+def _unknown_token(tokenizer: Any) -> tuple[int, str] | None:
+    """The id and text of the tokenizer's unknown token, or None when it has none."""
+    token_id = getattr(tokenizer, "unk_token_id", None)  # transformers tokenizers
+    if isinstance(token_id, int):
+        return token_id, str(tokenizer.unk_token)
+    text = getattr(getattr(tokenizer, "model", None), "unk_token", None)  # `tokenizers` ones
+    to_id = getattr(tokenizer, "token_to_id", None)
+    if isinstance(text, str) and text and callable(to_id):
+        token_id = to_id(text)
+        if isinstance(token_id, int):
+            return token_id, text
+    return None
 
 
 def _tokenize_example(
-    tokenizer: Any, example: Example
+    tokenizer: Any,
+    example: Example,
+    max_length: int | None = None,
+    unknown: tuple[int, str] | None = None,
 ) -> tuple[list[int], list[int], list[int], list[int]]:
     """Token ids of one example's clean, corrupt, answers and wrong, after checking them."""
+    where = example.where()
     clean = _encode(tokenizer, example.clean)
     corrupt = _encode(tokenizer, example.corrupt)
     if len(clean) != len(corrupt):
         raise TaskError(
-            f"{example.where()}: clean has {len(clean)} tokens but corrupt has {len(corrupt)}; "
+            f"{where}: clean has {len(clean)} tokens but corrupt has {len(corrupt)}; "
             "make the corrupted prompt the same token length for this tokenizer"
         )
     if not clean:
-        raise TaskError(f"{example.where()}: the clean prompt is empty; give a prompt")
+        raise TaskError(f"{where}: the prompts are no tokens for this tokenizer; give a prompt")
+    if max_length is not None and len(clean) > max_length:
+        raise TaskError(
+            f"{where}: the prompts are {len(clean)} tokens but the model reads at most "
+            f"{max_length} (its context length); shorten the prompts or drop the example"
+        )
+    if clean == corrupt:
+        raise TaskError(
+            f"{where}: the clean and corrupted prompts are the same tokens for this tokenizer "
+            "(unknown words?), so patching changes nothing; change the corrupted prompt"
+        )
     ids: dict[str, list[int]] = {"answers": [], "wrong": []}
     for kind in ("answers", "wrong"):
         for text in getattr(example, kind):
             token = _encode(tokenizer, text)
             if len(token) != 1:
                 raise TaskError(
-                    f"{example.where()}: {kind} {text!r} is {len(token)} tokens for this "
+                    f"{where}: {kind} {text!r} is {len(token)} tokens for this "
                     "tokenizer, not one; use a single-token word (often with a leading space)"
                 )
+            if unknown is not None and token[0] == unknown[0] and text.strip() != unknown[1]:
+                raise TaskError(
+                    f"{where}: {kind} {text!r} is not in this tokenizer's vocabulary (it becomes "
+                    f"the unknown token {unknown[1]!r}); use a word the model knows"
+                )
             ids[kind].append(token[0])
+    both = set(ids["answers"]) & set(ids["wrong"])
+    if both:
+        token = both.pop()
+        answer = example.answers[ids["answers"].index(token)]
+        wrong = example.wrong[ids["wrong"].index(token)]
+        raise TaskError(
+            f"{where}: answer {answer!r} and wrong answer {wrong!r} are the same token for this "
+            "tokenizer, so the metric cannot tell them apart; remove one of them"
+        )
     return clean, corrupt, ids["answers"], ids["wrong"]
 
 
@@ -484,6 +677,9 @@ _BUILTIN_MODULES: dict[str, str] = {
     "planted-mlp": "circuits.tasks.planted",
 }
 _REGISTRY: dict[str, TaskSpec] = {}
+#: The most prompts `get_task` builds: a bound so that a huge ``--n`` fails at once instead of
+#: running the machine out of memory.
+MAX_PROMPTS = 100_000
 
 
 def register_task(spec: TaskSpec) -> TaskSpec:
@@ -538,7 +734,8 @@ def get_task(name: str, tokenizer: Any = None, n: int | None = None, seed: int =
     Raises
     ------
     OptionError
-        If the name is unknown.
+        If the name is unknown, `n` is not a whole number from 1 to `MAX_PROMPTS`, or `seed` is
+        not a whole number from 0 to ``2**32 - 1``.
 
     Examples
     --------
@@ -546,10 +743,28 @@ def get_task(name: str, tokenizer: Any = None, n: int | None = None, seed: int =
     >>> task.name, len(task), task.reference_model
     ('ioi', 4, 'ioi-gpt2-4l')
     """
+    if not isinstance(name, str):
+        raise OptionError(f"a task name must be a string, got {_show(name)}; see `circuits tasks`")
     spec = _spec(name)
-    if n is not None and n < 1:
-        raise OptionError(f"n must be at least 1, got {n}")
-    return spec.build(tokenizer, spec.default_n if n is None else n, seed)
+    if n is not None:
+        if not _whole(n) or n < 1:
+            raise OptionError(f"n must be a whole number of prompts of at least 1, got {_show(n)}")
+        if n > MAX_PROMPTS:
+            raise OptionError(f"n={n} is too many: at most {MAX_PROMPTS} prompts; a few hundred "
+                              "are usually enough, so pass a smaller n")
+    _check_seed(seed)
+    return spec.build(tokenizer, spec.default_n if n is None else int(n), int(seed))
+
+
+def _whole(value: Any) -> bool:
+    """Whether `value` is an integer (numpy ones too), but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_seed(seed: Any) -> None:
+    """Raise `OptionError` unless `seed` is a whole number from 0 to ``2**32 - 1``."""
+    if not _whole(seed) or not 0 <= seed < 2**32:
+        raise OptionError(f"seed must be a whole number from 0 to {2**32 - 1}, got {_show(seed)}")
 
 
 def list_tasks() -> list[tuple[str, str]]:

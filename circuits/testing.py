@@ -60,22 +60,34 @@ _FAMILIES: dict[str, tuple[str, str, dict[str, object]]] = {
         attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
 }
 FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
+# Families without an edge adapter (node-level methods and circuits only), both with parallel
+# attention and MLP blocks whose config has no flag saying so.
+_NODE_FAMILIES: dict[str, tuple[str, str, dict[str, object]]] = {
+    "phi": ("PhiForCausalLM", "PhiConfig", dict(
+        num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64)),
+    "gptj": ("GPTJForCausalLM", "GPTJConfig", dict(
+        n_layer=2, n_head=4, n_embd=32, rotary_dim=4)),
+}
+NODE_FAMILIES: tuple[str, ...] = tuple(_NODE_FAMILIES)
 
 
 def tiny_model(family: str, vocab_size: int = 50, seed: int = 0, **config: object) -> Model:
-    """A randomly initialised `Model` (no tokenizer) of one edge-level family.
+    """A randomly initialised `Model` (no tokenizer) of one family.
 
-    `family` is one of `FAMILIES`; `config` overrides the small default configuration (any
-    field of the family's ``transformers`` config).
+    `family` is one of `FAMILIES` (edge-level families) or `NODE_FAMILIES` (families without an
+    edge adapter); `config` overrides the small default configuration (any field of the family's
+    ``transformers`` config).
 
     Examples
     --------
     >>> tiny_model("llama", num_key_value_heads=1).hf.config.num_key_value_heads
     1
+    >>> type(tiny_model("phi").hf).__name__
+    'PhiForCausalLM'
     """
     import transformers
 
-    cls, cfg_cls, defaults = _FAMILIES[family]
+    cls, cfg_cls, defaults = {**_FAMILIES, **_NODE_FAMILIES}[family]
     torch.manual_seed(seed)
     cfg = getattr(transformers, cfg_cls)(
         vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, **{**defaults, **config}

@@ -1,4 +1,4 @@
-"""ACDC: the known circuit of the hand-built toy, exactness of prefix speculation, checkpoints."""
+"""ACDC: the known circuit of the hand-built toy, exactness of prefix speculation, progress."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from circuits.errors import CircuitsError, OptionError
 from circuits.methods import acdc as acdc_module
 from circuits.methods import run_method
 from circuits.metrics import kl
+from circuits.progress import Checkpoint
 from circuits.setup import Setup
 from circuits.testing import tiny_gpt2
 from circuits.toys import INDUCTION_EDGES, induction_toy
@@ -117,9 +118,9 @@ def test_disconnected_destinations_are_skipped(toy):
     assert sum(v["edges"] for v in visits.values() if not v["skipped"]) == 7 + 3 * 4 + 3 * 1
 
 
-def test_everything_removed_with_an_infinite_threshold():
+def test_everything_removed_with_a_huge_threshold():
     setup = random_setup()
-    scores = run_method("acdc", setup, threshold=float("inf"))
+    scores = run_method("acdc", setup, threshold=1e30)
     g = setup.graph
     assert not scores.extra["kept"].any()
     # Only the edges into logits are ever evaluated; every other node is then disconnected.
@@ -171,52 +172,26 @@ def test_restart_invariant_is_checked():
         acdc_module._check_upstream_clean(g, removed, g.mlp_stage(0))
 
 
-# -- checkpoints ---------------------------------------------------------------------------------
+# -- saved progress ------------------------------------------------------------------------------
 
 
-def test_interrupted_run_resumes_to_the_same_circuit(tmp_path, monkeypatch):
-    setup = random_setup(1)
-    full = run_method("acdc", setup, threshold=2e-3)
-    path = tmp_path / "acdc.pt"
-    save = acdc_module._save_checkpoint
-    calls = []
-
-    def interrupt_after_three(*args, **kwargs):
-        save(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(acdc_module, "_save_checkpoint", interrupt_after_three)
-    with pytest.raises(KeyboardInterrupt):
-        run_method("acdc", setup, threshold=2e-3, checkpoint=path)
-    monkeypatch.setattr(acdc_module, "_save_checkpoint", save)
-    assert path.exists() and not path.with_name("acdc.pt.tmp").exists()
-    resumed = run_method("acdc", setup, threshold=2e-3, checkpoint=path)
-    assert torch.equal(resumed.extra["kept"], full.extra["kept"])
-    assert torch.equal(resumed.values, full.values)
-    assert resumed.extra["summary"]["evaluated"] == full.extra["summary"]["evaluated"]
-    # The resumed run did not redo the first three destinations (logits, m1, a1.h1<v>).
-    assert resumed.extra["summary"]["forwards_this_run"] < full.extra["summary"][
-        "forwards_this_run"]
-    # A finished checkpoint returns the result without evaluating anything.
-    again = run_method("acdc", setup, threshold=2e-3, checkpoint=path)
-    assert again.extra["summary"]["forwards_this_run"] == 0
-    assert torch.equal(again.extra["kept"], full.extra["kept"])
-
-
-def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
+def test_progress_of_other_settings_is_a_clear_error(tmp_path):
+    """A Checkpoint whose run description leaves out ACDC's settings still never mixes them:
+    the saved progress records them, and resuming with others is an OptionError."""
     setup = random_setup()
-    path = tmp_path / "acdc.pt"
-    run_method("acdc", setup, threshold=1e-3, checkpoint=path)
-    with pytest.raises(OptionError, match="differs in threshold.*delete it"):
-        run_method("acdc", setup, threshold=2e-3, checkpoint=path)
+    setup.checkpoint = Checkpoint(tmp_path, {"what": "acdc"}, every=0)
+    run_method("acdc", setup, threshold=1e-3)
+    assert (tmp_path / "acdc.safetensors").is_file()
+    setup.checkpoint = Checkpoint(tmp_path, {"what": "acdc"}, resume=True)
+    with pytest.raises(OptionError, match=r"differs in threshold\); drop --resume"):
+        run_method("acdc", setup, threshold=2e-3)
+    other = random_setup(ablation="zero")
+    other.checkpoint = Checkpoint(tmp_path, {"what": "acdc"}, resume=True)
     with pytest.raises(OptionError, match="differs in fingerprint"):
-        run_method("acdc", random_setup(ablation="zero"), threshold=1e-3, checkpoint=path)
-    junk = tmp_path / "junk.pt"
-    junk.write_text("not a checkpoint")
-    with pytest.raises(OptionError, match="could not be read"):
-        run_method("acdc", setup, threshold=1e-3, checkpoint=junk)
+        run_method("acdc", other, threshold=1e-3)
+    # The same settings take the finished sweep as it is: nothing is evaluated again.
+    again = run_method("acdc", setup, threshold=1e-3)
+    assert again.extra["summary"]["forwards_this_run"] == 0
 
 
 # -- options and progress ------------------------------------------------------------------------

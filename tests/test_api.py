@@ -105,8 +105,16 @@ def test_discover_scores_on_one_part_and_evaluates_on_the_other(planted):
     stages = []
     found = circuits.discover(task=PLANTED, model=planted, method="eap", selection="topk:5",
                               n=20, heldout=0.3, seed=4, progress=stages.append)
-    assert stages == ["scoring", "selecting", "evaluating"]
+    assert stages == ["measuring the behavior", "scoring", "selecting", "evaluating"]
     c = found.circuit
+    # the planted model does its task: no warning, a clearly positive effect
+    assert found.warnings == [] and not found.behavior.weak
+    assert c.metrics["behavior_effect"] == found.behavior.effect > 0
+    # faithfulness on both prompt sets, each inside its bootstrap interval
+    for prefix in ("", "heldout_"):
+        m = c.metrics
+        assert m[f"{prefix}faithfulness_ci_low"] <= m[f"{prefix}faithfulness"] \
+            <= m[f"{prefix}faithfulness_ci_high"]
     assert c.options["n_prompts"] == 20 and c.options["n_heldout"] == 6
     # the held-out evaluation is the circuit's faithfulness on the 6 prompts kept apart
     task, _ = resolve(PLANTED, planted, n=20, seed=4)

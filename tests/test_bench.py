@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,16 +51,16 @@ def test_rows_round_trip_and_blank_cells(tmp_path: Path):
     assert not list(tmp_path.glob(".results*"))  # no temporary file left behind
 
 
-def test_failed_write_keeps_the_old_file(tmp_path: Path):
+def test_failed_write_keeps_the_old_file(tmp_path: Path, monkeypatch):
     path = tmp_path / "results.csv"
     path.write_text("old")
 
-    def broken(tmp: Path) -> None:
-        tmp.write_text("half")
-        raise RuntimeError("disk full")
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
 
-    with pytest.raises(RuntimeError):
-        bench._atomic_write(path, broken)
+    monkeypatch.setattr(os, "fsync", disk_full)  # the new table is half written by then
+    with pytest.raises(OSError, match="No space"):
+        bench.write_rows(path, [{"task": "t", "model": "m", "method": "eap", "config": "abc"}])
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]
 
@@ -116,6 +119,42 @@ def read(out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def test_ctrl_c_keeps_the_rows_done_and_resume_finishes_the_table(tmp_path: Path, monkeypatch,
+                                                                  capsys):
+    argv = ["--tasks", "induction", "--methods", "eap", "random", "exact", "--n", "8"]
+    plain = tmp_path / "plain"
+    assert bench.main([*argv, "--out", str(plain)]) == 0
+    out = tmp_path / "stopped"
+    real = bench.bench_row
+
+    def ctrl_c_in_the_second_row(config, prep, method, model, progress):
+        if method == "random":
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, in the middle of the row
+            time.sleep(5)
+        return real(config, prep, method, model, progress)
+
+    monkeypatch.setattr(bench, "bench_row", ctrl_c_in_the_second_row)
+    capsys.readouterr()
+    assert bench.main([*argv, "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    # the finished row's line, then one line about the interruption (no traceback)
+    assert len(err) == 2 and err[0].startswith("[1/3] induction")
+    assert "interrupted" in err[1] and "--resume" in err[1]
+    assert [r["method"] for r in read(out)] == ["eap"]  # the finished row, in a valid table
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv"]  # nothing half written
+    monkeypatch.setattr(bench, "bench_row", real)
+
+    assert bench.main([*argv, "--out", str(out), "--resume"]) == 0
+    assert "2 rows computed, 1 kept" in capsys.readouterr().out
+    timing = {"seconds", "peak_memory_mb"}
+    resumed, uninterrupted = read(out), read(plain)
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in timing} for r in uninterrupted]
+    # without --resume every row is computed again
+    assert bench.main([*argv, "--out", str(out)]) == 0
+    assert "3 rows computed, 0 kept" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_quick_run_writes_the_table_and_resumes(tmp_path: Path, capsys):
     out = tmp_path / "bench"
@@ -162,16 +201,16 @@ def test_quick_run_writes_the_table_and_resumes(tmp_path: Path, capsys):
     assert "| task | model | method | CPR" in md and "time_vs_cpr.png" in md
     before = (out / "results.csv").read_text()
 
-    # A second run recomputes nothing and leaves the table as it was.
+    # A second run with --resume recomputes nothing and leaves the table as it was.
     capsys.readouterr()
-    assert bench.main(["--quick", "--out", str(out)]) == 0
+    assert bench.main(["--quick", "--out", str(out), "--resume"]) == 0
     assert f"0 rows computed, {len(rows)} kept" in capsys.readouterr().out
     assert (out / "results.csv").read_text() == before
 
     # Changing EAP-IG's steps recomputes its rows only, and keeps every other row.
     result = bench.run_bench(bench.BenchConfig(
         tasks=("induction",), methods=("eap", "eap-ig"), out=out, n=bench.QUICK_N,
-        steps=bench.QUICK_STEPS + 1, quick=True))
+        steps=bench.QUICK_STEPS + 1, quick=True, resume=True))
     assert result.computed == [("induction", "induction-gpt2-2l", "eap-ig")]
     assert result.skipped == [("induction", "induction-gpt2-2l", "eap")]
     assert len(read(out)) == len(rows)

@@ -136,13 +136,20 @@ def test_discover_writes_six_valid_files_and_a_summary(discovered):
     report = (out / "report.md").read_text()
     assert report.startswith("# Circuit: ioi on ioi-gpt2-4l")
     assert f"| edges | {circuit.n_edges} of {total} " in report
-    held = circuit.metrics["heldout_faithfulness"]
-    assert f"| faithfulness, held-out prompts | {held:.3f} |" in report
+    m = circuit.metrics
+    held = m["heldout_faithfulness"]
+    interval = f"95% CI {m['heldout_faithfulness_ci_low']:.3f} to " \
+               f"{m['heldout_faithfulness_ci_high']:.3f}"
+    assert m["heldout_faithfulness_ci_low"] <= held <= m["heldout_faithfulness_ci_high"]
+    assert f"| faithfulness, held-out prompts | {held:.3f} ({interval}) |" in report
+    assert f"| behavior: effect / spread over prompts | {m['behavior_effect']:.3f} / " in report
+    assert "Warning" not in report  # the reference model does the task
     assert "## Top 20 edges" in report and "## Top 20 nodes" in report
 
     summary = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in stdout.strip().splitlines())
     assert summary["edges kept"].startswith(f"{circuit.n_edges} / {total}")
-    assert summary["faithfulness"].startswith(f"{held:.3f} held-out")
+    assert summary["faithfulness"].startswith(f"{held:.3f} held-out ({interval})")
+    assert "warning" not in summary
     assert summary["nodes"] == str(circuit.n_nodes)
     assert summary["outputs"].rstrip("/") == str(out)
 
@@ -187,7 +194,8 @@ def test_evaluate_prints_faithfulness_and_the_curve(discovered, capsys):
     result = evaluate(circuit, setup)
     rows = dict(re.split(r"\s{2,}", line, maxsplit=1)
                 for line in stdout.split("faithfulness curve", 1)[0].strip().splitlines())
-    assert rows["faithfulness"] == f"{result.faithfulness:.3f}"
+    low, high = result.faithfulness_ci
+    assert rows["faithfulness"] == f"{result.faithfulness:.3f} (95% CI {low:.3f} to {high:.3f})"
     assert rows["metric: circuit"] == f"{result.metric_circuit:.4f}"
     assert rows["metric: empty"] == f"{result.metric_empty:.4f}"
     curve = stdout.split("faithfulness curve", 1)[1].splitlines()
@@ -332,20 +340,24 @@ def test_argparse_usage_errors_exit_2(capsys):
     assert code == 2 and "Traceback" not in err
 
 
-def test_failure_inside_the_run_exits_1_and_keeps_finished_outputs(tmp_path, capsys,
-                                                                   monkeypatch):
+def test_failure_while_writing_exits_1_and_keeps_the_previous_outputs(tmp_path, capsys,
+                                                                     monkeypatch):
     from circuits.circuit import Circuit
+
+    argv = ["discover", "ioi", *SMALL, "--select", "topk:10", "--out", str(tmp_path)]
+    assert run(argv, capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
     def broken(self, path, *args, **kwargs):
         raise RuntimeError("the renderer broke")
 
     monkeypatch.setattr(Circuit, "render", broken)
-    argv = ["discover", "ioi", *SMALL, "--select", "topk:10", "--out", str(tmp_path)]
-    code, _, err = run(argv, capsys)
+    code, _, err = run([*argv[:-2], "--select", "topk:5", "--out", str(tmp_path)], capsys)
     assert code == 1
     one_error_line(err, "RuntimeError", "the renderer broke", "--debug")
-    # circuit.json and scores.json were written before the diagrams; nothing half-written
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["circuit.json", "scores.json"]
+    # the new circuit.json and scores.json were staged, not moved in: every file is the
+    # previous run's, and no staging folder is left behind
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert load_circuit(tmp_path / "circuit.json").n_edges <= 10
 
 
@@ -430,3 +442,51 @@ def test_discover_at_node_level_with_mean_ablation(tmp_path, capsys):
     for name in circuit.edge_names:
         source, destination = name.split("->")
         assert source in kept and destination.split("<")[0] in kept, name
+
+
+def random_ioi_model(folder: Path) -> Path:
+    """The IOI reference model's configuration and tokenizer with random weights: a model that
+    cannot do the task."""
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from circuits.zoo import find
+
+    source = find("ioi-gpt2-4l")
+    shutil.copytree(source, folder)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config.from_pretrained(source)).save_pretrained(folder)
+    return folder
+
+
+def test_a_model_without_the_behavior_gets_a_warning_and_strict_stops(tmp_path, capsys):
+    model = str(random_ioi_model(tmp_path / "random"))
+    argv = ["discover", "ioi", "--model", model, "--n", "40", "--method", "eap", "--select",
+            "topk:10"]
+    code, stdout, err = run([*argv, "--out", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    summary = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in stdout.strip().splitlines())
+    assert summary["warning"].startswith("the model barely shows this behavior")
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "> **Warning:** the model barely shows this behavior" in report
+
+    code, stdout, err = run([*argv, "--strict", "--out", str(tmp_path / "strict")], capsys)
+    assert code == 2 and stdout == ""
+    one_error_line(err, "barely shows", "strict")
+    assert not (tmp_path / "strict").exists()
+
+
+def test_evaluate_refuses_other_weights_unless_asked(discovered, capsys):
+    from circuits.model import load_model
+
+    out, _ = discovered
+    circuit = load_circuit(out / "circuit.json")
+    assert circuit.options["model_fingerprint"] == load_model("ioi-gpt2-4l").fingerprint
+    other = ["evaluate", str(out / "circuit.json"), "--model", "factual-gpt2-4l", "--n", "8"]
+    code, _, err = run(other, capsys)
+    assert code == 2
+    one_error_line(err, "other weights", "--any-model")
+    code, stdout, err = run([*other, "--any-model"], capsys)
+    assert code == 0, err
+    assert "faithfulness" in stdout

@@ -1,11 +1,19 @@
-"""Faithfulness, curves, CPR/CMD, bisection, ROC and precision/recall."""
+"""Faithfulness, its bootstrap interval, curves, CPR/CMD, bisection, ROC and precision/recall,
+and the behavior-strength check."""
 
+import json
+import math
+
+import numpy as np
 import pytest
 import torch
 
 from circuits.batch import Batch
 from circuits.circuit import Circuit, prune, ranks, select, top_mask
 from circuits.evaluate import (
+    Behavior,
+    behavior,
+    bootstrap_faithfulness,
     cmd,
     cpr,
     evaluate,
@@ -262,3 +270,125 @@ def test_precision_recall_by_hand():
     # predicted 3, of which 1 true; 2 true edges. Graph(1, 3) has 18 edges (input: 9 q/k/v +
     # m0 + logits; each head: m0, logits; m0: logits), 16 not true -> fpr 2/16
     assert got == pytest.approx({"precision": 1 / 3, "recall": 1 / 2, "fpr": 2 / 16})
+
+
+# -- per-prompt values and the bootstrap interval ---------------------------------------------
+def test_per_prompt_values_come_from_the_same_runs(strong_model):
+    batches = [make_batch(b=4, vocab=32, seed=0), make_batch(b=3, vocab=32, seed=1)]
+    setup = Setup(strong_model, batches, "logit-diff")
+    g = setup.graph
+    masks = torch.stack([g.valid, torch.zeros_like(g.valid), g.node_mask_to_edges(["a0.h1"])])
+    per = metric_of_masks(setup, masks, per_prompt=True)
+    assert per.shape == (3, 7) and per.dtype == torch.float64
+    torch.testing.assert_close(per.mean(1), metric_of_masks(setup, masks), atol=1e-12, rtol=0)
+    # prompts in batch order: the second batch alone gives the last three columns
+    alone = metric_of_masks(Setup(strong_model, batches[1:], "logit-diff"), masks,
+                            per_prompt=True)
+    torch.testing.assert_close(per[:, 4:], alone, atol=1e-5, rtol=0)
+    # the full model is the clean run, prompt by prompt
+    clean = torch.cat([setup.metric_values(b.clean_logits, b) for b in setup.batches])
+    torch.testing.assert_close(per[0], clean.double(), atol=1e-5, rtol=0)
+
+
+def test_bootstrap_of_two_prompts_by_hand():
+    # f of a resample is the share of prompt 2 in it: {1, 1} -> 0, {1, 2} -> 1/2, {2, 2} -> 1,
+    # with probabilities 1/4, 1/2, 1/4; the central 95% reaches both ends
+    lo, hi = bootstrap_faithfulness([0.0, 1.0], [1.0, 1.0], [0.0, 0.0], n_resamples=4000)
+    assert (lo, hi) == (0.0, 1.0)
+    # the central 40% holds only the middle value
+    assert bootstrap_faithfulness([0.0, 1.0], [1.0, 1.0], [0.0, 0.0], n_resamples=4000,
+                                  level=0.4) == (0.5, 0.5)
+
+
+def test_bootstrap_brackets_shrinks_and_degenerates():
+    rng = np.random.default_rng(1)
+
+    def prompts(n):
+        empty = rng.normal(0.0, 0.3, n)
+        model = empty + 1.0 + rng.normal(0.0, 0.3, n)
+        return empty + 0.6 * (model - empty) + rng.normal(0.0, 0.3, n), model, empty
+
+    widths = []
+    for n in (20, 2000):
+        c, model, empty = prompts(n)
+        f = (c.mean() - empty.mean()) / (model.mean() - empty.mean())
+        lo, hi = bootstrap_faithfulness(c, model, empty)
+        assert lo < f < hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 5  # about sqrt(100) = 10 times narrower
+    # deterministic for a seed, other draws for another seed
+    c, model, empty = prompts(30)
+    assert bootstrap_faithfulness(c, model, empty) == bootstrap_faithfulness(c, model, empty)
+    assert bootstrap_faithfulness(c, model, empty, seed=1) != bootstrap_faithfulness(c, model,
+                                                                                     empty)
+    # every prompt alike: every resample is the point estimate
+    same = bootstrap_faithfulness([0.25] * 9, [1.0] * 9, [-0.5] * 9)
+    assert same == (0.5, 0.5)
+    # undefined when the model and the empty circuit agree
+    assert all(math.isnan(v) for v in bootstrap_faithfulness([1.0, 2.0], [1.0, 0.0],
+                                                             [0.0, 1.0]))
+
+
+def test_evaluate_reports_the_interval_of_its_prompts(strong_model):
+    batches = [make_batch(b=6, vocab=32, seed=0), make_batch(b=5, vocab=32, seed=1)]
+    setup = Setup(strong_model, batches, "logit-diff")
+    g = setup.graph
+    mask = g.node_mask_to_edges(["a0.h0", "m0", "a1.h1"])
+    got = evaluate(mask, setup)
+    per = metric_of_masks(setup, torch.stack([mask, g.valid, torch.zeros_like(g.valid)]),
+                          per_prompt=True)
+    assert got.faithfulness_ci == bootstrap_faithfulness(per[0], per[1], per[2])
+    lo, hi = got.faithfulness_ci
+    assert lo < got.faithfulness < hi
+    flat = got.as_dict()
+    assert (flat["faithfulness_ci_low"], flat["faithfulness_ci_high"]) == (lo, hi)
+    assert "faithfulness_ci" not in flat
+    assert all(isinstance(v, (int, float)) for v in flat.values())
+    assert json.loads(json.dumps(flat, allow_nan=False)) == flat
+
+
+# -- behavior strength ------------------------------------------------------------------------
+def test_behavior_rule_by_hand():
+    # d = 2, 1, 3, 2: effect 2, spread sqrt(2/3), t = 2 / (sqrt(2/3) / 2) = 4.90
+    b = Behavior.of([2.0, 1.0, 3.0, 2.0])
+    assert (b.effect, b.spread, b.n) == (2.0, pytest.approx(math.sqrt(2 / 3)), 4)
+    assert b.t == pytest.approx(4 / math.sqrt(2 / 3)) and not b.weak
+    # d = 2, -1, 3, 0: effect 1, spread sqrt(10/3) (ratio 0.55), t = 1.10 < 3
+    b = Behavior.of([2.0, -1.0, 3.0, 0.0])
+    assert b.weak and "standard errors" in b.reason
+    # ratio 0.25 < 0.5 although t = 0.25 * sqrt(400) = 5 > 3
+    d = np.tile([1.25, -0.75], 200)  # effect 0.25, spread 1.0013
+    b = Behavior.of(d)
+    assert b.t > 3 and b.weak and "of its spread" in b.reason
+    assert Behavior.of([-1.0, -2.0, -1.5]).weak  # the wrong way round
+    assert not Behavior.of([0.5] * 5).weak  # no spread at all
+    assert Behavior.of([0.0] * 5).weak and Behavior.of([3.0]).weak
+
+
+def test_a_random_model_barely_shows_ioi():
+    from circuits.model import load_model
+    from circuits.task import get_task
+
+    reference = load_model("ioi-gpt2-4l")
+    tokenizer = reference.tokenizer
+    task = get_task("ioi", tokenizer, n=40)
+    model = tiny_gpt2(n_layer=2, n_head=4, n_embd=32,
+                      vocab_size=reference.hf.config.vocab_size)  # random weights
+    b = behavior(Setup(model, task.batches(tokenizer), task.metric))
+    assert b.weak and b.n == 40 and b.reason
+
+
+def test_every_reference_model_shows_its_behavior():
+    from circuits.model import load_model
+    from circuits.task import get_task, list_tasks
+
+    for name, _ in list_tasks():
+        reference = get_task(name, n=1).reference_model
+        model = load_model(reference)
+        task = get_task(name, model.tokenizer, n=16)
+        batches = task.batches(model.tokenizer)
+        b = behavior(Setup(model, batches, task.metric))
+        assert not b.weak and b.n == 16, (name, b.reason)
+        if name == "ioi":  # lower is better for kl: the sign makes the effect positive
+            b = behavior(Setup(model, batches, "kl"))
+            assert b.effect > 0 and not b.weak, b.reason

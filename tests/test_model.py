@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
+import torch
 
 import circuits
-from circuits.errors import ModelLoadError
-from circuits.zoo import find
+from circuits.errors import ModelLoadError, OptionError
+from circuits.model import context_length
+from circuits.testing import FAMILIES, NODE_FAMILIES, tiny_gpt2, tiny_model
+from circuits.zoo import find, list_models
 
 
 def test_shipped_model_loads_offline_with_its_tokenizer():
@@ -58,3 +62,137 @@ def test_file_instead_of_folder(tmp_path):
     f.write_bytes(b"")
     with pytest.raises(ModelLoadError, match="is a file"):
         circuits.load_model(f)
+
+
+def _copy(tmp_path, name="ioi-gpt2-4l"):
+    folder = tmp_path / "m"
+    shutil.copytree(find(name), folder)
+    return folder
+
+
+def _edit_config(folder, **fields):
+    config = json.loads((folder / "config.json").read_text())
+    config.update(fields)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("value", [None, 123, "", "   ", b"ioi-gpt2-4l", "a\x00b"])
+def test_a_value_that_names_no_model_is_an_option_error(value):
+    with pytest.raises(OptionError, match="pass a shipped model") as info:
+        circuits.load_model(value)
+    assert "\n" not in str(info.value)
+
+
+def test_weights_of_another_width_than_the_config(tmp_path):
+    folder = _copy(tmp_path)
+    _edit_config(folder, n_embd=256)
+    with pytest.raises(ModelLoadError, match=r"do not match its config.json: 52 weights have "
+                                             r"another shape .*\[384\] in the weights but \[768\]"):
+        circuits.load_model(folder)
+
+
+@pytest.mark.parametrize("damage", ["half", "header", "garbage", "empty"])
+def test_truncated_or_garbage_safetensors(tmp_path, damage):
+    folder = _copy(tmp_path)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"half": data[: len(data) // 2], "header": data[:20],
+                         "garbage": b"not a model " * 50, "empty": b""}[damage])
+    with pytest.raises(ModelLoadError, match="model.safetensors in .* is truncated or not a "
+                                             "safetensors file"):
+        circuits.load_model(folder)
+
+
+def test_config_with_more_layers_than_the_weights_is_refused(tmp_path):
+    folder = _copy(tmp_path)
+    _edit_config(folder, n_layer=6)
+    with pytest.raises(ModelLoadError) as info:
+        circuits.load_model(folder)
+    message = str(info.value)
+    assert "24 weights the config needs are missing (transformer.h.4.attn.c_attn.bias," in message
+    assert "\n" not in message
+
+
+def test_config_with_fewer_layers_than_the_weights_is_refused(tmp_path):
+    folder = _copy(tmp_path)
+    _edit_config(folder, n_layer=3)
+    # 11 of layer 3's 12: transformers' GPT-2 ignores keys matching "attn.bias" (c_attn.bias)
+    with pytest.raises(ModelLoadError, match=r"11 weights are not used by the config "
+                                             r"\(transformer.h.3."):
+        circuits.load_model(folder)
+
+
+@pytest.mark.parametrize("family", FAMILIES + NODE_FAMILIES)
+@pytest.mark.parametrize("tie", [True, False])
+def test_every_family_saved_with_save_pretrained_loads_exactly(tmp_path, family, tie):
+    """Tied embeddings are not 'missing': nothing legitimate is refused."""
+    original = tiny_model(family, tie_word_embeddings=tie).hf
+    folder = tmp_path / family
+    original.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(find("ioi-gpt2-4l") / name, folder / name)
+    loaded = circuits.load_model(folder)
+    state = loaded.hf.state_dict()
+    assert all(torch.equal(value, state[key]) for key, value in original.state_dict().items())
+    assert loaded.fingerprint == circuits.model.fingerprint(original)
+
+
+def test_every_shipped_model_loads_without_complaint():
+    names = [card.name for card in list_models()] + ["planted-ioi", "planted-induction",
+                                                     "planted-mlp"]
+    for name in names:
+        model = circuits.load_model(name)
+        assert model.context_length == model.hf.config.n_positions
+
+
+@pytest.mark.parametrize("field, value", [("n_layer", "4"), ("n_embd", 0), ("vocab_size", True)])
+def test_config_shape_field_of_the_wrong_type(tmp_path, field, value):
+    folder = _copy(tmp_path)
+    _edit_config(folder, **{field: value})
+    with pytest.raises(ModelLoadError, match=f"config.json in .*: {field} must be a positive whole "
+                                             "number"):
+        circuits.load_model(folder)
+
+
+def test_config_that_is_not_json(tmp_path):
+    folder = _copy(tmp_path)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="config.json in .* is not readable JSON"):
+        circuits.load_model(folder)
+
+
+def test_sharded_index_naming_a_missing_file(tmp_path):
+    folder = _copy(tmp_path)
+    (folder / "model.safetensors").unlink()
+    index = {"weight_map": {"transformer.wte.weight": "model-00001-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match="names the weight file 'model-00001-of-00002"):
+        circuits.load_model(folder)
+
+
+# -- context length and fingerprint -------------------------------------------------------------
+def test_context_length_from_the_config():
+    assert context_length(tiny_gpt2(n_positions=48)) == 48
+    assert tiny_model("llama", max_position_embeddings=96).context_length == 96
+    assert context_length(torch.nn.Linear(2, 2)) is None
+
+
+def test_fingerprint_is_stable_and_sensitive(tmp_path):
+    first = circuits.load_model("ioi-gpt2-4l")
+    again = circuits.load_model(_copy(tmp_path))
+    assert first.fingerprint == again.fingerprint
+    assert len(first.fingerprint) == 16 and int(first.fingerprint, 16) >= 0
+    assert first.fingerprint != circuits.load_model("factual-gpt2-4l").fingerprint  # same shape
+    with torch.no_grad():
+        again.hf.transformer.h[2].mlp.c_fc.weight.view(-1)[0] += 1e-3  # a sampled position
+    assert circuits.model.fingerprint(again.hf) != first.fingerprint
+    assert again.fingerprint == first.fingerprint  # computed once and kept
+    assert tiny_gpt2(seed=0).fingerprint != tiny_gpt2(seed=1).fingerprint
+    assert tiny_gpt2(n_layer=2).fingerprint != tiny_gpt2(n_layer=3).fingerprint
+
+
+def test_fingerprint_depends_on_the_loaded_dtype():
+    """Documented: the sample is of the values as loaded, so compare loads of one dtype."""
+    bf16 = circuits.load_model("ioi-gpt2-4l", dtype="bfloat16")
+    assert bf16.fingerprint == circuits.load_model("ioi-gpt2-4l", dtype="bfloat16").fingerprint
+    assert bf16.fingerprint != circuits.load_model("ioi-gpt2-4l").fingerprint

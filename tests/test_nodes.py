@@ -189,3 +189,28 @@ def test_patch_each_equals_one_patch_per_variant(gpt2: Model) -> None:
             one = patch(gpt2, IDS, values, positions=pos, last_only=True)
             assert torch.allclose(rows[c * b:(c + 1) * b], one, atol=1e-5)
     assert torch.allclose(rows[3 * b:], gpt2.hf(IDS).logits[:, -1], atol=1e-5)
+
+
+def test_parallel_blocks_by_config_flag_or_a_single_norm() -> None:
+    from types import SimpleNamespace
+
+    from circuits.nodes import is_parallel
+
+    class RMSNorm(nn.Module):
+        pass
+
+    def block(*norms: str) -> nn.Module:
+        layer = nn.Module()
+        layer.attn, layer.mlp = nn.Linear(4, 4), nn.Linear(4, 4)
+        for name in norms:
+            setattr(layer, name, RMSNorm())
+        return layer
+
+    plain = SimpleNamespace()
+    assert is_parallel(plain, block("ln_1"))  # GPT-J, Phi: one norm read by attention and MLP
+    assert not is_parallel(plain, block("ln_1", "ln_2"))  # GPT-2, Llama: one before each
+    assert not is_parallel(plain, block("a", "b", "c", "d"))  # Gemma-2's four
+    # the config's word wins: NeoX has two norms in parallel, or is sequential when told
+    assert is_parallel(SimpleNamespace(use_parallel_residual=True), block("ln_1", "ln_2"))
+    assert is_parallel(SimpleNamespace(parallel_attn=True), block("ln_1", "ln_2"))
+    assert not is_parallel(SimpleNamespace(use_parallel_residual=False), block("ln_1"))

@@ -1,5 +1,6 @@
 """Graphviz diagrams: every format is produced and the DOT source says what it should."""
 
+import math
 import shutil
 import subprocess
 
@@ -53,3 +54,42 @@ def test_dot_file_renders_with_dot(tmp_path):
 def test_unknown_format(tmp_path):
     with pytest.raises(OptionError):
         small_circuit().render(tmp_path / "c.bmp")
+
+
+def test_nan_and_infinite_scores_are_drawn_grey_and_thin(tmp_path):
+    from circuits.render import NEUTRAL, to_graphviz
+
+    c = small_circuit()
+    g = c.graph
+    c.values[g.edge_index("input->a0.h1<v>")] = math.nan
+    c.values[g.edge_index("a0.h1->a1.h0<k>")] = math.inf
+    c.values[g.edge_index("m0->logits")] = math.nan  # not in the circuit: ignored
+    c.metrics["faithfulness"] = math.nan
+    src = to_graphviz(c).source
+    nan_edge = next(line for line in src.splitlines() if "input->a0.h1<v>: nan" in line)
+    inf_edge = next(line for line in src.splitlines() if "a0.h1->a1.h0<k>: inf" in line)
+    for line in (nan_edge, inf_edge):
+        assert f'color="{NEUTRAL}"' in line and "penwidth=0.50" in line
+    # the finite scores keep their scale: m1->logits (3.0) is the strongest, at max_width 5
+    strongest = next(line for line in src.splitlines() if "m1->logits: 3" in line)
+    assert "penwidth=5.00" in strongest
+    assert "6 edges, 5 nodes" in src and "faithfulness" not in src.split("legend")[0]
+    assert c.render(tmp_path / "c.dot").read_text() == src
+
+
+def test_node_scores_with_nan_render():
+    g = Graph(1, 2)
+    c = select(Scores(g, torch.tensor([0.0, math.nan, 1.0, 2.0]), level="node"), top_k=2)
+    from circuits.render import to_graphviz
+
+    assert "a0.h0" not in to_graphviz(c).source  # a NaN node score ranks last
+    c.values[3] = math.nan  # m0 is in the circuit: its tooltip says nan
+    assert 'tooltip="m0: nan"' in to_graphviz(c).source
+
+
+@pytest.mark.parametrize("options", [dict(min_width=-1), dict(max_width=math.nan),
+                                     dict(min_width="1"), dict(min_width=True),
+                                     dict(max_width=10**5000), dict(min_width=3, max_width=2)])
+def test_bad_widths(tmp_path, options):
+    with pytest.raises(OptionError, match="width"):
+        small_circuit().render(tmp_path / "c.dot", **options)

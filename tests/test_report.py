@@ -96,8 +96,17 @@ def test_report_states_the_run_and_its_result(found):
     assert field(text, "ablation / metric") == "resample / logit-diff"
     assert field(text, "prompts") == "20 (14 discovery, 6 held out)"
     assert field(text, "edges") == f"5 of {c.graph.n_edges} ({c.fraction:.1%})"
-    assert field(text, "faithfulness, held-out prompts") == f"{held.faithfulness:.3f}"
-    assert field(text, "faithfulness, discovery prompts") == "—"  # top-k measured nothing
+    m = c.metrics
+    low, high = held.faithfulness_ci
+    assert (m["heldout_faithfulness_ci_low"], m["heldout_faithfulness_ci_high"]) == (low, high)
+    assert field(text, "faithfulness, held-out prompts") == (
+        f"{held.faithfulness:.3f} (95% CI {low:.3f} to {high:.3f})")
+    # discover measures the selected circuit on the discovery prompts too, with its interval
+    assert field(text, "faithfulness, discovery prompts") == (
+        f"{m['faithfulness']:.3f} (95% CI {m['faithfulness_ci_low']:.3f} to "
+        f"{m['faithfulness_ci_high']:.3f})")
+    assert field(text, "behavior: effect / spread over prompts") == (
+        f"{found.behavior.effect:.3f} / {found.behavior.spread:.3f}")
     # EAP-IG with 2 steps: the ablated and the clean forward, and 2 steps' forward-backward
     assert field(text, "passes (scoring)").startswith("4 forward, 2 backward")
     assert field(text, "held-out metric: circuit / model / empty") == (

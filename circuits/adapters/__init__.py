@@ -25,9 +25,9 @@ def adapter_for(hf: nn.Module) -> Adapter:
     cls = ADAPTERS.get(arch)
     if cls is None:
         raise UnsupportedModelError(
-            f"edge-level methods need one of the supported families ({', '.join(ADAPTERS)}), "
-            f"not {arch}; use a node-level method (--level node, e.g. activation-patching), "
-            "which runs on any causal LM"
+            f"{arch} has no edge-level adapter (the edge engine supports {', '.join(ADAPTERS)}), "
+            "so edge-level circuits and every method but activation-patching do not run on it; "
+            "node-level circuits do: use --level node --method activation-patching"
         )
     return cls(hf)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -101,12 +102,38 @@ def get_method(name: str) -> MethodSpec:
     return methods[name]
 
 
+MAX_STEPS = 1000  # integration steps; far past the point where more change the scores
+
+
+def _check_value(name: str, key: str, value: Any) -> None:
+    """An OptionError for a value of a common option that no method can use."""
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    def integer(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if key == "steps" and not (integer(value) and 1 <= value <= MAX_STEPS):
+        raise OptionError(f"method {name!r}: steps must be a whole number from 1 to {MAX_STEPS}, "
+                          f"got {value!r}")
+    if key == "threshold" and not (number(value) and math.isfinite(value) and value >= 0):
+        raise OptionError(f"method {name!r}: threshold must be a finite number >= 0, got "
+                          f"{value!r}")
+    if key == "seed" and not (integer(value) and 0 <= value < 2**32):
+        raise OptionError(f"method {name!r}: seed must be a whole number from 0 to 2**32 - 1, "
+                          f"got {value!r}")
+    if key == "chunk" and value is not None and not (integer(value) and value >= 1):
+        raise OptionError(f"method {name!r}: chunk must be a whole number >= 1, got {value!r}")
+
+
 def check_options(name: str, options: dict[str, Any]) -> None:
     """An OptionError, listing the method's options, for any option method `name` does not
-    take."""
+    take, or a value out of range for a common option (steps, threshold, seed, chunk)."""
     spec = get_method(name)
     unknown = [key for key in options if key not in spec.options]
     if not unknown:
+        for key, value in options.items():
+            _check_value(name, key, value)
         return
     key = unknown[0]
     close = difflib.get_close_matches(key, spec.options, n=1)
@@ -141,6 +168,9 @@ def run_method(name: str, setup: Setup, **options: Any) -> Scores:
         For an unknown method, an option the method does not take, or a metric it cannot use.
     """
     spec = get_method(name)
+    if not isinstance(setup, Setup):
+        raise OptionError(f"run_method needs a Setup (circuits.api.make_setup(model, task)), got "
+                          f"{type(setup).__name__}")
     check_options(name, options)
     check_metric(name, setup.metric)
     device = setup.model.device

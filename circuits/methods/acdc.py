@@ -42,12 +42,10 @@ import contextlib
 import hashlib
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -56,14 +54,15 @@ from torch import Tensor
 from ..engine import Trace
 from ..errors import CircuitsError, OptionError
 from ..graph import Graph
+from ..progress import Checkpoint
 from ..setup import Setup
 from ..store import Store
 from . import register
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "circuits-acdc-checkpoint"
-CHECKPOINT_VERSION = 1
+PROGRESS = "acdc"  # the name of ACDC's progress in a Checkpoint
+PROGRESS_VERSION = 2  # 1 was the pickled checkpoint file of earlier versions
 
 
 def visit_order(graph: Graph) -> list[int]:
@@ -95,7 +94,7 @@ def incoming(graph: Graph, dst: int) -> list[int]:
 
 @dataclass
 class _State:
-    """Where a run stands; everything a checkpoint holds besides the fingerprint."""
+    """Where a run stands; everything its saved progress holds besides the settings."""
 
     removed: Tensor  # [n_src, n_dst] bool
     scores: Tensor  # [n_src, n_dst] float64
@@ -112,17 +111,25 @@ class _Loss:
         self.kind = kind
         self.engine = setup.engine
         # One clean trace per batch (the residual every stage reads and every source's output),
-        # in memory up to the setup's budget and on disk beyond it; `close` deletes them.
-        self.traces = Store(setup.memory_budget)
-        for b in setup.batches:
-            trace = self.engine.trace(b.clean, last_only=True)
-            self.traces.append({"outs": trace.outs, "resid": trace.resid, "logits": trace.logits})
+        # in memory up to the setup's budget and on disk beyond it, made at the first call (a
+        # finished run resumed needs none); `close` deletes them.
+        self.traces: Store | None = None
         self.forwards = 0
         self.variants = 0
 
+    def _clean_traces(self) -> Store:
+        if self.traces is None:
+            self.traces = Store(self.setup.memory_budget)
+            for b in self.setup.batches:
+                trace = self.engine.trace(b.clean, last_only=True)
+                self.traces.append({"outs": trace.outs, "resid": trace.resid,
+                                    "logits": trace.logits})
+        return self.traces
+
     def close(self) -> None:
         """Drop the clean traces (and delete their files)."""
-        self.traces.close()
+        if self.traces is not None:
+            self.traces.close()
 
     def __call__(self, removed: Tensor, stage: int) -> Tensor:
         """The loss ``[C]`` (float64) of each mask in `removed` ``[C, n_src, n_dst]``."""
@@ -130,8 +137,8 @@ class _Loss:
         model = self.setup.model
         ablate = removed.to(device=model.device, dtype=model.dtype)  # [C, n_src, n_dst]
         total = torch.zeros(C, dtype=torch.float64)
-        for (batch, ablated, weight), kept in zip(self.setup.items(reuse=True), self.traces,
-                                                  strict=True):
+        for (batch, ablated, weight), kept in zip(self.setup.items(reuse=True),
+                                                  self._clean_traces(), strict=True):
             trace = Trace(kept["outs"], kept["resid"], kept["logits"])
             logits = self.engine.patched_logits(
                 batch.clean, ablate, ablated, last_only=True, start=(stage, trace)
@@ -152,7 +159,7 @@ class _Loss:
 
 
 def _fingerprint(setup: Setup) -> dict[str, Any]:
-    """What must match for a checkpoint to be resumed on this setup."""
+    """What must match for saved progress to be resumed on this setup."""
     g = setup.graph
     digest = hashlib.sha256()
     for b in setup.batches:
@@ -171,47 +178,42 @@ def _fingerprint(setup: Setup) -> dict[str, Any]:
     }
 
 
-def _save_checkpoint(path: Path, header: dict[str, Any], state: _State) -> None:
-    """Write the state atomically: a temporary file renamed over the checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    payload = {
-        **header,
-        "removed": state.removed,
-        "scores": state.scores,
-        "loss": state.loss,
-        "position": state.position,
-        "visits": state.visits,
-    }
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+def _save(checkpoint: Checkpoint | None, header: dict[str, Any], state: _State,
+          force: bool = False) -> None:
+    """A safe point: keep the state in the checkpoint, if any (throttled unless forced)."""
+    if checkpoint is None:
+        return
+    checkpoint.save(
+        PROGRESS,
+        {"removed": state.removed, "scores": state.scores},
+        {"header": header, "loss": state.loss, "position": state.position,
+         "visits": state.visits},
+        force=force,
+    )
 
 
-def _load_checkpoint(path: Path, header: dict[str, Any], graph: Graph) -> _State | None:
-    """The saved state if `path` exists and was written for this very run, else an error."""
-    if not path.exists():
+def _resume(checkpoint: Checkpoint | None, header: dict[str, Any], graph: Graph) -> _State | None:
+    """The saved state if the checkpoint holds one of this very run, else None (an OptionError
+    when it was saved with other ACDC settings or on another setup)."""
+    saved = None if checkpoint is None else checkpoint.load(PROGRESS)
+    if saved is None:
         return None
-    how = "delete it or pass another checkpoint path"
-    try:
-        saved = torch.load(path, weights_only=True)
-    except Exception as err:  # any unreadable file gets the same advice
-        raise OptionError(
-            f"checkpoint {path} could not be read ({type(err).__name__}); {how}"
-        ) from None
-    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
-        raise OptionError(f"{path} is not an ACDC checkpoint; {how}")
-    differ = [k for k, v in header.items() if saved.get(k) != v]
+    tensors, state = saved
+    how = "drop --resume (or resume=False) to start over"
+    old = state.get("header", {})
+    differ = [k for k, v in header.items() if old.get(k) != v]
     if differ:
-        raise OptionError(
-            f"checkpoint {path} was written by a different run (differs in "
-            f"{', '.join(differ)}); {how}"
-        )
-    removed = saved["removed"]
+        raise OptionError(f"the ACDC progress in {checkpoint.folder} was saved by a different "
+                          f"run (differs in {', '.join(differ)}); {how}")
+    removed, scores = tensors.get("removed"), tensors.get("scores")
     shape = (graph.n_sources, graph.n_destinations)
-    if tuple(removed.shape) != shape or bool((removed & ~graph.valid).any()):
-        raise OptionError(f"checkpoint {path} holds a mask that does not fit the graph; {how}")
-    return _State(removed, saved["scores"], float(saved["loss"]), int(saved["position"]),
-                  list(saved["visits"]))
+    if (removed is None or scores is None or tuple(removed.shape) != shape
+            or tuple(scores.shape) != shape or removed.dtype != torch.bool
+            or bool((removed & ~graph.valid).any())):
+        raise OptionError(f"the ACDC progress in {checkpoint.folder} does not fit this graph; "
+                          f"{how}")
+    return _State(removed, scores, float(state["loss"]), int(state["position"]),
+                  list(state["visits"]))
 
 
 def _check_upstream_clean(graph: Graph, removed: Tensor, stage: int) -> None:
@@ -240,7 +242,6 @@ def acdc(
     metric: Literal["kl", "task"] = "kl",
     absolute: bool = False,
     chunk: int | None = None,
-    checkpoint: str | os.PathLike[str] | None = None,
     progress: bool | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Discover a circuit with ACDC and score every edge by the change it was measured to cause.
@@ -262,9 +263,6 @@ def acdc(
     chunk : int, optional
         Most candidate variants evaluated in one forward (each costs a batch of rows). By
         default ``engine.chunk // largest batch``, at most 32.
-    checkpoint : str or path, optional
-        File written atomically after every destination. A run that finds it resumes from it
-        (and a finished one returns at once); a file from a different run is an OptionError.
     progress : bool, optional
         Show a tqdm bar (edges visited, kept, elapsed, time left). By default only when
         stderr is a terminal. A ``logging`` debug line is written per destination either way.
@@ -283,7 +281,16 @@ def acdc(
     Raises
     ------
     OptionError
-        A bad option value, or a checkpoint written by a different run.
+        A bad option value, or progress in ``setup.checkpoint`` saved by a different run.
+
+    Notes
+    -----
+    With a `circuits.progress.Checkpoint` in ``setup.checkpoint``, the state after each
+    destination (removed edges, scores, the current loss, the position in the visit order and
+    the visits so far) is saved there (at most every ``checkpoint.every`` seconds, and once
+    when the sweep is done). A run that finds progress of the same run continues after the last
+    saved destination and gives bit for bit the scores and circuit of an uninterrupted run; a
+    finished sweep returns at once.
 
     Examples
     --------
@@ -309,16 +316,18 @@ sorted(true_edges)
 
     order = visit_order(graph)
     metric_name = "kl" if metric == "kl" else f"task:{setup.metric.name}"
+    checkpoint = setup.checkpoint
+    # everything the saved state depends on (the chunk too: it decides which variants share a
+    # forward, and so the last bits of their losses)
     header = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
+        "version": PROGRESS_VERSION,
         "fingerprint": _fingerprint(setup),
         "threshold": float(threshold),
         "metric": metric_name,
         "absolute": bool(absolute),
+        "chunk": chunk,
     }
-    path = None if checkpoint is None else Path(checkpoint)
-    state = None if path is None else _load_checkpoint(path, header, graph)
+    state = _resume(checkpoint, header, graph)
 
     def is_small(change: float) -> bool:
         return (abs(change) if absolute else change) < threshold
@@ -364,8 +373,7 @@ sorted(true_edges)
                     "loss_after": state.loss,
                 })
                 state.position = position + 1
-                if path is not None:
-                    _save_checkpoint(path, header, state)
+                _save(checkpoint, header, state, force=state.position == len(order))
                 visited += len(sources)
                 n_kept = int((graph.valid & ~state.removed).sum()) - (n_edges - visited)
                 bar.update(len(sources))

@@ -25,45 +25,9 @@ import torch
 from torch import Tensor
 
 from ..errors import OptionError
-from ..nodes import NodeSites, collect, patch_each
+from ..nodes import NodeSites, ablated_values, patch_each
 from ..setup import Setup
 from . import register
-
-
-def ablated_values(setup: Setup, sites: NodeSites, names: list[str]) -> list[dict[str, Tensor]]:
-    """Per batch, each node's ablated value (broadcastable to the node's ``[b, p, width]``).
-
-    resample: the node's activation on the batch's corrupted prompts. mean: its mean over the
-    reference prompts (the batches' corrupted prompts unless `setup.mean_reference` is set), per
-    position when `setup.per_position`. zero: zeros.
-    """
-    if setup.ablation == "resample":
-        out = []
-        for batch in setup.batches:
-            out.append(collect(setup.model, batch.corrupt, names))
-            setup.node_passes.add_forward(batch.size)
-        return out
-    if setup.ablation == "zero":
-        dtype, device = setup.model.dtype, setup.model.device
-        zeros = {n: torch.zeros(1, 1, sites.width_of(n), dtype=dtype, device=device)
-                 for n in names}
-        return [zeros] * len(setup.batches)
-    reference = setup.mean_reference or [b.corrupt for b in setup.batches]
-    if setup.per_position and len({ids.shape[1] for ids in reference}) > 1:
-        raise OptionError("per-position mean ablation needs reference prompts of one length; "
-                          "use per_position=False or prompts of one token length")
-    totals: dict[str, Tensor] = {}
-    count = 0
-    for ids in reference:
-        acts = collect(setup.model, ids, names)  # name -> [b, p, width]
-        setup.node_passes.add_forward(ids.shape[0])
-        for name, act in acts.items():
-            dims = (0,) if setup.per_position else (0, 1)
-            s = act.sum(dims, keepdim=True)  # [1, p|1, width]
-            totals[name] = s if name not in totals else totals[name] + s
-        count += ids.shape[0] * (1 if setup.per_position else ids.shape[1])
-    means = {name: total / count for name, total in totals.items()}
-    return [means] * len(setup.batches)
 
 
 def _effects(

@@ -21,6 +21,10 @@ d m / d input_d`` with ``delta_s = ablated_s - clean_s``. Three paths are offere
 The path is sampled at the midpoints ``alpha = (k + 0.5) / steps`` (the reference samples the
 steps' end points, which differs by O(1 / steps)); all steps of a sweep run in one forward and one
 backward, as variants of the batch or as repeats of its prompts.
+
+Every variant adds up its scores batch by batch; with a `circuits.progress.Checkpoint` in
+``setup.checkpoint`` the sum so far is saved after each batch and a resumed run continues after
+the last saved batch (same scores, bit for bit).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from torch import Tensor
 from ..batch import Batch
 from ..errors import OptionError
 from ..graph import Graph
+from ..progress import resumable_items
 from ..setup import Setup
 from . import register
 
@@ -64,7 +69,8 @@ def eap_ig(setup: Setup, steps: int = 5) -> Tensor:
     w[:, 0, :] = alphas[:, None]
     w = w.to(setup.model.device)  # once, not on every batch
     total = torch.zeros(g.n_sources, g.n_destinations)
-    for batch, ablated, weight in setup.items():
+    for batch, ablated, weight in resumable_items(setup, "eap-ig", {"total": total},
+                                                  {"steps": steps}):
         delta = ablated - engine.trace(batch.clean, last_only=True).outs  # [n_src, b, p, d]
         # the metric is a mean over steps x prompts, so the summed gradient is already the
         # average over steps
@@ -92,7 +98,8 @@ def eap_ig_stages(setup: Setup, steps: int = 5) -> Tensor:
         w[:, :, only] = alphas[:, None, None]
         sweeps.append(((w * g.valid).to(setup.model.device), only, stage))
     total = torch.zeros(g.n_sources, g.n_destinations)
-    for batch, ablated, weight in setup.items():
+    for batch, ablated, weight in resumable_items(setup, "eap-ig-stages", {"total": total},
+                                                  {"steps": steps}):
         trace = engine.trace(batch.clean, last_only=True)
         delta = ablated - trace.outs  # [n_src, b, p, d]
         for w, only, stage in sweeps:
@@ -140,7 +147,8 @@ def eap_ig_activations(setup: Setup, steps: int = 5) -> Tensor:
         w[sources] = 1.0
         sweeps.append((w * g.valid).to(setup.model.device))
     total = torch.zeros(g.n_sources, g.n_destinations)
-    for batch, ablated, weight in setup.items():
+    for batch, ablated, weight in resumable_items(setup, "eap-ig-activations", {"total": total},
+                                                  {"steps": steps}):
         clean = engine.trace(batch.clean, last_only=True).outs  # [n_src, b, p, d]
         delta = ablated - clean
         a = alphas.to(device=delta.device, dtype=delta.dtype)[None, :, None, None, None]

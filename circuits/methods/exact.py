@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..progress import resumable_items
 from ..setup import Setup
 from . import register
 
@@ -21,10 +22,15 @@ from . import register
     passes="per batch: one partial forward per edge, batched per destination stage",
 )
 def exact(setup: Setup) -> Tensor:
-    """Score = sign * (m(clean) - m(edge ablated)), weighted over batches."""
+    """Score = sign * (m(clean) - m(edge ablated)), weighted over batches.
+
+    With a `circuits.progress.Checkpoint` in ``setup.checkpoint`` the weighted sum of the
+    batches done so far is saved after each batch, and a resumed run starts after the last
+    saved batch (same scores, bit for bit).
+    """
     engine = setup.engine
     total = torch.zeros(engine.graph.n_sources, engine.graph.n_destinations)
-    for batch, ablated, weight in setup.items():
+    for batch, ablated, weight in resumable_items(setup, "exact", {"total": total}, {}):
         b = batch.size
 
         def per_variant(logits: Tensor, batch=batch, b=b) -> Tensor:

@@ -14,10 +14,20 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..errors import OptionError
+from ..engine import Engine
+from ..errors import OptionError, UnsupportedModelError
 from ..graph import Graph
 from ..setup import Setup
 from . import register
+
+
+def _engine(setup: Setup) -> Engine:
+    """The setup's edge engine; path patching ablates edges, so it cannot do without one."""
+    try:
+        return setup.engine
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(f"path-patching ablates edges (senders into receivers) "
+                                    f"with the edge engine: {err}") from None
 
 
 def receiver_columns(graph: Graph, receivers: Sequence[str]) -> list[int]:
@@ -41,7 +51,7 @@ def receiver_columns(graph: Graph, receivers: Sequence[str]) -> list[int]:
 def path_effects(setup: Setup, senders: Sequence[Sequence[str]], receivers: Sequence[str],
                  chunk: int = 64) -> Tensor:
     """``sign * (m(clean) - m(patched))`` for each group of senders, ``[n_groups]``."""
-    engine = setup.engine
+    engine = _engine(setup)
     g = engine.graph
     device = setup.model.device
     cols = receiver_columns(g, receivers)
@@ -81,7 +91,7 @@ def path_patching(
     Returns node scores ``[n_sources]`` (0 for sources that were not senders) and, in extra,
     ``{"receivers": [...], "senders": [...]}``.
     """
-    g = setup.engine.graph
+    g = _engine(setup).graph
     cols = receiver_columns(g, receivers)
     if senders is None:
         upstream = g.valid[:, cols].any(1)

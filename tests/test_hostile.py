@@ -1,0 +1,450 @@
+"""Mistaken and hostile inputs, tried as a new user would: every one ends in exit status 2 and one
+line ``circuits: error: ...`` (no traceback), before anything is written to the output folder;
+through the Python API, in a `CircuitsError`.
+
+Each case builds its inputs in a fresh folder (bad task files, broken model folders, edited
+circuit files), runs the CLI in-process and checks the status, the single line, the words the
+line must contain, and that the output path is as it was: absent, or for an existing file,
+unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from circuits import cli
+from circuits.errors import CircuitsError
+from circuits.zoo import find
+
+IOI = "ioi-gpt2-4l"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One hostile input: `argv(files)` gives the command line (``{out}`` stands for the output
+    path), `words` must appear in the error line."""
+
+    name: str
+    argv: Callable[[Files], list[str]]
+    words: tuple[str, ...] = ()
+
+
+class Files:
+    """The inputs a case may point at, made in its own folder on demand."""
+
+    def __init__(self, root: Path, circuit: Path) -> None:
+        self.root = root
+        self.circuit = circuit
+
+    def path(self, name: str) -> str:
+        return str(self.root / name)
+
+    def text(self, name: str, text: str) -> str:
+        (self.root / name).write_text(text, encoding="utf-8")
+        return self.path(name)
+
+    def raw(self, name: str, data: bytes) -> str:
+        (self.root / name).write_bytes(data)
+        return self.path(name)
+
+    def task(self, *records: dict | str, name: str = "task.jsonl") -> str:
+        """A JSONL task: dicts as JSON lines, strings as they are, then three good lines (so
+        only the bad line is wrong)."""
+        lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+        lines += [json.dumps(GOOD)] * 3
+        return self.text(name, "\n".join(lines) + "\n")
+
+    def good(self, **change: object) -> dict:
+        """A valid example for the IOI model's vocabulary, with `change` applied."""
+        record = dict(GOOD)
+        record.update(change)
+        return record
+
+    def model(self, name: str = "model") -> Path:
+        """A copy of the IOI reference model's folder, to break."""
+        folder = self.root / name
+        shutil.copytree(find(IOI), folder)
+        return folder
+
+    def edited_circuit(self, edit: Callable[[dict], None]) -> str:
+        doc = json.loads(self.circuit.read_text("utf-8"))
+        edit(doc)
+        # bare NaN on purpose: a hand-edited or foreign file may hold it
+        return self.text("edited.json", json.dumps(doc))
+
+    @property
+    def marker(self) -> Path:
+        return self.root / "MARKER"
+
+    def payload(self) -> bytes:
+        """A pickle that creates the marker file when unpickled."""
+        return pickle.dumps(_Payload(str(self.marker)))
+
+
+class _Payload:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):  # noqa: D105
+        return (os.system, (f"touch {self.path}",))
+
+
+GOOD = {"clean": "When Mary and John went to the store, John gave a drink to",
+        "corrupt": "When Mary and John went to the store, Mary gave a drink to",
+        "answers": [" Mary"], "wrong": [" John"]}
+
+
+def discover(task: str, *flags: str) -> Callable[[Files], list[str]]:
+    return lambda f: ["discover", task, "--out", "{out}", *flags]
+
+
+def discover_file(make: Callable[[Files], str], *flags: str) -> Callable[[Files], list[str]]:
+    return lambda f: ["discover", make(f), "--model", IOI, "--out", "{out}", *flags]
+
+
+def discover_model(make: Callable[[Files], object]) -> Callable[[Files], list[str]]:
+    return lambda f: ["discover", "ioi", "--model", str(make(f)), "--n", "8", "--out", "{out}"]
+
+
+def on_circuit(command: str, edit: Callable[[dict], None] | None, *flags: str
+               ) -> Callable[[Files], list[str]]:
+    def argv(f: Files) -> list[str]:
+        path = str(f.circuit) if edit is None else f.edited_circuit(edit)
+        out = {"evaluate": [], "render": ["-o", "{out}.svg"], "export": ["-o", "{out}.json"]}
+        return [command, path, *out[command], *flags]
+    return argv
+
+
+def set_graph(**values: object) -> Callable[[dict], None]:
+    return lambda doc: doc["graph"].update(values)
+
+
+def first_edge_score(value: object) -> Callable[[dict], None]:
+    def edit(doc: dict) -> None:
+        doc["edges"][next(iter(doc["edges"]))]["score"] = value
+    return edit
+
+
+def long_prompt(f: Files) -> str:
+    words = " ".join(["Mary and John went to the store"] * 20)
+    return f.task(f.good(clean=f"{words}, John gave a drink to",
+                         corrupt=f"{words}, Mary gave a drink to"))
+
+
+def shape_mismatch(f: Files) -> Path:
+    folder = f.model()
+    config = json.loads((folder / "config.json").read_text())
+    config["n_embd"] = 64
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def more_layers(f: Files) -> Path:
+    folder = f.model()
+    config = json.loads((folder / "config.json").read_text())
+    config["n_layer"] = config["n_layer"] + 2
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def truncated_weights(f: Files) -> Path:
+    folder = f.model()
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return folder
+
+
+def garbage_weights(f: Files) -> Path:
+    folder = f.model()
+    (folder / "model.safetensors").write_bytes(os.urandom(4096))
+    return folder
+
+
+def pickle_weights(f: Files) -> Path:
+    folder = f.model()
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(f.payload())
+    return folder
+
+
+def config_not_json(f: Files) -> Path:
+    folder = f.model()
+    (folder / "config.json").write_text("{ this is not json")
+    return folder
+
+
+def no_config(f: Files) -> Path:
+    folder = f.model()
+    (folder / "config.json").unlink()
+    return folder
+
+
+CASES = [
+    # -- task files ------------------------------------------------------------------------
+    Case("answers-a-number", discover_file(lambda f: f.task(f.good(answers=5))), ("answers",)),
+    Case("wrong-a-number", discover_file(lambda f: f.task(f.good(wrong=5))), ("wrong",)),
+    Case("answers-empty", discover_file(lambda f: f.task(f.good(answers=[]))), ("answer",)),
+    Case("answers-list-of-numbers", discover_file(lambda f: f.task(f.good(answers=[1, 2]))),
+         ("answers",)),
+    Case("clean-a-number", discover_file(lambda f: f.task(f.good(clean=7))), ("clean",)),
+    Case("clean-empty", discover_file(lambda f: f.task(f.good(clean=""))), ("clean",)),
+    Case("latin-1-file", discover_file(lambda f: f.raw(
+        "latin.jsonl", json.dumps(f.good(clean="Caf\u00e9 Mary and John")).encode("latin-1")
+        .replace(b"\\u00e9", "\u00e9".encode("latin-1")))), ("UTF-8",)),
+    Case("binary-file", discover_file(lambda f: f.raw("binary.jsonl", bytes(range(256)) * 8)),
+         ()),
+    Case("empty-file", discover_file(lambda f: f.text("empty.jsonl", "")), ("empty",)),
+    Case("blank-lines-only", discover_file(lambda f: f.text("blank.jsonl", "\n\n  \n")),
+         ("empty",)),
+    Case("invalid-json-line", discover_file(lambda f: f.task(f.good(), "{not json")),
+         ("line 2",)),
+    Case("bad-line-after-good-ones", discover_file(lambda f: f.text("late.jsonl", "\n".join(
+        [json.dumps(GOOD)] * 5 + [json.dumps(f.good(answers=" Mary", wrong=" Mary"))]))),
+         ("line 6",)),
+    Case("json-array-line", discover_file(lambda f: f.task("[1, 2, 3]")), ("line 1",)),
+    Case("missing-key", discover_file(lambda f: f.task({"clean": "a", "answers": [" b"]})),
+         ("corrupt",)),
+    Case("meta-not-object", discover_file(lambda f: f.task(f.good(meta=[1]))), ("meta",)),
+    Case("answer-equals-wrong", discover_file(lambda f: f.task(f.good(wrong=[" Mary"]))),
+         ("line 1",)),
+    Case("clean-equals-corrupt", discover_file(lambda f: f.task(
+        f.good(corrupt=GOOD["clean"]))), ("line 1",)),
+    Case("answer-is-unknown-token", discover_file(lambda f: f.task(
+        f.good(answers=[" Zyxwvut"]))), ("unknown",)),
+    Case("prompt-longer-than-context", discover_file(long_prompt), ("64",)),
+    Case("task-file-missing", discover_file(lambda f: f.path("absent.jsonl")), ("absent",)),
+    Case("task-file-is-a-folder", discover_file(
+        lambda f: (f.root / "folder.jsonl").mkdir() or f.path("folder.jsonl")), ()),
+    Case("task-file-is-a-pickle", discover_file(lambda f: f.raw("p.jsonl", f.payload())), ()),
+    Case("unknown-task-name", discover("no-such-task"), ("no-such-task",)),
+    # -- models ------------------------------------------------------------------------------
+    Case("model-missing", discover_model(lambda f: f.root / "no-model"), ("no-model",)),
+    Case("model-is-a-file", discover_model(lambda f: f.text("model.txt", "x")), ("model.txt",)),
+    Case("model-without-config", discover_model(no_config), ("config.json",)),
+    Case("model-config-not-json", discover_model(config_not_json), ("config.json",)),
+    Case("model-shape-mismatch", discover_model(shape_mismatch), ("match",)),
+    Case("model-truncated-weights", discover_model(truncated_weights), ("safetensors",)),
+    Case("model-garbage-weights", discover_model(garbage_weights), ("safetensors",)),
+    Case("model-config-more-layers", discover_model(more_layers), ("missing",)),
+    Case("model-pickle-bin", discover_model(pickle_weights), ("safetensors",)),
+    # -- options -----------------------------------------------------------------------------
+    Case("threshold-inf", discover("ioi", "--method", "acdc", "--threshold", "inf"),
+         ("threshold",)),
+    Case("threshold-nan", discover("ioi", "--method", "acdc", "--threshold", "nan"),
+         ("threshold",)),
+    Case("threshold-negative", discover("ioi", "--method", "acdc", "--threshold", "-1"),
+         ("threshold",)),
+    Case("select-threshold-nan", discover("ioi", "--select", "threshold:nan"), ("nan",)),
+    Case("select-threshold-inf", discover("ioi", "--select", "threshold:inf"), ("inf",)),
+    Case("select-topk-fraction", discover("ioi", "--select", "topk:2.5"), ("2.5",)),
+    Case("select-topk-negative", discover("ioi", "--select", "topk:-1"), ("-1",)),
+    Case("select-faithfulness-above-1", discover("ioi", "--select", "faithfulness:1.5"),
+         ("faithfulness",)),
+    Case("select-unknown-rule", discover("ioi", "--select", "best:3"), ("best:3",)),
+    Case("n-huge", discover("ioi", "--n", "10000000"), ("--n",)),
+    Case("n-zero", discover("ioi", "--n", "0"), ("--n",)),
+    Case("steps-huge", discover("ioi", "--steps", "100000000"), ("steps",)),
+    Case("steps-zero", discover("ioi", "--steps", "0"), ("steps",)),
+    Case("seed-too-large", discover("ioi", "--seed", str(2**40)), ("--seed",)),
+    Case("seed-negative", discover("ioi", "--seed", "-1"), ("--seed",)),
+    Case("heldout-above-1", discover("ioi", "--heldout", "1.5"), ("--heldout",)),
+    Case("batch-size-zero", discover("ioi", "--batch-size", "0"), ("--batch-size",)),
+    Case("unknown-method", discover("ioi", "--method", "magic"), ("magic",)),
+    Case("unknown-metric", discover("ioi", "--metric", "accuracy"), ("accuracy",)),
+    Case("gradient-method-with-kl", discover("ioi", "--method", "eap", "--metric", "kl"),
+         ("kl",)),
+    Case("option-the-method-lacks", discover("ioi", "--method", "acdc", "--steps", "3"),
+         ("--steps",)),
+    Case("unknown-device", discover("ioi", "--device", "tpu"), ("tpu",)),
+    Case("unknown-dtype", discover("ioi", "--dtype", "int3"), ("int3",)),
+    # -- the output folder, checked before any work ------------------------------------------
+    Case("out-is-a-file", lambda f: ["discover", "ioi", "--out", f.text("taken", "mine")],
+         ("taken",)),
+    Case("out-under-a-file", lambda f: ["discover", "ioi", "--out",
+                                        f.text("plain", "mine") + "/sub"], ("plain",)),
+    Case("out-in-proc", lambda f: ["discover", "ioi", "--out", "/proc/circuits-out"],
+         ("/proc",)),
+    Case("out-in-sys", lambda f: ["discover", "ioi", "--out", "/sys/circuits-out"], ("/sys",)),
+    # -- evaluate ----------------------------------------------------------------------------
+    Case("evaluate-on-another-model", on_circuit("evaluate", None, "--model", "factual-gpt2-4l",
+                                                 "--n", "8"), ("--any-model",)),
+    Case("evaluate-nan-score", on_circuit("evaluate", first_edge_score(float("nan"))),
+         ("score",)),
+    Case("evaluate-inf-score", on_circuit("evaluate", first_edge_score(float("inf"))),
+         ("score",)),
+    Case("evaluate-string-score", on_circuit("evaluate", first_edge_score("big")), ("score",)),
+    Case("evaluate-1000-layers", on_circuit("evaluate", set_graph(n_layers=1000)), ("graph",)),
+    Case("evaluate-billion-heads", on_circuit("evaluate", set_graph(n_heads=10**9)),
+         ("graph",)),
+    Case("evaluate-negative-layers", on_circuit("evaluate", set_graph(n_layers=-3)),
+         ("graph",)),
+    Case("evaluate-bool-layers", on_circuit("evaluate", set_graph(n_layers=True)), ("graph",)),
+    Case("evaluate-seed-negative", on_circuit("evaluate", None, "--seed", "-5"), ("--seed",)),
+    Case("evaluate-truncated-file", lambda f: ["evaluate", f.text(
+        "cut.json", f.circuit.read_text()[:500])], ("JSON",)),
+    Case("evaluate-missing-file", lambda f: ["evaluate", f.path("gone.json")], ("gone.json",)),
+    Case("evaluate-not-utf8", lambda f: ["evaluate", f.raw("bin.json", b"\xff\xfe\x00")], ()),
+    Case("evaluate-a-pickle", lambda f: ["evaluate", f.raw("p.json", f.payload())], ()),
+    # -- render and export -------------------------------------------------------------------
+    Case("render-nan-score", on_circuit("render", first_edge_score(float("nan"))), ("score",)),
+    Case("render-bad-suffix", lambda f: ["render", str(f.circuit), "-o", f.path("x.jpeg")],
+         ("x.jpeg",)),
+    Case("render-into-a-folder", lambda f: ["render", str(f.circuit), "-o",
+                                            str(f.root)], ()),
+    Case("render-under-a-file", lambda f: ["render", str(f.circuit), "-o",
+                                           f.text("file", "x") + "/c.svg"], ("file",)),
+    Case("render-in-proc", lambda f: ["render", str(f.circuit), "-o", "/proc/c.svg"],
+         ("/proc",)),
+    Case("export-negative-d-model", on_circuit("export", None, "--format", "mib",
+                                               "--d-model", "-5"), ("--d-model",)),
+    Case("export-nan-score", on_circuit("export", first_edge_score(float("nan")),
+                                        "--format", "json"), ("score",)),
+    Case("export-in-proc", lambda f: ["export", str(f.circuit), "--format", "json", "-o",
+                                      "/proc/c.json"], ("/proc",)),
+    Case("export-unknown-format", lambda f: ["export", str(f.circuit), "-o",
+                                             f.path("c.xlsx")], ("--format",)),
+]
+
+
+@pytest.fixture(scope="module")
+def saved_circuit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small IOI circuit discovered on the reference model."""
+    out = tmp_path_factory.mktemp("hostile") / "ioi"
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = cli.main(["discover", "ioi", "--n", "16", "--method", "eap", "--select",
+                         "topk:20", "--out", str(out)])
+    assert code == 0
+    return out / "circuit.json"
+
+
+def test_there_are_at_least_60_cases():
+    assert len({c.name for c in CASES}) == len(CASES) >= 60
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_hostile_input_exits_2_with_one_line(case, saved_circuit, tmp_path, capsys):
+    files = Files(tmp_path, saved_circuit)
+    out = tmp_path / "out"
+    argv = [a.replace("{out}", str(out)) for a in case.argv(files)]
+    target = Path(argv[argv.index("--out") + 1] if "--out" in argv else
+                  argv[argv.index("-o") + 1] if "-o" in argv else out)
+    before = target.read_bytes() if target.is_file() else None
+    code = cli.main(argv)
+    stdout, stderr = capsys.readouterr()
+    lines = stderr.strip().splitlines()
+    assert code == 2, (argv, stderr)
+    assert len(lines) == 1 and lines[0].startswith("circuits: error: "), stderr
+    assert "Traceback" not in stderr and stdout == ""
+    for word in case.words:
+        assert word in lines[0], (word, lines[0])
+    # nothing written where the output would go
+    if before is not None:
+        assert target.read_bytes() == before
+    elif target != tmp_path:
+        assert not target.exists() or (target.is_dir() and not any(target.iterdir()))
+    assert not files.marker.exists()  # no pickle payload ran
+
+
+# -- the same mistakes through the API end in a CircuitsError ----------------------------------
+@pytest.fixture(scope="module")
+def ioi_setup():
+    from circuits.api import make_setup
+    from circuits.model import load_model
+    from circuits.task import get_task
+
+    model = load_model(IOI)
+    return make_setup(model, get_task("ioi", model.tokenizer, n=8))
+
+
+@pytest.fixture(scope="module")
+def ioi_scores(ioi_setup):
+    from circuits.methods import run_method
+
+    return run_method("eap", ioi_setup)
+
+
+def _api_cases():
+    from circuits import api, circuit, model, task
+    from circuits.methods import run_method
+
+    def split(fraction):
+        return lambda s, sc: task.get_task("ioi", n=8).split(fraction)
+
+    return {
+        "load_model-None": lambda s, sc: model.load_model(None),
+        "load_model-number": lambda s, sc: model.load_model(123),
+        "load_model-empty": lambda s, sc: model.load_model(""),
+        "get_task-n-string": lambda s, sc: task.get_task("ioi", n="5"),
+        "get_task-n-fraction": lambda s, sc: task.get_task("ioi", n=2.5),
+        "get_task-seed-string": lambda s, sc: task.get_task("ioi", n=4, seed="x"),
+        "split-1.5": split(1.5),
+        "split-0": split(0),
+        "split-negative": split(-1),
+        "select-threshold-string": lambda s, sc: circuit.select(sc, threshold="x"),
+        "select-threshold-nan": lambda s, sc: circuit.select(sc, threshold=float("nan")),
+        "select-no-scores": lambda s, sc: circuit.select(None, top_k=3),
+        "select-topk-fraction": lambda s, sc: circuit.select(sc, top_k=2.5),
+        "select-topk-bool": lambda s, sc: circuit.select(sc, top_k=True),
+        "select-two-rules": lambda s, sc: circuit.select(sc, top_k=3, threshold=0.1),
+        "run_method-unknown-option": lambda s, sc: run_method("eap", s, bogus=1),
+        "run_method-steps-huge": lambda s, sc: run_method("eap-ig", s, steps=10**8),
+        "run_method-not-a-setup": lambda s, sc: run_method("eap", "setup"),
+        "discover-heldout-1.5": lambda s, sc: api.discover("ioi", IOI, "eap", heldout=1.5),
+        "discover-model-first": lambda s, sc: api.discover(s.model, "ioi"),
+        "from_jsonl-missing": lambda s, sc: task.Task.from_jsonl("/nonexistent/x.jsonl"),
+        "parse_selection-nan": lambda s, sc: api.parse_selection("threshold:nan"),
+        "parse_selection-number": lambda s, sc: api.parse_selection(3),
+    }
+
+
+API_CASES = sorted(_api_cases())
+
+
+@pytest.mark.parametrize("name", API_CASES)
+def test_api_mistakes_raise_a_circuits_error(name, ioi_setup, ioi_scores):
+    with pytest.raises(CircuitsError) as caught:
+        _api_cases()[name](ioi_setup, ioi_scores)
+    text = str(caught.value)
+    assert text and "\n" not in text
+
+
+def test_pickle_payload_in_a_weights_file_never_runs(tmp_path):
+    from circuits.errors import ModelLoadError
+    from circuits.model import load_model
+
+    files = Files(tmp_path, tmp_path / "unused.json")
+    folder = pickle_weights(files)
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_model(str(folder))
+    assert not files.marker.exists()
+    # the payload is live: unpickling it really would have created the marker
+    pickle.loads(files.payload())
+    assert files.marker.exists()
+
+
+def test_strict_json_even_when_faithfulness_is_undefined(tmp_path):
+    """A circuit whose metrics are NaN (0/0 faithfulness) is still written as strict JSON."""
+    from circuits.circuit import Circuit
+    from circuits.graph import Graph
+
+    g = Graph(1, 1)
+    circuit = Circuit(g, g.valid.clone(), torch.zeros(g.n_sources, g.n_destinations),
+                      metrics={"faithfulness": float("nan"), "x": float("inf")})
+    path = circuit.save(tmp_path / "c.json")
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"non-standard JSON constant {token}")
+
+    doc = json.loads(path.read_text(), parse_constant=refuse)
+    assert doc["metrics"]["faithfulness"] is None and doc["metrics"]["x"] is None
