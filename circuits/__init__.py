@@ -29,9 +29,6 @@ from .evaluate import (
     evaluate,
     faithfulness_curve,
     fine_fractions,
-    pr_curve,
-    precision_recall,
-    roc_auc,
     smallest_faithful,
 )
 from .graph import Edge, Graph, Node
@@ -39,6 +36,7 @@ from .io import export, load_circuit, save_circuit
 from .methods import available as available_methods
 from .metrics import Metric, get_metric
 from .model import Model, load_model
+from .recovery import pr_curve, precision_recall, roc_auc
 from .scores import Scores
 from .setup import Setup
 from .task import Example, Task, get_task, list_tasks

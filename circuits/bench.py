@@ -72,11 +72,12 @@ from typing import Any
 import torch
 
 from .errors import CircuitsError, OptionError
-from .evaluate import MIB_FRACTIONS, faithfulness_curve, metric_of_masks, roc_auc, smallest_faithful
+from .evaluate import MIB_FRACTIONS, faithfulness_curve, metric_of_masks, smallest_faithful
 from .io import write_atomic
 from .methods import available, run_method
 from .model import Model, dtype_name, load_model, resolve_device, resolve_dtype
 from .progress import check_interrupt, interrupted, sigint_handler
+from .recovery import roc_auc
 from .setup import Setup
 from .task import Task, get_task, list_tasks
 
