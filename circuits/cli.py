@@ -1,14 +1,15 @@
 """The ``circuits`` command line: discover, evaluate, render and export circuits; list what exists.
 
 Every command is a thin layer over the Python API (`circuits.api.discover`, `circuits.evaluate`,
-`Circuit.render`, `circuits.io.export`). Heavy modules (torch, transformers) are imported inside
-the command functions, so ``circuits --help`` stays quick.
+`Circuit.render`, `circuits.io.export`); each imports what it needs inside the command function.
+The program's entry point is `circuits_entry`, which runs before the package is imported.
 
 Exit status: 0 on success; 2 when an input is wrong (unknown task, method or model, a bad option
 value, an unreadable or malformed file: any `CircuitsError`), with one line ``circuits: error:
-...`` on stderr; 1 when something unexpected fails once the work has started (outputs finished
-before it stay in place; each is written atomically); 130 on Ctrl-C. ``--debug`` also prints the
-traceback.
+...`` on stderr, before any work and before anything is written (the output path is checked
+first); 1 when something unexpected fails once the work has started (the previous outputs stay
+as they were: `discover` stages its files and moves them into place together); 130 on Ctrl-C,
+at any moment, with one line. ``--debug`` also prints the traceback.
 """
 
 from __future__ import annotations
