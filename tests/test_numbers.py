@@ -13,10 +13,10 @@ from circuits import cli
 from circuits.batch import Batch
 from circuits.circuit import circuit_from_edges
 from circuits.errors import CircuitsError, OptionError
-from circuits.recovery import precision_recall
 from circuits.graph import Graph, parse_edge
 from circuits.methods import available, run_method
 from circuits.metrics import METRICS
+from circuits.recovery import precision_recall
 from circuits.setup import Setup
 from circuits.testing import make_batch, tiny_gpt2
 

@@ -8,10 +8,10 @@ import torch
 
 from circuits.api import discover, make_setup
 from circuits.errors import OptionError
-from circuits.recovery import roc_auc
 from circuits.methods import run_method
 from circuits.model import load_model
 from circuits.planted import BALLAST, NAMES, planted_model, true_edges
+from circuits.recovery import roc_auc
 from circuits.task import get_task, list_tasks
 
 
