@@ -49,6 +49,7 @@ VERSION = 1
 RUN_FILE = "run.json"
 SUFFIX = ".safetensors"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+RESTART = "drop --resume (or resume=False) to start over"  # how to get past others' progress
 
 _interrupted = False  # a SIGINT arrived since the outermost sigint_handler() was entered
 _depth = 0  # how many sigint_handler() blocks are open (in the main thread)
@@ -306,6 +307,27 @@ class Checkpoint:
             return None
         return tensors, state
 
+    def load_for(self, name: str, header: dict[str, Any], what: str | None = None
+                 ) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+        """`load`, for progress whose state holds the `header` it was saved with (the settings
+        it depends on beyond the run description).
+
+        Returns None without progress; raises OptionError, naming the header fields that
+        differ, for progress saved with another header. `what` names the progress in the
+        message (`name` by default).
+        """
+        saved = self.load(name)
+        if saved is None:
+            return None
+        header, old = _canonical(header), saved[1].get("header")
+        if old != header:
+            differ = sorted(k for k in header
+                            if not isinstance(old, dict) or old.get(k) != header[k])
+            raise OptionError(f"the {what or name} progress in {self.folder} was saved by a "
+                              f"different run (differs in {', '.join(differ) or 'its header'})"
+                              f"; {RESTART}")
+        return saved
+
     def save(self, name: str, tensors: dict[str, Tensor], state: dict[str, Any],
              force: bool = False) -> None:
         """A safe point: stop if Ctrl-C was pressed, else keep this progress (throttled).
@@ -494,7 +516,7 @@ def resumable_items(setup: Setup, name: str, sums: dict[str, Tensor],
     n = len(setup.batches)
     header = {"version": VERSION, "options": options,
               "batch_sizes": [b.size for b in setup.batches]}
-    done = _resume_sums(checkpoint, name, sums, json.loads(json.dumps(header)))
+    done = _resume_sums(checkpoint, name, sums, header)
     if done >= n:
         return
     for i, item in enumerate(setup.items()):
@@ -508,20 +530,14 @@ def _resume_sums(checkpoint: Checkpoint, name: str, sums: dict[str, Tensor],
                  header: dict[str, Any]) -> int:
     """How many batches the saved progress covers (0 without any), its sums copied into
     `sums`."""
-    saved = checkpoint.load(name)
+    saved = checkpoint.load_for(name, header)
     if saved is None:
         return 0
     tensors, state = saved
-    how = "drop --resume (or resume=False) to start over"
-    old = state.get("header")
-    if old != header:
-        differ = sorted(k for k in header if not isinstance(old, dict) or old.get(k) != header[k])
-        raise OptionError(f"the {name} progress in {checkpoint.folder} was saved by a different "
-                          f"run (differs in {', '.join(differ) or 'its header'}); {how}")
     for key, total in sums.items():
         value = tensors.get(key)
         if value is None or value.shape != total.shape or value.dtype != total.dtype:
             raise OptionError(f"the {name} progress in {checkpoint.folder} does not fit this "
-                              f"run ({key!r} has another shape); {how}")
+                              f"run ({key!r} has another shape); {RESTART}")
         total.copy_(value)
     return int(state["done"])

@@ -54,7 +54,7 @@ from torch import Tensor
 from ..engine import Trace
 from ..errors import CircuitsError, OptionError
 from ..graph import Graph
-from ..progress import Checkpoint
+from ..progress import RESTART, Checkpoint
 from ..setup import Setup
 from ..store import Store
 from . import register
@@ -195,23 +195,17 @@ def _save(checkpoint: Checkpoint | None, header: dict[str, Any], state: _State,
 def _resume(checkpoint: Checkpoint | None, header: dict[str, Any], graph: Graph) -> _State | None:
     """The saved state if the checkpoint holds one of this very run, else None (an OptionError
     when it was saved with other ACDC settings or on another setup)."""
-    saved = None if checkpoint is None else checkpoint.load(PROGRESS)
+    saved = None if checkpoint is None else checkpoint.load_for(PROGRESS, header, "ACDC")
     if saved is None:
         return None
     tensors, state = saved
-    how = "drop --resume (or resume=False) to start over"
-    old = state.get("header", {})
-    differ = [k for k, v in header.items() if old.get(k) != v]
-    if differ:
-        raise OptionError(f"the ACDC progress in {checkpoint.folder} was saved by a different "
-                          f"run (differs in {', '.join(differ)}); {how}")
     removed, scores = tensors.get("removed"), tensors.get("scores")
     shape = (graph.n_sources, graph.n_destinations)
     if (removed is None or scores is None or tuple(removed.shape) != shape
             or tuple(scores.shape) != shape or removed.dtype != torch.bool
             or bool((removed & ~graph.valid).any())):
         raise OptionError(f"the ACDC progress in {checkpoint.folder} does not fit this graph; "
-                          f"{how}")
+                          f"{RESTART}")
     return _State(removed, scores, float(state["loss"]), int(state["position"]),
                   list(state["visits"]))
 
