@@ -145,7 +145,7 @@ def check_device_and_dtype(args: argparse.Namespace) -> None:
     resolve_dtype(args.dtype)
 
 
-def load_task_and_model(task: str, model: str | None, n: int | None, seed: int,
+def load_task_and_model(task: str, model: Any, n: int | None, seed: int,
                         args: argparse.Namespace) -> tuple[Any, Any]:
     """The Task (built-in name or JSONL file) and the Model (name, folder, hub name or None for
     the task's reference model) loaded on ``--device`` in ``--dtype``."""
@@ -321,7 +321,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .io import load_circuit
     from .metrics import get_metric
     from .model import dtype_name, load_model
-    from .report import text_table
+    from .report import interval, text_table
 
     circuit = load_circuit(args.circuit)
     task_file = circuit.options.get("task_file")
@@ -372,7 +372,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ("ablation / metric", f"{setup.ablation} / {setup.metric.name}"),
         ("edges", f"{result.n_edges} / {g.n_edges} ({result.n_edges / g.n_edges:.1%})"),
         ("nodes", result.n_nodes),
-        ("faithfulness", f"{result.faithfulness:.3f} (95% CI {_interval(result)})"),
+        ("faithfulness", f"{result.faithfulness:.3f} ({interval(result.as_dict())})"),
         ("metric: circuit", f"{result.metric_circuit:.4f}"),
         ("metric: model", f"{result.metric_model:.4f}"),
         ("metric: empty", f"{result.metric_empty:.4f}"),
@@ -411,12 +411,6 @@ def check_model(circuit: Any, model: Any, args: argparse.Namespace) -> None:
         _fail(f"{args.circuit} was discovered on {circuit.model or 'another model'!r} (weights "
               f"{saved}), but {model.name!r} has other weights ({model.fingerprint}); pass the "
               "circuit's model with --model, or --any-model to evaluate it anyway")
-
-
-def _interval(result: Any) -> str:
-    """A faithfulness confidence interval as text."""
-    low, high = result.faithfulness_ci
-    return f"{low:.3f} to {high:.3f}"
 
 
 def cmd_render(args: argparse.Namespace) -> int:
