@@ -40,7 +40,7 @@ from torch import Tensor
 from .circuit import Circuit, n_items, prune, ranks, top_mask
 from .engine import Engine
 from .errors import OptionError, UnsupportedModelError
-from .nodes import metric_of_nodes, node_sets
+from .nodes import NODE_ROWS, metric_of_nodes, node_sets
 from .scores import Scores
 from .setup import Setup
 
@@ -54,9 +54,6 @@ def fine_fractions(points: int = 31) -> tuple[float, ...]:
 
 
 # -- evaluating masks ---------------------------------------------------------------------------
-NODE_ROWS = 512  # rows per forward of node patching (the engine's default budget)
-
-
 def default_chunk(setup: Setup) -> int:
     """How many circuits to run side by side: the row budget over the largest batch (the
     engine's, or `NODE_ROWS` for a model that has no edge adapter)."""

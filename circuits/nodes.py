@@ -231,6 +231,7 @@ class NodeSites:
 
 # -- discovery helpers ------------------------------------------------------------------------
 _PARALLEL_FLAGS = ("use_parallel_residual", "parallel_attn")
+NODE_ROWS = 512  # rows per forward of node-patched circuits (the edge engine's default budget)
 
 
 def is_parallel(cfg: Any, layer: nn.Module) -> bool:
@@ -621,7 +622,8 @@ def metric_of_nodes(
     keep : Tensor
         ``[C, n_src]`` bool over the graph's sources (``input``, heads, MLPs), True = kept.
     chunk : int, optional
-        Most node sets run side by side in one forward (default: as many as fill 512 rows).
+        Most node sets run side by side in one forward (default: as many as fill `NODE_ROWS`
+        rows).
     per_prompt : bool
         Return every prompt's value instead of the mean.
 
@@ -649,7 +651,7 @@ def metric_of_nodes(
         raise OptionError(f"node sets must have shape [C, {g.n_sources}] (one flag per source), "
                           f"got {list(keep.shape)}")
     C = len(keep)
-    chunk = chunk or max(1, 512 // max(b.size for b in setup.batches))
+    chunk = chunk or max(1, NODE_ROWS // max(b.size for b in setup.batches))
     names = list(g.sources)
     ablated = ablated_values(setup, NodeSites.of(setup.model), names)
     out = []
