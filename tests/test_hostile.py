@@ -142,20 +142,19 @@ def long_prompt(f: Files) -> str:
                          corrupt=f"{words}, Mary gave a drink to"))
 
 
-def shape_mismatch(f: Files) -> Path:
-    folder = f.model()
-    config = json.loads((folder / "config.json").read_text())
-    config["n_embd"] = 64
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+def with_config(**change: int) -> Callable[[Files], Path]:
+    """A copy of the IOI model whose config.json says other sizes than its weights hold."""
+    def make(f: Files) -> Path:
+        folder = f.model()
+        config = json.loads((folder / "config.json").read_text())
+        config.update(change)
+        (folder / "config.json").write_text(json.dumps(config))
+        return folder
+    return make
 
 
-def more_layers(f: Files) -> Path:
-    folder = f.model()
-    config = json.loads((folder / "config.json").read_text())
-    config["n_layer"] = config["n_layer"] + 2
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+shape_mismatch = with_config(n_embd=64)  # the weights are 128 wide
+more_layers = with_config(n_layer=6)  # the weights hold 4 layers
 
 
 def truncated_weights(f: Files) -> Path:

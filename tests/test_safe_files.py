@@ -120,22 +120,16 @@ def test_a_hub_model_with_only_pickled_weights_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("protocol", [0, 4])
-def test_a_pickle_as_task_file_is_a_task_error(tmp_path, protocol):
+@pytest.mark.parametrize("name, load, error", [
+    ("task.jsonl", Task.from_jsonl, TaskError),
+    ("circuit.json", circuits.load_circuit, CircuitFileError),
+])
+def test_a_pickle_as_task_or_circuit_file_is_refused(tmp_path, protocol, name, load, error):
     marker = tmp_path / "marker"
-    path = tmp_path / "task.jsonl"
+    path = tmp_path / name
     path.write_bytes(pickle.dumps(Payload(marker), protocol=protocol))
-    with pytest.raises(TaskError, match="task.jsonl"):
-        Task.from_jsonl(path)
-    assert not marker.exists()
-
-
-@pytest.mark.parametrize("protocol", [0, 4])
-def test_a_pickle_as_circuit_file_is_a_circuit_file_error(tmp_path, protocol):
-    marker = tmp_path / "marker"
-    path = tmp_path / "circuit.json"
-    path.write_bytes(pickle.dumps(Payload(marker), protocol=protocol))
-    with pytest.raises(CircuitFileError, match="circuit.json"):
-        circuits.load_circuit(path)
+    with pytest.raises(error, match=name):
+        load(path)
     assert not marker.exists()
 
 
