@@ -190,10 +190,11 @@ class Engine:
         def sink(dsts: Tensor, n_up: int, grad: Tensor) -> None:
             # past the last attention only the last position is computed (and matters)
             d = ref["delta"][:n_up, :, -grad.shape[2]:].to(grad.dtype)
-            # variants and repeats of the prompts share delta: [nD, b, p, d]
-            grad = grad.unflatten(1, (-1, d.shape[1])).sum(1)
-            scores[:n_up, dsts.to(scores.device)] += torch.einsum("sbpd,Dbpd->sD", d,
-                                                                  grad).float()
+            if grad.shape[1] != d.shape[1]:  # variants and repeats of the prompts share delta
+                grad = grad.unflatten(1, (-1, d.shape[1])).sum(1)
+            # one matrix product over (b, p, d): an einsum would copy both operands permuted
+            scores[:n_up, dsts.to(scores.device)] += (
+                d.reshape(n_up, -1) @ grad.reshape(len(dsts), -1).T).float()
 
         def objective(logits: Tensor, run: Trace | None) -> Tensor:
             if run is not None:  # EAP: the deltas come from this very (clean) run

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -74,19 +75,36 @@ class ReaderPlan:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """A run resolved before it starts (see the module docstring)."""
+    """A run resolved before it starts (see the module docstring).
+
+    fold : ``[C, n_src]`` or None. A source whose weight is the same into every one of its
+    destinations is not patched edge by edge: its output itself is moved ``fold[c, s]`` of the
+    way to its ablated value (0 = not folded), and every destination reads it through the shared
+    residual. Replacing the input embedding by an interpolation (EAP-IG) or a whole layer's
+    outputs by fixed values, or removing a node from a circuit, then costs what the plain run
+    costs.
+    """
 
     variants: int
     start: int
     readers: dict[int, ReaderPlan]  # by first destination, for readers with own inputs
-    patched: bool
+    fold: Tensor | None
     keep: bool
     last_only: bool
 
     @property
+    def patched(self) -> bool:
+        """Some destination mixes ablated values into its input."""
+        return any(rp.weights is not None for rp in self.readers.values())
+
+    @property
+    def needs_ablated(self) -> bool:
+        return self.patched or self.fold is not None
+
+    @property
     def split_heads(self) -> bool:
-        """Heads are computed one by one when their outputs are recorded or patched."""
-        return self.keep or self.patched
+        """Heads are computed one by one when their outputs are recorded, patched or folded."""
+        return self.keep or self.needs_ablated
 
     @property
     def truncate(self) -> bool:
@@ -119,6 +137,9 @@ def make_plan(
         Record a Trace; unembed only the last position.
     """
     C = 1 if weights is None else weights.shape[0]
+    fold = None
+    if weights is not None and not keep:
+        fold, weights = _fold(graph, weights, start)
     # which edges are ablated in some variant: one transfer from the weights' device
     nonzero = None if weights is None else (weights != 0).any(0).cpu()  # [n_src, n_dst]
     need_all = torch.zeros(graph.n_destinations, dtype=torch.bool)
@@ -141,7 +162,26 @@ def make_plan(
             else:
                 used = None
         readers[dsts.start] = ReaderPlan(dsts.start, n_up, pos, w, used)
-    return RunPlan(C, start, readers, weights is not None, keep, last_only)
+    return RunPlan(C, start, readers, fold, keep, last_only)
+
+
+def _fold(graph: Graph, weights: Tensor, start: int) -> tuple[Tensor | None, Tensor | None]:
+    """Split `weights` into the sources folded into their own outputs (see `RunPlan`), ``[C,
+    n_src]``, and the weights left for the edges (None when none is left).
+
+    Only sources computed in the run (at `start` or later) can be folded; the others' outputs
+    come from the trace, inside the residual the run starts from.
+    """
+    valid = graph.valid.to(weights.device)
+    first = valid.to(torch.uint8).argmax(1)  # every source has a destination (the logits)
+    ref = weights.gather(2, first.view(1, -1, 1).expand(weights.shape[0], -1, 1))  # [C, n_src, 1]
+    same = ((weights == ref) | ~valid).all(2).all(0) & (ref != 0).any(0).squeeze(1)
+    same[:graph.n_sources_before(start)] = False
+    if not same.any():
+        return None, weights
+    fold = torch.where(same, ref.squeeze(2), 0)  # [C, n_src]
+    rest = weights * ~same.view(1, -1, 1)
+    return fold, rest if bool((rest != 0).any()) else None
 
 
 def _readers(graph: Graph) -> list[slice]:
@@ -218,7 +258,7 @@ class _Walk:
 
     def __init__(self, adapter: Adapter, graph: Graph, plan: RunPlan, ablated: Tensor | None,
                  sink: GradSink | None) -> None:
-        if plan.patched and ablated is None:
+        if plan.needs_ablated and ablated is None:
             raise ValueError("a patched run needs the ablated source outputs")
         self.a, self.g, self.plan = adapter, graph, plan
         self.ablated, self.sink = ablated, sink
@@ -265,7 +305,7 @@ class _Walk:
                                   tracked=self.sink is not None)
         if plan.start == 0:
             # the embedding is the root of the backward: no gradient through its delta
-            self._record(slice(0, 1), resid[None], through=False)
+            resid = self._record(slice(0, 1), resid[None], through=False)[0]
         else:
             cached = trace.outs[:self.g.n_sources_before(plan.start)]
             if self.outs is not None:
@@ -274,12 +314,29 @@ class _Walk:
                 self.deltas.restore(cached)
         return resid
 
-    def _record(self, sources: slice, value: Tensor, through: bool = True) -> None:
-        """Store a stage's source outputs ``[n, C*b, p, d]``."""
+    def _record(self, sources: slice, value: Tensor, through: bool = True) -> Tensor:
+        """Store a stage's source outputs ``[n, C*b, p, d]``; returns them, folded sources moved
+        towards their ablated values (what the residual receives)."""
+        fold = self.plan.fold
+        if fold is not None and bool((fold[:, sources] != 0).any()):
+            value = self._folded(sources, value)
         if self.outs is not None:
             self.outs[sources] = value.detach()
         if self.deltas is not None:
             self.deltas.record(sources, value, through)
+        return value
+
+    def _folded(self, sources: slice, value: Tensor) -> Tensor:
+        """``value + f * (ablated - value)`` with each folded source's per-variant factor f; a
+        source ablated fully in every variant takes its ablated value (no gradient through it)."""
+        C, rows, p = self.plan.variants, value.shape[1], value.shape[2]
+        f = self.plan.fold[:, sources].to(value.dtype)  # [C, n]
+        abl = self.ablated[sources]
+        abl = _tile(abl[..., -p:, :] if abl.shape[2] > 1 else abl, C).expand_as(value)
+        if bool((f == 1).all()):
+            return abl.to(value.dtype)
+        f = f.T.repeat_interleave(rows // C, 1)  # [n, C*b], variant-major like the rows
+        return value + f[:, :, None, None] * (abl - value)
 
     def _cut(self, resid: Tensor) -> Tensor:
         """Keep only the last position from here on."""
@@ -294,6 +351,9 @@ class _Walk:
         rp = self.plan.readers.get(first)
         if rp is None:
             return None
+        if self.sink is not None and not base.requires_grad:
+            # everything upstream was fixed (folded at weight 1): the gradient starts here
+            base = base.detach().requires_grad_(True)
         if rp.weights is not None:
             x = self.deltas.mix(rp.used, rp.weights, rp.n_up).add_(base)
         else:
@@ -310,7 +370,7 @@ class _Walk:
         a, g, plan = self.a, self.g, self.plan
         stage = g.attn_stage(layer)
         self.resid_at[stage] = resid
-        q, k, v = self._qkv(layer, resid, self._inputs(g.attn_destinations(layer).start, resid))
+        q, k, v = self._qkv(layer, resid)
         if plan.truncate and layer == a.arch.n_layers - 1:
             z = a.attend(layer, q[..., -1:, :], k, v)  # [C*b, H, 1, dh]
             resid = self._cut(resid)
@@ -319,21 +379,27 @@ class _Walk:
         if not plan.split_heads:
             return resid + a.attn_output(layer, z), resid
         heads, rest = a.attn_sources(layer, z)  # [H, C*b, p, d]
-        self._record(g.head_sources(layer), heads)
+        heads = self._record(g.head_sources(layer), heads)
         after = resid + heads.sum(0)
         return (after if rest is None else after + rest), resid
 
-    def _qkv(self, layer: int, resid: Tensor, got: tuple[Tensor, Tensor] | None
-             ) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, layer: int, resid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries, keys and values, each q/k/v destination with its own input where it has
         one."""
         a, g = self.a, self.g
-        if got is None:
+        first = g.attn_destinations(layer).start
+        rp = self.plan.readers.get(first)
+        if rp is None:
             return a.qkv(layer, resid)
-        x, pos = got
-        j = g.attn_destinations(layer).start + pos
+        j = first + rp.own
         ports, heads = g.dst_port[j], g.dst_head[j]
-        own = a.qkv_heads(layer, x, ports, heads)  # [n, C*b, p, dh]
+        if rp.weights is None and self.sink is not None:
+            # inputs of their own only for their gradients: one norm and one product forward
+            own = self._shared_read(layer, resid, rp, ports, heads)
+        else:
+            x, _ = self._inputs(first, resid)
+            own = a.qkv_heads(layer, x, ports, heads)  # [n, C*b, p, dh]
+        pos = rp.own
         H, K = g.n_heads, g.n_kv_heads
         if len(pos) == g.n_attn_destinations:
             # every q/k/v reads its own input: no shared projection needed
@@ -348,13 +414,59 @@ class _Walk:
             out.append(t)
         return tuple(out)
 
+    def _shared_read(self, layer: int, resid: Tensor, rp: ReaderPlan, ports: Tensor,
+                     heads: Tensor) -> Tensor:
+        """Projections ``[n, C*b, p, dh]`` of destinations that all read `resid` and want their
+        own gradient (see `_SharedRead`)."""
+        if not resid.requires_grad:  # everything upstream was fixed: the gradient starts here
+            resid = resid.detach().requires_grad_(True)
+        w, bias = self.a.head_weights(layer, ports, heads)
+        sink, idx, n_up = self.sink, rp.own + rp.first, rp.n_up
+
+        def norm(x: Tensor) -> Tensor:
+            return self.a.attn_norm(layer, x)
+
+        return _SharedRead.apply(resid, w, bias, norm, lambda grad: sink(idx, n_up, grad))
+
     def _mlp(self, layer: int, mlp_in: Tensor, resid: Tensor) -> Tensor:
         self.resid_at.setdefault(self.g.mlp_stage(layer), mlp_in)
         got = self._inputs(self.g.mlp_destination(layer), mlp_in)
         out = self.a.mlp(layer, mlp_in if got is None else got[0][0])
         m = self.g.mlp_source(layer)
-        self._record(slice(m, m + 1), out[None])
-        return resid + out
+        return resid + self._record(slice(m, m + 1), out[None])[0]
+
+
+class _SharedRead(torch.autograd.Function):
+    """Per-head projections of one shared residual for n destinations, with the gradient of
+    each destination's own input.
+
+    Giving every destination a copy of the residual would make autograd normalise it n times
+    forward and copy it around; here the forward normalises once and runs one matrix product,
+    and the backward computes each destination's input gradient (the norm's vector-Jacobian
+    product, batched over the destinations), hands them to the sink and passes their sum on.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None,
+                norm: Callable[[Tensor], Tensor], sink: Callable[[Tensor], None]) -> Tensor:
+        n, dh = w.shape[:2]
+        out = norm(x) @ w.flatten(0, 1).T  # [..., n * dh]
+        if bias is not None:
+            out = out + bias.flatten()
+        ctx.save_for_backward(x, w)
+        ctx.norm, ctx.sink = norm, sink
+        return out.unflatten(-1, (n, dh)).movedim(-2, 0)  # [n, ..., dh]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, w = ctx.saved_tensors
+        n, dh = w.shape[:2]
+        g_h = torch.bmm(grad.reshape(n, -1, dh), w).view(n, *x.shape)  # [n, ..., d]
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            g_x, = torch.autograd.grad(ctx.norm(leaf), leaf, g_h, is_grads_batched=True)
+        ctx.sink(g_x)
+        return g_x.sum(0), None, None, None, None
 
 
 def _stage_fraction(graph: Graph, start: int) -> float:

@@ -145,19 +145,32 @@ class Adapter(ABC):
         ``[n]`` (query heads for q, key/value heads for k and v). Returns ``[n, ..., b, p, dh]``.
         """
         h = self.attn_norm(layer, x)
-        parts = []
+        w, bias = self.head_weights(layer, ports, heads)
+        # one batched product over all destinations: slicing h per port would make autograd
+        # allocate and fill a gradient of h's full size for every slice
+        flat = h.reshape(len(w), -1, h.shape[-1])  # [n, rows, d]
+        if bias is None:
+            out = torch.bmm(flat, w.transpose(1, 2))
+        else:
+            out = torch.baddbmm(bias[:, None], flat, w.transpose(1, 2))
+        return out.view(*h.shape[:-1], w.shape[1])
+
+    def head_weights(self, layer: int, ports: Tensor, heads: Tensor) -> HeadWeights:
+        """The projection weights ``[n, dh, d]`` and biases ``[n, dh]`` (None when the family
+        has none) of chosen (port, head) pairs, as in `qkv_heads`."""
+        ws, bs = [], []
         for port, (w, b) in enumerate(self.qkv_weights(layer)):
             rows = _span((ports == port).nonzero().squeeze(1))
             if rows is None:
                 continue
             which = _span(heads[rows])  # a run of consecutive heads needs no gather
-            w, b = (w, b) if which == slice(0, len(w)) else (w[which], None if b is None
-                                                              else b[which])
-            part = torch.einsum("n...d,ned->n...e", h[rows], w)
-            if b is not None:
-                part = part + b.view(len(b), *[1] * (part.dim() - 2), -1)
-            parts.append(part)
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+            ws.append(w[which])
+            bs.append(None if b is None else b[which])
+        w = torch.cat(ws) if len(ws) > 1 else ws[0]
+        if all(b is None for b in bs):
+            return w, None
+        return w, torch.cat([w.new_zeros(wp.shape[:2]) if b is None else b
+                             for wp, b in zip(ws, bs, strict=True)])
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Attention per head: ``z`` ``[..., H, pq, dh]`` from q ``[..., H, pq, dh]`` and k, v
