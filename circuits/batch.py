@@ -51,6 +51,27 @@ class Batch:
     def length(self) -> int:
         return int(self.clean.shape[1])
 
+    @property
+    def shared_prefix(self) -> int:
+        """How many leading positions the clean and corrupted prompts share in every example
+        (at most ``length - 1``).
+
+        In a causal model every activation at those positions is the same in the clean and the
+        corrupted run, so runs that ablate towards the corrupted run's values need not recompute
+        them: IOI prompts that differ only in their last name share all but their last few
+        tokens.
+
+        >>> import torch
+        >>> ids = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 8]])
+        >>> corrupt = torch.tensor([[5, 6, 7, 1], [5, 6, 1, 8]])
+        >>> Batch(ids, corrupt, ids[:, :1], ids[:, 1:2]).shared_prefix
+        2
+        """
+        same = (self.clean == self.corrupt).all(0)
+        if bool(same.all()):
+            return self.length - 1
+        return int(same.to(torch.uint8).argmin())
+
     def with_clean_logits(self, logits: Tensor) -> Batch:
         """Return a copy holding the clean last-position logits ``[batch, vocab]``."""
         return replace(self, clean_logits=logits.detach())

@@ -61,15 +61,32 @@ class Engine:
         self.passes = PassCounter()
 
     def run(self, plan: RunPlan, ids: Tensor, ablated: Tensor | None = None,
-            trace: Trace | None = None) -> tuple[Tensor, Trace | None]:
+            trace: Trace | None = None, resid: Tensor | None = None
+            ) -> tuple[Tensor, Trace | None]:
         """Carry out a plan without gradients (see `circuits.runs`)."""
-        return run_patched(self.adapter, self.graph, plan, ids, ablated, trace, self.passes)
+        return run_patched(self.adapter, self.graph, plan, ids, ablated, trace, self.passes,
+                           resid)
 
     def _weights(self, ablate: Tensor) -> Tensor:
         """``[C, n_src, n_dst]`` weights in the model's dtype, zero off the valid edges."""
         w = ablate if ablate.dim() == 3 else ablate.unsqueeze(0)
         w = w.to(device=self.model.device, dtype=self.model.dtype)
         return w * self.graph.valid.to(w.device)
+
+    def gradient_bytes(self, rows: int, positions: int) -> int:
+        """About how many bytes a gradient run (`edge_attribution`) of `rows` prompts of
+        `positions` tokens keeps for its backward pass.
+
+        Per layer and token: about eight residual-sized tensors (norm inputs, queries, keys,
+        values, attention outputs, head writes), six MLP-sized ones (the MLP's input and the
+        intermediates of its activation) and the attention weights of every head, in the
+        model's dtype. An estimate for choosing chunk sizes, good to within a factor of about
+        two on the families here (see ``benchmarks/memory.py``), not a bound.
+        """
+        a = self.adapter.arch
+        width = 8 * a.d_model + 6 * (a.d_mlp or 4 * a.d_model) + 2 * a.n_heads * positions
+        itemsize = torch.empty((), dtype=self.model.dtype).element_size()
+        return rows * positions * a.n_layers * width * itemsize
 
     # -- plain runs ---------------------------------------------------------------------------
     def logits(self, ids: Tensor, last_only: bool = False) -> Tensor:
@@ -128,16 +145,24 @@ class Engine:
         ablated: Tensor,
         last_only: bool = True,
         start: tuple[int, Trace] | None = None,
+        first: int = 0,
+        columns: Tensor | None = None,
     ) -> Tensor:
         """Logits with each edge ``(s, d)`` moved ``ablate[s, d]`` of the way to its ablated value.
 
         ablate : ``[n_src, n_dst]`` (or ``[C, n_src, n_dst]`` for C variants run side by side,
         giving ``C * b`` rows, variant-major). A circuit's complement as 0/1 evaluates it.
         start : (stage, trace) restarts at that stage from a clean trace of the same prompts;
-        `ablate` must be zero into earlier stages.
+        `ablate` must be zero into earlier stages. With stage 0 the trace may cover only the
+        first `first` positions.
+        first : positions before it are clean in this run (the ablated values equal the clean
+        outputs there: see `circuits.batch.Batch.shared_prefix`) and are not recomputed; needs
+        `start`'s trace and `last_only`.
+        columns : token ids; only their logits are computed (see `circuits.Setup.narrow`).
         """
         stage, trace = start if start is not None else (0, None)
-        plan = make_plan(self.graph, self._weights(ablate), start=stage, last_only=last_only)
+        plan = make_plan(self.graph, self._weights(ablate), start=stage, last_only=last_only,
+                         first=first, columns=columns)
         return self.run(plan, ids, ablated, trace)[0]
 
     def edge_attribution(
@@ -149,6 +174,8 @@ class Engine:
         ablate: Tensor | None = None,
         only: Tensor | None = None,
         start: tuple[int, Trace] | None = None,
+        first: int = 0,
+        columns: Tensor | None = None,
     ) -> Tensor:
         """``sum over (b, p) of delta[s] . d metric / d input[d]`` for every edge, in one backward.
 
@@ -170,6 +197,11 @@ class Engine:
         start : (stage, Trace), optional
             Restart the run (and stop the backward) at that stage of a clean trace; valid when
             `ablate` is zero before it and only destinations from that stage on are scored.
+        first : int
+            Run only the positions from `first` on, the earlier ones taken from `start`'s
+            trace: valid when `delta` is zero there (see `patched_logits`).
+        columns : Tensor, optional
+            Token ids: `metric` gets only their logits (see `circuits.Setup.narrow`).
 
         Returns
         -------
@@ -183,8 +215,10 @@ class Engine:
         scores = torch.zeros(g.n_sources, g.n_destinations, device=self.model.device)
         wanted = g.dst_stage >= stage if only is None else only.cpu() & (g.dst_stage >= stage)
         weights = None if ablate is None else self._weights(ablate)
+        if first and delta is None:
+            raise OptionError("a run of the last positions needs delta from a clean trace")
         plan = make_plan(g, weights, start=stage, own=wanted, keep=delta is None,
-                         last_only=True)
+                         last_only=True, first=first, columns=columns)
         ref = {"delta": delta}
 
         def sink(dsts: Tensor, n_up: int, grad: Tensor) -> None:
@@ -208,7 +242,8 @@ class Engine:
     # -- exact single-edge patching -----------------------------------------------------------
     @torch.no_grad()
     def edge_effects(
-        self, ids: Tensor, ablated: Tensor, metric: Callable[[Tensor], Tensor]
+        self, ids: Tensor, ablated: Tensor, metric: Callable[[Tensor], Tensor], first: int = 0,
+        columns: Tensor | None = None,
     ) -> Tensor:
         """The metric with each edge alone ablated: ``[n_src, n_dst]`` (NaN off the edges).
 
@@ -220,6 +255,9 @@ class Engine:
 
         metric : maps last-position logits ``[k * b, vocab]`` (k variants, variant-major) to
         per-variant means ``[k]``.
+        first : positions before it are clean whatever is ablated (see `patched_logits`): every
+        run computes only the later ones, with the earlier keys and values of the clean run.
+        columns : token ids; `metric` gets only their logits (see `circuits.Setup.narrow`).
         """
         g, a = self.graph, self.adapter
         b, p = ids.shape
@@ -228,30 +266,41 @@ class Engine:
         effects = torch.full((g.n_sources, g.n_destinations), float("nan"),
                              device=self.model.device)
         count = self.passes.add_forward
-        unit = 1 / (g.logits_stage + 1)
+        unit = (p - first) / p / (g.logits_stage + 1)  # one stage, the positions run
 
         def rest(stage: int, resid: Tensor) -> Tensor:
-            """Unpatched run from `stage` on ``[rows, p, d]`` residuals -> per-variant metric."""
-            state = Trace(outs, {stage: resid}, trace.logits)
-            plan = make_plan(g, start=stage, last_only=True)
-            return metric(self.run(plan, ids.new_empty(resid.shape[0], p), trace=state)[0])
+            """Unpatched run from `stage` on ``[rows, p - first, d]`` residuals -> per-variant
+            metric."""
+            plan = make_plan(g, start=stage, last_only=True, first=first, columns=columns)
+            return metric(self.run(plan, ids.new_empty(resid.shape[0], p), trace=trace,
+                                   resid=resid)[0])
+
+        def keys(clean: Tensor, new: Tensor) -> Tensor:
+            """Keys or values of the run positions `new` ``[c, ..., p - first, dh]`` after the
+            clean ones of the first positions."""
+            if not first:
+                return new
+            head = clean[..., :first, :].expand(*new.shape[:-2], first, new.shape[-1])
+            return torch.cat([head, new], -2)
 
         for layer in range(a.arch.n_layers):
             stage = g.attn_stage(layer)
             n_up = g.n_sources_before(stage)
             resid = trace.resid[stage]  # [b, p, d]
-            delta = ablated[:n_up] - outs[:n_up]  # [n_up, b, p, d]
+            delta = (ablated[:n_up] - outs[:n_up])[:, :, first:]  # [n_up, b, p - first, d]
             q, k, v = a.qkv(layer, resid)
-            pre = a.head_writes(layer, a.attend(layer, q, k, v))  # [H, b, p, d]
+            q = q[..., first:, :]
+            pre = a.head_writes(layer, a.attend(layer, q, k, v))  # [H, b, p - first, d]
             bias = a.out_bias(layer)
             total = pre.sum(0) if bias is None else pre.sum(0) + bias
             # the residual after this stage without the layer's attention write
-            base = trace.resid[stage + 1] - a.attn_write(layer, total)
+            base = trace.resid[stage + 1][:, first:] - a.attn_write(layer, total)
             step = max(1, self.chunk // (g.n_heads * b))
             for lo in range(0, n_up, step):
                 hi = min(n_up, lo + step)
                 c = hi - lo
-                q2, k2, v2 = a.qkv(layer, resid + delta[lo:hi])  # [c, b, n, p, dh]
+                q2, k2, v2 = a.qkv(layer, resid[:, first:] + delta[lo:hi])  # [c, b, n, p', dh]
+                k2, v2 = keys(k, k2), keys(v, v2)
                 count(3 * c * b, unit)
                 for port, qkv in enumerate(((q2, k, v), (q, k2, v), (q, k, v2))):
                     qq, kk, vv = (t.expand(c, *t.shape[-4:]) for t in qkv)
@@ -266,13 +315,13 @@ class Engine:
                     effects[lo:hi, dst:dst + n] = values
             stage = g.mlp_stage(layer)
             n_up = g.n_sources_before(stage)
-            resid = trace.resid[stage]
-            delta = ablated[:n_up] - outs[:n_up]
-            base = trace.resid[stage + 1] - outs[g.mlp_source(layer)]
+            resid = trace.resid[stage][:, first:]
+            delta = (ablated[:n_up] - outs[:n_up])[:, :, first:]
+            base = trace.resid[stage + 1][:, first:] - outs[g.mlp_source(layer)][:, first:]
             step = max(1, self.chunk // b)
             for lo in range(0, n_up, step):
                 hi = min(n_up, lo + step)
-                new = a.mlp(layer, resid + delta[lo:hi])  # [c, b, p, d]
+                new = a.mlp(layer, resid + delta[lo:hi])  # [c, b, p - first, d]
                 count((hi - lo) * b, unit)
                 rows = (base + new).flatten(0, 1)
                 effects[lo:hi, g.mlp_destination(layer)] = rest(stage + 1, rows)
@@ -281,7 +330,7 @@ class Engine:
         step = max(1, self.chunk // b)
         for lo in range(0, g.n_sources, step):
             hi = min(g.n_sources, lo + step)
-            logits = a.unembed((resid + delta[lo:hi])[:, :, -1]).flatten(0, 1)
-            count((hi - lo) * b, unit)
+            logits = a.unembed((resid + delta[lo:hi])[:, :, -1], columns).flatten(0, 1)
+            count((hi - lo) * b, 1 / (g.logits_stage + 1))
             effects[lo:hi, -1] = metric(logits)
         return effects.cpu().masked_fill(~g.valid, float("nan"))

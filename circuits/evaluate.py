@@ -114,12 +114,18 @@ def _engine_values(setup: Setup, engine: Engine, masks: Tensor, chunk: int) -> T
     out = []
     for batch, ablated, _ in setup.items(reuse=True):
         rows = torch.empty(C, batch.size, dtype=torch.float64)
-        for start in range(0, C, chunk):
-            part = masks[start:start + chunk]  # [c, n_src, n_dst]
+        columns, narrow = setup.narrow(batch)
+        # the positions the clean and corrupted prompts share are clean in every circuit: one
+        # clean run of them, and the circuits run only the rest
+        first = setup.prefix(batch)
+        start = (0, engine.trace(batch.clean[:, :first])) if first else None
+        for lo in range(0, C, chunk):
+            part = masks[lo:lo + chunk]  # [c, n_src, n_dst]
             ablate = (valid & ~part).float().to(ablated.device)
-            logits = engine.patched_logits(batch.clean, ablate, ablated)  # [c * b, vocab]
-            values = setup.metric_values(logits, batch).view(len(part), batch.size)
-            rows[start:start + len(part)] = values.double().cpu()
+            logits = engine.patched_logits(batch.clean, ablate, ablated, start=start,
+                                           first=first, columns=columns)  # [c * b, n_cols]
+            values = setup.metric_values(logits, narrow).view(len(part), batch.size)
+            rows[lo:lo + len(part)] = values.double().cpu()
         out.append(rows)
     return torch.cat(out, 1)
 

@@ -40,12 +40,16 @@ class Metric:
     flat_at_clean : bool
         Whether its gradient is zero at the clean run, as for KL(clean || current), which is
         smallest there: methods that only take gradients at the clean run (EAP) refuse it.
+    tokens_only : bool
+        Whether it reads only the logits of the batch's answers and wrong tokens, so that runs
+        may compute only those columns of the unembedding (`circuits.Setup.narrow`).
     """
 
     name: str
     fn: Callable[[Tensor, Batch], Tensor]
     higher_is_better: bool = True
     flat_at_clean: bool = False
+    tokens_only: bool = False
 
     def __call__(self, logits: Tensor, batch: Batch) -> Tensor:
         """Return the per-example values ``[batch]`` for last-position `logits` ``[batch, vocab]``.
@@ -175,7 +179,7 @@ def kl(logits: Tensor, batch: Batch) -> Tensor:
 
 
 METRICS: dict[str, Metric] = {
-    "logit-diff": Metric("logit-diff", logit_diff, True),
+    "logit-diff": Metric("logit-diff", logit_diff, True, tokens_only=True),
     "prob-diff": Metric("prob-diff", prob_diff, True),
     "logprob": Metric("logprob", logprob, True),
     "kl": Metric("kl", kl, False, flat_at_clean=True),

@@ -22,7 +22,8 @@ run through the model in one `PassCounter`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -53,6 +54,19 @@ class Trace:
     outs: Tensor
     resid: dict[int, Tensor]
     logits: Tensor
+    # keys and values of the shared prefix, by (layer, length), computed once per trace
+    prefix_kv: dict[tuple[int, int], tuple[Tensor, Tensor]] = field(
+        default_factory=dict, repr=False, compare=False)
+
+    def kv(self, adapter: Adapter, layer: int, stage: int, first: int) -> tuple[Tensor, Tensor]:
+        """The clean keys and values ``[b, K, first, dh]`` of the first `first` positions at a
+        layer (read from `resid`, which may cover only those positions)."""
+        key = (layer, first)
+        if key not in self.prefix_kv:
+            with torch.no_grad():
+                _, k, v = adapter.qkv(layer, self.resid[stage][:, :first])
+            self.prefix_kv[key] = (k, v)
+        return self.prefix_kv[key]
 
 
 @dataclass(frozen=True)
@@ -91,6 +105,8 @@ class RunPlan:
     fold: Tensor | None
     keep: bool
     last_only: bool
+    first: int = 0  # positions before it are clean at every stage: taken from a trace
+    columns: Tensor | None = None  # the only logits computed
 
     @property
     def patched(self) -> bool:
@@ -120,6 +136,8 @@ def make_plan(
     own: Tensor | None = None,
     keep: bool = False,
     last_only: bool = False,
+    first: int = 0,
+    columns: Tensor | None = None,
 ) -> RunPlan:
     """Resolve a run.
 
@@ -135,7 +153,16 @@ def make_plan(
         (those whose gradient is wanted).
     keep, last_only : bool
         Record a Trace; unembed only the last position.
+    first : int
+        Run only positions from `first` on: the earlier ones are the same as in a clean run at
+        every stage (true when the prompts that give the ablated values share them with the
+        clean prompts, by causality), and their keys and values come from a clean Trace. Not
+        with `keep`.
+    columns : Tensor, optional
+        Token ids: only their logits are computed.
     """
+    if first and keep:
+        raise ValueError("a run that records a Trace computes every position")
     C = 1 if weights is None else weights.shape[0]
     fold = None
     if weights is not None and not keep:
@@ -162,7 +189,7 @@ def make_plan(
             else:
                 used = None
         readers[dsts.start] = ReaderPlan(dsts.start, n_up, pos, w, used)
-    return RunPlan(C, start, readers, fold, keep, last_only)
+    return RunPlan(C, start, readers, fold, keep, last_only, first, columns)
 
 
 def _fold(graph: Graph, weights: Tensor, start: int) -> tuple[Tensor | None, Tensor | None]:
@@ -206,7 +233,7 @@ class _Deltas:
 
     def __init__(self, ablated: Tensor, like: Tensor, n_sources: int, C: int,
                  tracked: bool) -> None:
-        self.ablated, self.C, self.tracked = ablated, C, tracked
+        self.ablated, self.C, self.tracked = _last(ablated, like.shape[1]), C, tracked
         self.buf = like.new_empty(n_sources, *like.shape)
         self.live: list[tuple[int, int, Tensor]] = []
 
@@ -219,7 +246,8 @@ class _Deltas:
     def restore(self, cached: Tensor) -> None:
         """Deltas of the sources before a restart, from their cached clean outputs."""
         n = cached.shape[0]
-        self.buf[:n] = _tile(self.ablated[:n], self.C) - _tile(cached, self.C)
+        self.buf[:n] = _tile(self.ablated[:n], self.C) - _tile(_last(cached, self.buf.shape[2]),
+                                                               self.C)
 
     def cut(self) -> None:
         self.buf = self.buf[..., -1:, :]
@@ -266,9 +294,13 @@ class _Walk:
         self.outs: Tensor | None = None
         self.resid_at: dict[int, Tensor] = {}
 
-    def __call__(self, ids: Tensor, trace: Trace | None) -> tuple[Tensor, Trace | None]:
+    def __call__(self, ids: Tensor, trace: Trace | None, resid: Tensor | None = None
+                 ) -> tuple[Tensor, Trace | None]:
         a, g, plan = self.a, self.g, self.plan
-        resid = self._begin(ids, trace)
+        if plan.first and trace is None:
+            raise ValueError("a run of the last positions needs a clean Trace for the first ones")
+        self.trace = trace
+        resid = self._begin(ids, trace, resid)
         last_attn = g.attn_stage(a.arch.n_layers - 1)
         if plan.truncate and plan.start > last_attn:
             resid = self._cut(resid)
@@ -281,19 +313,22 @@ class _Walk:
         self.resid_at[g.logits_stage] = resid
         got = self._inputs(g.n_destinations - 1, resid)
         final = resid if got is None else got[0][0]
-        logits = a.unembed(final[:, -1] if plan.last_only else final)
+        logits = a.unembed(final[:, -1] if plan.last_only else final, plan.columns)
         trace = Trace(self.outs, self.resid_at, logits) if plan.keep else None
         return logits, trace
 
-    def _begin(self, ids: Tensor, trace: Trace | None) -> Tensor:
-        """The residual `plan.start` reads ``[C*b, p, d]``, and the records of earlier stages."""
+    def _begin(self, ids: Tensor, trace: Trace | None, resid: Tensor | None) -> Tensor:
+        """The residual `plan.start` reads ``[C*b, p, d]`` (`resid`, by default the embedding
+        or the trace's), and the records of earlier stages."""
         plan, C = self.plan, self.plan.variants
-        if plan.start == 0:
-            resid = self.a.embed(ids)
+        if resid is not None:
+            pass
+        elif plan.start == 0:
+            resid = self.a.embed(ids)[:, plan.first:]
         else:
             if trace is None:
                 raise ValueError("a run that starts after the embedding needs a clean Trace")
-            resid = trace.resid[plan.start]
+            resid = trace.resid[plan.start][:, plan.first:]
         if self.sink is not None:
             # gradients flow back to the start and no further
             resid = resid.detach().requires_grad_(True)
@@ -371,6 +406,9 @@ class _Walk:
         stage = g.attn_stage(layer)
         self.resid_at[stage] = resid
         q, k, v = self._qkv(layer, resid)
+        if plan.first:  # the first positions' keys and values, the same in every row
+            kp, vp = self.trace.kv(a, layer, stage, plan.first)
+            k, v = _after(kp, k), _after(vp, v)
         if plan.truncate and layer == a.arch.n_layers - 1:
             z = a.attend(layer, q[..., -1:, :], k, v)  # [C*b, H, 1, dh]
             resid = self._cut(resid)
@@ -421,11 +459,10 @@ class _Walk:
         if not resid.requires_grad:  # everything upstream was fixed: the gradient starts here
             resid = resid.detach().requires_grad_(True)
         w, bias = self.a.head_weights(layer, ports, heads)
+        # neither may hold the walk: its residuals' graphs lead back here, and the cycle would
+        # keep every run's activations alive until a garbage collection
         sink, idx, n_up = self.sink, rp.own + rp.first, rp.n_up
-
-        def norm(x: Tensor) -> Tensor:
-            return self.a.attn_norm(layer, x)
-
+        norm = partial(self.a.attn_norm, layer)
         return _SharedRead.apply(resid, w, bias, norm, lambda grad: sink(idx, n_up, grad))
 
     def _mlp(self, layer: int, mlp_in: Tensor, resid: Tensor) -> Tensor:
@@ -466,22 +503,29 @@ class _SharedRead(torch.autograd.Function):
             leaf = x.detach().requires_grad_(True)
             g_x, = torch.autograd.grad(ctx.norm(leaf), leaf, g_h, is_grads_batched=True)
         ctx.sink(g_x)
+        ctx.norm = ctx.sink = None
         return g_x.sum(0), None, None, None, None
 
 
-def _stage_fraction(graph: Graph, start: int) -> float:
-    """The share of the model's stages a run from `start` goes through."""
-    return (graph.logits_stage + 1 - start) / (graph.logits_stage + 1)
+def _fraction(graph: Graph, plan: RunPlan, ids: Tensor) -> float:
+    """The share of a whole forward a run goes through: its stages from `plan.start` on, and
+    its positions from `plan.first` on."""
+    p = ids.shape[1]
+    return (graph.logits_stage + 1 - plan.start) / (graph.logits_stage + 1) * (p - plan.first) / p
 
 
 def run_patched(adapter: Adapter, graph: Graph, plan: RunPlan, ids: Tensor,
                 ablated: Tensor | None = None, trace: Trace | None = None,
-                counter: PassCounter | None = None) -> tuple[Tensor, Trace | None]:
-    """Carry out a plan without gradients: the logits and, when the plan keeps one, a Trace."""
+                counter: PassCounter | None = None, resid: Tensor | None = None
+                ) -> tuple[Tensor, Trace | None]:
+    """Carry out a plan without gradients: the logits and, when the plan keeps one, a Trace.
+
+    resid : the residual ``[rows, p - first, d]`` the plan's start stage reads (rows a multiple
+    of the trace's prompts, each block of them a variant), instead of the trace's."""
     if counter is not None:
-        counter.add_forward(plan.variants * ids.shape[0], _stage_fraction(graph, plan.start))
+        counter.add_forward(plan.variants * ids.shape[0], _fraction(graph, plan, ids))
     with torch.no_grad():
-        return _Walk(adapter, graph, plan, ablated, None)(ids, trace)
+        return _Walk(adapter, graph, plan, ablated, None)(ids, trace, resid)
 
 
 def run_gradient(adapter: Adapter, graph: Graph, plan: RunPlan, ids: Tensor,
@@ -492,7 +536,7 @@ def run_gradient(adapter: Adapter, graph: Graph, plan: RunPlan, ids: Tensor,
     plan keeps one) is differentiated, and the gradient of every destination input the plan
     gives its own reaches `sink` as the backward pass goes by. The parameters' gradients are
     left untouched."""
-    rows, fraction = plan.variants * ids.shape[0], _stage_fraction(graph, plan.start)
+    rows, fraction = plan.variants * ids.shape[0], _fraction(graph, plan, ids)
     flags = [(p, p.requires_grad) for p in adapter.hf.parameters()]
     try:
         for p, _ in flags:
@@ -520,6 +564,22 @@ def _mix(delta: Tensor, w: Tensor, C: int) -> Tensor:
     per = delta.reshape(r, C, -1).transpose(0, 1)  # [C, r, b*p*d]
     out = torch.bmm(w.transpose(1, 2), per)  # [C, nD, b*p*d]
     return out.transpose(0, 1).reshape(-1, rows, p, d)
+
+
+def _after(head: Tensor, tail: Tensor) -> Tensor:
+    """Keys or values ``[rows, K, f + p, dh]``: the prompts' shared first ones `head` ``[b, K,
+    f, dh]`` (the same for every block of b rows) followed by `tail` ``[rows, K, p, dh]``."""
+    rows, K, p, dh = tail.shape
+    b, f = head.shape[0], head.shape[2]
+    out = tail.new_empty(rows, K, f + p, dh)
+    out[:, :, :f].view(rows // b, b, K, f, dh).copy_(head)
+    out[:, :, f:] = tail
+    return out
+
+
+def _last(x: Tensor, p: int) -> Tensor:
+    """The last `p` positions of ``[n, b, p', d]`` (as it is when it has one, broadcast)."""
+    return x if x.shape[2] in (1, p) else x[:, :, -p:]
 
 
 def _tile(x: Tensor, times: int) -> Tensor:

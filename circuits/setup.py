@@ -19,6 +19,8 @@ from .model import Model
 from .progress import Checkpoint, check_interrupt
 from .store import DEFAULT_BUDGET, Store, check_budget
 
+DEFAULT_RUN_MEMORY = 2 * 2**30  # bytes of activations one gradient run may keep: 2 GiB
+
 
 @dataclass
 class Setup:
@@ -42,6 +44,11 @@ class Setup:
         Prompts to average for mean ablation; the batches' corrupted prompts by default.
     task : str
         Name recorded in the results.
+    run_memory : int
+        Bytes one gradient run may use for the activations it keeps for its backward pass:
+        methods that run many variants of a batch side by side (EAP-IG's steps) split them
+        into chunks whose estimated size (`Engine.gradient_bytes`) fits. 2 GiB by default; the
+        scores do not depend on it beyond float rounding.
     memory_budget : int
         Bytes of per-batch tensors kept in memory for reuse (the ablated outputs kept by
         ``items(reuse=True)``; ACDC's clean traces get a budget of their own); beyond it they are
@@ -59,6 +66,7 @@ class Setup:
     task: str = ""
     node_passes: PassCounter = field(default_factory=PassCounter)
     memory_budget: int = DEFAULT_BUDGET
+    run_memory: int = DEFAULT_RUN_MEMORY
     checkpoint: Checkpoint | None = None  # where long methods keep their progress, if anywhere
     _engine: Engine | None = field(default=None, repr=False)
     _kept: Store | None = field(default=None, init=False, repr=False, compare=False)
@@ -71,6 +79,7 @@ class Setup:
         if not self.batches:
             raise OptionError("no prompts to run on; the task has no examples")
         check_budget(self.memory_budget)
+        check_budget(self.run_memory)
         self.metric = get_metric(self.metric)
         self.batches = [self._with_clean_logits(b) for b in self.batches]
 
@@ -176,6 +185,46 @@ class Setup:
                 if reuse and kept is not None and i == len(kept):
                     kept.append(ablated)
             yield batch, ablated, weight
+
+    def narrow(self, batch: Batch) -> tuple[Tensor | None, Batch]:
+        """The vocabulary columns the metric reads and the batch with its answers and wrong
+        tokens renumbered into them: ``(columns [n], batch)``. Logits of only those columns
+        (``engine.patched_logits(..., columns=columns)``) give the metric the same values. For
+        metrics that read the whole distribution (``kl``, ``prob-diff``, custom ones):
+        ``(None, batch)``.
+
+        >>> import torch
+        >>> from circuits import Setup
+        >>> from circuits.testing import make_batch, tiny_gpt2
+        >>> setup = Setup(tiny_gpt2(), [make_batch(vocab=32)], "logit-diff")
+        >>> columns, narrow = setup.narrow(setup.batches[0])
+        >>> bool((columns[narrow.answers] == setup.batches[0].answers).all())
+        True
+        """
+        if not self.metric.tokens_only:
+            return None, batch
+        ids = torch.cat([batch.answers.flatten(), batch.wrong.flatten()])
+        columns = ids[ids >= 0].unique()
+
+        def renumber(t: Tensor) -> Tensor:
+            return torch.where(t >= 0, torch.searchsorted(columns, t.clamp(min=0)), t)
+
+        return columns, Batch(batch.clean, batch.corrupt, renumber(batch.answers),
+                              renumber(batch.wrong))
+
+    def step_chunks(self, steps: int, batch: Batch) -> list[slice]:
+        """`steps` variants of `batch` split into chunks (consecutive slices) whose gradient
+        run fits `run_memory` by `Engine.gradient_bytes` (at least one step a chunk)."""
+        first = self.prefix(batch)
+        per_step = self.engine.gradient_bytes(batch.size, batch.length - first)
+        k = max(1, min(steps, self.run_memory // max(per_step, 1)))
+        return [slice(lo, min(steps, lo + k)) for lo in range(0, steps, k)]
+
+    def prefix(self, batch: Batch) -> int:
+        """Leading positions whose ablated values equal the clean ones, so that runs may skip
+        them: the clean and corrupted prompts' shared prefix under resample ablation, else 0
+        (mean and zero ablation change every position)."""
+        return batch.shared_prefix if self.ablation == "resample" else 0
 
     def close(self) -> None:
         """Drop the kept ablated outputs and delete their files (a later `items` recomputes)."""

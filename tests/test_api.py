@@ -46,9 +46,13 @@ def test_score_is_the_method_on_the_tasks_setup(planted, task, ablation):
 def test_score_passes_method_options_and_batches(planted, task):
     got = circuits.score(task=task, model=planted, method="eap-ig", steps=2, batch_size=5)
     assert got.options["steps"] == 2
-    # 12 prompts in batches of 5, 5 and 2; one forward-backward of 2 steps over all of them
-    assert got.cost.backward == 2.0
-    want = run_method("eap-ig", make_setup(planted, task, batch_size=5), steps=2)
+    # 12 prompts in batches of 5, 5 and 2; one forward-backward of 2 steps over all of them,
+    # through the positions after the prefix the clean and corrupted prompts share
+    setup = make_setup(planted, task, batch_size=5)
+    share = sum(b.size * (1 - b.shared_prefix / b.length) for b in setup.batches) / 12
+    assert 0 < share < 1
+    assert got.cost.backward == pytest.approx(2 * share)
+    want = run_method("eap-ig", setup, steps=2)
     assert torch.allclose(got.values, want.values, atol=1e-6)
 
 

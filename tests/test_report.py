@@ -108,7 +108,8 @@ def test_report_states_the_run_and_its_result(found):
     assert field(text, "behavior: effect / spread over prompts") == (
         f"{found.behavior.effect:.3f} / {found.behavior.spread:.3f}")
     # EAP-IG with 2 steps: the ablated and the clean forward, and 2 steps' forward-backward
-    assert field(text, "passes (scoring)").startswith("4 forward, 2 backward")
+    # of the positions after the prompts' shared first token (4 of 5)
+    assert field(text, "passes (scoring)").startswith("3.6 forward, 1.6 backward")
     assert field(text, "held-out metric: circuit / model / empty") == (
         f"{held.metric_circuit:.3f} / {held.metric_model:.3f} / {held.metric_empty:.3f}")
     assert "- [circuit.svg](circuit.svg)" in text.split("## Files", 1)[1]

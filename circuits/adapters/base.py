@@ -47,6 +47,8 @@ class Architecture:
         Leading dimensions of each query and key head rotated by RoPE; 0 for none.
     attn_softcap, final_softcap : float or None
         ``cap * tanh(x / cap)`` on the attention scores / the logits.
+    d_mlp : int
+        The MLP's hidden width (0: ``4 * d_model``); only memory estimates read it.
     """
 
     n_layers: int
@@ -61,6 +63,7 @@ class Architecture:
     rotary_dim: int = 0
     attn_softcap: float | None = None
     final_softcap: float | None = None
+    d_mlp: int = 0
 
     @property
     def group_size(self) -> int:
@@ -91,8 +94,24 @@ class Adapter(ABC):
         """``[b, p]`` token ids -> ``[b, p, d]``: the ``input`` source (scaling included)."""
 
     @abstractmethod
-    def unembed(self, x: Tensor) -> Tensor:
-        """``[..., d]`` residual -> logits: final norm, unembedding, soft-cap."""
+    def final_norm(self, x: Tensor) -> Tensor:
+        """The norm the residual goes through before the unembedding."""
+
+    def unembed(self, x: Tensor, columns: Tensor | None = None) -> Tensor:
+        """``[..., d]`` residual -> logits: final norm, unembedding, soft-cap.
+
+        columns : token ids ``[n]``; only their logits are computed (``[..., n]``), for metrics
+        that read no others (a fraction of the vocabulary-wide product).
+        """
+        head = self.hf.get_output_embeddings()
+        h = self.final_norm(x)
+        if columns is None:
+            logits = head(h)
+        else:
+            bias = None if head.bias is None else head.bias[columns]
+            logits = F.linear(h, head.weight[columns], bias)
+        cap = self.arch.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     @abstractmethod
     def attn_norm(self, layer: int, x: Tensor) -> Tensor:

@@ -32,11 +32,6 @@ class Gemma2Adapter(LlamaAdapter):
     def _scale(cfg: object, d_head: int) -> float:
         return cfg.query_pre_attn_scalar**-0.5
 
-    def unembed(self, x: Tensor) -> Tensor:
-        logits = super().unembed(x)
-        cap = self.arch.final_softcap
-        return logits if cap is None else torch.tanh(logits / cap) * cap
-
     def attn_output(self, layer: int, z: Tensor) -> Tensor:
         return self._layers[layer].post_attention_layernorm(super().attn_output(layer, z))
 

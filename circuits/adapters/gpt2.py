@@ -20,7 +20,7 @@ class GPT2Adapter(Adapter):
         return Architecture(
             n_layers=cfg.n_layer, n_heads=H, n_kv_heads=H, d_model=d, d_head=d // H,
             attn_scales=tuple(base / (i + 1) if by_layer else base for i in range(cfg.n_layer)),
-            windows=(None,) * cfg.n_layer,
+            windows=(None,) * cfg.n_layer, d_mlp=cfg.n_inner or 4 * d,
         )
 
     @property
@@ -31,8 +31,8 @@ class GPT2Adapter(Adapter):
         pos = torch.arange(ids.shape[-1], device=ids.device)
         return self.hf.transformer.wte(ids) + self.hf.transformer.wpe(pos)
 
-    def unembed(self, x: Tensor) -> Tensor:
-        return self.hf.lm_head(self.hf.transformer.ln_f(x))
+    def final_norm(self, x: Tensor) -> Tensor:
+        return self.hf.transformer.ln_f(x)
 
     def attn_norm(self, layer: int, x: Tensor) -> Tensor:
         return self._blocks[layer].ln_1(x)

@@ -33,7 +33,7 @@ class LlamaAdapter(Adapter):
         return Architecture(
             n_layers=L, n_heads=H, n_kv_heads=cfg.num_key_value_heads, d_model=d, d_head=dh,
             attn_scales=(self._scale(cfg, dh),) * L, windows=layer_windows(cfg, L),
-            rotary_dim=2 * len(self.hf.model.rotary_emb.inv_freq),
+            rotary_dim=2 * len(self.hf.model.rotary_emb.inv_freq), d_mlp=cfg.intermediate_size,
         )
 
     @staticmethod
@@ -47,8 +47,8 @@ class LlamaAdapter(Adapter):
     def embed(self, ids: Tensor) -> Tensor:
         return self.hf.model.embed_tokens(ids)
 
-    def unembed(self, x: Tensor) -> Tensor:
-        return self.hf.get_output_embeddings()(self.hf.model.norm(x))
+    def final_norm(self, x: Tensor) -> Tensor:
+        return self.hf.model.norm(x)
 
     def rotary(self, positions: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         cos, sin = self.hf.model.rotary_emb(like, positions[None])

@@ -21,6 +21,7 @@ class NeoXAdapter(Adapter):
             n_layers=L, n_heads=H, n_kv_heads=H, d_model=d, d_head=d // H,
             attn_scales=(attn.scaling,) * L, windows=(None,) * L,
             parallel=bool(cfg.use_parallel_residual), rotary_dim=attn.rotary_ndims,
+            d_mlp=cfg.intermediate_size,
         )
 
     @property
@@ -30,8 +31,8 @@ class NeoXAdapter(Adapter):
     def embed(self, ids: Tensor) -> Tensor:
         return self.hf.gpt_neox.embed_in(ids)
 
-    def unembed(self, x: Tensor) -> Tensor:
-        return self.hf.get_output_embeddings()(self.hf.gpt_neox.final_layer_norm(x))
+    def final_norm(self, x: Tensor) -> Tensor:
+        return self.hf.gpt_neox.final_layer_norm(x)
 
     def rotary(self, positions: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         cos, sin = self.hf.gpt_neox.rotary_emb(like, positions[None])

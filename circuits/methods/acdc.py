@@ -114,6 +114,7 @@ class _Loss:
         # in memory up to the setup's budget and on disk beyond it, made at the first call (a
         # finished run resumed needs none); `close` deletes them.
         self.traces: Store | None = None
+        self._by_batch: dict[int, Trace] = {}  # the stored traces as Traces (prefix caches)
         self.forwards = 0
         self.variants = 0
 
@@ -130,6 +131,7 @@ class _Loss:
         """Drop the clean traces (and delete their files)."""
         if self.traces is not None:
             self.traces.close()
+        self._by_batch.clear()
 
     def __call__(self, removed: Tensor, stage: int) -> Tensor:
         """The loss ``[C]`` (float64) of each mask in `removed` ``[C, n_src, n_dst]``."""
@@ -137,13 +139,16 @@ class _Loss:
         model = self.setup.model
         ablate = removed.to(device=model.device, dtype=model.dtype)  # [C, n_src, n_dst]
         total = torch.zeros(C, dtype=torch.float64)
-        for (batch, ablated, weight), kept in zip(self.setup.items(reuse=True),
-                                                  self._clean_traces(), strict=True):
-            trace = Trace(kept["outs"], kept["resid"], kept["logits"])
+        for i, ((batch, ablated, weight), kept) in enumerate(zip(
+                self.setup.items(reuse=True), self._clean_traces(), strict=True)):
+            if i not in self._by_batch:
+                self._by_batch[i] = Trace(kept["outs"], kept["resid"], kept["logits"])
+            columns, narrow = (None, batch) if self.kind == "kl" else self.setup.narrow(batch)
             logits = self.engine.patched_logits(
-                batch.clean, ablate, ablated, last_only=True, start=(stage, trace)
+                batch.clean, ablate, ablated, last_only=True, start=(stage, self._by_batch[i]),
+                first=self.setup.prefix(batch), columns=columns,
             )  # [C * b, vocab], variant-major
-            total += weight * self._per_variant(logits, batch, C).double().cpu()
+            total += weight * self._per_variant(logits, narrow, C).double().cpu()
         self.forwards += 1
         self.variants += C
         return total

@@ -26,8 +26,10 @@ def eap(setup: Setup) -> Tensor:
     engine = setup.engine
     total = torch.zeros(engine.graph.n_sources, engine.graph.n_destinations)
     for batch, ablated, weight in setup.items():
+        columns, narrow = setup.narrow(batch)
         change = engine.edge_attribution(
-            batch.clean, lambda logits, batch=batch: setup.metric_mean(logits, batch), ablated
+            batch.clean, lambda logits, narrow=narrow: setup.metric_mean(logits, narrow),
+            ablated, columns=columns,
         )
         total += weight * change
     # change estimates m(ablated edge) - m(clean); carrying the behavior means a drop.

@@ -19,8 +19,10 @@ d m / d input_d`` with ``delta_s = ablated_s - clean_s``. Three paths are offere
   were computed with it (under the name ``eap-ig-activations``).
 
 The path is sampled at the midpoints ``alpha = (k + 0.5) / steps`` (the reference samples the
-steps' end points, which differs by O(1 / steps)); all steps of a sweep run in one forward and one
-backward, as variants of the batch or as repeats of its prompts.
+steps' end points, which differs by O(1 / steps)); the steps of a sweep run in one forward and one
+backward, as variants of the batch or as repeats of its prompts, in as few chunks as the setup's
+``run_memory`` allows (`Setup.step_chunks`). Positions the clean and corrupted prompts share
+are clean on the whole path and are not rerun.
 
 Every variant adds up its scores batch by batch; with a `circuits.progress.Checkpoint` in
 ``setup.checkpoint`` the sum so far is saved after each batch and a resumed run continues after
@@ -50,8 +52,10 @@ def _alphas(steps: int) -> Tensor:
 
 
 def _metric(setup: Setup, batch: Batch) -> Callable[[Tensor], Tensor]:
-    """The batch's mean metric of last-position logits (rows may repeat the batch)."""
-    return lambda logits: setup.metric_mean(logits, batch)
+    """The batch's mean metric of last-position logits (rows may repeat the batch), computed
+    from the columns `Setup.narrow` picks; pass ``columns=setup.narrow(batch)[0]`` to the run."""
+    narrow = setup.narrow(batch)[1]
+    return lambda logits: setup.metric_mean(logits, narrow)
 
 
 @register(
@@ -71,11 +75,15 @@ def eap_ig(setup: Setup, steps: int = 5) -> Tensor:
     total = torch.zeros(g.n_sources, g.n_destinations)
     for batch, ablated, weight in resumable_items(setup, "eap-ig", {"total": total},
                                                   {"steps": steps}):
-        delta = ablated - engine.trace(batch.clean, last_only=True).outs  # [n_src, b, p, d]
-        # the metric is a mean over steps x prompts, so the summed gradient is already the
-        # average over steps
-        total += weight * engine.edge_attribution(batch.clean, _metric(setup, batch), ablated,
-                                                  delta=delta, ablate=w)
+        trace = engine.trace(batch.clean, last_only=True)
+        delta = ablated - trace.outs  # [n_src, b, p, d]
+        # the metric is a mean over a chunk's steps x prompts, so the summed gradient is the
+        # chunk's average over steps; the shared prefix of the prompts is not interpolated
+        for part in setup.step_chunks(steps, batch):
+            share = (part.stop - part.start) / steps
+            total += weight * share * engine.edge_attribution(
+                batch.clean, _metric(setup, batch), ablated, delta=delta, ablate=w[part],
+                start=(0, trace), first=setup.prefix(batch), columns=setup.narrow(batch)[0])
     return -setup.sign * total
 
 
@@ -102,12 +110,16 @@ def eap_ig_stages(setup: Setup, steps: int = 5) -> Tensor:
                                                   {"steps": steps}):
         trace = engine.trace(batch.clean, last_only=True)
         delta = ablated - trace.outs  # [n_src, b, p, d]
+        chunks = setup.step_chunks(steps, batch)
         for w, only, stage in sweeps:
             # upstream of the interpolated stage the run is the clean one: restart there
-            total += weight * engine.edge_attribution(
-                batch.clean, _metric(setup, batch), ablated, delta=delta, ablate=w, only=only,
-                start=(stage, trace),
-            )
+            for part in chunks:
+                share = (part.stop - part.start) / steps
+                total += weight * share * engine.edge_attribution(
+                    batch.clean, _metric(setup, batch), ablated, delta=delta, ablate=w[part],
+                    only=only, start=(stage, trace), first=setup.prefix(batch),
+                    columns=setup.narrow(batch)[0],
+                )
     return -setup.sign * total
 
 
@@ -149,14 +161,19 @@ def eap_ig_activations(setup: Setup, steps: int = 5) -> Tensor:
     total = torch.zeros(g.n_sources, g.n_destinations)
     for batch, ablated, weight in resumable_items(setup, "eap-ig-activations", {"total": total},
                                                   {"steps": steps}):
-        clean = engine.trace(batch.clean, last_only=True).outs  # [n_src, b, p, d]
+        trace = engine.trace(batch.clean, last_only=True)
+        clean = trace.outs  # [n_src, b, p, d]
         delta = ablated - clean
-        a = alphas.to(device=delta.device, dtype=delta.dtype)[None, :, None, None, None]
-        # every step's fixed outputs, steps folded into the batch step-major: [n_src, k*b, p, d]
-        fixed = (clean[:, None] + a * delta[:, None]).flatten(1, 2)
-        ids = batch.clean.repeat(steps, 1)  # [k*b, p]
-        for w in sweeps:
-            # the metric is a mean over steps x prompts: the summed gradient averages the steps
-            total += weight * engine.edge_attribution(ids, _metric(setup, batch), fixed,
-                                                      delta=delta, ablate=w)
+        for part in setup.step_chunks(steps, batch):
+            k = part.stop - part.start
+            a = alphas[part].to(device=delta.device, dtype=delta.dtype)[None, :, None, None, None]
+            # the chunk's fixed outputs, steps folded into the batch step-major: [n_src, k*b, p, d]
+            fixed = (clean[:, None] + a * delta[:, None]).flatten(1, 2)
+            ids = batch.clean.repeat(k, 1)  # [k*b, p]
+            for w in sweeps:
+                # the metric is a mean over the chunk's steps x prompts: the summed gradient is
+                # the chunk's average over steps
+                total += weight * k / steps * engine.edge_attribution(
+                    ids, _metric(setup, batch), fixed, delta=delta, ablate=w, start=(0, trace),
+                    first=setup.prefix(batch), columns=setup.narrow(batch)[0])
     return -setup.sign * total / len(groups)

@@ -32,11 +32,13 @@ def exact(setup: Setup) -> Tensor:
     total = torch.zeros(engine.graph.n_sources, engine.graph.n_destinations)
     for batch, ablated, weight in resumable_items(setup, "exact", {"total": total}, {}):
         b = batch.size
+        columns, narrow = setup.narrow(batch)
 
-        def per_variant(logits: Tensor, batch=batch, b=b) -> Tensor:
-            return setup.metric_values(logits, batch).view(-1, b).mean(1)
+        def per_variant(logits: Tensor, narrow=narrow, b=b) -> Tensor:
+            return setup.metric_values(logits, narrow).view(-1, b).mean(1)
 
         clean = setup.metric_mean(batch.clean_logits, batch)
-        effects = engine.edge_effects(batch.clean, ablated, per_variant)
+        effects = engine.edge_effects(batch.clean, ablated, per_variant, setup.prefix(batch),
+                                      columns)
         total += weight * torch.nan_to_num(clean.cpu() - effects)
     return setup.sign * total * engine.graph.valid

@@ -1,0 +1,202 @@
+"""Work the engine shares or skips: sources folded into their own output, the positions the
+clean and corrupted prompts share, the metric's columns of the unembedding, and EAP-IG steps in
+chunks. Each is an exact rewrite of a run, so each is checked against the run it replaces, on
+every edge-level family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import circuits.runs
+from circuits.batch import Batch
+from circuits.engine import Engine
+from circuits.methods import run_method
+from circuits.runs import make_plan
+from circuits.setup import Setup
+from circuits.testing import FAMILIES, make_batch, tiny_model
+
+P, FIRST = 7, 3
+
+
+def model_of(family: str):
+    if family == "gpt2":
+        return tiny_model(family, n_layer=3)
+    return tiny_model(family, num_hidden_layers=3)
+
+
+def prefix_batch(b: int = 3, p: int = P, first: int = FIRST, seed: int = 0) -> Batch:
+    """Random prompts whose corrupted version keeps the first `first` tokens and changes every
+    later one."""
+    x = make_batch(b=b, p=p, vocab=50, seed=seed)
+    corrupt = x.clean.clone()
+    corrupt[:, first:] = (x.clean[:, first:] + 1 + x.corrupt[:, first:] % 48) % 50
+    return Batch(x.clean, corrupt, x.answers, x.wrong)
+
+
+def random_ablate(engine: Engine, C: int, keep: float = 0.6, seed: int = 0) -> torch.Tensor:
+    g = engine.graph
+    gen = torch.Generator().manual_seed(seed)
+    kept = torch.rand(C, g.n_sources, g.n_destinations, generator=gen) < keep
+    return (g.valid & ~kept).float()
+
+
+def logit_diff(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    return (logits.gather(-1, batch.answers) - logits.gather(-1, batch.wrong)).squeeze(-1)
+
+
+def test_shared_prefix_counts_the_leading_positions_every_example_shares():
+    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
+    assert Batch(ids, ids.clone(), ids[:, :1], ids[:, 1:2]).shared_prefix == 3  # at most p - 1
+    other = torch.tensor([[1, 2, 9, 4], [1, 7, 3, 4]])
+    assert Batch(ids, other, ids[:, :1], ids[:, 1:2]).shared_prefix == 1  # the second row
+    assert Batch(ids, ids + 1, ids[:, :1], ids[:, 1:2]).shared_prefix == 0
+    assert prefix_batch().shared_prefix == FIRST
+
+
+def test_prefix_applies_only_to_resample_ablation():
+    model, batch = model_of("gpt2"), prefix_batch()
+    assert Setup(model, [batch], "logit-diff").prefix(batch) == FIRST
+    for ablation in ("mean", "zero"):
+        setup = Setup(model, [batch], "logit-diff", ablation=ablation)
+        assert setup.prefix(setup.batches[0]) == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_circuits_run_on_the_last_positions_give_the_full_runs_logits(family):
+    engine = Engine(model_of(family))
+    batch = prefix_batch()
+    ablated = engine.ablated_outputs(batch.clean, "resample", corrupt=batch.corrupt)
+    ablate = random_ablate(engine, C=3)
+    full = engine.patched_logits(batch.clean, ablate, ablated)
+    # from the embedding, with a clean trace of only the shared positions
+    head = engine.trace(batch.clean[:, :FIRST])
+    got = engine.patched_logits(batch.clean, ablate, ablated, start=(0, head), first=FIRST)
+    assert torch.allclose(got, full, atol=1e-5)
+    # restarting at a later stage from a whole clean trace
+    g = engine.graph
+    stage = g.attn_stage(1)
+    late = ablate * (g.dst_stage >= stage)
+    full = engine.patched_logits(batch.clean, late, ablated)
+    trace = engine.trace(batch.clean)
+    got = engine.patched_logits(batch.clean, late, ablated, start=(stage, trace), first=FIRST)
+    assert torch.allclose(got, full, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exact_patching_of_the_last_positions_equals_the_full_run(family):
+    engine = Engine(model_of(family))
+    batch = prefix_batch()
+    ablated = engine.ablated_outputs(batch.clean, "resample", corrupt=batch.corrupt)
+    b = batch.size
+
+    def per_variant(logits: torch.Tensor) -> torch.Tensor:
+        reps = logits.shape[0] // b
+        rep = Batch(batch.clean.repeat(reps, 1), batch.corrupt.repeat(reps, 1),
+                    batch.answers.repeat(reps, 1), batch.wrong.repeat(reps, 1))
+        return logit_diff(logits, rep).view(-1, b).mean(1)
+
+    full = engine.edge_effects(batch.clean, ablated, per_variant)
+    passes = engine.passes.forward
+    got = engine.edge_effects(batch.clean, ablated, per_variant, first=FIRST)
+    assert torch.equal(full.isnan(), got.isnan())
+    assert torch.allclose(got.nan_to_num(), full.nan_to_num(), atol=1e-5)
+    # the trace is the same; the runs after it cover 4 of 7 positions
+    assert engine.passes.forward - passes < 0.7 * passes
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_over_the_last_positions_equal_the_full_runs(family):
+    engine = Engine(model_of(family))
+    g = engine.graph
+    batch = prefix_batch()
+    ablated = engine.ablated_outputs(batch.clean, "resample", corrupt=batch.corrupt)
+    trace = engine.trace(batch.clean, last_only=True)
+    delta = ablated - trace.outs
+    # EAP-IG's interpolation of the input, 3 steps side by side
+    w = torch.zeros(3, g.n_sources, g.n_destinations)
+    w[:, 0] = torch.tensor([0.2, 0.5, 0.8])[:, None]
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, 1].sum() - logits[:, 2].sum()
+
+    full = engine.edge_attribution(batch.clean, metric, ablated, delta=delta, ablate=w)
+    got = engine.edge_attribution(batch.clean, metric, ablated, delta=delta, ablate=w,
+                                  start=(0, trace), first=FIRST)
+    assert full.abs().max() > 1e-3
+    assert torch.allclose(got, full, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_metrics_columns_give_the_metric_of_the_whole_vocabulary(family):
+    model = model_of(family)
+    engine = Engine(model)
+    x = torch.randn(2, 5, engine.adapter.arch.d_model)
+    columns = torch.tensor([3, 17, 41])
+    assert torch.allclose(engine.adapter.unembed(x, columns),
+                          engine.adapter.unembed(x)[..., columns], atol=1e-6)
+    setup = Setup(model, [make_batch(b=4, p=6, vocab=50)], "logit-diff")
+    batch = setup.batches[0]
+    columns, narrow = setup.narrow(batch)
+    assert len(columns) <= 8 and bool((columns[narrow.wrong] == batch.wrong).all())
+    _, ablated, _ = next(setup.items())
+    ablate = random_ablate(engine, C=2)
+    full = setup.metric_values(engine.patched_logits(batch.clean, ablate, ablated), batch)
+    got = setup.metric_values(
+        engine.patched_logits(batch.clean, ablate, ablated, columns=columns), narrow)
+    assert torch.allclose(got, full, atol=1e-5)
+    # metrics that read the whole distribution get the whole vocabulary
+    assert Setup(model, [batch], "kl").narrow(batch)[0] is None
+
+
+def test_a_source_ablated_alike_everywhere_is_folded_into_its_output():
+    engine = Engine(model_of("gpt2"))
+    g = engine.graph
+    w = torch.zeros(2, g.n_sources, g.n_destinations)
+    w[:, 0] = torch.tensor([0.25, 0.5])[:, None]  # the input, towards its ablated value
+    w[:, 5] = 1.0  # a head removed from the circuit
+    w[0, 6, -1] = 1.0  # one edge of another head: patched as an edge
+    plan = make_plan(g, w * g.valid)
+    assert plan.fold is not None
+    assert plan.fold[:, 0].tolist() == [0.25, 0.5] and plan.fold[:, 5].tolist() == [1.0, 1.0]
+    assert int((plan.fold != 0).sum()) == 4
+    used = [rp.used for rp in plan.readers.values() if rp.used is not None]
+    assert used and not any(bool(u[[0, 5]].any()) for u in used if len(u) > 5)
+    # only sources the run computes are folded: a restart leaves earlier ones to the edges
+    late = w * g.valid * (g.dst_stage >= g.attn_stage(1))
+    assert make_plan(g, late, start=g.attn_stage(1)).fold is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_folded_runs_equal_runs_that_patch_every_edge(family, monkeypatch):
+    engine = Engine(model_of(family))
+    g = engine.graph
+    batch = prefix_batch(first=0)
+    ablated = engine.ablated_outputs(batch.clean, "resample", corrupt=batch.corrupt)
+    ablate = random_ablate(engine, C=3)
+    ablate[:, 3] = 1.0  # a head removed in every variant
+    ablate[0, g.n_heads + 1] = 0.5  # an MLP halfway in one variant
+    ablate[1:, 0] = 0.3  # the input
+    ablate = ablate * g.valid
+    assert make_plan(g, ablate).fold is not None
+    folded = engine.patched_logits(batch.clean, ablate, ablated)
+    monkeypatch.setattr(circuits.runs, "_fold", lambda graph, weights, start: (None, weights))
+    assert make_plan(g, ablate).fold is None
+    assert torch.allclose(folded, engine.patched_logits(batch.clean, ablate, ablated),
+                          atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["eap-ig", "eap-ig-stages", "eap-ig-activations"])
+def test_eap_ig_steps_in_chunks_give_the_scores_of_one_run(method):
+    model = model_of("llama")
+    batches = [prefix_batch(b=3, seed=0), prefix_batch(b=2, seed=1)]
+    whole = Setup(model, batches, "logit-diff")
+    assert [len(whole.step_chunks(4, b)) for b in whole.batches] == [1, 1]
+    small = Setup(model, batches, "logit-diff",
+                  run_memory=whole.engine.gradient_bytes(3, P - FIRST) * 3 // 2)
+    assert [[(s.start, s.stop) for s in small.step_chunks(4, b)] for b in small.batches][0] == [
+        (0, 1), (1, 2), (2, 3), (3, 4)]
+    one = run_method(method, whole, steps=4).values
+    chunked = run_method(method, small, steps=4).values
+    assert one.abs().max() > 1e-3
+    assert torch.allclose(chunked, one, atol=1e-6)
