@@ -45,6 +45,7 @@ import torch
 import circuits
 from circuits.api import make_setup, resolve
 from circuits.batch import Batch
+from circuits.bench import ACDC_TAU_FRACTION
 from circuits.graph import Graph
 from circuits.methods import run_method
 from circuits.model import Model
@@ -118,13 +119,23 @@ def part_ioi(repeats: int, n: int, length: int, taus: list[float], save: str | N
 
 
 def gpt2_small_batch(b: int = 16, p: int = 16, vocab: int = 50257) -> Batch:
-    """Random clean and corrupted prompts with one answer and one wrong token each."""
+    """Random clean and corrupted prompts (different from the first token on) with one answer
+    and one wrong token each."""
     gen = torch.Generator().manual_seed(0)
     clean = torch.randint(0, vocab, (b, p), generator=gen)
     corrupt = torch.randint(0, vocab, (b, p), generator=gen)
     answers = torch.randint(0, vocab, (b, 1), generator=gen)
     wrong = (answers + 1) % vocab
     return Batch(clean, corrupt, answers, wrong)
+
+
+def ioi_small_batch(b: int = 16, p: int = 16) -> Batch:
+    """`b` IOI prompts of `p` tokens (the IOI reference model's word-level tokenizer; its ids
+    are valid for a GPT-2-sized vocabulary): the corrupted prompt changes the second name only,
+    so clean and corrupted share their first tokens (13 of 16 for the first 16 prompts)."""
+    _, model = resolve("ioi", None, n=1)
+    task = ioi_prompts(model, b, p)
+    return task.batches(model.tokenizer, batch_size=b)[0]
 
 
 def gpt2_model(n_layer: int) -> Model:
@@ -135,6 +146,17 @@ def gpt2_model(n_layer: int) -> Model:
 def user_run(model: Model, batch: Batch, method: str, **options: Any) -> Callable[[], Any]:
     """A fresh Setup on the batch and the method run on it, as `circuits.score` does."""
     return lambda: run_method(method, Setup(model, [batch], "logit-diff"), **options)
+
+
+def method_run(setup: Setup, method: str, **options: Any) -> Callable[[], Any]:
+    """The method on a Setup whose clean logits are made: the ablated run and the method (the
+    Setup keeps nothing between calls)."""
+
+    def run() -> Any:
+        setup.close()
+        return run_method(method, setup, **options)
+
+    return run
 
 
 def exact_units(g: Graph) -> float:
@@ -149,42 +171,115 @@ def exact_units(g: Graph) -> float:
     return units
 
 
-def part_gpt2_small(repeats: int, exact_all: bool) -> None:
-    repeats = max(repeats, 1)
-    model, batch = gpt2_model(12), gpt2_small_batch()
-    g = Setup(model, [batch], "logit-diff").graph
-    print(f"\nGPT-2-small shape, random weights: {g.n_edges} edges, one batch of 16 prompts x 16 "
-          f"tokens; fresh Setup in every call, median of {repeats} after the first")
+def plain_passes(model: Model, batch: Batch, steps: int, repeats: int) -> dict[str, float]:
+    """Median seconds of the plain Hugging Face passes the methods need: a forward of the
+    batch (no gradient), and a forward-backward of the batch and of `steps` copies of it (the
+    gradient of a logit difference taken to the input embeddings, parameters frozen, as the
+    methods do)."""
+    hf = model.hf
 
     def forward() -> None:
         with torch.no_grad():
-            model.hf(batch.clean)
+            hf(batch.clean)
 
-    _, t_fwd, _ = timed(forward, repeats)
-    print(f"plain HF forward          {t_fwd:8.3f} s")
-    for label, method, options in (("EAP", "eap", {}), ("EAP-IG, 5 steps", "eap-ig",
-                                                        {"steps": 5})):
-        first, median, out = timed(user_run(model, batch, method, **options), repeats)
-        print(f"{label:24s}  {median:8.3f} s = {median / t_fwd:5.1f} x forward (first call "
-              f"{first:.3f} s; {out.cost.forward:g} fwd, {out.cost.backward:g} bwd)", flush=True)
+    def forward_backward(copies: int) -> Callable[[], None]:
+        ids = batch.clean.repeat(copies, 1)
+
+        def run() -> None:
+            emb = hf.get_input_embeddings()(ids).detach().requires_grad_(True)
+            logits = hf(inputs_embeds=emb).logits[:, -1]
+            (logits[:, 0] - logits[:, 1]).mean().backward()
+
+        return run
+
+    flags = [(p, p.requires_grad) for p in hf.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        return {"fwd": timed(forward, repeats)[1], "fwd_bwd": timed(forward_backward(1),
+                                                                    repeats)[1],
+                "fwd_bwd_steps": timed(forward_backward(steps), repeats)[1]}
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def part_gpt2_small(repeats: int, exact_all: bool, acdc: bool, profile: bool) -> None:
+    repeats = max(repeats, 1)
+    model = gpt2_model(12)
+    kinds = {"random": gpt2_small_batch(), "ioi": ioi_small_batch()}
+    g = Setup(model, [kinds["random"]], "logit-diff").graph
+    steps = 5
+    plain = plain_passes(model, kinds["random"], steps, repeats)
+    print(f"\nGPT-2-small shape, random weights: {g.n_edges} edges, one batch of 16 prompts x 16 "
+          f"tokens, median of {repeats} after a first call; each method on a Setup whose clean "
+          "logits are made (its ablated run included)")
+    print(f"plain HF passes: forward {plain['fwd']:.3f} s, forward-backward "
+          f"{plain['fwd_bwd']:.3f} s, forward-backward of {steps} copies "
+          f"{plain['fwd_bwd_steps']:.3f} s")
+    needs = {"EAP": plain["fwd"] + plain["fwd_bwd"],
+             f"EAP-IG, {steps} steps": 2 * plain["fwd"] + plain["fwd_bwd_steps"],
+             "evaluate 1,000 edges": 2 * plain["fwd"]}
+    print("  EAP needs the ablated forward and one forward-backward; EAP-IG the ablated and the "
+          f"clean forward and one forward-backward of {steps} copies; evaluating a circuit the "
+          "ablated forward and one patched forward")
+    print(f"{'':22s} {'prompts':>7s} {'seconds':>8s} {'HF passes':>9s} {'ratio':>6s} "
+          f"{'fwd':>6s} {'bwd':>6s} {'peak MiB':>8s}")
+    for kind, batch in kinds.items():
+        setup = Setup(model, [batch], "logit-diff")
+        eap = run_method("eap", setup)
+        mask = torch.zeros(g.n_sources * g.n_destinations, dtype=torch.bool)
+        mask[(eap.values.abs() * g.valid).flatten().topk(1000).indices] = True
+        mask = mask.view_as(g.valid) & g.valid  # the 1,000 edges of largest |EAP score|
+        runs = [("EAP", method_run(setup, "eap")),
+                (f"EAP-IG, {steps} steps", method_run(setup, "eap-ig", steps=steps)),
+                ("evaluate 1,000 edges", lambda setup=setup, mask=mask: (setup.close(),
+                                                              circuits.evaluate(mask, setup)))]
+        for label, fn in runs:
+            _, median, out = timed(fn, repeats)
+            cost = getattr(out, "cost", None)
+            extra = (f" {cost.forward:6.2f} {cost.backward:6.2f} {cost.peak_memory_mb:8.0f}"
+                     if cost else "")
+            print(f"{label:22s} {kind:>7s} {median:8.3f} {needs[label]:9.3f} "
+                  f"{median / needs[label]:6.2f}{extra}", flush=True)
+    if profile:
+        setup = Setup(model, [kinds["random"]], "logit-diff")
+        with torch.profiler.profile() as prof:
+            run_method("eap-ig", setup, steps=steps)
+        print(f"\nwhere EAP-IG ({steps} steps, random prompts) spends its time, top 5 operators:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=5))
+    ioi = kinds["ioi"]
+    print(f"IOI prompts share their first {ioi.shared_prefix} of {ioi.length} tokens")
     if exact_all:
         t0 = time.perf_counter()
-        user_run(model, batch, "exact")()
+        out = user_run(model, ioi, "exact")()
         seconds = time.perf_counter() - t0
-        print(f"exact, all {g.n_edges} edges: {seconds:.0f} s measured, "
-              f"{g.n_edges / seconds:.1f} edges/s")
-        return
-    small = [gpt2_model(n) for n in (1, 2)]
-    times = [timed(user_run(m, batch, "exact"), 1)[1] for m in small]
-    graphs = [Setup(m, [batch], "logit-diff").graph for m in small]
-    units = [exact_units(s) for s in graphs]
-    per_unit = (times[1] - times[0]) / (units[1] - units[0])  # the slope drops fixed overhead
-    overhead = times[0] - per_unit * units[0]
-    estimate = overhead + per_unit * exact_units(g)
-    print(f"exact, all {g.n_edges} edges: ~{estimate / 60:.0f} min EXTRAPOLATED "
-          f"(~{g.n_edges / estimate:.1f} edges/s), from 1 and 2 layers of the same shape timed "
-          f"in full ({times[0]:.1f} s for {graphs[0].n_edges} edges, {times[1]:.1f} s for "
-          f"{graphs[1].n_edges}); --exact-all measures it")
+        print(f"exact, all {g.n_edges} edges, IOI prompts: {seconds:.0f} s = "
+              f"{seconds / 60:.1f} min MEASURED ({g.n_edges / seconds:.0f} edges/s, "
+              f"{out.cost.forward:.0f} forward-equivalents)", flush=True)
+    for kind, batch in kinds.items():
+        if exact_all and kind == "ioi":
+            continue
+        layers = (2, 3, 4, 5)
+        times = [timed(user_run(gpt2_model(n), batch, "exact"), 1)[1] for n in layers]
+        units = [exact_units(Setup(gpt2_model(n), [batch], "logit-diff").graph) for n in layers]
+        slope, offset = np.polyfit(units, times, 1)
+        estimate = offset + slope * exact_units(g)
+        print(f"exact, all {g.n_edges} edges, {kind} prompts: ~{estimate / 60:.1f} min "
+              f"EXTRAPOLATED from 2-5 layers of the same shape timed in full "
+              f"({', '.join(f'{t:.1f}' for t in times)} s)", flush=True)
+    if acdc:
+        setup = Setup(model, [ioi], "logit-diff")
+        empty = circuits.evaluate(torch.zeros_like(g.valid), setup)
+        tau = ACDC_TAU_FRACTION * abs(empty.metric_model - empty.metric_empty)
+        t0 = time.perf_counter()
+        out = run_method("acdc", Setup(model, [ioi], "logit-diff"), threshold=tau,
+                         metric="task", progress=False)
+        seconds = time.perf_counter() - t0
+        print(f"ACDC on the task metric, IOI prompts, τ = {tau:.4g} "
+              f"({ACDC_TAU_FRACTION} x |m(model) - m(empty)|, as circuits bench sets it): "
+              f"{seconds / 60:.1f} min, {int(out.extra['kept'].sum())} edges kept, "
+              f"{out.cost.forward:.0f} forward-equivalents", flush=True)
 
 
 def main() -> None:
@@ -201,7 +296,12 @@ def main() -> None:
     parser.add_argument("--skip-large", action="store_true",
                         help="only the IOI reference model")
     parser.add_argument("--exact-all", action="store_true",
-                        help="measure exact patching of all GPT-2-small edges (hours on CPU)")
+                        help="measure exact patching of all GPT-2-small edges on the IOI "
+                             "prompts (minutes)")
+    parser.add_argument("--acdc", action="store_true",
+                        help="measure one ACDC run on the GPT-2-small shape (minutes)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the top operators of one EAP-IG run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
@@ -213,7 +313,7 @@ def main() -> None:
         print("WARNING: the machine is busy; timings are unreliable")
     part_ioi(args.repeats, args.prompts, args.length, args.tau, args.save_prompts)
     if not args.skip_large:
-        part_gpt2_small(args.repeats, args.exact_all)
+        part_gpt2_small(args.repeats, args.exact_all, args.acdc, args.profile)
 
 
 if __name__ == "__main__":

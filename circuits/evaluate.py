@@ -108,24 +108,41 @@ def metric_of_masks(
 
 
 def _engine_values(setup: Setup, engine: Engine, masks: Tensor, chunk: int) -> Tensor:
-    """``[C, n_prompts]`` float64 metric of each circuit run by the edge engine."""
+    """``[C, n_prompts]`` float64 metric of each circuit run by the edge engine.
+
+    The whole model's values are the clean logits' the Setup holds, and under resample
+    ablation the empty circuit's are the corrupted run's logits (made with the ablated values):
+    neither is run again.
+    """
     valid = setup.graph.valid
     C = masks.shape[0]
+    whole = (masks == valid).all(2).all(1)  # [C]
+    empty = ~masks.any(2).any(1)
     out = []
-    for batch, ablated, _ in setup.items(reuse=True):
+    for i, (batch, ablated, _) in enumerate(setup.items(reuse=True)):
         rows = torch.empty(C, batch.size, dtype=torch.float64)
+        known = {"whole": (whole, batch.clean_logits), "empty": (empty, setup.corrupt_logits(i))}
+        done = torch.zeros(C, dtype=torch.bool)
+        for which, logits in known.values():
+            if logits is not None and which.any():
+                rows[which] = setup.metric_values(logits, batch).double().cpu()
+                done |= which
+        todo = (~done).nonzero().squeeze(1)
+        if not len(todo):
+            out.append(rows)
+            continue
         columns, narrow = setup.narrow(batch)
         # the positions the clean and corrupted prompts share are clean in every circuit: one
         # clean run of them, and the circuits run only the rest
         first = setup.prefix(batch)
         start = (0, engine.trace(batch.clean[:, :first])) if first else None
-        for lo in range(0, C, chunk):
-            part = masks[lo:lo + chunk]  # [c, n_src, n_dst]
-            ablate = (valid & ~part).float().to(ablated.device)
+        for lo in range(0, len(todo), chunk):
+            idx = todo[lo:lo + chunk]
+            ablate = (valid & ~masks[idx]).float().to(ablated.device)  # [c, n_src, n_dst]
             logits = engine.patched_logits(batch.clean, ablate, ablated, start=start,
                                            first=first, columns=columns)  # [c * b, n_cols]
-            values = setup.metric_values(logits, narrow).view(len(part), batch.size)
-            rows[lo:lo + len(part)] = values.double().cpu()
+            values = setup.metric_values(logits, narrow).view(len(idx), batch.size)
+            rows[idx] = values.double().cpu()
         out.append(rows)
     return torch.cat(out, 1)
 

@@ -200,3 +200,25 @@ def test_eap_ig_steps_in_chunks_give_the_scores_of_one_run(method):
     chunked = run_method(method, small, steps=4).values
     assert one.abs().max() > 1e-3
     assert torch.allclose(chunked, one, atol=1e-6)
+
+
+@pytest.mark.parametrize("ablation", ["resample", "mean"])
+def test_the_whole_model_and_the_empty_circuit_come_from_runs_already_made(ablation):
+    """metric_of_masks takes the whole model's values from the Setup's clean logits and, under
+    resample ablation, the empty circuit's from the corrupted run: the same as running them."""
+    from circuits.evaluate import metric_of_masks
+
+    model = model_of("gpt2")
+    setup = Setup(model, [prefix_batch(seed=0), prefix_batch(b=2, seed=1)], "logit-diff",
+                  ablation=ablation)
+    g = setup.graph
+    masks = torch.stack([g.valid, torch.zeros_like(g.valid), g.valid & (torch.rand(
+        g.valid.shape, generator=torch.Generator().manual_seed(0)) < 0.5)])
+    got = metric_of_masks(setup, masks, per_prompt=True)
+    want = []
+    for batch, ablated, _ in setup.items():
+        ablate = (g.valid & ~masks).float()
+        logits = setup.engine.patched_logits(batch.clean, ablate, ablated)
+        want.append(setup.metric_values(logits, batch).view(3, batch.size).double())
+    assert torch.allclose(got, torch.cat(want, 1), atol=1e-5)
+    assert (setup.corrupt_logits(0) is None) == (ablation == "mean")
