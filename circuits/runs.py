@@ -76,8 +76,9 @@ class ReaderPlan:
 
     first : the graph index of the reader's first destination. n_up : the sources upstream of
     it. own : ``[n]`` the positions of those destinations among the reader's. weights : ``[C,
-    n_up, n]`` the weights of the upstream sources' deltas, or None when only gradients are
-    wanted there. used : ``[n_up]`` bool, the sources with a nonzero weight into them.
+    n_up, n]`` (``[1, n_up, n]`` when every variant has the same) the weights of the upstream
+    sources' deltas, or None when only gradients are wanted there. used : ``[n_up]`` bool, the
+    sources with a nonzero weight into them.
     """
 
     first: int
@@ -186,6 +187,8 @@ def make_plan(
             used = nonzero[:n_up, dsts][:, pos].any(1)  # [n_up]
             if used.any():
                 w = weights[:, :n_up, dsts][:, :, pos.to(weights.device)]  # [C, n_up, n]
+                if C > 1 and bool((w == w[:1]).all()):
+                    w = w[:1]  # the same in every variant: one product mixes them all
             else:
                 used = None
         readers[dsts.start] = ReaderPlan(dsts.start, n_up, pos, w, used)
@@ -225,20 +228,23 @@ def _readers(graph: Graph) -> list[slice]:
 class _Deltas:
     """``ablated - current`` of every source written so far, ``[n_src, C*b, p, d]``.
 
-    With gradients the buffer holds detached values: reading rows of one buffer that autograd
-    tracks would send a buffer-sized gradient back at every stage. Deltas that gradients must
-    flow through (sources computed in this run) are kept as `live` groups (first row, last row
-    + 1, ``[n, C*b, p, d]``) instead.
+    Sources before the run's start (restored from a trace) have the same delta in every
+    variant: they are kept once, ``pre`` ``[n_pre, b, p, d]``, and mixed into every variant by
+    broadcasting. With gradients the buffer holds detached values: reading rows of one buffer
+    that autograd tracks would send a buffer-sized gradient back at every stage. Deltas that
+    gradients must flow through (sources computed in this run) are kept as `live` groups (first
+    row, last row + 1, ``[n, C*b, p, d]``) instead.
     """
 
     def __init__(self, ablated: Tensor, like: Tensor, n_sources: int, C: int,
                  tracked: bool) -> None:
         self.ablated, self.C, self.tracked = _last(ablated, like.shape[1]), C, tracked
         self.buf = like.new_empty(n_sources, *like.shape)
+        self.pre: Tensor | None = None
         self.live: list[tuple[int, int, Tensor]] = []
 
     def record(self, sources: slice, value: Tensor, through: bool = True) -> None:
-        diff = _tile(self.ablated[sources], self.C) - value
+        diff = _minus(self.ablated[sources], value, self.C)
         self.buf[sources] = diff.detach() if self.tracked else diff
         if self.tracked and through:
             self.live.append((sources.start, sources.stop, diff))
@@ -246,28 +252,29 @@ class _Deltas:
     def restore(self, cached: Tensor) -> None:
         """Deltas of the sources before a restart, from their cached clean outputs."""
         n = cached.shape[0]
-        self.buf[:n] = _tile(self.ablated[:n], self.C) - _tile(_last(cached, self.buf.shape[2]),
-                                                               self.C)
+        self.pre = self.ablated[:n] - _last(cached, self.buf.shape[2])  # [n, b, p, d]
 
     def cut(self) -> None:
         self.buf = self.buf[..., -1:, :]
         self.live = [(lo, hi, diff[..., -1:, :]) for lo, hi, diff in self.live]
+        if self.pre is not None:
+            self.pre = self.pre[..., -1:, :]
         if self.ablated.shape[2] > 1:
             self.ablated = self.ablated[..., -1:, :]
 
     def mix(self, used: Tensor, w: Tensor, n_up: int) -> Tensor:
-        """``sum over used sources r of w[:, r] * delta[r]`` ``[n, C*b, p, d]``: the buffer's
-        rows up to the first live group, then each live group that has a used row."""
+        """``sum over used sources r of w[:, r] * delta[r]`` ``[n, C*b, p, d]``: the restored
+        rows, the buffer's rows up to the first live group, then each live group that has a
+        used row."""
+        n_pre = 0 if self.pre is None else min(len(self.pre), n_up)
         n_const = min(self.live[0][0], n_up) if self.live else n_up
         parts = []
-        if used[:n_const].any():
-            n_used = int(used[:n_const].sum())
-            # a gather copies; past half the sources, multiplying zeros is cheaper
-            if 2 * n_used < n_const:
-                rows = used[:n_const].nonzero().squeeze(1)
-                parts.append(_mix(self.buf[rows], w[:, rows], self.C))
-            else:
-                parts.append(_mix(self.buf[:n_const], w[:, :n_const], self.C))
+        if used[:n_pre].any():
+            rows = _rows(used, 0, n_pre)
+            parts.append(_mix_shared(self.pre[rows], w[:, rows], self.C))
+        if used[n_pre:n_const].any():
+            rows = _rows(used, n_pre, n_const)
+            parts.append(_mix(self.buf[rows], w[:, rows], self.C))
         for lo, hi, diff in self.live:
             if lo >= n_up:
                 break
@@ -278,6 +285,15 @@ class _Deltas:
         for part in parts[1:]:
             extra = extra + part
         return extra
+
+
+def _rows(used: Tensor, lo: int, hi: int) -> slice | Tensor:
+    """The used rows in ``[lo, hi)``: all of them as a slice (a view) when more than half are
+    used (multiplying zeros is cheaper than a gather's copy), else their indices."""
+    n_used = int(used[lo:hi].sum())
+    if 2 * n_used < hi - lo:
+        return used[lo:hi].nonzero().squeeze(1) + lo
+    return slice(lo, hi)
 
 
 class _Walk:
@@ -366,12 +382,11 @@ class _Walk:
         source ablated fully in every variant takes its ablated value (no gradient through it)."""
         C, rows, p = self.plan.variants, value.shape[1], value.shape[2]
         f = self.plan.fold[:, sources].to(value.dtype)  # [C, n]
-        abl = self.ablated[sources]
-        abl = _tile(abl[..., -p:, :] if abl.shape[2] > 1 else abl, C).expand_as(value)
+        abl = _last(self.ablated[sources], p)
         if bool((f == 1).all()):
-            return abl.to(value.dtype)
+            return _tile(abl, C).expand_as(value).to(value.dtype)
         f = f.T.repeat_interleave(rows // C, 1)  # [n, C*b], variant-major like the rows
-        return value + f[:, :, None, None] * (abl - value)
+        return value + f[:, :, None, None] * _minus(abl, value, C)
 
     def _cut(self, resid: Tensor) -> Tensor:
         """Keep only the last position from here on."""
@@ -553,13 +568,34 @@ def run_gradient(adapter: Adapter, graph: Graph, plan: RunPlan, ids: Tensor,
     return trace_out
 
 
+def _mix_shared(delta: Tensor, w: Tensor, C: int) -> Tensor:
+    """Like `_mix` for deltas the variants share: delta ``[r, b, p, d]``; returns ``[nD, C*b, p,
+    d]``."""
+    r, b, p, d = delta.shape
+    out = w.transpose(1, 2) @ delta.reshape(r, -1)  # [C or 1, nD, b*p*d]
+    if w.shape[0] == 1:  # the same in every variant
+        out = out[0].view(-1, 1, b, p, d).expand(-1, C, b, p, d)
+        return out.contiguous().view(-1, C * b, p, d)  # its own memory: callers add in place
+    return out.view(C, -1, b, p, d).transpose(0, 1).reshape(-1, C * b, p, d)
+
+
+def _minus(ablated: Tensor, value: Tensor, C: int) -> Tensor:
+    """``ablated - value`` with ablated ``[n, b|1, p|1, d]`` the same in each of the C variants
+    of value ``[n, C*b, p, d]`` (broadcast, not copied)."""
+    if C == 1 or ablated.shape[1] == 1:
+        return ablated - value
+    n, rows, p, d = value.shape
+    return (ablated[:, None] - value.view(n, C, rows // C, p, d)).view(n, rows, p, d)
+
+
 def _mix(delta: Tensor, w: Tensor, C: int) -> Tensor:
     """``out[D, (c, b)] = sum over r of w[c, r, D] * delta[r, (c, b)]`` as one (batched) matmul.
 
-    delta : ``[r, C*b, p, d]``; w : ``[C, r, nD]``; returns ``[nD, C*b, p, d]``.
+    delta : ``[r, C*b, p, d]``; w : ``[C, r, nD]``, or ``[1, r, nD]`` for weights every variant
+    shares; returns ``[nD, C*b, p, d]``.
     """
     r, rows, p, d = delta.shape
-    if C == 1:
+    if C == 1 or w.shape[0] == 1:
         return (w[0].T @ delta.reshape(r, -1)).view(-1, rows, p, d)
     per = delta.reshape(r, C, -1).transpose(0, 1)  # [C, r, b*p*d]
     out = torch.bmm(w.transpose(1, 2), per)  # [C, nD, b*p*d]

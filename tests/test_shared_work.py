@@ -222,3 +222,20 @@ def test_the_whole_model_and_the_empty_circuit_come_from_runs_already_made(ablat
         want.append(setup.metric_values(logits, batch).view(3, batch.size).double())
     assert torch.allclose(got, torch.cat(want, 1), atol=1e-5)
     assert (setup.corrupt_logits(0) is None) == (ablation == "mean")
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_variants_sharing_their_weights_after_a_restart_run_like_one(b):
+    """Weights every variant shares are mixed by one product, the restored sources' deltas
+    broadcast over the variants; with one prompt the broadcast result must still be a tensor
+    of its own (it is added to in place)."""
+    engine = Engine(model_of("gpt2"))
+    g = engine.graph
+    batch = prefix_batch(b=b, first=0)
+    ablated = engine.ablated_outputs(batch.clean, "resample", corrupt=batch.corrupt)
+    stage = g.attn_stage(1)
+    one = random_ablate(engine, C=1) * (g.dst_stage >= stage)
+    trace = engine.trace(batch.clean)
+    single = engine.patched_logits(batch.clean, one, ablated, start=(stage, trace))
+    both = engine.patched_logits(batch.clean, one.repeat(2, 1, 1), ablated, start=(stage, trace))
+    assert torch.allclose(both, single.repeat(2, 1), atol=1e-5)
