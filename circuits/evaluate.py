@@ -110,9 +110,9 @@ def metric_of_masks(
 def _engine_values(setup: Setup, engine: Engine, masks: Tensor, chunk: int) -> Tensor:
     """``[C, n_prompts]`` float64 metric of each circuit run by the edge engine.
 
-    The whole model's values are the clean logits' the Setup holds, and under resample
-    ablation the empty circuit's are the corrupted run's logits (made with the ablated values):
-    neither is run again.
+    The whole model's values come from the clean logits the Setup holds, and under resample
+    ablation the empty circuit's are the corrupted run's (made with the ablated values, see
+    `Setup.empty_values`): neither is run again.
     """
     valid = setup.graph.valid
     C = masks.shape[0]
@@ -121,11 +121,11 @@ def _engine_values(setup: Setup, engine: Engine, masks: Tensor, chunk: int) -> T
     out = []
     for i, (batch, ablated, _) in enumerate(setup.items(reuse=True)):
         rows = torch.empty(C, batch.size, dtype=torch.float64)
-        known = {"whole": (whole, batch.clean_logits), "empty": (empty, setup.corrupt_logits(i))}
+        whole_values = setup.metric_values(batch.clean_logits, batch).double().cpu()
         done = torch.zeros(C, dtype=torch.bool)
-        for which, logits in known.values():
-            if logits is not None and which.any():
-                rows[which] = setup.metric_values(logits, batch).double().cpu()
+        for which, values in ((whole, whole_values), (empty, setup.empty_values(i))):
+            if values is not None and which.any():
+                rows[which] = values
                 done |= which
         todo = (~done).nonzero().squeeze(1)
         if not len(todo):

@@ -13,7 +13,18 @@ Everything a run needs to know is resolved once into a frozen `RunPlan`: the sta
 at, how many variants of the batch run side by side, which destinations of each stage read an
 input of their own (the others share the residual, so an unpatched run costs what the model's
 own forward costs), which sources are mixed into them, whether the run is recorded as a `Trace`
-and whether only the last position's logits are wanted. Two executors run plans:
+and whether only the last position's logits are wanted. Three kinds of work are shared or
+skipped where the plan allows, each an exact rewrite of the run:
+
+- a source whose weight is the same into all its destinations is *folded*: its output itself is
+  moved towards its ablated value (an interpolated input, a removed node), with no per-edge
+  mixing;
+- positions before ``first`` are the clean run's at every stage (the clean and corrupted
+  prompts share them): only later positions are computed, attending to the clean keys and
+  values of the earlier ones;
+- only the logits of ``columns`` are computed (metrics that read a few tokens).
+
+Two executors run plans:
 `run_patched` (no gradients) and `run_gradient` (each destination's input gets a hook that hands
 its gradient to a sink, so all edges are scored in one backward pass). Both count the rows they
 run through the model in one `PassCounter`.

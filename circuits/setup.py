@@ -70,9 +70,9 @@ class Setup:
     checkpoint: Checkpoint | None = None  # where long methods keep their progress, if anywhere
     _engine: Engine | None = field(default=None, repr=False)
     _kept: Store | None = field(default=None, init=False, repr=False, compare=False)
-    # per batch index, the corrupted run's last-position logits (made with the ablated values)
-    _corrupt_logits: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False,
-                                               compare=False)
+    # per batch index, the metric of the corrupted run (made with the ablated values) [b]
+    _empty_values: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False,
+                                             compare=False)
 
     def __post_init__(self) -> None:
         if self.ablation not in ABLATIONS:
@@ -185,7 +185,7 @@ class Setup:
             else:
                 trace = self.engine.trace(batch.corrupt, last_only=True)
                 ablated = trace.outs
-                self._corrupt_logits[i] = trace.logits
+                self._empty_values[i] = self.metric_values(trace.logits, batch).double().cpu()
                 if reuse and kept is not None and i == len(kept):
                     kept.append(ablated)
             yield batch, ablated, weight
@@ -230,18 +230,18 @@ class Setup:
         (mean and zero ablation change every position)."""
         return batch.shared_prefix if self.ablation == "resample" else 0
 
-    def corrupt_logits(self, index: int) -> Tensor | None:
-        """The corrupted prompts' last-position logits ``[b, vocab]`` of batch `index` — the
-        empty circuit's under resample ablation — once `items` has made that batch's ablated
-        values (None before, and for mean or zero ablation)."""
-        return self._corrupt_logits.get(index)
+    def empty_values(self, index: int) -> Tensor | None:
+        """The metric ``[b]`` (float64) of batch `index`'s corrupted prompts — the empty
+        circuit's under resample ablation — once `items` has made that batch's ablated values
+        (None before, and for mean or zero ablation)."""
+        return self._empty_values.get(index)
 
     def close(self) -> None:
         """Drop the kept ablated outputs and delete their files (a later `items` recomputes)."""
         if self._kept is not None:
             self._kept.close()
             self._kept = None
-        self._corrupt_logits.clear()
+        self._empty_values.clear()
 
     def metric_values(self, logits: Tensor, batch: Batch) -> Tensor:
         """Per-example metric ``[rows]`` of last-position logits; rows may be variant-major

@@ -221,7 +221,7 @@ def test_the_whole_model_and_the_empty_circuit_come_from_runs_already_made(ablat
         logits = setup.engine.patched_logits(batch.clean, ablate, ablated)
         want.append(setup.metric_values(logits, batch).view(3, batch.size).double())
     assert torch.allclose(got, torch.cat(want, 1), atol=1e-5)
-    assert (setup.corrupt_logits(0) is None) == (ablation == "mean")
+    assert (setup.empty_values(0) is None) == (ablation == "mean")
 
 
 @pytest.mark.parametrize("b", [1, 3])
