@@ -320,6 +320,7 @@ class _Walk:
         self.deltas: _Deltas | None = None
         self.outs: Tensor | None = None
         self.resid_at: dict[int, Tensor] = {}
+        self.trace: Trace | None = None  # the clean run the first positions come from
 
     def __call__(self, ids: Tensor, trace: Trace | None, resid: Tensor | None = None
                  ) -> tuple[Tensor, Trace | None]:
@@ -348,11 +349,9 @@ class _Walk:
         """The residual `plan.start` reads ``[C*b, p, d]`` (`resid`, by default the embedding
         or the trace's), and the records of earlier stages."""
         plan, C = self.plan, self.plan.variants
-        if resid is not None:
-            pass
-        elif plan.start == 0:
+        if resid is None and plan.start == 0:
             resid = self.a.embed(ids)[:, plan.first:]
-        else:
+        elif resid is None:
             if trace is None:
                 raise ValueError("a run that starts after the embedding needs a clean Trace")
             resid = trace.resid[plan.start][:, plan.first:]
