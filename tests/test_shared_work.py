@@ -239,3 +239,16 @@ def test_variants_sharing_their_weights_after_a_restart_run_like_one(b):
     single = engine.patched_logits(batch.clean, one, ablated, start=(stage, trace))
     both = engine.patched_logits(batch.clean, one.repeat(2, 1, 1), ablated, start=(stage, trace))
     assert torch.allclose(both, single.repeat(2, 1), atol=1e-5)
+
+
+def test_acdc_keeps_the_prefix_keys_and_values_with_its_traces_in_memory_or_on_disk():
+    """ACDC stores each batch's clean trace, with the shared prefix's keys and values, in the
+    Setup's memory budget and on disk beyond it: the circuit is the same either way."""
+    model = model_of("llama")
+    batches = [prefix_batch(b=3, seed=0), prefix_batch(b=2, seed=1)]
+    options = {"threshold": 1e-4, "metric": "task", "progress": False}
+    kept = run_method("acdc", Setup(model, batches, "logit-diff"), **options)
+    spilled = run_method("acdc", Setup(model, batches, "logit-diff", memory_budget=0), **options)
+    assert torch.equal(kept.extra["kept"], spilled.extra["kept"])
+    assert torch.allclose(kept.values, spilled.values, atol=1e-6)
+    assert 0 < int(kept.extra["kept"].sum()) < kept.graph.n_edges

@@ -110,28 +110,34 @@ class _Loss:
         self.setup = setup
         self.kind = kind
         self.engine = setup.engine
-        # One clean trace per batch (the residual every stage reads and every source's output),
-        # in memory up to the setup's budget and on disk beyond it, made at the first call (a
-        # finished run resumed needs none); `close` deletes them.
+        # One clean trace per batch (the residual every stage reads, every source's output and
+        # the keys and values of the prompts' shared prefix), in memory up to the setup's budget
+        # and on disk beyond it, made at the first call (a finished run resumed needs none);
+        # `close` deletes them.
         self.traces: Store | None = None
-        self._by_batch: dict[int, Trace] = {}  # the stored traces as Traces (prefix caches)
         self.forwards = 0
         self.variants = 0
 
     def _clean_traces(self) -> Store:
         if self.traces is None:
             self.traces = Store(self.setup.memory_budget)
+            adapter, g = self.engine.adapter, self.engine.graph
             for b in self.setup.batches:
                 trace = self.engine.trace(b.clean, last_only=True)
-                self.traces.append({"outs": trace.outs, "resid": trace.resid,
-                                    "logits": trace.logits})
+                kept = {"outs": trace.outs, "resid": trace.resid, "logits": trace.logits}
+                first = self.setup.prefix(b)
+                if first:  # the clean keys and values of the shared prefix, for every layer
+                    kept["kv"] = {f"{name}{layer}": t for layer in range(g.n_layers)
+                                  for name, t in zip("kv", trace.kv(adapter, layer,
+                                                                     g.attn_stage(layer), first),
+                                                     strict=True)}
+                self.traces.append(kept)
         return self.traces
 
     def close(self) -> None:
         """Drop the clean traces (and delete their files)."""
         if self.traces is not None:
             self.traces.close()
-        self._by_batch.clear()
 
     def __call__(self, removed: Tensor, stage: int) -> Tensor:
         """The loss ``[C]`` (float64) of each mask in `removed` ``[C, n_src, n_dst]``."""
@@ -139,14 +145,18 @@ class _Loss:
         model = self.setup.model
         ablate = removed.to(device=model.device, dtype=model.dtype)  # [C, n_src, n_dst]
         total = torch.zeros(C, dtype=torch.float64)
-        for i, ((batch, ablated, weight), kept) in enumerate(zip(
-                self.setup.items(reuse=True), self._clean_traces(), strict=True)):
-            if i not in self._by_batch:
-                self._by_batch[i] = Trace(kept["outs"], kept["resid"], kept["logits"])
+        for (batch, ablated, weight), kept in zip(self.setup.items(reuse=True),
+                                                  self._clean_traces(), strict=True):
+            trace = Trace(kept["outs"], kept["resid"], kept["logits"])
+            first = self.setup.prefix(batch)
+            if first:  # kept with the trace, within the memory budget
+                kv = kept["kv"]
+                trace.prefix_kv.update({(layer, first): (kv[f"k{layer}"], kv[f"v{layer}"])
+                                        for layer in range(self.engine.graph.n_layers)})
             columns, narrow = (None, batch) if self.kind == "kl" else self.setup.narrow(batch)
             logits = self.engine.patched_logits(
-                batch.clean, ablate, ablated, last_only=True, start=(stage, self._by_batch[i]),
-                first=self.setup.prefix(batch), columns=columns,
+                batch.clean, ablate, ablated, last_only=True, start=(stage, trace),
+                first=first, columns=columns,
             )  # [C * b, vocab], variant-major
             total += weight * self._per_variant(logits, narrow, C).double().cpu()
         self.forwards += 1
