@@ -411,9 +411,8 @@ class _Walk:
         rp = self.plan.readers.get(first)
         if rp is None:
             return None
-        if self.sink is not None and not base.requires_grad:
-            # everything upstream was fixed (folded at weight 1): the gradient starts here
-            base = base.detach().requires_grad_(True)
+        if self.sink is not None:
+            base = _grad_root(base)
         if rp.weights is not None:
             x = self.deltas.mix(rp.used, rp.weights, rp.n_up).add_(base)
         else:
@@ -481,8 +480,7 @@ class _Walk:
                      heads: Tensor) -> Tensor:
         """Projections ``[n, C*b, p, dh]`` of destinations that all read `resid` and want their
         own gradient (see `_SharedRead`)."""
-        if not resid.requires_grad:  # everything upstream was fixed: the gradient starts here
-            resid = resid.detach().requires_grad_(True)
+        resid = _grad_root(resid)
         w, bias = self.a.head_weights(layer, ports, heads)
         # neither may hold the walk: its residuals' graphs lead back here, and the cycle would
         # keep every run's activations alive until a garbage collection
@@ -610,6 +608,12 @@ def _mix(delta: Tensor, w: Tensor, C: int) -> Tensor:
     per = delta.reshape(r, C, -1).transpose(0, 1)  # [C, r, b*p*d]
     out = torch.bmm(w.transpose(1, 2), per)  # [C, nD, b*p*d]
     return out.transpose(0, 1).reshape(-1, rows, p, d)
+
+
+def _grad_root(x: Tensor) -> Tensor:
+    """`x`, or a leaf copy of it that requires a gradient when nothing upstream does (everything
+    before was fixed, folded at weight 1): destination gradients then start there."""
+    return x if x.requires_grad else x.detach().requires_grad_(True)
 
 
 def _after(head: Tensor, tail: Tensor) -> Tensor:

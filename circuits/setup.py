@@ -186,6 +186,7 @@ class Setup:
                 trace = self.engine.trace(batch.corrupt, last_only=True)
                 ablated = trace.outs
                 self._empty_values[i] = self.metric_values(trace.logits, batch).double().cpu()
+                del trace  # its residuals are not needed while the batch is worked on
                 if reuse and kept is not None and i == len(kept):
                     kept.append(ablated)
             yield batch, ablated, weight

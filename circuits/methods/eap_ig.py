@@ -31,7 +31,7 @@ the last saved batch (same scores, bit for bit).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -51,11 +51,16 @@ def _alphas(steps: int) -> Tensor:
     return (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
 
 
-def _metric(setup: Setup, batch: Batch) -> Callable[[Tensor], Tensor]:
-    """The batch's mean metric of last-position logits (rows may repeat the batch), computed
-    from the columns `Setup.narrow` picks; pass ``columns=setup.narrow(batch)[0]`` to the run."""
-    narrow = setup.narrow(batch)[1]
-    return lambda logits: setup.metric_mean(logits, narrow)
+def _run(setup: Setup, batch: Batch) -> dict[str, Any]:
+    """What every gradient run of a batch passes the engine: the batch's mean metric of
+    last-position logits (rows may repeat the batch) read from the columns `Setup.narrow` picks,
+    those columns, and the shared prefix that is not rerun."""
+    columns, narrow = setup.narrow(batch)
+
+    def metric(logits: Tensor) -> Tensor:
+        return setup.metric_mean(logits, narrow)
+
+    return {"metric": metric, "columns": columns, "first": setup.prefix(batch)}
 
 
 @register(
@@ -79,11 +84,12 @@ def eap_ig(setup: Setup, steps: int = 5) -> Tensor:
         delta = ablated - trace.outs  # [n_src, b, p, d]
         # the metric is a mean over a chunk's steps x prompts, so the summed gradient is the
         # chunk's average over steps; the shared prefix of the prompts is not interpolated
+        run = _run(setup, batch)
         for part in setup.step_chunks(steps, batch):
             share = (part.stop - part.start) / steps
             total += weight * share * engine.edge_attribution(
-                batch.clean, _metric(setup, batch), ablated, delta=delta, ablate=w[part],
-                start=(0, trace), first=setup.prefix(batch), columns=setup.narrow(batch)[0])
+                batch.clean, ablated=ablated, delta=delta, ablate=w[part], start=(0, trace),
+                **run)
     return -setup.sign * total
 
 
@@ -110,15 +116,14 @@ def eap_ig_stages(setup: Setup, steps: int = 5) -> Tensor:
                                                   {"steps": steps}):
         trace = engine.trace(batch.clean, last_only=True)
         delta = ablated - trace.outs  # [n_src, b, p, d]
-        chunks = setup.step_chunks(steps, batch)
+        chunks, run = setup.step_chunks(steps, batch), _run(setup, batch)
         for w, only, stage in sweeps:
             # upstream of the interpolated stage the run is the clean one: restart there
             for part in chunks:
                 share = (part.stop - part.start) / steps
                 total += weight * share * engine.edge_attribution(
-                    batch.clean, _metric(setup, batch), ablated, delta=delta, ablate=w[part],
-                    only=only, start=(stage, trace), first=setup.prefix(batch),
-                    columns=setup.narrow(batch)[0],
+                    batch.clean, ablated=ablated, delta=delta, ablate=w[part], only=only,
+                    start=(stage, trace), **run,
                 )
     return -setup.sign * total
 
@@ -164,6 +169,7 @@ def eap_ig_activations(setup: Setup, steps: int = 5) -> Tensor:
         trace = engine.trace(batch.clean, last_only=True)
         clean = trace.outs  # [n_src, b, p, d]
         delta = ablated - clean
+        run = _run(setup, batch)
         for part in setup.step_chunks(steps, batch):
             k = part.stop - part.start
             a = alphas[part].to(device=delta.device, dtype=delta.dtype)[None, :, None, None, None]
@@ -174,6 +180,5 @@ def eap_ig_activations(setup: Setup, steps: int = 5) -> Tensor:
                 # the metric is a mean over the chunk's steps x prompts: the summed gradient is
                 # the chunk's average over steps
                 total += weight * k / steps * engine.edge_attribution(
-                    ids, _metric(setup, batch), fixed, delta=delta, ablate=w, start=(0, trace),
-                    first=setup.prefix(batch), columns=setup.narrow(batch)[0])
+                    ids, ablated=fixed, delta=delta, ablate=w, start=(0, trace), **run)
     return -setup.sign * total / len(groups)
