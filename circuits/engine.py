@@ -21,7 +21,7 @@ from .cost import PassCounter
 from .errors import OptionError
 from .graph import Graph
 from .model import Model
-from .runs import RunPlan, Trace, make_plan, run_gradient, run_patched
+from .runs import RunPlan, Trace, after_prefix, make_plan, run_gradient, run_patched
 
 Ablation = Literal["resample", "mean", "zero"]
 ABLATIONS: tuple[str, ...] = ("resample", "mean", "zero")
@@ -276,12 +276,12 @@ class Engine:
                                    resid=resid)[0])
 
         def keys(clean: Tensor, new: Tensor) -> Tensor:
-            """Keys or values of the run positions `new` ``[c, ..., p - first, dh]`` after the
-            clean ones of the first positions."""
+            """Keys or values of the run positions `new` ``[c, b, K, p - first, dh]`` after the
+            clean ones ``[b, K, p, dh]`` of the first positions."""
             if not first:
                 return new
-            head = clean[..., :first, :].expand(*new.shape[:-2], first, new.shape[-1])
-            return torch.cat([head, new], -2)
+            joined = after_prefix(clean[..., :first, :], new.flatten(0, 1))
+            return joined.view(*new.shape[:-2], *joined.shape[-2:])
 
         for layer in range(a.arch.n_layers):
             stage = g.attn_stage(layer)

@@ -432,7 +432,7 @@ class _Walk:
         q, k, v = self._qkv(layer, resid)
         if plan.first:  # the first positions' keys and values, the same in every row
             kp, vp = self.trace.kv(a, layer, stage, plan.first)
-            k, v = _after(kp, k), _after(vp, v)
+            k, v = after_prefix(kp, k), after_prefix(vp, v)
         if plan.truncate and layer == a.arch.n_layers - 1:
             z = a.attend(layer, q[..., -1:, :], k, v)  # [C*b, H, 1, dh]
             resid = self._cut(resid)
@@ -616,7 +616,7 @@ def _grad_root(x: Tensor) -> Tensor:
     return x if x.requires_grad else x.detach().requires_grad_(True)
 
 
-def _after(head: Tensor, tail: Tensor) -> Tensor:
+def after_prefix(head: Tensor, tail: Tensor) -> Tensor:
     """Keys or values ``[rows, K, f + p, dh]``: the prompts' shared first ones `head` ``[b, K,
     f, dh]`` (the same for every block of b rows) followed by `tail` ``[rows, K, p, dh]``."""
     rows, K, p, dh = tail.shape
