@@ -486,6 +486,11 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _module_missing(args: argparse.Namespace) -> int:
+    """Never reached: a module command is built with its own parser when it is named."""
+    raise AssertionError(f"command {args.command} was not built")
+
+
 def cmd_bench_missing(args: argparse.Namespace) -> int:
     from .errors import DependencyError
 
@@ -515,6 +520,26 @@ EXAMPLES = {
     "models": "example:\n  circuits models",
     "methods": "example:\n  circuits methods",
     "bench": "example:\n  circuits bench --help",
+}
+
+# Commands that live in modules of their own (`circuits.commands.NAME`), imported only when
+# named: name -> one-line help. Each module gives ``HELP_EXAMPLES`` (the epilog),
+# ``add_arguments(parser)`` and ``run(args) -> int``.
+MODULE_COMMANDS = {
+    "select": "Make a new circuit from saved scores (a discover run's scores.json) without "
+              "running the method again: select, evaluate, write the same outputs.",
+    "heads": "Score every attention head's role (previous-token, duplicate-token, first-token, "
+             "induction, copying, name-mover): a table and a layers x heads heatmap per role.",
+    "attention": "Draw the attention patterns of chosen heads on chosen prompts (PNG heatmaps "
+                 "with the tokens on the axes).",
+    "lens": "Logit lens or tuned lens: the answer's rank and the task metric after each layer, "
+            "as a table and a plot.",
+    "dla": "Direct logit attribution: each head's and MLP's direct contribution to the task "
+           "metric through the unembedding (a layer x head heatmap).",
+    "trace": "Causal tracing (Meng et al. 2022): noise the subject, restore hidden states, MLP "
+             "and attention outputs per layer and token; the three-panel heatmap.",
+    "attribute": "Per-token attributions of the metric (integrated gradients, SHAP, LRP, "
+                 "attention rollout and flow, occlusion, ...), or --compare the methods.",
 }
 
 
@@ -551,9 +576,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, func: Callable[[argparse.Namespace], int], text: str,
-                **kwargs: Any) -> argparse.ArgumentParser:
+                examples: str | None = None, **kwargs: Any) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=text, description=text,
-                           epilog=EXAMPLES[name],
+                           epilog=EXAMPLES[name] if examples is None else examples,
                            formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
         p.set_defaults(func=func)
         return p
@@ -638,6 +663,18 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     command("models", cmd_models, "List the shipped reference models, one per line.")
     command("methods", cmd_methods, "List the discovery methods: name, level, passes, "
             "description.")
+
+    named = _command_of(argv)
+    for name, text in MODULE_COMMANDS.items():
+        if name != named:  # listed in --help; its options are read only when it runs
+            p = command(name, _module_missing, text, examples=f"run `circuits {name} --help`")
+            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            continue
+        import importlib
+
+        module = importlib.import_module(f"{__package__}.commands.{name}")
+        p = command(name, module.run, text, examples=module.HELP_EXAMPLES)
+        module.add_arguments(p)
 
     text = "Benchmark methods x tasks x models (faithfulness curves, ROC AUC, time, memory)."
     if _command_of(argv) == "bench":
