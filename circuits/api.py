@@ -12,9 +12,17 @@ from typing import Any
 
 import torch
 
+from .annotate import annotate_heads
 from .circuit import Circuit, parse_selection, select
 from .errors import BehaviorError, OptionError
-from .evaluate import Behavior, Evaluation, behavior, evaluate
+from .evaluate import (
+    Behavior,
+    Evaluation,
+    behavior,
+    evaluate,
+    faithfulness_curve,
+    fine_fractions,
+)
 from .methods import check_metric, check_options, run_method
 from .metrics import Metric, get_metric
 from .model import Model, dtype_name, load_model, resolve_device, resolve_dtype
@@ -25,6 +33,7 @@ from .task import Task, get_task
 
 DEFAULT_METHOD = "eap-ig"
 DEFAULT_SELECTION = "faithfulness:0.85"
+CURVE_POINTS = 16  # log-spaced sizes of the faithfulness curve discover measures (MIB's too)
 
 
 def resolve(task: Task | str, model: Model | str | None = None, n: int | None = None,
@@ -164,12 +173,94 @@ class Discovery:
     seconds: float
     options: dict[str, Any] = field(default_factory=dict)
     behavior: Behavior | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def warnings(self) -> list[str]:
-        """One line per thing the reader should distrust (a behavior too weak to measure)."""
-        weak = self.behavior is not None and self.behavior.weak
-        return [weak_behavior(self.behavior)] if weak else []
+        """One line per thing the reader should distrust: a behavior too weak to measure, an
+        empty circuit, heads whose roles could not be read (`notes`)."""
+        out = []
+        if self.behavior is not None and self.behavior.weak:
+            out.append(weak_behavior(self.behavior))
+        if self.circuit.n_edges == 0:
+            out.append(empty_circuit(self.options.get("selection", {})))
+        return out + self.notes
+
+
+@dataclass
+class _Run:
+    """A resolved task and model, split into discovery and held-out prompts, with the Setup of
+    each and the behavior's strength on the discovery prompts: what scoring and selection share."""
+
+    task: Task
+    model: Model
+    setup: Setup
+    heldout_setup: Setup
+    strength: Behavior
+    n_heldout: int
+    options: dict[str, Any]
+    t0: float
+
+
+def _prepare(task: Task | str, model: Model | str | None, *, ablation: str,
+             metric: str | Metric | None, heldout: float, n: int | None, seed: int,
+             batch_size: int, device: str | torch.device | None,
+             dtype: str | torch.dtype | None, strict: bool,
+             stage: Callable[[str], None]) -> _Run:
+    """Resolve, split, tokenize both parts and measure the behavior (`discover`'s first half)."""
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    if not (isinstance(heldout, float) and 0 < heldout < 1):
+        raise OptionError(f"heldout must be a fraction between 0 and 1, got {heldout!r}")
+    task, model = resolve(task, model, n=n, seed=seed, device=device, dtype=dtype)
+    if len(task) < 2:
+        raise OptionError("need at least 2 prompts to keep some apart for evaluation")
+    found, kept = task.split(1 - heldout, seed=seed)
+    if isinstance(metric, str) and metric == task.metric_fn.name:
+        metric = None  # the task's own metric (saved scores name it; a custom one has no entry)
+    common = dict(ablation=ablation, metric=metric, batch_size=batch_size)
+    setup = make_setup(model, found, **common)
+    # tokenized now, so that a bad held-out prompt stops the run before the scoring
+    heldout_setup = make_setup(model, kept, **common)
+    stage("measuring the behavior")
+    strength = behavior(setup)
+    setup.close()  # the method computes its own ablated outputs: its cost is its own
+    if strength.weak and strict:
+        raise BehaviorError(f"{weak_behavior(strength)} (strict mode)")
+    return _Run(task, model, setup, heldout_setup, strength, len(kept),
+                {**common, "heldout": heldout}, t0)
+
+
+def _conclude(run: _Run, scores: Scores, chosen: dict[str, float], level: str, seed: int,
+              stage: Callable[[str], None], annotate: bool) -> Discovery:
+    """Select, evaluate on both prompt sets, measure the curve, read the heads (`discover`'s
+    second half, also run on saved scores by `discover_from_scores`)."""
+    if level == "node" and scores.level == "edge":
+        per_node = scores.values.sum(1)
+        scores = Scores(scores.graph, per_node, "node", scores.method, scores.task, scores.model,
+                        scores.options, scores.cost, scores.extra)
+    stage("selecting")
+    circuit = select(scores, setup=run.setup, **chosen)
+    stage("evaluating")
+    circuit.metrics.update(evaluate(circuit, run.setup).as_dict())
+    result = evaluate(circuit, run.heldout_setup)
+    circuit.metrics.update({f"heldout_{k}": v for k, v in result.as_dict().items()})
+    circuit.metrics.update(behavior_effect=run.strength.effect,
+                           behavior_spread=run.strength.spread)
+    # the price of every other size, for the page's curve: held-out prompts, honest
+    curve = faithfulness_curve(scores, run.heldout_setup, fine_fractions(CURVE_POINTS))
+    circuit.curve = {"fractions": list(curve.fractions), "n_edges": list(curve.n_edges),
+                     "faithfulness": list(curve.faithfulness)}
+    circuit.metrics.update(heldout_cpr=curve.cpr, heldout_cmd=curve.cmd)
+    circuit.options.update(selection=chosen, level=level, seed=seed, n_prompts=len(run.task),
+                           n_heldout=run.n_heldout,
+                           model_fingerprint=run.model.fingerprint)
+    notes = []
+    if annotate:
+        stage("reading the heads")
+        notes = annotate_heads(circuit, run.model, run.task)
+    return Discovery(scores, circuit, result, run.task, run.model, time.perf_counter() - run.t0,
+                     {"selection": chosen, "level": level, **run.options}, run.strength, notes)
 
 
 def discover(
@@ -190,9 +281,10 @@ def discover(
     dtype: str | torch.dtype | None = None,
     strict: bool = False,
     checkpoint: Checkpoint | None = None,
+    annotate: bool = True,
     **options: Any,
 ) -> Discovery:
-    """Score, select, prune and evaluate a circuit on held-out prompts.
+    """Score, select, prune and evaluate a circuit on held-out prompts; read its heads.
 
     Parameters
     ----------
@@ -210,8 +302,8 @@ def discover(
     seed : int
         Seeds the prompts, the split and the method.
     progress : callable, optional
-        Called with ``"measuring the behavior"``, ``"scoring"``, ``"selecting"`` and
-        ``"evaluating"`` as each stage starts.
+        Called with ``"measuring the behavior"``, ``"scoring"``, ``"selecting"``,
+        ``"evaluating"`` and ``"reading the heads"`` as each stage starts.
     device, dtype : optional
         As in `score`.
     strict : bool
@@ -221,54 +313,105 @@ def discover(
     checkpoint : Checkpoint, optional
         Where a long method keeps its progress, so an interrupted run can resume
         (`circuits.progress.Checkpoint`).
+    annotate : bool
+        Read the role, direct logit attribution and example attention of the circuit's heads
+        into ``circuit.node_info`` (`circuits.annotate`; a warning where the readers do not
+        apply).
 
     Returns
     -------
     Discovery
         The circuit's metrics hold the faithfulness on the discovery and on the held-out prompts
-        with 95% bootstrap intervals (``heldout_`` prefix for the latter) and the behavior's
-        effect and spread; its options record the model's fingerprint.
+        with 95% bootstrap intervals (``heldout_`` prefix for the latter), the behavior's
+        effect and spread, and the held-out curve's ``heldout_cpr`` and ``heldout_cmd``; its
+        ``curve`` the held-out faithfulness curve; its options the model's fingerprint.
     """
     if level not in ("edge", "node"):
         raise OptionError(f"unknown level {level!r}; use edge or node")
     chosen = parse_selection(selection) if isinstance(selection, str) else dict(selection)
     _check_method(method, metric, options)
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    if not (isinstance(heldout, float) and 0 < heldout < 1):
-        raise OptionError(f"heldout must be a fraction between 0 and 1, got {heldout!r}")
-    task, model = resolve(task, model, n=n, seed=seed, device=device, dtype=dtype)
-    if len(task) < 2:
-        raise OptionError("need at least 2 prompts to keep some apart for evaluation")
-    found, kept = task.split(1 - heldout, seed=seed)
-    common = dict(ablation=ablation, metric=metric, batch_size=batch_size)
     stage = progress or (lambda name: None)
-    setup = make_setup(model, found, **common)
-    setup.checkpoint = checkpoint
-    # tokenized now, so that a bad held-out prompt stops the run before the scoring
-    heldout_setup = make_setup(model, kept, **common)
-    stage("measuring the behavior")
-    strength = behavior(setup)
-    setup.close()  # the method computes its own ablated outputs: its cost is its own
-    if strength.weak and strict:
-        raise BehaviorError(f"{weak_behavior(strength)} (strict mode)")
+    run = _prepare(task, model, ablation=ablation, metric=metric, heldout=heldout, n=n, seed=seed,
+                   batch_size=batch_size, device=device, dtype=dtype, strict=strict, stage=stage)
+    run.setup.checkpoint = checkpoint
     stage("scoring")
-    scores = run_method(method, setup, **options)
-    if level == "node" and scores.level == "edge":
-        per_node = scores.values.sum(1)
-        scores = Scores(scores.graph, per_node, "node", scores.method, scores.task, scores.model,
-                        scores.options, scores.cost, scores.extra)
-    stage("selecting")
-    circuit = select(scores, setup=setup, **chosen)
-    stage("evaluating")
-    circuit.metrics.update(evaluate(circuit, setup).as_dict())
-    result = evaluate(circuit, heldout_setup)
-    circuit.metrics.update({f"heldout_{k}": v for k, v in result.as_dict().items()})
-    circuit.metrics.update(behavior_effect=strength.effect, behavior_spread=strength.spread)
-    circuit.options.update(selection=chosen, level=level, seed=seed, n_prompts=len(task),
-                           n_heldout=len(kept), model_fingerprint=model.fingerprint)
-    return Discovery(scores, circuit, result, task, model, time.perf_counter() - t0,
-                     {"selection": chosen, "level": level, **common}, strength)
+    scores = run_method(method, run.setup, **options)
+    return _conclude(run, scores, chosen, level, seed, stage, annotate)
+
+
+def discover_from_scores(
+    scores: Scores,
+    task: Task | str,
+    model: Model | str | None = None,
+    *,
+    selection: str | dict[str, float] = DEFAULT_SELECTION,
+    level: str | None = None,
+    metric: str | Metric | None = None,
+    heldout: float = 0.3,
+    n: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: Callable[[str], None] | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    strict: bool = False,
+    annotate: bool = True,
+) -> Discovery:
+    """`discover` without running the method: select, evaluate and read a circuit from scores
+    saved by an earlier run.
+
+    Given the scores a `discover` call made and that call's task, model, `heldout`, `n`,
+    `seed` and `batch_size`, the prompts, their split and every evaluation are the same, so
+    each selection gives the circuit `discover` would give with it.
+
+    Parameters
+    ----------
+    scores : Scores
+        On `model`'s graph; their options' ``ablation`` and ``metric`` are used.
+    task, model, heldout, n, seed, batch_size, progress, device, dtype, strict, annotate
+        As in `discover`.
+    selection : str or dict
+        As in `discover`.
+    level : "edge" or "node", optional
+        The scores' own level when None; node level sums edge scores per component.
+    metric : str or Metric, optional
+        The metric the scores name when None (the task's own when it has that name). The
+        ablation is always the scores'.
+
+    Returns
+    -------
+    Discovery
+        As from `discover`, with these scores (and their cost).
+
+    Raises
+    ------
+    OptionError
+        A bad selection or level, node scores asked for at edge level, or scores on another
+        graph than the model's.
+    """
+    level = scores.level if level is None else level
+    if level not in ("edge", "node") or (level == "edge" and scores.level == "node"):
+        raise OptionError(f"cannot select {level!r}-level circuits from {scores.level}-level "
+                          "scores; use level='node' or the scores' own level")
+    chosen = parse_selection(selection) if isinstance(selection, str) else dict(selection)
+    stage = progress or (lambda name: None)
+    run = _prepare(task, model, ablation=scores.options.get("ablation", "resample"),
+                   metric=scores.options.get("metric") if metric is None else metric,
+                   heldout=heldout, n=n, seed=seed,
+                   batch_size=batch_size, device=device, dtype=dtype, strict=strict, stage=stage)
+    if run.setup.graph.shape() != scores.graph.shape():
+        raise OptionError(f"the scores are for a graph {scores.graph.shape()} but "
+                          f"{run.model.name!r} has {run.setup.graph.shape()}; pass the model the "
+                          "scores were made on")
+    return _conclude(run, scores, chosen, level, seed, stage, annotate)
+
+
+def empty_circuit(selection: dict[str, Any]) -> str:
+    """The one-line warning for a circuit left without edges, with what to do."""
+    rule = ", ".join(f"{k}={v}" for k, v in selection.items()) or "the selection"
+    return (f"the circuit is empty: no edge survived {rule} and pruning, so its faithfulness is "
+            "0 by definition, not a measurement; ask for more edges (a larger topk, a lower "
+            "threshold)")
 
 
 def weak_behavior(strength: Behavior) -> str:

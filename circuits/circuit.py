@@ -208,6 +208,13 @@ class Circuit:
         How the scores and the selection were made.
     metrics : dict
         Evaluation results (``faithfulness`` etc.), filled by selection or `evaluate`.
+    node_info : dict
+        What is known about single nodes beyond their score, by node name: for a head found by
+        `circuits.api.discover`, ``role``, ``role_score``, ``roles``, ``dla`` and ``attention``
+        (see `circuits.annotate`). Empty when nothing was measured.
+    curve : dict or None
+        The faithfulness curve measured with the circuit (``fractions``, ``n_edges``,
+        ``faithfulness``: lists of one length; see `circuits.evaluate.Curve`), or None.
 
     Examples
     --------
@@ -228,6 +235,8 @@ class Circuit:
     model: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    node_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    curve: dict[str, list[float]] | None = None
     keep_dangling: InitVar[bool] = False
 
     def __post_init__(self, keep_dangling: bool) -> None:

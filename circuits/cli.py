@@ -217,14 +217,18 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     names = ["loading", "measuring the behavior", "scoring", "selecting", "evaluating",
-             "writing"]
+             "reading the heads", "writing"]
     with stages(names) as stage:
         stage("loading")
         task, model = load_task_and_model(args.task, args.model, args.n, args.seed, args)
         checkpoint = discovery_checkpoint(out, task, model, args, options)
         found = run_discovery(task, model, args, selection, options, stage, checkpoint)
         stage("writing")
-        write_discovery(found, out, " ".join([PROG, *map(shlex.quote, args.argv)]))
+        from .report import run_record, scores_json
+
+        run = run_record(found, args.task, args.model or model.name)
+        write_discovery(found, out, " ".join([PROG, *map(shlex.quote, args.argv)]),
+                        scores_json(found.scores, run))
         checkpoint.finish()
     from .report import summary_rows, text_table
 
@@ -266,18 +270,22 @@ def run_discovery(task: Any, model: Any, args: argparse.Namespace, selection: di
                                   selection=selection, heldout=args.heldout, seed=args.seed,
                                   batch_size=args.batch_size, progress=stage,
                                   strict=args.strict, checkpoint=checkpoint, **options)
-    found = discover(task, model, args.method, **kwargs)
-    circuit = found.circuit
+    return name_circuit(discover(task, model, args.method, **kwargs), args.task)
+
+
+def name_circuit(found: Any, task: str) -> Any:
+    """Name `found`'s circuit after the whole task, and record `task` when it is a file."""
     # the circuit belongs to the whole task (the scores to its discovery part): evaluate and
     # the diagrams' titles use this name, and a JSONL task is found again through its path
-    circuit.task = found.task.name
-    if _is_task_file(args.task):
-        circuit.options["task_file"] = args.task
+    found.circuit.task = found.task.name
+    if _is_task_file(task):
+        found.circuit.options["task_file"] = task
     return found
 
 
-def write_discovery(found: Any, out: Path, command: str) -> list[Path]:
-    """Write circuit.json, scores.json, the diagrams, the page and report.md into `out`.
+def write_discovery(found: Any, out: Path, command: str, scores_text: str) -> list[Path]:
+    """Write circuit.json, scores.json (`scores_text`), the diagrams, the page and report.md
+    into `out`.
 
     Everything is first written into a staging folder inside `out`, then moved into place with
     Ctrl-C held back, so `out` holds either the previous complete set of files or the new one,
@@ -287,14 +295,14 @@ def write_discovery(found: Any, out: Path, command: str) -> list[Path]:
     import tempfile
 
     from .io import write_atomic
-    from .report import report_markdown, scores_json
+    from .report import report_markdown
 
     circuit = found.circuit
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
         staged = [circuit.save(staging / "circuit.json")]
-        write_atomic(staging / "scores.json", scores_json(found.scores).encode("utf-8"))
+        write_atomic(staging / "scores.json", scores_text.encode("utf-8"))
         staged.append(staging / "scores.json")
         staged.append(circuit.render(staging / "circuit.svg"))
         staged.append(circuit.render(staging / "circuit.png"))

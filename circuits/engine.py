@@ -162,7 +162,7 @@ class Engine:
         """
         stage, trace = start if start is not None else (0, None)
         plan = make_plan(self.graph, self._weights(ablate), start=stage, last_only=last_only,
-                         first=first, columns=columns)
+                         first=first, columns=columns, post_norm=self.adapter.arch.post_norm)
         return self.run(plan, ids, ablated, trace)[0]
 
     def edge_attribution(
@@ -218,7 +218,8 @@ class Engine:
         if first and delta is None:
             raise OptionError("a run of the last positions needs delta from a clean trace")
         plan = make_plan(g, weights, start=stage, own=wanted, keep=delta is None,
-                         last_only=True, first=first, columns=columns)
+                         last_only=True, first=first, columns=columns,
+                         post_norm=self.adapter.arch.post_norm)
         ref = {"delta": delta}
 
         def sink(dsts: Tensor, n_up: int, grad: Tensor) -> None:

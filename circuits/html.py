@@ -5,7 +5,14 @@ top n edges (for node scores: the top n heads and MLPs and the edges among them)
 lies on no input-to-logits path and draws the result, all in the browser. Nothing is fetched:
 the data, the styles and the script (plain JavaScript drawing SVG, layered by stage with input
 at the bottom) are inlined. Opening ``page.html#n=40`` starts at size 40; the page also exposes
-``setCircuitSize(n)`` and records what it drew on ``<div id="state" data-edges data-nodes>``.
+``setCircuitSize(n)`` and ``openHead(name)``, and records what it drew on ``<div id="state"
+data-edges data-nodes>``.
+
+Next to the slider the faithfulness curve measured with the circuit (`Circuit.curve`, held-out
+prompts, log x axis) is drawn with a mark at the slider's size, so the price of cutting edges
+shows as the slider moves. Heads whose role was read (`circuits.annotate`) show it under their
+name; clicking one (or opening ``page.html#head=a1.h0``) opens a panel with its role scores, its
+attention pattern on one example prompt (tokens on both axes) and its direct logit attribution.
 
 In a grouped-query graph each key/value head (``a1.kv0``) is a node of the page, on a row just
 below the query heads of its layer: edges into its shared ``<k>`` and ``<v>`` destinations land
@@ -47,7 +54,8 @@ def page_data(circuit: Circuit, max_size: int = 5000) -> dict[str, Any]:
     node_values = circuit.node_values
     nodes: list[dict[str, Any]] = [
         {"name": n.name, "kind": n.kind, "layer": n.layer, "stage": stage[i],
-         "score": None if node_values is None or i >= g.n_sources else float(node_values[i])}
+         "score": None if node_values is None or i >= g.n_sources else float(node_values[i]),
+         "info": circuit.node_info.get(n.name)}
         for i, n in enumerate(g.nodes)
     ]
     # key/value heads sit half a stage below their query heads, so group lines point upwards
@@ -92,6 +100,8 @@ def page_data(circuit: Circuit, max_size: int = 5000) -> dict[str, Any]:
         "nodeRanking": node_ranking,
         "initial": initial,
         "maxSize": max(min(total, max_size), initial),
+        "total": total,
+        "curve": _curve(circuit.curve),
         **_faithfulness(circuit.metrics),
     }
 
@@ -99,6 +109,19 @@ def page_data(circuit: Circuit, max_size: int = 5000) -> dict[str, Any]:
 def _finite(x: Any) -> float | None:
     """`x` as a float, None when missing or not finite (JSON has no NaN)."""
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def _curve(curve: dict[str, Any] | None) -> dict[str, list[float]] | None:
+    """The faithfulness curve's points with a positive fraction (the page's x axis is
+    logarithmic) and a finite faithfulness; None when fewer than two are left."""
+    if curve is None:
+        return None
+    points = [(float(x), f) for x, f in zip(curve["fractions"], curve["faithfulness"],
+                                              strict=True)
+              if x > 0 and _finite(f) is not None]
+    if len(points) < 2:
+        return None
+    return {"fractions": [x for x, _ in points], "faithfulness": [f for _, f in points]}
 
 
 def _faithfulness(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,12 @@ The circuit file (``"format": "circuits.circuit", "version": 1``) is plain JSON,
      "nodes": {"input": {"in_circuit": true, "score": 1.2}, "a0.h0": {...}, ..., "logits": {...}},
      "edges": {"input->a0.h0<q>": {"score": -0.0003, "in_circuit": false}, ...}}
 
+A node entry may also say what the node does (`Circuit.node_info`; a head of a discovered
+circuit: ``"role": "induction", "role_score": 0.93, "roles": {role: score}, "dla": 1.2,
+"attention": {"tokens": [...], "pattern": [[...]]}``), and the document may hold the
+faithfulness curve measured with the circuit (``"curve": {"fractions": [...], "n_edges": [...],
+"faithfulness": [...], ...}``); files without them load as before.
+
 Every node and edge of the model graph is listed (in graph order; a grouped-query graph's
 key/value heads ``a{l}.kv{g}`` after the query heads of their layer, and its shared edges
 ``...->a{l}.kv{g}<k>`` once). Edge scores are present for edge-level circuits, node scores for
@@ -159,6 +165,7 @@ def circuit_to_dict(circuit: Circuit) -> dict[str, Any]:
         entry: dict[str, Any] = {"in_circuit": node.name in in_nodes}
         if node_values is not None and node.name in g.src_index:
             entry["score"] = float(node_values[g.src_index[node.name]])
+        entry.update(_plain(circuit.node_info.get(node.name, {})))
         nodes[node.name] = entry
     edge_values = circuit.edge_values
     edges: dict[str, dict[str, Any]] = {}
@@ -173,6 +180,7 @@ def circuit_to_dict(circuit: Circuit) -> dict[str, Any]:
         "level": circuit.level, "task": circuit.task, "model": circuit.model,
         "method": circuit.method, "options": _plain(circuit.options),
         "metrics": _plain(circuit.metrics), "has_scores": circuit.values is not None,
+        **({} if circuit.curve is None else {"curve": _plain(circuit.curve)}),
         "nodes": nodes, "edges": edges,
     }
 
@@ -305,6 +313,58 @@ def _options(options: Any, where: str) -> dict[str, Any]:
     return dict(options)
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= FLOAT32_MAX
+
+
+def _is_matrix(v: Any, size: int) -> bool:
+    """`v` is a `size` x `size` list of lists of numbers."""
+    return (isinstance(v, list) and len(v) == size
+            and all(isinstance(row, list) and len(row) == size and all(map(_is_number, row))
+                    for row in v))
+
+
+# what a node entry may carry besides 'in_circuit' and 'score' (`Circuit.node_info`), with the
+# test a value must pass and what it must be
+_NODE_INFO: dict[str, tuple[Any, str]] = {
+    "role": (lambda v: isinstance(v, str), "a string"),
+    "role_score": (_is_number, "a number"),
+    "roles": (lambda v: isinstance(v, dict) and all(map(_is_number, v.values())),
+              "an object of numbers"),
+    "dla": (_is_number, "a number"),
+    "attention": (lambda v: isinstance(v, dict) and isinstance(v.get("tokens"), list)
+                  and all(isinstance(t, str) for t in v["tokens"])
+                  and _is_matrix(v.get("pattern"), len(v["tokens"])),
+                  "an object with 'tokens' (strings) and a square 'pattern' of numbers"),
+}
+
+
+def _node_info(name: str, entry: dict[str, Any], where: str) -> dict[str, Any]:
+    """What a node entry says about the node besides its flag and score, type-checked."""
+    info = {k: v for k, v in entry.items() if k not in ("in_circuit", "score")}
+    for key, value in info.items():
+        ok, what = _NODE_INFO.get(key, (lambda v: True, ""))
+        _need(ok(value), where, f"node {name!r}: {key!r} is {_show(value)}; it must be {what}")
+    return info
+
+
+def _curve(curve: Any, where: str) -> dict[str, Any]:
+    """The 'curve' entry: lists 'fractions', 'n_edges' and 'faithfulness' of one length (a null
+    faithfulness, NaN when saved, reads as NaN)."""
+    keys = ("fractions", "n_edges", "faithfulness")
+    _need(isinstance(curve, dict) and all(isinstance(curve.get(k), list) for k in keys), where,
+          "'curve' must be an object with lists 'fractions', 'n_edges' and 'faithfulness'")
+    lengths = {len(curve[k]) for k in keys}
+    _need(len(lengths) == 1, where, "'curve' lists 'fractions', 'n_edges' and 'faithfulness' "
+          "must have one length")
+    _need(all(map(_is_number, curve["fractions"])) and all(map(_is_int, curve["n_edges"]))
+          and all(v is None or _is_number(v) for v in curve["faithfulness"]), where,
+          "'curve' holds fractions and faithfulnesses that are numbers and edge counts that "
+          "are integers")
+    return {**curve, "faithfulness": [math.nan if v is None else v
+                                      for v in curve["faithfulness"]]}
+
+
 def circuit_from_dict(doc: Any, where: str = "circuit") -> Circuit:
     """Rebuild a circuit from its JSON document, checking every part.
 
@@ -383,10 +443,14 @@ def circuit_from_dict(doc: Any, where: str = "circuit") -> Circuit:
               f"node {name!r} needs a boolean 'in_circuit'")
         if node_values is not None and has_scores and name in g.src_index:
             node_values[g.src_index[name]] = _score(entry, f"node {name!r}", where)
+    node_info = {name: info for name in node_names
+                 if (info := _node_info(name, nodes[name], where))}
+    curve = _curve(doc["curve"], where) if doc.get("curve") is not None else None
     scores = (values if level == "edge" else node_values) if has_scores else None
     circuit = Circuit(g, mask, scores, level, method=doc.get("method", ""),
                       task=doc.get("task", ""), model=doc.get("model", ""),
-                      options=options, metrics=metrics, keep_dangling=True)
+                      options=options, metrics=metrics, node_info=node_info, curve=curve,
+                      keep_dangling=True)
     _need(torch.equal(circuit.mask, mask), where, "edges marked in_circuit are not edges of "
           "the graph")
     in_nodes = set(circuit.nodes)

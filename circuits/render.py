@@ -11,10 +11,12 @@ circuit (those heads have ports q and kv). Edge width grows with
 (node-level ones) draw grey edges, and so does an edge whose score is NaN or infinite (thinnest,
 left out of the width scale: such a score says nothing about strength). A legend sits beside
 ``input``; the title states task, model, method, size and faithfulness (when it is a number).
+A head whose role was read (`circuits.annotate`) shows it under its name: ``induction 0.93``.
 """
 
 from __future__ import annotations
 
+import html
 import math
 import numbers
 import shutil
@@ -45,15 +47,28 @@ def title(circuit: Circuit) -> str:
     return f"{names} — {size}" if names else size
 
 
+def role_text(circuit: Circuit, name: str) -> str:
+    """'induction 0.93': a head's strongest role and its score (`Circuit.node_info`), or ''."""
+    info = circuit.node_info.get(name, {})
+    role, score = info.get("role"), info.get("role_score")
+    if not isinstance(role, str):
+        return ""
+    return role if not isinstance(score, numbers.Real) else f"{role} {float(score):.2f}"
+
+
 def _ports_label(name: str, ports: tuple[str, ...], ports_below: bool, used: set[str],
-                 small: bool = False) -> str:
-    """HTML label of a head or key/value head: its name and a row of ports where edges land."""
+                 small: bool = False, role: str = "") -> str:
+    """HTML label of a head or key/value head: its name (and role) and a row of ports where
+    edges land."""
     cells = "".join(
         f'<TD PORT="{p}" BGCOLOR="{"white" if p in used else HEAD_FILL}">'
         f'<FONT POINT-SIZE="8" COLOR="{"black" if p in used else "#9aaabb"}">{p}</FONT></TD>'
         for p in ports
     )
     text = f'<FONT POINT-SIZE="9">{name}</FONT>' if small else f"<B>{name}</B>"
+    if role:
+        text += f'<BR/><FONT POINT-SIZE="8" COLOR="#33506b">{html.escape(role)}</FONT>'
+
     top = f'<TR><TD COLSPAN="{len(ports)}" BORDER="0">{text}</TD></TR>'
     row = f"<TR>{cells}</TR>"
     rows = top + row if ports_below else row + top
@@ -153,9 +168,10 @@ def to_graphviz(circuit: Circuit, reverse: bool = False, legend: bool = True,
     node_values = circuit.node_values
 
     def tooltip(name: str) -> str:
+        role = f" ({role_text(circuit, name)})" if role_text(circuit, name) else ""
         if node_values is None or name not in g.src_index:
-            return name
-        return f"{name}: {float(node_values[g.src_index[name]]):.4g}"
+            return name + role
+        return f"{name}: {float(node_values[g.src_index[name]]):.4g}{role}"
 
     by_stage: dict[int, list[str]] = {}
     for name in nodes:
@@ -164,7 +180,8 @@ def to_graphviz(circuit: Circuit, reverse: bool = False, legend: bool = True,
                  else g.mlp_stage(node.layer) if node.kind == "mlp" else g.attn_stage(node.layer))
         by_stage.setdefault(stage, []).append(name)
         if node.kind == "head":
-            dot.node(name, _ports_label(name, head_ports, ports_below, used.get(name, set())),
+            dot.node(name, _ports_label(name, head_ports, ports_below, used.get(name, set()),
+                                        role=role_text(circuit, name)),
                      shape="plain", style="", tooltip=tooltip(name))
         elif node.kind == "kv":
             dot.node(name, _ports_label(name, ("k", "v"), ports_below, used.get(name, set()),

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .api import Discovery
+    from .circuit import Circuit
     from .scores import Scores
 
 SCORES_FORMAT = "circuits.scores"
@@ -19,19 +20,23 @@ SCORES_VERSION = 1
 TOP = 20  # rows of the top-edges and top-nodes tables
 
 
-def scores_document(scores: Scores) -> dict[str, Any]:
+def scores_document(scores: Scores, run: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every edge (or node) score with the method, its options and its cost, as JSON types.
 
     Parameters
     ----------
     scores : Scores
+    run : dict, optional
+        How to make the same prompts again (`run_record`), so that ``circuits select`` can
+        select, evaluate and write new circuits from the file without running the method.
 
     Returns
     -------
     dict
-        ``{"format": "circuits.scores", "version": 1, "task", "model", "method", "level",
-        "options", "cost", "scores": {name: score}}``; names are edges (``'a0.h1->m1'``) for
-        edge scores and components (``'a0.h1'``, ``'m1'``) for node scores.
+        ``{"format": "circuits.scores", "version": 1, "task", "model", "method", "graph"
+        (its shape), "level", "options", "cost", ["run",] "scores": {name: score}}``; names
+        are edges (``'a0.h1->m1'``) for edge scores and components (``'a0.h1'``, ``'m1'``) for
+        node scores.
 
     Examples
     --------
@@ -48,16 +53,40 @@ def scores_document(scores: Scores) -> dict[str, Any]:
     return {
         "format": SCORES_FORMAT, "version": SCORES_VERSION,
         "task": scores.task, "model": scores.model, "method": scores.method,
-        "level": scores.level, "options": _plain(scores.options),
-        "cost": scores.cost.as_dict(), "scores": values,
+        "graph": scores.graph.shape(), "level": scores.level, "options": _plain(scores.options),
+        "cost": scores.cost.as_dict(), **({} if run is None else {"run": _plain(run)}),
+        "scores": values,
     }
 
 
-def scores_json(scores: Scores) -> str:
+def scores_json(scores: Scores, run: dict[str, Any] | None = None) -> str:
     """`scores_document` as JSON text."""
     from .io import dumps
 
-    return dumps(scores_document(scores), indent=1)
+    return dumps(scores_document(scores, run), indent=1)
+
+
+# what `run_record` holds: everything besides the scores that a discovery's prompts, split and
+# evaluation depend on
+RUN_KEYS = ("task", "model", "n", "seed", "heldout", "batch_size", "ablation", "metric", "level",
+            "selection", "dtype", "model_fingerprint")
+
+
+def run_record(found: Discovery, task: str, model: str) -> dict[str, Any]:
+    """What a discovery ran on, for scores.json: `task` and `model` as the user named them (a
+    task file's path, a model folder), the number of prompts, seed, held-out fraction, batch
+    size, ablation, metric (None: the task's own), level, selection, dtype and the model's
+    fingerprint."""
+    from .model import dtype_name
+
+    c, o = found.circuit, found.options
+    return {"task": task, "model": model, "n": len(found.task), "seed": c.options.get("seed"),
+            "heldout": o.get("heldout"), "batch_size": o.get("batch_size"),
+            "ablation": o.get("ablation"),
+            "metric": o["metric"] if isinstance(o.get("metric"), str) else None,
+            "level": o.get("level"), "selection": o.get("selection"),
+            "dtype": dtype_name(found.model.dtype),
+            "model_fingerprint": found.model.fingerprint}
 
 
 # -- tables -------------------------------------------------------------------------------------
@@ -120,10 +149,48 @@ def summary_rows(found: Discovery, out: str | None = None,
         ("time", f"{found.seconds:.1f} s discovery"
                  + ("" if total is None else f", {total:.1f} s in all")),
     ]
+    note = pruned_note(c)
+    if note is not None:
+        rows.insert(4, ("pruned", note))
     if out is not None:
         rows.append(("outputs", out))
     rows += [("warning", text) for text in found.warnings]
     return rows
+
+
+def pruned_note(circuit: Circuit) -> str | None:
+    """One line when a ``topk:N`` circuit holds fewer than N edges (nodes) because pruning
+    dropped those on no input-to-logits path; None otherwise."""
+    k = circuit.options.get("top_k")
+    if not isinstance(k, int) or isinstance(k, bool):
+        return None
+    g = circuit.graph
+    if circuit.level == "edge":
+        have, total, unit = circuit.n_edges, g.n_edges, "edges"
+    else:  # heads and MLPs; input, logits and key/value heads are not ranked
+        have = sum(1 for n in circuit.nodes if n in g.src_index and n != "input")
+        total, unit = g.n_sources - 1, "nodes"
+    asked = min(k, total)
+    if have >= asked:
+        return None
+    return (f"asked for topk:{k}, kept {have} {unit}: pruning dropped the other {asked - have}, "
+            "which lie on no path from input to logits")
+
+
+def role_table(circuit: Circuit) -> str | None:
+    """The markdown table of the circuit's heads with what `circuits.annotate` read: strongest
+    role and its score, direct logit attribution, every role's score; None without any."""
+    heads = [n for n in circuit.nodes if "role" in circuit.node_info.get(n, {})]
+    if not heads:
+        return None
+    roles = list(dict.fromkeys(r for n in heads for r in circuit.node_info[n].get("roles", {})))
+    rows = []
+    for name in heads:
+        info = circuit.node_info[name]
+        rows.append([f"`{name}`", info["role"], _number(info.get("role_score"), 2),
+                     _number(info.get("dla")),
+                     *[_number(info.get("roles", {}).get(r), 2) for r in roles]])
+    return markdown_table(["head", "role", "score", "direct logit attribution", *roles], rows)
 
 
 def interval(metrics: dict[str, Any], prefix: str = "") -> str:
@@ -184,7 +251,8 @@ def report_markdown(found: Discovery, files: Sequence[str] = (), command: str = 
         "## Result",
         "",
         markdown_table(["", ""], [
-            ("edges", f"{c.n_edges} of {c.graph.n_edges} ({c.fraction:.1%})"),
+            ("edges", f"{c.n_edges} of {c.graph.n_edges} ({c.fraction:.1%})"
+                      + ("" if pruned_note(c) is None else f"; {pruned_note(c)}")),
             ("nodes", f"{c.n_nodes} ({', '.join(c.nodes)})"),
             ("faithfulness, discovery prompts",
              f"{_number(m.get('faithfulness'))} ({interval(m)})"),
@@ -217,6 +285,11 @@ def report_markdown(found: Discovery, files: Sequence[str] = (), command: str = 
     what = "score" if s.level == "node" else "sum of outgoing edge scores"
     lines += [f"## Top {len(rows)} nodes (by |{what}|)", "",
               markdown_table(["#", "node", "score", "in circuit"], rows), ""]
+    roles = role_table(c)
+    if roles is not None:
+        lines += ["## Head roles", "",
+                  "Each head's strongest role (scores in [0, 1]) and its direct contribution to "
+                  "the metric through the unembedding.", "", roles, ""]
     if files:
         lines += ["## Files", "", *[f"- [{f}]({f})" for f in files], ""]
     return "\n".join(lines)

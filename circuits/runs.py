@@ -18,7 +18,12 @@ skipped where the plan allows, each an exact rewrite of the run:
 
 - a source whose weight is the same into all its destinations is *folded*: its output itself is
   moved towards its ablated value (an interpolated input, a removed node), with no per-edge
-  mixing;
+  mixing; a source folded all the way in every variant is not computed at all when it is an
+  MLP (or every head of a layer), and the inputs of the destinations that only feed such
+  sources are not patched, since nothing reads what they lead to;
+- a reader whose destinations have most of their incoming edges ablated mixes the few *kept*
+  ones out of the fully ablated residual instead (``resid + sum of every upstream delta - sum
+  of the kept edges' deltas``), from running sums of the deltas;
 - positions before ``first`` are the clean run's at every stage (the clean and corrupted
   prompts share them): only later positions are computed, attending to the clean keys and
   values of the earlier ones;
@@ -89,7 +94,10 @@ class ReaderPlan:
     it. own : ``[n]`` the positions of those destinations among the reader's. weights : ``[C,
     n_up, n]`` (``[1, n_up, n]`` when every variant has the same) the weights of the upstream
     sources' deltas, or None when only gradients are wanted there. used : ``[n_up]`` bool, the
-    sources with a nonzero weight into them.
+    sources with a nonzero weight into them. complement : the weights are those of the edges
+    *kept* (``1 - weight``) and are taken from the fully ablated residual (see `make_plan`).
+    groups : when destinations share their weights (in every variant), the weights hold each
+    distinct column once, ``[C, n_up, u]``, and destination i reads input ``groups[i]``.
     """
 
     first: int
@@ -97,6 +105,8 @@ class ReaderPlan:
     own: Tensor
     weights: Tensor | None
     used: Tensor | None
+    complement: bool = False
+    groups: Tensor | None = None  # [n]: destination i reads input groups[i] (weights [.., u])
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,9 @@ class RunPlan:
     residual. Replacing the input embedding by an interpolation (EAP-IG) or a whole layer's
     outputs by fixed values, or removing a node from a circuit, then costs what the plain run
     costs.
+
+    idle : ``[n_src]`` bool or None, the sources folded all the way (to their ablated values)
+    in every variant: they need not be computed.
     """
 
     variants: int
@@ -119,11 +132,18 @@ class RunPlan:
     last_only: bool
     first: int = 0  # positions before it are clean at every stage: taken from a trace
     columns: Tensor | None = None  # the only logits computed
+    idle: Tensor | None = None
 
     @property
     def patched(self) -> bool:
         """Some destination mixes ablated values into its input."""
         return any(rp.weights is not None for rp in self.readers.values())
+
+    @property
+    def sums(self) -> bool:
+        """Some reader mixes from the fully ablated residual: the deltas' running sums are
+        kept."""
+        return any(rp.complement for rp in self.readers.values())
 
     @property
     def needs_ablated(self) -> bool:
@@ -150,6 +170,7 @@ def make_plan(
     last_only: bool = False,
     first: int = 0,
     columns: Tensor | None = None,
+    post_norm: bool = False,
 ) -> RunPlan:
     """Resolve a run.
 
@@ -172,13 +193,17 @@ def make_plan(
         with `keep`.
     columns : Tensor, optional
         Token ids: only their logits are computed.
+    post_norm : bool
+        The heads of a layer share a post-norm's scale: a head's inputs matter to the other
+        heads' outputs even when its own output is replaced.
     """
     if first and keep:
         raise ValueError("a run that records a Trace computes every position")
     C = 1 if weights is None else weights.shape[0]
-    fold = None
+    fold = idle = None
     if weights is not None and not keep:
         fold, weights = _fold(graph, weights, start)
+        idle, weights = _idle(graph, fold, weights, post_norm)
     # which edges are ablated in some variant: one transfer from the weights' device
     nonzero = None if weights is None else (weights != 0).any(0).cpu()  # [n_src, n_dst]
     need_all = torch.zeros(graph.n_destinations, dtype=torch.bool)
@@ -193,17 +218,71 @@ def make_plan(
             continue
         n_up = graph.n_sources_before(stage)
         pos = need_all[dsts].nonzero().squeeze(1)
-        w = used = None
+        w = used = groups = None
+        complement = False
         if nonzero is not None:
             used = nonzero[:n_up, dsts][:, pos].any(1)  # [n_up]
             if used.any():
                 w = weights[:, :n_up, dsts][:, :, pos.to(weights.device)]  # [C, n_up, n]
                 if C > 1 and bool((w == w[:1]).all()):
                     w = w[:1]  # the same in every variant: one product mixes them all
+                w, used, complement = _complement(graph.valid[:n_up, dsts][:, pos], w, used)
+                if own is None:  # no destination's own gradient is wanted
+                    w, groups = _distinct(w)
             else:
                 used = None
-        readers[dsts.start] = ReaderPlan(dsts.start, n_up, pos, w, used)
-    return RunPlan(C, start, readers, fold, keep, last_only, first, columns)
+        readers[dsts.start] = ReaderPlan(dsts.start, n_up, pos, w, used, complement, groups)
+    return RunPlan(C, start, readers, fold, keep, last_only, first, columns, idle)
+
+
+def _complement(valid: Tensor, w: Tensor, used: Tensor
+                ) -> tuple[Tensor, Tensor | None, bool]:
+    """The weights of a reader's destinations as mixed: `w` ``[C, n_up, n]`` itself, or, when
+    every upstream source is an input of every one of them (`valid` ``[n_up, n]``) and fewer
+    sources have a kept (not fully ablated) edge into them than an ablated one, the kept part
+    ``1 - w``: ``input = resid + sum of all deltas - sum of (1 - w) * delta``. Returns the
+    weights, the sources they use (None: none) and whether they are the complement."""
+    if not bool(valid.all()):
+        return w, used, False
+    kept = 1 - w
+    used_kept = (kept != 0).any(0).any(1).cpu()  # [n_up]
+    if int(used_kept.sum()) >= int(used.sum()):
+        return w, used, False
+    return kept, used_kept if used_kept.any() else None, True
+
+
+def _distinct(w: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Weights ``[C, n_up, n]`` with each distinct destination column once ``[C, n_up, u]``, and
+    the column each destination reads ``[n]`` (None when all are distinct): destinations with
+    the same weights read the same input, mixed and normalised once."""
+    if w.shape[2] < 2:
+        return w, None
+    cols, groups = torch.unique(w.permute(2, 0, 1).flatten(1), dim=0, return_inverse=True)
+    if len(cols) == w.shape[2]:
+        return w, None
+    return cols.view(len(cols), *w.shape[:2]).permute(1, 2, 0), groups.cpu()
+
+
+def _idle(graph: Graph, fold: Tensor | None, weights: Tensor | None, post_norm: bool
+          ) -> tuple[Tensor | None, Tensor | None]:
+    """The sources folded all the way in every variant ``[n_src]`` (None: none), and `weights`
+    without the edges into destinations that feed only such sources (what those destinations
+    read cannot matter: the sources they feed are replaced whatever they compute; with a
+    post-norm, only MLP inputs are left out, heads share the norm's scale)."""
+    if fold is None:
+        return None, weights
+    idle = (fold == 1).all(0).cpu()  # [n_src]
+    if not idle.any():
+        return None, weights
+    if weights is not None:
+        useless = ~(graph.feeds[:, :-1] & ~idle).any(1) & ~graph.feeds[:, -1]  # [n_dst]
+        if post_norm:
+            useless[graph.dst_head >= 0] = False
+        if useless.any():
+            weights = weights * ~useless.to(weights.device)
+            if not bool((weights != 0).any()):
+                weights = None
+    return idle, weights
 
 
 def _fold(graph: Graph, weights: Tensor, start: int) -> tuple[Tensor | None, Tensor | None]:
@@ -245,25 +324,40 @@ class _Deltas:
     that autograd tracks would send a buffer-sized gradient back at every stage. Deltas that
     gradients must flow through (sources computed in this run) are kept as `live` groups (first
     row, last row + 1, ``[n, C*b, p, d]``) instead.
+
+    With `sums`, the running sum of the deltas is kept after each stage's sources, ``sums[n]``
+    ``[C|1, b, p, d]`` over the first n sources: the fully ablated residual minus the current one.
     """
 
     def __init__(self, ablated: Tensor, like: Tensor, n_sources: int, C: int,
-                 tracked: bool) -> None:
+                 tracked: bool, sums: bool = False) -> None:
         self.ablated, self.C, self.tracked = _last(ablated, like.shape[1]), C, tracked
         self.buf = like.new_empty(n_sources, *like.shape)
         self.pre: Tensor | None = None
         self.live: list[tuple[int, int, Tensor]] = []
+        self.sums: dict[int, Tensor] | None = {} if sums else None
 
     def record(self, sources: slice, value: Tensor, through: bool = True) -> None:
         diff = _minus(self.ablated[sources], value, self.C)
         self.buf[sources] = diff.detach() if self.tracked else diff
         if self.tracked and through:
             self.live.append((sources.start, sources.stop, diff))
+        if self.sums is not None:
+            added = diff.sum(0).unflatten(0, (self.C, -1))  # [C, b, p, d]
+            before = self.sums.get(sources.start)
+            self.sums[sources.stop] = added if before is None else before + added
 
     def restore(self, cached: Tensor) -> None:
         """Deltas of the sources before a restart, from their cached clean outputs."""
         n = cached.shape[0]
         self.pre = self.ablated[:n] - _last(cached, self.buf.shape[2])  # [n, b, p, d]
+        if self.sums is not None:
+            self.sums[n] = self.pre.sum(0, keepdim=True)  # [1, b, p, d]
+
+    def total(self, n_up: int) -> Tensor:
+        """``sum of the deltas of the first n_up sources`` ``[C*b, p, d]``."""
+        t = self.sums[n_up]
+        return t.expand(self.C, *t.shape[1:]).flatten(0, 1)
 
     def cut(self) -> None:
         self.buf = self.buf[..., -1:, :]
@@ -272,6 +366,8 @@ class _Deltas:
             self.pre = self.pre[..., -1:, :]
         if self.ablated.shape[2] > 1:
             self.ablated = self.ablated[..., -1:, :]
+        if self.sums is not None:
+            self.sums = {n: t[..., -1:, :] for n, t in self.sums.items()}
 
     def mix(self, used: Tensor, w: Tensor, n_up: int) -> Tensor:
         """``sum over used sources r of w[:, r] * delta[r]`` ``[n, C*b, p, d]``: the restored
@@ -363,7 +459,7 @@ class _Walk:
             self.outs = resid.new_empty(self.g.n_sources, *resid.shape)
         if plan.patched:
             self.deltas = _Deltas(self.ablated, resid, self.g.n_sources, C,
-                                  tracked=self.sink is not None)
+                                  tracked=self.sink is not None, sums=plan.sums)
         if plan.start == 0:
             # the embedding is the root of the backward: no gradient through its delta
             resid = self._record(slice(0, 1), resid[None], through=False)[0]
@@ -413,7 +509,13 @@ class _Walk:
             return None
         if self.sink is not None:
             base = _grad_root(base)
-        if rp.weights is not None:
+        if rp.complement:  # the fully ablated residual, less the kept edges' deltas
+            full = base + self.deltas.total(rp.n_up)
+            if rp.used is None:
+                x = full.unsqueeze(0).expand(rp.weights.shape[2], *full.shape)
+            else:
+                x = self.deltas.mix(rp.used, rp.weights, rp.n_up).neg_().add_(full)
+        elif rp.weights is not None:
             x = self.deltas.mix(rp.used, rp.weights, rp.n_up).add_(base)
         else:
             x = base.unsqueeze(0).expand(len(rp.own), *base.shape)
@@ -429,6 +531,15 @@ class _Walk:
         a, g, plan = self.a, self.g, self.plan
         stage = g.attn_stage(layer)
         self.resid_at[stage] = resid
+        heads = g.head_sources(layer)
+        if self._idle(heads) and not a.arch.post_norm:
+            # every head takes its ablated value: nothing of the layer's attention is computed
+            # (a post-norm's scale would still depend on what the heads compute)
+            if plan.truncate and layer == a.arch.n_layers - 1:
+                resid = self._cut(resid)
+            after = resid + self._skipped(heads, resid).sum(0)
+            bias = a.out_bias(layer)
+            return (after if bias is None else after + bias), resid
         q, k, v = self._qkv(layer, resid)
         if plan.first:  # the first positions' keys and values, the same in every row
             kp, vp = self.trace.kv(a, layer, stage, plan.first)
@@ -460,21 +571,21 @@ class _Walk:
             own = self._shared_read(layer, resid, rp, ports, heads)
         else:
             x, _ = self._inputs(first, resid)
-            own = a.qkv_heads(layer, x, ports, heads)  # [n, C*b, p, dh]
-        pos = rp.own
+            own = a.qkv_heads(layer, x, ports, heads, rp.groups)  # [n, C*b, p, dh]
         H, K = g.n_heads, g.n_kv_heads
-        if len(pos) == g.n_attn_destinations:
-            # every q/k/v reads its own input: no shared projection needed
-            return tuple(own[lo:hi].transpose(0, 1) for lo, hi in ((0, H), (H, H + K),
-                                                                   (H + K, H + 2 * K)))
-        shared = a.qkv(layer, resid)  # [C*b, n, p, dh] each
-        out = []
-        for port, t in enumerate(shared):
-            sel = ports == port
-            if sel.any():
-                t = t.transpose(0, 1).index_put((heads[sel],), own[sel]).transpose(0, 1)
-            out.append(t)
-        return tuple(out)
+        if len(rp.own) < g.n_attn_destinations:
+            # the others read the shared residual: their projections only, from one norm
+            rest = torch.ones(g.n_attn_destinations, dtype=torch.bool)
+            rest[rp.own] = False
+            j = first + rest.nonzero().squeeze(1)
+            one = torch.zeros(len(j), dtype=torch.long)  # all read the one residual
+            shared = a.qkv_heads(layer, resid[None], g.dst_port[j], g.dst_head[j], one)
+            every = own.new_empty(g.n_attn_destinations, *own.shape[1:])
+            every[rp.own] = own
+            every[rest] = shared
+            own = every
+        return tuple(own[lo:hi].transpose(0, 1) for lo, hi in ((0, H), (H, H + K),
+                                                               (H + K, H + 2 * K)))
 
     def _shared_read(self, layer: int, resid: Tensor, rp: ReaderPlan, ports: Tensor,
                      heads: Tensor) -> Tensor:
@@ -490,10 +601,22 @@ class _Walk:
 
     def _mlp(self, layer: int, mlp_in: Tensor, resid: Tensor) -> Tensor:
         self.resid_at.setdefault(self.g.mlp_stage(layer), mlp_in)
+        m = self.g.mlp_source(layer)
+        if self._idle(slice(m, m + 1)):  # replaced by its ablated value: not computed
+            return resid + self._skipped(slice(m, m + 1), mlp_in)[0]
         got = self._inputs(self.g.mlp_destination(layer), mlp_in)
         out = self.a.mlp(layer, mlp_in if got is None else got[0][0])
-        m = self.g.mlp_source(layer)
         return resid + self._record(slice(m, m + 1), out[None])[0]
+
+    def _idle(self, sources: slice) -> bool:
+        """Every one of `sources` is folded all the way in every variant (see `RunPlan.idle`)."""
+        return self.plan.idle is not None and bool(self.plan.idle[sources].all())
+
+    def _skipped(self, sources: slice, like: Tensor) -> Tensor:
+        """Record idle sources without computing them: their ablated values ``[n, C*b, p, d]``
+        (`like` ``[C*b, p, d]`` gives the shape)."""
+        abl = _last(self.ablated[sources], like.shape[1])
+        return self._record(sources, _tile(abl, self.plan.variants).expand(-1, *like.shape))
 
 
 class _SharedRead(torch.autograd.Function):
@@ -578,13 +701,23 @@ def run_gradient(adapter: Adapter, graph: Graph, plan: RunPlan, ids: Tensor,
 
 def _mix_shared(delta: Tensor, w: Tensor, C: int) -> Tensor:
     """Like `_mix` for deltas the variants share: delta ``[r, b, p, d]``; returns ``[nD, C*b, p,
-    d]``."""
+    d]``. Destinations whose weights are the same in every variant are mixed once (restarts
+    with many variants differ in one destination's weights)."""
     r, b, p, d = delta.shape
-    out = w.transpose(1, 2) @ delta.reshape(r, -1)  # [C or 1, nD, b*p*d]
+    flat = delta.reshape(r, -1)  # [r, b*p*d]
+    nD = w.shape[2]
     if w.shape[0] == 1:  # the same in every variant
-        out = out[0].view(-1, 1, b, p, d).expand(-1, C, b, p, d)
-        return out.contiguous().view(-1, C * b, p, d)  # its own memory: callers add in place
-    return out.view(C, -1, b, p, d).transpose(0, 1).reshape(-1, C * b, p, d)
+        out = (w[0].T @ flat).view(nD, 1, b, p, d).expand(nD, C, b, p, d)
+        return out.contiguous().view(nD, C * b, p, d)  # its own memory: callers add in place
+    same = (w == w[:1]).all(1).all(0)  # [nD]
+    if not same.any():
+        out = w.transpose(1, 2) @ flat  # [C, nD, b*p*d]
+        return out.view(C, nD, b, p, d).transpose(0, 1).reshape(nD, C * b, p, d)
+    out = delta.new_empty(nD, C, b * p * d)
+    out[same] = (w[0][:, same].T @ flat).unsqueeze(1)
+    varies = ~same
+    out[varies] = (w[:, :, varies].transpose(1, 2) @ flat).transpose(0, 1)
+    return out.view(nD, C * b, p, d)
 
 
 def _minus(ablated: Tensor, value: Tensor, C: int) -> Tensor:

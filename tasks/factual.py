@@ -239,7 +239,8 @@ def subject_positions(example: Example, tokenizer: Any) -> list[int]:
     Parameters
     ----------
     example : Example
-        A factual example (its ``meta["subject"]`` names the subject).
+        A factual example: its ``meta["subject"]`` names the subject; without it the subject is
+        read off the template the prompt follows (`subject_of`).
     tokenizer : tokenizer
         The model's tokenizer.
 
@@ -251,15 +252,37 @@ def subject_positions(example: Example, tokenizer: Any) -> list[int]:
     Raises
     ------
     TaskError
-        If the example has no subject or the subject is not in the prompt.
+        If the example names no subject that is in the prompt and the prompt follows none of
+        the templates (see `subject_of`).
     """
-    subject = example.meta.get("subject")
+    subject = example.meta.get("subject") or subject_of(example.clean)
     if not subject or subject not in example.clean:
-        raise TaskError(f"{example.where()}: meta['subject'] is missing or not in the prompt")
+        raise TaskError(f"{example.where()}: meta['subject'] is missing or not in the prompt, "
+                        "and the prompt follows none of the factual templates; add \"meta\": "
+                        "{\"subject\": \"...\"}")
     start = example.clean.index(subject)
     end = start + len(subject)
     before = n_tokens(tokenizer, example.clean[:start].rstrip(" "))
     return list(range(before, n_tokens(tokenizer, example.clean[:end])))
+
+
+def subject_of(prompt: str) -> str | None:
+    """Return the subject of a prompt written with one of the templates, else None.
+
+    Examples
+    --------
+    >>> subject_of("Fans know Roger Federer as a star of the sport of")
+    'Roger Federer'
+    >>> subject_of("An unrelated sentence") is None
+    True
+    """
+    for templates, _ in RELATIONS.values():
+        for template in templates:
+            before, after = template.split("{s}")
+            if prompt.startswith(before) and prompt.endswith(after) \
+                    and len(prompt) > len(before) + len(after):
+                return prompt[len(before):len(prompt) - len(after)]
+    return None
 
 
 def sentences() -> list[str]:

@@ -109,7 +109,8 @@ def test_discover_scores_on_one_part_and_evaluates_on_the_other(planted):
     stages = []
     found = circuits.discover(task=PLANTED, model=planted, method="eap", selection="topk:5",
                               n=20, heldout=0.3, seed=4, progress=stages.append)
-    assert stages == ["measuring the behavior", "scoring", "selecting", "evaluating"]
+    assert stages == ["measuring the behavior", "scoring", "selecting", "evaluating",
+                      "reading the heads"]
     c = found.circuit
     # the planted model does its task: no warning, a clearly positive effect
     assert found.warnings == [] and not found.behavior.weak

@@ -57,3 +57,71 @@ def test_page_in_headless_chromium(tmp_path):
     assert small["edges"] == c.n_edges > 0 and small["drawn-paths"] == c.n_edges
     assert large["edges"] == select(c.scores, top_k=120).n_edges > small["edges"]
     assert large["drawn-paths"] == large["edges"] and large["nodes"] > 0
+
+
+def annotated():
+    """The random circuit with a role, attribution and attention on a1.h0 and a curve."""
+    c = circuit()
+    c.node_info["a1.h0"] = {"role": "induction", "role_score": 0.93,
+                            "roles": {"induction": 0.93, "previous-token": 0.2}, "dla": -0.5,
+                            "attention": {"tokens": ["A", " b", "\n", "A"],
+                                          "pattern": [[1, 0, 0, 0], [0.5, 0.5, 0, 0],
+                                                      [0.2, 0.3, 0.5, 0], [0.1, 0.6, 0.1, 0.2]]}}
+    c.curve = {"fractions": [0.0, 0.01, 0.1, 1.0], "n_edges": [0, 1, 10, 100],
+               "faithfulness": [0.0, float("nan"), 0.6, 1.0]}
+    return c
+
+
+def test_page_data_carries_node_info_and_the_curve():
+    c = annotated()
+    data = page_data(c)
+    node = next(n for n in data["nodes"] if n["name"] == "a1.h0")
+    assert node["info"]["role"] == "induction" and node["info"]["dla"] == -0.5
+    assert next(n for n in data["nodes"] if n["name"] == "a0.h0")["info"] is None
+    # the log axis has no room for x = 0, and a NaN faithfulness is no point
+    assert data["curve"] == {"fractions": [0.1, 1.0], "faithfulness": [0.6, 1.0]}
+    assert data["total"] == c.graph.n_edges
+    assert page_data(circuit())["curve"] is None
+
+
+def state_of(path, fragment, tmp_path):
+    """Open the page at `fragment` in headless chromium: every data- attribute of #state."""
+    run = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", f"{path.as_uri()}#{fragment}"],
+        capture_output=True, text=True, timeout=120)
+    state = re.search(r'<div id="state"[^>]*>', run.stdout)
+    assert state, run.stderr[-2000:]
+    return dict(re.findall(r'data-([\w-]+)="([^"]*)"', state[0]))
+
+
+def curve_x(fraction, first=0.1, last=1.0):
+    """Where the page draws fraction x on its curve: 22 px left margin, 16 right, of 300."""
+    import math
+
+    span = math.log10(last) - math.log10(first)
+    return 22 + (math.log10(fraction) - math.log10(first)) / span * (300 - 22 - 16)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_clicked_head_panel_and_curve_mark_in_headless_chromium(tmp_path):
+    c = annotated()
+    path = c.to_html(tmp_path / "c.html")
+    total = c.graph.n_edges
+    k = round(0.3 * total)
+    state = state_of(path, f"n={k}&head=a1.h0", tmp_path)
+    assert state["selected"] == "a1.h0"
+    assert (state["panel-roles"], state["panel-cells"]) == ("2", "16")  # 2 roles, 4 x 4 tokens
+    assert state["curve-points"] == "2"
+    assert abs(int(state["curve-mark"]) - curve_x(k / total)) <= 1
+    # below the first measured fraction the mark stays at the curve's left end
+    assert int(state_of(path, "n=1", tmp_path)["curve-mark"]) == round(curve_x(0.1))
+    # a node without annotations opens nothing
+    assert state_of(path, "n=30&head=m0", tmp_path).get("selected", "") == ""
+    shot = tmp_path / "page.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1300,800",
+                    f"--screenshot={shot}", f"{path.as_uri()}#n={k}&head=a1.h0"],
+                   capture_output=True, timeout=120)
+    assert shot.read_bytes()[:4] == b"\x89PNG"

@@ -93,3 +93,34 @@ def test_node_scores_with_nan_render():
 def test_bad_widths(tmp_path, options):
     with pytest.raises(OptionError, match="width"):
         small_circuit().render(tmp_path / "c.dot", **options)
+
+
+def test_heads_are_labelled_with_their_role_and_it_survives_saving(tmp_path):
+    from circuits.io import load_circuit
+
+    c = small_circuit()
+    c.node_info["a0.h1"] = {"role": "induction", "role_score": 0.934, "dla": 1.5}
+    c.curve = {"fractions": [0.5, 1.0], "n_edges": [3, 6], "faithfulness": [0.4, 1.0]}
+    loaded = load_circuit(c.save(tmp_path / "c.json"))
+    assert loaded.node_info == {"a0.h1": {"role": "induction", "role_score": 0.934, "dla": 1.5}}
+    assert loaded.curve == c.curve
+    src = loaded.render(tmp_path / "c.dot").read_text()
+    assert "<B>a0.h1</B><BR/>" in src and ">induction 0.93</FONT>" in src
+    assert "a1.h0</B></TD>" in src  # a head without a role keeps its one-line label
+    # a file saved without roles or curve (as before them) loads with neither
+    plain = load_circuit(small_circuit().save(tmp_path / "plain.json"))
+    assert plain.node_info == {} and plain.curve is None
+
+
+def test_bad_node_info_in_a_file_is_one_clear_error(tmp_path):
+    import json
+
+    from circuits.errors import CircuitFileError
+    from circuits.io import load_circuit
+
+    path = small_circuit().save(tmp_path / "c.json")
+    doc = json.loads(path.read_text())
+    doc["nodes"]["a0.h1"]["attention"] = {"tokens": ["a", "b"], "pattern": [[1.0]]}
+    path.write_text(json.dumps(doc))
+    with pytest.raises(CircuitFileError, match="node 'a0.h1': 'attention'"):
+        load_circuit(path)

@@ -139,3 +139,57 @@ def test_node_level_report_has_no_edge_table(found_nodes):
     nodes = table_after(text, "(by |score|)")
     values = found_nodes.scores.node_scores()
     assert [row[1].strip("`") for row in nodes] == sorted(values, key=lambda n: -abs(values[n]))
+
+
+# -- head roles, pruning, the run record --------------------------------------------------------
+def test_role_table_lists_the_annotated_heads(found):
+    from circuits.report import role_table
+
+    c = found.circuit
+    saved = dict(c.node_info)
+    head = next(n for n in c.nodes if n.startswith("a"))
+    c.node_info = {head: {"role": "induction", "role_score": 0.9312, "dla": -1.25,
+                          "roles": {"previous-token": 0.1, "induction": 0.9312}}}
+    try:
+        text = report_markdown(found)
+        rows = table_after(text.split("## Head roles", 1)[1], "the unembedding.")
+        assert rows == [[f"`{head}`", "induction", "0.93", "-1.250", "0.10", "0.93"]]
+        assert role_table(c).splitlines()[0] == ("| head | role | score | direct logit "
+                                                  "attribution | previous-token | induction |")
+        c.node_info = {}
+        assert "## Head roles" not in report_markdown(found)
+    finally:
+        c.node_info = saved
+
+
+def test_pruned_note_counts_what_pruning_dropped():
+    import torch
+
+    from circuits.circuit import select
+    from circuits.graph import Graph
+    from circuits.report import pruned_note
+    from circuits.scores import Scores
+
+    g = Graph(1, 1)
+    v = torch.zeros(g.n_sources, g.n_destinations)
+    # a0.h0 is read by the logits but reads nothing: its edge lies on no input-to-logits path
+    for name, s in [("input->m0", 3.0), ("a0.h0->logits", 2.0), ("m0->logits", 1.0)]:
+        v[g.edge_index(name)] = s
+    c = select(Scores(g, v), top_k=3)
+    assert c.n_edges == 2
+    assert pruned_note(c) == ("asked for topk:3, kept 2 edges: pruning dropped the other 1, "
+                              "which lie on no path from input to logits")
+    assert pruned_note(select(Scores(g, v), top_k=8)) is None  # the whole graph
+    assert pruned_note(select(Scores(g, v), threshold=0.5)) is None
+
+
+def test_scores_document_records_the_graph_and_the_run(found):
+    from circuits.report import run_record
+
+    run = run_record(found, "planted-mlp", "planted-mlp-model")
+    doc = scores_document(found.scores, run)
+    assert doc["graph"] == found.scores.graph.shape()
+    assert (doc["run"]["task"], doc["run"]["model"], doc["run"]["n"]) == (
+        "planted-mlp", "planted-mlp-model", 20)
+    assert (doc["run"]["seed"], doc["run"]["heldout"], doc["run"]["metric"]) == (4, 0.3, None)
+    assert "run" not in scores_document(found.scores)

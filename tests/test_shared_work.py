@@ -252,3 +252,67 @@ def test_acdc_keeps_the_prefix_keys_and_values_with_its_traces_in_memory_or_on_d
     assert torch.equal(kept.extra["kept"], spilled.extra["kept"])
     assert torch.allclose(kept.values, spilled.values, atol=1e-6)
     assert 0 < int(kept.extra["kept"].sum()) < kept.graph.n_edges
+
+
+def sparse_circuits(engine: Engine, C: int = 3) -> torch.Tensor:
+    """ACDC-like masks ``[C, n_src, n_dst]``: every edge removed but those from the input and the
+    first head and those into the logits (so most destinations share their column); a head of
+    layer 1 and the last MLP removed as nodes (every edge in and out); the variants differ in
+    one destination of layer 2."""
+    g = engine.graph
+    ablate = g.valid.float().repeat(C, 1, 1)
+    ablate[:, :2] = 0.0  # the input and a0.h0 keep every edge
+    ablate[:, :, -1] = 0.0  # every source keeps its edge into the logits
+    head, mlp = g.head_sources(1).start, g.mlp_source(g.n_layers - 1)
+    for node, into in ((head, g.attn_destinations(1).start), (mlp, g.mlp_destination(2))):
+        ablate[:, node] = 1.0  # every edge out
+        ablate[:, :, into] = 1.0  # every edge in
+    visited = g.attn_destinations(2).start + 1
+    for c in range(C):
+        ablate[c, c + 2, visited] = 0.0
+    return ablate * g.valid
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("rewrite", ["_idle", "_complement", "_distinct"])
+def test_sparse_circuit_rewrites_equal_the_plain_mixing(family, rewrite, monkeypatch):
+    """Idle sources not computed (and the inputs that only feed them not patched), kept edges
+    mixed out of the fully ablated residual, identical destination columns mixed once: each
+    gives the logits of the run without it."""
+    engine = Engine(model_of(family))
+    g = engine.graph
+    batch = prefix_batch(first=0)
+    ablated = engine.ablated_outputs(batch.clean, "resample", corrupt=batch.corrupt)
+    ablate = sparse_circuits(engine)
+    post_norm = engine.adapter.arch.post_norm
+
+    def applied(plan) -> bool:
+        readers = plan.readers.values()
+        return {"_idle": plan.idle is not None and bool(plan.idle.any()),
+                "_complement": any(rp.complement for rp in readers),
+                "_distinct": any(rp.groups is not None for rp in readers)}[rewrite]
+
+    assert applied(make_plan(g, ablate, post_norm=post_norm))
+    got = engine.patched_logits(batch.clean, ablate, ablated)
+    plain = {"_idle": lambda graph, fold, weights, post_norm: (None, weights),
+             "_complement": lambda valid, w, used: (w, used, False),
+             "_distinct": lambda w: (w, None)}
+    monkeypatch.setattr(circuits.runs, rewrite, plain[rewrite])
+    assert not applied(make_plan(g, ablate, post_norm=post_norm))
+    want = engine.patched_logits(batch.clean, ablate, ablated)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_idle_heads_still_read_their_inputs_under_a_post_norm():
+    """With a post-norm, the heads of a layer share the norm's scale, so the inputs of a
+    removed head still matter to the others: only MLP inputs are left unpatched."""
+    engine = Engine(model_of("gemma2"))
+    g = engine.graph
+    ablate = sparse_circuits(engine)
+    first = g.attn_destinations(1).start
+    idle_q = first  # the query of a1.h0, a head removed as a node
+    assert bool(ablate[:, :, idle_q].any())
+    post = make_plan(g, ablate, post_norm=True)
+    plain = make_plan(g, ablate)
+    assert idle_q - first in post.readers[first].own.tolist()
+    assert idle_q - first not in plain.readers[first].own.tolist()

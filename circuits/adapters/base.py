@@ -157,13 +157,18 @@ class Adapter(ABC):
         """Queries, keys and values of every head from one shared residual ``[..., b, p, d]``."""
         return self.project(layer, self.attn_norm(layer, x))
 
-    def qkv_heads(self, layer: int, x: Tensor, ports: Tensor, heads: Tensor) -> Tensor:
+    def qkv_heads(self, layer: int, x: Tensor, ports: Tensor, heads: Tensor,
+                  groups: Tensor | None = None) -> Tensor:
         """Queries, keys or values of chosen (port, head) pairs, each from its own residual.
 
         x : ``[n, ..., b, p, d]``; ports : ``[n]`` (0 q, 1 k, 2 v), in increasing order; heads :
         ``[n]`` (query heads for q, key/value heads for k and v). Returns ``[n, ..., b, p, dh]``.
+        groups : ``[n]``, optional: pair i reads residual ``groups[i]`` of `x` ``[u, ..., d]``
+        (pairs that read the same input share its norm).
         """
         h = self.attn_norm(layer, x)
+        if groups is not None:
+            return self._grouped_heads(layer, h, ports, heads, groups)
         w, bias = self.head_weights(layer, ports, heads)
         # one batched product over all destinations: slicing h per port would make autograd
         # allocate and fill a gradient of h's full size for every slice
@@ -173,6 +178,20 @@ class Adapter(ABC):
         else:
             out = torch.baddbmm(bias[:, None], flat, w.transpose(1, 2))
         return out.view(*h.shape[:-1], w.shape[1])
+
+    def _grouped_heads(self, layer: int, h: Tensor, ports: Tensor, heads: Tensor,
+                       groups: Tensor) -> Tensor:
+        """`qkv_heads` of normalised inputs ``h`` ``[u, ..., d]`` shared by groups of pairs: one
+        product per group."""
+        out = h.new_empty(len(ports), *h.shape[1:-1], self.arch.d_head)
+        for g in range(h.shape[0]):
+            rows = (groups == g).nonzero().squeeze(1)
+            w, bias = self.head_weights(layer, ports[rows], heads[rows])  # [m, dh, d]
+            y = h[g] @ w.flatten(0, 1).T  # [..., m * dh]
+            if bias is not None:
+                y = y + bias.flatten()
+            out[rows] = y.unflatten(-1, (len(rows), -1)).movedim(-2, 0)
+        return out
 
     def head_weights(self, layer: int, ports: Tensor, heads: Tensor) -> HeadWeights:
         """The projection weights ``[n, dh, d]`` and biases ``[n, dh]`` (None when the family

@@ -25,12 +25,12 @@ How it runs fast
     enter destinations at the same or later stages), so every candidate runs only from the
     destination's stage on, restarting from a clean trace cached once per batch (in memory up to
     the setup's ``memory_budget``, on disk beyond it). The candidates into one destination are
-    evaluated by *prefix speculation*: the cumulative states "remove e1", "remove e1, e2", ...
-    run side by side as variants of one forward (``chunk`` at a time);
-    they are accepted in order while each one's change against the previous accepted state stays
-    below τ; at the first rejection that edge is kept and speculation restarts after it (with
-    half the width, which doubles again, up to ``chunk``, after each fully accepted block, to
-    waste less work where many edges are kept). This gives exactly the result of the
+    evaluated by *speculation*: the cumulative states "remove e1", "remove e1, e2", ...
+    run side by side as variants of one forward (``chunk`` at a time), each assuming a decision
+    for the edges before it; the decisions are taken in order, and at the first that differs
+    from its assumption speculation restarts after it (with half the width, which doubles again,
+    up to ``chunk``, after each block assumed right). An edge is assumed removed unless a
+    discarded variant measured it above τ. This gives exactly the result of the
     one-edge-at-a-time loop. A destination whose node has lost
     all its outgoing edges (so no path to the logits is left) cannot matter: its incoming edges
     are removed without being evaluated.
@@ -423,27 +423,49 @@ def _prune_into(
     is_small: Callable[[float], bool],
 ) -> int:
     """Try the edges ``sources -> dst`` in order by prefix speculation; returns the number of
-    variants evaluated. Updates `state` (removed, scores, loss) in place."""
+    variants evaluated. Updates `state` (removed, scores, loss) in place.
+
+    Each block of variants assumes a decision for every edge before the one it tries: removed,
+    unless an earlier, discarded variant measured that edge's change at or above τ on a state
+    close to the true one (then kept). The decisions are then taken in order; the first that
+    differs from its assumption invalidates the later variants, whose changes become the next
+    block's assumptions.
+    """
     evaluated = 0
     i = 0
-    width = chunk  # speculation width: halved after a rejection wasted the rest of a block
+    width = chunk  # speculation width: halved after a wrong assumption wasted the rest of a block
+    keep_guess: dict[int, bool] = {}  # source -> assumed kept
     while i < len(sources):
         block = sources[i:i + width]
-        # Variant j removes block[0..j] on top of what is removed: [C, n_src, n_dst].
+        guess = [keep_guess.get(s, False) for s in block]
+        # Variant j removes block[j] on top of what is removed and the assumed decisions of
+        # block[:j]: [C, n_src, n_dst].
         variants = state.removed.unsqueeze(0).repeat(len(block), 1, 1)
         for j, s in enumerate(block):
-            variants[j:, s, dst] = True
+            variants[j, s, dst] = True
+            if not guess[j]:
+                variants[j + 1:, s, dst] = True
         losses = loss(variants, stage).tolist()  # [C]
         evaluated += len(block)
+        # the loss of the state each variant adds its edge to, as assumed
+        bases, current = [], state.loss
+        for j in range(len(block)):
+            bases.append(current)
+            if not guess[j]:
+                current = losses[j]
         for j, s in enumerate(block):
             change = losses[j] - state.loss
             state.scores[s, dst] = change
             i += 1
-            if is_small(change):
+            kept = not is_small(change)
+            if not kept:
                 state.removed[s, dst] = True
                 state.loss = losses[j]
-            else:
-                # Kept: the later variants assumed its removal, so speculate again after it.
+            if kept != guess[j]:
+                # the later variants assumed the other decision: measure them again, on what
+                # their changes from the assumed state suggest
+                for k in range(j + 1, len(block)):
+                    keep_guess[block[k]] = not is_small(losses[k] - bases[k])
                 width = max(1, width // 2)
                 break
         else:

@@ -1,0 +1,123 @@
+"""``circuits attention``: heatmaps of chosen heads' attention on chosen prompts.
+
+Prompts come from ``--prompt`` (tokenized as the model's tokenizer does by default, so a BOS
+token is added where the tokenizer adds one) or from a task's clean prompts (``--task``, the
+first ``--n``). One panel per prompt and head, drawn by
+`circuits.reading.attention.plot_attention`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+HELP_EXAMPLES = """examples:
+  circuits attention induction-gpt2-2l --heads a1.h0 a0.h1 --task induction -o attn.png
+  circuits attention ioi-gpt2-4l --heads a3.h0 --task ioi --n 3 -o ioi-a3h0.png
+  circuits attention ./my-model --heads a0.h1 --prompt "When Mary and John went" -o a.png"""
+
+_HEAD = re.compile(r"a(\d+)\.h(\d+)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, the heads, the prompts (text or a task), the output file, device and
+    dtype."""
+    from ..cli import add_device_arguments
+
+    parser.add_argument("model", metavar="MODEL", help="a shipped model (`circuits models`), a "
+                        "local model folder or a hub name")
+    parser.add_argument("--heads", nargs="+", required=True, metavar="HEAD",
+                        help="heads to draw, named a{layer}.h{head} (e.g. a1.h2)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", metavar="TEXT",
+                        help="a prompt to draw (repeat for more)")
+    source.add_argument("--task", help="a built-in task or a JSONL file: draw its clean prompts")
+    parser.add_argument("--n", type=int, default=1, metavar="K",
+                        help="with --task: how many of its prompts (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="with --task: seeds its prompts (default: %(default)s)")
+    parser.add_argument("-o", "--output", required=True, metavar="FILE.png",
+                        help="the PNG file to write")
+    add_device_arguments(parser)
+
+
+def parse_heads(names: list[str]) -> list[tuple[int, int]]:
+    """``["a1.h2", ...]`` -> ``[(1, 2), ...]``, or an OptionError naming the bad one.
+
+    Examples
+    --------
+    >>> parse_heads(["a1.h2", "a0.h0"])
+    [(1, 2), (0, 0)]
+    """
+    from ..cli import _fail
+
+    heads = []
+    for name in names:
+        match = _HEAD.fullmatch(name)
+        if match is None:
+            _fail(f"{name!r} is not a head name; name heads a{{layer}}.h{{head}}, e.g. a1.h2")
+        heads.append((int(match[1]), int(match[2])))
+    return heads
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the options, load the model, read the patterns, draw them."""
+    from ..cli import _fail, check_device_and_dtype, check_output, check_seed_and_n
+    from ..model import load_model
+    from ..reading.attention import MAX_PANELS, attention_patterns, check_heads, plot_attention
+
+    heads = parse_heads(args.heads)
+    n_prompts = len(args.prompt) if args.prompt else args.n
+    check_seed_and_n(args.seed, args.n)
+    if n_prompts * len(heads) > MAX_PANELS:
+        _fail(f"{n_prompts} prompts x {len(heads)} heads make more than {MAX_PANELS} panels; "
+              "draw fewer at a time")
+    if any(not text.strip() for text in args.prompt or ()):
+        _fail("a --prompt is empty; give some text")
+    out = Path(args.output)
+    if out.suffix.lower() != ".png":
+        _fail(f"the attention figure is a PNG; name the output .png, not {out.name!r}")
+    check_device_and_dtype(args)
+    check_output(out, folder=False, flag="-o")
+
+    model = load_model(args.model, args.device, args.dtype) if args.prompt else None
+    prompts, model = prompt_ids(args, model)
+    check_heads(model, heads)
+    patterns, tokens, titles = [], [], []
+    for k, (ids, words) in enumerate(prompts):
+        found = attention_patterns(model, ids, heads)[0]  # [n_heads, p, p]
+        for (layer, head), pattern in zip(heads, found, strict=True):
+            patterns.append(pattern)
+            tokens.append(words)
+            titles.append(f"a{layer}.h{head}" + (f"  prompt {k + 1}" if len(prompts) > 1 else ""))
+    plot_attention(patterns, tokens, titles, out)
+    print(out)
+    return 0
+
+
+def prompt_ids(args: argparse.Namespace, model: Any) -> tuple[list[tuple[Any, list[str]]], Any]:
+    """The prompts as ``(ids [1, p], token labels)`` and the model (loaded here for a task)."""
+    import torch
+
+    from ..cli import _fail, load_task_and_model
+    from ..reading.attention import token_labels
+
+    if args.task:
+        task, model = load_task_and_model(args.task, args.model, args.n, args.seed, args)
+        batches = task.batches(model.tokenizer, batch_size=1, device=model.device,
+                               max_length=model.context_length)
+        rows = [batch.clean for batch in batches][:args.n]
+    else:
+        rows = []
+        limit = model.context_length
+        for text in args.prompt:
+            ids = model.tokenizer(text)["input_ids"]
+            if not ids:
+                _fail(f"the prompt {text!r} has no tokens for {model.name!r}; give other text")
+            if limit is not None and len(ids) > limit:
+                _fail(f"the prompt {text[:40]!r}... is {len(ids)} tokens, more than "
+                      f"{model.name!r} reads ({limit}); shorten it")
+            rows.append(torch.tensor([ids], device=model.device))
+    return [(ids, token_labels(model.tokenizer, ids[0].tolist())) for ids in rows], model

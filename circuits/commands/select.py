@@ -1,0 +1,221 @@
+"""``circuits select``: a new circuit from a discover run's saved scores, without the method.
+
+scores.json records, besides every score, how the run was made (its ``run`` entry: task, model,
+prompts, seed, split, batch size, ablation, metric, level, dtype, the model's fingerprint). From
+it the command makes the same prompts and split again, selects with the new rule, evaluates on
+both prompt sets, reads the heads and writes the six files `discover` writes, through the same
+staging (`circuits.cli.write_discovery`). scores.json itself is written back byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+HELP_EXAMPLES = """examples:
+  circuits select circuits-out/ioi/scores.json --select topk:40
+  circuits select circuits-out/ioi/scores.json --select faithfulness:0.9 --out out/ioi-f90
+  circuits select circuits-out/ioi/scores.json --select threshold:0.01 --level node"""
+
+MAX_BYTES = 512 * 2**20  # as for circuit files: far more than any model's scores
+
+# what the command needs from the file's "run" entry, with the test a value must pass
+_RUN: dict[str, Any] = {
+    "task": lambda v: isinstance(v, str) and v != "",
+    "model": lambda v: isinstance(v, str) and v != "",
+    "n": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2,
+    "seed": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32,
+    "heldout": lambda v: isinstance(v, float) and 0 < v < 1,
+    "batch_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    "metric": lambda v: v is None or isinstance(v, str),
+    "dtype": lambda v: isinstance(v, str),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command's arguments: the scores file, the rule, the output folder, device and
+    dtype."""
+    from ..cli import add_device_arguments
+
+    parser.add_argument("scores", metavar="SCORES.json",
+                        help="the scores.json a `circuits discover` run wrote")
+    parser.add_argument("--select", required=True, metavar="RULE",
+                        help="threshold:X, topk:N or faithfulness:F (the smallest circuit "
+                        "reaching faithfulness F on the discovery prompts)")
+    parser.add_argument("--level", choices=("edge", "node"),
+                        help="select edges, or heads and MLPs (default: the run's level)")
+    parser.add_argument("--out", metavar="DIR", help="output folder; its discover outputs are "
+                        "replaced as a set (default: the folder of SCORES.json)")
+    add_device_arguments(parser)
+    parser.set_defaults(dtype=None)  # the run's dtype, so faithfulness selects the same circuit
+
+
+def read_scores(path: Path) -> tuple[str, dict[str, Any]]:
+    """The text of a scores file and its parsed document, checked: a CircuitFileError with one
+    line when it is missing, not JSON, not a scores file, or records no run."""
+    from ..errors import CircuitFileError
+    from ..report import SCORES_FORMAT, SCORES_VERSION
+
+    def fail(what: str) -> Any:
+        raise CircuitFileError(f"{path}: {what}")
+
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_BYTES + 1)
+    except OSError as err:
+        fail(f"cannot read it ({err.strerror or err}); pass the scores.json a discover run "
+             "wrote")
+    if len(data) > MAX_BYTES:
+        fail(f"larger than {MAX_BYTES // 2**20} MiB; is it a scores.json?")
+    try:
+        text = data.decode("utf-8")
+        doc = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        fail("not a JSON file; pass the scores.json a discover run wrote")
+    if not isinstance(doc, dict) or doc.get("format") != SCORES_FORMAT:
+        fail(f"not a scores file (format {SCORES_FORMAT!r}); pass the scores.json a discover "
+             "run wrote")
+    if doc.get("version") != SCORES_VERSION:
+        fail(f"scores version {doc.get('version')!r} is not supported (this package reads "
+             f"version {SCORES_VERSION})")
+    if doc.get("level") not in ("edge", "node") or not isinstance(doc.get("scores"), dict):
+        fail("'level' or 'scores' is missing or malformed; the file is truncated or edited")
+    run = doc.get("run")
+    if not isinstance(run, dict):
+        fail("the file does not record how its run was made (written by an older circuits); "
+             "run `circuits discover` again to select from its scores")
+    bad = [key for key, ok in _RUN.items() if not ok(run.get(key))]
+    if bad:
+        fail(f"the run record lacks or has a bad {', '.join(bad)}; run `circuits discover` "
+             "again")
+    return text, doc
+
+
+def graph_of(doc: dict[str, Any], where: Path) -> Any:
+    """The Graph of a scores document's 'graph' shape, checked (`circuits.io` rules) against
+    the number of edge scores it holds."""
+    from ..graph import Graph
+    from ..io import _graph
+
+    shape = doc.get("graph")
+    if doc["level"] == "edge":
+        return _graph(shape, len(doc["scores"]), str(where))
+    try:  # node scores: any plausible shape; the names are compared afterwards
+        n_edges = Graph.edge_count(shape["n_layers"], shape["n_heads"],
+                                   shape.get("n_kv_heads", shape["n_heads"]),
+                                   shape.get("parallel", False))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        n_edges = -1
+    return _graph(shape, n_edges, str(where))
+
+
+def scores_from(doc: dict[str, Any], where: Path) -> Any:
+    """The Scores of a scores document: every name of its graph present with a finite number,
+    nothing else."""
+    import math
+
+    import torch
+
+    from ..cost import Cost
+    from ..errors import CircuitFileError
+    from ..scores import Scores
+
+    graph = graph_of(doc, where)
+
+    values = doc["scores"]
+    edge = doc["level"] == "edge"
+    names = [e.name for e in graph.edges()] if edge else list(graph.sources)
+    if set(values) != set(names):
+        raise CircuitFileError(f"{where}: its {len(values)} {doc['level']} scores do not name "
+                               f"the {len(names)} of its graph; the file was edited")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+               for v in values.values()):
+        raise CircuitFileError(f"{where}: a score is not a finite number; the file was edited")
+    if edge:
+        tensor = torch.zeros(graph.n_sources, graph.n_destinations)
+        for name in names:
+            tensor[graph.edge_index(name)] = values[name]
+    else:
+        tensor = torch.tensor([float(values[n]) for n in names])
+    cost = doc.get("cost") if isinstance(doc.get("cost"), dict) else {}
+    figures = {k: float(v) for k, v in cost.items()
+               if k in ("forward", "backward", "seconds", "peak_memory_mb")
+               and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    options = doc.get("options") if isinstance(doc.get("options"), dict) else {}
+    return Scores(graph, tensor, doc["level"], str(doc.get("method", "")),
+                  str(doc.get("task", "")), str(doc.get("model", "")), dict(options),
+                  Cost(**figures))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Select, evaluate and write a new circuit from saved scores; print the summary."""
+    from ..api import parse_selection
+    from ..cli import (
+        PROG,
+        check_device_and_dtype,
+        check_output,
+        load_task_and_model,
+        name_circuit,
+        stages,
+        write_discovery,
+    )
+    from ..errors import OptionError
+    from ..report import summary_rows, text_table
+
+    path = Path(args.scores)
+    selection = parse_selection(args.select)
+    text, doc = read_scores(path)
+    scores = scores_from(doc, path)
+    saved = doc["run"]
+    if args.level == "edge" and doc["level"] == "node":
+        raise OptionError(f"{path} holds node scores; select with --level node")
+    args.dtype = args.dtype or saved["dtype"]
+    check_device_and_dtype(args)
+    out = Path(args.out) if args.out else path.parent
+    check_output(out, folder=True, flag="--out")
+
+    t0 = time.perf_counter()
+    names = ["loading", "measuring the behavior", "selecting", "evaluating", "reading the heads",
+             "writing"]
+    with stages(names) as stage:
+        stage("loading")
+        task, model = load_task_and_model(saved["task"], saved["model"], saved["n"],
+                                          saved["seed"], args)
+        check_weights(saved, model, path)
+        found = rediscover(doc, scores, task, model, args, selection, stage)
+        stage("writing")
+        write_discovery(name_circuit(found, saved["task"]), out,
+                        " ".join([PROG, *map(shlex.quote, args.argv)]), text)
+    print(text_table(summary_rows(found, f"{out}{os.sep}", time.perf_counter() - t0)))
+    return 0
+
+
+def check_weights(saved: dict[str, Any], model: Any, path: Path) -> None:
+    """Refuse a model whose weights differ from those the scores were made on."""
+    from ..errors import OptionError
+    from ..model import dtype_name
+
+    fingerprint = saved.get("model_fingerprint")
+    if (fingerprint is not None and saved["dtype"] == dtype_name(model.dtype)
+            and fingerprint != model.fingerprint):
+        raise OptionError(f"{path} was scored on other weights of {saved['model']!r} "
+                          f"({fingerprint}, now {model.fingerprint}); the model changed since, "
+                          "so run `circuits discover` again")
+
+
+def rediscover(doc: dict[str, Any], scores: Any, task: Any, model: Any,
+               args: argparse.Namespace, selection: dict[str, float], stage: Any) -> Any:
+    """`circuits.api.discover_from_scores` with the run the document records."""
+    from ..api import discover_from_scores
+
+    saved = doc["run"]
+    return discover_from_scores(
+        scores, task, model, selection=selection,
+        level=args.level or saved.get("level") or doc["level"], metric=saved["metric"],
+        heldout=saved["heldout"], seed=saved["seed"], batch_size=saved["batch_size"],
+        progress=stage)

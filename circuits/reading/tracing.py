@@ -1,0 +1,594 @@
+"""Causal tracing (Meng et al., 2022, "Locating and Editing Factual Associations in GPT").
+
+Where does a model recall a fact about a subject? Three runs per prompt:
+
+clean
+    The prompt as it is; ``p_clean`` is the probability of the answer token (summed over the
+    example's answers when it has several).
+corrupted
+    Gaussian noise is added to the subject tokens' embeddings (the output of the model's input
+    embedding module): ``noise`` times the standard deviation of those embeddings over every
+    subject token of the prompts traced (ROME's 3 by default). ``p_corrupt``.
+restored
+    The corrupted run with one state put back to its clean value: the hidden state (a decoder
+    layer's output) at one layer and token, or the MLP outputs, or the attention outputs (the
+    output of the attention output projection), at one token in a window of ``window``
+    consecutive layers centred on a layer (layers ``l - window // 2`` to
+    ``l + ceil(window / 2) - 1``, cut at the model's ends, as ROME does).
+
+The indirect effect of a state is ``p(restored) - p(corrupted)``; the total effect is
+``p_clean - p_corrupt``. Every restoration of a prompt uses the same noise draws; results are
+averaged over ``samples`` draws and over the prompts.
+
+Token positions: one prompt keeps its own tokens (subject tokens marked ``*``). Prompts of
+several layouts are averaged in ROME's token groups: the first, middle and last subject tokens,
+the first token after the subject, the further tokens and the last token (a position counts in
+every group it belongs to, e.g. a one-token subject is both first and last). Tokens before the
+subject are left out there: by causality their states are the same in the clean and the
+corrupted run, so restoring them does nothing (they are not run; their effect is 0).
+
+The subject of each prompt is ``example.meta["subject"]`` (a substring of the clean prompt), or
+else the task's rule: a built-in task whose module defines ``subject_positions(example,
+tokenizer)`` (the factual task does). A prompt with neither is a `TaskError`.
+
+Every restoration is one row of a batched forward through nnsight, variant-major as in
+`circuits.nodes.patch_each`, so any Hugging Face causal LM works (the hook sites come from
+`circuits.nodes.NodeSites`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import OptionError, TaskError
+from ..model import Model
+from ..nodes import NodeSites
+from ..task import Example, Task
+from .subjects import SubjectRule, subject_tokens, task_rule
+
+KINDS = ("hidden", "mlp", "attn")
+GROUPS = ("first subject token", "middle subject tokens", "last subject token",
+          "first subsequent token", "further tokens", "last token")
+TITLES = {"hidden": "hidden state", "mlp": "MLP outputs", "attn": "attention outputs"}
+COLORMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
+
+
+@dataclass(frozen=True)
+class CausalTrace:
+    """The indirect effects of restoring states of a subject-noised run, per layer and token.
+
+    Attributes
+    ----------
+    effects : dict[str, Tensor]
+        Kind (``hidden``, ``mlp``, ``attn``) -> ``[n_layers, n_rows]`` float64 mean indirect
+        effect; MLP and attention outputs restored in windows of `window` layers.
+    single : dict[str, Tensor]
+        The same with one layer restored at a time (for ``hidden`` always the same as
+        `effects`; for the others too when `window` is 1).
+    labels : tuple of str
+        One per row: the prompt's tokens (one prompt) or the token groups that occur.
+    counts : tuple of int
+        Per row, how many (prompt, position) cells were averaged.
+    p_clean, p_corrupt : float
+        Mean probability of the answer in the clean and the noised runs.
+    window, samples, n_prompts, seed : int
+    noise : float
+        The noise scale in standard deviations of the subject embeddings.
+    noise_std : float
+        The standard deviation of the noise added (``noise`` times that of the embeddings).
+    model, task : str
+    """
+
+    effects: dict[str, Tensor]
+    single: dict[str, Tensor]
+    labels: tuple[str, ...]
+    counts: tuple[int, ...]
+    p_clean: float
+    p_corrupt: float
+    window: int
+    noise: float
+    noise_std: float
+    samples: int
+    n_prompts: int
+    seed: int
+    model: str = ""
+    task: str = ""
+    kinds: tuple[str, ...] = field(default=KINDS)
+
+    @property
+    def total_effect(self) -> float:
+        """``p_clean - p_corrupt``: what restoring everything gives back."""
+        return self.p_clean - self.p_corrupt
+
+    @property
+    def n_layers(self) -> int:
+        return int(next(iter(self.effects.values())).shape[0])
+
+    def strongest(self, kind: str, single: bool = False) -> tuple[int, str, float]:
+        """The layer, row label and value of the largest indirect effect of `kind`."""
+        grid = (self.single if single else self.effects)[_check_kind(kind, self.kinds)]
+        flat = int(torch.argmax(grid))
+        layer, row = divmod(flat, grid.shape[1])
+        return layer, self.labels[row], float(grid[layer, row])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: the settings, probabilities and every grid (``[layer][row]``).
+
+        Examples
+        --------
+        >>> import json
+        >>> from circuits import get_task, load_model
+        >>> trace = causal_trace(load_model("factual-gpt2-4l"), get_task("factual", n=1),
+        ...                      samples=2)
+        >>> d = json.loads(json.dumps(trace.to_dict()))
+        >>> len(d["effects"]["mlp"]) == d["n_layers"], len(d["effects"]["mlp"][0]) == len(
+        ...     d["labels"])
+        (True, True)
+        """
+        return {
+            "model": self.model, "task": self.task, "n_prompts": self.n_prompts,
+            "n_layers": self.n_layers, "noise": self.noise, "noise_std": self.noise_std,
+            "samples": self.samples, "window": self.window, "seed": self.seed,
+            "quantity": "probability of the answer", "p_clean": self.p_clean,
+            "p_corrupt": self.p_corrupt, "total_effect": self.total_effect,
+            "labels": list(self.labels), "counts": list(self.counts),
+            "effects": {k: v.tolist() for k, v in self.effects.items()},
+            "single": {k: v.tolist() for k, v in self.single.items()},
+        }
+
+    def figure(self) -> Any:
+        """The classic heatmaps, one panel per kind (x = layer, y = token or token group), as a
+        matplotlib ``Figure`` (made without pyplot, so no backend is switched)."""
+        from matplotlib.figure import Figure
+
+        n_rows = len(self.labels)
+        fig = Figure(figsize=(4.2 * len(self.kinds), 1.2 + 0.32 * n_rows), layout="constrained")
+        axes = fig.subplots(1, len(self.kinds), squeeze=False)[0]
+        for ax, kind in zip(axes, self.kinds, strict=True):
+            grid = self.effects[kind].T.numpy()  # [rows, layers]
+            low, high = min(0.0, float(grid.min())), max(float(grid.max()), 1e-9)
+            image = ax.imshow(grid, cmap=COLORMAPS[kind], vmin=low, vmax=high, aspect="auto")
+            ax.set_xticks(range(self.n_layers))
+            ax.set_yticks(range(n_rows), self.labels)
+            ax.set_xlabel("layer" if kind == "hidden" or self.window == 1
+                          else f"centre of {self.window}-layer window")
+            ax.set_title(f"restoring {TITLES[kind]}")
+            fig.colorbar(image, ax=ax, shrink=0.9, label="indirect effect on p(answer)")
+        fig.suptitle(f"causal trace of {self.task or 'prompts'} on {self.model or 'the model'}: "
+                     f"p(answer) clean {self.p_clean:.3f}, subject noised {self.p_corrupt:.3f} "
+                     f"({self.n_prompts} prompts x {self.samples} noise samples)", fontsize=10)
+        return fig
+
+    def plot(self, path: str | Path) -> Path:
+        """Write `figure` as a PNG to `path`, atomically; return the path.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from circuits import get_task, load_model
+        >>> trace = causal_trace(load_model("factual-gpt2-4l"), get_task("factual", n=2),
+        ...                      samples=2)
+        >>> trace.plot(Path(tempfile.mkdtemp()) / "trace.png").stat().st_size > 0
+        True
+        """
+        from ..io import write_atomic
+
+        path = Path(path)
+        buffer = io.BytesIO()
+        self.figure().savefig(buffer, format="png", dpi=110)
+        write_atomic(path, buffer.getvalue())
+        return path
+
+
+# -- the trace --------------------------------------------------------------------------------
+def default_window(n_layers: int) -> int:
+    """A quarter of the layers, at least 1 and at most ROME's 10 (1 for models of < 8 layers).
+
+    >>> default_window(4), default_window(12), default_window(48)
+    (1, 3, 10)
+    """
+    return max(1, min(10, n_layers // 4))
+
+
+def causal_trace(
+    model: Model,
+    task_or_examples: Task | Example | Sequence[Example],
+    *,
+    noise: float = 3.0,
+    samples: int = 10,
+    window: int | None = None,
+    kinds: Sequence[str] = KINDS,
+    seed: int = 0,
+    subject: SubjectRule | None = None,
+    rows: int = 2048,
+) -> CausalTrace:
+    """Trace where a model recalls the answer: noise the subject, restore states one by one.
+
+    Parameters
+    ----------
+    model : Model
+        Any Hugging Face causal LM with its tokenizer.
+    task_or_examples : Task, Example or sequence of Example
+        The prompts (their clean prompts and answers are used; the corrupted prompts are not).
+    noise : float
+        Noise scale, in standard deviations of the subject tokens' embeddings (ROME: 3).
+    samples : int
+        Noise draws per prompt (ROME: 10); every restoration of a prompt uses the same draws.
+    window : int, optional
+        Layers restored together for MLP and attention outputs (`default_window` when None).
+    kinds : sequence of str
+        Which of ``hidden``, ``mlp``, ``attn`` to trace.
+    seed : int
+        Seeds the noise; a prompt's draws depend only on the seed and its index.
+    subject : callable, optional
+        ``subject(example, tokenizer) -> positions`` for examples without ``meta["subject"]``
+        (default: the task's rule, see `task_rule`).
+    rows : int
+        Most rows (prompts x samples x restorations) per forward.
+
+    Returns
+    -------
+    CausalTrace
+
+    Raises
+    ------
+    OptionError
+        A bad option value, or a model without a tokenizer.
+    TaskError
+        A prompt without a subject (see `subject_tokens`), or one `Task.batches` refuses.
+
+    Examples
+    --------
+    >>> from circuits import get_task, load_model
+    >>> model = load_model("factual-gpt2-4l")
+    >>> trace = causal_trace(model, get_task("factual", n=4), samples=3)
+    >>> trace.labels  # no subject of these four has a middle token
+    ('first subject token', 'last subject token', 'first subsequent token', 'further tokens', \
+'last token')
+    >>> tuple(trace.effects["mlp"].shape), trace.total_effect > 0.5
+    ((4, 5), True)
+    """
+    task = _as_task(task_or_examples)
+    kinds = _check_options(model, noise, samples, kinds, seed, rows)
+    sites = _Sites.of(model)
+    L = sites.n_layers
+    window = default_window(L) if window is None else window
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= L:
+        raise OptionError(f"window must be a whole number of layers from 1 to the model's {L}, "
+                          f"got {window!r}")
+    rule = subject or task_rule(task.name)
+    prompts = _prepare(model, task, rule)
+    embed = model.hf.get_input_embeddings()
+    with torch.no_grad():
+        subject_embeds = torch.cat([embed(p.ids[None])[0, p.subject].float() for p in prompts])
+    noise_std = noise * float(subject_embeds.std(unbiased=False))
+    plan = _Plan.of(kinds, L, window)
+    per_prompt: list[dict[str, Tensor]] = []
+    p_clean, p_corrupt = [], []
+    for group in _groups(prompts, rows, samples):
+        found = _trace_group(model, sites, group, plan, samples, noise_std, seed, rows)
+        for grids, clean, corrupt in found:
+            per_prompt.append(grids)
+            p_clean.append(clean)
+            p_corrupt.append(corrupt)
+    order = [p for group in _groups(prompts, rows, samples) for p in group]
+    labels, counts, merged = _aggregate(order, per_prompt, model.tokenizer)
+    return CausalTrace(
+        effects={k: merged[k] for k in kinds},
+        single={k: merged[k if k == "hidden" or window == 1 else f"{k}/1"] for k in kinds},
+        labels=labels, counts=counts, p_clean=float(np.mean(p_clean)),
+        p_corrupt=float(np.mean(p_corrupt)), window=window, noise=float(noise),
+        noise_std=noise_std, samples=samples, n_prompts=len(prompts), seed=seed,
+        model=model.name, task=task.name, kinds=kinds)
+
+
+def _as_task(given: Any) -> Task:
+    if isinstance(given, Task):
+        return given
+    if isinstance(given, Example):
+        given = [given]
+    if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
+        raise OptionError(f"causal_trace takes a Task, an Example or a list of Examples, got a "
+                          f"{type(given).__name__}; load a task with get_task or Task.from_jsonl")
+    return Task("prompts", tuple(given))
+
+
+def _check_options(model: Model, noise: Any, samples: Any, kinds: Sequence[str], seed: Any,
+                   rows: Any) -> tuple[str, ...]:
+    """The kinds as a tuple, after checking every option (OptionError on a bad one)."""
+    if getattr(model, "tokenizer", None) is None:
+        raise OptionError(f"{getattr(model, 'name', 'the model')} has no tokenizer; causal "
+                          "tracing finds the subject in the prompt text, so load the model with "
+                          "its tokenizer")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0 \
+            or not math.isfinite(noise):
+        raise OptionError(f"noise must be a number of standard deviations of at least 0 (ROME "
+                          f"uses 3), got {noise!r}")
+    for name, value in (("samples", samples), ("rows", rows)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise OptionError(f"{name} must be a whole number of at least 1, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise OptionError(f"seed must be a whole number from 0 to {2**32 - 1}, got {seed!r}")
+    if isinstance(kinds, str):
+        kinds = (kinds,)
+    kinds = tuple(dict.fromkeys(kinds))
+    if not kinds:
+        raise OptionError(f"kinds is empty; trace at least one of {', '.join(KINDS)}")
+    for kind in kinds:
+        _check_kind(kind, KINDS)
+    return kinds
+
+
+def _check_kind(kind: str, known: Sequence[str]) -> str:
+    if kind not in known:
+        raise OptionError(f"unknown kind {kind!r}; use one of {', '.join(known)}")
+    return kind
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    """One tokenized prompt: its index in the task, ids ``[p]``, answer ids ``[n]`` (-1 pads) and
+    subject positions."""
+
+    index: int
+    ids: Tensor
+    answers: Tensor
+    subject: list[int]
+
+
+def _prepare(model: Model, task: Task, rule: SubjectRule | None) -> list[_Prompt]:
+    """Tokenize and check every example (as `Task.batches` does) and find its subject."""
+    prompts = []
+    for i, example in enumerate(task.examples):
+        batch = Task(task.name, (example,)).batches(
+            model.tokenizer, device=model.device, max_length=model.context_length)[0]
+        positions = subject_tokens(example, model.tokenizer, rule)
+        p = batch.length
+        if positions[-1] >= p or positions[0] < 0 or positions != list(
+                range(positions[0], positions[-1] + 1)):
+            raise TaskError(f"{example.where()}: the subject's tokens {positions} are not one run "
+                            f"of positions of the {p}-token prompt; check the subject")
+        prompts.append(_Prompt(i, batch.clean[0], batch.answers[0], positions))
+    return prompts
+
+
+def _groups(prompts: list[_Prompt], rows: int, samples: int) -> list[list[_Prompt]]:
+    """Prompts of one token length, at most ``rows // (16 * samples)`` together (so a forward
+    holds at least 16 restorations), in a fixed order."""
+    size = max(1, rows // (16 * samples))
+    by_length: dict[int, list[_Prompt]] = {}
+    for prompt in prompts:
+        by_length.setdefault(len(prompt.ids), []).append(prompt)
+    return [group[i:i + size] for _, group in sorted(by_length.items())
+            for i in range(0, len(group), size)]
+
+
+@dataclass(frozen=True)
+class _Sites:
+    """Module paths: the input embedding, and per layer the attention output projection, the MLP
+    and the decoder layer."""
+
+    n_layers: int
+    embed: str
+    attn: tuple[str, ...]
+    mlp: tuple[str, ...]
+    hidden: tuple[str, ...]
+
+    @classmethod
+    def of(cls, model: Model) -> _Sites:
+        nodes = NodeSites.of(model)
+        embedding = model.hf.get_input_embeddings()
+        embed = next(name for name, module in model.hf.named_modules() if module is embedding)
+        hidden = tuple(f"{nodes.layers}.{layer}" for layer in range(nodes.n_layers))
+        return cls(nodes.n_layers, embed, nodes.attn_out, nodes.mlp, hidden)
+
+    def order(self) -> list[tuple[str, int, str]]:
+        """``(kind, layer, path)`` of every restorable site, in the order the forward runs."""
+        return [(kind, layer, getattr(self, kind)[layer])
+                for layer in range(self.n_layers) for kind in ("attn", "mlp", "hidden")]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The restorations at one position: key (``hidden``, ``mlp``, ``mlp/1``, ...), kind, and
+    the layers ``[lo, hi)`` restored, one row per (key, layer)."""
+
+    keys: tuple[str, ...]
+    kind: Tensor  # [v] index into KINDS
+    lo: Tensor  # [v]
+    hi: Tensor  # [v]
+    n_layers: int
+
+    @classmethod
+    def of(cls, kinds: tuple[str, ...], n_layers: int, window: int) -> _Plan:
+        entries = []
+        for kind in kinds:
+            sizes = [1] if kind == "hidden" else [window] + ([1] if window > 1 else [])
+            for size in sizes:
+                key = kind if size == window or kind == "hidden" else f"{kind}/1"
+                entries += [(key, KINDS.index(kind), max(0, layer - size // 2),
+                             min(n_layers, layer - (-size // 2))) for layer in range(n_layers)]
+        keys, kind, lo, hi = zip(*entries, strict=True)
+        return cls(tuple(dict.fromkeys(keys)), torch.tensor(kind), torch.tensor(lo),
+                   torch.tensor(hi), n_layers)
+
+
+def noise_draws(seed: int, index: int, samples: int, n: int, d: int) -> Tensor:
+    """The standard normal draws ``[samples, n, d]`` for the `n` subject tokens of prompt number
+    `index`: the same on every device and however the prompts are grouped."""
+    state = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+    return torch.randn(samples, n, d, generator=torch.Generator().manual_seed(state))
+
+
+def _trace_group(model: Model, sites: _Sites, group: list[_Prompt], plan: _Plan, samples: int,
+                 noise_std: float, seed: int, rows: int
+                 ) -> list[tuple[dict[str, Tensor], float, float]]:
+    """Per prompt of one token length: its ``[n_layers, p]`` grids, p_clean and p_corrupt."""
+    b, p = len(group), len(group[0].ids)
+    ids = torch.stack([q.ids for q in group])  # [b, p]
+    answers = torch.stack([_pad(q.answers, group) for q in group])  # [b, n]
+    clean, p_clean = _clean_run(model, sites, ids, answers)
+    d = clean[("hidden", 0)].shape[-1]
+    noise = torch.zeros(samples, b, p, d)
+    for i, q in enumerate(group):
+        noise[:, i, q.subject] = noise_draws(seed, q.index, samples, len(q.subject), d)
+    noise = (noise * noise_std).view(samples * b, p, d).to(model.device, model.dtype)
+    # Positions before every subject are clean in the noised run, and the last layer's outputs
+    # are read only at the last position: restoring those changes nothing (effect 0, not run).
+    start = min(q.subject[0] for q in group)
+    t = torch.arange(start, p).repeat_interleave(len(plan.kind))  # [(p - start) * v]
+    j = torch.arange(len(plan.kind)).repeat(p - start)
+    live = (t == p - 1) | (plan.lo[j] < plan.n_layers - 1)
+    t, j = t[live], j[live]
+    # variant 0 restores nothing: the corrupted run
+    kind = torch.cat([torch.tensor([-1]), plan.kind[j]])
+    lo, hi = torch.cat([torch.tensor([0]), plan.lo[j]]), torch.cat([torch.tensor([0]), plan.hi[j]])
+    pos = torch.cat([torch.tensor([-1]), t])
+    base = samples * b
+    per_run = max(1, rows // base)
+    probs = []
+    for first in range(0, len(pos), per_run):
+        part = slice(first, first + per_run)
+        masks = _masks(sites, kind[part], lo[part], hi[part], pos[part], p, model.device)
+        probs.append(_noised_run(model, sites, ids, answers, noise, clean, masks))
+    prob = torch.cat(probs).view(len(pos), samples, b).mean(1).double().cpu()  # [V, b]
+    effect = torch.zeros(len(plan.kind), p, b, dtype=torch.float64)  # [v, p, b]
+    effect[j, t] = prob[1:] - prob[:1]
+    keys = [key for key in plan.keys for _ in range(plan.n_layers)]  # per plan row
+    out = []
+    for i in range(b):
+        grids = {key: effect[[r for r, k in enumerate(keys) if k == key], :, i]
+                 for key in plan.keys}  # [n_layers, p]
+        out.append((grids, float(p_clean[i]), float(prob[0, i])))
+    return out
+
+
+def _pad(answers: Tensor, group: list[_Prompt]) -> Tensor:
+    """Answer ids padded with -1 to the widest of the group."""
+    width = max(len(q.answers) for q in group)
+    return torch.cat([answers, answers.new_full((width - len(answers),), -1)])
+
+
+def _masks(sites: _Sites, kind: Tensor, lo: Tensor, hi: Tensor, pos: Tensor, p: int,
+           device: torch.device) -> dict[tuple[str, int], Tensor]:
+    """Per restorable site, the ``[c, p]`` positions each variant restores (sites no variant
+    touches are left out)."""
+    at = pos[:, None] == torch.arange(p)[None]  # [c, p]
+    masks = {}
+    for name, layer, _ in sites.order():
+        chosen = (kind == KINDS.index(name)) & (lo <= layer) & (layer < hi)  # [c]
+        if bool(chosen.any()):
+            masks[(name, layer)] = (at & chosen[:, None]).to(device)
+    return masks
+
+
+def _module(envoy: Any, path: str) -> Any:
+    for part in path.split("."):
+        envoy = getattr(envoy, part)
+    return envoy
+
+
+def _last_logits_only(model: Model) -> dict[str, int]:
+    """``logits_to_keep=1`` where the model's forward takes it (no unembedding of the positions
+    the metric does not read)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(
+        model.hf.forward).parameters else {}
+
+
+def _answer_prob(logits: Tensor, answers: Tensor) -> Tensor:
+    """``[rows]`` probability of the answers (summed) from last-position logits ``[rows, V]``;
+    `answers` ``[rows, n]`` padded with -1."""
+    probs = torch.softmax(logits.float(), -1)
+    picked = probs.gather(1, answers.clamp(min=0))
+    return (picked * (answers >= 0)).sum(1)
+
+
+def _clean_run(model: Model, sites: _Sites, ids: Tensor, answers: Tensor
+               ) -> tuple[dict[tuple[str, int], Tensor], Tensor]:
+    """Every restorable site's clean output ``[b, p, d]`` and the clean answer probability."""
+    envoy = model.envoy
+    acts: dict[tuple[str, int], Tensor] = {}
+    with torch.no_grad(), envoy.trace(ids, **_last_logits_only(model)):
+        for name, layer, path in sites.order():
+            value = _module(envoy, path).output
+            acts[(name, layer)] = (value[0] if isinstance(value, tuple) else value).clone()
+        result = envoy.output
+        acts[("logits", -1)] = (result.logits if hasattr(result, "logits") else result[0])[:, -1]
+    return acts, _answer_prob(acts.pop(("logits", -1)), answers)
+
+
+def _noised_run(model: Model, sites: _Sites, ids: Tensor, answers: Tensor, noise: Tensor,
+                clean: dict[tuple[str, int], Tensor], masks: dict[tuple[str, int], Tensor]
+                ) -> Tensor:
+    """Answer probabilities ``[c * samples * b]`` of the subject-noised prompts, variant-major,
+    each variant restoring the clean outputs its masks ``[c, p]`` select."""
+    c = next(iter(masks.values())).shape[0] if masks else 1
+    base = noise.shape[0]  # samples * b rows, sample-major
+    b = ids.shape[0]
+    envoy = model.envoy
+    out: dict[str, Tensor] = {}  # assignments inside a trace do not leave it; a dict's items do
+    with torch.no_grad(), envoy.trace(ids.repeat(c * base // b, 1), **_last_logits_only(model)):
+        embedding = _module(envoy, sites.embed)
+        x = embedding.output  # [c * base, p, d]
+        embedding.output = (x.view(c, base, *x.shape[1:]) + noise).view_as(x)
+        for name, layer, path in sites.order():
+            if (name, layer) not in masks:
+                continue
+            module = _module(envoy, path)
+            value = module.output
+            packed = isinstance(value, tuple)
+            x = value[0] if packed else value
+            old = x.view(c, -1, b, *x.shape[1:])  # [c, samples, b, p, d]
+            mask = masks[(name, layer)][:, None, None, :, None]  # [c, 1, 1, p, 1]
+            new = torch.where(mask, clean[(name, layer)][None, None].to(x.dtype), old).view_as(x)
+            module.output = (new, *value[1:]) if packed else new
+        result = envoy.output
+        out["logits"] = (result.logits if hasattr(result, "logits") else result[0])[:, -1]
+    return _answer_prob(out["logits"], answers.repeat(c * base // b, 1))
+
+
+def _aggregate(prompts: list[_Prompt], grids: list[dict[str, Tensor]], tokenizer: Any
+               ) -> tuple[tuple[str, ...], tuple[int, ...], dict[str, Tensor]]:
+    """Labels, counts and ``[n_layers, rows]`` mean grids: a single prompt's own tokens, or
+    ROME's token groups (those that occur)."""
+    if len(prompts) == 1:
+        q, grid = prompts[0], grids[0]
+        labels = tuple(tokenizer.decode([int(t)]) + ("*" if i in q.subject else "")
+                       for i, t in enumerate(q.ids))
+        return labels, (1,) * len(labels), dict(grid)
+    keys = list(grids[0])
+    n_layers = grids[0][keys[0]].shape[0]
+    sums = {k: torch.zeros(n_layers, len(GROUPS), dtype=torch.float64) for k in keys}
+    counts = [0] * len(GROUPS)
+    for q, grid in zip(prompts, grids, strict=True):
+        for g, positions in enumerate(_group_positions(q.subject, len(q.ids))):
+            counts[g] += len(positions)
+            for k in keys:
+                sums[k][:, g] += grid[k][:, positions].sum(1)
+    kept = [g for g in range(len(GROUPS)) if counts[g]]
+    merged = {k: sums[k][:, kept] / torch.tensor([counts[g] for g in kept]) for k in keys}
+    return tuple(GROUPS[g] for g in kept), tuple(counts[g] for g in kept), merged
+
+
+def _group_positions(subject: list[int], p: int) -> list[list[int]]:
+    """Per entry of `GROUPS`, the positions of a ``p``-token prompt in it.
+
+    >>> _group_positions([2, 3, 4], 9)
+    [[2], [3], [4], [5], [6, 7], [8]]
+    >>> _group_positions([1], 3)
+    [[1], [], [1], [2], [], [2]]
+    """
+    first, last = subject[0], subject[-1]
+    after = [last + 1] if last + 1 < p else []
+    return [[first], list(range(first + 1, last)), [last], after,
+            list(range(last + 2, p - 1)), [p - 1]]

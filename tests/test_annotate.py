@@ -1,0 +1,88 @@
+"""Head annotations of a discovered circuit: what is stored per head, and a warning (not a
+failure) where the readers do not apply."""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import circuits
+from circuits.annotate import annotate_heads, circuit_heads, example_prompt
+from circuits.circuit import circuit_from_edges
+from circuits.errors import UnsupportedModelError
+from circuits.graph import Graph
+
+
+@dataclass(frozen=True)
+class Roles:
+    scores: dict
+
+    def best(self):
+        return {f"a{layer}.h{head}": max(((r, float(s[layer, head]))
+                                          for r, s in self.scores.items()), key=lambda x: x[1])
+                for layer in range(2) for head in range(4)}
+
+
+@pytest.fixture
+def readers(monkeypatch):
+    """Role and attribution readers with known outputs: role 'b' scores 0.1 * head + layer / 4,
+    role 'a' 0.5; the attribution of a{l}.h{h} is 10 l + h."""
+    scores = {"a": torch.full((2, 4), 0.5),
+              "b": torch.arange(2)[:, None] / 4 + torch.arange(4)[None, :] * 0.1}
+    roles = types.ModuleType("circuits.reading.roles")
+    roles.head_roles = lambda model, task=None, **kw: Roles(scores)
+    dla = types.ModuleType("circuits.reading.dla")
+    dla.direct_logit_attribution = lambda model, task: types.SimpleNamespace(
+        heads=10 * torch.arange(2)[:, None] + torch.arange(4)[None, :].float())
+    monkeypatch.setitem(sys.modules, "circuits.reading.roles", roles)
+    monkeypatch.setitem(sys.modules, "circuits.reading.dla", dla)
+
+
+@pytest.fixture(scope="module")
+def model_and_task():
+    model = circuits.load_model("induction-gpt2-2l")
+    return model, circuits.get_task("induction", model.tokenizer, n=4)
+
+
+def test_heads_get_role_scores_attribution_and_attention(readers, model_and_task):
+    from circuits.reading.attention import attention_patterns
+
+    model, task = model_and_task
+    g = Graph(2, 4)
+    c = circuit_from_edges(g, ["input->a0.h1<q>", "a0.h1->a1.h3<k>", "a1.h3->logits"])
+    assert circuit_heads(c) == [(0, 1), (1, 3)]
+    assert annotate_heads(c, model, task) == []
+    a13 = c.node_info["a1.h3"]
+    # b = 0.25 + 0.3 = 0.55 beats a = 0.5 for a1.h3; a = 0.5 beats b = 0.1 for a0.h1
+    assert (a13["role"], a13["role_score"], a13["roles"]) == ("b", 0.55, {"a": 0.5, "b": 0.55})
+    assert c.node_info["a0.h1"]["role"] == "a" and a13["dla"] == 13.0
+    tokens, pattern = a13["attention"]["tokens"], torch.tensor(a13["attention"]["pattern"])
+    ids, shown = example_prompt(model, task)
+    # the task's shortest prompt, its tokens as text
+    assert ids.shape[1] == min(len(model.tokenizer(e.clean).input_ids) for e in task.examples)
+    assert tokens == shown == [model.tokenizer.decode([t]) for t in ids[0].tolist()]
+    want = attention_patterns(model, ids, [(1, 3)])[0, 0]
+    assert pattern.shape == (len(tokens), len(tokens))
+    assert torch.allclose(pattern, want, atol=6e-4)  # rounded to 3 decimals
+    assert set(c.node_info) == {"a0.h1", "a1.h3"}  # MLPs, input and logits get nothing
+
+
+def test_readers_that_do_not_apply_give_a_warning(readers, model_and_task, monkeypatch):
+    model, task = model_and_task
+
+    def refuse(*args, **kwargs):
+        raise UnsupportedModelError("no adapter for this family")
+
+    monkeypatch.setattr(sys.modules["circuits.reading.roles"], "head_roles", refuse)
+    c = circuit_from_edges(Graph(2, 4), ["input->a0.h1<q>", "a0.h1->logits"])
+    warnings = annotate_heads(c, model, task)
+    assert warnings == ["head roles skipped: the readers do not apply to 'induction-gpt2-2l' "
+                        "(no adapter for this family)"]
+    assert c.node_info == {}
+    # a circuit without heads reads nothing
+    assert annotate_heads(circuit_from_edges(Graph(2, 4), ["input->m0", "m0->logits"]),
+                          model, task) == []
