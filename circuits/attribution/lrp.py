@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .core import Run, register
-from .gradients import embedding_gradient
+from .gradients import gradient_x_input
 
 # Elementwise activations from torch (transformers' own live in transformers.activations).
 _TORCH_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.Softplus,
@@ -186,9 +186,5 @@ def lrp(run: Run) -> Tensor:
     >>> attribute(tiny_gpt2(), make_batch(b=2, p=3, vocab=32), "lrp").scores.shape
     torch.Size([2, 3])
     """
-    with torch.no_grad():
-        x = run.embed(run.batch.clean)  # [b, p, d]
-    rows = torch.arange(x.shape[0], device=x.device)
-    with attnlrp_rules(run.hf):
-        grad = embedding_gradient(run, x, rows)
-    return (x.float() * grad.float()).sum(-1)
+    with attnlrp_rules(run.hf):  # the rules change the backward pass only
+        return gradient_x_input(run)
