@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from .batch import Batch
@@ -94,3 +97,32 @@ def tiny_model(family: str, vocab_size: int = 50, seed: int = 0, **config: objec
     )
     hf = getattr(transformers, cls)(cfg).eval()
     return Model(hf=hf, tokenizer=None, name=f"tiny-{family}")
+
+
+def model_folder(family: str, out: str | os.PathLike, reference: str = "ioi-gpt2-4l",
+                 **config: object) -> Path:
+    """Save a `tiny_model` of `family` into the folder `out` with the tokenizer of the shipped
+    model `reference` (its vocabulary size, 64 positions), so commands can load it like any
+    model folder; returns the folder.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from circuits import load_model
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     type(load_model(model_folder("llama", tmp)).hf).__name__
+    'LlamaForCausalLM'
+    """
+    import json
+    import shutil
+
+    from .zoo import find
+
+    source = find(reference)
+    vocab = json.loads((source / "config.json").read_text())["vocab_size"]
+    model = tiny_model(family, vocab_size=vocab, **{"max_position_embeddings": 64, **config})
+    out = Path(out)
+    model.hf.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, out / name)
+    return out

@@ -8,14 +8,13 @@ commands load them like any local folder a user points at.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from circuits import cli, zoo
+from circuits import cli
 from circuits.io import load_circuit
-from circuits.testing import tiny_model
+from circuits.testing import model_folder
 
 FAMILIES = {
     "llama": dict(num_attention_heads=4, num_key_value_heads=2),
@@ -26,15 +25,8 @@ FAMILIES = {
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def folder(request, tmp_path_factory) -> Path:
-    reference = zoo.find("ioi-gpt2-4l")
-    vocab = json.loads((reference / "config.json").read_text())["vocab_size"]
-    model = tiny_model(request.param, vocab_size=vocab, max_position_embeddings=64,
-                       **FAMILIES[request.param])
-    out = tmp_path_factory.mktemp(request.param)
-    model.hf.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(reference / name, out / name)
-    return out
+    return model_folder(request.param, tmp_path_factory.mktemp(request.param),
+                        **FAMILIES[request.param])
 
 
 def test_discover_evaluate_render_export(folder, tmp_path, capsys):

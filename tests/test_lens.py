@@ -5,17 +5,16 @@ its files (also on model folders of other families) or fails with one line."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from circuits import cli, zoo
+from circuits import cli
 from circuits.errors import OptionError, UnsupportedModelError
 from circuits.metrics import logit_diff
 from circuits.reading.lens import Unembedding, answer_rank, logit_lens, read_residuals
-from circuits.testing import make_batch, tiny_gpt2, tiny_model
+from circuits.testing import make_batch, model_folder, tiny_gpt2, tiny_model
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -147,14 +146,7 @@ def test_command_keeps_a_file_where_the_folder_should_be(tmp_path, capsys):
 @pytest.fixture(scope="module", params=["llama", "phi"])
 def folder(request, tmp_path_factory) -> Path:
     """A random-weight model of another family saved with the IOI model's tokenizer."""
-    reference = zoo.find("ioi-gpt2-4l")
-    vocab = json.loads((reference / "config.json").read_text())["vocab_size"]
-    model = tiny_model(request.param, vocab_size=vocab, max_position_embeddings=64)
-    out = tmp_path_factory.mktemp(request.param)
-    model.hf.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(reference / name, out / name)
-    return out
+    return model_folder(request.param, tmp_path_factory.mktemp(request.param))
 
 
 def test_command_on_other_families(folder, tmp_path, capsys):

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from circuits import cli, get_task, zoo
+from circuits import cli, get_task
 from circuits.errors import OptionError
 from circuits.model import load_model
 from circuits.reading.roles import (
@@ -29,7 +28,7 @@ from circuits.reading.roles import (
     repeated_sequences,
     usable_tokens,
 )
-from circuits.testing import tiny_gpt2, tiny_model
+from circuits.testing import model_folder, tiny_gpt2, tiny_model
 from circuits.toys import induction_model
 
 V, P = 12, 16  # tokens (0 is BOS) and positions of the hand-built model
@@ -205,15 +204,8 @@ def test_head_roles_value(hand_built, tmp_path):
 @pytest.fixture(scope="module", params=["llama", "neox"])
 def folder(request, tmp_path_factory) -> Path:
     """A random-weight model folder of a non-GPT-2 family with the IOI model's tokenizer."""
-    reference = zoo.find("ioi-gpt2-4l")
-    vocab = json.loads((reference / "config.json").read_text())["vocab_size"]
-    model = tiny_model(request.param, vocab_size=vocab, max_position_embeddings=64,
-                       initializer_range=0.2)
-    out = tmp_path_factory.mktemp(request.param)
-    model.hf.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(reference / name, out / name)
-    return out
+    return model_folder(request.param, tmp_path_factory.mktemp(request.param),
+                        initializer_range=0.2)
 
 
 def test_heads_command_on_other_families(folder, tmp_path, capsys):

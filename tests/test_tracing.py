@@ -4,20 +4,19 @@ groups, subjects, options, and the ``circuits trace`` command on GPT-2 and newer
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from circuits import cli, load_model, zoo
+from circuits import cli, load_model
 from circuits.errors import OptionError, TaskError
 from circuits.model import Model
 from circuits.reading import tracing
 from circuits.reading.subjects import subject_tokens, task_rule
 from circuits.reading.tracing import causal_trace
 from circuits.task import Example, Task, get_task
-from circuits.testing import tiny_model
+from circuits.testing import model_folder, tiny_model
 
 PROMPT = "Fans know Roger Federer as a star of the sport of"
 
@@ -268,14 +267,8 @@ def test_cli_refuses_a_file_as_output_folder(tmp_path, capsys):
 @pytest.fixture(scope="module", params=["llama", "neox"])
 def family_folder(request, tmp_path_factory) -> Path:
     """A random model folder of a newer family with the factual model's tokenizer."""
-    reference = zoo.find("factual-gpt2-4l")
-    vocab = json.loads((reference / "config.json").read_text())["vocab_size"]
-    model = tiny_model(request.param, vocab_size=vocab, max_position_embeddings=64)
-    out = tmp_path_factory.mktemp(request.param)
-    model.hf.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(reference / name, out / name)
-    return out
+    return model_folder(request.param, tmp_path_factory.mktemp(request.param),
+                        reference="factual-gpt2-4l")
 
 
 def test_cli_on_newer_families(family_folder, tmp_path, capsys):
