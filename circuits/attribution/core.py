@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,29 +187,15 @@ def pad_id(model: Model) -> int:
     raise OptionError(f"{model.name!r} has no pad or end-of-text token; use baseline corrupted")
 
 
-@contextmanager
-def eager_attention(model: Model) -> Iterator[None]:
-    """Switch `model` to Hugging Face's eager attention (which can return its attention
-    weights) for the duration, and back to its own implementation after, also on error."""
-    hf = model.hf
-    before = getattr(hf.config, "_attn_implementation", None)
-    if before in (None, "eager"):
-        yield
-        return
-    hf.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        hf.set_attn_implementation(before)
-
-
 def attention_patterns(run: Run, ids: Tensor, grad: bool = False) -> tuple[Tensor, ...]:
     """Every layer's attention weights ``[b, H, p, p]`` on token ids ``[b, p]`` (rows: queries).
 
     With `grad`, also returns, after the patterns, the gradients of the summed metric with
     respect to them (eager attention: the returned weights are those the values are mixed with).
     """
-    with eager_attention(run.model), torch.set_grad_enabled(grad):
+    from ..reading.attention import eager_attention
+
+    with eager_attention(run.hf), torch.set_grad_enabled(grad):
         kwargs: dict[str, Any] = {"inputs_embeds": run.embed(ids), "use_cache": False,
                                   "output_attentions": True}
         out = run.hf(**kwargs)
