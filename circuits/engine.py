@@ -3,9 +3,9 @@
 The engine builds the graph from its family adapter's description and offers the runs methods
 need: plain and traced forwards, ablated source values, patched forwards (circuits, variants
 side by side, restarts from a trace), per-edge gradients in one backward pass, and exact
-single-edge patching. Each run is resolved into a plan and carried out by an executor
-(`circuits.runs`); the engine itself holds no run logic beyond exact patching, which restarts
-plain runs from cached activations.
+single-edge patching. Each run is resolved into a plan (`circuits.plans`) and carried out by
+an executor (`circuits.runs`); the engine itself holds no run logic beyond exact patching,
+which restarts plain runs from cached activations.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from .cost import PassCounter
 from .errors import OptionError
 from .graph import Graph
 from .model import Model
-from .runs import RunPlan, Trace, after_prefix, make_plan, run_gradient, run_patched
+from .plans import RunPlan, make_plan
+from .runs import Trace, after_prefix, run_gradient, run_patched
 
 Ablation = Literal["resample", "mean", "zero"]
 ABLATIONS: tuple[str, ...] = ("resample", "mean", "zero")

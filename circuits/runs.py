@@ -1,38 +1,12 @@
-"""Run plans and the executors that carry them out.
+"""The executors that carry out run plans (`circuits.plans`).
 
 A run walks the graph's stages (embedding, then attention and MLP of each layer, then the
-unembedding). Every destination's input is the shared residual stream plus, for each upstream
-source whose edge into it is (partly) ablated, ``weight * (ablated - current)`` of that source:
-
-    input[d] = resid + sum_s ablate[s, d] * (ablated[s] - out[s])
-
-With ``ablate`` the 0/1 complement of a circuit this evaluates the circuit in one forward; with
-fractional weights it interpolates (integrated gradients); with none it is the plain model.
-
-Everything a run needs to know is resolved once into a frozen `RunPlan`: the stage it starts
-at, how many variants of the batch run side by side, which destinations of each stage read an
-input of their own (the others share the residual, so an unpatched run costs what the model's
-own forward costs), which sources are mixed into them, whether the run is recorded as a `Trace`
-and whether only the last position's logits are wanted. Three kinds of work are shared or
-skipped where the plan allows, each an exact rewrite of the run:
-
-- a source whose weight is the same into all its destinations is *folded*: its output itself is
-  moved towards its ablated value (an interpolated input, a removed node), with no per-edge
-  mixing; a source folded all the way in every variant is not computed at all when it is an
-  MLP (or every head of a layer), and the inputs of the destinations that only feed such
-  sources are not patched, since nothing reads what they lead to;
-- a reader whose destinations have most of their incoming edges ablated mixes the few *kept*
-  ones out of the fully ablated residual instead (``resid + sum of every upstream delta - sum
-  of the kept edges' deltas``), from running sums of the deltas;
-- positions before ``first`` are the clean run's at every stage (the clean and corrupted
-  prompts share them): only later positions are computed, attending to the clean keys and
-  values of the earlier ones;
-- only the logits of ``columns`` are computed (metrics that read a few tokens).
-
-Two executors run plans:
-`run_patched` (no gradients) and `run_gradient` (each destination's input gets a hook that hands
-its gradient to a sink, so all edges are scored in one backward pass). Both count the rows they
-run through the model in one `PassCounter`.
+unembedding); every destination's input is the shared residual stream plus the weighted deltas
+``ablated - current`` of its upstream sources (see `circuits.plans` for what a plan decides and
+which work it shares or skips). Two executors run plans: `run_patched` (no gradients) and
+`run_gradient` (each destination's input gets a hook that hands its gradient to a sink, so all
+edges are scored in one backward pass). Both count the rows they run through the model in one
+`PassCounter`.
 """
 
 from __future__ import annotations
@@ -48,6 +22,7 @@ from torch import Tensor
 from .adapters import Adapter
 from .cost import PassCounter
 from .graph import Graph
+from .plans import ReaderPlan, RunPlan
 
 # sink(destination indices [n], n upstream sources, gradient of their inputs [n, rows, p, d])
 GradSink = Callable[[Tensor, int, Tensor], None]
@@ -85,236 +60,6 @@ class Trace:
         return self.prefix_kv[key]
 
 
-@dataclass(frozen=True)
-class ReaderPlan:
-    """The destinations of one reader (a layer's attention, a layer's MLP, the unembedding) that
-    read an input of their own.
-
-    first : the graph index of the reader's first destination. n_up : the sources upstream of
-    it. own : ``[n]`` the positions of those destinations among the reader's. weights : ``[C,
-    n_up, n]`` (``[1, n_up, n]`` when every variant has the same) the weights of the upstream
-    sources' deltas, or None when only gradients are wanted there. used : ``[n_up]`` bool, the
-    sources with a nonzero weight into them. complement : the weights are those of the edges
-    *kept* (``1 - weight``) and are taken from the fully ablated residual (see `make_plan`).
-    groups : when destinations share their weights (in every variant), the weights hold each
-    distinct column once, ``[C, n_up, u]``, and destination i reads input ``groups[i]``.
-    """
-
-    first: int
-    n_up: int
-    own: Tensor
-    weights: Tensor | None
-    used: Tensor | None
-    complement: bool = False
-    groups: Tensor | None = None  # [n]: destination i reads input groups[i] (weights [.., u])
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """A run resolved before it starts (see the module docstring).
-
-    fold : ``[C, n_src]`` or None. A source whose weight is the same into every one of its
-    destinations is not patched edge by edge: its output itself is moved ``fold[c, s]`` of the
-    way to its ablated value (0 = not folded), and every destination reads it through the shared
-    residual. Replacing the input embedding by an interpolation (EAP-IG) or a whole layer's
-    outputs by fixed values, or removing a node from a circuit, then costs what the plain run
-    costs.
-
-    idle : ``[n_src]`` bool or None, the sources folded all the way (to their ablated values)
-    in every variant: they need not be computed.
-    """
-
-    variants: int
-    start: int
-    readers: dict[int, ReaderPlan]  # by first destination, for readers with own inputs
-    fold: Tensor | None
-    keep: bool
-    last_only: bool
-    first: int = 0  # positions before it are clean at every stage: taken from a trace
-    columns: Tensor | None = None  # the only logits computed
-    idle: Tensor | None = None
-
-    @property
-    def patched(self) -> bool:
-        """Some destination mixes ablated values into its input."""
-        return any(rp.weights is not None for rp in self.readers.values())
-
-    @property
-    def sums(self) -> bool:
-        """Some reader mixes from the fully ablated residual: the deltas' running sums are
-        kept."""
-        return any(rp.complement for rp in self.readers.values())
-
-    @property
-    def needs_ablated(self) -> bool:
-        return self.patched or self.fold is not None
-
-    @property
-    def split_heads(self) -> bool:
-        """Heads are computed one by one when their outputs are recorded, patched or folded."""
-        return self.keep or self.needs_ablated
-
-    @property
-    def truncate(self) -> bool:
-        """After the last attention only the last position is computed."""
-        return self.last_only and not self.keep
-
-
-def make_plan(
-    graph: Graph,
-    weights: Tensor | None = None,
-    *,
-    start: int = 0,
-    own: Tensor | None = None,
-    keep: bool = False,
-    last_only: bool = False,
-    first: int = 0,
-    columns: Tensor | None = None,
-    post_norm: bool = False,
-) -> RunPlan:
-    """Resolve a run.
-
-    Parameters
-    ----------
-    weights : Tensor, optional
-        ``[C, n_src, n_dst]`` ablation weights (zero off the valid edges); None runs unpatched.
-    start : int
-        First stage to run; earlier ones come from a clean Trace. Weights into earlier stages
-        must be zero.
-    own : Tensor, optional
-        ``[n_dst]`` bool, destinations that need an input of their own even without weights
-        (those whose gradient is wanted).
-    keep, last_only : bool
-        Record a Trace; unembed only the last position.
-    first : int
-        Run only positions from `first` on: the earlier ones are the same as in a clean run at
-        every stage (true when the prompts that give the ablated values share them with the
-        clean prompts, by causality), and their keys and values come from a clean Trace. Not
-        with `keep`.
-    columns : Tensor, optional
-        Token ids: only their logits are computed.
-    post_norm : bool
-        The heads of a layer share a post-norm's scale: a head's inputs matter to the other
-        heads' outputs even when its own output is replaced.
-    """
-    if first and keep:
-        raise ValueError("a run that records a Trace computes every position")
-    C = 1 if weights is None else weights.shape[0]
-    fold = idle = None
-    if weights is not None and not keep:
-        fold, weights = _fold(graph, weights, start)
-        idle, weights = _idle(graph, fold, weights, post_norm)
-    # which edges are ablated in some variant: one transfer from the weights' device
-    nonzero = None if weights is None else (weights != 0).any(0).cpu()  # [n_src, n_dst]
-    need_all = torch.zeros(graph.n_destinations, dtype=torch.bool)
-    if nonzero is not None:
-        need_all |= nonzero.any(0)
-    if own is not None:
-        need_all |= own.cpu()
-    readers: dict[int, ReaderPlan] = {}
-    for dsts in _readers(graph):
-        stage = int(graph.dst_stage[dsts.start])
-        if stage < start or not need_all[dsts].any():
-            continue
-        n_up = graph.n_sources_before(stage)
-        pos = need_all[dsts].nonzero().squeeze(1)
-        w = used = groups = None
-        complement = False
-        if nonzero is not None:
-            used = nonzero[:n_up, dsts][:, pos].any(1)  # [n_up]
-            if used.any():
-                w = weights[:, :n_up, dsts][:, :, pos.to(weights.device)]  # [C, n_up, n]
-                if C > 1 and bool((w == w[:1]).all()):
-                    w = w[:1]  # the same in every variant: one product mixes them all
-                w, used, complement = _complement(graph.valid[:n_up, dsts][:, pos], w, used)
-                if own is None:  # no destination's own gradient is wanted
-                    w, groups = _distinct(w)
-            else:
-                used = None
-        readers[dsts.start] = ReaderPlan(dsts.start, n_up, pos, w, used, complement, groups)
-    return RunPlan(C, start, readers, fold, keep, last_only, first, columns, idle)
-
-
-def _complement(valid: Tensor, w: Tensor, used: Tensor
-                ) -> tuple[Tensor, Tensor | None, bool]:
-    """The weights of a reader's destinations as mixed: `w` ``[C, n_up, n]`` itself, or, when
-    every upstream source is an input of every one of them (`valid` ``[n_up, n]``) and fewer
-    sources have a kept (not fully ablated) edge into them than an ablated one, the kept part
-    ``1 - w``: ``input = resid + sum of all deltas - sum of (1 - w) * delta``. Returns the
-    weights, the sources they use (None: none) and whether they are the complement."""
-    if not bool(valid.all()):
-        return w, used, False
-    kept = 1 - w
-    used_kept = (kept != 0).any(0).any(1).cpu()  # [n_up]
-    if int(used_kept.sum()) >= int(used.sum()):
-        return w, used, False
-    return kept, used_kept if used_kept.any() else None, True
-
-
-def _distinct(w: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Weights ``[C, n_up, n]`` with each distinct destination column once ``[C, n_up, u]``, and
-    the column each destination reads ``[n]`` (None when all are distinct): destinations with
-    the same weights read the same input, mixed and normalised once."""
-    if w.shape[2] < 2:
-        return w, None
-    cols, groups = torch.unique(w.permute(2, 0, 1).flatten(1), dim=0, return_inverse=True)
-    if len(cols) == w.shape[2]:
-        return w, None
-    return cols.view(len(cols), *w.shape[:2]).permute(1, 2, 0), groups.cpu()
-
-
-def _idle(graph: Graph, fold: Tensor | None, weights: Tensor | None, post_norm: bool
-          ) -> tuple[Tensor | None, Tensor | None]:
-    """The sources folded all the way in every variant ``[n_src]`` (None: none), and `weights`
-    without the edges into destinations that feed only such sources (what those destinations
-    read cannot matter: the sources they feed are replaced whatever they compute; with a
-    post-norm, only MLP inputs are left out, heads share the norm's scale)."""
-    if fold is None:
-        return None, weights
-    idle = (fold == 1).all(0).cpu()  # [n_src]
-    if not idle.any():
-        return None, weights
-    if weights is not None:
-        useless = ~(graph.feeds[:, :-1] & ~idle).any(1) & ~graph.feeds[:, -1]  # [n_dst]
-        if post_norm:
-            useless[graph.dst_head >= 0] = False
-        if useless.any():
-            weights = weights * ~useless.to(weights.device)
-            if not bool((weights != 0).any()):
-                weights = None
-    return idle, weights
-
-
-def _fold(graph: Graph, weights: Tensor, start: int) -> tuple[Tensor | None, Tensor | None]:
-    """Split `weights` into the sources folded into their own outputs (see `RunPlan`), ``[C,
-    n_src]``, and the weights left for the edges (None when none is left).
-
-    Only sources computed in the run (at `start` or later) can be folded; the others' outputs
-    come from the trace, inside the residual the run starts from.
-    """
-    valid = graph.valid.to(weights.device)
-    first = valid.to(torch.uint8).argmax(1)  # every source has a destination (the logits)
-    ref = weights.gather(2, first.view(1, -1, 1).expand(weights.shape[0], -1, 1))  # [C, n_src, 1]
-    same = ((weights == ref) | ~valid).all(2).all(0) & (ref != 0).any(0).squeeze(1)
-    same[:graph.n_sources_before(start)] = False
-    if not same.any():
-        return None, weights
-    fold = torch.where(same, ref.squeeze(2), 0)  # [C, n_src]
-    rest = weights * ~same.view(1, -1, 1)
-    return fold, rest if bool((rest != 0).any()) else None
-
-
-def _readers(graph: Graph) -> list[slice]:
-    """The destinations of each reader, in run order: attention and MLP of every layer, then the
-    logits. (Readers of one stage — a parallel block's attention and MLP — read the same
-    residual but have inputs of their own.)"""
-    out = []
-    for layer in range(graph.n_layers):
-        m = graph.mlp_destination(layer)
-        out += [graph.attn_destinations(layer), slice(m, m + 1)]
-    return [*out, slice(graph.n_destinations - 1, graph.n_destinations)]
-
-
 class _Deltas:
     """``ablated - current`` of every source written so far, ``[n_src, C*b, p, d]``.
 
@@ -333,6 +78,7 @@ class _Deltas:
                  tracked: bool, sums: bool = False) -> None:
         self.ablated, self.C, self.tracked = _last(ablated, like.shape[1]), C, tracked
         self.buf = like.new_empty(n_sources, *like.shape)
+        self.filled = torch.zeros(n_sources, dtype=torch.bool)  # buffer rows written
         self.pre: Tensor | None = None
         self.live: list[tuple[int, int, Tensor]] = []
         self.sums: dict[int, Tensor] | None = {} if sums else None
@@ -340,10 +86,23 @@ class _Deltas:
     def record(self, sources: slice, value: Tensor, through: bool = True) -> None:
         diff = _minus(self.ablated[sources], value, self.C)
         self.buf[sources] = diff.detach() if self.tracked else diff
+        self.filled[sources] = True
         if self.tracked and through:
             self.live.append((sources.start, sources.stop, diff))
         if self.sums is not None:
             added = diff.sum(0).unflatten(0, (self.C, -1))  # [C, b, p, d]
+            before = self.sums.get(sources.start)
+            self.sums[sources.stop] = added if before is None else before + added
+
+    def record_some(self, which: Tensor, value: Tensor, sources: slice, added: Tensor) -> None:
+        """Record a stage whose sources' deltas are not all read: those of `which` (source
+        indices) from their outputs `value` ``[n, C*b, p, d]``, and the sum of the deltas of all
+        of `sources`, `added` ``[C*b, p, d]``."""
+        if len(which):
+            self.buf[which] = _minus(self.ablated[which], value, self.C)
+            self.filled[which] = True
+        if self.sums is not None:
+            added = added.unflatten(0, (self.C, -1))  # [C, b, p, d]
             before = self.sums.get(sources.start)
             self.sums[sources.stop] = added if before is None else before + added
 
@@ -354,10 +113,11 @@ class _Deltas:
         if self.sums is not None:
             self.sums[n] = self.pre.sum(0, keepdim=True)  # [1, b, p, d]
 
-    def total(self, n_up: int) -> Tensor:
-        """``sum of the deltas of the first n_up sources`` ``[C*b, p, d]``."""
+    def total(self, n_up: int, C: int | None = None) -> Tensor:
+        """``sum of the deltas of the first n_up sources`` ``[C*b, p, d]`` (C: by default the
+        run's variants; 1 for the restored sources alone, which every variant shares)."""
         t = self.sums[n_up]
-        return t.expand(self.C, *t.shape[1:]).flatten(0, 1)
+        return t.expand(self.C if C is None else C, *t.shape[1:]).flatten(0, 1)
 
     def cut(self) -> None:
         self.buf = self.buf[..., -1:, :]
@@ -369,18 +129,26 @@ class _Deltas:
         if self.sums is not None:
             self.sums = {n: t[..., -1:, :] for n, t in self.sums.items()}
 
-    def mix(self, used: Tensor, w: Tensor, n_up: int) -> Tensor:
-        """``sum over used sources r of w[:, r] * delta[r]`` ``[n, C*b, p, d]``: the restored
-        rows, the buffer's rows up to the first live group, then each live group that has a
-        used row."""
+    def mix(self, used: Tensor, w: Tensor, n_up: int, C: int | None = None) -> Tensor:
+        """``sum over used sources r of w[:, r] * delta[r]`` ``[n, C, b, p, d]`` (a broadcast
+        view where the variants share it): the restored rows, the buffer's rows up to the first
+        live group, then each live group that has a used row. With ``C=1`` (weights ``[1, n_up,
+        n]`` of restored sources only) the result is one variant's."""
         n_pre = 0 if self.pre is None else min(len(self.pre), n_up)
         n_const = min(self.live[0][0], n_up) if self.live else n_up
+        if C is not None and C != self.C and n_pre < n_up:
+            raise ValueError("only the restored sources' deltas are shared by every variant")
         parts = []
         if used[:n_pre].any():
             rows = _rows(used, 0, n_pre)
-            parts.append(_mix_shared(self.pre[rows], w[:, rows], self.C))
+            parts.append(_mix_shared(self.pre[rows], w[:, rows], self.C if C is None else C))
         if used[n_pre:n_const].any():
             rows = _rows(used, n_pre, n_const)
+            if isinstance(rows, slice) and not bool(self.filled[rows].all()):
+                # rows no destination reads on its own (weight 0 here) were never written
+                blank = (~self.filled[rows]).nonzero().squeeze(1) + rows.start
+                self.buf[blank] = 0
+                self.filled[blank] = True
             parts.append(_mix(self.buf[rows], w[:, rows], self.C))
         for lo, hi, diff in self.live:
             if lo >= n_up:
@@ -505,25 +273,30 @@ class _Walk:
         whose first destination is `first`), and their positions among the reader's; None when
         all of them read `base`."""
         rp = self.plan.readers.get(first)
-        if rp is None:
-            return None
+        return None if rp is None else (self._mixed(rp, base), rp.own)
+
+    def _mixed(self, rp: ReaderPlan, base: Tensor, C: int | None = None) -> Tensor:
+        """The inputs ``[n, C*b, p, d]`` of `rp`'s own destinations (its distinct columns, with
+        groups) read on top of `base`; with ``C=1``, one variant's, of restored sources only."""
         if self.sink is not None:
             base = _grad_root(base)
         if rp.complement:  # the fully ablated residual, less the kept edges' deltas
-            full = base + self.deltas.total(rp.n_up)
+            full = base + self.deltas.total(rp.n_up, C)
             if rp.used is None:
                 x = full.unsqueeze(0).expand(rp.weights.shape[2], *full.shape)
             else:
-                x = self.deltas.mix(rp.used, rp.weights, rp.n_up).neg_().add_(full)
+                extra = self.deltas.mix(rp.used, rp.weights, rp.n_up, C)  # [n, C, b, p, d]
+                x = torch.sub(full.view(extra.shape[1:]), extra).flatten(1, 2)
         elif rp.weights is not None:
-            x = self.deltas.mix(rp.used, rp.weights, rp.n_up).add_(base)
+            extra = self.deltas.mix(rp.used, rp.weights, rp.n_up, C)
+            x = torch.add(base.view(extra.shape[1:]), extra).flatten(1, 2)
         else:
             x = base.unsqueeze(0).expand(len(rp.own), *base.shape)
         if self.sink is not None:
             # the hook must not hold the walk (and its buffers) alive past the backward
-            sink, idx, n_up = self.sink, rp.own + first, rp.n_up
+            sink, idx, n_up = self.sink, rp.own + rp.first, rp.n_up
             x.register_hook(lambda grad: sink(idx, n_up, grad))
-        return x, rp.own
+        return x
 
     def _attention(self, layer: int, resid: Tensor) -> tuple[Tensor, Tensor]:
         """Run a layer's attention; returns the residual after it and the stage's input (both
@@ -532,60 +305,195 @@ class _Walk:
         stage = g.attn_stage(layer)
         self.resid_at[stage] = resid
         heads = g.head_sources(layer)
+        last = plan.truncate and layer == a.arch.n_layers - 1
         if self._idle(heads) and not a.arch.post_norm:
             # every head takes its ablated value: nothing of the layer's attention is computed
             # (a post-norm's scale would still depend on what the heads compute)
-            if plan.truncate and layer == a.arch.n_layers - 1:
+            if last:
                 resid = self._cut(resid)
             after = resid + self._skipped(heads, resid).sum(0)
             bias = a.out_bias(layer)
             return (after if bias is None else after + bias), resid
-        q, k, v = self._qkv(layer, resid)
-        if plan.first:  # the first positions' keys and values, the same in every row
-            kp, vp = self.trace.kv(a, layer, stage, plan.first)
-            k, v = after_prefix(kp, k), after_prefix(vp, v)
-        if plan.truncate and layer == a.arch.n_layers - 1:
-            z = a.attend(layer, q[..., -1:, :], k, v)  # [C*b, H, 1, dh]
-            resid = self._cut(resid)
+        summed = self._sums_heads(heads)
+        computed = torch.arange(g.n_heads)  # the query heads z holds
+        if stage == plan.start and plan.variants > 1 and self.sink is None and not plan.keep:
+            z = self._start_attention(layer, resid)
         else:
-            z = a.attend(layer, q, k, v)
+            rp = plan.readers.get(g.attn_destinations(layer).start)
+            kv = slice(None)
+            if summed and plan.idle is not None and bool(plan.idle[heads].any()):
+                # heads replaced by their ablated values are not computed, unless a head of
+                # their key/value group is
+                G = a.arch.group_size
+                kv = (~plan.idle[heads]).view(-1, G).any(1).nonzero().squeeze(1)
+                computed = (kv[:, None] * G + torch.arange(G)).flatten()
+            z = self._attend(layer, *self._qkv(layer, resid, rp, kv=None if isinstance(
+                kv, slice) else kv), kv_heads=kv)
+        if last:
+            resid = self._cut(resid)
         if not plan.split_heads:
             return resid + a.attn_output(layer, z), resid
+        if summed:
+            return self._summed_heads(layer, z, computed, resid), resid
         heads, rest = a.attn_sources(layer, z)  # [H, C*b, p, d]
         heads = self._record(g.head_sources(layer), heads)
         after = resid + heads.sum(0)
         return (after if rest is None else after + rest), resid
 
-    def _qkv(self, layer: int, resid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries, keys and values, each q/k/v destination with its own input where it has
-        one."""
-        a, g = self.a, self.g
-        first = g.attn_destinations(layer).start
-        rp = self.plan.readers.get(first)
-        if rp is None:
-            return a.qkv(layer, resid)
-        j = first + rp.own
-        ports, heads = g.dst_port[j], g.dst_head[j]
-        if rp.weights is None and self.sink is not None:
-            # inputs of their own only for their gradients: one norm and one product forward
-            own = self._shared_read(layer, resid, rp, ports, heads)
+    def _sums_heads(self, heads: slice) -> bool:
+        """A layer's heads reach the residual through their summed write (`_summed_heads`):
+        some head's own write is not read later, or the head is replaced by its ablated value,
+        and nothing else needs each head's output (a Trace, gradients, partial folding, a
+        post-norm's shared scale)."""
+        plan = self.plan
+        if plan.read is None or self.sink is not None or self.a.arch.post_norm:
+            return False
+        idle = torch.zeros(heads.stop - heads.start, dtype=torch.bool)
+        if plan.fold is not None:
+            idle = plan.idle[heads] if plan.idle is not None else idle
+            if bool(((plan.fold[:, heads] != 0).any(0).cpu() & ~idle).any()):
+                return False  # partly folded: each head's own output is moved
+        return bool((idle | ~plan.read[heads]).any())
+
+    def _summed_heads(self, layer: int, z: Tensor, computed: Tensor, resid: Tensor) -> Tensor:
+        """The residual after a layer's attention from ``z`` ``[C*b, h, p, dh]`` of the query
+        heads `computed`, with one output projection instead of a write per head: only heads
+        whose own delta a later destination reads get their own write, and heads replaced by
+        their ablated values add those (their ``z``, if computed, is not read)."""
+        a, plan, C = self.a, self.plan, self.plan.variants
+        heads = self.g.head_sources(layer)
+        H, p = heads.stop - heads.start, z.shape[2]
+        idle = plan.idle[heads] if plan.idle is not None else torch.zeros(H, dtype=torch.bool)
+        keep = ~idle[computed]  # [h]
+        live = computed[keep]  # the heads written
+        w = a.out_weight(layer)  # [H, dh, d]
+        if len(live) < len(computed):
+            z = z[:, keep]
+        if len(live) < H:
+            w = w[live]
+        total = z.transpose(-3, -2).flatten(-2) @ w.flatten(0, 1)  # [C*b, p, d]
+        abl = _last(self.ablated[heads], p)  # [H, b|1, p|1, d]
+        after = resid + total
+        if idle.any():
+            after = after + _tile(abl[idle].sum(0, keepdim=True), C)[0]
+        if self.deltas is not None:
+            read = plan.read[heads][live]
+            idx = read.nonzero().squeeze(1)
+            own = torch.einsum("rhpe,hed->hrpd", z[:, idx], w[idx])  # [n, C*b, p, d]
+            added = _tile(abl[live].sum(0, keepdim=True), C)[0] - total
+            self.deltas.record_some(live[idx] + heads.start, own, heads, added)
+        bias = a.out_bias(layer)
+        return after if bias is None else after + bias
+
+    def _attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
+                kv_heads: Tensor | slice = slice(None)) -> Tensor:
+        """Attention ``z`` ``[rows, h, pq, dh]`` of (some of) a layer's heads: the keys and values
+        of `kv_heads` get the shared prefix's in front, and only the last query is computed
+        where the run needs only the last position from here on."""
+        a, plan = self.a, self.plan
+        if plan.first:  # the first positions' keys and values, the same in every row
+            kp, vp = self.trace.kv(a, layer, self.g.attn_stage(layer), plan.first)
+            k, v = after_prefix(kp[:, kv_heads], k), after_prefix(vp[:, kv_heads], v)
+        if plan.truncate and layer == a.arch.n_layers - 1:
+            q = q[..., -1:, :]
+        return a.attend(layer, q, k, v)
+
+    def _start_attention(self, layer: int, resid: Tensor) -> Tensor:
+        """``z`` ``[C*b, H, pq, dh]`` of the layer a run of C variants starts at.
+
+        Every variant reads the same residual there, and most destinations mix the same
+        restored deltas into it in every variant (ACDC's variants differ in one destination's
+        edges): the layer is computed once, for one variant's rows, and only the heads whose
+        inputs differ between variants (with their key/value groups) are computed per variant.
+        """
+        a, g, C = self.a, self.g, self.plan.variants
+        b = resid.shape[0] // C
+        rp = self.plan.readers.get(g.attn_destinations(layer).start)
+        vary = None
+        if rp is not None and rp.weights is not None and rp.weights.shape[0] > 1:
+            w = rp.weights
+            vary = (w != w[:1]).any(1).any(0)  # [u] columns that differ between variants
+            rp = ReaderPlan(rp.first, rp.n_up, rp.own, w[:1], rp.used, rp.complement, rp.groups)
+        q0, k0, v0 = self._qkv(layer, resid[:b], rp, C=1)  # [b, H|K, p, dh]
+        z = self._attend(layer, q0, k0, v0).repeat(C, 1, 1, 1)
+        if vary is None or not vary.any():
+            return z
+        # the destinations whose inputs differ, with their own columns of the weights
+        cols = vary.nonzero().squeeze(1)
+        w = self.plan.readers[rp.first].weights[:, :, cols]  # [C, n_up, u']
+        if rp.groups is None:
+            which, groups = cols.cpu(), None
         else:
-            x, _ = self._inputs(first, resid)
-            own = a.qkv_heads(layer, x, ports, heads, rp.groups)  # [n, C*b, p, dh]
-        H, K = g.n_heads, g.n_kv_heads
-        if len(rp.own) < g.n_attn_destinations:
+            which = vary.cpu()[rp.groups].nonzero().squeeze(1)
+            remap = torch.full((len(vary),), -1, dtype=torch.long)
+            remap[cols.cpu()] = torch.arange(len(cols))
+            groups = remap[rp.groups[which]]
+        used = (w != 0).any(0).any(1).cpu()
+        sub = ReaderPlan(rp.first, rp.n_up, rp.own[which], w, used if used.any() else None,
+                         rp.complement, groups)
+        j = rp.first + sub.own
+        ports, heads = g.dst_port[j], g.dst_head[j]
+        own = a.qkv_heads(layer, self._mixed(sub, resid), ports, heads, groups)  # [m, C*b, p, dh]
+        # the key/value groups they touch, and every query head of those groups
+        G = a.arch.group_size
+        touched = torch.where(ports == 0, heads // G, heads).unique()  # [Ka], sorted
+        q_heads = (touched[:, None] * G + torch.arange(G)).flatten()  # [Ha]
+        q, k, v = (t.repeat(C, 1, 1, 1) for t in (q0[:, q_heads], k0[:, touched], v0[:, touched]))
+        for i in range(len(ports)):
+            port, head = int(ports[i]), int(heads[i])
+            if port == 0:
+                q[:, int((q_heads == head).nonzero())] = own[i]
+            else:
+                (k if port == 1 else v)[:, int((touched == head).nonzero())] = own[i]
+        z[:, q_heads] = self._attend(layer, q, k, v, touched)
+        return z
+
+    def _qkv(self, layer: int, resid: Tensor, rp: ReaderPlan | None, C: int | None = None,
+             kv: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values, each q/k/v destination of `rp` with its own input (C=1:
+        one variant's, see `_mixed`); with `kv` (key/value head indices, sorted), only those
+        heads and the query heads of their groups."""
+        a, g = self.a, self.g
+        if rp is None and kv is None:
+            return a.qkv(layer, resid)
+        H, K, n = g.n_heads, g.n_kv_heads, g.n_attn_destinations
+        want = torch.ones(n, dtype=torch.bool)  # [n] the destinations computed
+        if kv is not None:
+            G = a.arch.group_size
+            want[:] = False
+            want[(kv[:, None] * G + torch.arange(G)).flatten()] = True
+            want[H + kv] = want[H + K + kv] = True
+        every, own_pos = None, torch.zeros(n, dtype=torch.bool)
+        at = torch.cumsum(want, 0) - 1  # [n] position among the computed destinations
+        if rp is not None:
+            j = rp.first + rp.own
+            ports, heads = g.dst_port[j], g.dst_head[j]
+            if rp.weights is None and self.sink is not None:
+                # inputs of their own only for their gradients: one norm and one product forward
+                own = self._shared_read(layer, resid, rp, ports, heads)
+            else:
+                own = a.qkv_heads(layer, self._mixed(rp, resid, C), ports, heads,
+                                  rp.groups)  # [n, C*b, p, dh]
+            own_pos[rp.own] = True
+            inside = want[rp.own]  # own inputs of heads not computed are not read
+            if bool(inside.all()) and len(rp.own) == int(want.sum()):
+                every = own
+            else:
+                every = own.new_empty(int(want.sum()), *own.shape[1:])
+                every[at[rp.own[inside]]] = own[inside]
+        rest = want & ~own_pos
+        if rest.any():
             # the others read the shared residual: their projections only, from one norm
-            rest = torch.ones(g.n_attn_destinations, dtype=torch.bool)
-            rest[rp.own] = False
-            j = first + rest.nonzero().squeeze(1)
+            j = (g.attn_destinations(layer).start + rest.nonzero().squeeze(1))
             one = torch.zeros(len(j), dtype=torch.long)  # all read the one residual
             shared = a.qkv_heads(layer, resid[None], g.dst_port[j], g.dst_head[j], one)
-            every = own.new_empty(g.n_attn_destinations, *own.shape[1:])
-            every[rp.own] = own
-            every[rest] = shared
-            own = every
-        return tuple(own[lo:hi].transpose(0, 1) for lo, hi in ((0, H), (H, H + K),
-                                                               (H + K, H + 2 * K)))
+            if every is None:
+                every = shared
+            else:
+                every[at[rest]] = shared
+        nq, nk = int(want[:H].sum()), int(want[H:H + K].sum())
+        return tuple(every[lo:hi].transpose(0, 1) for lo, hi in ((0, nq), (nq, nq + nk),
+                                                                 (nq + nk, nq + 2 * nk)))
 
     def _shared_read(self, layer: int, resid: Tensor, rp: ReaderPlan, ports: Tensor,
                      heads: Tensor) -> Tensor:
@@ -700,24 +608,24 @@ def run_gradient(adapter: Adapter, graph: Graph, plan: RunPlan, ids: Tensor,
 
 
 def _mix_shared(delta: Tensor, w: Tensor, C: int) -> Tensor:
-    """Like `_mix` for deltas the variants share: delta ``[r, b, p, d]``; returns ``[nD, C*b, p,
-    d]``. Destinations whose weights are the same in every variant are mixed once (restarts
-    with many variants differ in one destination's weights)."""
+    """Like `_mix` for deltas the variants share: delta ``[r, b, p, d]``; returns ``[nD, C, b, p,
+    d]``, a broadcast view when the weights are the same in every variant. Destinations whose
+    weights are the same in every variant are mixed once (restarts with many variants differ in
+    one destination's weights)."""
     r, b, p, d = delta.shape
     flat = delta.reshape(r, -1)  # [r, b*p*d]
     nD = w.shape[2]
     if w.shape[0] == 1:  # the same in every variant
-        out = (w[0].T @ flat).view(nD, 1, b, p, d).expand(nD, C, b, p, d)
-        return out.contiguous().view(nD, C * b, p, d)  # its own memory: callers add in place
+        return (w[0].T @ flat).view(nD, 1, b, p, d).expand(nD, C, b, p, d)
     same = (w == w[:1]).all(1).all(0)  # [nD]
     if not same.any():
         out = w.transpose(1, 2) @ flat  # [C, nD, b*p*d]
-        return out.view(C, nD, b, p, d).transpose(0, 1).reshape(nD, C * b, p, d)
+        return out.view(C, nD, b, p, d).transpose(0, 1)
     out = delta.new_empty(nD, C, b * p * d)
     out[same] = (w[0][:, same].T @ flat).unsqueeze(1)
     varies = ~same
     out[varies] = (w[:, :, varies].transpose(1, 2) @ flat).transpose(0, 1)
-    return out.view(nD, C * b, p, d)
+    return out.view(nD, C, b, p, d)
 
 
 def _minus(ablated: Tensor, value: Tensor, C: int) -> Tensor:
@@ -730,17 +638,17 @@ def _minus(ablated: Tensor, value: Tensor, C: int) -> Tensor:
 
 
 def _mix(delta: Tensor, w: Tensor, C: int) -> Tensor:
-    """``out[D, (c, b)] = sum over r of w[c, r, D] * delta[r, (c, b)]`` as one (batched) matmul.
+    """``out[D, c, b] = sum over r of w[c, r, D] * delta[r, (c, b)]`` as one (batched) matmul.
 
     delta : ``[r, C*b, p, d]``; w : ``[C, r, nD]``, or ``[1, r, nD]`` for weights every variant
-    shares; returns ``[nD, C*b, p, d]``.
+    shares; returns ``[nD, C, b, p, d]``.
     """
     r, rows, p, d = delta.shape
     if C == 1 or w.shape[0] == 1:
-        return (w[0].T @ delta.reshape(r, -1)).view(-1, rows, p, d)
+        return (w[0].T @ delta.reshape(r, -1)).view(-1, C, rows // C, p, d)
     per = delta.reshape(r, C, -1).transpose(0, 1)  # [C, r, b*p*d]
     out = torch.bmm(w.transpose(1, 2), per)  # [C, nD, b*p*d]
-    return out.transpose(0, 1).reshape(-1, rows, p, d)
+    return out.view(C, -1, rows // C, p, d).transpose(0, 1)
 
 
 def _grad_root(x: Tensor) -> Tensor:

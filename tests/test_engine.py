@@ -8,7 +8,7 @@ import torch
 from circuits.engine import Engine
 from circuits.errors import OptionError
 from circuits.graph import Graph
-from circuits.runs import make_plan
+from circuits.plans import make_plan
 from circuits.testing import tiny_gpt2
 
 CONFIGS = [

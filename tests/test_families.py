@@ -325,7 +325,7 @@ def test_patched_gradients_match_finite_differences(name):
     gen = torch.Generator().manual_seed(5)
     w = torch.rand(g.n_sources, g.n_destinations, generator=gen, dtype=torch.float64)
     w = w * (torch.rand(w.shape, generator=gen) < 0.3) * g.valid
-    from circuits.runs import make_plan
+    from circuits.plans import make_plan
 
     patched = engine.run(make_plan(g, w[None], keep=True), ids, ablated)[1].outs
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+import circuits.plans
 import circuits.runs
 from circuits.batch import Batch
 from circuits.engine import Engine
 from circuits.methods import run_method
-from circuits.runs import make_plan
+from circuits.plans import make_plan
 from circuits.setup import Setup
 from circuits.testing import FAMILIES, make_batch, tiny_model
 
@@ -180,7 +181,7 @@ def test_folded_runs_equal_runs_that_patch_every_edge(family, monkeypatch):
     ablate = ablate * g.valid
     assert make_plan(g, ablate).fold is not None
     folded = engine.patched_logits(batch.clean, ablate, ablated)
-    monkeypatch.setattr(circuits.runs, "_fold", lambda graph, weights, start: (None, weights))
+    monkeypatch.setattr(circuits.plans, "_fold", lambda graph, weights, start: (None, weights))
     assert make_plan(g, ablate).fold is None
     assert torch.allclose(folded, engine.patched_logits(batch.clean, ablate, ablated),
                           atol=1e-5)
@@ -297,7 +298,7 @@ def test_sparse_circuit_rewrites_equal_the_plain_mixing(family, rewrite, monkeyp
     plain = {"_idle": lambda graph, fold, weights, post_norm: (None, weights),
              "_complement": lambda valid, w, used: (w, used, False),
              "_distinct": lambda w: (w, None)}
-    monkeypatch.setattr(circuits.runs, rewrite, plain[rewrite])
+    monkeypatch.setattr(circuits.plans, rewrite, plain[rewrite])
     assert not applied(make_plan(g, ablate, post_norm=post_norm))
     want = engine.patched_logits(batch.clean, ablate, ablated)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
@@ -316,3 +317,59 @@ def test_idle_heads_still_read_their_inputs_under_a_post_norm():
     plain = make_plan(g, ablate)
     assert idle_q - first in post.readers[first].own.tolist()
     assert idle_q - first not in plain.readers[first].own.tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("first", [0, FIRST])
+def test_variants_that_differ_in_one_destination_share_the_rest_of_their_first_layer(
+        family, first):
+    """ACDC's variants differ in the edges into the destination it visits: the layer they start
+    at is computed once, and per variant only the heads that destination feeds (a query head, or
+    a key/value head's whole group). Each variant run alone gives the same logits."""
+    engine = Engine(model_of(family))
+    g = engine.graph
+    batch = prefix_batch()
+    ablated = engine.ablated_outputs(batch.clean, "resample", corrupt=batch.corrupt)
+    trace = engine.trace(batch.clean)
+    for layer in (0, g.n_layers - 1):  # the last layer runs only the last query
+        stage = g.attn_stage(layer)
+        dsts = g.attn_destinations(layer)
+        removed = sparse_circuits(engine, C=1) * (g.dst_stage >= stage)
+        # destinations visited: the value of the last key/value head, a key, a query
+        visit = [dsts.stop - 1, dsts.start + g.n_heads, dsts.start + 1]
+        variants = removed.repeat(2 * len(visit), 1, 1)
+        for c, dst in enumerate(visit):
+            up = g.valid[:, dst].nonzero().squeeze(1)
+            variants[2 * c, up[-1], dst] = 1.0  # one more edge removed
+            variants[2 * c + 1, up, dst] = 0.0  # every edge kept
+        got = engine.patched_logits(batch.clean, variants, ablated, start=(stage, trace),
+                                    first=first)
+        alone = [engine.patched_logits(batch.clean, v, ablated, start=(stage, trace), first=first)
+                 for v in variants]
+        assert torch.allclose(got, torch.cat(alone), atol=1e-5), (family, layer)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_heads_whose_own_writes_nobody_reads_are_summed_in_one_projection(family, monkeypatch):
+    """In a sparse circuit most heads' deltas are read by no later destination on their own
+    (their kept edges are few, and their removed ones come from the fully ablated residual): a
+    layer's write is then one output projection, with own writes for the heads still read, and
+    a removed head adds its ablated value. The logits equal those of writes formed per head."""
+    engine = Engine(model_of(family))
+    g = engine.graph
+    batch = prefix_batch(first=0)
+    ablated = engine.ablated_outputs(batch.clean, "resample", corrupt=batch.corrupt)
+    ablate = sparse_circuits(engine)
+    # a1.h0's whole key/value group removed too (as nodes): its heads are not computed at all
+    group = engine.adapter.arch.group_size
+    first = g.head_sources(1).start
+    ablate[:, first:first + group] = 1.0
+    ablate *= g.valid
+    plan = make_plan(g, ablate, post_norm=engine.adapter.arch.post_norm)
+    heads = [g.head_sources(layer) for layer in range(g.n_layers)]
+    summed = [bool((~plan.read[h] | plan.idle[h]).any()) for h in heads]
+    assert any(summed) and any(bool(plan.read[h].any()) for h in heads)
+    got = engine.patched_logits(batch.clean, ablate, ablated)
+    monkeypatch.setattr(circuits.runs._Walk, "_sums_heads", lambda self, heads: False)
+    want = engine.patched_logits(batch.clean, ablate, ablated)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
