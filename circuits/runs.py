@@ -12,7 +12,7 @@ edges are scored in one backward pass). Both count the rows they run through the
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -90,9 +90,7 @@ class _Deltas:
         if self.tracked and through:
             self.live.append((sources.start, sources.stop, diff))
         if self.sums is not None:
-            added = diff.sum(0).unflatten(0, (self.C, -1))  # [C, b, p, d]
-            before = self.sums.get(sources.start)
-            self.sums[sources.stop] = added if before is None else before + added
+            self._add_sum(sources, diff.sum(0))
 
     def record_some(self, which: Tensor, value: Tensor, sources: slice, added: Tensor) -> None:
         """Record a stage whose sources' deltas are not all read: those of `which` (source
@@ -102,9 +100,13 @@ class _Deltas:
             self.buf[which] = _minus(self.ablated[which], value, self.C)
             self.filled[which] = True
         if self.sums is not None:
-            added = added.unflatten(0, (self.C, -1))  # [C, b, p, d]
-            before = self.sums.get(sources.start)
-            self.sums[sources.stop] = added if before is None else before + added
+            self._add_sum(sources, added)
+
+    def _add_sum(self, sources: slice, added: Tensor) -> None:
+        """The running sum past `sources`, given the sum of their deltas ``[C*b, p, d]``."""
+        added = added.unflatten(0, (self.C, -1))  # [C, b, p, d]
+        before = self.sums.get(sources.start)
+        self.sums[sources.stop] = added if before is None else before + added
 
     def restore(self, cached: Tensor) -> None:
         """Deltas of the sources before a restart, from their cached clean outputs."""
@@ -321,12 +323,13 @@ class _Walk:
         else:
             rp = plan.readers.get(g.attn_destinations(layer).start)
             kv = slice(None)
-            if summed and plan.idle is not None and bool(plan.idle[heads].any()):
+            idle = self._idle_mask(heads)
+            if summed and idle.any():
                 # heads replaced by their ablated values are not computed, unless a head of
                 # their key/value group is
                 G = a.arch.group_size
-                kv = (~plan.idle[heads]).view(-1, G).any(1).nonzero().squeeze(1)
-                computed = (kv[:, None] * G + torch.arange(G)).flatten()
+                kv = (~idle).view(-1, G).any(1).nonzero().squeeze(1)
+                computed = _query_heads(kv, G)
             z = self._attend(layer, *self._qkv(layer, resid, rp, kv=None if isinstance(
                 kv, slice) else kv), kv_heads=kv)
         if last:
@@ -348,9 +351,8 @@ class _Walk:
         plan = self.plan
         if plan.read is None or self.sink is not None or self.a.arch.post_norm:
             return False
-        idle = torch.zeros(heads.stop - heads.start, dtype=torch.bool)
+        idle = self._idle_mask(heads)
         if plan.fold is not None:
-            idle = plan.idle[heads] if plan.idle is not None else idle
             if bool(((plan.fold[:, heads] != 0).any(0).cpu() & ~idle).any()):
                 return False  # partly folded: each head's own output is moved
         return bool((idle | ~plan.read[heads]).any())
@@ -363,7 +365,7 @@ class _Walk:
         a, plan, C = self.a, self.plan, self.plan.variants
         heads = self.g.head_sources(layer)
         H, p = heads.stop - heads.start, z.shape[2]
-        idle = plan.idle[heads] if plan.idle is not None else torch.zeros(H, dtype=torch.bool)
+        idle = self._idle_mask(heads)
         keep = ~idle[computed]  # [h]
         live = computed[keep]  # the heads written
         w = a.out_weight(layer)  # [H, dh, d]
@@ -413,7 +415,7 @@ class _Walk:
         if rp is not None and rp.weights is not None and rp.weights.shape[0] > 1:
             w = rp.weights
             vary = (w != w[:1]).any(1).any(0)  # [u] columns that differ between variants
-            rp = ReaderPlan(rp.first, rp.n_up, rp.own, w[:1], rp.used, rp.complement, rp.groups)
+            rp = replace(rp, weights=w[:1])
         q0, k0, v0 = self._qkv(layer, resid[:b], rp, C=1)  # [b, H|K, p, dh]
         z = self._attend(layer, q0, k0, v0).repeat(C, 1, 1, 1)
         if vary is None or not vary.any():
@@ -429,15 +431,15 @@ class _Walk:
             remap[cols.cpu()] = torch.arange(len(cols))
             groups = remap[rp.groups[which]]
         used = (w != 0).any(0).any(1).cpu()
-        sub = ReaderPlan(rp.first, rp.n_up, rp.own[which], w, used if used.any() else None,
-                         rp.complement, groups)
+        sub = replace(rp, own=rp.own[which], weights=w, used=used if used.any() else None,
+                      groups=groups)
         j = rp.first + sub.own
         ports, heads = g.dst_port[j], g.dst_head[j]
         own = a.qkv_heads(layer, self._mixed(sub, resid), ports, heads, groups)  # [m, C*b, p, dh]
         # the key/value groups they touch, and every query head of those groups
         G = a.arch.group_size
         touched = torch.where(ports == 0, heads // G, heads).unique()  # [Ka], sorted
-        q_heads = (touched[:, None] * G + torch.arange(G)).flatten()  # [Ha]
+        q_heads = _query_heads(touched, G)  # [Ha]
         q, k, v = (t.repeat(C, 1, 1, 1) for t in (q0[:, q_heads], k0[:, touched], v0[:, touched]))
         for i in range(len(ports)):
             port, head = int(ports[i]), int(heads[i])
@@ -461,7 +463,7 @@ class _Walk:
         if kv is not None:
             G = a.arch.group_size
             want[:] = False
-            want[(kv[:, None] * G + torch.arange(G)).flatten()] = True
+            want[_query_heads(kv, G)] = True
             want[H + kv] = want[H + K + kv] = True
         every, own_pos = None, torch.zeros(n, dtype=torch.bool)
         at = torch.cumsum(want, 0) - 1  # [n] position among the computed destinations
@@ -515,6 +517,12 @@ class _Walk:
         got = self._inputs(self.g.mlp_destination(layer), mlp_in)
         out = self.a.mlp(layer, mlp_in if got is None else got[0][0])
         return resid + self._record(slice(m, m + 1), out[None])[0]
+
+    def _idle_mask(self, sources: slice) -> Tensor:
+        """Which of `sources` are folded all the way in every variant ``[n]`` (bool, CPU)."""
+        if self.plan.idle is None:
+            return torch.zeros(sources.stop - sources.start, dtype=torch.bool)
+        return self.plan.idle[sources]
 
     def _idle(self, sources: slice) -> bool:
         """Every one of `sources` is folded all the way in every variant (see `RunPlan.idle`)."""
@@ -649,6 +657,11 @@ def _mix(delta: Tensor, w: Tensor, C: int) -> Tensor:
     per = delta.reshape(r, C, -1).transpose(0, 1)  # [C, r, b*p*d]
     out = torch.bmm(w.transpose(1, 2), per)  # [C, nD, b*p*d]
     return out.view(C, -1, rows // C, p, d).transpose(0, 1)
+
+
+def _query_heads(kv: Tensor, group: int) -> Tensor:
+    """The query heads ``[len(kv) * group]`` of key/value heads `kv`, in order."""
+    return (kv[:, None] * group + torch.arange(group)).flatten()
 
 
 def _grad_root(x: Tensor) -> Tensor:
