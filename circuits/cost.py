@@ -41,15 +41,15 @@ Peak memory
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+from .heap import release_free_memory
 
 
 @dataclass
@@ -104,17 +104,6 @@ def _status_mib(field: str) -> float:
     raise OSError(f"no {field} in /proc/self/status")
 
 
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None where the C library has none."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    return trim
-
-
 def _meter_key(device: torch.device | None) -> str | None:
     """Which memory a block on `device` is measured in: "cpu" (the whole process), one CUDA
     device ("cuda:0"), or None where it is not measured."""
@@ -137,9 +126,7 @@ def _restart(key: str) -> float:
     """Restart the peak from the level now and return that level (on the CPU, after handing
     freed heap memory back to the system)."""
     if key == "cpu":
-        trim = _malloc_trim()
-        if trim is not None:
-            trim(0)
+        release_free_memory()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         return _status_mib("VmRSS")
@@ -242,3 +229,5 @@ def measure(counter: PassCounter, device: torch.device | None = None, prompts: i
         cost.forward = (counter.forward - f0) / prompts
         cost.backward = (counter.backward - b0) / prompts
         cost.peak_memory_mb = _stop(memory)
+        if memory is not None and memory.key == "cpu":
+            release_free_memory()  # what the block freed, kept by the heap (see circuits.heap)

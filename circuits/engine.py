@@ -20,6 +20,7 @@ from .adapters import Adapter, adapter_for
 from .cost import PassCounter
 from .errors import OptionError
 from .graph import Graph
+from .heap import keep_freed_memory
 from .model import Model
 from .plans import RunPlan, make_plan
 from .runs import Trace, after_prefix, run_gradient, run_patched
@@ -54,6 +55,7 @@ class Engine:
     """
 
     def __init__(self, model: Model, chunk: int = 512) -> None:
+        keep_freed_memory()  # large temporaries reuse heap pages (see circuits.heap)
         self.model = model
         self.adapter: Adapter = adapter_for(model.hf)
         a = self.adapter.arch
@@ -190,6 +192,8 @@ class Engine:
             ``[n_src, b, p, d]`` differences to score against. By default ``ablated - clean``
             taken from this very run (which must then be unpatched): EAP in one forward and one
             backward. `ids` may repeat the ``b`` prompts (step-major); the repeats share it.
+            The rows of the sources upstream of the scored destinations and the positions the
+            run computes (the last ``p - first``) suffice.
         ablate : Tensor, optional
             ``[n_src, n_dst]`` or ``[C, n_src, n_dst]`` interpolation weights of the run itself
             (integrated gradients); with C variants the gradients of all variants are summed.
@@ -224,6 +228,12 @@ class Engine:
         ref = {"delta": delta}
 
         def sink(dsts: Tensor, n_up: int, grad: Tensor) -> None:
+            # destinations patched in the run but not scored get their own inputs too
+            pick = wanted[dsts.cpu()]
+            if not bool(pick.all()):
+                if not pick.any():
+                    return
+                dsts, grad = dsts[pick.to(dsts.device)], grad[pick.to(grad.device)]
             # past the last attention only the last position is computed (and matters)
             d = ref["delta"][:n_up, :, -grad.shape[2]:].to(grad.dtype)
             if grad.shape[1] != d.shape[1]:  # variants and repeats of the prompts share delta

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -23,10 +24,11 @@ def kept_names(scores) -> set[str]:
     return {e.name for e in g.edges() if kept[g.edge_index(e)]}
 
 
-def random_setup(seed: int = 0, ablation: str = "resample") -> Setup:
+def random_setup(seed: int = 0, ablation: str = "resample", shared: int = 0) -> Setup:
     """A 2-layer random GPT-2 in float64 (so batched and one-at-a-time runs agree to ~1e-15)
-    with two batches of random clean/corrupt prompts. Weights drawn 10x larger than GPT-2's
-    init so that many edges matter (with 0.02 nearly all effects are below 1e-4)."""
+    with two batches of random clean/corrupt prompts (sharing their first `shared` tokens).
+    Weights drawn 10x larger than GPT-2's init so that many edges matter (with 0.02 nearly all
+    effects are below 1e-4)."""
     model = tiny_gpt2(n_layer=2, n_head=2, n_embd=16, vocab_size=24, seed=seed,
                       initializer_range=0.2)
     model.hf.double()
@@ -35,6 +37,7 @@ def random_setup(seed: int = 0, ablation: str = "resample") -> Setup:
     for b in (3, 2):
         clean = torch.randint(0, 24, (b, 5), generator=gen)
         corrupt = torch.randint(0, 24, (b, 5), generator=gen)
+        corrupt[:, :shared] = clean[:, :shared]
         answers = torch.randint(0, 24, (b, 1), generator=gen)
         batches.append(Batch(clean, corrupt, answers, (answers + 1) % 24))
     return Setup(model, batches, "logit-diff", ablation=ablation)
@@ -135,10 +138,7 @@ def test_everything_removed_with_a_huge_threshold():
 def test_prefix_speculation_matches_the_sequential_loop(seed):
     setup = random_setup(seed)
     g = setup.graph
-    # τ drawn log-uniformly in [1e-3, 1e-2], where the edges' changes lie on this model, so
-    # that some edges are kept and some removed (checked below).
-    gen = torch.Generator().manual_seed(100 + seed)
-    threshold = float(1e-3 * 10 ** torch.rand(1, generator=gen))
+    threshold = reference_threshold(seed)  # some edges kept and some removed (checked below)
     kept_ref, scores_ref = sequential_acdc(setup, threshold)
     assert 0 < int(kept_ref.sum()) < g.n_edges
     for chunk in (3, 64):  # 3 also exercises the width halving down to 1
@@ -146,6 +146,71 @@ def test_prefix_speculation_matches_the_sequential_loop(seed):
         assert torch.equal(scores.extra["kept"], kept_ref), chunk
         # Scores agree where both measured them; skipped edges are 0 here and ~1e-16 there.
         assert torch.allclose(scores.values.double(), scores_ref, atol=1e-9)
+
+
+def reference_threshold(seed: int) -> float:
+    """τ drawn log-uniformly in [1e-3, 1e-2], where the edges' changes lie on `random_setup`'s
+    model, so that some edges are kept and some removed."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    return float(1e-3 * 10 ** torch.rand(1, generator=gen))
+
+
+@pytest.mark.parametrize("guesses", ["estimates", "every edge kept", "each one wrong"])
+def test_speculation_is_exact_whatever_it_guesses(guesses, monkeypatch):
+    """The guessed decisions only choose which variants run: first-order estimates (made here
+    for every destination, however few its edges), guesses that every edge is kept and guesses
+    that each contradict the loop's decision all give the one-at-a-time loop's circuit and
+    scores."""
+    setup = random_setup(0)
+    threshold = reference_threshold(0)
+    kept_ref, scores_ref = sequential_acdc(setup, threshold)
+    monkeypatch.setattr(acdc_module, "GUESS_MIN_EDGES", 1)
+    if guesses != "estimates":
+        def guessed(self, removed, dsts):
+            if guesses == "every edge kept":
+                return torch.full((setup.graph.n_sources, len(dsts)), math.inf,
+                                  dtype=torch.float64)
+            return torch.where(kept_ref[:, dsts], -math.inf, math.inf).double()
+
+        monkeypatch.setattr(acdc_module._Loss, "estimates", guessed)
+    for chunk in (3, 64):
+        scores = run_method("acdc", setup, threshold=threshold, chunk=chunk)
+        assert torch.equal(scores.extra["kept"], kept_ref), chunk
+        assert torch.allclose(scores.values.double(), scores_ref, atol=1e-9)
+    if guesses == "estimates":  # one gradient run per stage with an evaluated destination
+        g = setup.graph
+        stages = {int(g.dst_stage[g.destinations.index(v["destination"])])
+                  for v in scores.extra["visits"] if not v["skipped"]}
+        assert scores.extra["summary"]["gradient_runs_this_run"] == len(stages)
+
+
+@pytest.mark.parametrize(("kind", "shared"), [("kl", 0), ("task", 0), ("task", 2)])
+def test_estimates_are_the_loss_derivative_along_each_edge(kind, shared):
+    """The first-order estimate of removing edge (s, dst) is the derivative of the loss in that
+    edge's ablation weight, at the current circuit: checked against central differences (float64,
+    step 1e-5) on a circuit that lost some edges into later stages, with and without a prefix
+    the prompts share (whose positions the runs skip)."""
+    setup = random_setup(1, shared=shared)
+    assert setup.prefix(setup.batches[0]) == shared
+    g = setup.graph
+    loss = acdc_module._Loss(setup, kind)
+    removed = torch.zeros(g.n_sources, g.n_destinations, dtype=torch.bool)
+    later = g.dst_stage > g.attn_stage(1)
+    removed[:, later] = g.valid[:, later] & (torch.arange(g.n_sources) % 2 == 0)[:, None]
+    dsts = [g.destinations.index(name) for name in ("a1.h1<v>", "a1.h1<k>", "a1.h1<q>")]
+    stage = int(g.dst_stage[dsts[0]])
+    est = loss.estimates(removed, dsts)  # [n_src, 3]
+    step = 1e-5
+    for i, dst in enumerate(dsts):
+        sources = acdc_module.incoming(g, dst)
+        for s in sources:
+            moved = removed.double().repeat(2, 1, 1)
+            moved[0, s, dst], moved[1, s, dst] = step, -step
+            plus, minus = loss(moved, stage).tolist()
+            derivative = (plus - minus) / (2 * step)
+            assert abs(float(est[s, i]) - derivative) < 1e-8 + 1e-6 * abs(derivative), (dst, s)
+        assert est[sources, i].abs().max() > 1e-4  # not trivially zero
+        assert bool((est[[s for s in range(g.n_sources) if s not in sources], i] == 0).all())
 
 
 def test_batched_runs_cost_less_than_a_forward_per_edge():

@@ -29,9 +29,18 @@ How it runs fast
     run side by side as variants of one forward (``chunk`` at a time), each assuming a decision
     for the edges before it; the decisions are taken in order, and at the first that differs
     from its assumption speculation restarts after it (with half the width, which doubles again,
-    up to ``chunk``, after each block assumed right). An edge is assumed removed unless a
-    discarded variant measured it above τ. This gives exactly the result of the
-    one-edge-at-a-time loop. A destination whose node has lost
+    up to ``chunk``, after each block assumed right). The assumed decisions come from a
+    first-order estimate of each edge's change: one forward and backward of the circuit from
+    the destination's stage gives the gradient of the loss with respect to the
+    destination's input, and its dot product with a source's ``ablated - clean`` estimates that
+    edge's change (for destinations with at least ``GUESS_MIN_EDGES`` edges; an edge is assumed
+    removed otherwise). One such run per stage, at the circuit as it was when the stage was
+    reached, serves all its destinations (the decisions into the stage move the gradients
+    little). A discarded variant's measured change replaces the estimate. On IOI
+    prompts at the GPT-2-small shape the estimates decide 99% of the edges as ACDC does, where
+    assuming every edge removed wasted about one variant per two edges. The guesses only choose
+    which variants run: every decision is taken on a measured loss, so this gives exactly the
+    result of the one-edge-at-a-time loop. A destination whose node has lost
     all its outgoing edges (so no path to the logits is left) cannot matter: its incoming edges
     are removed without being evaluated.
 """
@@ -44,13 +53,14 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from ..batch import Batch
 from ..engine import Trace
 from ..errors import CircuitsError, OptionError
 from ..graph import Graph
@@ -62,7 +72,11 @@ from . import register
 log = logging.getLogger(__name__)
 
 PROGRESS = "acdc"  # the name of ACDC's progress in a Checkpoint
-PROGRESS_VERSION = 2  # 1 was the pickled checkpoint file of earlier versions
+PROGRESS_VERSION = 3  # 1: the pickled checkpoint file of earlier versions; 2: without guesses
+# Destinations with at least this many incoming edges get first-order guesses of their decisions
+# (a stage's gradient run costs about five variants, against about one variant wasted per two
+# edges without them).
+GUESS_MIN_EDGES = 8
 
 
 def visit_order(graph: Graph) -> list[int]:
@@ -117,6 +131,7 @@ class _Loss:
         self.traces: Store | None = None
         self.forwards = 0
         self.variants = 0
+        self.gradients = 0  # runs of `estimates`
 
     def _clean_traces(self) -> Store:
         if self.traces is None:
@@ -139,12 +154,8 @@ class _Loss:
         if self.traces is not None:
             self.traces.close()
 
-    def __call__(self, removed: Tensor, stage: int) -> Tensor:
-        """The loss ``[C]`` (float64) of each mask in `removed` ``[C, n_src, n_dst]``."""
-        C = removed.shape[0]
-        model = self.setup.model
-        ablate = removed.to(device=model.device, dtype=model.dtype)  # [C, n_src, n_dst]
-        total = torch.zeros(C, dtype=torch.float64)
+    def _batches(self) -> Iterator[tuple[Batch, Tensor, float, Trace, int]]:
+        """(batch, ablated outputs, weight, clean trace, shared prefix length) per batch."""
         for (batch, ablated, weight), kept in zip(self.setup.items(reuse=True),
                                                   self._clean_traces(), strict=True):
             trace = Trace(kept["outs"], kept["resid"], kept["logits"])
@@ -153,6 +164,15 @@ class _Loss:
                 kv = kept["kv"]
                 trace.prefix_kv.update({(layer, first): (kv[f"k{layer}"], kv[f"v{layer}"])
                                         for layer in range(self.engine.graph.n_layers)})
+            yield batch, ablated, weight, trace, first
+
+    def __call__(self, removed: Tensor, stage: int) -> Tensor:
+        """The loss ``[C]`` (float64) of each mask in `removed` ``[C, n_src, n_dst]``."""
+        C = removed.shape[0]
+        model = self.setup.model
+        ablate = removed.to(device=model.device, dtype=model.dtype)  # [C, n_src, n_dst]
+        total = torch.zeros(C, dtype=torch.float64)
+        for batch, ablated, weight, trace, first in self._batches():
             columns, narrow = (None, batch) if self.kind == "kl" else self.setup.narrow(batch)
             logits = self.engine.patched_logits(
                 batch.clean, ablate, ablated, last_only=True, start=(stage, trace),
@@ -161,6 +181,33 @@ class _Loss:
             total += weight * self._per_variant(logits, narrow, C).double().cpu()
         self.forwards += 1
         self.variants += C
+        return total
+
+    def estimates(self, removed: Tensor, dsts: list[int]) -> Tensor:
+        """First-order estimates ``[n_src, len(dsts)]`` (float64) of the change of removing each
+        edge into the destinations `dsts` (all of one stage) on top of `removed` ``[n_src,
+        n_dst]``: the gradient of the loss at that circuit with respect to each destination's
+        input, dotted with each source's ``ablated - clean`` (every source upstream of a
+        destination still being visited has its clean output). One forward and backward from
+        the stage."""
+        g = self.engine.graph
+        stage = int(g.dst_stage[dsts[0]])
+        only = torch.zeros(g.n_destinations, dtype=torch.bool)
+        only[dsts] = True
+        ablate = removed.to(dtype=self.setup.model.dtype)
+        n_up = g.n_sources_before(stage)
+        total = torch.zeros(g.n_sources, len(dsts), dtype=torch.float64)
+        for batch, ablated, weight, trace, first in self._batches():
+            columns, narrow = (None, batch) if self.kind == "kl" else self.setup.narrow(batch)
+            p = batch.clean.shape[1]  # the delta of the positions the run computes
+            delta = ablated[:n_up, :, -(p - first):] - trace.outs[:n_up, :, first:]
+            scores = self.engine.edge_attribution(
+                batch.clean, lambda logits, narrow=narrow: self._per_variant(logits, narrow, 1)[0],
+                ablated, delta=delta, ablate=ablate, only=only,
+                start=(stage, trace), first=first, columns=columns,
+            )  # [n_src, n_dst]
+            total += weight * scores[:, dsts].double()
+        self.gradients += 1
         return total
 
     def _per_variant(self, logits: Tensor, batch: Any, C: int) -> Tensor:
@@ -356,6 +403,8 @@ sorted(true_edges)
         visited = sum(v["edges"] for v in state.visits)
         t0 = time.perf_counter()
         visited_at_start = visited
+        estimates: dict[int, Tensor] = {}  # of the stage being visited, by destination
+        estimated_stage = -1
         with tqdm(total=n_edges, initial=visited, unit="edge", desc="acdc",
                   disable=not _show_progress(progress), leave=False) as bar:
             for position in range(state.position, len(order)):
@@ -367,14 +416,18 @@ sorted(true_edges)
                 evaluated = 0
                 # The outgoing edges of the nodes this destination feeds (a head, a key/value
                 # head's group, an MLP) are final: they all go to later stages, visited already.
-                fed = graph.feeds[dst, :graph.n_sources]
-                skipped = not bool(graph.feeds[dst, -1]) and not bool(
-                    (graph.valid[fed] & ~state.removed[fed]).any()
-                )
+                skipped = _disconnected(graph, state.removed, dst)
                 if skipped:
                     state.removed[sources, dst] = True
                 else:
-                    evaluated = _prune_into(dst, stage, sources, state, loss, chunk, is_small)
+                    if estimated_stage != stage:
+                        estimates = _stage_estimates(graph, state.removed, stage, loss)
+                        estimated_stage = stage
+                    est = estimates.get(dst)
+                    guess = None if est is None else {s: not is_small(float(est[s]))
+                                                      for s in sources}
+                    evaluated = _prune_into(dst, stage, sources, state, loss, chunk, is_small,
+                                            guess)
                 kept = sum(not bool(state.removed[s, dst]) for s in sources)
                 state.visits.append({
                     "destination": graph.destinations[dst], "edges": len(sources), "kept": kept,
@@ -407,10 +460,36 @@ sorted(true_edges)
         "skipped_edges": sum(v["edges"] for v in skipped_visits),
         "evaluated": sum(v["evaluated"] for v in state.visits),
         "forwards_this_run": loss.forwards,
+        "gradient_runs_this_run": loss.gradients,
         "initial_loss": initial_loss,
         "final_loss": state.loss,
     }
     return state.scores.float(), {"kept": kept_mask, "summary": summary, "visits": state.visits}
+
+
+def _disconnected(graph: Graph, removed: Tensor, dst: int) -> bool:
+    """The nodes `dst` feeds (a head, a key/value head's group, an MLP) have no outgoing edge
+    left, so nothing `dst` reads can matter. Final once `dst`'s stage is reached: those edges
+    all go to later stages, visited already."""
+    fed = graph.feeds[dst, :graph.n_sources]
+    return not bool(graph.feeds[dst, -1]) and not bool((graph.valid[fed] & ~removed[fed]).any())
+
+
+def _stage_estimates(graph: Graph, removed: Tensor, stage: int, loss: _Loss
+                     ) -> dict[int, Tensor]:
+    """First-order estimates ``[n_src]`` of the changes of the edges into each destination of
+    `stage` that will be evaluated and has at least ``GUESS_MIN_EDGES`` edges, from one gradient
+    run of the circuit as it was when the stage was reached (the edges into the stage restored):
+    the same guesses however far into the stage a resumed run starts."""
+    at_start = removed.clone()
+    at_start[:, graph.dst_stage == stage] = False
+    dsts = [j for j in (graph.dst_stage == stage).nonzero().squeeze(1).tolist()
+            if int(graph.valid[:, j].sum()) >= GUESS_MIN_EDGES
+            and not _disconnected(graph, at_start, j)]
+    if not dsts:
+        return {}
+    est = loss.estimates(at_start, dsts)
+    return {j: est[:, i] for i, j in enumerate(dsts)}
 
 
 def _prune_into(
@@ -421,20 +500,22 @@ def _prune_into(
     loss: _Loss,
     chunk: int,
     is_small: Callable[[float], bool],
+    guess: dict[int, bool] | None = None,
 ) -> int:
     """Try the edges ``sources -> dst`` in order by prefix speculation; returns the number of
     variants evaluated. Updates `state` (removed, scores, loss) in place.
 
-    Each block of variants assumes a decision for every edge before the one it tries: removed,
-    unless an earlier, discarded variant measured that edge's change at or above τ on a state
-    close to the true one (then kept). The decisions are then taken in order; the first that
-    differs from its assumption invalidates the later variants, whose changes become the next
-    block's assumptions.
+    Each block of variants assumes a decision for every edge before the one it tries: the
+    decision `guess` gives (source -> kept; removed where it has none), or, once an earlier,
+    discarded variant measured that edge's change on a state close to the true one, what that
+    measurement says. The decisions are then taken in order; the first that differs from its
+    assumption invalidates the later variants, whose changes become the next block's
+    assumptions.
     """
     evaluated = 0
     i = 0
     width = chunk  # speculation width: halved after a wrong assumption wasted the rest of a block
-    keep_guess: dict[int, bool] = {}  # source -> assumed kept
+    keep_guess: dict[int, bool] = dict(guess or {})  # source -> assumed kept
     while i < len(sources):
         block = sources[i:i + width]
         guess = [keep_guess.get(s, False) for s in block]
