@@ -145,13 +145,7 @@ class _Deltas:
             rows = _rows(used, 0, n_pre)
             parts.append(_mix_shared(self.pre[rows], w[:, rows], self.C if C is None else C))
         if used[n_pre:n_const].any():
-            rows = _rows(used, n_pre, n_const)
-            if isinstance(rows, slice) and not bool(self.filled[rows].all()):
-                # rows no destination reads on its own (weight 0 here) were never written
-                blank = (~self.filled[rows]).nonzero().squeeze(1) + rows.start
-                self.buf[blank] = 0
-                self.filled[blank] = True
-            parts.append(_mix(self.buf[rows], w[:, rows], self.C))
+            parts.append(self._mix_buffer(used, w, n_pre, n_const))
         for lo, hi, diff in self.live:
             if lo >= n_up:
                 break
@@ -162,6 +156,22 @@ class _Deltas:
         for part in parts[1:]:
             extra = extra + part
         return extra
+
+
+    def _mix_buffer(self, used: Tensor, w: Tensor, lo: int, hi: int) -> Tensor:
+        """The buffer's rows ``[lo, hi)`` mixed as in `mix`."""
+        if not self.tracked and w.shape[0] == 1:  # the same weights in every variant
+            # rows not used read as zero (idle sources keep their edges only nominally)
+            shared = w[0, lo:hi] * used[lo:hi, None].to(w.device, w.dtype)
+            if _sparse(shared):  # reads only the rows it weighs
+                return _mix_rows(self.buf[lo:hi], shared, self.C)
+        rows = _rows(used, lo, hi)
+        if isinstance(rows, slice) and not bool(self.filled[rows].all()):
+            # rows no destination reads on its own (weight 0 here) were never written
+            blank = (~self.filled[rows]).nonzero().squeeze(1) + rows.start
+            self.buf[blank] = 0
+            self.filled[blank] = True
+        return _mix(self.buf[rows], w[:, rows], self.C)
 
 
 def _rows(used: Tensor, lo: int, hi: int) -> slice | Tensor:
@@ -643,6 +653,36 @@ def _minus(ablated: Tensor, value: Tensor, C: int) -> Tensor:
         return ablated - value
     n, rows, p, d = value.shape
     return (ablated[:, None] - value.view(n, C, rows // C, p, d)).view(n, rows, p, d)
+
+
+def _sparse(w: Tensor) -> bool:
+    """Mix weights ``[r, nD]`` shared by the variants with `_mix_rows`: they are mostly zero (a
+    circuit keeps few edges into each destination)."""
+    return 5 * int((w != 0).sum()) < w.numel()
+
+
+def _mix_rows(delta: Tensor, w: Tensor, C: int) -> Tensor:
+    """`_mix` of weights ``[r, nD]`` shared by the variants as sums of the weighted rows each
+    destination reads: a dense product multiplies every zero weight and runs at a fraction of
+    the machine's speed on such thin matrices (at the GPT-2-small shape, with 9% of the weights
+    nonzero, this is 2x faster). Returns ``[nD, C, b, p, d]``."""
+    r, rows, p, d = delta.shape
+    flat = delta.reshape(r, -1)
+    out = flat.new_empty(w.shape[1], flat.shape[1])
+    pairs = w.T.nonzero()  # [(destination, row)], by destination
+    values = w.T[pairs[:, 0], pairs[:, 1]].tolist()
+    last = -1
+    for (dst, row), value in zip(pairs.tolist(), values, strict=True):
+        if dst != last:
+            torch.mul(flat[row], value, out=out[dst])
+            last = dst
+        else:
+            out[dst].add_(flat[row], alpha=value)
+    empty = torch.ones(w.shape[1], dtype=torch.bool)
+    empty[pairs[:, 0].unique()] = False
+    if empty.any():
+        out[empty] = 0
+    return out.view(-1, C, rows // C, p, d)
 
 
 def _mix(delta: Tensor, w: Tensor, C: int) -> Tensor:

@@ -373,3 +373,38 @@ def test_heads_whose_own_writes_nobody_reads_are_summed_in_one_projection(family
     monkeypatch.setattr(circuits.runs._Walk, "_sums_heads", lambda self, heads: False)
     want = engine.patched_logits(batch.clean, ablate, ablated)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_mostly_zero_weights_are_mixed_as_row_sums():
+    """`_mix_rows` sums the weighted rows each destination reads; it equals the dense product,
+    a destination that reads no row included."""
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.randn(6, 2 * 3, 4, 5, generator=gen, dtype=torch.float64)  # [r, C*b, p, d]
+    w = torch.zeros(6, 4, dtype=torch.float64)
+    w[0, 0], w[3, 0], w[5, 1], w[2, 3] = 1.0, -0.5, 2.0, 0.25  # destination 2 reads nothing
+    got = circuits.runs._mix_rows(delta, w, 2)
+    want = circuits.runs._mix(delta, w[None], 2)
+    assert got.shape == want.shape == (4, 2, 3, 4, 5)
+    assert torch.allclose(got, want, atol=1e-12)
+    assert not got[2].any()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_circuits_mixed_as_row_sums_give_the_dense_mixings_logits(family, monkeypatch):
+    """A circuit that keeps 10% of its edges (as ACDC's do), run as two variants with their
+    inputs mixed as row sums wherever the weights are shared (however dense: the tiny models
+    have few sources), gives the logits of the dense mixing."""
+    engine = Engine(model_of(family))
+    batch = prefix_batch(first=0)
+    ablated = engine.ablated_outputs(batch.clean, "resample", corrupt=batch.corrupt)
+    ablate = random_ablate(engine, 1, keep=0.1).repeat(2, 1, 1)
+    calls = []
+    row_sums = circuits.runs._mix_rows
+    monkeypatch.setattr(circuits.runs, "_mix_rows",
+                        lambda *args: calls.append(1) or row_sums(*args))
+    monkeypatch.setattr(circuits.runs, "_sparse", lambda w: True)
+    got = engine.patched_logits(batch.clean, ablate, ablated)
+    assert calls
+    monkeypatch.setattr(circuits.runs, "_sparse", lambda w: False)
+    want = engine.patched_logits(batch.clean, ablate, ablated)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
