@@ -290,7 +290,8 @@ def _show_progress(progress: bool | None) -> bool:
     "acdc",
     level="edge",
     description="ACDC: greedy removal of edges whose ablation moves the metric by less than τ",
-    passes="about one partial forward per (prompts x edges), batched over candidate edges",
+    passes="about one partial forward per (prompts x edges), batched over candidate edges, "
+           "and one partial forward-backward per stage",
 )
 def acdc(
     setup: Setup,
