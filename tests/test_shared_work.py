@@ -170,10 +170,8 @@ def test_a_source_ablated_alike_everywhere_is_folded_into_its_output():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_folded_runs_equal_runs_that_patch_every_edge(family, monkeypatch):
-    engine = Engine(model_of(family))
+    engine, batch, ablated = ablated_run(family)
     g = engine.graph
-    batch = prefix_batch(first=0)
-    ablated = engine.ablated_outputs(batch.clean, "resample", corrupt=batch.corrupt)
     ablate = random_ablate(engine, C=3)
     ablate[:, 3] = 1.0  # a head removed in every variant
     ablate[0, g.n_heads + 1] = 0.5  # an MLP halfway in one variant
@@ -255,6 +253,14 @@ def test_acdc_keeps_the_prefix_keys_and_values_with_its_traces_in_memory_or_on_d
     assert 0 < int(kept.extra["kept"].sum()) < kept.graph.n_edges
 
 
+def ablated_run(family: str) -> tuple[Engine, Batch, torch.Tensor]:
+    """An engine of the family's tiny model, prompts whose corrupted version differs from the
+    first token on, and their ablated (resampled) source outputs."""
+    engine = Engine(model_of(family))
+    batch = prefix_batch(first=0)
+    return engine, batch, engine.ablated_outputs(batch.clean, "resample", corrupt=batch.corrupt)
+
+
 def sparse_circuits(engine: Engine, C: int = 3) -> torch.Tensor:
     """ACDC-like masks ``[C, n_src, n_dst]``: every edge removed but those from the input and the
     first head and those into the logits (so most destinations share their column); a head of
@@ -280,10 +286,8 @@ def test_sparse_circuit_rewrites_equal_the_plain_mixing(family, rewrite, monkeyp
     """Idle sources not computed (and the inputs that only feed them not patched), kept edges
     mixed out of the fully ablated residual, identical destination columns mixed once: each
     gives the logits of the run without it."""
-    engine = Engine(model_of(family))
+    engine, batch, ablated = ablated_run(family)
     g = engine.graph
-    batch = prefix_batch(first=0)
-    ablated = engine.ablated_outputs(batch.clean, "resample", corrupt=batch.corrupt)
     ablate = sparse_circuits(engine)
     post_norm = engine.adapter.arch.post_norm
 
@@ -355,10 +359,8 @@ def test_heads_whose_own_writes_nobody_reads_are_summed_in_one_projection(family
     (their kept edges are few, and their removed ones come from the fully ablated residual): a
     layer's write is then one output projection, with own writes for the heads still read, and
     a removed head adds its ablated value. The logits equal those of writes formed per head."""
-    engine = Engine(model_of(family))
+    engine, batch, ablated = ablated_run(family)
     g = engine.graph
-    batch = prefix_batch(first=0)
-    ablated = engine.ablated_outputs(batch.clean, "resample", corrupt=batch.corrupt)
     ablate = sparse_circuits(engine)
     # a1.h0's whole key/value group removed too (as nodes): its heads are not computed at all
     group = engine.adapter.arch.group_size
@@ -394,9 +396,7 @@ def test_circuits_mixed_as_row_sums_give_the_dense_mixings_logits(family, monkey
     """A circuit that keeps 10% of its edges (as ACDC's do), run as two variants with their
     inputs mixed as row sums wherever the weights are shared (however dense: the tiny models
     have few sources), gives the logits of the dense mixing."""
-    engine = Engine(model_of(family))
-    batch = prefix_batch(first=0)
-    ablated = engine.ablated_outputs(batch.clean, "resample", corrupt=batch.corrupt)
+    engine, batch, ablated = ablated_run(family)
     ablate = random_ablate(engine, 1, keep=0.1).repeat(2, 1, 1)
     calls = []
     row_sums = circuits.runs._mix_rows
