@@ -197,8 +197,11 @@ def make_plan(
                     w = w[:1]  # the same in every variant: one product mixes them all
                 w, used, complement = _complement(graph.valid[:n_up, dsts][:, pos], w, used)
                 if complement and used is not None and idle is not None:
-                    # idle sources keep their edges only nominally: their deltas are zero
-                    used = used & ~idle[:n_up]
+                    # idle sources keep their edges only nominally: their deltas are zero, so
+                    # their weights are dropped (their buffer rows are never written)
+                    active = ~idle[:n_up]
+                    w = w * active.to(w.device, w.dtype).view(1, -1, 1)
+                    used = used & active
                     used = used if used.any() else None
                 if own is None:  # no destination's own gradient is wanted
                     w, groups = _distinct(w)

@@ -157,14 +157,11 @@ class _Deltas:
             extra = extra + part
         return extra
 
-
     def _mix_buffer(self, used: Tensor, w: Tensor, lo: int, hi: int) -> Tensor:
         """The buffer's rows ``[lo, hi)`` mixed as in `mix`."""
-        if not self.tracked and w.shape[0] == 1:  # the same weights in every variant
-            # rows not used read as zero (idle sources keep their edges only nominally)
-            shared = w[0, lo:hi] * used[lo:hi, None].to(w.device, w.dtype)
-            if _sparse(shared):  # reads only the rows it weighs
-                return _mix_rows(self.buf[lo:hi], shared, self.C)
+        if not self.tracked and w.shape[0] == 1 and _sparse(w[0, lo:hi]):
+            # the same weights in every variant, mostly zero: only the rows weighed are read
+            return _mix_rows(self.buf[lo:hi], w[0, lo:hi], self.C)
         rows = _rows(used, lo, hi)
         if isinstance(rows, slice) and not bool(self.filled[rows].all()):
             # rows no destination reads on its own (weight 0 here) were never written
@@ -678,7 +675,7 @@ def _mix_rows(delta: Tensor, w: Tensor, C: int) -> Tensor:
             last = dst
         else:
             out[dst].add_(flat[row], alpha=value)
-    empty = torch.ones(w.shape[1], dtype=torch.bool)
+    empty = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
     empty[pairs[:, 0].unique()] = False
     if empty.any():
         out[empty] = 0
