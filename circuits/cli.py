@@ -290,35 +290,23 @@ def write_discovery(found: Any, out: Path, command: str, scores_text: str) -> li
     Everything is first written into a staging folder inside `out`, then moved into place with
     Ctrl-C held back, so `out` holds either the previous complete set of files or the new one,
     never a mix or half a file."""
-    import shutil
-    import signal
-    import tempfile
-
     from .io import write_atomic
+    from .outputs import move_into_place, staged
     from .report import report_markdown
 
     circuit = found.circuit
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
-    try:
-        staged = [circuit.save(staging / "circuit.json")]
+    with staged(out) as staging:
+        files = [circuit.save(staging / "circuit.json")]
         write_atomic(staging / "scores.json", scores_text.encode("utf-8"))
-        staged.append(staging / "scores.json")
-        staged.append(circuit.render(staging / "circuit.svg"))
-        staged.append(circuit.render(staging / "circuit.png"))
-        staged.append(circuit.to_html(staging / "circuit.html"))
-        report = report_markdown(found, [f.name for f in staged], command)
+        files.append(staging / "scores.json")
+        files.append(circuit.render(staging / "circuit.svg"))
+        files.append(circuit.render(staging / "circuit.png"))
+        files.append(circuit.to_html(staging / "circuit.html"))
+        report = report_markdown(found, [f.name for f in files], command)
         write_atomic(staging / "report.md", report.encode("utf-8"))
-        staged.append(staging / "report.md")
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            for f in staged:
-                os.replace(f, out / f.name)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return [out / f.name for f in staged]
+        files.append(staging / "report.md")
+        # in this order (circuit.json first), not the staging folder's
+        return move_into_place(files, out)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

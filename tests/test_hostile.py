@@ -316,6 +316,18 @@ CASES = [
 ]
 
 
+# Cases added per area (each area's list is kept by whoever works on that area).
+# -- reading commands: lens, trace, heads, attention, dla --------------------------------------
+READING_CASES: list[Case] = []
+# -- token attribution: attribute ------------------------------------------------------------
+ATTRIBUTION_CASES: list[Case] = []
+# -- model folders ----------------------------------------------------------------------------
+MODEL_CASES: list[Case] = []
+# -- discovery, select, resume ----------------------------------------------------------------
+DISCOVERY_CASES: list[Case] = []
+CASES += READING_CASES + ATTRIBUTION_CASES + MODEL_CASES + DISCOVERY_CASES
+
+
 @pytest.fixture(scope="module")
 def saved_circuit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small IOI circuit discovered on the reference model."""
