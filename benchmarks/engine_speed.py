@@ -9,12 +9,17 @@ query heads, 4 key/value heads, post-norms, soft-caps, alternating sliding windo
 
     python benchmarks/engine_speed.py [--family gpt2 llama pythia gemma2] [--batch 8]
         [--tokens 32] [--threads 2] [--repeats 5]
+
+The table goes to stdout, a row as soon as it is measured; progress goes to stderr as it
+happens (the model being built, then each timing as it starts and with its median when done,
+numbered against the total), so a run redirected to a file still shows that it is working.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -43,6 +48,27 @@ SHAPES = {
 }
 
 
+ROWS = ("unpatched forward", "circuit evaluation", "per-edge gradients")
+
+
+class Progress:
+    """Lines on stderr: what is being timed, numbered against the total, and its median when
+    it is done (a timing starts its line and ends it, so a slow one shows what runs)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+
+    def say(self, text: str, end: str = "\n") -> None:
+        print(text, end=end, file=sys.stderr, flush=True)
+
+    def timing(self, what: str) -> None:
+        self.say(f"[{self.done + 1}/{self.total}] timing {what} ... ", end="")
+
+    def timed(self, seconds: float) -> None:
+        self.done += 1
+        self.say(f"median {seconds:.3f} s ({time.perf_counter() - self.t0:.0f} s elapsed)")
+
+
 def median_time(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -64,13 +90,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"batch {args.batch}, {args.tokens} tokens, {args.threads} threads, median of "
-          f"{args.repeats}")
+          f"{args.repeats}", flush=True)
+    # two timings (engine, plain model) per row and family
+    progress = Progress(2 * len(ROWS) * len(args.family))
     for family in args.family:
         name, build = SHAPES[family]
-        bench(name, build(args.layers), args)
+        progress.say(f"building {name} with random weights ({args.layers} layers) ...")
+        bench(name, build(args.layers), args, progress)
+    progress.say(f"done in {time.perf_counter() - progress.t0:.0f} s")
 
 
-def bench(name: str, model: Model, args: argparse.Namespace) -> None:
+def bench(name: str, model: Model, args: argparse.Namespace, progress: Progress) -> None:
     hf = model.hf
     vocab = hf.config.vocab_size
     engine = Engine(model)
@@ -113,20 +143,24 @@ def bench(name: str, model: Model, args: argparse.Namespace) -> None:
         return engine.edge_attribution(ids, metric, ablated)
 
     rows = [
-        ("unpatched forward", engine_forward, "1 forward", hf_forward, 1.1),
-        ("circuit evaluation", engine_circuit, "2 forwards", hf_two_forwards, 1.3),
-        ("per-edge gradients", engine_gradients, "1 fwd + 1 fwd/bwd", hf_forward_and_backward,
-         1.3),
+        (ROWS[0], engine_forward, "1 forward", hf_forward, 1.1),
+        (ROWS[1], engine_circuit, "2 forwards", hf_two_forwards, 1.3),
+        (ROWS[2], engine_gradients, "1 fwd + 1 fwd/bwd", hf_forward_and_backward, 1.3),
     ]
     params = sum(p.numel() for p in hf.parameters()) / 1e6
     print(f"\n{name} ({args.layers} layers, {params:.0f}M parameters, {g.n_edges} edges)")
     print(f"{'engine pass':<22}{'engine s':>10}  {'plain model':<20}{'plain s':>9}{'ratio':>8}"
-          f"{'target':>8}")
-    for name, fn, plain_name, plain_fn, target in rows:
+          f"{'target':>8}", flush=True)
+    runs = 1 + args.repeats
+    for what, fn, plain_name, plain_fn, target in rows:
+        progress.timing(f"{name}: engine {what} ({runs} runs)")
         t_engine = median_time(fn, args.repeats)
+        progress.timed(t_engine)
+        progress.timing(f"{name}: plain model, {plain_name} ({runs} runs)")
         t_plain = median_time(plain_fn, args.repeats)
-        print(f"{name:<22}{t_engine:>10.3f}  {plain_name:<20}{t_plain:>9.3f}"
-              f"{t_engine / t_plain:>8.2f}{target:>8.1f}")
+        progress.timed(t_plain)
+        print(f"{what:<22}{t_engine:>10.3f}  {plain_name:<20}{t_plain:>9.3f}"
+              f"{t_engine / t_plain:>8.2f}{target:>8.1f}", flush=True)
 
 
 if __name__ == "__main__":

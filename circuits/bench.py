@@ -297,7 +297,7 @@ def model_label(task: str, model: str | None) -> str:
         return model
     reference = get_task(task, n=1).reference_model
     if reference is None:
-        raise OptionError(f"task {task!r} has no reference model; pass --models")
+        raise OptionError(f"task {task!r} has no reference model; pass --model")
     return reference
 
 
@@ -460,6 +460,33 @@ def _order(rows: list[dict[str, Any]], config: BenchConfig) -> list[dict[str, An
 
 
 # -- report -------------------------------------------------------------------------------------
+#: Each method's colour in every plot (matplotlib's tab10), so a method looks alike everywhere.
+METHOD_COLOURS = {
+    "eap": "#1f77b4", "eap-ig": "#ff7f0e", "eap-ig-stages": "#2ca02c", "exact": "#d62728",
+    "acdc": "#9467bd", "eap-ig-activations": "#8c564b", "random": "#7f7f7f",
+    "activation": "#e377c2", "grad-x-act": "#bcbd22", "attention-rollout": "#17becf",
+}
+# methods not named above take one of these, chosen by a hash of the name (tab20's light shades)
+_SPARE_COLOURS = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2",
+                  "#dbdb8d", "#9edae5")
+
+
+def method_colour(method: str) -> str:
+    """The colour a method has in every plot `circuits bench` writes: fixed by its name.
+
+    Examples
+    --------
+    >>> method_colour("eap"), method_colour("acdc")
+    ('#1f77b4', '#9467bd')
+    >>> method_colour("my-method") == method_colour("my-method")  # not in the table: a hash
+    True
+    """
+    if method in METHOD_COLOURS:
+        return METHOD_COLOURS[method]
+    digest = hashlib.sha256(method.encode("utf-8")).digest()
+    return _SPARE_COLOURS[digest[0] % len(_SPARE_COLOURS)]
+
+
 _MD_COLUMNS = (
     ("task", "task"), ("model", "model"), ("method", "method"), ("cpr", "CPR ↑"),
     ("cmd", "CMD ↓"), ("f_1%", "f@1%"), ("f_5%", "f@5%"), ("f_10%", "f@10%"),
@@ -528,7 +555,8 @@ def write_report(out: Path, rows: Sequence[dict[str, Any]], config: BenchConfig,
 
 
 def plot_results(out: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
-    """Faithfulness curves per task and model (one line per method) and time against CPR."""
+    """Faithfulness curves per task and model (one line per method) and time against CPR;
+    a method has one colour in all of them (`method_colour`)."""
     try:
         import matplotlib
 
@@ -546,7 +574,7 @@ def plot_results(out: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
         for row in group:
             ys = [float(row[c]) for c in CURVE_COLUMNS]
             label = f"{row['method']} (CPR {float(row['cpr']):.2f})"
-            ax.plot(xs, ys, marker="o", ms=3, label=label)
+            ax.plot(xs, ys, marker="o", ms=3, label=label, color=method_colour(row["method"]))
         ax.set_xscale("log")
         ax.set_xlabel("fraction of edges kept")
         ax.set_ylabel("faithfulness (held out)")
@@ -565,12 +593,12 @@ def plot_results(out: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
         markers = "osD^v<>pP*Xh"
         for row in rows:
             ax.scatter(max(float(row["seconds"]), 1e-4), float(row["cpr"]),
-                       color=f"C{methods.index(row['method']) % 10}",
+                       color=method_colour(row["method"]),
                        marker=markers[tasks.index(row["task"]) % len(markers)])
         # Legend proxies: colour names the method, marker the task (hollow, not a method's
         # colour).
-        for i, method in enumerate(methods):
-            ax.scatter([], [], color=f"C{i % 10}", marker="o", label=method)
+        for method in methods:
+            ax.scatter([], [], color=method_colour(method), marker="o", label=method)
         for j, task in enumerate(tasks):
             ax.scatter([], [], facecolors="none", edgecolors="black",
                        marker=markers[j % len(markers)], label=task)
@@ -591,21 +619,37 @@ def _slug(text: str) -> str:
 
 
 # -- command line -------------------------------------------------------------------------------
+HELP_EXAMPLES = """examples:
+  circuits bench --quick -o bench-quick             # a smoke run: two tasks, 32 prompts
+  circuits bench --task ioi,planted-ioi --method eap,eap-ig,exact
+  circuits bench --task ioi --method eap eap-ig     # names comma- or space-separated
+  circuits bench --model path/to/model --task ioi --resume
+  circuits bench --threads 2                        # the full run, into benchmarks/results"""
+
+# the plural flags of earlier versions, still read: deprecated flag -> the flag to use
+_DEPRECATED = {"--tasks": "--task", "--methods": "--method", "--models": "--model"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of ``circuits bench`` to `parser`."""
+    """Add the options of ``circuits bench`` to `parser`, and its examples as the epilog."""
     from .cli import add_device_arguments
 
-    parser.add_argument("--tasks", nargs="+", metavar="TASK",
-                        help="tasks to run (default: ioi induction factual and the planted "
-                             "tasks; with --quick: induction planted-induction)")
-    parser.add_argument("--methods", nargs="+", metavar="METHOD",
-                        help="edge methods to run (default: eap eap-ig eap-ig-stages exact "
-                             "acdc and the baselines random activation grad-x-act "
-                             "attention-rollout)")
-    parser.add_argument("--models", nargs="+", metavar="MODEL",
-                        help="models to run every task on (default: each task's reference "
-                             "model)")
-    parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT,
+    parser.epilog = HELP_EXAMPLES
+    lists = dict(nargs="+", action="extend")
+    parser.add_argument("--task", metavar="TASK", **lists,
+                        help="tasks to run, comma- or space-separated (default: ioi, induction, "
+                             "factual and the planted tasks; with --quick: induction, "
+                             "planted-induction)")
+    parser.add_argument("--method", metavar="METHOD", **lists,
+                        help="edge methods to run, comma- or space-separated (default: eap, "
+                             "eap-ig, eap-ig-stages, exact, acdc and the baselines random, "
+                             "activation, grad-x-act, attention-rollout)")
+    parser.add_argument("--model", metavar="MODEL", **lists,
+                        help="models to run every task on, comma- or space-separated "
+                             "(default: each task's reference model)")
+    for old in _DEPRECATED:
+        parser.add_argument(old, dest=old[2:], **lists, help=argparse.SUPPRESS)
+    parser.add_argument("-o", "--out", metavar="DIR", default=DEFAULT_OUT,
                         help=f"folder for results.csv, results.md and plots (default: "
                              f"{DEFAULT_OUT}); rows of other tasks, models and methods there "
                              "are kept")
@@ -626,33 +670,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default: torch's choice)")
 
 
+def _names(args: argparse.Namespace, flag: str) -> list[str] | None:
+    """The names given to `flag` (``--method``) and its deprecated plural, split at commas, in
+    order and without repeats; None when neither was given."""
+    given = [*(getattr(args, flag[2:], None) or ()), *(getattr(args, flag[2:] + "s", None) or ())]
+    if not given:
+        return None
+    names: list[str] = []
+    for name in (part.strip() for value in given for part in value.split(",")):
+        if name and name not in names:
+            names.append(name)
+    if not names:
+        raise OptionError(f"{flag} names nothing; give names comma- or space-separated, e.g. "
+                          f"{flag} {'eap,acdc' if flag == '--method' else 'ioi,induction'}")
+    return names
+
+
+def deprecation_warnings(args: argparse.Namespace) -> list[str]:
+    """One line per deprecated flag used (``--methods is deprecated; use --method``)."""
+    return [f"{old} is deprecated; use {new}" for old, new in _DEPRECATED.items()
+            if getattr(args, old[2:], None)]
+
+
 def config_from_args(args: argparse.Namespace) -> tuple[BenchConfig, list[str]]:
     """The run configuration and notes (what the defaults left out) from parsed arguments."""
     notes: list[str] = []
-    if args.tasks:
+    asked_tasks, asked_methods = _names(args, "--task"), _names(args, "--method")
+    asked_models = _names(args, "--model")
+    if asked_tasks:
         known = _registered_tasks()
-        unknown = [t for t in args.tasks if t not in known]
+        unknown = [t for t in asked_tasks if t not in known]
         if unknown:
             raise OptionError(f"unknown task {unknown[0]!r}; choose from "
                               f"{', '.join(sorted(known))}")
-        tasks = list(args.tasks)
+        tasks = asked_tasks
     else:
         tasks, notes_t = default_tasks(args.quick)
         notes += notes_t
-    if args.methods:
+    if asked_methods:
         methods = available()
-        for name in args.methods:
+        for name in asked_methods:
             if name not in methods:
                 raise OptionError(f"unknown method {name!r}; choose from {', '.join(methods)}")
-        chosen = [m for m in args.methods if methods[m].level == "edge"]
+        chosen = [m for m in asked_methods if methods[m].level == "edge"]
         notes += [f"method {m!r} scores nodes, not edges; left out of the edge table"
-                  for m in args.methods if methods[m].level != "edge"]
+                  for m in asked_methods if methods[m].level != "edge"]
     else:
         chosen, notes_m = default_methods()
         notes += notes_m
     if not tasks or not chosen:
         raise OptionError("nothing to run: no task or no edge-level method is left; check "
-                          "--tasks and --methods")
+                          "--task and --method")
     n = args.n if args.n is not None else (QUICK_N if args.quick else FULL_N)
     if n < 4:
         raise OptionError(f"--n must be at least 4 (half is held out), got {n}")
@@ -660,7 +728,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[BenchConfig, list[str]]:
         raise OptionError(f"--batch-size must be positive, got {args.batch_size}")
     config = BenchConfig(
         tasks=tuple(tasks), methods=tuple(chosen),
-        models=tuple(args.models) if args.models else (None,), out=Path(args.out), n=n,
+        models=tuple(asked_models) if asked_models else (None,), out=Path(args.out), n=n,
         seed=args.seed, steps=QUICK_STEPS if args.quick else FULL_STEPS,
         batch_size=args.batch_size, quick=args.quick,
         device=str(resolve_device(args.device)), dtype=dtype_name(resolve_dtype(args.dtype)),
@@ -680,6 +748,9 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     config, notes = config_from_args(args)
+    # after the options are checked, so that a mistake stays the one line it is
+    for warning in deprecation_warnings(args):
+        print(f"circuits: warning: {warning}", file=sys.stderr)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     result = run_bench(config, notes)
@@ -691,7 +762,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m circuits.bench``: the same as ``circuits bench``."""
-    parser = argparse.ArgumentParser(prog="circuits bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="circuits bench", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
     with sigint_handler():

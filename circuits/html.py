@@ -10,9 +10,15 @@ data-edges data-nodes>``.
 
 Next to the slider the faithfulness curve measured with the circuit (`Circuit.curve`, held-out
 prompts, log x axis) is drawn with a mark at the slider's size, so the price of cutting edges
-shows as the slider moves. Heads whose role was read (`circuits.annotate`) show it under their
-name; clicking one (or opening ``page.html#head=a1.h0``) opens a panel with its role scores, its
-attention pattern on one example prompt (tokens on both axes) and its direct logit attribution.
+shows as the slider moves. The mark reads the curve (labelled ``curve ≈``) except at the
+circuit's own size, where it shows the circuit's measured held-out faithfulness (labelled
+``held-out``), the number in the title: the curve's nearest points are other sizes, or the
+same size ranked by |score|, and need not pass through it. A black diamond marks the circuit.
+The title gives the held-out faithfulness first, then the discovery one, each labelled.
+
+Heads whose role was read (`circuits.annotate`) show it under their name; clicking one (or
+opening ``page.html#head=a1.h0``) opens a panel with its role scores, its attention pattern on
+one example prompt (tokens on both axes) and its direct logit attribution.
 
 In a grouped-query graph each key/value head (``a1.kv0``) is a node of the page, on a row just
 below the query heads of its layer: edges into its shared ``<k>`` and ``<v>`` destinations land
@@ -102,6 +108,7 @@ def page_data(circuit: Circuit, max_size: int = 5000) -> dict[str, Any]:
         "maxSize": max(min(total, max_size), initial),
         "total": total,
         "curve": _curve(circuit.curve),
+        "circuitMark": _circuit_mark(circuit.metrics, initial),
         **_faithfulness(circuit.metrics),
     }
 
@@ -122,6 +129,13 @@ def _curve(curve: dict[str, Any] | None) -> dict[str, list[float]] | None:
     if len(points) < 2:
         return None
     return {"fractions": [x for x, _ in points], "faithfulness": [f for _, f in points]}
+
+
+def _circuit_mark(metrics: dict[str, Any], size: int) -> dict[str, Any] | None:
+    """The circuit's own point on the curve: at its size (on the slider's scale), its measured
+    held-out faithfulness, the number the title gives; None when none was measured."""
+    f = _finite(metrics.get("heldout_faithfulness"))
+    return None if f is None else {"n": size, "faithfulness": f, "label": "held-out"}
 
 
 def _faithfulness(metrics: dict[str, Any]) -> dict[str, Any]:

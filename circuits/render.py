@@ -1,17 +1,29 @@
 """Circuit diagrams with graphviz: SVG, PNG, PDF or DOT.
 
-Layout: one row per stage (the heads of a layer, then its MLP, each on a row of their own, so
-head-to-MLP edges of one layer point upwards too), ``input`` at the bottom and ``logits`` at the
-top (``reverse=True`` flips it). Heads are rounded boxes with three input ports q, k, v where
-their incoming edges land; MLPs are orange boxes; input and logits grey. In a grouped-query
-graph a key/value head (``a1.kv0``) is a small box with ports k and v beside the query heads of
-its layer, and a dashed edge joins it to the port kv of each query head of its group in the
-circuit (those heads have ports q and kv). Edge width grows with
-|score|, colour gives the sign (blue positive, red negative); circuits without edge scores
-(node-level ones) draw grey edges, and so does an edge whose score is NaN or infinite (thinnest,
-left out of the width scale: such a score says nothing about strength). A legend sits beside
-``input``; the title states task, model, method, size and faithfulness (when it is a number).
-A head whose role was read (`circuits.annotate`) shows it under its name: ``induction 0.93``.
+Layout: one row per stage, in the model's order, ``input`` at the bottom and ``logits`` at the
+top (``reverse=True`` flips it). The heads of layer l share a row, ordered by head index; the
+MLP of layer l has the row just above them, since it reads what they wrote (in a parallel
+block, whose MLP reads the same residual as its heads, it shares the heads' row). Invisible
+edges hold the rows in this order, whatever edges the circuit has (graphviz alone puts a row
+wherever the circuit's edges are shortest, which can drop an MLP onto another layer's row),
+and ask for each row in index order, which graphviz's crossing reduction keeps except,
+rarely, in rows of dozens of heads.
+
+Heads are rounded boxes with three input ports q, k, v where their incoming edges land; MLPs are
+orange boxes; input and logits grey. In a grouped-query graph a key/value head (``a1.kv0``) is a
+small box with ports k and v just left of the query heads of its group, and a dashed edge joins
+it to the port kv of each query head of its group in the circuit (those heads have ports q and
+kv). Edge width grows with |score|, colour gives the sign (blue positive, red negative), and
+weak edges fade; circuits without edge scores (node-level ones) draw grey edges, and so does an
+edge whose score is NaN or infinite (thinnest, left out of the width scale: such a score says
+nothing about strength). A legend sits beside ``input``. A head whose role was read
+(`circuits.annotate`) shows it under its name: ``induction 0.93``.
+
+Large circuits stay readable: beyond `MAX_EDGES` edges only the strongest by |score| are drawn,
+and beyond `MERGE_ABOVE` drawn edges the q, k and v edges from one source into one head are one
+line (width and colour of the strongest of them, every score in its tooltip). The title states
+task, model, method, size and faithfulness (held-out with its 95% interval when measured, else
+discovery, labelled as such), and a second line says how many edges are drawn when not all are.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ import html
 import math
 import numbers
 import shutil
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,20 +43,55 @@ if TYPE_CHECKING:
     import graphviz
 
     from .circuit import Circuit
+    from .graph import Edge, Graph, Node
 
 FORMATS = ("svg", "png", "pdf", "dot")
 POSITIVE, NEGATIVE, NEUTRAL = "#2166ac", "#b2182b", "#777777"
 HEAD_FILL, MLP_FILL, END_FILL = "#dbe9f6", "#fde0bf", "#e6e6e6"
 HEAD_LINE = "#4a6d8c"
+#: Most edges a diagram draws by default: past this the strongest are drawn, and the title says so.
+MAX_EDGES = 150
+#: Beyond this many drawn edges, one line per source and head replaces its q, k and v edges.
+MERGE_ABOVE = 60
+#: How many of the following nodes of its row each node is tied to on its left.
+ORDER_REACH = 8
+
+
+def _finite(x: Any) -> bool:
+    """Whether `x` is a real, finite number (comparisons, so a huge int does not overflow)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and -math.inf < x < math.inf
+
+
+def faithfulness_text(metrics: dict[str, Any]) -> str:
+    """'held-out faithfulness F (95% CI L to H)', or the discovery one when no held-out value
+    was measured, or '' when neither is a number.
+
+    Examples
+    --------
+    >>> faithfulness_text({"faithfulness": 0.9, "heldout_faithfulness": 0.85,
+    ...                    "heldout_faithfulness_ci_low": 0.8, "heldout_faithfulness_ci_high": 0.9})
+    'held-out faithfulness 0.850 (95% CI 0.800 to 0.900)'
+    >>> faithfulness_text({"faithfulness": 0.9})
+    'discovery faithfulness 0.900'
+    """
+    for prefix, label in (("heldout_", "held-out"), ("", "discovery")):
+        f = metrics.get(f"{prefix}faithfulness")
+        if not _finite(f):  # NaN: undefined, nothing to state
+            continue
+        low, high = (metrics.get(f"{prefix}faithfulness_ci_{end}") for end in ("low", "high"))
+        ci = f" (95% CI {low:.3f} to {high:.3f})" if _finite(low) and _finite(high) else ""
+        return f"{label} faithfulness {f:.3f}{ci}"
+    return ""
 
 
 def title(circuit: Circuit) -> str:
-    """'task · model · method — N edges, M nodes, faithfulness F' (parts that are known)."""
+    """'task · model · method — N edges, M nodes, held-out faithfulness F (95% CI L to H)'
+    (parts that are known; see `faithfulness_text`)."""
     names = " · ".join(x for x in (circuit.task, circuit.model, circuit.method) if x)
     size = f"{circuit.n_edges} edges, {circuit.n_nodes} nodes"
-    f = circuit.metrics.get("faithfulness")
-    if isinstance(f, numbers.Real) and math.isfinite(f):  # NaN: undefined, nothing to state
-        size += f", faithfulness {f:.3f}"
+    faithfulness = faithfulness_text(circuit.metrics)
+    if faithfulness:
+        size += f", {faithfulness}"
     return f"{names} — {size}" if names else size
 
 
@@ -59,7 +107,7 @@ def role_text(circuit: Circuit, name: str) -> str:
 def _ports_label(name: str, ports: tuple[str, ...], ports_below: bool, used: set[str],
                  small: bool = False, role: str = "") -> str:
     """HTML label of a head or key/value head: its name (and role) and a row of ports where
-    edges land."""
+    edges land (none when `ports` is empty)."""
     cells = "".join(
         f'<TD PORT="{p}" BGCOLOR="{"white" if p in used else HEAD_FILL}">'
         f'<FONT POINT-SIZE="8" COLOR="{"black" if p in used else "#9aaabb"}">{p}</FONT></TD>'
@@ -69,18 +117,20 @@ def _ports_label(name: str, ports: tuple[str, ...], ports_below: bool, used: set
     if role:
         text += f'<BR/><FONT POINT-SIZE="8" COLOR="#33506b">{html.escape(role)}</FONT>'
 
-    top = f'<TR><TD COLSPAN="{len(ports)}" BORDER="0">{text}</TD></TR>'
-    row = f"<TR>{cells}</TR>"
+    top = f'<TR><TD COLSPAN="{max(1, len(ports))}" BORDER="0">{text}</TD></TR>'
+    row = f"<TR>{cells}</TR>" if ports else ""
     rows = top + row if ports_below else row + top
     return (f'<<TABLE BORDER="1" CELLBORDER="1" CELLSPACING="0" CELLPADDING="2" STYLE="rounded" '
             f'BGCOLOR="{HEAD_FILL}" COLOR="{HEAD_LINE}">{rows}</TABLE>>')
 
 
-def _legend(has_scores: bool, grouped: bool) -> str:
+def _legend(has_scores: bool, grouped: bool, merged: bool) -> str:
     """HTML label of the legend box."""
+    inputs = ("q, k and v inputs merged: one line per source" if merged else
+              "q input, kv from its key/value head" if grouped else "q/k/v inputs")
     rows = [
         f'<TR><TD BGCOLOR="{HEAD_FILL}" STYLE="rounded">a1.h2</TD><TD ALIGN="LEFT">attention '
-        f'head ({"q input, kv from its key/value head" if grouped else "q/k/v inputs"})</TD></TR>',
+        f'head ({inputs})</TD></TR>',
         f'<TR><TD BGCOLOR="{MLP_FILL}">m1</TD><TD ALIGN="LEFT">MLP</TD></TR>',
     ]
     if grouped:
@@ -99,8 +149,62 @@ def _legend(has_scores: bool, grouped: bool) -> str:
             '<TR><TD COLSPAN="2"><B>legend</B></TD></TR>' + "".join(rows) + "</TABLE>>")
 
 
+def _stage(g: Graph, node: Node) -> int:
+    """The row of a node: its stage in the graph (a key/value head shares its layer's heads')."""
+    if node.kind == "input":
+        return 0
+    if node.kind == "logits":
+        return g.logits_stage
+    return g.mlp_stage(node.layer) if node.kind == "mlp" else g.attn_stage(node.layer)
+
+
+def _place_in_row(g: Graph, node: Node) -> tuple[int, int]:
+    """Sort key within a row: heads by index, each key/value head just left of its group (its
+    dashed edges then run rightwards)."""
+    if node.kind == "head":
+        return (node.head // g.group_size, 1 + node.head)
+    return (node.head or 0, 0)
+
+
+def _check_max_edges(max_edges: Any) -> None:
+    """Raise OptionError unless `max_edges` is None or a whole number of at least 1."""
+    if max_edges is not None and not (isinstance(max_edges, int)
+                                      and not isinstance(max_edges, bool) and max_edges >= 1):
+        huge = isinstance(max_edges, int) and abs(max_edges) >= 10**9  # no 5000-digit repr
+        shown = "a huge negative number" if huge else repr(max_edges)[:40]
+        raise OptionError("max_edges must be a whole number of at least 1 (or None for every "
+                          f"edge), got {shown}")
+
+
+def _check_widths(min_width: Any, max_width: Any) -> None:
+    """Raise OptionError for a width that is no number from 0 to 100, or widths out of order."""
+    for name, w in (("min_width", min_width), ("max_width", max_width)):
+        if not (isinstance(w, numbers.Real) and not isinstance(w, bool) and 0 <= w <= 100):
+            small = isinstance(w, (bool, float)) or (isinstance(w, int) and abs(w) < 10**9)
+            raise OptionError(f"{name} must be a number from 0 to 100 (points), got "
+                              f"{repr(w) if small else 'a value of type ' + type(w).__name__}")
+    if min_width > max_width:
+        raise OptionError(f"min_width ({min_width}) must not exceed max_width ({max_width})")
+
+
+def _drawn_edges(circuit: Circuit, max_edges: int | None
+                 ) -> list[tuple[Edge, float | None]]:
+    """The circuit's edges with their scores (None without edge scores), cut to the
+    `max_edges` strongest by |score| (non-finite scores count as weakest), in graph order."""
+    ev = circuit.edge_values
+    g = circuit.graph
+    scored = [(e, None if ev is None else float(ev[g.edge_index(e)])) for e in circuit.edges()]
+    if max_edges is None or len(scored) <= max_edges:
+        return scored
+    strength = [abs(s) if s is not None and math.isfinite(s) else -1.0 for _, s in scored]
+    keep = sorted(sorted(range(len(scored)), key=lambda i: -strength[i])[:max_edges])
+    return [scored[i] for i in keep]
+
+
 def to_graphviz(circuit: Circuit, reverse: bool = False, legend: bool = True,
-                min_width: float = 0.5, max_width: float | None = None) -> graphviz.Digraph:
+                min_width: float = 0.5, max_width: float | None = None,
+                max_edges: int | None = MAX_EDGES,
+                merge_ports: bool | None = None) -> graphviz.Digraph:
     """The circuit as a `graphviz.Digraph` (not yet laid out).
 
     Parameters
@@ -112,8 +216,14 @@ def to_graphviz(circuit: Circuit, reverse: bool = False, legend: bool = True,
         Draw the legend.
     min_width, max_width : float
         Pen widths of the weakest and strongest edge; `max_width` shrinks from 5 as the
-        circuit grows, so large circuits stay legible. Edges whose score is NaN or infinite are
+        drawing grows, so large circuits stay legible. Edges whose score is NaN or infinite are
         drawn grey at `min_width`.
+    max_edges : int or None
+        Draw at most this many edges, the strongest by |score| (every node of the circuit is
+        still drawn); the title's second line says how many of how many. None draws them all.
+    merge_ports : bool, optional
+        Draw one line per source and head instead of one per q, k and v input; by default
+        when more than `MERGE_ABOVE` edges are drawn.
 
     Returns
     -------
@@ -122,21 +232,40 @@ def to_graphviz(circuit: Circuit, reverse: bool = False, legend: bool = True,
     Raises
     ------
     OptionError
-        A width is not a number from 0 to 100, or `min_width` exceeds `max_width`.
+        A width is not a number from 0 to 100, `min_width` exceeds `max_width`, or
+        `max_edges` is not a whole number of at least 1.
+
+    Examples
+    --------
+    >>> from circuits.circuit import select
+    >>> from circuits.graph import Graph
+    >>> from circuits.scores import Scores
+    >>> g = Graph(2, 2)
+    >>> c = select(Scores(g, g.valid.float()), top_k=g.n_edges)  # every edge, all scored 1
+    >>> c.n_edges
+    46
+    >>> "the 8 strongest of 46 edges drawn" in to_graphviz(c, max_edges=8).source
+    True
     """
     import graphviz
 
     g = circuit.graph
-    n = circuit.n_edges
+    _check_max_edges(max_edges)
+    drawn = _drawn_edges(circuit, max_edges)
+    n = len(drawn)
     if max_width is None:
         max_width = 5.0 if n <= 30 else 3.5 if n <= 100 else 2.5
-    for name, w in (("min_width", min_width), ("max_width", max_width)):
-        if not (isinstance(w, numbers.Real) and not isinstance(w, bool) and 0 <= w <= 100):
-            small = isinstance(w, (bool, float)) or (isinstance(w, int) and abs(w) < 10**9)
-            raise OptionError(f"{name} must be a number from 0 to 100 (points), got "
-                              f"{repr(w) if small else 'a value of type ' + type(w).__name__}")
-    if min_width > max_width:
-        raise OptionError(f"min_width ({min_width}) must not exceed max_width ({max_width})")
+    _check_widths(min_width, max_width)
+    merged = n > MERGE_ABOVE if merge_ports is None else bool(merge_ports)
+    label = title(circuit)
+    notes = []
+    if n < circuit.n_edges:
+        strongest = "strongest " if circuit.edge_values is not None else ""
+        notes.append(f"the {n} {strongest}of {circuit.n_edges} edges drawn")
+    if merged and any(e.port for e, _ in drawn):
+        notes.append("q, k and v inputs of a head drawn as one line per source")
+    if notes:
+        label += "\n" + "; ".join(notes)
     ports_below = not reverse  # edges come from below when input is at the bottom
     compass = "s" if ports_below else "n"
     dot = graphviz.Digraph(
@@ -145,23 +274,22 @@ def to_graphviz(circuit: Circuit, reverse: bool = False, legend: bool = True,
             rankdir="TB" if reverse else "BT", newrank="true", splines="true",
             # long edges widen dot's layout; taller ranks and tighter columns keep large
             # circuits near a readable aspect ratio
-            nodesep="0.25" if n <= 100 else "0.12",
-            ranksep=f"{0.5 + 1.5 * min(n, 300) / 300:.2f}",
-            fontname="Helvetica", fontsize="16", label=title(circuit), labelloc="t",
+            nodesep="0.3" if n <= 60 else "0.2",
+            ranksep=f"{0.45 + 0.6 * min(n, MAX_EDGES) / MAX_EDGES:.2f}",
+            fontname="Helvetica", fontsize="16", label=label, labelloc="t",
             labeljust="c", outputorder="edgesfirst", bgcolor="white", pad="0.3",
         ),
         node_attr=dict(fontname="Helvetica", fontsize="11", style="filled", penwidth="1"),
         edge_attr=dict(arrowsize="0.5"),
     )
-    edges = circuit.edges()
     nodes = circuit.nodes
     # (key/value head, query head) pairs of the circuit, drawn as dashed edges into port kv
     in_nodes = set(nodes)
     groups = [(kv, h) for kv in nodes if g.node(kv).kind == "kv" for h in group_of(g, kv)
               if h in in_nodes]
-    head_ports = ("q", "k", "v") if g.group_size == 1 else ("q", "kv")
+    head_ports = () if merged else ("q", "k", "v") if g.group_size == 1 else ("q", "kv")
     used: dict[str, set[str]] = {}
-    for e in edges:
+    for e, _ in drawn:
         used.setdefault(e.target_node, set()).add(e.port or "")
     for _, h in groups:
         used.setdefault(h, set()).add("kv")
@@ -173,19 +301,17 @@ def to_graphviz(circuit: Circuit, reverse: bool = False, legend: bool = True,
             return name + role
         return f"{name}: {float(node_values[g.src_index[name]]):.4g}{role}"
 
-    by_stage: dict[int, list[str]] = {}
+    rows: dict[int, list[Node]] = {}
     for name in nodes:
         node = g.node(name)
-        stage = (0 if node.kind == "input" else g.logits_stage if node.kind == "logits"
-                 else g.mlp_stage(node.layer) if node.kind == "mlp" else g.attn_stage(node.layer))
-        by_stage.setdefault(stage, []).append(name)
+        rows.setdefault(_stage(g, node), []).append(node)
         if node.kind == "head":
             dot.node(name, _ports_label(name, head_ports, ports_below, used.get(name, set()),
                                         role=role_text(circuit, name)),
                      shape="plain", style="", tooltip=tooltip(name))
         elif node.kind == "kv":
-            dot.node(name, _ports_label(name, ("k", "v"), ports_below, used.get(name, set()),
-                                      small=True),
+            dot.node(name, _ports_label(name, () if merged else ("k", "v"), ports_below,
+                                        used.get(name, set()), small=True),
                      shape="plain", style="", tooltip=f"{name}: key/value head of "
                      + ", ".join(group_of(g, name)))
         elif node.kind == "mlp":
@@ -194,39 +320,74 @@ def to_graphviz(circuit: Circuit, reverse: bool = False, legend: bool = True,
         else:
             dot.node(name, name, shape="ellipse", fillcolor=END_FILL, color="#555555",
                      fontsize="13", tooltip=tooltip(name))
-    if legend and nodes:
-        dot.node("legend", _legend(circuit.edge_values is not None, g.group_size > 1),
-                 shape="plain", style="")
-        by_stage[0].append("legend")
-    for names in by_stage.values():
-        with dot.subgraph() as row:
+    stages = sorted(rows)
+    for s in stages:
+        anchor = f"_row{s}"  # an invisible point at the row's left end, chained to the next row
+        # heads and key/value heads by index; a parallel block's MLP is left free, since an
+        # ordering edge from a head to it would read, in the SVG's comments, as an edge the
+        # graph does not have
+        placed = [x for x in rows[s] if x.kind != "mlp" or len(rows[s]) == 1]
+        order = [anchor] + [x.name for x in sorted(placed, key=lambda x: _place_in_row(g, x))]
+        if s == 0 and legend and nodes:
+            dot.node("legend", _legend(circuit.edge_values is not None, g.group_size > 1,
+                                       merged), shape="plain", style="")
+            order.append("legend")
+        with dot.subgraph(name=f"row{s}") as row:
             row.attr(rank="same")
-            for name in names:
+            row.node(anchor, label="", shape="point", width="0", height="0", style="invis")
+            for name in order[1:] + [x.name for x in rows[s] if x not in placed]:
                 row.node(name)
+            # a flat invisible edge keeps its tail left of its head, but dot's crossing
+            # minimisation guards only pairs joined directly: each node is joined to the next
+            # few (all pairs would grow with the square of a row)
+            for i, a in enumerate(order):
+                for b in order[i + 1:i + 1 + ORDER_REACH]:
+                    row.edge(a, b, style="invis")
+    # rows in stage order even where no edge of the circuit joins two of them; weight 0 so
+    # the chain pulls nothing sideways
+    for lower, upper in pairwise(stages):
+        dot.edge(f"_row{lower}", f"_row{upper}", style="invis", weight="0")
 
     for kv, h in groups:
-        dot.edge(kv, f"{h}:kv", style="dashed", color=HEAD_LINE, penwidth="1",
+        dot.edge(kv, h if merged else f"{h}:kv", style="dashed", color=HEAD_LINE, penwidth="1",
                  dir="none", tooltip=f"{kv} is the key/value head of {h}")
-    ev = circuit.edge_values
-    scaled = circuit.mask & ev.isfinite() if ev is not None else None  # [n_src, n_dst]
-    strongest = float(ev[scaled].abs().max()) if scaled is not None and scaled.any() else 0.0
-    for e in edges:
-        head = f"{e.target_node}:{e.port}:{compass}" if e.port else e.target_node
-        if ev is None or strongest == 0:
-            dot.edge(e.source, head, color=NEUTRAL, penwidth="1.2", tooltip=e.name)
-            continue
-        s = float(ev[g.edge_index(e)])
-        if not math.isfinite(s):
-            dot.edge(e.source, head, color=NEUTRAL, penwidth=f"{min_width:.2f}",
-                     tooltip=f"{e.name}: {s} (no finite score)")
-            continue
-        strength = abs(s) / strongest
-        width = min_width + (max_width - min_width) * strength
-        # weak edges fade so the strong paths stand out in large circuits
-        alpha = int(255 * (0.35 + 0.65 * strength))
-        dot.edge(e.source, head, color=f"{POSITIVE if s >= 0 else NEGATIVE}{alpha:02x}",
-                 penwidth=f"{width:.2f}", tooltip=f"{e.name}: {s:.4g}")
+    _draw_lines(dot, drawn, merged, compass, min_width, max_width)
     return dot
+
+
+def _draw_lines(dot: graphviz.Digraph, drawn: list[tuple[Edge, float | None]], merged: bool,
+                compass: str, min_width: float, max_width: float) -> None:
+    """Draw the edges: one line per edge, or per source and head when `merged`."""
+    lines: dict[tuple[str, str, str], list[tuple[Edge, float | None]]] = {}
+    for e, s in drawn:
+        port = "" if merged else e.port or ""
+        lines.setdefault((e.source, e.target_node, port), []).append((e, s))
+    finite = [abs(s) for _, s in drawn if s is not None and math.isfinite(s)]
+    strongest = max(finite, default=0.0)
+    for (source, target, port), members in lines.items():
+        head = (f"{target}:{port}:{compass}" if port
+                else f"{target}:{compass}" if members[0][0].port else target)
+        # the line stands for its strongest edge; a NaN or infinite score never outranks one
+        s = max((m[1] for m in members), key=lambda x: abs(x) if _finite(x) else -1.0)
+        tip = "; ".join(_edge_tip(e, x) for e, x in members)
+        if s is None or strongest == 0:
+            dot.edge(source, head, color=NEUTRAL, penwidth="1.2", tooltip=tip)
+        elif not math.isfinite(s):
+            dot.edge(source, head, color=NEUTRAL, penwidth=f"{min_width:.2f}", tooltip=tip)
+        else:
+            strength = abs(s) / strongest
+            width = min_width + (max_width - min_width) * strength
+            # weak edges fade so the strong paths stand out in large circuits
+            alpha = int(255 * (0.3 + 0.7 * strength))
+            dot.edge(source, head, color=f"{POSITIVE if s >= 0 else NEGATIVE}{alpha:02x}",
+                     penwidth=f"{width:.2f}", tooltip=tip)
+
+
+def _edge_tip(e: Edge, s: float | None) -> str:
+    """An edge's tooltip: its name and score."""
+    if s is None:
+        return e.name
+    return f"{e.name}: {s:.4g}" if math.isfinite(s) else f"{e.name}: {s} (no finite score)"
 
 
 def render(circuit: Circuit, path: str | Path, format: str | None = None,
@@ -241,7 +402,8 @@ def render(circuit: Circuit, path: str | Path, format: str | None = None,
     format : "svg", "png", "pdf" or "dot", optional
         Taken from the path's suffix when omitted.
     **options
-        Passed to `to_graphviz` (``reverse``, ``legend``, ``min_width``, ``max_width``).
+        Passed to `to_graphviz` (``reverse``, ``legend``, ``min_width``, ``max_width``,
+        ``max_edges``, ``merge_ports``).
 
     Returns
     -------

@@ -91,20 +91,109 @@ def test_markdown_table_keeps_small_memory_figures(mib: str, shown: str):
 
 
 def test_options_defaults_and_errors():
-    config, _ = bench.config_from_args(parse(["--tasks", "ioi", "--methods", "eap"]))
+    config, _ = bench.config_from_args(parse(["--task", "ioi", "--method", "eap"]))
     assert config.n == bench.FULL_N and config.steps == bench.FULL_STEPS
     assert config.models == (None,)
-    quick, _ = bench.config_from_args(parse(["--quick", "--methods", "eap"]))
+    quick, _ = bench.config_from_args(parse(["--quick", "--method", "eap"]))
     assert quick.n == bench.QUICK_N and quick.steps == bench.QUICK_STEPS
     assert set(quick.tasks) <= set(bench.QUICK_TASKS) and "induction" in quick.tasks
     # Node-level methods are left out of the edge table, with a note.
     config, notes = bench.config_from_args(
-        parse(["--tasks", "ioi", "--methods", "eap", "activation-patching"]))
+        parse(["--task", "ioi", "--method", "eap", "activation-patching"]))
     assert config.methods == ("eap",) and any("activation-patching" in n for n in notes)
     with pytest.raises(OptionError, match="unknown method"):
-        bench.config_from_args(parse(["--tasks", "ioi", "--methods", "nope"]))
+        bench.config_from_args(parse(["--task", "ioi", "--method", "nope"]))
     with pytest.raises(OptionError, match="unknown task"):
-        bench.config_from_args(parse(["--tasks", "nope", "--methods", "eap"]))
+        bench.config_from_args(parse(["--task", "nope", "--method", "eap"]))
+    with pytest.raises(OptionError, match="--method names nothing"):
+        bench.config_from_args(parse(["--task", "ioi", "--method", ","]))
+
+
+def test_lists_are_comma_or_space_separated_and_out_has_a_short_form():
+    space = parse(["--task", "ioi", "induction", "--method", "eap", "acdc", "exact",
+                   "--model", "a", "b", "--out", "x"])
+    comma = parse(["--task", "ioi,induction", "--method", "eap,acdc", "--method", "exact",
+                   "--model", "a,b", "-o", "x"])
+    mixed = parse(["--task", "ioi,", "induction", "--method", "eap, acdc", "exact,eap",
+                   "--model", "a", "b,a", "-o", "x"])
+    configs = [bench.config_from_args(args)[0] for args in (space, comma, mixed)]
+    for config in configs:
+        assert config.tasks == ("ioi", "induction")
+        assert config.methods == ("eap", "acdc", "exact")  # in order, each once
+        assert config.models == ("a", "b") and config.out == Path("x")
+    assert bench.deprecation_warnings(comma) == []
+
+
+def test_plural_flags_still_work_and_warn_once_each(tmp_path: Path, capsys):
+    from circuits.cli import main
+
+    old = parse(["--tasks", "ioi", "--methods", "eap,acdc", "--models", "m"])
+    new = parse(["--task", "ioi", "--method", "eap,acdc", "--model", "m"])
+    assert bench.config_from_args(old) == bench.config_from_args(new)
+    assert bench.deprecation_warnings(old) == [
+        "--tasks is deprecated; use --task", "--methods is deprecated; use --method",
+        "--models is deprecated; use --model"]
+    argv = ["bench", "--tasks", "induction", "--methods", "random", "--n", "8", "-o",
+            str(tmp_path)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "warning" in line] == [
+        "circuits: warning: --tasks is deprecated; use --task",
+        "circuits: warning: --methods is deprecated; use --method"]
+    assert [r["method"] for r in read(tmp_path)] == ["random"]
+    # a mistake is still one line: the warnings come only once the options are good
+    assert main(["bench", "--methods", "nope", "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("circuits: error: unknown method 'nope'")
+
+
+def fake_row(task: str, method: str, seconds: float, cpr: float) -> dict[str, str]:
+    """A results row with a straight faithfulness curve rising to `cpr` at 100%."""
+    row = {"task": task, "model": "m", "method": method, "seconds": str(seconds),
+           "cpr": str(cpr)}
+    row.update({c: str(cpr * (i + 1) / len(bench.CURVE_COLUMNS))
+                for i, c in enumerate(bench.CURVE_COLUMNS)})
+    return row
+
+
+def test_a_method_has_one_colour_in_every_plot(tmp_path: Path, monkeypatch):
+    from matplotlib.colors import to_hex
+
+    figures = {}
+    monkeypatch.setattr(bench, "_save_png", lambda fig, path: figures.update({path.name: fig}))
+    # the tasks cover different methods in different orders, so any colour given by position
+    # (in a plot or in the sorted list of all methods) would differ between the plots
+    rows = [fake_row("ioi", "acdc", 1.0, 0.9), fake_row("ioi", "eap", 2.0, 0.8),
+            fake_row("induction", "random", 3.0, 0.3), fake_row("induction", "eap", 4.0, 0.7),
+            fake_row("induction", "my-method", 5.0, 0.5)]
+    written = bench.plot_results(tmp_path, rows)
+    assert sorted(p.name for p in written) == sorted(figures) == [
+        "curves_induction__m.png", "curves_ioi__m.png", "time_vs_cpr.png"]
+    seen: dict[str, set[str]] = {}
+    for name, fig in figures.items():
+        ax = fig.axes[0]
+        if name.startswith("curves_"):
+            for line in ax.get_lines():
+                if line.get_label().startswith("_"):
+                    continue  # the grey line at faithfulness 1
+                method = line.get_label().split(" (CPR")[0]
+                seen.setdefault(method, set()).add(to_hex(line.get_color()))
+        else:
+            by_seconds = {float(r["seconds"]): r["method"] for r in rows}
+            points = [c for c in ax.collections if len(c.get_offsets())]
+            assert len(points) == len(rows)
+            for points_of_row in points:
+                method = by_seconds[float(points_of_row.get_offsets()[0][0])]
+                seen.setdefault(method, set()).add(to_hex(points_of_row.get_facecolor()[0]))
+            legend = ax.get_legend()
+            for handle, text in zip(legend.legend_handles, legend.get_texts(), strict=True):
+                if text.get_text() in by_seconds.values():
+                    seen[text.get_text()].add(to_hex(handle.get_facecolor()[0]))
+    assert {m: sorted(c) for m, c in seen.items() if len(c) > 1} == {}  # one colour each
+    assert {m: c.pop() for m, c in seen.items()} == {
+        m: bench.method_colour(m) for m in ("acdc", "eap", "random", "my-method")}
+    assert len({bench.method_colour(m) for m in bench.CAUSAL_METHODS
+                + bench.BASELINE_METHODS}) == len(bench.CAUSAL_METHODS + bench.BASELINE_METHODS)
 
 
 def test_default_methods_are_registered_edge_methods():
@@ -121,7 +210,7 @@ def read(out: Path) -> list[dict[str, str]]:
 
 def test_ctrl_c_keeps_the_rows_done_and_resume_finishes_the_table(tmp_path: Path, monkeypatch,
                                                                   capsys):
-    argv = ["--tasks", "induction", "--methods", "eap", "random", "exact", "--n", "8"]
+    argv = ["--task", "induction", "--method", "eap", "random", "exact", "--n", "8"]
     plain = tmp_path / "plain"
     assert bench.main([*argv, "--out", str(plain)]) == 0
     out = tmp_path / "stopped"

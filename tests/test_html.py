@@ -125,3 +125,68 @@ def test_clicked_head_panel_and_curve_mark_in_headless_chromium(tmp_path):
                     f"--screenshot={shot}", f"{path.as_uri()}#n={k}&head=a1.h0"],
                    capture_output=True, timeout=120)
     assert shot.read_bytes()[:4] == b"\x89PNG"
+
+
+def measured():
+    """The annotated circuit with the faithfulnesses discovery writes: its own held-out value
+    (0.8) lies off the curve, whose log-linear reading at its size is about 0.74."""
+    c = annotated()
+    c.metrics.update(faithfulness=0.9, faithfulness_ci_low=0.85, faithfulness_ci_high=0.95,
+                     heldout_faithfulness=0.8, heldout_faithfulness_ci_low=0.7,
+                     heldout_faithfulness_ci_high=0.875)
+    return c
+
+
+def embedded(page: str) -> dict:
+    return json.loads(re.search(r'type="application/json">(.*?)</script>', page, re.S)[1])
+
+
+def test_the_curve_mark_and_the_title_show_the_same_held_out_value():
+    page = render_html(measured())
+    data = embedded(page)
+    # at the circuit's own size the mark shows its held-out faithfulness, which the title
+    # gives first, labelled
+    assert data["circuitMark"] == {"n": data["initial"], "faithfulness": 0.8,
+                                   "label": "held-out"}
+    assert data["heldoutFaithfulness"] == 0.8 and data["faithfulness"] == 0.9
+    assert "held-out faithfulness 0.800 (95% CI 0.700 to 0.875)" in page.split("</title>")[0]
+    # a circuit measured on its discovery prompts only has no held-out mark
+    c = annotated()
+    c.metrics["faithfulness"] = 0.9
+    assert embedded(render_html(c))["circuitMark"] is None
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_curve_mark_at_the_circuit_size_matches_the_title_in_headless_chromium(tmp_path):
+    c = measured()
+    path = c.to_html(tmp_path / "c.html")
+    initial = page_data(c)["initial"]
+
+    def opened(n):
+        run = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", f"{path.as_uri()}#n={n}"],
+            capture_output=True, text=True, timeout=120)
+        state = re.search(r'<div id="state"[^>]*>', run.stdout)
+        assert state, run.stderr[-2000:]
+        heading = re.search(r'<h1 id="title">(.*?)</h1>', run.stdout, re.S)[1]
+        # the words beside the red mark on the curve
+        mark = re.search(r'<text[^>]*style="fill:#b2182b"[^>]*>(.*?)</text>', run.stdout)[1]
+        return dict(re.findall(r'data-([\w-]+)="([^"]*)"', state[0])), heading, mark
+
+    state, heading, mark = opened(initial)
+    assert mark == "held-out 0.800 (this circuit)"
+    assert heading.endswith("held-out faithfulness 0.800 (95% CI 0.700 to 0.875), "
+                            "discovery 0.900 (95% CI 0.850 to 0.950)")
+    assert (state["curve-label"], state["curve-value"]) == ("held-out", "0.800")
+    # elsewhere the mark reads the curve, labelled as such: 0.6 at 10% to 1.0 at 100%
+    import math
+
+    k = initial + 10
+    frac = k / c.graph.n_edges
+    expected = 0.6 + 0.4 * math.log10(frac / 0.1)
+    state, heading, mark = opened(k)
+    assert mark == f"curve ≈ {expected:.2f}" and state["curve-label"] == "curve"
+    assert abs(float(state["curve-value"]) - expected) < 1e-3
+    assert "faithfulness" not in heading  # measured for the circuit's own size only
