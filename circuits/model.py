@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import socket
@@ -15,26 +13,25 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError, OptionError, TaskError
+from .weights import (
+    FINGERPRINT_SAMPLES,
+    SAFE_ONLY,
+    SHAPE_FIELDS,
+    TOKENIZER_FILES,
+    WEIGHT_FILES,
+    check_config_fits,
+    check_folder,
+    check_loading_info,
+    fingerprint,
+    is_legacy,
+    legacy_fingerprint,
+    weight_files,
+)
 
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-#: config.json fields that, when present, must be positive whole numbers (the model's shape).
-SHAPE_FIELDS = (
-    "n_layer", "num_hidden_layers", "n_head", "num_attention_heads", "num_key_value_heads",
-    "n_embd", "hidden_size", "n_inner", "intermediate_size", "head_dim", "vocab_size",
-    "n_positions", "max_position_embeddings",
-)
-#: How to turn pickled weights into a file `load_model` reads (ends every refusal of them).
-SAFE_ONLY = ("circuits loads only safetensors files, so that no code in a model file runs: load "
-             "the model yourself in a trusted environment and save it with "
-             "model.save_pretrained(folder), which writes model.safetensors")
-#: Values sampled from each parameter for `Model.fingerprint`.
-FINGERPRINT_SAMPLES = 64
+__all__ = ["FINGERPRINT_SAMPLES", "SAFE_ONLY", "SHAPE_FIELDS", "TOKENIZER_FILES", "WEIGHT_FILES",
+           "Model", "check_same_weights", "context_length", "dtype_name", "fingerprint",
+           "load_model", "resolve_device", "resolve_dtype"]
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
@@ -135,6 +132,9 @@ class Model:
     name: str
     _envoy: Any = field(default=None, repr=False)
     _fingerprint: str | None = field(default=None, repr=False)
+    # the safetensors files the weights were read from (none for a model built in memory)
+    _files: tuple[Path, ...] = field(default=(), repr=False)
+    _legacy_fingerprint: str | None = field(default=None, repr=False)
 
     @property
     def envoy(self) -> Any:
@@ -164,15 +164,21 @@ class Model:
 
     @property
     def fingerprint(self) -> str:
-        """16 hex characters that identify the architecture, shape and weights as loaded.
+        """``v2-`` and 16 hex characters that identify the architecture, shape and weights as
+        stored, whatever dtype they were loaded in.
 
-        A sha256 over the class name, the config's shape fields and, for every parameter,
-        its name, shape and 64 values sampled at a fixed stride, taken as float32. The same
-        weights loaded twice in the same dtype give the same fingerprint; other weights of the
-        same shape give another. The sample is of the values as loaded, so a bfloat16 load of
-        float32 weights has another fingerprint than the float32 load: compare fingerprints of
-        loads in the same dtype. Computed on first use (a few milliseconds) and kept, so
-        changing the weights in place afterwards does not change it.
+        A sha256 over the class name, the config's shape fields and, for every parameter, its
+        name, shape and 64 values sampled at a fixed stride, as float32, read from the
+        safetensors files the model was loaded from in the dtype they were saved in (a few
+        bytes per parameter, found through the files' headers). The same weights give the same
+        fingerprint loaded in float32, bfloat16 or float16; other weights of the same shape
+        give another. A model built in memory is sampled from its parameters as they are.
+        Where the files do not hold a parameter under its name (a checkpoint transformers
+        renames on loading) and the model is not in float32, the stored values are unknown:
+        the fingerprint is then of the weights as loaded, the kind files written before ``v2-``
+        hold (16 hex characters, no prefix), which matches only a load in the same dtype (see
+        `check_same_weights`). Computed on first use and kept, so changing the weights in place
+        does not change it.
 
         Examples
         --------
@@ -183,15 +189,101 @@ class Model:
         False
         """
         if self._fingerprint is None:
-            self._fingerprint = fingerprint(self.hf)
+            self._fingerprint = fingerprint(self.hf, self._files)
         return self._fingerprint
 
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """Token ids ``[batch, pos]`` of texts that all have the same token length."""
-        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    def tokenize(self, texts: list[str], bos: bool | None = None) -> torch.Tensor:
+        """Token ids ``[batch, pos]`` of texts that all have the same token length, each after
+        ``circuits.task.prefix_ids(tokenizer, bos)`` (by default what the tokenizer itself puts
+        before a text: a BOS token for Llama and Gemma, nothing for GPT-2)."""
+        from .task import prefix_ids
+
+        prefix = prefix_ids(self.tokenizer, bos)
+        ids = [prefix + self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         if len({len(x) for x in ids}) != 1:
             raise TaskError("texts have different token lengths; tokenize them separately")
         return torch.tensor(ids, device=self.device)
+
+
+def check_same_weights(model: Model, saved: Any, saved_dtype: Any, what: str, how_to_fix: str,
+                       any_model: bool = False) -> str | None:
+    """Refuse a model whose weights differ from those a saved circuit, scores file or tuned
+    lens was made on, by the fingerprint it recorded (`Model.fingerprint`).
+
+    A ``v2-`` fingerprint (of the weights as stored) is compared whatever dtype either model
+    was loaded in. An older one, of the weights as loaded, is compared when the model is loaded
+    in the dtype it was taken in; in another dtype the weights cannot be checked, and the
+    result is accepted with a warning that says how to check them (refusing would break every
+    file written before ``v2-`` for a change of dtype alone). A file that records no
+    fingerprint is refused: nothing tells its weights from any others of the same shape.
+
+    Parameters
+    ----------
+    model : Model
+        The model the saved result is about to be used with.
+    saved : str or None
+        The fingerprint the file recorded.
+    saved_dtype : str or None
+        The dtype the model was loaded in when the file was made (``"float32"``); only an
+        older fingerprint needs it.
+    what : str
+        The file and the model it names, opening every message, e.g. ``"c.json was
+        discovered on 'ioi-gpt2-4l'"``.
+    how_to_fix : str
+        What to do when the weights differ or the file records none, e.g. ``"pass the
+        circuit's model with --model, or --any-model to evaluate it anyway"``.
+    any_model : bool
+        Accept any weights without a check.
+
+    Returns
+    -------
+    str or None
+        The warning line when the weights could not be checked, else None.
+
+    Raises
+    ------
+    OptionError
+        The weights differ, or the file records no fingerprint (unless `any_model`).
+
+    Examples
+    --------
+    >>> from circuits.testing import tiny_gpt2
+    >>> model = tiny_gpt2(seed=0)
+    >>> check_same_weights(model, model.fingerprint, "float32", "c.json was made on 'tiny'",
+    ...                    "make it again") is None
+    True
+    >>> check_same_weights(tiny_gpt2(seed=1), model.fingerprint, "float32",
+    ...                    "c.json was made on 'tiny'", "make it again")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    circuits.errors.OptionError: c.json was made on 'tiny' (weights v2-...), but ...
+    """
+    if any_model:
+        return None
+    if not isinstance(saved, str) or not saved:
+        raise OptionError(f"{what}, but it records no fingerprint of those weights (removed "
+                          f"from the file?), so {model.name!r} cannot be checked against them; "
+                          f"{how_to_fix}")
+    loaded = dtype_name(model.dtype)
+    if is_legacy(saved):
+        if saved_dtype != loaded:
+            return (f"{what} with an older fingerprint of its weights as loaded in {saved_dtype} "
+                    f"({saved}), which cannot be compared with {model.name!r} in {loaded}: the "
+                    f"weights were not checked; load the model in {saved_dtype} to check them, "
+                    "or make the file again to record a fingerprint of the weights as stored")
+        if model._legacy_fingerprint is None:
+            model._legacy_fingerprint = legacy_fingerprint(model.hf)
+        current = model._legacy_fingerprint
+    else:
+        current = model.fingerprint
+        if is_legacy(current):
+            return (f"{what} (weights {saved}), which cannot be compared with {model.name!r} in "
+                    f"{loaded}: its files name some parameters otherwise, so the values they "
+                    "store are unknown in this dtype; load it in float32 to check the weights")
+    if saved != current:
+        raise OptionError(f"{what} (weights {saved}), but {model.name!r} has other weights "
+                          f"({current}); {how_to_fix}")
+    return None
 
 
 def context_length(model: Any) -> int | None:
@@ -218,39 +310,6 @@ def context_length(model: Any) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
-
-
-def fingerprint(hf: Any) -> str:
-    """16 hex characters of sha256 over a model's class, config shape and sampled weights.
-
-    See `Model.fingerprint`, which keeps the value.
-
-    Parameters
-    ----------
-    hf : torch.nn.Module
-        Usually a transformers model.
-
-    Returns
-    -------
-    str
-    """
-    digest = hashlib.sha256(type(hf).__name__.encode())
-    config = getattr(hf, "config", None)
-    shape = {key: getattr(config, key, None) for key in SHAPE_FIELDS}
-    digest.update(json.dumps(shape, sort_keys=True, default=str).encode())
-    names, samples = [], []
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            numel = param.numel()
-            count = min(FINGERPRINT_SAMPLES, numel)
-            # evenly spread positions, first element included; take() reads the flattened view
-            index = torch.arange(count, device=param.device) * numel // max(count, 1)
-            samples.append(torch.take(param, index).float())
-            names.append(f"{name}{list(param.shape)}")
-        values = torch.cat(samples).cpu() if samples else torch.zeros(0)  # one transfer
-    digest.update("\n".join(names).encode())
-    digest.update(values.numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _check_name(name_or_path: Any) -> str:
@@ -316,113 +375,6 @@ def _hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
     return True, ""
 
 
-def _check_folder(path: Path) -> None:
-    """Check a model folder before transformers reads it."""
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} has no config.json; it is not a Hugging Face model folder")
-    if not any((path / f).is_file() for f in WEIGHT_FILES):
-        raise ModelLoadError(
-            f"{path} has no weights (model.safetensors or pytorch_model.bin); "
-            "save the model with save_pretrained() into that folder"
-        )
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        raise ModelLoadError(
-            f"{path} has no tokenizer (tokenizer.json); save it with tokenizer.save_pretrained()"
-        )
-    _check_config(path)
-    # transformers' order: a single safetensors file, then sharded safetensors
-    if (path / "model.safetensors").is_file():
-        _check_safetensors(path / "model.safetensors", path)
-    elif (path / "model.safetensors.index.json").is_file():
-        for shard in _shards(path, "model.safetensors.index.json"):
-            _check_safetensors(shard, path)
-    else:  # PyTorch files are pickles, which can run code when read: never opened
-        raise ModelLoadError(f"{path} has only PyTorch weights (pytorch_model.bin), which are "
-                             f"pickles; {SAFE_ONLY}")
-
-
-def _read_json(file: Path, folder: Path) -> dict[str, Any]:
-    """A JSON object from a file of a model folder, or a `ModelLoadError`."""
-    try:
-        record = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        why = getattr(err, "strerror", None) or str(err).splitlines()[0][:80]
-        raise ModelLoadError(f"{file.name} in {folder} is not readable JSON ({why}); save the "
-                             "model again with save_pretrained()") from None
-    if not isinstance(record, dict):
-        raise ModelLoadError(f"{file.name} in {folder} is not a JSON object; save the model "
-                             "again with save_pretrained()")
-    return record
-
-
-def _check_config(folder: Path) -> None:
-    """Refuse a config.json that is not JSON or whose shape fields are not positive integers
-    (transformers would fail later with a TypeError deep inside the model class)."""
-    config = _read_json(folder / "config.json", folder)
-    for key in SHAPE_FIELDS:
-        value = config.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ModelLoadError(f"config.json in {folder}: {key} must be a positive whole "
-                                 f"number, got {value!r}; fix config.json")
-
-
-def _shards(folder: Path, index_name: str) -> list[Path]:
-    """The weight files a sharded checkpoint's index names, each checked to exist."""
-    index = _read_json(folder / index_name, folder)
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not all(
-            isinstance(v, str) for v in weight_map.values()):
-        raise ModelLoadError(f"{index_name} in {folder} has no weight_map of file names; save "
-                             "the model again with save_pretrained()")
-    shards = []
-    for name in sorted(set(weight_map.values())):
-        shard = folder / name
-        if Path(name).name != name or not shard.is_file():
-            raise ModelLoadError(f"{index_name} in {folder} names the weight file {name!r}, "
-                                 "which is not in the folder; copy the whole model folder")
-        shards.append(shard)
-    return shards
-
-
-def _check_safetensors(file: Path, folder: Path) -> None:
-    """Read a safetensors header, which also checks that the file is complete."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            handle.keys()
-    except (SafetensorError, OSError) as err:
-        why = str(err).strip().splitlines()[0][:100] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"{file.name} in {folder} is truncated or not a safetensors file "
-                             f"({why}); copy or save the model again") from None
-
-
-def _check_loading_info(info: dict[str, Any], display: str) -> None:
-    """Refuse a model whose weights do not match its config: transformers would initialise
-    the missing or mis-shaped ones at random and run without a word."""
-    problems = []
-    # each mismatch is (name, shape in the weights, shape the config gives)
-    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda item: str(item[0]))
-    if mismatched:
-        key, stored, wanted = mismatched[0][:3]
-        problems.append(f"{len(mismatched)} weights have another shape than the config gives "
-                        f"(first: {key} is {list(stored)} in the weights but {list(wanted)} by "
-                        "the config)")
-    for kind, what in (("missing_keys", "weights the config needs are missing"),
-                       ("unexpected_keys", "weights are not used by the config")):
-        keys = sorted(info.get(kind) or ())
-        if keys:
-            first = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
-            problems.append(f"{len(keys)} {what} ({first})")
-    if problems:
-        raise ModelLoadError(
-            f"the weights of {display!r} do not match its config.json: "
-            f"{'; '.join(problems)}; fix config.json or save the model again with save_pretrained()"
-        )
-
-
 def load_model(
     name_or_path: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -473,8 +425,7 @@ def load_model(
     """
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     folder, display = _resolve(name_or_path)
-    if folder is not None:
-        _check_folder(folder)
+    files = check_folder(folder) if folder is not None else []
     source = str(folder) if folder is not None else display
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -494,6 +445,14 @@ def load_model(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            checked = folder if folder is not None else _hub_folder(display)
+            stored = files if folder is not None else _cached_weights(checked)
+            if checked is not None and stored:
+                # before anything is allocated: a config asking for far more than the weights
+                # hold would otherwise run out of memory, or for minutes, before any check
+                asked = check_config_fits(checked, stored, display)
+                if asked is not None:
+                    _check_memory(asked, display, dtype, device)
             tokenizer = AutoTokenizer.from_pretrained(
                 source, local_files_only=local_only, trust_remote_code=False
             )
@@ -519,12 +478,81 @@ def load_model(
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-    _check_loading_info(info, display)
+    check_loading_info(info, display)
     logging.getLogger(__name__).debug("loaded %s", display)
     hf.eval().to(device)
     if dtype != torch.float32:
         _check_runs(hf, display, device, dtype)
-    return Model(hf=hf, tokenizer=tokenizer, name=display)
+    if folder is None:  # now in the hub cache
+        files = _cached_weights(_hub_folder(display))
+    return Model(hf=hf, tokenizer=tokenizer, name=display, _files=tuple(files))
+
+
+def _hub_folder(name: str) -> Path | None:
+    """The hub cache's folder of a hub model's files, when its config is cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        config = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(config).parent if isinstance(config, str) else None
+
+
+def _cached_weights(folder: Path | None) -> list[Path]:
+    """The safetensors files of a hub cache folder; none unless all of them are there."""
+    try:
+        return weight_files(folder) if folder is not None else []
+    except ModelLoadError:  # a shard not downloaded yet
+        return []
+
+
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can take: /proc/meminfo's MemAvailable (or psutil's),
+    less where a cgroup (a container's limit) leaves less; None when unknown.
+
+    Examples
+    --------
+    >>> free = available_memory()
+    >>> free is None or free > 0
+    True
+    """
+    free = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        try:
+            import psutil
+        except ImportError:
+            return None
+        free = int(psutil.virtual_memory().available)
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            free = min(free, int(limit) - used) if free is not None else int(limit) - used
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def _check_memory(n_params: int, display: str, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse a model whose parameters would not fit in the memory available (the load reads
+    them into the machine's memory, then moves them to a GPU)."""
+    need = n_params * torch.empty(0, dtype=dtype).element_size()
+    places = [("this machine", available_memory())]
+    if device.type == "cuda":
+        places.append((f"the GPU {device}", torch.cuda.mem_get_info(device)[0]))
+    smaller = "; load it in bfloat16, which halves that," if dtype == torch.float32 else ";"
+    for where, free in places:
+        if free is not None and need > free:
+            raise ModelLoadError(
+                f"{display!r} has {n_params:,} parameters, which take {need / 2**30:.1f} GiB in "
+                f"{dtype_name(dtype)}, but {where} has {free / 2**30:.1f} GiB of memory "
+                f"available{smaller} or free memory, or use a machine with more")
 
 
 def _check_runs(hf: Any, display: str, device: torch.device, dtype: torch.dtype) -> None:

@@ -14,7 +14,10 @@ in the model's own module tree, four kinds of hook sites, named like the graph's
     nothing else, which is what the edge engine's head source is (the output bias belongs to no
     head).
 ``m{l}``
-    The output of layer ``l``'s MLP module (``mlp``, ``feed_forward``, ...). ``[b, p, d]``.
+    The output of layer ``l``'s MLP module (``mlp``, ``feed_forward``, ...). ``[b, p, d]``. A
+    layer that holds its MLP's linear layers itself, with no MLP module around them (OPT's
+    ``fc1`` and ``fc2``), has its MLP output at its last direct linear child that writes the
+    residual width (``fc2``).
 ``resid{l}``
     The output of decoder layer ``l``: the residual stream after the layer. ``[b, p, d]``.
 
@@ -100,7 +103,8 @@ class NodeSites:
     attn_out : tuple[str, ...]
         Per layer, the path of the attention output projection.
     mlp : tuple[str, ...]
-        Per layer, the path of the MLP module.
+        Per layer, the path of the MLP module (or of its output projection where the layer
+        holds the MLP's linear layers itself).
     parallel : bool
         Whether attention and MLP of a layer read the same residual stream (see
         `is_parallel`).
@@ -165,11 +169,13 @@ class NodeSites:
                     f"for a linear layer {', '.join(_OUT_PROJ_NAMES)} whose input width is a "
                     f"multiple of the {n_heads} heads)"
                 )
-            mlp_name, mlp_module = _find_child(layer, _MLP_NAMES, "mlp")
+            mlp_name, mlp_module = _find_mlp(layer, d_model)
             if mlp_module is None:
                 raise UnsupportedModelError(
-                    f"no MLP module in decoder layer {prefix} of {arch} (looked for "
-                    f"{', '.join(_MLP_NAMES)} or a class named *MLP*)"
+                    f"no MLP in decoder layer {prefix} of {arch} (looked for a module "
+                    f"{', '.join(_MLP_NAMES)} or a class named *MLP*, else a linear layer of "
+                    f"the decoder layer itself that writes the {d_model}-wide residual, as "
+                    "OPT's fc2)"
                 )
             d_head = _in_features(proj) // n_heads
             attn_out.append(f"{prefix}.{attn_name}.{proj_name}")
@@ -290,6 +296,27 @@ def _find_child(module: nn.Module, names: tuple[str, ...], kind: str) -> tuple[s
     return "", None
 
 
+def _find_mlp(layer: nn.Module, d_model: int) -> tuple[str, Any]:
+    """The MLP module of a decoder layer; where there is none, the layer's last direct linear
+    child of output width `d_model` (the MLP's output projection when the layer holds the MLP's
+    linear layers itself, as OPT and XGLM do with ``fc1`` and ``fc2``)."""
+    name, module = _find_child(layer, _MLP_NAMES, "mlp")
+    if module is not None:
+        return name, module
+    # the attention's own projections live inside the attention module, not directly here
+    writers = [(n, c) for n, c in layer.named_children() if _out_features(c) == d_model]
+    return writers[-1] if writers else ("", None)
+
+
+def _out_features(module: nn.Module) -> int:
+    """Output width of a Linear or of GPT-2's Conv1D (weight ``[d_in, d_out]``); 0 otherwise."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if type(module).__name__ == "Conv1D":
+        return int(module.weight.shape[1])
+    return 0
+
+
 def _in_features(module: nn.Module) -> int:
     """Input width of a Linear or of GPT-2's Conv1D (weight ``[d_in, d_out]``); 0 otherwise."""
     if isinstance(module, nn.Linear):
@@ -393,7 +420,7 @@ def _run(
     envoy = model.envoy
     with torch.no_grad(), envoy.trace(ids):
         for (path, port), (_, site_reads, site_writes) in plan:
-            _visit(_envoy(envoy, path), port, site_reads, site_writes, out)
+            _visit(_envoy(envoy, path), port, site_reads, site_writes, out, ids.shape[1])
         if logits:
             result = envoy.output
             final = result.logits if hasattr(result, "logits") else result[0]
@@ -402,16 +429,22 @@ def _run(
 
 
 def _visit(module: Any, port: str, reads: list[Site], writes: list[_Write],
-           out: dict[str, Tensor]) -> None:
-    """Inside a trace: read and patch one module's first input or (first) output."""
+           out: dict[str, Tensor], p: int) -> None:
+    """Inside a trace: read and patch one module's first input or (first) output, of a forward
+    of prompts `p` tokens long."""
     value = module.input if port == "input" else module.output
     packed = isinstance(value, tuple)  # layers of transformers < 5 and MoE MLPs return tuples
     x = value[0] if packed else value  # [rows, p, width]
+    flat = x.dim() == 2  # OPT runs its MLP on [rows * p, width]
+    if flat:
+        x = x.view(-1, p, x.shape[-1])
     for site in reads:
         out[site.name] = x[:, :, site.width].clone()
     if not writes:
         return
     new = _apply(x, writes)
+    if flat:
+        new = new.reshape(-1, new.shape[-1])
     if packed:
         new = (new, *value[1:])
     if port == "input":

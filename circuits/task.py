@@ -145,10 +145,68 @@ def _strings(where: str, name: str, value: Any) -> tuple[str, ...]:
     return value
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of `text` without special tokens (HF tokenizers and `tokenizers` objects)."""
-    out = tokenizer.encode(text, add_special_tokens=False)
+def _encode(tokenizer: Any, text: str, special: bool = False) -> list[int]:
+    """Token ids of `text`, without special tokens unless `special` (HF tokenizers and
+    `tokenizers` objects)."""
+    out = tokenizer.encode(text, add_special_tokens=special)
     return list(out.ids) if hasattr(out, "ids") else list(out)
+
+
+def prefix_ids(tokenizer: Any, bos: bool | None = None) -> list[int]:
+    """The token ids put before every prompt: by default what the tokenizer itself adds before
+    a text (a BOS token for Llama and Gemma, nothing for GPT-2).
+
+    The tokenizer's convention is read off one text encoded with and without its special
+    tokens: what comes before the text's own tokens. Tokens it adds after a text (an EOS) are
+    never used.
+
+    Parameters
+    ----------
+    tokenizer : tokenizer
+        A Hugging Face tokenizer or a ``tokenizers`` tokenizer.
+    bos : bool or None
+        None: the tokenizer's convention; False: nothing; True: the tokenizer's BOS token.
+
+    Returns
+    -------
+    list of int
+
+    Raises
+    ------
+    OptionError
+        `bos` is True and the tokenizer has no BOS token, or `bos` is not a bool or None.
+
+    Examples
+    --------
+    >>> from circuits import load_model
+    >>> tok = load_model("ioi-gpt2-4l").tokenizer
+    >>> prefix_ids(tok), prefix_ids(tok, bos=True), tok.bos_token_id
+    ([], [0], 0)
+    """
+    if bos is False:
+        return []
+    if bos is True:
+        token = getattr(tokenizer, "bos_token_id", None)
+        if not isinstance(token, int):
+            raise OptionError("bos=True (--bos) asks for the tokenizer's BOS token, but this "
+                              "tokenizer has none; drop it")
+        return [token]
+    if bos is not None:
+        raise OptionError(f"bos must be True, False or None (the tokenizer's convention), got "
+                          f"{_show(bos)}")
+    probe = "Hello world"
+    plain, full = _encode(tokenizer, probe), _encode(tokenizer, probe, special=True)
+    for start in range(len(full) - len(plain) + 1 if plain else 0):
+        if full[start:start + len(plain)] == plain:
+            return full[:start]
+    # the text is split otherwise after the special tokens: keep the leading special ones
+    special = set(getattr(tokenizer, "all_special_ids", None) or ())
+    lead = []
+    for token in full:
+        if token not in special:
+            break
+        lead.append(token)
+    return lead
 
 
 def is_single_token(tokenizer: Any, text: str) -> bool:
@@ -201,6 +259,10 @@ class Task:
         One line saying what the behavior is.
     reference_model : str or None
         Name of the shipped model trained on this behavior (see `circuits.zoo`), if any.
+    bos : bool or None
+        What `batches` puts before every prompt (`prefix_ids`): None (default) what the
+        tokenizer itself adds before a text (a BOS token for Llama and Gemma, nothing for
+        GPT-2), False nothing, True the tokenizer's BOS token.
 
     Examples
     --------
@@ -214,10 +276,14 @@ class Task:
     metric: str | Metric = "logit-diff"
     description: str = ""
     reference_model: str | None = None
+    bos: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
             raise TaskError(f"the task name must be a string, got {_show(self.name)}")
+        if self.bos is not None and not isinstance(self.bos, bool):
+            raise OptionError(f"bos must be True, False or None (the tokenizer's convention), "
+                              f"got {_show(self.bos)}")
         examples = _items(f"task {self.name!r}", self.examples)
         if not examples:
             raise TaskError(f"task {self.name!r} has no examples: give at least one")
@@ -433,9 +499,9 @@ class Task:
         second = tuple(self.examples[i] for i in order[n:])
         return (
             Task(f"{self.name}/discovery", first, self.metric, self.description,
-                 self.reference_model),
+                 self.reference_model, self.bos),
             Task(f"{self.name}/heldout", second, self.metric, self.description,
-                 self.reference_model),
+                 self.reference_model, self.bos),
         )
 
     def batches(
@@ -448,8 +514,10 @@ class Task:
         """Tokenize, check and group the examples into batches of one token length each.
 
         Examples are bucketed by token length (shortest first), keeping their order within a
-        bucket; each bucket is cut into batches of at most `batch_size`. No special tokens are
-        added.
+        bucket; each bucket is cut into batches of at most `batch_size`. Every clean and
+        corrupted prompt starts with ``prefix_ids(tokenizer, self.bos)``: by default what the
+        tokenizer itself puts before a text (a BOS token for Llama and Gemma, nothing for
+        GPT-2); answers and wrong tokens are single tokens without special ones.
 
         Parameters
         ----------
@@ -471,11 +539,12 @@ class Task:
         ------
         TaskError
             If there is no tokenizer; a clean and corrupted prompt differ in token length, are
-            the same tokens or are longer than `max_length`; an answer or wrong token is not a
-            single token for this tokenizer or is its unknown token; or an answer is also a
-            wrong token.
+            the same tokens or are longer than `max_length` (the prefix included); an answer
+            or wrong token is not a single token for this tokenizer or is its unknown token;
+            or an answer is also a wrong token.
         OptionError
-            If `batch_size` or `max_length` is not a positive whole number.
+            If `batch_size` or `max_length` is not a positive whole number, or ``bos=True``
+            with a tokenizer that has no BOS token.
         """
         if tokenizer is None:
             raise TaskError(f"task {self.name!r} needs a tokenizer, got None; load the model with "
@@ -487,9 +556,10 @@ class Task:
             raise OptionError(f"max_length must be a whole number of at least 1 or None, got "
                               f"{_show(max_length)}")
         unknown = _unknown_token(tokenizer)
+        prefix = prefix_ids(tokenizer, self.bos)
         buckets: dict[int, list[tuple[list[int], list[int], list[int], list[int]]]] = {}
         for example in self.examples:
-            row = _tokenize_example(tokenizer, example, max_length, unknown)
+            row = _tokenize_example(tokenizer, example, max_length, unknown, prefix)
             buckets.setdefault(len(row[0]), []).append(row)
         batches = []
         for length in sorted(buckets):
@@ -575,8 +645,10 @@ def _tokenize_example(
     example: Example,
     max_length: int | None = None,
     unknown: tuple[int, str] | None = None,
+    prefix: list[int] | None = None,
 ) -> tuple[list[int], list[int], list[int], list[int]]:
-    """Token ids of one example's clean, corrupt, answers and wrong, after checking them."""
+    """Token ids of one example's clean and corrupt (each after `prefix`), answers and wrong,
+    after checking them."""
     where = example.where()
     clean = _encode(tokenizer, example.clean)
     corrupt = _encode(tokenizer, example.corrupt)
@@ -587,9 +659,12 @@ def _tokenize_example(
         )
     if not clean:
         raise TaskError(f"{where}: the prompts are no tokens for this tokenizer; give a prompt")
+    prefix = prefix or []
+    clean, corrupt = prefix + clean, prefix + corrupt
     if max_length is not None and len(clean) > max_length:
+        lead = f", {len(prefix)} of them put before the prompt (the BOS)" if prefix else ""
         raise TaskError(
-            f"{where}: the prompts are {len(clean)} tokens but the model reads at most "
+            f"{where}: the prompts are {len(clean)} tokens{lead} but the model reads at most "
             f"{max_length} (its context length); shorten the prompts or drop the example"
         )
     if clean == corrupt:

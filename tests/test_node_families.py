@@ -229,3 +229,94 @@ def test_discover_node_level_on_phi(phi_folder, selection, tmp_path):
         assert isinstance(circuit.metrics[key], float)
     circuit.render(tmp_path / "c.svg")
     assert (tmp_path / "c.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
+
+
+# -- OPT: the MLP's linear layers sit on the decoder layer itself -------------------------------
+def _tiny_opt(vocab_size: int = 50) -> Model:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                    init_std=INIT, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    return Model(hf=OPTForCausalLM(cfg).eval(), tokenizer=None, name="tiny-opt")
+
+
+def test_opt_mlp_is_its_fc2():
+    sites = NodeSites.of(_tiny_opt())
+    assert sites.mlp == ("model.decoder.layers.0.fc2", "model.decoder.layers.1.fc2")
+    assert sites.attn_out[1] == "model.decoder.layers.1.self_attn.out_proj"
+    assert not sites.parallel  # self_attn_layer_norm and final_layer_norm
+
+
+def test_patching_opt_nodes_equals_a_manual_patch():
+    """nnsight's node patch of m1 and a1.h2 is the same forward as hooks that replace fc2's
+    output and the head's slice of out_proj's input by hand."""
+    from circuits.nodes import patch
+
+    model = _tiny_opt()
+    ids = make_batch(b=3, p=5, vocab=50).clean
+    gen = torch.Generator().manual_seed(1)
+    mlp_value = torch.randn(3, 5, 32, generator=gen)
+    head_value = torch.randn(3, 5, 8, generator=gen)  # d_head = 32 / 4
+    layer = model.hf.model.decoder.layers[1]
+
+    def replace_output(module, args, output):
+        return mlp_value.reshape(-1, 32)  # OPT runs its MLP on [batch * pos, d]
+
+    def replace_head(module, args):
+        x = args[0].clone()
+        x[..., 16:24] = head_value  # head 2's columns
+        return (x,)
+
+    handles = [layer.fc2.register_forward_hook(replace_output),
+               layer.self_attn.out_proj.register_forward_pre_hook(replace_head)]
+    try:
+        with torch.no_grad():
+            manual = model.hf(ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    got = patch(model, ids, {"m1": mlp_value, "a1.h2": head_value})
+    with torch.no_grad():
+        plain = model.hf(ids).logits
+    torch.testing.assert_close(got, manual, atol=1e-5, rtol=0)
+    assert (manual - plain).abs().max() > 1e-2  # the patch changed the logits
+
+
+def test_discover_node_level_on_opt(tmp_path):
+    from circuits.api import discover
+
+    reference = zoo.find("ioi-gpt2-4l")
+    vocab = json.loads((reference / "config.json").read_text())["vocab_size"]
+    _tiny_opt(vocab).hf.save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(reference / name, tmp_path / name)
+    found = discover("ioi", str(tmp_path), "activation-patching", level="node", n=12,
+                     selection="topk:3", annotate=False)
+    assert found.circuit.level == "node" and found.scores.values.abs().max() > 0
+    assert node_sets(found.circuit.graph, found.circuit.mask[None]) is not None
+
+
+def test_causal_tracing_restores_opt_mlp_outputs(tmp_path):
+    """OPT's fc2 runs on [batch * pos, d]; tracing restores its clean output all the same. With
+    one layer per window and one prompt, restoring the last layer's hidden state at the last
+    token gives back the clean answer probability exactly (the logits read only that state)."""
+    from circuits.model import load_model
+    from circuits.reading.tracing import causal_trace
+    from circuits.task import Example
+
+    reference = zoo.find("ioi-gpt2-4l")
+    vocab = json.loads((reference / "config.json").read_text())["vocab_size"]
+    _tiny_opt(vocab).hf.save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(reference / name, tmp_path / name)
+    model = load_model(str(tmp_path))
+    example = Example("When Mary and John went to the store, John gave a drink to",
+                      "When Mary and John went to the store, Tom gave a drink to",
+                      (" Mary",), (" John",), meta={"subject": "Mary and John"})
+    trace = causal_trace(model, example, samples=2, window=1, noise=3.0)
+    assert all(t.isfinite().all() for t in trace.effects.values())
+    assert trace.effects["mlp"].shape == trace.effects["hidden"].shape
+    assert trace.effects["hidden"][-1, -1] == pytest.approx(trace.p_clean - trace.p_corrupt,
+                                                            abs=1e-6)

@@ -13,17 +13,19 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import TaskError
-from ..task import Example, n_tokens
+from ..task import Example, n_tokens, prefix_ids
 
 SubjectRule = Callable[[Example, Any], Sequence[int]]
 
 
-def subject_tokens(example: Example, tokenizer: Any, rule: SubjectRule | None = None) -> list[int]:
-    """The token positions of an example's subject in its clean prompt.
+def subject_tokens(example: Example, tokenizer: Any, rule: SubjectRule | None = None,
+                   bos: bool | None = None) -> list[int]:
+    """The token positions of an example's subject in its clean prompt, as `Task.batches`
+    tokenizes it (after ``prefix_ids(tokenizer, bos)``, the tokenizer's BOS by default).
 
     ``example.meta["subject"]`` is found in the clean prompt (its first occurrence) and every
     token that covers a non-space character of it is a subject token; without it, `rule`
-    decides.
+    decides (in the prompt's own positions, before the prefix).
 
     Parameters
     ----------
@@ -32,6 +34,8 @@ def subject_tokens(example: Example, tokenizer: Any, rule: SubjectRule | None = 
         A Hugging Face tokenizer or a ``tokenizers`` tokenizer.
     rule : callable, optional
         ``rule(example, tokenizer) -> positions`` for examples without ``meta["subject"]``.
+    bos : bool or None
+        The task's ``bos`` (`Task.bos`): what goes before the prompt, shifting every position.
 
     Returns
     -------
@@ -67,7 +71,8 @@ def subject_tokens(example: Example, tokenizer: Any, rule: SubjectRule | None = 
     if not positions:
         raise TaskError(f"{example.where()}: the subject is no tokens of the clean prompt; give a "
                         "subject of at least one word")
-    return positions
+    shift = len(prefix_ids(tokenizer, bos))
+    return [i + shift for i in positions]
 
 
 def _covering(tokenizer: Any, text: str, start: int, end: int) -> list[int]:
