@@ -4,10 +4,14 @@
 the result on the circuit (`Circuit.node_info`), so circuit.json, the diagrams, the interactive
 page and report.md can show it:
 
-* ``role`` and ``role_score``: the head's strongest role and its score in [0, 1]
-  (`circuits.reading.roles.head_roles`), ``roles``: every role's score;
-* ``dla``: its direct logit attribution to the task metric
-  (`circuits.reading.dla.direct_logit_attribution`);
+* ``role`` and ``role_score``: the head's label and its score in [0, 1]
+  (`circuits.reading.roles.HeadRoles.labels`): a role only where the evidence is strong (a
+  score of at least 0.4; for ``name-mover`` also a clean-minus-corrupted direct logit
+  attribution of at least 5% of the metric's difference), ``"mixed"`` where two attention roles
+  are within 0.1 of each other; a head no role describes has ``role`` ``""`` and no
+  ``role_score``, so the diagrams show no role for it; ``roles``: every role's score;
+* ``dla``: its direct logit attribution to the task metric, and ``dla_contrast``: the same on
+  the clean minus the corrupted prompts (`circuits.reading.dla.direct_logit_attribution`);
 * ``attention``: its attention pattern on one example prompt of the task, ``{"tokens": [...],
   "pattern": [[...]]}`` with ``pattern[i][j]`` the weight query position i gives key position j
   (`circuits.reading.attention.attention_patterns`).
@@ -61,25 +65,28 @@ def head_info(model: Model, task: Task, heads: list[tuple[int, int]]) -> dict[st
     Returns
     -------
     dict
-        ``{"a{l}.h{h}": {"role", "role_score", "roles", "dla", "attention"}}``.
+        ``{"a{l}.h{h}": {"role", "role_score", "roles", "dla", "dla_contrast", "attention"}}``
+        (no ``role_score`` where ``role`` is ``""``).
     """
     from .reading.attention import attention_patterns
     from .reading.dla import direct_logit_attribution
     from .reading.roles import head_roles
 
     roles = head_roles(model, task, n=ROLE_PROMPTS)
-    best = roles.best()
-    dla = direct_logit_attribution(model, task)
+    labels = roles.labels()
+    dla = direct_logit_attribution(model, task, contrast=True)
     ids, tokens = example_prompt(model, task)
     patterns = attention_patterns(model, ids, heads)[0]  # [n_heads_chosen, p, p]
     info = {}
     for k, (layer, head) in enumerate(heads):
         name = f"a{layer}.h{head}"
-        role, score = best[name]
+        label = labels[name]
         info[name] = {
-            "role": role, "role_score": round(float(score), DIGITS),
+            "role": label.role,
+            **({"role_score": round(float(label.score), DIGITS)} if label.role else {}),
             "roles": {r: round(float(s[layer, head]), DIGITS) for r, s in roles.scores.items()},
-            "dla": round(float(dla.heads[layer, head]), 2 * DIGITS),
+            "dla": round(float(dla.clean.heads[layer, head]), 2 * DIGITS),
+            "dla_contrast": round(float(dla.heads[layer, head]), 2 * DIGITS),
             "attention": {"tokens": tokens,
                           "pattern": patterns[k].float().cpu().numpy().round(DIGITS).tolist()},
         }

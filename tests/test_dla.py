@@ -158,3 +158,55 @@ def test_command_on_other_families(folder, tmp_path, capsys):
     assert len(record["heads"][0]) == config["num_attention_heads"]
     assert len(record["mlps"]) == config["num_hidden_layers"]
     assert abs(record["error"]) < 1e-4
+
+
+# -- contrastive attribution ------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["gpt2", "llama", "phi"])
+def test_contrastive_terms_add_up_to_the_clean_minus_corrupted_metric(family):
+    from dataclasses import replace
+
+    model = shaken(tiny_model(family))
+    batch = make_batch(b=5, p=7, vocab=50)
+    both = direct_logit_attribution(model, batch, contrast=True)
+    with torch.no_grad():
+        clean = model.hf(batch.clean).logits[:, -1]
+        corrupt = model.hf(batch.corrupt).logits[:, -1]
+    want = float((logit_diff(clean, batch) - logit_diff(corrupt, batch)).mean())
+    assert both.contrast and both.total == pytest.approx(want, abs=1e-5)
+    parts = both.embed + float(both.heads.sum()) + float(both.mlps.sum()) + both.constant
+    assert parts == pytest.approx(want, abs=1e-5)
+    # each term is the plain term on the clean prompts minus the plain term on the corrupted
+    # prompts (the corrupted run read as if it were the clean one)
+    plain = direct_logit_attribution(model, batch)
+    swapped = direct_logit_attribution(model, replace(batch, clean=batch.corrupt))
+    assert torch.allclose(both.heads, plain.heads - swapped.heads, atol=1e-9)
+    assert torch.allclose(both.mlps, plain.mlps - swapped.mlps, atol=1e-9)
+    assert both.clean.total == pytest.approx(plain.total) and both.corrupt.total == \
+        pytest.approx(swapped.total)
+    assert both.constants["metric offset"] == pytest.approx(0.0, abs=1e-12)  # cancels
+
+
+def test_a_head_pushing_a_prior_reads_near_zero_contrastively():
+    """With the same prompt as clean and corrupted, every head's plain term is what it pushes
+    on every prompt, and its contrastive term is 0."""
+    from dataclasses import replace
+
+    model = shaken(tiny_gpt2())
+    batch = make_batch(vocab=32)
+    same = replace(batch, corrupt=batch.clean)
+    both = direct_logit_attribution(model, same, contrast=True)
+    assert float(both.clean.heads.abs().min()) > 0.0
+    assert float(both.heads.abs().max()) == 0.0 and both.total == 0.0
+
+
+def test_command_contrast_writes_table_json_and_figure(tmp_path, capsys):
+    out = tmp_path / "dla"
+    assert cli.main(["dla", "ioi", "--n", "4", "--contrast", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "contrastive direct logit attribution (clean - corrupted)" in text
+    assert "total (clean - corrupted)" in text
+    record = json.loads((out / "dla.json").read_text())
+    assert record["contrast"] is True
+    assert record["total"] == pytest.approx(record["clean"]["total"] - record["corrupt"]["total"])
+    assert abs(record["error"]) < 1e-4
+    assert (out / "dla.png").read_bytes()[:4] == b"\x89PNG"

@@ -160,3 +160,100 @@ def test_command_on_other_families(folder, tmp_path, capsys):
         assert len(record[kind]["values"]) == layers + 1
         assert record[kind]["kl"][-1] < 1e-5
     assert (out / "tuned_lens.safetensors").is_file()
+
+
+# -- non-finite logits, long runs and hostile text files ------------------------------------------
+def test_nan_logits_rank_the_answer_last():
+    nan = float("nan")
+    # every logit NaN: no comparison holds, which used to rank the answer first
+    assert answer_rank(torch.full((1, 5), nan), torch.tensor([[2]])).tolist() == [5]
+    # another token's NaN counts as higher: 1 higher (4.0) + 1 NaN -> rank 3
+    logits = torch.tensor([[0.0, nan, 4.0, 1.0, 2.0]])
+    assert answer_rank(logits, torch.tensor([[4]])).tolist() == [3]
+    # an infinite answer logit is no better than a NaN one
+    assert answer_rank(torch.tensor([[float("inf"), 0.0, 1.0]]), torch.tensor([[0]])).tolist() \
+        == [3]
+
+
+def test_lens_over_prompts_shows_progress(monkeypatch):
+    from test_tuned_lens import record_progress
+
+    bars = record_progress(monkeypatch)
+    logit_lens(tiny_gpt2(), [make_batch(b=3, vocab=32), make_batch(b=2, vocab=32, seed=1)])
+    assert [(b.desc, b.total, b.done) for b in bars] == [("logit lens", 5, 5)]
+
+
+def test_train_texts_are_read_as_a_stream_with_caps(tmp_path, capsys, monkeypatch):
+    from circuits.commands import lens as command
+
+    monkeypatch.setattr(command, "MAX_TEXT_BYTES", 100)
+    monkeypatch.setattr(command, "MAX_LINE_BYTES", 10)
+    # 'a' * 25 with no newline is cut to its first 10 bytes; the file to its first 100 bytes
+    path = tmp_path / "long.txt"
+    path.write_text("a" * 25 + "\n" + "word\n" * 40)
+    texts = command.read_texts(path)
+    assert texts[0] == "a" * 10 and texts[1:] == ["word"] * ((100 - 26) // 5)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("circuits: warning: --train-texts")
+    assert "read the first" in err[0] and "cut 1 lines" in err[0]
+    # one line, no newline at all, far beyond the cap: the read stops at the cap
+    path.write_text("x" * 10_000)
+    assert command.read_texts(path) == ["x" * 10]
+    # a line cut inside a two-byte character loses that character, not the line
+    path.write_bytes(b"aaaaaaaaa\xc3\xa9bc\nok\n")
+    assert command.read_texts(path) == ["aaaaaaaaa", "ok"]
+
+
+@pytest.mark.parametrize(("make", "words"), [
+    (lambda p: "/dev/zero", "not a text file"),
+    (lambda p: p.write_bytes(b"text\n\0\0\0") and str(p), "NUL bytes"),
+    (lambda p: p.write_bytes(b"caf\xe9\n") and str(p), "line 1 is not UTF-8"),
+    (lambda p: p.write_text("\n  \n") and str(p), "holds no text"),
+    (lambda p: str(p.parent), "not a text file"),
+])
+def test_train_texts_that_are_not_text_are_refused(tmp_path, make, words):
+    from circuits.commands.lens import read_texts
+
+    with pytest.raises(OptionError, match=words):
+        read_texts(Path(make(tmp_path / "texts.txt")))
+
+
+def test_command_short_out_flag(tmp_path, capsys):
+    out = tmp_path / "short"
+    code, text, err = run(["lens", "ioi", "--n", "2", "-o", str(out)], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["lens.json", "lens.png"]
+
+
+# -- every reading command moves its files into place with Ctrl-C held back -------------------
+@pytest.mark.parametrize(("argv", "files"), [
+    (["lens", "ioi", "--n", "2"], ["lens.json", "lens.png"]),
+    (["trace", "factual", "--n", "1", "--samples", "1"], ["trace.json", "trace.png"]),
+    (["heads", "--model", "planted-induction", "--n", "2", "--length", "3"],
+     ["heads.json", "heads.png"]),
+    (["dla", "ioi", "--n", "2"], ["dla.json", "dla.png"]),
+    (["attention", "--model", "planted-induction", "--heads", "a1.h0", "--prompt", "ash"],
+     ["a.png"]),
+], ids=["lens", "trace", "heads", "dla", "attention"])
+def test_reading_commands_move_their_files_with_ctrl_c_held(argv, files, tmp_path, capsys,
+                                                            monkeypatch):
+    import contextlib
+    import signal
+
+    from circuits import outputs
+
+    real, moves = outputs.sigint_held, []
+
+    @contextlib.contextmanager
+    def watched():
+        with real():
+            moves.append(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+            yield
+
+    monkeypatch.setattr(outputs, "sigint_held", watched)
+    out = tmp_path / "out"
+    target = ["-o", str(out / "a.png")] if argv[0] == "attention" else ["-o", str(out)]
+    code, _, err = run([*argv, *target], capsys)
+    assert code == 0, err
+    assert moves == [True]  # one move of the whole set, SIGINT blocked during it
+    assert sorted(p.name for p in out.iterdir()) == files  # no staging folder left

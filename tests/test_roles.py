@@ -1,5 +1,6 @@
 """Head roles on heads built by hand to have exactly one role (or none), on the planted and toy
-models, on other families, and the ``heads`` and ``attention`` commands.
+models, on other families; the labels a head gets (only where the evidence is strong, checked on
+hand-made scores and on the shipped models); and the ``heads`` and ``attention`` commands.
 
 `one_layer_roles` sets every weight of a one-layer GPT-2 so that its residual is a one-hot token
 block and a one-hot position block, which its first LayerNorm leaves exactly as they are (the
@@ -21,6 +22,9 @@ from circuits import cli, get_task
 from circuits.errors import OptionError
 from circuits.model import load_model
 from circuits.reading.roles import (
+    DLA_SHARE,
+    LABEL_MIN,
+    MIXED_GAP,
     ROLES,
     HeadRoles,
     head_roles,
@@ -104,6 +108,7 @@ def hand_built() -> HeadRoles:
 def test_a_head_built_for_a_role_scores_near_1_on_it(hand_built, head):
     assert hand_built.scores[HEADS[head]][0, head] > 0.97
     assert hand_built.best()[f"a0.h{head}"][0] == HEADS[head]
+    assert hand_built.labels()[f"a0.h{head}"].role == HEADS[head]
 
 
 def test_a_head_with_no_role_scores_near_0_on_every_role(hand_built):
@@ -111,6 +116,7 @@ def test_a_head_with_no_role_scores_near_0_on_every_role(hand_built):
     for role, scores in hand_built.scores.items():
         assert scores[0, none] < 0.02, role
     assert hand_built.best()[f"a0.h{none}"][0] == "none"
+    assert hand_built.labels()[f"a0.h{none}"].role == ""
     # and a role head scores low on the roles it was not built for (the previous-token head
     # reaches position 0 from position 1 only: 1 of 14 queries)
     assert hand_built.scores["first-token"][0, 0] < 1 / 14 + 0.01
@@ -194,7 +200,7 @@ def test_head_roles_value(hand_built, tmp_path):
     assert record["best"]["a0.h2"]["role"] == "duplicate-token"
     assert len(record["scores"]["copying"][0]) == len(HEADS)
     lines = hand_built.table().splitlines()
-    assert len(lines) == 2 + len(HEADS) and lines[0].split()[-1] == "best"
+    assert len(lines) == 2 + len(HEADS) and lines[0].split()[-1] == "label"
     assert lines[2].split()[-2:][0] == "previous-token"
     out = plot_roles(hand_built, tmp_path / "heads.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -210,8 +216,8 @@ def folder(request, tmp_path_factory) -> Path:
 
 def test_heads_command_on_other_families(folder, tmp_path, capsys):
     out = tmp_path / "heads"
-    code = cli.main(["heads", str(folder), "--task", "ioi", "--n", "4", "--length", "6",
-                     "--out", str(out)])
+    code = cli.main(["heads", "--model", str(folder), "--task", "ioi", "--n", "4", "--length",
+                     "6", "--out", str(out)])
     text = capsys.readouterr().out
     assert code == 0
     record = json.loads((out / "heads.json").read_text())
@@ -228,37 +234,58 @@ def test_attention_command_on_other_families(folder, tmp_path, capsys):
     import matplotlib.image
 
     out = tmp_path / "a.png"
-    code = cli.main(["attention", str(folder), "--heads", "a1.h2", "a0.h0", "--task", "ioi",
-                     "--n", "2", "-o", str(out)])
+    code = cli.main(["attention", "--model", str(folder), "--heads", "a1.h2,a0.h0", "--task",
+                     "ioi", "--n", "2", "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     wide = matplotlib.image.imread(out)  # 4 panels in one row
-    code = cli.main(["attention", str(folder), "--heads", "a1.h2", "--prompt",
-                     "When Mary and John went to the store", "-o", str(out)])
+    code = cli.main(["attention", "--model", str(folder), "--heads", "a1.h2", "--prompt",
+                     "When Mary and John went to the store", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     single = matplotlib.image.imread(out)
     assert wide.shape[1] > 2 * single.shape[1]
 
 
 def test_commands_on_a_shipped_model(tmp_path, capsys):
-    code = cli.main(["heads", "planted-induction", "--n", "4", "--out", str(tmp_path / "h")])
-    text = capsys.readouterr().out
-    assert code == 0
+    code = cli.main(["heads", "--model", "planted-induction", "--n", "4", "-o",
+                     str(tmp_path / "h")])
+    text, err = capsys.readouterr()
+    assert code == 0 and err == ""
     row = next(line for line in text.splitlines() if line.startswith("a1.h0"))
     assert row.endswith("induction 1.00")
-    assert cli.main(["attention", "planted-induction", "--heads", "a1.h0", "--prompt",
-                     "<|endoftext|> ash bay cod ash", "-o", str(tmp_path / "a.png")]) == 0
+    assert cli.main(["attention", "--model", "planted-induction", "--heads", "a1.h0",
+                     "--prompt", "<|endoftext|> ash bay cod ash", "-o",
+                     str(tmp_path / "a.png")]) == 0
+
+
+def test_the_positional_model_still_works_with_one_warning(tmp_path, capsys):
+    out = tmp_path / "h"
+    assert cli.main(["heads", "planted-induction", "--n", "2", "--length", "3", "--out",
+                     str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["circuits: warning: `circuits heads MODEL`: the positional MODEL is "
+                   "deprecated; use --model MODEL"]
+    assert (out / "heads.json").is_file()
+    assert cli.main(["attention", "planted-induction", "--heads", "a1.h0", "--prompt", "ash",
+                     "-o", str(tmp_path / "a.png")]) == 0
+    assert "positional MODEL is deprecated" in capsys.readouterr().err
+
+
+ATTENTION = ["attention", "--model", "planted-ioi"]
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["attention", "planted-ioi", "--heads", "a3.h0", "--prompt", "Mary"], "a3.h0 does not"),
-    (["attention", "planted-ioi", "--heads", "head1", "--prompt", "Mary"], "not a head name"),
-    (["attention", "planted-ioi", "--heads", "a0.h0", "--prompt", " ".join(["Mary"] * 12)],
-     "more than"),
-    (["attention", "planted-ioi", "--heads", "a0.h0", "--prompt", "  "], "empty"),
-    (["attention", "planted-ioi", "--heads", "a0.h0", "--task", "nope"], "unknown task"),
-    (["heads", "planted-ioi", "--length", "1"], "--length"),
-    (["heads", "planted-ioi", "--n", "0"], "--n"),
-    (["heads", "./no-such-model-folder"], "no model folder"),
+    ([*ATTENTION, "--heads", "a3.h0", "--prompt", "Mary"], "a3.h0 does not"),
+    ([*ATTENTION, "--heads", "head1", "--prompt", "Mary"], "not a head name"),
+    ([*ATTENTION, "--heads", "a0.h0,a9", "--prompt", "Mary"], "'a9' is not a head name"),
+    ([*ATTENTION, "--heads", "a0.h0", "--prompt", " ".join(["Mary"] * 12)], "more than"),
+    ([*ATTENTION, "--heads", "a0.h0", "--prompt", "  "], "empty"),
+    ([*ATTENTION, "--heads", "a0.h0", "--prompt", "Mary \udcff"], "not valid UTF-8"),
+    ([*ATTENTION, "--heads", "a0.h0", "--task", "nope"], "unknown task"),
+    (["attention", "--heads", "a0.h0", "--prompt", "Mary"], "needs a model"),
+    (["heads", "--model", "planted-ioi", "--length", "1"], "--length"),
+    (["heads", "--model", "planted-ioi", "--n", "0"], "--n"),
+    (["heads", "--model", "./no-such-model-folder"], "no model folder"),
+    (["heads", "planted-ioi", "--model", "planted-induction"], "two models"),
 ])
 def test_command_errors_are_one_line(argv, message, tmp_path, capsys):
     extra = ["-o", str(tmp_path / "a.png")] if argv[0] == "attention" else [
@@ -271,9 +298,9 @@ def test_command_errors_are_one_line(argv, message, tmp_path, capsys):
 
 def test_outputs_checked_before_any_work(tmp_path, capsys):
     (tmp_path / "file").write_text("keep")
-    assert cli.main(["heads", "planted-ioi", "--out", str(tmp_path / "file")]) == 2
-    assert cli.main(["attention", "planted-ioi", "--heads", "a0.h0", "--prompt", "Mary",
-                     "-o", str(tmp_path / "a.svg")]) == 2
+    assert cli.main(["heads", "--model", "planted-ioi", "--out", str(tmp_path / "file")]) == 2
+    assert cli.main([*ATTENTION, "--heads", "a0.h0", "--prompt", "Mary", "-o",
+                     str(tmp_path / "a.svg")]) == 2
     assert "PNG" in capsys.readouterr().err
     assert (tmp_path / "file").read_text() == "keep"
 
@@ -286,3 +313,98 @@ def test_copying_in_chunks_of_heads_is_the_same(monkeypatch):
     assert whole[0, HEADS.index("copying")] == 1.0 and whole.sum() == 1.0
     monkeypatch.setattr(roles, "LOGITS_BUDGET", 1)  # one head at a time
     assert torch.equal(head_roles(model, n=2, length=3).scores["copying"], whole)
+
+
+# -- labels ------------------------------------------------------------------------------------
+def scored(dla=None, dla_total=None, **scores: float) -> HeadRoles:
+    """One head (a0.h0) with the given role scores (role names with _ for -)."""
+    return HeadRoles({r.replace("_", "-"): torch.tensor([[v]]) for r, v in scores.items()},
+                     dla=None if dla is None else torch.tensor([[dla]]), dla_total=dla_total)
+
+
+def label(roles: HeadRoles) -> tuple[str, tuple[str, ...]]:
+    found = roles.labels()["a0.h0"]
+    return found.role, found.mixed
+
+
+@pytest.mark.parametrize(("roles", "want"), [
+    # below the threshold however it compares with the other roles: unlabelled
+    (scored(first_token=LABEL_MIN - 0.01, previous_token=0.02), ("", ())),
+    (scored(first_token=LABEL_MIN), ("first-token", ())),
+    # two attention roles within MIXED_GAP: mixed, strongest first
+    (scored(previous_token=0.6, first_token=0.6 - MIXED_GAP + 0.01),
+     ("mixed", ("previous-token", "first-token"))),
+    (scored(previous_token=0.6, first_token=0.6 - MIXED_GAP - 0.01), ("previous-token", ())),
+    # copying labels a head only when no attention role does
+    (scored(induction=0.5, copying=1.0), ("induction", ())),
+    (scored(induction=0.3, copying=0.9), ("copying", ())),
+    # name-mover needs the head to raise the answer in contrastive DLA, by DLA_SHARE of the
+    # metric's difference; without DLA (or short of it) a weaker qualifying role names it
+    (scored(name_mover=0.9, copying=0.9), ("copying", ())),
+    (scored(name_mover=0.9, dla=2.0 * DLA_SHARE - 0.01, dla_total=2.0), ("", ())),
+    (scored(name_mover=0.9, dla=-1.0, dla_total=-2.0), ("", ())),
+    (scored(name_mover=0.9, dla=2.0 * DLA_SHARE, dla_total=2.0), ("name-mover", ())),
+    (scored(name_mover=0.9, first_token=0.5, dla=0.01, dla_total=2.0), ("first-token", ())),
+])
+def test_label_rule_on_hand_made_scores(roles, want):
+    assert label(roles) == want
+
+
+def test_label_text_and_json():
+    roles = scored(previous_token=0.6, first_token=0.55)
+    assert str(roles.labels()["a0.h0"]) == "mixed (previous-token, first-token) 0.60"
+    assert roles.to_dict()["labels"]["a0.h0"] == {
+        "role": "mixed", "score": 0.6, "mixed": ["previous-token", "first-token"]}
+    assert str(scored(induction=0.1).labels()["a0.h0"]) == "-"
+
+
+@pytest.fixture(scope="module")
+def ioi_roles() -> HeadRoles:
+    model = load_model("ioi-gpt2-4l")
+    return head_roles(model, get_task("ioi", model.tokenizer, n=16), n=16)
+
+
+def test_ioi_heads_that_write_the_answer_are_not_labelled_by_weak_roles(ioi_roles):
+    """a3.h2 and a3.h3 carry most of the IOI metric directly (contrastive DLA +4 and +7 of
+    about 12) while every attention role of theirs is at chance (~0.1): they were labelled
+    'first-token 0.10'; now they have no label."""
+    labels = ioi_roles.labels()
+    for name, (layer, head) in (("a3.h2", (3, 2)), ("a3.h3", (3, 3))):
+        assert float(ioi_roles.dla[layer, head]) > 0.25 * ioi_roles.dla_total
+        assert max(float(s[layer, head]) for s in ioi_roles.scores.values()) < LABEL_MIN
+        assert labels[name].role != "first-token" and labels[name].role == ""
+
+
+def test_induction_layer_0_heads_are_not_name_movers():
+    """The induction model's layer-0 heads read fixed positions, which hold the answer in some
+    prompts and a wrong word in the others; they were labelled name-mover."""
+    model = load_model("induction-gpt2-2l")
+    roles = head_roles(model, get_task("induction", model.tokenizer, n=16), n=16)
+    labels = roles.labels()
+    assert all(labels[f"a0.h{h}"].role != "name-mover" for h in range(4))
+
+
+def test_role_scoring_shows_progress_and_bounds_the_copying_sample(monkeypatch):
+    """10 sequences in chunks of 8 are 2 forwards; copying adds one step per layer (2); and
+    however large n, copying reads at most COPY_TOKENS_MAX tokens."""
+    from test_tuned_lens import record_progress
+
+    from circuits.reading import roles as module
+
+    bars = record_progress(monkeypatch)
+    seen = []
+    real = module.sample_tokens
+    monkeypatch.setattr(module, "sample_tokens", lambda m, n, s: seen.append(n) or real(m, n, s))
+    monkeypatch.setattr(module, "COPY_TOKENS_MAX", 7)
+    head_roles(tiny_gpt2(vocab_size=40), n=10, length=3)
+    assert [(b.desc, b.total, b.done) for b in bars] == [("head roles", 4, 4)]
+    assert seen == [7]
+
+
+@pytest.mark.parametrize("command", ["heads", "attention"])
+def test_help_names_the_model_with_model(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser([command]).parse_args([command, "--help"])
+    text = capsys.readouterr().out
+    assert "--model MODEL" in text and f"circuits {command} --model " in text
+    assert "positional" not in text  # the deprecated form is not advertised

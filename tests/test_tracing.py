@@ -155,7 +155,10 @@ def test_token_groups_average_every_cell_they_hold():
     # cell value = 10 * prompt + position, one layer
     grids = [{"hidden": torch.tensor([[0.0, 1, 2, 3, 4, 5]], dtype=torch.float64)},
              {"hidden": torch.tensor([[10.0, 11, 12, 13, 14, 15, 16]], dtype=torch.float64)}]
-    labels, counts, merged = tracing._aggregate(prompts, grids, tokenizer=None)
+    totals = tracing._Totals(len(prompts), tokenizer=None)
+    for prompt, grid in zip(prompts, grids, strict=True):
+        totals.add(prompt, grid)
+    labels, counts, merged = totals.result()
     assert labels == tracing.GROUPS
     assert counts == (2, 1, 2, 2, 2, 2)
     # first: 1, 11; middle: 12; last: 2, 13; after: 3, 14; further: 4, 15; last token: 5, 16
@@ -284,3 +287,51 @@ def test_cli_on_newer_families(family_folder, tmp_path, capsys):
                    for g in grids.values())
     assert 0 <= record["p_corrupt"] <= 1 and 0 <= record["p_clean"] <= 1
     assert (out / "trace.png").stat().st_size > 0
+
+
+# -- bounds, non-finite results and progress ---------------------------------------------------
+@pytest.mark.parametrize("options, message", [
+    (dict(noise=1e30), "noise must be"), (dict(noise=float("nan")), "noise must be"),
+    (dict(noise=tracing.MAX_NOISE * 1.01), "noise must be"),
+    (dict(samples=tracing.MAX_SAMPLES + 1), "samples must be"),
+])
+def test_noise_and_samples_are_bounded(factual, options, message):
+    with pytest.raises(OptionError, match=message):
+        causal_trace(factual, federer(subject="Roger Federer"), **options)
+
+
+def test_a_trace_beyond_the_run_limit_is_refused_with_its_size(factual, monkeypatch):
+    """Federer's prompt has 11 tokens, the subject at 2-3, 4 layers and window 1: 3 kinds x 4
+    layers = 12 restorations per position. Positions 2 to 9 run those whose layers are not the
+    last (9 each), position 10 all 12, plus the corrupted run: 1 + 8 x 9 + 12 = 85 runs per
+    noise sample, 170 for two samples."""
+    monkeypatch.setattr(tracing, "MAX_RUNS", 169)
+    with pytest.raises(OptionError, match="needs about 170 noised runs .1 prompts x 2 noise "
+                                          "samples x about 85 restorations each., more than "
+                                          "the 169"):
+        causal_trace(factual, federer(subject="Roger Federer"), samples=2)
+    monkeypatch.setattr(tracing, "MAX_RUNS", 170)
+    assert causal_trace(factual, federer(subject="Roger Federer"), samples=2).n_prompts == 1
+    # before tokenizing, every prompt is counted at its least, the corrupted run and the 12
+    # restorations at its last token: 2 x 13 = 26 runs; a prompt with no subject (which
+    # tokenizing would refuse) shows that this refusal comes first
+    monkeypatch.setattr(tracing, "MAX_RUNS", 25)
+    with pytest.raises(OptionError, match="needs at least 26 noised runs"):
+        causal_trace(factual, federer(), samples=2)
+
+
+def test_non_finite_probabilities_are_refused(factual):
+    hook = factual.hf.lm_head.register_forward_hook(lambda m, a, out: out * float("nan"))
+    try:
+        with pytest.raises(OptionError, match="not finite numbers"):
+            causal_trace(factual, federer(subject="Roger Federer"), samples=1, kinds=["hidden"])
+    finally:
+        hook.remove()
+
+
+def test_tracing_shows_progress_in_noised_runs(factual, monkeypatch):
+    from test_tuned_lens import record_progress
+
+    bars = record_progress(monkeypatch)
+    causal_trace(factual, federer(subject="Roger Federer"), samples=2)
+    assert [(b.desc, b.total, b.done) for b in bars] == [("causal trace", 170, 170)]

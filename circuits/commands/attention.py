@@ -3,7 +3,12 @@
 Prompts come from ``--prompt`` (tokenized as the model's tokenizer does by default, so a BOS
 token is added where the tokenizer adds one) or from a task's clean prompts (``--task``, the
 first ``--n``). One panel per prompt and head, drawn by
-`circuits.reading.attention.plot_attention`.
+`circuits.reading.attention.plot_attention`, staged next to the output file and moved into place
+with Ctrl-C held back (`circuits.outputs.staged`).
+
+The model is ``--model MODEL`` (the positional ``MODEL`` of earlier releases still works for
+now, with a warning); heads may be listed with spaces or commas (``--heads a1.h0,a0.h1``); the
+output file is ``-o``, ``--output`` or ``--out``.
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 HELP_EXAMPLES = """examples:
-  circuits attention induction-gpt2-2l --heads a1.h0 a0.h1 --task induction -o attn.png
-  circuits attention ioi-gpt2-4l --heads a3.h0 --task ioi --n 3 -o ioi-a3h0.png
-  circuits attention ./my-model --heads a0.h1 --prompt "When Mary and John went" -o a.png"""
+  circuits attention --model induction-gpt2-2l --heads a1.h0,a0.h1 --task induction -o attn.png
+  circuits attention --model ioi-gpt2-4l --heads a3.h0 --task ioi --n 3 -o ioi-a3h0.png
+  circuits attention --model ./my-model --heads a0.h1 --prompt "When Mary and John went" -o a.png"""
 
 _HEAD = re.compile(r"a(\d+)\.h(\d+)")
 
@@ -25,11 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The model, the heads, the prompts (text or a task), the output file, device and
     dtype."""
     from ..cli import add_device_arguments
+    from .heads import add_model_arguments
 
-    parser.add_argument("model", metavar="MODEL", help="a shipped model (`circuits models`), a "
-                        "local model folder or a hub name")
+    add_model_arguments(parser)
     parser.add_argument("--heads", nargs="+", required=True, metavar="HEAD",
-                        help="heads to draw, named a{layer}.h{head} (e.g. a1.h2)")
+                        help="heads to draw, named a{layer}.h{head}, separated by spaces or "
+                        "commas (e.g. a1.h2 a0.h0 or a1.h2,a0.h0)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", metavar="TEXT",
                         help="a prompt to draw (repeat for more)")
@@ -38,23 +44,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --task: how many of its prompts (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, metavar="S",
                         help="with --task: seeds its prompts (default: %(default)s)")
-    parser.add_argument("-o", "--output", required=True, metavar="FILE.png",
-                        help="the PNG file to write")
+    parser.add_argument("-o", "--output", "--out", dest="output", required=True,
+                        metavar="FILE.png", help="the PNG file to write")
     add_device_arguments(parser)
 
 
 def parse_heads(names: list[str]) -> list[tuple[int, int]]:
-    """``["a1.h2", ...]`` -> ``[(1, 2), ...]``, or an OptionError naming the bad one.
+    """``["a1.h2", ...]`` -> ``[(1, 2), ...]``, each item also a comma-separated list, or an
+    OptionError naming the bad one.
 
     Examples
     --------
-    >>> parse_heads(["a1.h2", "a0.h0"])
-    [(1, 2), (0, 0)]
+    >>> parse_heads(["a1.h2", "a0.h0,a2.h1"])
+    [(1, 2), (0, 0), (2, 1)]
     """
     from ..cli import _fail
 
     heads = []
-    for name in names:
+    for name in (part.strip() for item in names for part in item.split(",")):
         match = _HEAD.fullmatch(name)
         if match is None:
             _fail(f"{name!r} is not a head name; name heads a{{layer}}.h{{head}}, e.g. a1.h2")
@@ -66,9 +73,14 @@ def run(args: argparse.Namespace) -> int:
     """Check the options, load the model, read the patterns, draw them."""
     from ..cli import _fail, check_device_and_dtype, check_output, check_seed_and_n
     from ..model import load_model
+    from ..outputs import staged
     from ..reading.attention import MAX_PANELS, attention_patterns, check_heads, plot_attention
+    from .heads import model_name
 
+    args.model = model_name(args)
     heads = parse_heads(args.heads)
+    for text in args.prompt or ():
+        check_text(text, "--prompt")
     n_prompts = len(args.prompt) if args.prompt else args.n
     check_seed_and_n(args.seed, args.n)
     if n_prompts * len(heads) > MAX_PANELS:
@@ -92,9 +104,33 @@ def run(args: argparse.Namespace) -> int:
             patterns.append(pattern)
             tokens.append(words)
             titles.append(f"a{layer}.h{head}" + (f"  prompt {k + 1}" if len(prompts) > 1 else ""))
-    plot_attention(patterns, tokens, titles, out)
+    with staged(out.parent) as staging:
+        plot_attention(patterns, tokens, titles, staging / out.name)
     print(out)
     return 0
+
+
+def check_text(text: str, flag: str) -> None:
+    """Refuse text from the command line that is not valid UTF-8 (argv carries undecodable
+    bytes as lone surrogates, which no tokenizer takes).
+
+    Examples
+    --------
+    >>> check_text("When Mary", "--prompt")
+    >>> check_text("caf\\udce9", "--prompt")
+    Traceback (most recent call last):
+    ...
+    circuits.errors.OptionError: --prompt is not valid UTF-8 text (byte 0xe9 at character 4); \
+pass the text in UTF-8
+    """
+    from ..cli import _fail
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start:err.end].encode("utf-8", "surrogateescape")
+        _fail(f"{flag} is not valid UTF-8 text (byte 0x{bad.hex()[:2]} at character "
+              f"{err.start + 1}); pass the text in UTF-8")
 
 
 def prompt_ids(args: argparse.Namespace, model: Any) -> tuple[list[tuple[Any, list[str]]], Any]:
@@ -113,7 +149,8 @@ def prompt_ids(args: argparse.Namespace, model: Any) -> tuple[list[tuple[Any, li
         rows = []
         limit = model.context_length
         for text in args.prompt:
-            ids = model.tokenizer(text)["input_ids"]
+            # as the tasks' prompts: the tokenizer's prefix (or --bos/--no-bos), no trailing EOS
+            ids = model.tokenize([text], bos=args.bos)[0].tolist()
             if not ids:
                 _fail(f"the prompt {text!r} has no tokens for {model.name!r}; give other text")
             if limit is not None and len(ids) > limit:

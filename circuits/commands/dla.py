@@ -1,18 +1,20 @@
 """``circuits dla``: direct logit attribution of a task's metric to every head and MLP.
 
 Prints the layer x head table (with the MLPs, the embeddings, the constants and the total) and
-writes dla.png (the heatmap) and dla.json, staged inside ``--out`` and moved into place together.
+writes dla.png (the heatmap) and dla.json, staged inside ``--out`` and moved into place together
+(`circuits.outputs.staged`). With ``--contrast`` every term is the clean prompts' minus the
+corrupted prompts', and they add up to the metric's clean minus corrupted difference.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 HELP_EXAMPLES = """examples:
   circuits dla ioi                                 # table; circuits-out/dla-ioi/
-  circuits dla ioi --n 100 --out out/ioi-dla
+  circuits dla ioi --n 100 -o out/ioi-dla
+  circuits dla ioi --contrast                      # clean minus corrupted, term by term
   circuits dla my_behavior.jsonl --model ./my-model --device cuda"""
 
 FILES = ("dla.png", "dla.json")
@@ -33,8 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seeds the prompts (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, metavar="B",
                         help="prompts per forward pass (default: %(default)s)")
-    parser.add_argument("--out", metavar="DIR", help="output folder for dla.png and dla.json "
-                        "(default: circuits-out/dla-TASK)")
+    parser.add_argument("--contrast", action="store_true", help="attribute the metric's clean "
+                        "minus corrupted difference: each term on the clean prompts minus the "
+                        "same on the corrupted ones (a head that pushes the answer on every "
+                        "prompt reads near 0)")
+    parser.add_argument("-o", "--out", metavar="DIR", help="output folder for dla.png and "
+                        "dla.json (default: circuits-out/dla-TASK)")
     add_device_arguments(parser)
 
 
@@ -63,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     from ..reading.dla import direct_logit_attribution
 
     task, model = load_task_and_model(args.task, args.model, args.n, args.seed, args)
-    dla = direct_logit_attribution(model, task, metric=args.metric, batch_size=args.batch_size)
+    dla = direct_logit_attribution(model, task, metric=args.metric, batch_size=args.batch_size,
+                                   contrast=args.contrast)
     write_outputs(dla, out)
     print(dla.table())
     print(f"\nwrote {out / FILES[0]} and {out / FILES[1]}")
@@ -72,15 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
 def write_outputs(dla: object, out: Path) -> None:
     """dla.png and dla.json, staged inside `out` and moved into place together."""
-    import shutil
-    import tempfile
+    from ..outputs import staged
 
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
-    try:
+    with staged(out) as staging:
         dla.plot(staging / FILES[0])
         dla.save_json(staging / FILES[1])
-        for name in FILES:
-            os.replace(staging / name, out / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -3,14 +3,14 @@
 The subject of each prompt is noised and each hidden state, MLP output and attention output is
 restored in turn (`circuits.reading.tracing.causal_trace`). Prints, per kind, the layer and
 token group with the strongest indirect effect, and the total effect; writes trace.png (the
-three-panel heatmap) and trace.json, staged inside ``--out`` and moved into place together.
+three-panel heatmap) and trace.json, staged inside ``--out`` and moved into place together
+(`circuits.outputs.staged`). ``--noise``, ``--samples`` and the whole trace's number of noised
+runs are bounded (`circuits.reading.tracing.MAX_NOISE`, `MAX_SAMPLES`, `MAX_RUNS`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 HELP_EXAMPLES = """examples:
   circuits trace factual                        # circuits-out/trace-factual/trace.png
-  circuits trace factual --n 50 --samples 10 --window 2 --out out/factual-trace
+  circuits trace factual --n 50 --samples 10 --window 2 -o out/factual-trace
   circuits trace my_facts.jsonl --model ./my-model   # each line's "meta": {"subject": "..."}"""
 
 FILES = ("trace.png", "trace.json")
@@ -29,6 +29,7 @@ DEFAULT_N = 20
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The task, model, prompt count, noise, samples, window, seed, output folder, device."""
     from ..cli import add_device_arguments
+    from ..reading.tracing import MAX_NOISE, MAX_RUNS, MAX_SAMPLES
 
     parser.add_argument("task", metavar="TASK", help="a built-in task (`circuits tasks`) or a "
                         "JSONL file whose lines name their subject in \"meta\": {\"subject\": ...}")
@@ -38,15 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of prompts, also for a JSONL file (default: %(default)s)")
     parser.add_argument("--noise", type=float, default=3.0, metavar="K",
                         help="noise on the subject's embeddings, in standard deviations of "
-                        "those embeddings (default: %(default)s, as ROME)")
+                        f"those embeddings, 0 to {MAX_NOISE:g} (default: %(default)s, as ROME)")
     parser.add_argument("--samples", type=int, default=10, metavar="S",
-                        help="noise draws per prompt (default: %(default)s, as ROME)")
+                        help=f"noise draws per prompt, 1 to {MAX_SAMPLES} (default: "
+                        f"%(default)s, as ROME); a trace runs at most {MAX_RUNS:,} noised "
+                        "prompts (prompts x samples x restorations)")
     parser.add_argument("--window", type=int, metavar="W",
                         help="consecutive layers whose MLP or attention outputs are restored "
                         "together (default: a quarter of the layers, 1 to 10)")
     parser.add_argument("--seed", type=int, default=0, metavar="S",
                         help="seeds the prompts and the noise (default: %(default)s)")
-    parser.add_argument("--out", metavar="DIR", help="output folder for trace.png and "
+    parser.add_argument("-o", "--out", metavar="DIR", help="output folder for trace.png and "
                         "trace.json (default: circuits-out/trace-TASK)")
     add_device_arguments(parser)
 
@@ -61,14 +64,15 @@ def run(args: argparse.Namespace) -> int:
         load_task_and_model,
         task_name,
     )
-    from ..reading.tracing import causal_trace
+    from ..reading.tracing import MAX_NOISE, MAX_SAMPLES, causal_trace
     from ..report import text_table
 
     check_seed_and_n(args.seed, args.n)
-    if not args.noise >= 0 or args.noise == float("inf"):
-        _fail(f"--noise must be a number of standard deviations of at least 0, got {args.noise}")
-    if args.samples < 1:
-        _fail(f"--samples must be at least 1, got {args.samples}")
+    if not 0 <= args.noise <= MAX_NOISE:
+        _fail(f"--noise must be a number of standard deviations from 0 to {MAX_NOISE:g} (ROME "
+              f"uses 3), got {args.noise}")
+    if not 1 <= args.samples <= MAX_SAMPLES:
+        _fail(f"--samples must be from 1 to {MAX_SAMPLES} (ROME uses 10), got {args.samples}")
     if args.window is not None and args.window < 1:
         _fail(f"--window must be at least 1 layer, got {args.window}")
     check_device_and_dtype(args)
@@ -97,18 +101,9 @@ def run(args: argparse.Namespace) -> int:
 
 def write_outputs(trace: CausalTrace, out: Path) -> None:
     """trace.png and trace.json, staged inside `out` and moved into place together."""
-    import shutil
-    import tempfile
+    from ..io import dumps, write_atomic
+    from ..outputs import staged
 
-    from ..io import write_atomic
-
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
-    try:
+    with staged(out) as staging:
         trace.plot(staging / FILES[0])
-        record = json.dumps(trace.to_dict(), indent=1) + "\n"
-        write_atomic(staging / FILES[1], record.encode("utf-8"))
-        for name in FILES:
-            os.replace(staging / name, out / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        write_atomic(staging / FILES[1], (dumps(trace.to_dict(), indent=1) + "\n").encode("utf-8"))

@@ -17,13 +17,20 @@ residual. Heads' writes come from the family adapter where there is one (which a
 Gemma-2's post-attention norm, its scale frozen); otherwise from the output projection's weight
 columns, and the MLP write, taken as the layer's residual update minus its attention write, is
 checked against the MLP module's output.
+
+Contrastive attribution (``contrast=True``) runs the same split on the corrupted prompts too and
+reports each term's clean value minus its corrupted value: what a component writes *because of*
+the difference between the prompts. A head that pushes the answer on every prompt (a prior, a
+positional copy) has a large plain term and a small contrastive one. Each run freezes its own
+norm scale, so the contrastive terms and constants add up to ``metric(clean) -
+metric(corrupted)`` exactly, as the plain ones add up to ``metric(clean)``.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +157,9 @@ def linear_metric(fn: Metric, batch: Batch, logits: Tensor) -> tuple[Tensor, Ten
 class DLA:
     """Each component's direct contribution to the metric, averaged over the prompts.
 
-    ``embed + heads.sum() + mlps.sum() + constant == total``.
+    ``embed + heads.sum() + mlps.sum() + constant == total``. With ``contrast`` every value is
+    the clean prompts' minus the corrupted prompts' (``total`` is ``metric(clean) -
+    metric(corrupted)``), and `clean` and `corrupt` hold the two plain attributions.
 
     Attributes
     ----------
@@ -169,6 +178,10 @@ class DLA:
         The metric of the model's own logits.
     metric, model, task : str
     n_prompts : int
+    contrast : bool
+        Whether the values are clean minus corrupted.
+    clean, corrupt : DLA or None
+        With ``contrast``: the plain attribution on the clean and on the corrupted prompts.
     """
 
     heads: Tensor
@@ -181,6 +194,9 @@ class DLA:
     model: str
     task: str
     n_prompts: int
+    contrast: bool = False
+    clean: DLA | None = field(default=None, compare=False, repr=False)
+    corrupt: DLA | None = field(default=None, compare=False, repr=False)
 
     @property
     def error(self) -> float:
@@ -216,17 +232,28 @@ class DLA:
         header = ("layer", *(f"h{h}" for h in range(self.heads.shape[1])), "mlp")
         summary = [("input (embeddings)", f"{self.embed:+.4f}")]
         summary += [(name, f"{value:+.4f}") for name, value in self.constants.items()]
-        summary += [("total (model's metric)", f"{self.total:+.4f}"),
-                    ("sum of terms - total", f"{-self.error:+.2e}")]
-        return (f"direct logit attribution, {self.model}, {self.n_prompts} prompts, metric "
-                f"{self.metric}\n{text_table(grid, header=header)}\n\n{text_table(summary)}")
+        if self.contrast and self.clean is not None and self.corrupt is not None:
+            summary += [("model's metric, clean prompts", f"{self.clean.total:+.4f}"),
+                        ("model's metric, corrupted prompts", f"{self.corrupt.total:+.4f}"),
+                        ("total (clean - corrupted)", f"{self.total:+.4f}")]
+        else:
+            summary.append(("total (model's metric)", f"{self.total:+.4f}"))
+        summary.append(("sum of terms - total", f"{-self.error:+.2e}"))
+        kind = "contrastive direct logit attribution (clean - corrupted)" if self.contrast else (
+            "direct logit attribution")
+        return (f"{kind}, {self.model}, {self.n_prompts} prompts, metric {self.metric}\n"
+                f"{text_table(grid, header=header)}\n\n{text_table(summary)}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: heads as a list of rows, MLPs, embeddings, constants, total."""
-        return dict(model=self.model, task=self.task, metric=self.metric,
-                    n_prompts=self.n_prompts, heads=self.heads.tolist(), mlps=self.mlps.tolist(),
-                    embed=self.embed, constant=self.constant, constants=dict(self.constants),
-                    total=self.total, error=self.error)
+        """JSON-ready: heads as a list of rows, MLPs, embeddings, constants, total; with
+        ``contrast``, also ``clean`` and ``corrupt``, the two plain attributions."""
+        out = dict(model=self.model, task=self.task, metric=self.metric,
+                   n_prompts=self.n_prompts, contrast=self.contrast, heads=self.heads.tolist(),
+                   mlps=self.mlps.tolist(), embed=self.embed, constant=self.constant,
+                   constants=dict(self.constants), total=self.total, error=self.error)
+        if self.clean is not None and self.corrupt is not None:
+            out.update(clean=self.clean.to_dict(), corrupt=self.corrupt.to_dict())
+        return out
 
     def save_json(self, path: str | Path) -> Path:
         """`to_dict` as JSON, written atomically."""
@@ -267,9 +294,11 @@ class DLA:
                     strict=True):
                 ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=6,
                         color="white" if abs(value) > 0.6 * limit else "black")
-        fig.colorbar(image, ax=ax, label=f"direct effect on {self.metric}")
-        ax.set_title(f"{self.task} on {self.model}\nembeddings {self.embed:+.2f}, constants "
-                     f"{self.constant:+.2f}, total {self.total:+.2f}", fontsize=9)
+        what = "clean - corrupted " if self.contrast else ""
+        fig.colorbar(image, ax=ax, label=f"{what}direct effect on {self.metric}")
+        ax.set_title(f"{self.task} on {self.model}{', clean - corrupted' if self.contrast else ''}"
+                     f"\nembeddings {self.embed:+.2f}, constants {self.constant:+.2f}, total "
+                     f"{self.total:+.2f}", fontsize=9)
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, dpi=110, format="png")
@@ -316,6 +345,7 @@ def direct_logit_attribution(
     *,
     metric: str | Metric | Callable | None = None,
     batch_size: int = 32,
+    contrast: bool = False,
 ) -> DLA:
     """Each head's and MLP's direct contribution to the metric through the unembedding, with the
     final norm's scale frozen, so the terms and constants add up to the metric.
@@ -331,12 +361,16 @@ def direct_logit_attribution(
         A metric linear in the logits (default: the task's, logit difference for batches).
     batch_size : int
         Prompts per forward when `data` is a task.
+    contrast : bool
+        Attribute ``metric(clean) - metric(corrupted)`` instead: every term is the clean
+        prompts' minus the corrupted prompts' (same answers), each run with its own norm scale.
 
     Returns
     -------
     DLA
         Mean over the prompts of each term; ``embed + heads.sum() + mlps.sum() + constant``
-        equals ``total``, the metric of the model's logits.
+        equals ``total``, the metric of the model's logits (with `contrast`: its clean minus
+        corrupted difference, the two plain attributions in ``clean`` and ``corrupt``).
 
     Raises
     ------
@@ -351,50 +385,92 @@ def direct_logit_attribution(
     >>> dla = direct_logit_attribution(tiny_gpt2(), make_batch(vocab=32))
     >>> tuple(dla.heads.shape), tuple(dla.mlps.shape), abs(dla.error) < 1e-5
     ((2, 2), (2,), True)
+    >>> both = direct_logit_attribution(tiny_gpt2(), make_batch(vocab=32), contrast=True)
+    >>> abs(both.total - (both.clean.total - both.corrupt.total)) < 1e-9, abs(both.error) < 1e-5
+    (True, True)
     """
     fn = metric_of(data, metric)
     batches = batches_of(model, data, batch_size)
     sites = NodeSites.of(model)
-    L, H = sites.n_layers, sites.n_heads
     unembed = Unembedding.of(model)
     head = unembed.head
     if not isinstance(getattr(head, "weight", None), Tensor) or head.weight.dim() != 2:
         raise UnsupportedModelError(f"the unembedding of {type(model.hf).__name__} is not a "
                                     "linear layer; direct logit attribution needs one")
     writes_of = _Writes(model, sites)
-    heads_in = [f"a{layer}.h{h}" for layer in range(L) for h in range(H)]
-    resids = [f"resid{layer}" for layer in range(L)]
-    mlps_in = [f"m{layer}" for layer in range(L)] if writes_of.adapter is None else []
-    f64 = torch.float64
-    sums = dict(heads=torch.zeros(L, H, dtype=f64), mlps=torch.zeros(L, dtype=f64),
-                embed=0.0, total=0.0, **{name: 0.0 for name in CONSTANTS})
-    n = 0
-    with torch.no_grad():
+    L = sites.n_layers
+    names = ["input", *(f"resid{layer}" for layer in range(L)),
+             *(f"a{layer}.h{h}" for layer in range(L) for h in range(sites.n_heads)),
+             *((f"m{layer}" for layer in range(L)) if writes_of.adapter is None else ())]
+    runs = ("clean", "corrupt") if contrast else ("clean",)
+    sums = {run: _Sums(L, sites.n_heads) for run in runs}
+    from ..outputs import progress_bar
+
+    total = sum(b.size for b in batches)
+    with torch.no_grad(), progress_bar(total, "direct logit attribution", "prompt") as bar:
         for i, batch in enumerate(batches):
-            acts = collect(model, batch.clean, ["input", *resids, *heads_in, *mlps_in])
-            last = {name: act[:, -1] for name, act in acts.items()}  # [b, d] or [b, dh]
-            if i == 0:
-                unembed.check(model, batch.clean[:8], last[resids[-1]][:8])
-            terms = _batch_terms(model, batch, fn, last, writes_of, unembed)
-            for key, value in terms.items():
-                sums[key] = sums[key] + value.sum(0).cpu()
-            n += batch.size
-    constants = {name: float(sums[name]) / n for name in CONSTANTS}
-    return DLA(
-        heads=sums["heads"] / n, mlps=sums["mlps"] / n, embed=float(sums["embed"]) / n,
-        constant=sum(constants.values()), constants=constants, total=float(sums["total"]) / n,
-        metric=fn.name, model=model.name,
-        task=data.name if isinstance(data, Task) else "batches", n_prompts=n)
+            reference = None
+            for run in runs:
+                acts = collect(model, getattr(batch, run), names)
+                last = {name: act[:, -1] for name, act in acts.items()}  # [b, d] or [b, dh]
+                if i == 0 and run == "clean":
+                    ids = batch.clean[:8]
+                    unembed.check(model, ids, last[f"resid{L - 1}"][:8])
+                terms, logits = _batch_terms(model, batch, fn, last, writes_of, unembed,
+                                             reference)
+                reference = logits if reference is None else reference  # the clean logits
+                sums[run].add(terms, batch.size)
+            bar.update(batch.size)
+    task = data.name if isinstance(data, Task) else "batches"
+    plain = {run: s.result(fn.name, model.name, task) for run, s in sums.items()}
+    if not contrast:
+        return plain["clean"]
+    clean, corrupt = plain["clean"], plain["corrupt"]
+    constants = {k: clean.constants[k] - corrupt.constants[k] for k in CONSTANTS}
+    return DLA(heads=clean.heads - corrupt.heads, mlps=clean.mlps - corrupt.mlps,
+               embed=clean.embed - corrupt.embed, constant=sum(constants.values()),
+               constants=constants, total=clean.total - corrupt.total, metric=fn.name,
+               model=model.name, task=task, n_prompts=clean.n_prompts, contrast=True,
+               clean=clean, corrupt=corrupt)
+
+
+class _Sums:
+    """Running sums of one run's per-prompt terms, and their means as a `DLA`."""
+
+    def __init__(self, n_layers: int, n_heads: int) -> None:
+        f64 = torch.float64
+        self.sums: dict[str, Any] = dict(
+            heads=torch.zeros(n_layers, n_heads, dtype=f64), mlps=torch.zeros(n_layers, dtype=f64),
+            embed=0.0, total=0.0, **{name: 0.0 for name in CONSTANTS})
+        self.n = 0
+
+    def add(self, terms: dict[str, Tensor], size: int) -> None:
+        """Add one batch's ``[b, ...]`` terms."""
+        for key, value in terms.items():
+            self.sums[key] = self.sums[key] + value.sum(0).cpu()
+        self.n += size
+
+    def result(self, metric: str, model: str, task: str) -> DLA:
+        """The means over the prompts added."""
+        s, n = self.sums, self.n
+        constants = {name: float(s[name]) / n for name in CONSTANTS}
+        return DLA(heads=s["heads"] / n, mlps=s["mlps"] / n, embed=float(s["embed"]) / n,
+                   constant=sum(constants.values()), constants=constants,
+                   total=float(s["total"]) / n, metric=metric, model=model, task=task,
+                   n_prompts=n)
 
 
 def _batch_terms(model: Model, batch: Batch, fn: Metric, last: dict[str, Tensor],
-                 writes_of: _Writes, unembed: Unembedding) -> dict[str, Tensor]:
-    """Per prompt (first dimension ``b``): every term of one batch, in float64."""
+                 writes_of: _Writes, unembed: Unembedding, reference: Tensor | None = None
+                 ) -> tuple[dict[str, Tensor], Tensor]:
+    """Per prompt (first dimension ``b``): every term of one run of a batch, in float64, and
+    the run's logits ``[b, V]``. `reference` is the clean run's logits (a metric that compares
+    with them reads them; default: this run's own)."""
     sites = writes_of.sites
     L, H = sites.n_layers, sites.n_heads
     x_last = last[f"resid{L - 1}"]  # [b, d], model dtype
     real = unembed(x_last).float()  # [b, V]: the model's own logits
-    batch = batch.with_clean_logits(real)
+    batch = batch.with_clean_logits(real if reference is None else reference)
     g, m0 = linear_metric(fn, batch, real.double())  # [b, V], [b]
     frozen = freeze_norm(unembed.norm, x_last)
     if unembed.softcap is None:
@@ -431,7 +507,7 @@ def _batch_terms(model: Model, batch: Batch, fn: Metric, last: dict[str, Tensor]
     return {"heads": heads, "mlps": mlps, "embed": (last["input"].double() * r).sum(-1),
             "total": fn(real, batch).double(), "attention biases": attn_bias,
             "final-norm bias": (u * frozen.bias).sum(-1), "unembedding bias": unembed_bias,
-            "metric offset": m0}
+            "metric offset": m0}, real
 
 
 def _check_mlp(model: Model, layer: int, mlp: Tensor, out: Tensor) -> None:

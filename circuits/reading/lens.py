@@ -13,7 +13,6 @@ from the model's own next-token distribution. After the last layer the lens *is*
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,12 +157,23 @@ def answer_rank(logits: Tensor, answers: Tensor) -> Tensor:
     """``[b]`` rank (1 = top) of the best-ranked answer among ``answers`` ``[b, n]`` (-1 pads):
     one plus the number of tokens whose logit is strictly higher.
 
+    Non-finite logits never make a rank look good: a NaN logit of another token counts as
+    higher than the answer's, and an answer whose own logit is NaN or infinite gets the worst
+    rank, the vocabulary size.
+
     >>> answer_rank(torch.tensor([[0.5, 2.0, 1.0]]), torch.tensor([[2, -1]]))
     tensor([2])
+    >>> nan = float("nan")
+    >>> answer_rank(torch.tensor([[nan, 0.0, 1.0], [nan, nan, nan]]), torch.tensor([[2], [0]]))
+    tensor([2, 3])
     """
+    vocab = logits.shape[-1]
     picked = logits.gather(-1, answers.clamp(min=0))  # [b, n]
-    above = (logits[:, None, :] > picked[:, :, None]).sum(-1) + 1  # [b, n]
-    return above.masked_fill(answers < 0, logits.shape[-1] + 1).min(-1).values
+    # every comparison with NaN is false: count NaN logits as higher explicitly
+    higher = (logits[:, None, :] > picked[:, :, None]) | logits.isnan()[:, None, :]  # [b, n, V]
+    above = (higher.sum(-1) + 1).clamp(max=vocab)
+    above = torch.where(picked.isfinite(), above, vocab)  # [b, n]
+    return above.masked_fill(answers < 0, vocab + 1).min(-1).values
 
 
 # -- the result ---------------------------------------------------------------------------------
@@ -195,6 +205,9 @@ class LensResult:
     n_prompts : int
     lens : TunedLens or None
         The translators of a tuned lens.
+    nonfinite : Tensor or None
+        ``[L + 1]`` prompts whose lens logits were not all finite at that layer (ranked last,
+        see `answer_rank`; their metric and KL are NaN, written as null in JSON).
     """
 
     kind: str
@@ -210,6 +223,7 @@ class LensResult:
     model_value: float
     n_prompts: int
     lens: TunedLens | None = field(default=None, compare=False, repr=False)
+    nonfinite: Tensor | None = field(default=None, compare=False)
 
     def rows(self) -> list[tuple[str, ...]]:
         """One row of formatted cells per layer."""
@@ -235,17 +249,26 @@ class LensResult:
 
         head = (f"{self.kind} lens, {self.model}, {self.n_prompts} prompts, metric "
                 f"{self.metric} (model: {self.model_value:.4f})")
-        return head + "\n" + text_table(
+        table = head + "\n" + text_table(
             self.rows(), header=("layer", self.metric, "mean rank", "median rank", "top-1",
                                  "KL(model||lens)"))
+        bad = [] if self.nonfinite is None else [
+            f"{name} ({int(k)})" for name, k in zip(self.layers, self.nonfinite.tolist(),
+                                                    strict=True) if k]
+        if bad:
+            table += ("\nnon-finite lens logits, prompts ranked last: " + ", ".join(bad))
+        return table
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the settings and one list per quantity, in layer order."""
-        return dict(
+        out = dict(
             kind=self.kind, model=self.model, task=self.task, metric=self.metric,
             n_prompts=self.n_prompts, model_value=self.model_value, layers=list(self.layers),
             values=self.values.tolist(), mean_rank=self.mean_rank.tolist(),
             median_rank=self.median_rank.tolist(), top1=self.top1.tolist(), kl=self.kl.tolist())
+        if self.nonfinite is not None:
+            out["nonfinite"] = [int(k) for k in self.nonfinite.tolist()]
+        return out
 
     def plot(self, path: str | Path) -> Path:
         """Write the per-layer plot (metric, answer rank, KL) as a PNG; see `plot_lenses`."""
@@ -303,11 +326,20 @@ def plot_lenses(results: Sequence[LensResult], path: str | Path) -> Path:
 
 
 def save_json(results: dict[str, Any], path: str | Path) -> Path:
-    """`results` as indented JSON, written atomically."""
-    from ..io import write_atomic
+    """`results` as indented strict JSON (a NaN or infinite number written as null), written
+    atomically.
+
+    Examples
+    --------
+    >>> import json, tempfile, pathlib
+    >>> path = save_json({"kl": [0.5, float("nan")]}, pathlib.Path(tempfile.mkdtemp()) / "a.json")
+    >>> json.loads(path.read_text())
+    {'kl': [0.5, None]}
+    """
+    from ..io import dumps, write_atomic
 
     path = Path(path)
-    write_atomic(path, (json.dumps(results, indent=2) + "\n").encode("utf-8"))
+    write_atomic(path, (dumps(results, indent=2) + "\n").encode("utf-8"))
     return path
 
 
@@ -317,11 +349,14 @@ def run_lens(model: Model, data: Data, *, kind: str, translate: Translate | None
              lens: TunedLens | None = None) -> LensResult:
     """Read every layer's last-position residual, `translate` it (identity for the logit lens;
     the last layer is never translated), decode it and summarise per layer."""
+    from ..outputs import progress_bar
+
     fn = metric_of(data, metric)
     batches = batches_of(model, data, batch_size)
     unembed = Unembedding.of(model)
-    per: dict[str, list[Tensor]] = {"values": [], "ranks": [], "kl": [], "model": []}
-    with torch.no_grad():
+    per: dict[str, list[Tensor]] = {"values": [], "ranks": [], "kl": [], "model": [], "bad": []}
+    with torch.no_grad(), progress_bar(sum(b.size for b in batches), f"{kind} lens",
+                                       "prompt") as bar:
         for i, batch in enumerate(batches):
             states = read_residuals(model, batch.clean)  # [L + 1, b, d]
             if i == 0:
@@ -330,7 +365,7 @@ def run_lens(model: Model, data: Data, *, kind: str, translate: Translate | None
             batch = batch.with_clean_logits(final)
             target = final.log_softmax(-1)
             n = len(states) - 1
-            values, ranks, kl = [], [], []
+            values, ranks, kl, bad = [], [], [], []
             for index, h in enumerate(states):
                 if translate is not None and index < n:
                     h = translate(index, h)
@@ -338,10 +373,13 @@ def run_lens(model: Model, data: Data, *, kind: str, translate: Translate | None
                 values.append(fn(logits, batch).double())
                 ranks.append(answer_rank(logits, batch.answers))
                 kl.append((target.exp() * (target - logits.log_softmax(-1))).sum(-1).double())
+                bad.append(~logits.isfinite().all(-1))
             per["values"].append(torch.stack(values, 1))  # [b, L + 1]
             per["ranks"].append(torch.stack(ranks, 1).double())
             per["kl"].append(torch.stack(kl, 1))
+            per["bad"].append(torch.stack(bad, 1))
             per["model"].append(fn(final, batch).double())
+            bar.update(batch.size)
     values, ranks, kl = (torch.cat(per[k]).cpu() for k in ("values", "ranks", "kl"))
     task = data.name if isinstance(data, Task) else "batches"
     return LensResult(
@@ -349,7 +387,8 @@ def run_lens(model: Model, data: Data, *, kind: str, translate: Translate | None
         layers=("input", *(f"resid{layer}" for layer in range(len(values[0]) - 1))),
         values=values.mean(0), mean_rank=ranks.mean(0), median_rank=ranks.quantile(0.5, dim=0),
         top1=(ranks == 1).double().mean(0), kl=kl.mean(0),
-        model_value=float(torch.cat(per["model"]).mean()), n_prompts=len(values), lens=lens)
+        model_value=float(torch.cat(per["model"]).mean()), n_prompts=len(values), lens=lens,
+        nonfinite=torch.cat(per["bad"]).sum(0).cpu())
 
 
 def logit_lens(model: Model, data: Data, *, metric: str | Metric | Callable | None = None,

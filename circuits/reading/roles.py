@@ -23,7 +23,8 @@ they are absent for models without one:
 
 ``copying``
     does the head's OV circuit raise the logits of the tokens it attends to? For
-    ``max(n, 64)`` random tokens ``t`` (distinct, special tokens left out): ``t``'s input
+    ``min(max(n, 64), 1024)`` random tokens ``t`` (distinct, special tokens left out; 1024
+    tokens measure the fraction to within about 0.03): ``t``'s input
     embedding, minus the mean embedding of the sampled tokens (which removes any position
     embedding and the direction all tokens share), through the layer's attention norm, the
     head's value and output projections (and the post-norm, where the family has one), the
@@ -38,8 +39,30 @@ they are absent for models without one:
     attention to the positions (before the last) holding the first answer token, times 1 when
     the head's direct write there (its actual output ``W_O^h z_h``, through the final norm and
     unembedding as above) raises the first answer's logit above the first wrong token's (above
-    0 when the prompt has no wrong token), else 0; the mean over prompts. A head that looks at
-    the answer without promoting it, or promotes it without looking, scores low.
+    0 when the prompt has no wrong token), else 0; minus its attention to the positions holding
+    any wrong token; the mean over prompts, clipped to [0, 1]. A head that looks at the answer
+    without promoting it, promotes it without looking, or reads a fixed position that holds
+    the answer in some prompts and a wrong token in the others, scores low.
+
+Labels
+    A score is a measurement; a label is a claim. `HeadRoles.labels` names a head by a role only
+    where the evidence is strong (the thresholds are `LABEL_MIN`, `MIXED_GAP` and `DLA_SHARE`):
+
+    * a role labels a head only at a score of at least ``LABEL_MIN = 0.4``: the role's pattern
+      takes at least 40% of the head's attention (chance is about 0.03 to 0.1 on the repeated
+      sequences), or 40% of tokens are copied;
+    * ``name-mover`` also needs the head to raise the answer in direct logit attribution on the
+      task: its contrastive term (clean minus corrupted prompts, `circuits.reading.dla`, logit
+      difference) positive and at least ``DLA_SHARE = 5%`` of the metric's clean minus
+      corrupted difference; a head whose direct effect is the same on both prompts pushes a
+      prior, not the answer;
+    * ``copying`` describes what a head's OV circuit does with whatever it attends to, which
+      induction heads and name movers also do: it labels a head only when no attention role
+      does;
+    * two attention roles that both qualify and lie within ``MIXED_GAP = 0.1`` of each other
+      give ``mixed``;
+    * otherwise the head is unlabelled (role ``""``), however high its direct logit attribution:
+      a weak attention role would describe it wrongly.
 """
 
 from __future__ import annotations
@@ -47,8 +70,8 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,8 +93,39 @@ SPECIFIC = ("name-mover", "induction", "duplicate-token", "previous-token", "cop
             "first-token")
 CHUNK = 8  # sequences or prompts per forward pass
 COPY_TOKENS = 64  # `copying` reads at least this many tokens (n when larger)
+COPY_TOKENS_MAX = 1024  # and at most this many: the fraction to within ~0.03, in bounded time
 LOGITS_BUDGET = 2**25  # `copying`: most logits held at once (128 MiB in float32)
 COPY_TOP_MAX = 5  # `copying`: the own logit must rank in the top k = clamp(vocab // 100, 1, 5)
+LABEL_MIN = 0.4  # a role labels a head only at this score or above
+MIXED_GAP = 0.1  # two qualifying attention roles closer than this: "mixed"
+DLA_SHARE = 0.05  # name-mover: contrastive DLA at least this share of the metric's difference
+
+
+@dataclass(frozen=True)
+class Label:
+    """What `HeadRoles.labels` calls a head.
+
+    Attributes
+    ----------
+    role : str
+        A role of `ROLES`, ``"mixed"``, or ``""`` when no role is strong enough.
+    score : float
+        The role's score (the strongest of the mixed ones; the head's highest score when
+        unlabelled).
+    mixed : tuple of str
+        With ``"mixed"``: the close roles, strongest first.
+    """
+
+    role: str
+    score: float
+    mixed: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        """``"induction 0.93"``, ``"mixed (induction, previous-token) 0.62"`` or ``"-"``."""
+        if not self.role:
+            return "-"
+        name = f"mixed ({', '.join(self.mixed)})" if self.mixed else self.role
+        return f"{name} {self.score:.2f}"
 
 
 @dataclass(frozen=True)
@@ -90,6 +144,12 @@ class HeadRoles:
     seed : int
     task : str or None
         The task's name, when name-mover scores were measured on one.
+    dla : Tensor or None
+        ``[n_layers, n_heads]``: each head's contrastive direct logit attribution (clean minus
+        corrupted, logit difference) on the task's first ``n`` prompts; None without a task or
+        where it cannot be read. `labels` needs it for ``name-mover``.
+    dla_total : float or None
+        The metric's clean minus corrupted difference on those prompts.
     """
 
     scores: dict[str, Tensor]
@@ -97,6 +157,8 @@ class HeadRoles:
     n: int = 0
     seed: int = 0
     task: str | None = field(default=None)
+    dla: Tensor | None = field(default=None, compare=False)
+    dla_total: float | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -112,7 +174,8 @@ class HeadRoles:
                 yield f"a{layer}.h{head}", layer, head
 
     def best(self) -> dict[str, tuple[str, float]]:
-        """Each head's strongest role and its score.
+        """Each head's strongest role and its score, however weak: a measurement, not a label
+        (`labels` says what a head can be called).
 
         Scores equal to two decimals (as the table shows them) go to the more specific role, in
         the order of `SPECIFIC`: name movers and induction heads also copy, and copying is a
@@ -143,46 +206,101 @@ class HeadRoles:
             out[name] = (role if round(score, 2) > 0 else "none", score)
         return out
 
+    def labels(self) -> dict[str, Label]:
+        """What each head can be called: its role where the evidence is strong, ``"mixed"``
+        where two are close, ``""`` otherwise (the rule is in the module docstring).
+
+        Returns
+        -------
+        dict
+            ``"a{l}.h{h}"`` -> `Label`.
+
+        Examples
+        --------
+        >>> import torch
+        >>> roles = HeadRoles({"previous-token": torch.tensor([[0.9, 0.5, 0.1]]),
+        ...                    "first-token": torch.tensor([[0.0, 0.45, 0.12]])})
+        >>> [str(label) for label in roles.labels().values()]
+        ['previous-token 0.90', 'mixed (previous-token, first-token) 0.50', '-']
+        """
+        out = {}
+        for name, layer, head in self.heads():
+            scores = {r: float(s[layer, head]) for r, s in self.scores.items()}
+            strong = [r for r, v in scores.items()
+                      if v >= LABEL_MIN and self._backed(r, layer, head)]
+            attention = [r for r in strong if r != "copying"]
+            ranked = sorted(attention or strong, key=lambda r: (-round(scores[r], 2),
+                                                                 SPECIFIC.index(r)))
+            if not ranked:
+                out[name] = Label("", max(scores.values(), default=0.0))
+            elif len(ranked) > 1 and scores[ranked[0]] - scores[ranked[1]] < MIXED_GAP:
+                close = tuple(r for r in ranked if scores[ranked[0]] - scores[r] < MIXED_GAP)
+                out[name] = Label("mixed", scores[ranked[0]], close)
+            else:
+                out[name] = Label(ranked[0], scores[ranked[0]])
+        return out
+
+    def _backed(self, role: str, layer: int, head: int) -> bool:
+        """Whether direct logit attribution backs `role` (only ``name-mover`` needs it)."""
+        if role != "name-mover":
+            return True
+        if self.dla is None or self.dla_total is None:
+            return False
+        term = float(self.dla[layer, head])
+        return term > 0 and term >= DLA_SHARE * abs(self.dla_total)
+
     def to_dict(self) -> dict[str, Any]:
         """The scores as plain JSON types: shape, settings, ``scores`` (role -> rows of
-        layers) and ``best`` (head -> its strongest role and score).
+        layers), ``best`` (head -> its strongest role and score), ``labels`` (head -> `Label`
+        as ``role``, ``score`` and ``mixed``), and with a task ``dla`` (rows of layers) and
+        ``dla_total``.
 
         Examples
         --------
         >>> import torch
         >>> d = HeadRoles({"induction": torch.tensor([[0.5]])}, length=4, n=2).to_dict()
-        >>> d["scores"], d["best"]
-        ({'induction': [[0.5]]}, {'a0.h0': {'role': 'induction', 'score': 0.5}})
+        >>> d["scores"], d["best"], d["labels"]
+        ({'induction': [[0.5]]}, {'a0.h0': {'role': 'induction', 'score': 0.5}}, \
+{'a0.h0': {'role': 'induction', 'score': 0.5, 'mixed': []}})
         """
         n_layers, n_heads = self.shape
-        return {
+        out = {
             "n_layers": n_layers, "n_heads": n_heads, "roles": list(self.scores),
             "length": self.length, "n": self.n, "seed": self.seed, "task": self.task,
             "scores": {r: [[round(float(x), 4) for x in row] for row in s.tolist()]
                        for r, s in self.scores.items()},
             "best": {name: {"role": role, "score": round(score, 4)}
                      for name, (role, score) in self.best().items()},
+            "labels": {name: {"role": label.role, "score": round(label.score, 4),
+                              "mixed": list(label.mixed)}
+                       for name, label in self.labels().items()},
         }
+        if self.dla is not None:
+            out["dla"] = [[round(float(x), 6) for x in row] for row in self.dla.tolist()]
+            out["dla_total"] = self.dla_total
+        return out
 
     def table(self) -> str:
-        """A text table: one row per head, its score in each role and its strongest role.
+        """A text table: one row per head, its score in each role, its contrastive direct logit
+        attribution (with a task) and its label (``-``: none).
 
         Examples
         --------
         >>> import torch
         >>> print(HeadRoles({"induction": torch.tensor([[0.5, 0.25]])}).table())
-        head   induction  best
+        head   induction  label
         -----  ---------  --------------
         a0.h0  0.50       induction 0.50
-        a0.h1  0.25       induction 0.25
+        a0.h1  0.25       -
         """
         from ..report import text_table
 
-        best = self.best()
+        labels = self.labels()
+        dla = [] if self.dla is None else ["dla (clean - corrupted)"]
         rows = [(name, *(f"{float(s[layer, head]):.2f}" for s in self.scores.values()),
-                 f"{best[name][0]} {best[name][1]:.2f}")
+                 *([f"{float(self.dla[layer, head]):+.3f}"] if dla else []), str(labels[name]))
                 for name, layer, head in self.heads()]
-        return text_table(rows, header=("head", *self.scores, "best"))
+        return text_table(rows, header=("head", *self.scores, *dla, "label"))
 
 
 def head_roles(model: Model, task: Task | None = None, *, n: int = 32, length: int = 20,
@@ -225,15 +343,41 @@ def head_roles(model: Model, task: Task | None = None, *, n: int = 32, length: i
     for name, value, least in (("n", n, 1), ("length", length, 2)):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise OptionError(f"{name} must be a whole number of at least {least}, got {value!r}")
+    from ..outputs import progress_bar
+
     ids, start, half = repeated_sequences(model, n, length, seed)
-    scores = _attention_roles(model, ids, start, half)
     adapter = _adapter(model)
+    first = None if task is None else replace(task, examples=task.examples[:n])
+    steps = math.ceil(n / CHUNK)  # forwards of the attention roles, then copying's layers ...
     if adapter is not None:
-        scores["copying"] = _copying(adapter, sample_tokens(model, max(n, COPY_TOKENS), seed))
-        if task is not None:
-            scores["name-mover"] = _name_mover(model, adapter, task, n)
+        steps += adapter.arch.n_layers
+        if first is not None:  # ... name-mover's forwards and the attribution
+            steps += math.ceil(len(first.examples) / CHUNK) + 1
+    dla, dla_total = None, None
+    with progress_bar(steps, "head roles", "step") as bar:
+        scores = _attention_roles(model, ids, start, half, bar.update)
+        if adapter is not None:
+            tokens = sample_tokens(model, min(max(n, COPY_TOKENS), COPY_TOKENS_MAX), seed)
+            scores["copying"] = _copying(adapter, tokens, bar.update)
+            if first is not None:
+                scores["name-mover"] = _name_mover(model, adapter, first, bar.update)
+                dla, dla_total = _contrastive_dla(model, first)
+                bar.update(1)
     return HeadRoles({r: scores[r] for r in ROLES if r in scores}, length=half, n=n, seed=seed,
-                     task=None if task is None else task.name)
+                     task=None if task is None else task.name, dla=dla, dla_total=dla_total)
+
+
+def _contrastive_dla(model: Model, task: Task) -> tuple[Tensor | None, float | None]:
+    """Each head's clean-minus-corrupted direct logit attribution (logit difference) on the
+    task's prompts, and the metric's difference; None where the model cannot be read so."""
+    from .dla import direct_logit_attribution
+
+    try:
+        found = direct_logit_attribution(model, task, metric="logit-diff", batch_size=CHUNK,
+                                         contrast=True)
+    except UnsupportedModelError:
+        return None, None
+    return found.heads.float(), found.total
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -334,8 +478,10 @@ def _adapter(model: Model) -> Adapter | None:
 
 
 # -- the roles ---------------------------------------------------------------------------------
-def _attention_roles(model: Model, ids: Tensor, start: int, half: int) -> dict[str, Tensor]:
-    """previous-token, duplicate-token, first-token and induction scores ``[L, H]``."""
+def _attention_roles(model: Model, ids: Tensor, start: int, half: int,
+                     step: Callable[[int], Any]) -> dict[str, Tensor]:
+    """previous-token, duplicate-token, first-token and induction scores ``[L, H]``; `step(1)`
+    after each forward."""
     n_layers, n_heads = head_shape(model)
     sums = {r: torch.zeros(n_layers, n_heads) for r in ROLES[:4]}
     for lo in range(0, len(ids), CHUNK):
@@ -346,6 +492,7 @@ def _attention_roles(model: Model, ids: Tensor, start: int, half: int) -> dict[s
         # second copy: queries start + half ... start + 2 half - 1
         sums["duplicate-token"] += pattern.diagonal(-half, -2, -1)[..., start:].mean(-1).sum(0)
         sums["induction"] += pattern.diagonal(1 - half, -2, -1)[..., start + 1:].mean(-1).sum(0)
+        step(1)
     return {r: (s / len(ids)).clamp(0.0, 1.0) for r, s in sums.items()}
 
 
@@ -354,43 +501,47 @@ def _zero_logits(adapter: Adapter, like: Tensor, columns: Tensor | None = None) 
     return adapter.unembed(like.new_zeros(like.shape[-1]), columns)
 
 
-def _copying(adapter: Adapter, tokens: Tensor) -> Tensor:
+def _copying(adapter: Adapter, tokens: Tensor, step: Callable[[int], Any]) -> Tensor:
     """``[L, H]``: the fraction of `tokens` each head's OV circuit maps to their own top-k
-    logit (see the module docstring)."""
+    logit (see the module docstring); `step(1)` after each layer."""
     arch = adapter.arch
     device = next(adapter.hf.parameters()).device
     tokens = tokens.to(device)
-    out = torch.zeros(arch.n_layers, arch.n_heads)
+    counts = torch.zeros(arch.n_layers, arch.n_heads)
     with torch.no_grad():
         x = adapter.embed(tokens[:, None])  # [m, 1, d]
         x = x - x.mean(0, keepdim=True)
         zero = _zero_logits(adapter, x).float()  # [V]
         top = min(COPY_TOP_MAX, max(1, zero.shape[-1] // 100))
+        # chunks of heads and tokens whose logits stay within the budget
+        rows = max(1, LOGITS_BUDGET // zero.shape[-1])  # (head, token) pairs at a time
+        width = min(len(tokens), rows)  # tokens at a time
+        height = max(1, rows // width)  # heads at a time
         for layer in range(arch.n_layers):
             _, _, v = adapter.qkv(layer, x)  # [m, K, 1, dh]
             z = v.repeat_interleave(arch.group_size, dim=-3)  # [m, H, 1, dh]: each head reads t
             writes = adapter.head_writes(layer, z)  # [H, m, 1, d]
             if arch.post_norm:
                 writes = writes * adapter.attn_post_scale(layer, writes)
-            step = max(1, LOGITS_BUDGET // (len(tokens) * zero.shape[-1]))  # heads at a time
-            for lo in range(0, arch.n_heads, step):
-                chunk = writes[lo:lo + step, :, 0]  # [h, m, d]
-                logits = adapter.unembed(chunk).float() - zero  # [h, m, V]
-                own = logits.gather(-1, tokens.expand(len(chunk), -1)[..., None])  # [h, m, 1]
-                rivals = (logits >= own).sum(-1) - 1  # other tokens at or above the own logit
-                out[layer, lo:lo + step] = (rivals < top).float().mean(-1).cpu()
-    return out
+            for lo in range(0, arch.n_heads, height):
+                for at in range(0, len(tokens), width):
+                    chunk = writes[lo:lo + height, at:at + width, 0]  # [h, t, d]
+                    logits = adapter.unembed(chunk).float() - zero  # [h, t, V]
+                    own = logits.gather(-1, tokens[at:at + width].expand(len(chunk), -1)[..., None])
+                    rivals = (logits >= own).sum(-1) - 1  # other tokens at or above the own logit
+                    counts[layer, lo:lo + height] += (rivals < top).float().sum(-1).cpu()
+            step(1)
+    return counts / len(tokens)
 
 
-def _name_mover(model: Model, adapter: Adapter, task: Task, n: int) -> Tensor:
-    """``[L, H]``: attention from the last position to the answer, times whether the head's
-    direct write promotes the answer over the wrong token (see the module docstring)."""
-    from dataclasses import replace
-
+def _name_mover(model: Model, adapter: Adapter, task: Task, step: Callable[[int], Any]
+                ) -> Tensor:
+    """``[L, H]`` on every prompt of `task`: attention from the last position to the answer,
+    counted where the head's direct write promotes the answer over the wrong token, minus
+    attention to the wrong tokens (see the module docstring); `step(1)` after each forward."""
     arch = adapter.arch
-    first = replace(task, examples=task.examples[:n])
-    batches = first.batches(model.tokenizer, batch_size=CHUNK, device=model.device,
-                            max_length=model.context_length)
+    batches = task.batches(model.tokenizer, batch_size=CHUNK, device=model.device,
+                           max_length=model.context_length)
     total = torch.zeros(arch.n_layers, arch.n_heads)
     count = 0
     for batch in batches:
@@ -399,7 +550,11 @@ def _name_mover(model: Model, adapter: Adapter, task: Task, n: int) -> Tensor:
         with _last_head_outputs(model) as z:  # layer -> [b, H * dh], filled by the same pass
             last = attention_patterns(model, ids)[..., -1, :-1].cpu()  # [b, L, H, p - 1]
         at_answer = (ids[:, :-1] == answer[:, None]).cpu().float()  # [b, p - 1]
-        looks = (last * at_answer[:, None, None]).sum(-1)  # [b, L, H]
+        wrongs = batch.wrong.cpu()  # [b, n], -1 pads
+        at_wrong = ((ids[:, :-1, None].cpu() == wrongs[:, None]) & (wrongs[:, None] >= 0)
+                    ).any(-1).float()  # [b, p - 1]
+        to_answer = (last * at_answer[:, None, None]).sum(-1)  # [b, L, H]
+        to_wrong = (last * at_wrong[:, None, None]).sum(-1)
         columns = torch.cat([answer, wrong.clamp(min=0)])  # [2b]
         rows = torch.arange(b, device=ids.device)
         with torch.no_grad():
@@ -411,8 +566,12 @@ def _name_mover(model: Model, adapter: Adapter, task: Task, n: int) -> Tensor:
                 up = logits[:, rows, rows]  # the answer's logit, [H, b]
                 down = torch.where(wrong >= 0, logits[:, rows, b + rows], 0.0)
                 promotes = (up > down).float().cpu()  # [H, b]
-                total[layer] += (looks[:, layer] * promotes.T).sum(0)
+                # attention to a wrong token always counts against the head: one that reads a
+                # fixed position, holding the answer in some prompts and a wrong token in the
+                # others, gains nothing
+                total[layer] += (to_answer[:, layer] * promotes.T - to_wrong[:, layer]).sum(0)
         count += b
+        step(1)
     return (total / max(count, 1)).clamp(0.0, 1.0)
 
 

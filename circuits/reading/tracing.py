@@ -34,6 +34,16 @@ tokenizer)`` (the factual task does). A prompt with neither is a `TaskError`.
 Every restoration is one row of a batched forward through nnsight, variant-major as in
 `circuits.nodes.patch_each`, so any Hugging Face causal LM works (the hook sites come from
 `circuits.nodes.NodeSites`).
+
+Bounds
+    ``noise`` is at most `MAX_NOISE` (100 standard deviations: ROME's 3 already makes the
+    subject unrecognisable, and far beyond 100 the noised embeddings overflow the norms'
+    float32 variance), ``samples`` at most `MAX_SAMPLES` (100, ten times ROME's), and the whole
+    trace at most `MAX_RUNS` noised runs (prompts x samples x restorations; ten million take
+    about half an hour for the 4-layer reference models on a laptop CPU), refused before any
+    forward with the number it would need. Forwards hold at most ``rows`` runs, results are
+    summed as they come (nothing per prompt is kept), and a run that gives a probability that
+    is not finite stops the trace with an `OptionError` rather than writing it.
 """
 
 from __future__ import annotations
@@ -41,8 +51,8 @@ from __future__ import annotations
 import inspect
 import io
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +71,9 @@ GROUPS = ("first subject token", "middle subject tokens", "last subject token",
           "first subsequent token", "further tokens", "last token")
 TITLES = {"hidden": "hidden state", "mlp": "MLP outputs", "attn": "attention outputs"}
 COLORMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
+MAX_NOISE = 100.0  # standard deviations of the subject's embeddings
+MAX_SAMPLES = 100  # noise draws per prompt
+MAX_RUNS = 10_000_000  # noised runs (prompts x samples x restorations) in one trace
 
 
 @dataclass(frozen=True)
@@ -221,9 +234,11 @@ def causal_trace(
     task_or_examples : Task, Example or sequence of Example
         The prompts (their clean prompts and answers are used; the corrupted prompts are not).
     noise : float
-        Noise scale, in standard deviations of the subject tokens' embeddings (ROME: 3).
+        Noise scale, in standard deviations of the subject tokens' embeddings (ROME: 3), at most
+        `MAX_NOISE`.
     samples : int
-        Noise draws per prompt (ROME: 10); every restoration of a prompt uses the same draws.
+        Noise draws per prompt (ROME: 10), at most `MAX_SAMPLES`; every restoration of a prompt
+        uses the same draws.
     window : int, optional
         Layers restored together for MLP and attention outputs (`default_window` when None).
     kinds : sequence of str
@@ -243,7 +258,8 @@ def causal_trace(
     Raises
     ------
     OptionError
-        A bad option value, or a model without a tokenizer.
+        A bad option value, a model without a tokenizer, a trace of more than `MAX_RUNS`
+        noised runs, or probabilities that are not finite numbers.
     TaskError
         A prompt without a subject (see `subject_tokens`), or one `Task.batches` refuses.
 
@@ -266,30 +282,53 @@ def causal_trace(
     if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= L:
         raise OptionError(f"window must be a whole number of layers from 1 to the model's {L}, "
                           f"got {window!r}")
+    plan = _Plan.of(kinds, L, window)
+    # every prompt runs at least the corrupted run and each restoration at its last token:
+    # refuse what is too large on that count before tokenizing, then on the exact one
+    _check_runs(len(task.examples) * samples * (1 + len(plan.kind)), len(task.examples),
+                samples, "at least ")
     rule = subject or task_rule(task.name)
     prompts = _prepare(model, task, rule)
+    groups = _groups(prompts, rows, samples)
+    runs = _check_runs(sum(samples * len(group) * len(_variants(plan, group)[0])
+                           for group in groups), len(prompts), samples, "about ")
     embed = model.hf.get_input_embeddings()
     with torch.no_grad():
         subject_embeds = torch.cat([embed(p.ids[None])[0, p.subject].float() for p in prompts])
     noise_std = noise * float(subject_embeds.std(unbiased=False))
-    plan = _Plan.of(kinds, L, window)
-    per_prompt: list[dict[str, Tensor]] = []
-    p_clean, p_corrupt = [], []
-    for group in _groups(prompts, rows, samples):
-        found = _trace_group(model, sites, group, plan, samples, noise_std, seed, rows)
-        for grids, clean, corrupt in found:
-            per_prompt.append(grids)
-            p_clean.append(clean)
-            p_corrupt.append(corrupt)
-    order = [p for group in _groups(prompts, rows, samples) for p in group]
-    labels, counts, merged = _aggregate(order, per_prompt, model.tokenizer)
+    from ..outputs import progress_bar
+
+    totals = _Totals(len(prompts), model.tokenizer)
+    with progress_bar(runs, "causal trace", "run") as bar:
+        for group in groups:
+            found = _trace_group(model, sites, group, plan, samples, noise_std, seed, rows,
+                                 bar.update)
+            for prompt, (grids, clean, corrupt) in zip(group, found, strict=True):
+                if not (math.isfinite(clean) and math.isfinite(corrupt)
+                        and all(bool(g.isfinite().all()) for g in grids.values())):
+                    raise OptionError(
+                        f"causal tracing gave probabilities that are not finite numbers (prompt "
+                        f"{prompt.index + 1}, noise {noise:g} sd in {str(model.dtype)[6:]}); "
+                        "trace with less noise, or load the model in float32")
+                totals.add(prompt, grids, clean, corrupt)
+    labels, counts, merged = totals.result()
     return CausalTrace(
         effects={k: merged[k] for k in kinds},
         single={k: merged[k if k == "hidden" or window == 1 else f"{k}/1"] for k in kinds},
-        labels=labels, counts=counts, p_clean=float(np.mean(p_clean)),
-        p_corrupt=float(np.mean(p_corrupt)), window=window, noise=float(noise),
+        labels=labels, counts=counts, p_clean=totals.p_clean / len(prompts),
+        p_corrupt=totals.p_corrupt / len(prompts), window=window, noise=float(noise),
         noise_std=noise_std, samples=samples, n_prompts=len(prompts), seed=seed,
         model=model.name, task=task.name, kinds=kinds)
+
+
+def _check_runs(runs: int, n_prompts: int, samples: int, about: str) -> int:
+    """`runs`, or an OptionError with the numbers when it is more than `MAX_RUNS`."""
+    if runs > MAX_RUNS:
+        raise OptionError(f"this causal trace needs {about}{runs:,} noised runs ({n_prompts} "
+                          f"prompts x {samples} noise samples x {about}"
+                          f"{runs // (samples * n_prompts)} restorations each), more than the "
+                          f"{MAX_RUNS:,} a trace may take; trace fewer prompts or noise samples")
+    return runs
 
 
 def _as_task(given: Any) -> Task:
@@ -310,13 +349,16 @@ def _check_options(model: Model, noise: Any, samples: Any, kinds: Sequence[str],
         raise OptionError(f"{getattr(model, 'name', 'the model')} has no tokenizer; causal "
                           "tracing finds the subject in the prompt text, so load the model with "
                           "its tokenizer")
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0 \
-            or not math.isfinite(noise):
-        raise OptionError(f"noise must be a number of standard deviations of at least 0 (ROME "
-                          f"uses 3), got {noise!r}")
-    for name, value in (("samples", samples), ("rows", rows)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise OptionError(f"{name} must be a whole number of at least 1, got {value!r}")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not (
+            0 <= noise <= MAX_NOISE):
+        raise OptionError(f"noise must be a number of standard deviations from 0 to "
+                          f"{MAX_NOISE:g} (ROME uses 3), got {noise!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or not (
+            1 <= samples <= MAX_SAMPLES):
+        raise OptionError(f"samples must be a whole number from 1 to {MAX_SAMPLES} (ROME uses "
+                          f"10), got {samples!r}")
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise OptionError(f"rows must be a whole number of at least 1, got {rows!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise OptionError(f"seed must be a whole number from 0 to {2**32 - 1}, got {seed!r}")
     if isinstance(kinds, str):
@@ -350,9 +392,9 @@ def _prepare(model: Model, task: Task, rule: SubjectRule | None) -> list[_Prompt
     """Tokenize and check every example (as `Task.batches` does) and find its subject."""
     prompts = []
     for i, example in enumerate(task.examples):
-        batch = Task(task.name, (example,)).batches(
+        batch = replace(task, examples=(example,)).batches(
             model.tokenizer, device=model.device, max_length=model.context_length)[0]
-        positions = subject_tokens(example, model.tokenizer, rule)
+        positions = subject_tokens(example, model.tokenizer, rule, bos=task.bos)
         p = batch.length
         if positions[-1] >= p or positions[0] < 0 or positions != list(
                 range(positions[0], positions[-1] + 1)):
@@ -430,19 +472,11 @@ def noise_draws(seed: int, index: int, samples: int, n: int, d: int) -> Tensor:
     return torch.randn(samples, n, d, generator=torch.Generator().manual_seed(state))
 
 
-def _trace_group(model: Model, sites: _Sites, group: list[_Prompt], plan: _Plan, samples: int,
-                 noise_std: float, seed: int, rows: int
-                 ) -> list[tuple[dict[str, Tensor], float, float]]:
-    """Per prompt of one token length: its ``[n_layers, p]`` grids, p_clean and p_corrupt."""
-    b, p = len(group), len(group[0].ids)
-    ids = torch.stack([q.ids for q in group])  # [b, p]
-    answers = torch.stack([_pad(q.answers, group) for q in group])  # [b, n]
-    clean, p_clean = _clean_run(model, sites, ids, answers)
-    d = clean[("hidden", 0)].shape[-1]
-    noise = torch.zeros(samples, b, p, d)
-    for i, q in enumerate(group):
-        noise[:, i, q.subject] = noise_draws(seed, q.index, samples, len(q.subject), d)
-    noise = (noise * noise_std).view(samples * b, p, d).to(model.device, model.dtype)
+def _variants(plan: _Plan, group: list[_Prompt]) -> tuple[Tensor, ...]:
+    """The runs of a group of prompts of one length: per variant its kind (-1: restore
+    nothing, the corrupted run), layers ``[lo, hi)`` and position, then the position `t` and
+    plan row `j` of every restoring variant."""
+    p = len(group[0].ids)
     # Positions before every subject are clean in the noised run, and the last layer's outputs
     # are read only at the last position: restoring those changes nothing (effect 0, not run).
     start = min(q.subject[0] for q in group)
@@ -454,6 +488,24 @@ def _trace_group(model: Model, sites: _Sites, group: list[_Prompt], plan: _Plan,
     kind = torch.cat([torch.tensor([-1]), plan.kind[j]])
     lo, hi = torch.cat([torch.tensor([0]), plan.lo[j]]), torch.cat([torch.tensor([0]), plan.hi[j]])
     pos = torch.cat([torch.tensor([-1]), t])
+    return kind, lo, hi, pos, t, j
+
+
+def _trace_group(model: Model, sites: _Sites, group: list[_Prompt], plan: _Plan, samples: int,
+                 noise_std: float, seed: int, rows: int, step: Callable[[int], Any]
+                 ) -> list[tuple[dict[str, Tensor], float, float]]:
+    """Per prompt of one token length: its ``[n_layers, p]`` grids, p_clean and p_corrupt;
+    `step(k)` after each forward of ``k`` noised runs."""
+    b, p = len(group), len(group[0].ids)
+    ids = torch.stack([q.ids for q in group])  # [b, p]
+    answers = torch.stack([_pad(q.answers, group) for q in group])  # [b, n]
+    clean, p_clean = _clean_run(model, sites, ids, answers)
+    d = clean[("hidden", 0)].shape[-1]
+    noise = torch.zeros(samples, b, p, d)
+    for i, q in enumerate(group):
+        noise[:, i, q.subject] = noise_draws(seed, q.index, samples, len(q.subject), d)
+    noise = (noise * noise_std).view(samples * b, p, d).to(model.device, model.dtype)
+    kind, lo, hi, pos, t, j = _variants(plan, group)
     base = samples * b
     per_run = max(1, rows // base)
     probs = []
@@ -461,6 +513,7 @@ def _trace_group(model: Model, sites: _Sites, group: list[_Prompt], plan: _Plan,
         part = slice(first, first + per_run)
         masks = _masks(sites, kind[part], lo[part], hi[part], pos[part], p, model.device)
         probs.append(_noised_run(model, sites, ids, answers, noise, clean, masks))
+        step(len(pos[part]) * base)
     prob = torch.cat(probs).view(len(pos), samples, b).mean(1).double().cpu()  # [V, b]
     effect = torch.zeros(len(plan.kind), p, b, dtype=torch.float64)  # [v, p, b]
     effect[j, t] = prob[1:] - prob[:1]
@@ -521,7 +574,9 @@ def _clean_run(model: Model, sites: _Sites, ids: Tensor, answers: Tensor
     with torch.no_grad(), envoy.trace(ids, **_last_logits_only(model)):
         for name, layer, path in sites.order():
             value = _module(envoy, path).output
-            acts[(name, layer)] = (value[0] if isinstance(value, tuple) else value).clone()
+            x = value[0] if isinstance(value, tuple) else value
+            # OPT runs its MLP on [b * p, d]
+            acts[(name, layer)] = x.reshape(*ids.shape, x.shape[-1]).clone()
         result = envoy.output
         acts[("logits", -1)] = (result.logits if hasattr(result, "logits") else result[0])[:, -1]
     return acts, _answer_prob(acts.pop(("logits", -1)), answers)
@@ -548,7 +603,7 @@ def _noised_run(model: Model, sites: _Sites, ids: Tensor, answers: Tensor, noise
             value = module.output
             packed = isinstance(value, tuple)
             x = value[0] if packed else value
-            old = x.view(c, -1, b, *x.shape[1:])  # [c, samples, b, p, d]
+            old = x.view(c, -1, b, ids.shape[1], x.shape[-1])  # [c, samples, b, p, d]
             mask = masks[(name, layer)][:, None, None, :, None]  # [c, 1, 1, p, 1]
             new = torch.where(mask, clean[(name, layer)][None, None].to(x.dtype), old).view_as(x)
             module.output = (new, *value[1:]) if packed else new
@@ -557,27 +612,44 @@ def _noised_run(model: Model, sites: _Sites, ids: Tensor, answers: Tensor, noise
     return _answer_prob(out["logits"], answers.repeat(c * base // b, 1))
 
 
-def _aggregate(prompts: list[_Prompt], grids: list[dict[str, Tensor]], tokenizer: Any
-               ) -> tuple[tuple[str, ...], tuple[int, ...], dict[str, Tensor]]:
-    """Labels, counts and ``[n_layers, rows]`` mean grids: a single prompt's own tokens, or
-    ROME's token groups (those that occur)."""
-    if len(prompts) == 1:
-        q, grid = prompts[0], grids[0]
-        labels = tuple(tokenizer.decode([int(t)]) + ("*" if i in q.subject else "")
-                       for i, t in enumerate(q.ids))
-        return labels, (1,) * len(labels), dict(grid)
-    keys = list(grids[0])
-    n_layers = grids[0][keys[0]].shape[0]
-    sums = {k: torch.zeros(n_layers, len(GROUPS), dtype=torch.float64) for k in keys}
-    counts = [0] * len(GROUPS)
-    for q, grid in zip(prompts, grids, strict=True):
+class _Totals:
+    """The results summed as prompts come: a single prompt's own grids, or ROME's token groups
+    (sums and counts per group) and the probabilities."""
+
+    def __init__(self, n_prompts: int, tokenizer: Any) -> None:
+        self.single = n_prompts == 1
+        self.tokenizer = tokenizer
+        self.sums: dict[str, Tensor] = {}  # key -> [n_layers, rows]
+        self.counts = [0] * len(GROUPS)
+        self.labels: tuple[str, ...] = ()
+        self.p_clean = self.p_corrupt = 0.0
+
+    def add(self, q: _Prompt, grid: dict[str, Tensor], clean: float = 0.0,
+            corrupt: float = 0.0) -> None:
+        """Add one prompt's ``[n_layers, p]`` grids and its clean and noised probabilities."""
+        self.p_clean += clean
+        self.p_corrupt += corrupt
+        if self.single:
+            self.labels = tuple(self.tokenizer.decode([int(t)]) + ("*" if i in q.subject else "")
+                                for i, t in enumerate(q.ids))
+            self.sums = dict(grid)
+            self.counts = [1] * len(self.labels)
+            return
         for g, positions in enumerate(_group_positions(q.subject, len(q.ids))):
-            counts[g] += len(positions)
-            for k in keys:
-                sums[k][:, g] += grid[k][:, positions].sum(1)
-    kept = [g for g in range(len(GROUPS)) if counts[g]]
-    merged = {k: sums[k][:, kept] / torch.tensor([counts[g] for g in kept]) for k in keys}
-    return tuple(GROUPS[g] for g in kept), tuple(counts[g] for g in kept), merged
+            self.counts[g] += len(positions)
+            for k, values in grid.items():
+                if k not in self.sums:
+                    self.sums[k] = torch.zeros(values.shape[0], len(GROUPS), dtype=torch.float64)
+                self.sums[k][:, g] += values[:, positions].sum(1)
+
+    def result(self) -> tuple[tuple[str, ...], tuple[int, ...], dict[str, Tensor]]:
+        """Labels, counts and ``[n_layers, rows]`` mean grids (the token groups that occur)."""
+        if self.single:
+            return self.labels, tuple(self.counts), self.sums
+        kept = [g for g in range(len(GROUPS)) if self.counts[g]]
+        counts = torch.tensor([self.counts[g] for g in kept], dtype=torch.float64)
+        merged = {k: s[:, kept] / counts for k, s in self.sums.items()}
+        return tuple(GROUPS[g] for g in kept), tuple(self.counts[g] for g in kept), merged
 
 
 def _group_positions(subject: list[int], p: int) -> list[list[int]]:

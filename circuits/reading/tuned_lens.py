@@ -17,6 +17,17 @@ model's logits).
 
 Residuals are read once, without gradients, and the translators train on the cached tensors, so
 training costs a few forward passes of the model plus small matrix products per step.
+
+Bounds
+    The cached residuals hold at most `max_tokens` token positions and at most `CACHE_BYTES`
+    (2 GiB) of activations (fewer positions for a wide, deep model); each step decodes its
+    positions one layer and one chunk of `LOGITS_BUDGET` logits at a time, so a step's memory
+    does not grow with the layer count or the vocabulary. `MAX_STEPS` (2000, eight times the
+    paper's 250) and `MAX_LR` (10) bound the optimiser: on the reference models a rate of 2
+    already ends at twice the loss of the default 0.5, and 10 at four times. Training that
+    diverges (a loss that is not finite, or translator entries beyond `MAX_WEIGHT`) stops with
+    an `OptionError` and returns nothing; `TunedLens.load` refuses files whose translators hold
+    non-finite entries or entries beyond `MAX_WEIGHT`.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -33,13 +45,20 @@ from torch import Tensor, nn
 from ..batch import Batch
 from ..errors import OptionError
 from ..metrics import Metric
-from ..model import Model, dtype_name
+from ..model import Model, check_same_weights, dtype_name
 from ..nodes import NodeSites
-from ..task import Task
+from ..task import Task, prefix_ids
 from .lens import Data, LensResult, Unembedding, batches_of, read_residuals, run_lens
 
 FORMAT = "circuits.tuned-lens"
 VERSION = "1"
+MAX_STEPS = 2000  # optimiser steps: 8x the paper's 250; the loss has long flattened by then
+MAX_LR = 10.0  # 20x the default; larger rates only make the fit worse
+# Translator entries: training at MAX_LR reaches ~60 on the reference models; 1e4 is far past
+# anything training makes, and where a float16 model's translated residual overflows
+MAX_WEIGHT = 1e4
+CACHE_BYTES = 2**31  # most bytes of cached residuals
+LOGITS_BUDGET = 2**25  # most logits a training step holds at once (128 MiB in float32)
 Texts = Task | Batch | Sequence[Batch] | Sequence[str]
 
 
@@ -136,13 +155,17 @@ class TunedLens(nn.Module):
         path : str or Path
         model : Model
         any_model : bool
-            Accept translators trained on other weights of the same shape (refused by default:
-            the model's fingerprint is saved with them and compared when the dtype is the same).
+            Accept translators trained on other weights of the same shape, or whose file
+            records no fingerprint (refused by default: the model's fingerprint is saved with
+            them and compared, `circuits.model.check_same_weights`; one saved before ``v2-``
+            fingerprints is compared only in the dtype it was taken in, and otherwise accepted
+            with a FutureWarning).
 
         Raises
         ------
         OptionError
-            The file is missing, is not a tuned lens, or does not fit the model.
+            The file is missing, is not a tuned lens, or does not fit the model; or, unless
+            `any_model`, it was trained on other weights or records no fingerprint.
         """
         from safetensors import SafetensorError
         from safetensors.torch import load
@@ -165,22 +188,39 @@ class TunedLens(nn.Module):
             raise OptionError(f"{path} holds translators for {meta.get('n_layers')} layers of "
                               f"width {meta.get('d_model')}, but {model.name!r} has {want[0]} "
                               f"layers of width {want[1]}; train a tuned lens for this model")
-        same_dtype = meta.get("dtype") == dtype_name(model.dtype)
-        if (not any_model and same_dtype and meta.get("fingerprint")
-                and meta["fingerprint"] != model.fingerprint):
-            raise OptionError(f"{path} was trained on {meta.get('model')!r} (weights "
-                              f"{meta['fingerprint']}), but {model.name!r} has other weights "
-                              f"({model.fingerprint}); train a tuned lens for this model, or "
-                              "pass any_model=True")
+        note = check_same_weights(model, meta.get("fingerprint"), meta.get("dtype"),
+                                  f"{path} was trained on {meta.get('model')!r}",
+                                  "train a tuned lens for this model, or pass --any-model "
+                                  "(any_model=True) to use it anyway", any_model=any_model)
+        if note is not None:
+            warnings.warn(note, FutureWarning, stacklevel=2)
         lens = cls(sites.n_layers, sites.d_model)
         try:
             lens.load_state_dict(tensors)
         except RuntimeError as err:
             raise OptionError(f"{path} does not hold the expected translator tensors "
                               f"({' '.join(str(err).split())[:200]})") from err
+        bad = _bad_weights(lens)
+        if bad is not None:
+            raise OptionError(f"{path}: {bad}; these translators cannot give a meaningful lens, "
+                              "train new ones (`circuits lens --tuned`)")
         lens.info = {k: v for k, v in meta.items()
                      if k not in ("format", "version", "n_layers", "d_model")}
         return lens.to(model.device)
+
+
+def _bad_weights(lens: TunedLens) -> str | None:
+    """What is wrong with the translators' entries (not finite, or beyond `MAX_WEIGHT`), or
+    None when nothing is."""
+    for name, tensor in lens.state_dict().items():
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            return f"translator tensor {name} holds {int((~finite).sum())} non-finite entries"
+        largest = float(tensor.abs().max()) if tensor.numel() else 0.0
+        if largest > MAX_WEIGHT:
+            return (f"translator tensor {name} holds an entry of size {largest:.3g}, beyond "
+                    f"{MAX_WEIGHT:g}")
+    return None
 
 
 def _metadata(data: bytes) -> dict[str, str]:
@@ -192,7 +232,8 @@ def _metadata(data: bytes) -> dict[str, str]:
 # -- training -----------------------------------------------------------------------------------
 def _sequences(model: Model, data: Texts, batch_size: int) -> list[Tensor]:
     """Token id tensors ``[b, p]`` to train on: a task's clean and corrupted prompts, a batch
-    list's, or texts tokenized one by one (grouped by length, cut at the context length)."""
+    list's, or texts tokenized one by one, each after what the tokenizer puts before a text
+    (its BOS, `prefix_ids`), grouped by length and cut at the context length."""
     if isinstance(data, (Task, Batch)) or (
             isinstance(data, Sequence) and data and isinstance(data[0], Batch)):
         batches = batches_of(model, data, batch_size)
@@ -204,10 +245,11 @@ def _sequences(model: Model, data: Texts, batch_size: int) -> list[Tensor]:
         raise OptionError(f"{model.name!r} has no tokenizer to read texts with; pass a Task or "
                           "Batches of token ids")
     limit = model.context_length or 1024
+    prefix = prefix_ids(model.tokenizer)  # what the tokenizer puts before a text (its BOS)
     by_length: dict[int, list[list[int]]] = {}
     for text in texts:
-        ids = model.tokenizer(text, add_special_tokens=False)["input_ids"][:limit]
-        if ids:
+        ids = (prefix + model.tokenizer(text, add_special_tokens=False)["input_ids"])[:limit]
+        if len(ids) > len(prefix):
             by_length.setdefault(len(ids), []).append(ids)
     return [torch.tensor(rows[i:i + batch_size], device=model.device)
             for rows in by_length.values() for i in range(0, len(rows), batch_size)]
@@ -224,6 +266,50 @@ def _frozen(module: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def _cached_residuals(model: Model, sequences: list[Tensor], max_tokens: int,
+                      gen: torch.Generator) -> Tensor:
+    """Every hidden state ``[N, L + 1, d]`` at up to `max_tokens` token positions (and at most
+    `CACHE_BYTES` of them) of `sequences`, read in order, a random subset of the positions of
+    the sequence that reaches the limit."""
+    from ..outputs import progress_bar
+
+    sites = NodeSites.of(model)
+    per_token = (sites.n_layers + 1) * sites.d_model * torch.finfo(model.dtype).bits // 8
+    limit = min(max_tokens, max(1, CACHE_BYTES // per_token))
+    states, kept = [], 0
+    with torch.no_grad(), progress_bar(limit, "tuned lens: reading residuals", "token") as bar:
+        for ids in sequences:
+            if kept >= limit:
+                break
+            h = read_residuals(model, ids, slice(None))  # [L + 1, b, p, d]
+            h = h.flatten(1, 2).transpose(0, 1)  # [b * p, L + 1, d]
+            if kept + len(h) > limit:
+                h = h[torch.randperm(len(h), generator=gen)[:limit - kept].to(h.device)]
+            states.append(h)
+            kept += len(h)
+            bar.update(len(h))
+    return torch.cat(states)
+
+
+def _step_loss(lens: TunedLens, unembed: Unembedding, h: Tensor, rows: Tensor,
+               chunk: int) -> Tensor:
+    """Back-propagate one step's loss, KL(model || lens) summed over layers and averaged over
+    the positions `rows` of `h`, one layer and `chunk` positions at a time; returns the loss,
+    detached."""
+    total = torch.zeros((), device=h.device)
+    for lo in range(0, len(rows), chunk):
+        sample = h[rows[lo:lo + chunk]]  # [c, L + 1, d]
+        with torch.no_grad():
+            target = unembed(sample[:, -1]).float().log_softmax(-1)  # [c, V]
+            weight = target.exp()
+        for layer in range(lens.n_layers):  # translators are independent: one graph per layer
+            guess = unembed(lens(layer, sample[:, layer])).float().log_softmax(-1)  # [c, V]
+            part = (weight * (target - guess)).sum() / len(rows)
+            part.backward()
+            total = total + part.detach()
+    return total
 
 
 def train_tuned_lens(
@@ -248,17 +334,19 @@ def train_tuned_lens(
         The text to train on: a task's clean and corrupted prompts, or texts (tokenized with
         the model's tokenizer). Every token position is a training example.
     steps : int
-        Optimiser steps: SGD with Nesterov momentum 0.9, as in the paper, the learning rate
-        decayed linearly to zero. (Adam would turn the rounding noise of a translator that
-        already fits into steps of full size; with SGD a zero gradient moves nothing.)
+        Optimiser steps, 1 to `MAX_STEPS`: SGD with Nesterov momentum 0.9, as in the paper,
+        the learning rate decayed linearly to zero. (Adam would turn the rounding noise of a
+        translator that already fits into steps of full size; with SGD a zero gradient moves
+        nothing.)
     lr : float
-        The starting learning rate.
+        The starting learning rate, above 0 and at most `MAX_LR`.
     seed : int
         Seeds which tokens are kept (beyond `max_tokens`) and each step's sample.
     batch_tokens : int
         Token positions per step.
     max_tokens : int
-        Most token positions whose residuals are kept (a random subset beyond that).
+        Most token positions whose residuals are kept (fewer when they would take more than
+        `CACHE_BYTES`).
     batch_size : int
         Prompts per forward when reading the residuals.
     lens : TunedLens, optional
@@ -272,7 +360,8 @@ def train_tuned_lens(
     Raises
     ------
     OptionError
-        A setting out of range, or no text to train on.
+        A setting out of range, no text to train on, or training that diverged (a loss that
+        is not finite, or translator entries beyond `MAX_WEIGHT`).
 
     Examples
     --------
@@ -281,57 +370,55 @@ def train_tuned_lens(
     >>> lens.n_layers, lens.info["steps"]
     (2, '5')
     """
-    for name, value, low in (("steps", steps, 1), ("batch_tokens", batch_tokens, 1),
-                             ("max_tokens", max_tokens, 1)):
-        if not isinstance(value, int) or value < low:
-            raise OptionError(f"{name} must be a whole number of at least {low}, got {value!r}")
-    if not lr > 0:
-        raise OptionError(f"lr must be a positive learning rate, got {lr!r}")
+    for name, value, low, high in (("steps", steps, 1, MAX_STEPS),
+                                   ("batch_tokens", batch_tokens, 1, None),
+                                   ("max_tokens", max_tokens, 1, None)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low or (
+                high is not None and value > high):
+            limit = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise OptionError(f"{name} must be a whole number {limit}, got {value!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= MAX_LR:
+        raise OptionError(f"lr must be a learning rate above 0 and at most {MAX_LR:g} (the "
+                          f"default is 0.5), got {lr!r}")
+    from ..outputs import progress_bar
+
     t0 = time.perf_counter()
     unembed = Unembedding.of(model)
     gen = torch.Generator().manual_seed(seed)
     sequences = _sequences(model, data, batch_size)
     order = torch.randperm(len(sequences), generator=gen).tolist()
-    states, kept = [], 0
     with torch.no_grad():
-        for i in order:
-            if kept >= max_tokens:
-                break
-            h = read_residuals(model, sequences[i], slice(None))  # [L + 1, b, p, d]
-            h = h.flatten(1, 2).transpose(0, 1)  # [b * p, L + 1, d]
-            states.append(h)
-            kept += len(h)
         first = sequences[order[0]][:8]
         unembed.check(model, first, read_residuals(model, first)[-1])
-    h = torch.cat(states)  # [N, L + 1, d]
-    if len(h) > max_tokens:
-        h = h[torch.randperm(len(h), generator=gen)[:max_tokens].to(h.device)]
-    lens = lens if lens is not None else TunedLens.for_model(model)
+    h = _cached_residuals(model, [sequences[i] for i in order], max_tokens, gen)  # [N, L+1, d]
+    lens = (lens if lens is not None else TunedLens.for_model(model)).to(h.device)
     if lens.n_layers != h.shape[1] - 1 or lens.d_model != h.shape[2]:
         raise OptionError(f"the translators are for {lens.n_layers} layers of width "
                           f"{lens.d_model}; {model.name!r} has {h.shape[1] - 1} of width "
                           f"{h.shape[2]}")
+    with torch.no_grad():  # positions per chunk: at most LOGITS_BUDGET logits alive
+        chunk = max(1, LOGITS_BUDGET // unembed(h[:1, -1]).shape[-1])
     lens.train()
     optimizer = torch.optim.SGD(lens.parameters(), lr=lr, momentum=0.9, nesterov=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
-    n = h.shape[1] - 1
-    with _frozen(model.hf):
-        for _ in range(steps):
+    with _frozen(model.hf), progress_bar(steps, "tuned lens: training", "step") as bar:
+        for step in range(steps):
             rows = torch.randint(len(h), (min(batch_tokens, len(h)),), generator=gen)
-            sample = h[rows.to(h.device)]  # [t, L + 1, d]
-            with torch.no_grad():
-                target = unembed(sample[:, -1]).float().log_softmax(-1)  # [t, V]
-            x = sample[:, :n].float()  # [t, L, d]
-            weights = torch.stack([t.weight for t in lens.translators])  # [L, d, d]
-            biases = torch.stack([t.bias for t in lens.translators])  # [L, d]
-            moved = x + torch.einsum("tld,led->tle", x, weights) + biases
-            guess = unembed(moved.to(sample.dtype)).float().log_softmax(-1)  # [t, L, V]
-            kl = (target.exp()[:, None] * (target[:, None] - guess)).sum(-1)  # [t, L]
-            loss = kl.mean(0).sum()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = _step_loss(lens, unembed, h, rows.to(h.device), chunk)
+            if not bool(torch.isfinite(loss)):
+                lens.eval()
+                raise OptionError(f"tuned-lens training diverged at step {step + 1} of {steps} "
+                                  f"(loss {float(loss)}); nothing was saved: train again with a "
+                                  f"lower learning rate than {lr:g} (the default is 0.5)")
             optimizer.step()
             schedule.step()
+            bar.update(1)
+    bad = _bad_weights(lens)
+    if bad is not None:
+        lens.eval()
+        raise OptionError(f"tuned-lens training diverged ({bad}); nothing was saved: train again "
+                          f"with a lower learning rate than {lr:g} (the default is 0.5)")
     lens.eval()
     lens.info = {**lens.info, "steps": str(steps), "lr": str(lr), "seed": str(seed),
                  "tokens": str(len(h)), "seconds": f"{time.perf_counter() - t0:.2f}",
