@@ -5,34 +5,64 @@ Both take the task first and the model second (the task's reference model when l
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from .annotate import annotate_heads
-from .circuit import Circuit, parse_selection, select
-from .errors import BehaviorError, OptionError
+from .circuit import DECIDED, Circuit, parse_selection, select
+from .errors import BehaviorError, OptionError, TaskError
 from .evaluate import (
+    MAX_SCAN,
     Behavior,
     Evaluation,
     behavior,
     evaluate,
     faithfulness_curve,
+    few_prompts,
     fine_fractions,
 )
-from .methods import check_metric, check_options, run_method
+from .methods import check_metric, check_options, get_method, run_method
 from .metrics import Metric, get_metric
 from .model import Model, dtype_name, load_model, resolve_device, resolve_dtype
+from .outputs import activity
 from .progress import Checkpoint
 from .scores import Scores
 from .setup import Setup
-from .task import Task, get_task
+from .task import Task, get_task, prefix_ids
 
 DEFAULT_METHOD = "eap-ig"
-DEFAULT_SELECTION = "faithfulness:0.85"
+DEFAULT_SELECTION = "faithfulness:0.85"  # for methods that only score
+
+
+def default_selection(decides_circuit: bool, level: str = "edge") -> str:
+    """The selection rule used when none is given: the circuit a method decided itself (ACDC)
+    at edge level, else the smallest circuit reaching faithfulness 0.85."""
+    return DECIDED if decides_circuit and level == "edge" else DEFAULT_SELECTION
+
+
+def resolve_selection(selection: str | dict[str, Any] | None, method: str,
+                      decides_circuit: bool, level: str) -> dict[str, Any]:
+    """The selection as `select`'s keyword arguments (`default_selection` when None), checked
+    before any work: the method's own circuit needs a method that decides one, at edge level."""
+    if selection is None:
+        selection = default_selection(decides_circuit, level)
+    chosen = parse_selection(selection) if isinstance(selection, str) else dict(selection)
+    if chosen.get("decided") and not decides_circuit:
+        raise OptionError(f"method {method!r} decides no circuit of its own, so there is no "
+                          f"'{DECIDED}' selection; select with topk:N, threshold:X or "
+                          "faithfulness:F")
+    if chosen.get("decided") and level == "node":
+        raise OptionError("a method's own circuit is a set of edges; at node level select with "
+                          "topk:N, threshold:X or faithfulness:F")
+    return chosen
+#: The steps `discover` reports through its `progress` callback, in order.
+DISCOVER_STEPS = ("loading", "measuring the behavior", "scoring", "selecting", "evaluating",
+                  "reading the heads")
 CURVE_POINTS = 16  # log-spaced sizes of the faithfulness curve discover measures (MIB's too)
 
 
@@ -177,13 +207,26 @@ class Discovery:
 
     @property
     def warnings(self) -> list[str]:
-        """One line per thing the reader should distrust: a behavior too weak to measure, an
+        """One line per thing the reader should distrust: too few prompts, a behavior too weak
+        to measure, a BOS choice under which the model shows the behavior clearly less, an
         empty circuit, heads whose roles could not be read (`notes`)."""
         out = []
+        n_heldout = self.circuit.options.get("n_heldout")
+        if isinstance(n_heldout, int):
+            few = few_prompts(len(self.task) - n_heldout, n_heldout)
+            out += [] if few is None else [few]
         if self.behavior is not None and self.behavior.weak:
             out.append(weak_behavior(self.behavior))
+        bos = self.options.get("bos")
+        if isinstance(bos, dict) and "warning" in bos:  # the other BOS choice shows it better
+            out.append(bos["warning"])
         if self.circuit.n_edges == 0:
             out.append(empty_circuit(self.options.get("selection", {})))
+        if self.circuit.options.get("smallest") is False:
+            out.append(f"the scan for the smallest circuit reaching the faithfulness target "
+                       f"stopped after {MAX_SCAN} circuits: this one (the "
+                       f"{self.circuit.options.get('k')} best-ranked edges) reaches it, a "
+                       "shorter prefix might too; select with topk:N to choose the size")
         return out + self.notes
 
 
@@ -224,21 +267,75 @@ def _prepare(task: Task | str, model: Model | str | None, *, ablation: str,
     heldout_setup = make_setup(model, kept, **common)
     stage("measuring the behavior")
     strength = behavior(setup)
+    bos = _bos_record(model, found, setup, batch_size)
     setup.close()  # the method computes its own ablated outputs: its cost is its own
     if strength.weak and strict:
         raise BehaviorError(f"{weak_behavior(strength)} (strict mode)")
     return _Run(task, model, setup, heldout_setup, strength, len(kept),
-                {**common, "heldout": heldout}, t0)
+                {**common, "heldout": heldout, "bos": bos}, t0)
+
+
+BOS_MARGIN = 0.1  # how much stronger, relative to the larger, the other choice must show it
+
+
+def _bos_record(model: Model, task: Task, setup: Setup, batch_size: int) -> dict[str, Any]:
+    """What went before every prompt: ``bos`` (the task's choice, `Task.bos`) and ``added``
+    (those tokens as text). When the tokenizer has a BOS token, also the task's clean metric on
+    the discovery prompts as they are (``clean``) and with the other choice (``other``: with
+    the BOS where none was added, without what was added; one more forward), and a
+    ``warning`` when the other choice shows the behavior clearly more strongly: by more than
+    `BOS_MARGIN` of the larger mean and three standard errors of the per-prompt differences."""
+    tok, metric = model.tokenizer, task.metric_fn
+    prefix = prefix_ids(tok, task.bos)
+    added = [str(tok.convert_ids_to_tokens(i)) for i in prefix]
+    record: dict[str, Any] = {"bos": task.bos, "added": added}
+    bos_token = getattr(tok, "bos_token", None)
+    if not isinstance(getattr(tok, "bos_token_id", None), int) or metric.flat_at_clean:
+        return record
+    try:  # the same prompts in the same order: every length moves by the same prefix
+        other = replace(task, bos=not prefix).batches(
+            tok, batch_size=batch_size, device=model.device, max_length=model.context_length)
+    except TaskError:  # too long for the context with a BOS: nothing to compare
+        return record
+    now = torch.cat([metric(b.clean_logits, b) for b in setup.batches]).double().cpu()
+    then = []
+    with torch.no_grad():
+        for b in other:
+            logits = model.hf(b.clean, attention_mask=torch.ones_like(b.clean)).logits
+            then.append(metric(logits[:, -1], b).double().cpu())
+    then_all = torch.cat(then)
+    if not (now.isfinite().all() and then_all.isfinite().all()):
+        return record  # no comparison of numbers that are not numbers
+    record.update(metric=metric.name, clean=float(now.mean()), other=float(then_all.mean()))
+    gain = (then_all - now) * (1.0 if metric.higher_is_better else -1.0)  # [n]
+    if len(gain) < 2:
+        return record
+    mean, error = float(gain.mean()), float(gain.std()) / len(gain) ** 0.5
+    if mean > BOS_MARGIN * max(abs(record["clean"]), abs(record["other"])) and mean > 3 * error:
+        name, now_, then_ = metric.name, f"{record['clean']:.3f}", f"{record['other']:.3f}"
+        if prefix:
+            why = "--bos" if task.bos else "the tokenizer's convention"
+            record["warning"] = (
+                f"the model shows the behavior more strongly without {' '.join(added)} before "
+                f"the prompts: clean {name} {then_} without it against {now_} with it ({why}); "
+                "if the model was trained without it, pass --no-bos (bos=False)")
+        else:
+            why = "--no-bos" if task.bos is False else "the tokenizer adds none"
+            record["warning"] = (
+                f"the model shows the behavior more strongly with {bos_token} before the "
+                f"prompts: clean {name} {then_} with it against {now_} without ({why}); if the "
+                "model was trained with it, pass --bos (bos=True)")
+    return record
 
 
 def _conclude(run: _Run, scores: Scores, chosen: dict[str, float], level: str, seed: int,
               stage: Callable[[str], None], annotate: bool) -> Discovery:
     """Select, evaluate on both prompt sets, measure the curve, read the heads (`discover`'s
     second half, also run on saved scores by `discover_from_scores`)."""
+    level = "node" if scores.level == "node" else level  # node scores select nodes
     if level == "node" and scores.level == "edge":
-        per_node = scores.values.sum(1)
-        scores = Scores(scores.graph, per_node, "node", scores.method, scores.task, scores.model,
-                        scores.options, scores.cost, scores.extra)
+        scores = Scores(scores.graph, scores.per_node(), "node", scores.method, scores.task,
+                        scores.model, scores.options, scores.cost, scores.extra)
     stage("selecting")
     circuit = select(scores, setup=run.setup, **chosen)
     stage("evaluating")
@@ -253,7 +350,7 @@ def _conclude(run: _Run, scores: Scores, chosen: dict[str, float], level: str, s
                      "faithfulness": list(curve.faithfulness)}
     circuit.metrics.update(heldout_cpr=curve.cpr, heldout_cmd=curve.cmd)
     circuit.options.update(selection=chosen, level=level, seed=seed, n_prompts=len(run.task),
-                           n_heldout=run.n_heldout,
+                           n_heldout=run.n_heldout, bos=run.task.bos,
                            model_fingerprint=run.model.fingerprint)
     notes = []
     if annotate:
@@ -271,7 +368,7 @@ def discover(
     ablation: str = "resample",
     metric: str | Metric | None = None,
     level: str = "edge",
-    selection: str | dict[str, float] = DEFAULT_SELECTION,
+    selection: str | dict[str, Any] | None = None,
     heldout: float = 0.3,
     n: int | None = None,
     seed: int = 0,
@@ -293,8 +390,10 @@ def discover(
     level : "edge" or "node"
         Node level selects heads and MLPs (edge scores summed over each component's outgoing
         edges) and keeps the edges among them.
-    selection : str or dict
-        ``threshold:X``, ``topk:N`` or ``faithfulness:F`` (evaluated on the discovery prompts).
+    selection : str or dict, optional
+        ``threshold:X``, ``topk:N``, ``faithfulness:F`` (evaluated on the discovery prompts) or
+        ``method`` (the circuit the method decided itself). By default (None) the method's own
+        circuit for a method that decides one (ACDC) at edge level, else ``faithfulness:0.85``.
     heldout : float
         Fraction of the prompts kept apart for evaluation.
     n : int, optional
@@ -303,7 +402,8 @@ def discover(
         Seeds the prompts, the split and the method.
     progress : callable, optional
         Called with ``"measuring the behavior"``, ``"scoring"``, ``"selecting"``,
-        ``"evaluating"`` and ``"reading the heads"`` as each stage starts.
+        ``"evaluating"`` and ``"reading the heads"`` as each stage starts. By default the
+        stage and the time it has run show on stderr when it is a terminal.
     device, dtype : optional
         As in `score`.
     strict : bool
@@ -328,15 +428,26 @@ def discover(
     """
     if level not in ("edge", "node"):
         raise OptionError(f"unknown level {level!r}; use edge or node")
-    chosen = parse_selection(selection) if isinstance(selection, str) else dict(selection)
     _check_method(method, metric, options)
-    stage = progress or (lambda name: None)
-    run = _prepare(task, model, ablation=ablation, metric=metric, heldout=heldout, n=n, seed=seed,
-                   batch_size=batch_size, device=device, dtype=dtype, strict=strict, stage=stage)
-    run.setup.checkpoint = checkpoint
-    stage("scoring")
-    scores = run_method(method, run.setup, **options)
-    return _conclude(run, scores, chosen, level, seed, stage, annotate)
+    chosen = resolve_selection(selection, method, get_method(method).decides_circuit, level)
+    with _steps(progress) as stage:
+        run = _prepare(task, model, ablation=ablation, metric=metric, heldout=heldout, n=n,
+                       seed=seed, batch_size=batch_size, device=device, dtype=dtype,
+                       strict=strict, stage=stage)
+        run.setup.checkpoint = checkpoint
+        stage("scoring")
+        scores = run_method(method, run.setup, **options)
+        return _conclude(run, scores, chosen, level, seed, stage, annotate)
+
+
+@contextlib.contextmanager
+def _steps(progress: Callable[[str], None] | None) -> Iterator[Callable[[str], None]]:
+    """The caller's step callback, or (for an API call) a step line on stderr on a terminal."""
+    if progress is not None:
+        yield progress
+        return
+    with activity("loading", DISCOVER_STEPS) as shown:
+        yield shown
 
 
 def discover_from_scores(
@@ -344,7 +455,7 @@ def discover_from_scores(
     task: Task | str,
     model: Model | str | None = None,
     *,
-    selection: str | dict[str, float] = DEFAULT_SELECTION,
+    selection: str | dict[str, Any] | None = None,
     level: str | None = None,
     metric: str | Metric | None = None,
     heldout: float = 0.3,
@@ -370,8 +481,8 @@ def discover_from_scores(
         On `model`'s graph; their options' ``ablation`` and ``metric`` are used.
     task, model, heldout, n, seed, batch_size, progress, device, dtype, strict, annotate
         As in `discover`.
-    selection : str or dict
-        As in `discover`.
+    selection : str or dict, optional
+        As in `discover` (by default the method's own circuit when the scores carry one).
     level : "edge" or "node", optional
         The scores' own level when None; node level sums edge scores per component.
     metric : str or Metric, optional
@@ -393,17 +504,17 @@ def discover_from_scores(
     if level not in ("edge", "node") or (level == "edge" and scores.level == "node"):
         raise OptionError(f"cannot select {level!r}-level circuits from {scores.level}-level "
                           "scores; use level='node' or the scores' own level")
-    chosen = parse_selection(selection) if isinstance(selection, str) else dict(selection)
-    stage = progress or (lambda name: None)
-    run = _prepare(task, model, ablation=scores.options.get("ablation", "resample"),
-                   metric=scores.options.get("metric") if metric is None else metric,
-                   heldout=heldout, n=n, seed=seed,
-                   batch_size=batch_size, device=device, dtype=dtype, strict=strict, stage=stage)
-    if run.setup.graph.shape() != scores.graph.shape():
-        raise OptionError(f"the scores are for a graph {scores.graph.shape()} but "
-                          f"{run.model.name!r} has {run.setup.graph.shape()}; pass the model the "
-                          "scores were made on")
-    return _conclude(run, scores, chosen, level, seed, stage, annotate)
+    chosen = resolve_selection(selection, scores.method, scores.circuit is not None, level)
+    with _steps(progress) as stage:
+        run = _prepare(task, model, ablation=scores.options.get("ablation", "resample"),
+                       metric=scores.options.get("metric") if metric is None else metric,
+                       heldout=heldout, n=n, seed=seed, batch_size=batch_size, device=device,
+                       dtype=dtype, strict=strict, stage=stage)
+        if run.setup.graph.shape() != scores.graph.shape():
+            raise OptionError(f"the scores are for a graph {scores.graph.shape()} but "
+                              f"{run.model.name!r} has {run.setup.graph.shape()}; pass the model "
+                              "the scores were made on")
+        return _conclude(run, scores, chosen, level, seed, stage, annotate)
 
 
 def empty_circuit(selection: dict[str, Any]) -> str:
@@ -415,7 +526,11 @@ def empty_circuit(selection: dict[str, Any]) -> str:
 
 
 def weak_behavior(strength: Behavior) -> str:
-    """The one-line warning for a model that barely shows the behavior, with what to do."""
+    """The one-line warning for a model that barely shows the behavior (or for too few prompts
+    to tell), with what to do."""
+    if strength.n < 2:
+        return (f"the behavior cannot be measured on {strength.n} discovery prompt: "
+                f"{strength.reason}; use more prompts (--n)")
     return (f"the model barely shows this behavior: {strength.reason}; faithfulness is then a "
             "ratio of noise: use more prompts (--n), a corruption that changes the answer more, "
             "or a model that can do the task")

@@ -665,7 +665,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{QUICK_N} with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompts, split, methods")
     parser.add_argument("--batch-size", type=int, default=64, help="prompts per batch")
-    add_device_arguments(parser)
+    add_device_arguments(parser, bos=False)  # each tokenizer's own convention
     parser.add_argument("--threads", type=int, metavar="T",
                         help="torch CPU threads (default: torch's choice)")
 

@@ -291,10 +291,10 @@ class Circuit:
 
     @property
     def node_values(self) -> Tensor | None:
-        """``[n_src]`` node scores: given (node level) or summed over outgoing edges."""
-        if self.values is None:
-            return None
-        return self.values if self.level == "node" else (self.values * self.graph.valid).sum(1)
+        """``[n_src]`` node scores: given (node level) or summed over outgoing edges (see
+        `Scores.per_node`)."""
+        scores = self.scores
+        return None if scores is None else scores.per_node()
 
     @property
     def scores(self) -> Scores | None:
@@ -417,17 +417,20 @@ class Circuit:
 
 
 # -- selection --------------------------------------------------------------------------------
+DECIDED = "method"  # the selection rule that takes the circuit a method decided itself
 SELECTION_NAMES = {"threshold": "threshold", "topk": "top_k", "top-k": "top_k",
                    "faithfulness": "faithfulness"}
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
 _COUNT = re.compile(r"[0-9]{1,18}", re.ASCII)
 
 
-def parse_selection(text: str) -> dict[str, float]:
-    """``threshold:X``, ``topk:N`` or ``faithfulness:F`` -> keyword arguments of `select`.
+def parse_selection(text: str) -> dict[str, Any]:
+    """``threshold:X``, ``topk:N``, ``faithfulness:F`` or ``method`` -> keyword arguments of
+    `select`.
 
     The value is a plain decimal number (``0.02``, ``1e-3``), no spaces: a finite threshold, a
-    non-negative whole number of edges (or nodes), a faithfulness in (0, 1].
+    non-negative whole number of edges (or nodes), a faithfulness in (0, 1]. ``method`` takes
+    the circuit a method decided itself (ACDC's).
 
     Parameters
     ----------
@@ -436,26 +439,29 @@ def parse_selection(text: str) -> dict[str, float]:
     Returns
     -------
     dict
-        ``{"threshold": x}``, ``{"top_k": n}`` (an int) or ``{"faithfulness": f}``.
+        ``{"threshold": x}``, ``{"top_k": n}`` (an int), ``{"faithfulness": f}`` or
+        ``{"decided": True}``.
 
     Raises
     ------
     OptionError
-        The text is not one of the three forms, or its value is out of range.
+        The text is not one of the four forms, or its value is out of range.
 
     Examples
     --------
-    >>> parse_selection("topk:20"), parse_selection("threshold:1e-3")
-    ({'top_k': 20}, {'threshold': 0.001})
+    >>> parse_selection("topk:20"), parse_selection("threshold:1e-3"), parse_selection("method")
+    ({'top_k': 20}, {'threshold': 0.001}, {'decided': True})
     """
     if not isinstance(text, str):
         raise OptionError(f"a selection is text like 'topk:20', 'threshold:0.01' or "
                           f"'faithfulness:0.8', got {type(text).__name__}")
     shown = repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
+    if text == DECIDED:
+        return {"decided": True}
     kind, sep, value = text.partition(":")
     if not sep or kind not in SELECTION_NAMES:
-        raise OptionError(f"bad selection {shown}; use threshold:X, topk:N or faithfulness:F "
-                          "(no spaces)")
+        raise OptionError(f"bad selection {shown}; use threshold:X, topk:N, faithfulness:F "
+                          f"(no spaces) or {DECIDED}")
     name = SELECTION_NAMES[kind]
     if name == "top_k":
         if not _COUNT.fullmatch(value):
@@ -484,16 +490,22 @@ def _brief(value: Any) -> str:
 
 
 def _check_selection(scores: Any, threshold: Any, top_k: Any, faithfulness: Any,
-                     signed: Any, chunk: Any) -> None:
+                     decided: Any, signed: Any, chunk: Any) -> None:
     """OptionError unless `select`'s arguments have allowed types and values."""
     if not isinstance(scores, Scores):
         raise OptionError(f"select needs a Scores object (from circuits.score), got "
                           f"{type(scores).__name__}")
+    if not isinstance(decided, bool):
+        raise OptionError(f"decided must be True or False, got {_brief(decided)}")
     given = [name for name, v in (("threshold", threshold), ("top_k", top_k),
                                   ("faithfulness", faithfulness)) if v is not None]
+    given += ["decided"] if decided else []
     if len(given) != 1:
-        raise OptionError("select needs exactly one of threshold=, top_k= or faithfulness=, "
-                          f"got {', '.join(given) or 'none'}")
+        raise OptionError("select needs exactly one of threshold=, top_k=, faithfulness= or "
+                          f"decided=True, got {', '.join(given) or 'none'}")
+    if decided and scores.circuit is None:
+        raise OptionError(f"method {scores.method or '(unnamed)'!r} scores edges but decides no "
+                          "circuit of its own; select with threshold, top_k or faithfulness")
 
     def real(v: Any) -> bool:
         if not isinstance(v, numbers.Real) or isinstance(v, bool):
@@ -523,15 +535,18 @@ def select(
     threshold: float | None = None,
     top_k: int | None = None,
     faithfulness: float | None = None,
+    decided: bool = False,
     setup: Setup | None = None,
     signed: bool = False,
     chunk: int | None = None,
 ) -> Circuit:
-    """Select a circuit from scores: by threshold, top-k, or the smallest that is faithful enough.
+    """Select a circuit from scores: by threshold, top-k, the smallest that is faithful enough,
+    or the circuit the method decided itself.
 
-    Give exactly one of `threshold`, `top_k`, `faithfulness`. The circuit is pruned (edges on no
-    input-to-logits path dropped) and its size counted after pruning. A NaN score ranks last and
-    passes no threshold.
+    Give exactly one of `threshold`, `top_k`, `faithfulness`, ``decided=True``. The circuit is
+    pruned (edges on no input-to-logits path dropped) and its size counted after pruning,
+    except the method's own circuit, which is taken exactly as the method decided it. A NaN
+    score (an edge the method never evaluated) ranks last and passes no threshold.
 
     Parameters
     ----------
@@ -543,8 +558,10 @@ def select(
         Keep the `top_k` best-ranked edges (nodes), then prune; a whole number >= 0.
     faithfulness : float, optional
         In (0, 1]. The smallest prefix of the ranking whose pruned circuit reaches this
-        faithfulness on `setup`, found by bisection over the prefix length (see
-        `circuits.evaluate.smallest_faithful`). The result's ``metrics`` hold its faithfulness.
+        faithfulness on `setup` (see `circuits.evaluate.smallest_faithful`). The result's
+        ``metrics`` hold its faithfulness.
+    decided : bool
+        Take `Scores.circuit`, the circuit the method decided (ACDC's kept edges).
     setup : Setup, optional
         Needed with `faithfulness`: the prompts, metric and ablation to evaluate on.
     signed : bool
@@ -575,16 +592,24 @@ def select(
     >>> select(Scores(g, v), top_k=2, signed=True).edge_names
     []
     """
-    _check_selection(scores, threshold, top_k, faithfulness, signed, chunk)
+    _check_selection(scores, threshold, top_k, faithfulness, decided, signed, chunk)
     g, level = scores.graph, scores.level
     by_abs = not signed
-    selection = {"signed": signed}
+    selection: dict[str, Any] = {"signed": signed}
+    if decided:
+        circuit = Circuit(g, scores.circuit, scores.values, scores.level, method=scores.method,
+                          task=scores.task, model=scores.model, options=dict(scores.options),
+                          keep_dangling=True)
+        circuit.options.update(selection, decided=True)
+        return circuit
     if faithfulness is not None:
         if setup is None:
             raise OptionError("select(faithfulness=...) needs setup= to evaluate circuits on")
         from .evaluate import smallest_faithful
+        from .outputs import activity
 
-        circuit = smallest_faithful(scores, setup, faithfulness, by_abs=by_abs, chunk=chunk)
+        with activity(f"finding the smallest circuit reaching faithfulness {faithfulness:g}"):
+            circuit = smallest_faithful(scores, setup, faithfulness, by_abs=by_abs, chunk=chunk)
         circuit.options.update(selection)
         return circuit
     if top_k is not None:

@@ -20,7 +20,6 @@ import inspect
 import os
 import shlex
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -38,50 +37,11 @@ DISCOVER_FILES = ("circuit.json", "scores.json", "circuit.svg", "circuit.png", "
 METHOD_FLAGS = {"steps": "steps", "threshold": "threshold"}
 
 
-class Stages:
-    """A stage indicator on stderr: a tqdm line with the running stage and a ticking clock on a
-    terminal, silent otherwise."""
-
-    def __init__(self, names: Sequence[str], enabled: bool | None = None) -> None:
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.total = len(names)
-        self.bar: Any = None
-        self.stop = threading.Event()
-        self.ticker: threading.Thread | None = None
-
-    def __call__(self, name: str) -> None:
-        """Mark the previous stage done and show `name` as running."""
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            # stages differ in length by orders of magnitude: show the stage and the clock,
-            # not a misleading fraction done
-            self.bar = tqdm(total=self.total, file=sys.stderr, leave=False,
-                            bar_format="circuits: {desc} [{elapsed}]", desc=name + " ...")
-            # tqdm redraws only when called; a long stage would freeze the clock
-            self.ticker = threading.Thread(target=self._tick, daemon=True)
-            self.ticker.start()
-        else:
-            self.bar.update(1)
-            self.bar.set_description_str(name + " ...")
-
-    def _tick(self) -> None:
-        while not self.stop.wait(1.0):
-            self.bar.refresh()
-
-    def close(self) -> None:
-        self.stop.set()
-        if self.ticker is not None:
-            self.ticker.join()
-        if self.bar is not None:
-            self.bar.close()
-
-
 @contextlib.contextmanager
-def stages(names: Sequence[str]) -> Iterator[Stages]:
-    """`Stages` that are closed (the bar erased) also when the command fails."""
+def stages(names: Sequence[str]) -> Iterator[Any]:
+    """A command's step indicator (`circuits.outputs.Stages`), erased also when it fails."""
+    from .outputs import Stages
+
     shown = Stages(names)
     try:
         yield shown
@@ -148,16 +108,23 @@ def check_device_and_dtype(args: argparse.Namespace) -> None:
 def load_task_and_model(task: str, model: Any, n: int | None, seed: int,
                         args: argparse.Namespace) -> tuple[Any, Any]:
     """The Task (built-in name or JSONL file) and the Model (name, folder, hub name or None for
-    the task's reference model) loaded on ``--device`` in ``--dtype``."""
+    the task's reference model) loaded on ``--device`` in ``--dtype``; ``--bos``/``--no-bos``
+    set the task's `bos` (checked against the tokenizer here, before any work)."""
+    from dataclasses import replace
+
     from .api import resolve
-    from .task import Task, get_task
+    from .task import Task, get_task, prefix_ids
 
     if _is_task_file(task):
         given = Task.from_jsonl(task)
     else:
         get_task(task, n=1)  # an unknown name fails here, before a model is loaded
         given = task
-    return resolve(given, model, n=n, seed=seed, device=args.device, dtype=args.dtype)
+    found, loaded = resolve(given, model, n=n, seed=seed, device=args.device, dtype=args.dtype)
+    if getattr(args, "bos", None) is not None:
+        found = replace(found, bos=args.bos)
+        prefix_ids(loaded.tokenizer, found.bos)  # --bos with a tokenizer that has no BOS
+    return found, loaded
 
 
 def method_options(method: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -195,15 +162,15 @@ def d_model_of(name: str) -> int | None:
 # -- commands -----------------------------------------------------------------------------------
 def cmd_discover(args: argparse.Namespace) -> int:
     """Score, select, evaluate on held-out prompts, write the six files, print a summary."""
-    from .api import parse_selection
+    from .api import resolve_selection
     from .methods import check_metric, check_options, get_method
     from .metrics import get_metric
 
     # check everything that can be wrong before the slow part starts
-    get_method(args.method)
+    spec = get_method(args.method)
     options = method_options(args.method, args)
     check_options(args.method, options)
-    selection = parse_selection(args.select)
+    selection = resolve_selection(args.select, args.method, spec.decides_circuit, args.level)
     if args.metric is not None:
         check_metric(args.method, get_metric(args.metric))
     if not 0 < args.heldout < 1:
@@ -227,6 +194,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
         from .report import run_record, scores_json
 
         run = run_record(found, args.task, args.model or model.name)
+        run["prompts"] = prompts_digest(found.task)
         write_discovery(found, out, " ".join([PROG, *map(shlex.quote, args.argv)]),
                         scores_json(found.scores, run))
         checkpoint.finish()
@@ -241,18 +209,24 @@ def task_name(task: str) -> str:
     return Path(task).stem if _is_task_file(task) else task
 
 
+def prompts_digest(task: Any) -> str:
+    """16 hex characters of sha256 over a task's prompt pairs and answers: what a discovery
+    ran on, recorded so that its progress and scores are used only with the same prompts."""
+    import hashlib
+    import json
+
+    prompts = json.dumps([e.to_dict() for e in task.examples], sort_keys=True)
+    return hashlib.sha256(prompts.encode("utf-8")).hexdigest()[:16]
+
+
 def discovery_checkpoint(out: Path, task: Any, model: Any, args: argparse.Namespace,
                          options: dict[str, Any]) -> Any:
     """Where a long discovery keeps its progress (``OUT/.progress``), keyed by everything the
     scores depend on, so ``--resume`` continues only the same run."""
-    import hashlib
-    import json
-
     from .progress import Checkpoint
 
-    prompts = json.dumps([e.to_dict() for e in task.examples], sort_keys=True)
     run = dict(command="discover", method=args.method, options=options,
-               task=task.name, prompts=hashlib.sha256(prompts.encode("utf-8")).hexdigest()[:16],
+               task=task.name, prompts=prompts_digest(task), bos=task.bos,
                model=model.fingerprint, dtype=args.dtype, ablation=args.ablation,
                metric=args.metric, batch_size=args.batch_size, heldout=args.heldout,
                seed=args.seed)
@@ -349,6 +323,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         stage("loading")
         model = load_model(model_name, args.device, args.dtype)
         check_model(circuit, model, args)
+        saved_bos = circuit.options.get("bos")
+        if args.bos is None and isinstance(saved_bos, bool):  # start as the discovery's did
+            args.bos = saved_bos
         task, model = load_task_and_model(task_name, model, n, seed, args)
         setup = make_setup(model, task, ablation=ablation, metric=metric,
                            batch_size=args.batch_size)
@@ -397,16 +374,17 @@ def check_shape(circuit: Any, model: Any, graph: Any) -> None:
 
 def check_model(circuit: Any, model: Any, args: argparse.Namespace) -> None:
     """Refuse a model whose weights differ from those the circuit was discovered on (its
-    fingerprint, recorded in the circuit file) unless --any-model."""
-    from .model import dtype_name
+    fingerprint, recorded in the circuit file) unless --any-model; warn where an older
+    fingerprint cannot tell (`circuits.model.check_same_weights`)."""
+    from .model import check_same_weights
 
-    saved = circuit.options.get("model_fingerprint")
-    # the fingerprint samples the weights as loaded, so it is compared in the dtype it was taken
-    same_dtype = circuit.options.get("dtype", "float32") == dtype_name(model.dtype)
-    if saved is not None and same_dtype and saved != model.fingerprint and not args.any_model:
-        _fail(f"{args.circuit} was discovered on {circuit.model or 'another model'!r} (weights "
-              f"{saved}), but {model.name!r} has other weights ({model.fingerprint}); pass the "
-              "circuit's model with --model, or --any-model to evaluate it anyway")
+    note = check_same_weights(
+        model, circuit.options.get("model_fingerprint"), circuit.options.get("dtype", "float32"),
+        f"{args.circuit} was discovered on {circuit.model or 'another model'!r}",
+        "pass the circuit's model with --model, or --any-model to evaluate it anyway",
+        any_model=args.any_model)
+    if note is not None:
+        print(f"{PROG}: warning: {note}", file=sys.stderr)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -544,15 +522,24 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
-def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+def add_device_arguments(parser: argparse.ArgumentParser, bos: bool = True,
+                         dtype: str | None = "float32") -> None:
     """``--device`` and ``--dtype``, for every command that loads a model (checked by the
-    command, so that a bad value is one line and exit status 2)."""
+    command, so that a bad value is one line and exit status 2), and unless `bos` is False
+    ``--bos``/``--no-bos``, which `load_task_and_model` applies to the task. `dtype` is the
+    default dtype; None: the one the command's input file records."""
     parser.add_argument("--device", default="cpu", metavar="DEV",
                         help="where the model runs: cpu, cuda, cuda:N or mps "
                         "(default: %(default)s)")
-    parser.add_argument("--dtype", default="float32", metavar="DTYPE",
+    parser.add_argument("--dtype", default=dtype, metavar="DTYPE",
                         help="parameter dtype: float32, bfloat16 or float16; metrics are "
-                        "computed in float32, and float16 is slow on CPUs (default: %(default)s)")
+                        "computed in float32, and float16 is slow on CPUs (default: "
+                        f"{dtype or 'the dtype the file records'})")
+    if bos:
+        parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                            help="put the tokenizer's BOS token before every prompt, or with "
+                            "--no-bos nothing (default: what the tokenizer itself puts before "
+                            "a text: nothing for GPT-2, the BOS for Llama and Gemma)")
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
@@ -592,10 +579,13 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--metric", help="logit-diff, prob-diff, logprob or kl (default: the task's)")
     p.add_argument("--level", choices=("edge", "node"), default="edge",
                    help="select edges, or heads and MLPs (default: %(default)s)")
-    p.add_argument("--select", default="faithfulness:0.85", metavar="RULE",
-                   help="threshold:X, topk:N or faithfulness:F, the smallest circuit reaching "
-                   "faithfulness F on the discovery prompts (default: %(default)s)")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: circuits-out/TASK)")
+    p.add_argument("--select", metavar="RULE",
+                   help="threshold:X, topk:N, faithfulness:F (the smallest prefix of the "
+                   "ranking reaching faithfulness F on the discovery prompts) or method (the "
+                   "circuit the method decided itself, acdc) (default: method for acdc, "
+                   "faithfulness:0.85 otherwise)")
+    p.add_argument("-o", "--out", metavar="DIR",
+                   help="output folder (default: circuits-out/TASK)")
     p.add_argument("--n", type=int, help="number of prompts, discovery and held-out together "
                    "(default: the task's; a JSONL task uses all its lines)")
     p.add_argument("--heldout", type=float, default=0.3, metavar="F",
@@ -690,6 +680,48 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Inside the block, a warning the package issues is printed as one line ``circuits:
+    warning: ...`` on stderr (others as Python prints them); the previous printer is restored."""
+    import warnings
+
+    previous = warnings.showwarning
+    package = str(Path(__file__).resolve().parent)
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+             line: Any = None) -> None:
+        if str(Path(filename).resolve()).startswith(package):
+            print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """The parsed command line. An argument the command does not know is reported with that
+    command's usage (not the program's) and the closest option it has."""
+    import difflib
+
+    parser = build_parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in parser._actions  # the command's own parser
+                   if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        known = [o for a in sub._actions for o in a.option_strings]
+        flag = next((e for e in extra if e.startswith("-")), "").split("=", 1)[0]
+        close = difflib.get_close_matches(flag, known, n=1) if flag else []
+        hint = (f"; did you mean {close[0]}?" if close else "") + (
+            f" (see `{PROG} {args.command} --help`)")
+        sub.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``circuits`` command line.
 
@@ -714,16 +746,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
 
+    args: argparse.Namespace | None = None
+
     def stopped() -> int:
+        # only commands that keep progress can continue where they stopped
+        resumable = args is not None and hasattr(args, "resume")
+        again = ("rerun the same command with --resume to continue"
+                 if resumable and not args.resume else
+                 "rerun the same command to continue" if resumable else
+                 f"`{PROG} {args.command}` starts over when run again" if args is not None
+                 else "nothing was started")
         print(f"\n{PROG}: interrupted after {time.perf_counter() - t0:.0f} s; finished outputs "
-              "are kept (rerun with --resume to continue where supported)", file=sys.stderr)
+              f"are kept ({again})", file=sys.stderr)
         return 130
 
     debug = False
-    with sigint_handler():  # from the start: parsing `bench` already imports torch
+    # from the start: parsing `bench` already imports torch
+    with sigint_handler(), one_line_warnings():
         try:
             try:
-                args = build_parser(argv).parse_args(argv)
+                args = parse(argv)
             except SystemExit as done:  # --help, --version and argparse's usage errors
                 return done.code if isinstance(done.code, int) else (
                     0 if done.code is None else 2)

@@ -199,7 +199,10 @@ class Evaluation:
         The circuit's size.
     faithfulness_ci : tuple[float, float]
         95% percentile-bootstrap interval of the faithfulness over the prompts
-        (`bootstrap_faithfulness`); NaN where the faithfulness is undefined.
+        (`bootstrap_faithfulness`); NaN where the faithfulness is undefined. Over fewer than
+        `FEW_PROMPTS` prompts the interval says little (see `few_prompts`).
+    n_prompts : int
+        How many prompts the numbers average over (0: not recorded).
     """
 
     faithfulness: float
@@ -209,6 +212,7 @@ class Evaluation:
     n_edges: int
     n_nodes: int
     faithfulness_ci: tuple[float, float] = (math.nan, math.nan)
+    n_prompts: int = 0
 
     def as_dict(self) -> dict[str, float]:
         """Flat numbers for JSON: the fields, the interval as ``faithfulness_ci_low`` and
@@ -320,7 +324,33 @@ def evaluate(
     f = float(_ratio(per[2].mean()[None], m_model, m_empty)[0])  # float64
     ci = bootstrap_faithfulness(per[2], per[0], per[1], n_resamples, seed=seed)
     c = circuit if isinstance(circuit, Circuit) else Circuit(g, mask, keep_dangling=True)
-    return Evaluation(f, m_circuit, m_model, m_empty, c.n_edges, c.n_nodes, ci)
+    return Evaluation(f, m_circuit, m_model, m_empty, c.n_edges, c.n_nodes, ci, per.shape[1])
+
+
+#: Fewer prompts than this on either side of a discovery, and its faithfulness and intervals
+#: are flagged: a percentile bootstrap over a handful of prompts understates the uncertainty
+#: (over one prompt it has none to show).
+FEW_PROMPTS = 10
+
+
+def few_prompts(n_discovery: int, n_heldout: int) -> str | None:
+    """One line saying that a discovery rests on too few prompts to trust its faithfulness
+    (fewer than `FEW_PROMPTS` on either side), or None.
+
+    Examples
+    --------
+    >>> few_prompts(40, 20) is None
+    True
+    >>> few_prompts(1, 1)[:52]
+    'faithfulness rests on 1 discovery and 1 held-out pro'
+    """
+    if min(n_discovery, n_heldout) >= FEW_PROMPTS:
+        return None
+    return (f"faithfulness rests on {n_discovery} discovery and {n_heldout} held-out prompt"
+            f"{'' if n_heldout == 1 else 's'}, fewer than {FEW_PROMPTS} on a side: the numbers "
+            "and their 95% intervals say little (a bootstrap over so few prompts understates the "
+            f"uncertainty); use more prompts (--n {int(FEW_PROMPTS / 0.3) + 1} or more with "
+            "the default --heldout 0.3)")
 
 
 # -- behavior strength ------------------------------------------------------------------------
@@ -441,23 +471,30 @@ def behavior(setup: Setup, chunk: int | None = None) -> Behavior:
 
 
 # -- the smallest faithful circuit ------------------------------------------------------------
+#: Most distinct circuits `smallest_faithful` evaluates below the bisection's boundary when it
+#: looks for a smaller one (every prefix is one patched forward of the prompts).
+MAX_SCAN = 4096
+
+
 def smallest_faithful(
     scores: Scores,
     setup: Setup,
     target: float,
     by_abs: bool = True,
     chunk: int | None = None,
+    max_scan: int = MAX_SCAN,
 ) -> Circuit:
     """The shortest prefix of the score ranking whose pruned circuit reaches `target`.
 
-    A search over the prefix length k, keeping a bracket ``lo < hi`` with f(lo) < target <=
-    f(hi) (k = 0 is the empty circuit, f = 0; k = n the full model, f = 1). Each round
-    evaluates up to `chunk` evenly spaced lengths inside the bracket in one batched forward
-    and narrows it to the first that reaches the target: bisection when `chunk` is 1, about
-    log(n) / log(chunk + 1) rounds otherwise. It ends with hi = lo + 1, so the circuit of
-    length hi reaches the target and the one a single edge (node) shorter does not. When f is
-    not monotone in k this is a smallest length at such a boundary, not necessarily the
-    globally smallest.
+    Faithfulness is not monotone in the prefix length k (an edge can hurt the behavior), so a
+    bisection alone finds *a* boundary, a length that reaches the target where the length one
+    shorter does not, but not necessarily the smallest length that reaches it. This first
+    bisects (a bracket ``lo < hi`` with f(lo) < target <= f(hi), k = 0 the empty circuit, k = n
+    the full model; up to `chunk` evenly spaced lengths per batched forward), then scans every
+    shorter prefix in increasing order, evaluating each distinct pruned circuit once (`chunk`
+    per forward), and returns the first that reaches the target. The scan stops after
+    `max_scan` distinct circuits; the result is then the shortest found so far, or the
+    bisection's boundary, and its options say so.
 
     Parameters
     ----------
@@ -468,13 +505,30 @@ def smallest_faithful(
     by_abs : bool
         Rank by |score| (default) or signed score.
     chunk : int, optional
-        Lengths evaluated per round.
+        Lengths evaluated per forward.
+    max_scan : int
+        Most distinct circuits the scan below the bisection's boundary evaluates.
 
     Returns
     -------
     Circuit
         With ``metrics`` holding its faithfulness and metric values, and ``options`` the
-        target and the prefix length ``k``.
+        target, the prefix length ``k``, the bisection's boundary ``k_bisection`` and
+        ``smallest``: True when every shorter prefix was evaluated and fell short.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from circuits import Setup, get_task, load_model
+    >>> from circuits.scores import Scores
+    >>> model = load_model("induction-gpt2-2l")
+    >>> task = get_task("induction", model.tokenizer, n=8)
+    >>> setup = Setup(model, task.batches(model.tokenizer), task.metric)
+    >>> scores = Scores(setup.graph, torch.rand(setup.graph.valid.shape) * setup.graph.valid)
+    >>> c = smallest_faithful(scores, setup, 0.5)
+    >>> c.metrics["faithfulness"] >= 0.5, c.options["smallest"], c.options["k"] <= \
+c.options["k_bisection"]
+    (True, True, True)
     """
     if not target <= 1:
         raise OptionError(f"target faithfulness {target} is above the full model's (1.0); "
@@ -501,16 +555,55 @@ def smallest_faithful(
         new_hi = reached[0] if reached else hi
         lo = max([lo] + [k for k in points if k < new_hi])
         hi = new_hi
-    final = mask(hi)
-    if hi not in known or base is None:
+    # every length evaluated so far below hi fell short; the others below it are scanned
+    best, smallest, base = _scan_below(hi, mask, known, setup, target, chunk, base, max_scan)
+    final = mask(best)
+    if best not in known or base is None:
         f, m, base = _faithfulness(setup, final[None], chunk, base)
-        known[hi] = (float(f[0]), float(m[0]))
+        known[best] = (float(f[0]), float(m[0]))
     circuit = Circuit.from_scores(scores, final)
-    circuit.options.update(target_faithfulness=target, k=hi)
-    circuit.metrics.update(faithfulness=known[hi][0], metric_circuit=known[hi][1],
+    circuit.options.update(target_faithfulness=target, k=best, k_bisection=hi,
+                           smallest=smallest)
+    circuit.metrics.update(faithfulness=known[best][0], metric_circuit=known[best][1],
                            metric_model=base.metric_model, metric_empty=base.metric_empty,
                            n_edges=circuit.n_edges, n_nodes=circuit.n_nodes)
     return circuit
+
+
+def _scan_below(hi: int, mask: Any, known: dict[int, tuple[float, float]], setup: Setup,
+                target: float, chunk: int, base: Baseline | None, max_scan: int
+                ) -> tuple[int, bool, Baseline | None]:
+    """The first length below `hi` whose circuit reaches `target` (else `hi`), whether every
+    shorter length was evaluated, and the baseline. Each distinct pruned circuit runs once,
+    `chunk` new ones per forward, at most `max_scan` in all."""
+    lengths = [k for k in range(1, hi) if k not in known]
+    by_mask: dict[bytes, tuple[float, float]] = {}
+    i = 0
+    while i < len(lengths):
+        batch: list[tuple[int, bytes]] = []
+        new: dict[bytes, Tensor] = {}
+        full = False
+        while i < len(lengths) and len(new) < chunk:
+            m = mask(lengths[i])
+            key = m.numpy().tobytes()
+            if key not in by_mask and key not in new:
+                full = len(by_mask) + len(new) == max_scan
+                if full:
+                    break
+                new[key] = m
+            batch.append((lengths[i], key))
+            i += 1
+        if new:
+            f, metric, base = _faithfulness(setup, torch.stack(list(new.values())), chunk, base)
+            by_mask.update({key: (float(fk), float(mk))
+                            for key, fk, mk in zip(new, f, metric, strict=True)})
+        for k, key in batch:
+            known[k] = by_mask[key]
+            if known[k][0] >= target:
+                return k, True, base
+        if full:
+            return hi, False, base
+    return hi, True, base
 
 
 # -- curves -----------------------------------------------------------------------------------

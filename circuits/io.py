@@ -12,8 +12,10 @@ The circuit file (``"format": "circuits.circuit", "version": 1``) is plain JSON,
      "edges": {"input->a0.h0<q>": {"score": -0.0003, "in_circuit": false}, ...}}
 
 A node entry may also say what the node does (`Circuit.node_info`; a head of a discovered
-circuit: ``"role": "induction", "role_score": 0.93, "roles": {role: score}, "dla": 1.2,
-"attention": {"tokens": [...], "pattern": [[...]]}``), and the document may hold the
+circuit: ``"role": "induction"`` (``"mixed"`` when two roles are close, ``""`` when no role is
+strong enough to name it), ``"role_score": 0.93, "roles": {role: score}, "dla": 1.2,
+"dla_contrast": 0.8`` (clean minus corrupted), ``"attention": {"tokens": [...], "pattern":
+[[...]]}``), and the document may hold the
 faithfulness curve measured with the circuit (``"curve": {"fractions": [...], "n_edges": [...],
 "faithfulness": [...], ...}``); files without them load as before.
 
@@ -26,7 +28,9 @@ written as decimal floats, which read back bit for bit.
 Every JSON document the package writes goes through `dumps`, so it is strict JSON that any
 parser reads (JavaScript's ``JSON.parse`` included): a NaN or infinite number, such as the
 faithfulness of a task whose answer equals its wrong answer, is written as ``null``. A ``null``
-metric loads back as NaN; a score must be a finite float32 number.
+metric loads back as NaN; a score must be a finite float32 number, except the score of an edge
+(or node) the method never evaluated (ACDC's edges into disconnected destinations), written
+``"score": null, "evaluated": false`` and loaded back as NaN.
 
 `load_circuit` checks a file against this schema before it allocates anything sized by it: the
 file size (at most `MAX_FILE_BYTES`), the graph shape (at most `MAX_LAYERS` layers and
@@ -164,7 +168,7 @@ def circuit_to_dict(circuit: Circuit) -> dict[str, Any]:
     for node in all_nodes(g):
         entry: dict[str, Any] = {"in_circuit": node.name in in_nodes}
         if node_values is not None and node.name in g.src_index:
-            entry["score"] = float(node_values[g.src_index[node.name]])
+            entry.update(_score_entry(float(node_values[g.src_index[node.name]])))
         entry.update(_plain(circuit.node_info.get(node.name, {})))
         nodes[node.name] = entry
     edge_values = circuit.edge_values
@@ -172,7 +176,7 @@ def circuit_to_dict(circuit: Circuit) -> dict[str, Any]:
     for i, j in g.valid.nonzero().tolist():
         entry = {"in_circuit": bool(circuit.mask[i, j])}
         if edge_values is not None:
-            entry["score"] = float(edge_values[i, j])
+            entry.update(_score_entry(float(edge_values[i, j])))
         edges[f"{g.sources[i]}->{g.destinations[j]}"] = entry
     return {
         "format": FORMAT, "version": VERSION, "package_version": __version__,
@@ -185,12 +189,17 @@ def circuit_to_dict(circuit: Circuit) -> dict[str, Any]:
     }
 
 
+def _score_entry(score: float) -> dict[str, Any]:
+    """An entry's score; a NaN score is one the method never evaluated (`_score` reads it)."""
+    return {"score": None, "evaluated": False} if math.isnan(score) else {"score": score}
+
+
 def save_circuit(circuit: Circuit, path: str | Path) -> Path:
     """Save a circuit as versioned JSON, atomically.
 
     The file is strict JSON (`dumps`): a NaN metric is written as ``null`` and loads back as
-    NaN. A NaN score is written as ``null`` too, but `load_circuit` refuses it, since selection
-    and drawing need every score.
+    NaN. A NaN score (never evaluated by the method) is written ``"score": null, "evaluated":
+    false`` and loads back as NaN; a bare ``null`` score is refused.
 
     Parameters
     ----------
@@ -235,8 +244,16 @@ def _is_int(value: Any) -> bool:
 
 
 def _score(entry: dict[str, Any], what: str, where: str) -> float:
-    """The entry's score as a float that fits float32, or CircuitFileError naming `what`."""
+    """The entry's score as a float that fits float32 (NaN for a score marked not evaluated),
+    or CircuitFileError naming `what`."""
     s = entry.get("score")
+    evaluated = entry.get("evaluated", True)
+    _need(isinstance(evaluated, bool), where,
+          f"{what} has 'evaluated' {_show(evaluated)}; it must be true or false")
+    if not evaluated:
+        _need(s is None, where, f"{what} is marked not evaluated but has score {_show(s)}; "
+              "the file was edited")
+        return math.nan
     _need("score" in entry and s is not None, where,
           f"{what} has no score ({'null' if 'score' in entry else 'missing'}); a scored "
           "circuit needs a finite number here (the score was NaN when it was saved, or the "
@@ -332,6 +349,7 @@ _NODE_INFO: dict[str, tuple[Any, str]] = {
     "roles": (lambda v: isinstance(v, dict) and all(map(_is_number, v.values())),
               "an object of numbers"),
     "dla": (_is_number, "a number"),
+    "dla_contrast": (_is_number, "a number"),
     "attention": (lambda v: isinstance(v, dict) and isinstance(v.get("tokens"), list)
                   and all(isinstance(t, str) for t in v["tokens"])
                   and _is_matrix(v.get("pattern"), len(v["tokens"])),

@@ -8,21 +8,30 @@ Staged outputs
 
 Progress
     `progress_bar` is a tqdm bar on stderr with the elapsed time and an estimate of the time
-    left, shown on a terminal only (so logs and tests read clean).
+    left, for loops of known length. `activity` is a one-line indicator with what runs and a
+    ticking clock, for steps whose length is not known ahead (loading a model, scoring, finding
+    the smallest faithful circuit). Both show on a terminal only (so logs and tests read clean),
+    and only the outermost activity shows: a library call made inside a command's own indicator
+    stays quiet.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import shutil
 import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+# whether an activity line is showing in this context (only the outermost one shows)
+_SHOWING: contextvars.ContextVar[bool] = contextvars.ContextVar("circuits_activity",
+                                                                default=False)
 
 
 @contextlib.contextmanager
@@ -123,3 +132,70 @@ def progress_bar(total: int | None, desc: str, unit: str = "it",
     show = sys.stderr.isatty() if enabled is None else bool(enabled)
     return tqdm(total=total, desc=f"circuits: {desc}", unit=unit, file=sys.stderr,
                 leave=False, disable=not show, dynamic_ncols=True, **kwargs)
+
+
+class Stages:
+    """A one-line indicator on stderr, ``circuits: STEP ... [elapsed]``, with the clock ticking
+    every second; calling it with a step's name marks the previous one done. Shown when
+    `enabled` (by default: stderr is a terminal and no other indicator shows); see `activity`."""
+
+    def __init__(self, names: Sequence[str] = (), enabled: bool | None = None) -> None:
+        self.enabled = (sys.stderr.isatty() and not _SHOWING.get()) if enabled is None \
+            else bool(enabled)
+        self.total = max(1, len(names))
+        self.bar: Any = None
+        self.stop = threading.Event()
+        self.ticker: threading.Thread | None = None
+        self._token: contextvars.Token | None = _SHOWING.set(True) if self.enabled else None
+
+    def __call__(self, name: str) -> None:
+        """Mark the previous step done and show `name` as running."""
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            # steps differ in length by orders of magnitude: show the step and the clock, not
+            # a misleading fraction done
+            self.bar = tqdm(total=self.total, file=sys.stderr, leave=False,
+                            bar_format="circuits: {desc} [{elapsed}]", desc=name + " ...")
+            # tqdm redraws only when called; a long step would freeze the clock
+            self.ticker = threading.Thread(target=self._tick, daemon=True)
+            self.ticker.start()
+        else:
+            self.bar.update(1)
+            self.bar.set_description_str(name + " ...")
+
+    def _tick(self) -> None:
+        while not self.stop.wait(1.0):
+            self.bar.refresh()
+
+    def close(self) -> None:
+        """Stop the clock and erase the line."""
+        self.stop.set()
+        if self.ticker is not None:
+            self.ticker.join()
+        if self.bar is not None:
+            self.bar.close()
+        if self._token is not None:
+            _SHOWING.reset(self._token)
+            self._token = None
+
+
+@contextlib.contextmanager
+def activity(name: str, names: Sequence[str] = (), enabled: bool | None = None
+             ) -> Iterator[Stages]:
+    """Show ``circuits: NAME ... [elapsed]`` while the block runs (see `Stages`); yields the
+    indicator, which renames the running step when called. Erased also when the block fails.
+
+    Examples
+    --------
+    >>> with activity("scoring", enabled=False) as step:
+    ...     step("writing")
+    """
+    shown = Stages(names or [name], enabled)
+    try:
+        shown(name)
+        yield shown
+    finally:
+        shown.close()

@@ -233,6 +233,9 @@ class Checkpoint:
         if not isinstance(every, (int, float)) or every < 0:
             raise OptionError(f"every must be a number of seconds >= 0, got {every!r}")
         self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise OptionError(f"{self.folder} is a file, where the progress folder goes; move "
+                              "it away (it is not circuits' progress)")
         self.run = _canonical(run)
         self.resume = bool(resume)
         self.every = float(every)
@@ -255,13 +258,19 @@ class Checkpoint:
             return
         try:
             doc = json.loads(path.read_text("utf-8"))
-            saved = doc["run"] if doc.get("format") == FORMAT else None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            saved = None
-        if saved is None:  # unreadable: the digest in each progress file still guards them
+        except (OSError, UnicodeDecodeError, ValueError):
+            # torn by something outside this package (it writes the file atomically): the
+            # digest in each progress file still guards them
             log.warning("progress description %s is unreadable; checking the files one by one",
                         path)
             return
+        saved = doc.get("run") if isinstance(doc, dict) else None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(saved, dict):
+            raise OptionError(f"{path} is not a description of circuits' progress, so the folder's "
+                              f"progress cannot be checked against this run; {RESTART}")
+        if doc.get("version") != VERSION:
+            raise OptionError(f"{path} describes progress of format version "
+                              f"{_short(doc.get('version'))}, not {VERSION}; {RESTART}")
         field = _difference(saved, self.run)
         if field is not None:
             raise OptionError(

@@ -34,9 +34,10 @@ def scores_document(scores: Scores, run: dict[str, Any] | None = None) -> dict[s
     -------
     dict
         ``{"format": "circuits.scores", "version": 1, "task", "model", "method", "graph"
-        (its shape), "level", "options", "cost", ["run",] "scores": {name: score}}``; names
-        are edges (``'a0.h1->m1'``) for edge scores and components (``'a0.h1'``, ``'m1'``) for
-        node scores.
+        (its shape), "level", "options", "cost", ["run",] ["circuit",] "scores": {name:
+        score}}``; names are edges (``'a0.h1->m1'``) for edge scores and components
+        (``'a0.h1'``, ``'m1'``) for node scores. A score the method never evaluated is
+        ``null``; ``circuit`` lists the edges of the circuit the method decided itself (ACDC).
 
     Examples
     --------
@@ -55,8 +56,16 @@ def scores_document(scores: Scores, run: dict[str, Any] | None = None) -> dict[s
         "task": scores.task, "model": scores.model, "method": scores.method,
         "graph": scores.graph.shape(), "level": scores.level, "options": _plain(scores.options),
         "cost": scores.cost.as_dict(), **({} if run is None else {"run": _plain(run)}),
+        **({} if scores.circuit is None else {"circuit": decided_edges(scores)}),
         "scores": values,
     }
+
+
+def decided_edges(scores: Scores) -> list[str]:
+    """The names of the edges in the circuit the method decided, source-major."""
+    from .circuit import edges_of
+
+    return [e.name for e in edges_of(scores.graph, scores.circuit)]
 
 
 def scores_json(scores: Scores, run: dict[str, Any] | None = None) -> str:
@@ -69,14 +78,15 @@ def scores_json(scores: Scores, run: dict[str, Any] | None = None) -> str:
 # what `run_record` holds: everything besides the scores that a discovery's prompts, split and
 # evaluation depend on
 RUN_KEYS = ("task", "model", "n", "seed", "heldout", "batch_size", "ablation", "metric", "level",
-            "selection", "dtype", "model_fingerprint")
+            "selection", "dtype", "model_fingerprint", "bos", "bos_tokens")
 
 
 def run_record(found: Discovery, task: str, model: str) -> dict[str, Any]:
     """What a discovery ran on, for scores.json: `task` and `model` as the user named them (a
     task file's path, a model folder), the number of prompts, seed, held-out fraction, batch
-    size, ablation, metric (None: the task's own), level, selection, dtype and the model's
-    fingerprint."""
+    size, ablation, metric (None: the task's own), level, selection, dtype, the model's
+    fingerprint, and what went before every prompt: ``bos`` (the task's choice, `Task.bos`:
+    None for the tokenizer's convention) and ``bos_tokens`` (the tokens that were added)."""
     from .model import dtype_name
 
     c, o = found.circuit, found.options
@@ -86,7 +96,30 @@ def run_record(found: Discovery, task: str, model: str) -> dict[str, Any]:
             "metric": o["metric"] if isinstance(o.get("metric"), str) else None,
             "level": o.get("level"), "selection": o.get("selection"),
             "dtype": dtype_name(found.model.dtype),
-            "model_fingerprint": found.model.fingerprint}
+            "model_fingerprint": found.model.fingerprint,
+            "bos": found.task.bos, "bos_tokens": bos_record(found)["added"]}
+
+
+def bos_record(found: Discovery) -> dict[str, Any]:
+    """What went before the prompts (`circuits.api` measures it: ``bos``, ``added``, maybe a
+    ``warning``), or for a Discovery made otherwise, the tokens the task's choice adds."""
+    record = found.options.get("bos")
+    if isinstance(record, dict):
+        return record
+    from .task import prefix_ids
+
+    tok = found.model.tokenizer
+    added = [str(tok.convert_ids_to_tokens(i)) for i in prefix_ids(tok, found.task.bos)]
+    return {"bos": found.task.bos, "added": added}
+
+
+def bos_text(found: Discovery) -> str:
+    """The 'BOS token' row: 'added (<s>)', 'off (--no-bos)' or 'none (the tokenizer adds
+    none)'."""
+    record = bos_record(found)
+    if record["added"]:
+        return f"added ({' '.join(record['added'])}{', --bos' if record['bos'] else ''})"
+    return "off (--no-bos)" if record["bos"] is False else "none (the tokenizer adds none)"
 
 
 # -- tables -------------------------------------------------------------------------------------
@@ -139,9 +172,11 @@ def summary_rows(found: Discovery, out: str | None = None,
     rows = [
         ("task", f"{found.task.name} ({len(found.task)} prompts)"),
         ("model", found.model.name),
+        ("BOS token", bos_text(found)),
         ("method", c.method),
-        ("edges kept", f"{c.n_edges} / {c.graph.n_edges} ({c.fraction:.1%})"),
-        ("nodes", str(c.n_nodes)),
+        ("selection", selection_text(c, found.options.get("selection", {}))),
+        *size_rows(c),
+        *([] if pruned_note(c) is None else [("pruned", pruned_note(c))]),
         ("faithfulness", f"{_number(found.heldout.faithfulness)} held-out "
                          f"({interval(c.metrics, 'heldout_')}), "
                          f"{_number(c.metrics.get('faithfulness'))} discovery "
@@ -149,13 +184,51 @@ def summary_rows(found: Discovery, out: str | None = None,
         ("time", f"{found.seconds:.1f} s discovery"
                  + ("" if total is None else f", {total:.1f} s in all")),
     ]
-    note = pruned_note(c)
-    if note is not None:
-        rows.insert(4, ("pruned", note))
     if out is not None:
         rows.append(("outputs", out))
     rows += [("warning", text) for text in found.warnings]
     return rows
+
+
+def selection_text(circuit: Circuit, selection: dict[str, Any]) -> str:
+    """How the circuit was selected, e.g. 'top_k=30', "acdc's own circuit" or, for a
+    faithfulness target, which prefix of the ranking reached it."""
+    if selection.get("decided"):
+        return f"{circuit.method}'s own circuit (--select method)"
+    text = ", ".join(f"{k}={v}" for k, v in selection.items()) or "—"
+    k, boundary = circuit.options.get("k"), circuit.options.get("k_bisection")
+    if "faithfulness" in selection and isinstance(k, int):
+        text += (f": the {k} best-ranked edges (nodes) are the shortest prefix that reaches it"
+                 if circuit.options.get("smallest") else f": a prefix of {k}")
+        if isinstance(boundary, int) and boundary != k:
+            text += f" (bisection alone would stop at {boundary})"
+    return text
+
+
+def not_evaluated(scores: Scores) -> int:
+    """How many edges (nodes) the method never evaluated (NaN scores)."""
+    return int((~scores.evaluated & (scores.graph.valid if scores.level == "edge"
+                                     else True)).sum())
+
+
+def components(circuit: Circuit) -> tuple[int, int]:
+    """(heads and MLPs in the circuit, heads and MLPs in the graph): what a node-level
+    selection counts (input, logits and key/value heads are not ranked)."""
+    g = circuit.graph
+    have = sum(1 for n in circuit.nodes if n in g.src_index and n != "input")
+    return have, g.n_sources - 1
+
+
+def size_rows(circuit: Circuit) -> list[tuple[str, str]]:
+    """The circuit's size as the summary gives it: edges (and nodes) kept, or for a
+    node-level circuit the heads and MLPs kept and the edges among them."""
+    c = circuit
+    edges = f"{c.n_edges} / {c.graph.n_edges} ({c.fraction:.1%})"
+    if c.level == "node":
+        have, total = components(c)
+        return [("nodes kept", f"{have} / {total} heads and MLPs ({have / total:.1%})"),
+                ("edges among them", edges)]
+    return [("edges kept", edges), ("nodes", str(c.n_nodes))]
 
 
 def pruned_note(circuit: Circuit) -> str | None:
@@ -164,12 +237,10 @@ def pruned_note(circuit: Circuit) -> str | None:
     k = circuit.options.get("top_k")
     if not isinstance(k, int) or isinstance(k, bool):
         return None
-    g = circuit.graph
     if circuit.level == "edge":
-        have, total, unit = circuit.n_edges, g.n_edges, "edges"
-    else:  # heads and MLPs; input, logits and key/value heads are not ranked
-        have = sum(1 for n in circuit.nodes if n in g.src_index and n != "input")
-        total, unit = g.n_sources - 1, "nodes"
+        have, total, unit = circuit.n_edges, circuit.graph.n_edges, "edges"
+    else:
+        (have, total), unit = components(circuit), "nodes"
     asked = min(k, total)
     if have >= asked:
         return None
@@ -178,8 +249,9 @@ def pruned_note(circuit: Circuit) -> str | None:
 
 
 def role_table(circuit: Circuit) -> str | None:
-    """The markdown table of the circuit's heads with what `circuits.annotate` read: strongest
-    role and its score, direct logit attribution, every role's score; None without any."""
+    """The markdown table of the circuit's heads with what `circuits.annotate` read: the label
+    ('—' where no role is strong enough) and its score, direct logit attribution (plain and
+    clean minus corrupted), every role's score; None without any."""
     heads = [n for n in circuit.nodes if "role" in circuit.node_info.get(n, {})]
     if not heads:
         return None
@@ -187,20 +259,33 @@ def role_table(circuit: Circuit) -> str | None:
     rows = []
     for name in heads:
         info = circuit.node_info[name]
-        rows.append([f"`{name}`", info["role"], _number(info.get("role_score"), 2),
-                     _number(info.get("dla")),
+        rows.append([f"`{name}`", info["role"] or "—", _number(info.get("role_score"), 2),
+                     _number(info.get("dla")), _number(info.get("dla_contrast")),
                      *[_number(info.get("roles", {}).get(r), 2) for r in roles]])
-    return markdown_table(["head", "role", "score", "direct logit attribution", *roles], rows)
+    return markdown_table(["head", "label", "score", "direct logit attribution",
+                           "clean − corrupted", *roles], rows)
 
 
 def interval(metrics: dict[str, Any], prefix: str = "") -> str:
     """The 95% bootstrap interval of a faithfulness in `metrics` as text, e.g. '95% CI 0.81 to
-    0.97' ('no CI' when it was not measured)."""
+    0.97' ('no CI' when it was not measured), with a caution when it rests on fewer than
+    `circuits.evaluate.FEW_PROMPTS` prompts.
+
+    Examples
+    --------
+    >>> interval({"faithfulness_ci_low": 0.5, "faithfulness_ci_high": 0.7, "n_prompts": 2})
+    '95% CI 0.500 to 0.700 over only 2 prompts: too few to trust'
+    """
+    from .evaluate import FEW_PROMPTS
+
     low = metrics.get(f"{prefix}faithfulness_ci_low")
     high = metrics.get(f"{prefix}faithfulness_ci_high")
     if low is None or high is None:
         return "no CI"
-    return f"95% CI {_number(low)} to {_number(high)}"
+    n = metrics.get(f"{prefix}n_prompts")
+    few = (f" over only {n} prompt{'' if n == 1 else 's'}: too few to trust"
+           if isinstance(n, int) and 0 < n < FEW_PROMPTS else "")
+    return f"95% CI {_number(low)} to {_number(high)}{few}"
 
 
 def report_markdown(found: Discovery, files: Sequence[str] = (), command: str = "") -> str:
@@ -226,10 +311,11 @@ def report_markdown(found: Discovery, files: Sequence[str] = (), command: str = 
     # ablation and metric get their own row; d_model, dtype and device describe the model run,
     # not the method
     method_options = {k: v for k, v in s.options.items()
-                      if k not in ("ablation", "metric", "d_model", "dtype", "device")}
+                      if k not in ("ablation", "metric", "d_model", "dtype", "device",
+                                   "model_fingerprint")}
     run_on = ", ".join(str(s.options[k]) for k in ("dtype", "device") if k in s.options)
     opts = ", ".join(f"{k}={v}" for k, v in method_options.items()) or "defaults"
-    selection = ", ".join(f"{k}={v}" for k, v in found.options.get("selection", {}).items())
+    selection = selection_text(c, found.options.get("selection", {}))
     n_held = c.options.get("n_heldout", "?")
     lines = [
         f"# Circuit: {c.task} on {c.model}",
@@ -239,10 +325,11 @@ def report_markdown(found: Discovery, files: Sequence[str] = (), command: str = 
         markdown_table(["", ""], [
             ("task", f"{found.task.name}: {found.task.description or '(no description)'}"),
             ("model", f"{c.model} ({run_on})" if run_on else c.model),
+            ("BOS token", bos_text(found)),
             ("method", f"{c.method} ({opts})"),
             ("ablation / metric", f"{s.options.get('ablation')} / {s.options.get('metric')}"),
-            ("level", found.options.get("level", c.level)),
-            ("selection", selection or "—"),
+            ("level", c.level),
+            ("selection", selection),
             ("seed", c.options.get("seed", "—")),
             ("prompts", f"{len(found.task)} ({len(found.task) - int(n_held)} discovery, "
                         f"{n_held} held out)" if n_held != "?" else str(len(found.task))),
@@ -251,6 +338,8 @@ def report_markdown(found: Discovery, files: Sequence[str] = (), command: str = 
         "## Result",
         "",
         markdown_table(["", ""], [
+            *([("heads and MLPs", "{} of {}".format(*components(c)))]
+              if c.level == "node" else []),
             ("edges", f"{c.n_edges} of {c.graph.n_edges} ({c.fraction:.1%})"
                       + ("" if pruned_note(c) is None else f"; {pruned_note(c)}")),
             ("nodes", f"{c.n_nodes} ({', '.join(c.nodes)})"),
@@ -278,8 +367,15 @@ def report_markdown(found: Discovery, files: Sequence[str] = (), command: str = 
                 for i, (name, v) in enumerate(s.top(TOP))]
         lines += [f"## Top {len(rows)} edges (by |score|)", "",
                   markdown_table(["#", "edge", "score", "in circuit"], rows), ""]
+        unscored = not_evaluated(s)
+        if unscored:
+            lines += [f"{s.method} never evaluated {unscored} of the {s.graph.n_edges} edges "
+                      "(they entered destinations already cut off from the logits); their "
+                      "scores are `null` in scores.json and circuit.json, not 0, and they rank "
+                      "last in any other selection.", ""]
     nodes = set(c.nodes)
-    ranked = sorted(s.node_scores().items(), key=lambda kv: abs(kv[1]), reverse=True)[:TOP]
+    ranked = sorted(((k, v) for k, v in s.node_scores().items() if not math.isnan(v)),
+                    key=lambda kv: abs(kv[1]), reverse=True)[:TOP]
     rows = [(i + 1, f"`{name}`", f"{v:+.4g}", "yes" if name in nodes else "")
             for i, (name, v) in enumerate(ranked)]
     what = "score" if s.level == "node" else "sum of outgoing edge scores"
@@ -288,8 +384,11 @@ def report_markdown(found: Discovery, files: Sequence[str] = (), command: str = 
     roles = role_table(c)
     if roles is not None:
         lines += ["## Head roles", "",
-                  "Each head's strongest role (scores in [0, 1]) and its direct contribution to "
-                  "the metric through the unembedding.", "", roles, ""]
+                  "Each head's label, a role only where the evidence is strong (a score of at "
+                  "least 0.4, and for a name mover a contrastive direct logit attribution of at "
+                  "least 5% of the behavior; `circuits.reading.roles`), its role scores in [0, 1] "
+                  "and its direct contribution to the metric through the unembedding, on the "
+                  "clean prompts and clean minus corrupted.", "", roles, ""]
     if files:
         lines += ["## Files", "", *[f"- [{f}]({f})" for f in files], ""]
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,7 +33,11 @@ class Scores:
         The options the method ran with (ablation, metric, steps, ...).
     cost : Cost
     extra : dict
-        Method-specific results (per-position grids, ACDC's kept mask, ...).
+        Method-specific results (per-position grids, ACDC's summary, ...).
+    circuit : Tensor or None
+        ``[n_src, n_dst]`` bool: the circuit the method decided itself (ACDC's kept edges), which
+        ``select(scores, decided=True)`` and ``--select method`` return; None for methods that
+        only score. An edge the method never evaluated has a NaN score (``null`` in files).
     """
 
     graph: Graph
@@ -44,6 +49,7 @@ class Scores:
     options: dict[str, Any] = field(default_factory=dict)
     cost: Cost = field(default_factory=Cost)
     extra: dict[str, Any] = field(default_factory=dict)
+    circuit: Tensor | None = None
 
     def __post_init__(self) -> None:
         g = self.graph
@@ -58,6 +64,27 @@ class Scores:
                               f"{tuple(self.values.shape)}; give one score per "
                               f"{'source x destination' if self.level == 'edge' else 'source'}")
         self.values = self.values.detach().float().cpu()
+        if self.circuit is not None:
+            if self.level != "edge" or tuple(self.circuit.shape) != want:
+                raise OptionError(f"a method's own circuit is an edge mask of shape {want}, got "
+                                  f"{tuple(self.circuit.shape)} at level {self.level!r}")
+            self.circuit = self.circuit.detach().cpu().bool() & g.valid
+
+    @property
+    def evaluated(self) -> Tensor:
+        """Where the method measured a score: ``[n_src, n_dst]`` (edge level; False off the
+        graph's edges) or ``[n_src]`` bool, False where the score is NaN."""
+        known = ~self.values.isnan()
+        return known & self.graph.valid if self.level == "edge" else known
+
+    def per_node(self) -> Tensor:
+        """``[n_src]`` node scores: the scores themselves, or each component's outgoing edge
+        scores added up (edges the method never evaluated count 0; a component none of whose
+        edges was evaluated is NaN)."""
+        if self.level == "node":
+            return self.values
+        summed = self.values.nansum(1)
+        return summed.masked_fill(~self.evaluated.any(1), math.nan)
 
     def edge_scores(self) -> dict[str, float]:
         """``{'src->dst': score}`` for every edge (edge level only)."""
@@ -69,13 +96,14 @@ class Scores:
     def node_scores(self) -> dict[str, float]:
         """``{component: score}``: the node scores, or for edge scores the sum over each
         component's outgoing edges."""
-        per_source = self.values if self.level == "node" else self.values.sum(1)
+        per_source = self.per_node()
         return {s: float(per_source[i]) for i, s in enumerate(self.graph.sources)}
 
     def top(self, k: int = 10, by_abs: bool = True) -> list[tuple[str, float]]:
-        """The k highest-scoring edges (or nodes), by |score| unless `by_abs` is False."""
-        items = list(self.edge_scores().items() if self.level == "edge"
-                     else self.node_scores().items())
+        """The k highest-scoring edges (or nodes), by |score| unless `by_abs` is False; scores
+        the method never evaluated (NaN) are left out."""
+        items = [(name, v) for name, v in (self.edge_scores().items() if self.level == "edge"
+                                           else self.node_scores().items()) if not math.isnan(v)]
         key = (lambda kv: abs(kv[1])) if by_abs else (lambda kv: kv[1])
         return sorted(items, key=key, reverse=True)[:k]
 

@@ -98,7 +98,7 @@ def test_acdc_finds_the_induction_circuit(toy, metric):
     g, values = scores.graph, scores.values
     for name in true_edges:
         assert values[g.edge_index(name)] > 1.0
-    off = g.valid & ~scores.extra["kept"]
+    off = g.valid & ~scores.extra["kept"] & scores.evaluated
     assert values[off].abs().max() < 1e-3
     summary = scores.extra["summary"]
     assert summary["kept"] == 5 and summary["removed"] == g.n_edges - 5 == 41
@@ -119,6 +119,11 @@ def test_disconnected_destinations_are_skipped(toy):
     # a0.h0 q, k, v.
     assert scores.extra["summary"]["skipped_edges"] == 6 + 3 * 4 + 3 + 3 * 1
     assert sum(v["edges"] for v in visits.values() if not v["skipped"]) == 7 + 3 * 4 + 3 * 1
+    # a skipped edge was never evaluated: its score is NaN (null in files), not a measured 0
+    g = scores.graph
+    for j, name in enumerate(g.destinations):
+        column = scores.values[g.valid[:, j], j]
+        assert column.isnan().all() if name in skipped else column.isfinite().all(), name
 
 
 def test_everything_removed_with_a_huge_threshold():
@@ -144,8 +149,16 @@ def test_prefix_speculation_matches_the_sequential_loop(seed):
     for chunk in (3, 64):  # 3 also exercises the width halving down to 1
         scores = run_method("acdc", setup, threshold=threshold, chunk=chunk)
         assert torch.equal(scores.extra["kept"], kept_ref), chunk
-        # Scores agree where both measured them; skipped edges are 0 here and ~1e-16 there.
-        assert torch.allclose(scores.values.double(), scores_ref, atol=1e-9)
+        same_scores(scores, scores_ref)
+
+
+def same_scores(scores, reference: torch.Tensor) -> None:
+    """Scores agree where both measured them; the edges ACDC skipped (NaN: never evaluated) the
+    loop measured at ~1e-16, since they cannot reach the logits any more."""
+    measured = scores.evaluated
+    assert torch.allclose(scores.values.double()[measured], reference[measured], atol=1e-9)
+    skipped = reference[scores.graph.valid & ~measured]
+    assert skipped.numel() == 0 or skipped.abs().max() < 1e-9
 
 
 def reference_threshold(seed: int) -> float:
@@ -176,7 +189,7 @@ def test_speculation_is_exact_whatever_it_guesses(guesses, monkeypatch):
     for chunk in (3, 64):
         scores = run_method("acdc", setup, threshold=threshold, chunk=chunk)
         assert torch.equal(scores.extra["kept"], kept_ref), chunk
-        assert torch.allclose(scores.values.double(), scores_ref, atol=1e-9)
+        same_scores(scores, scores_ref)
     if guesses == "estimates":  # one gradient run per stage with an evaluated destination
         g = setup.graph
         stages = {int(g.dst_stage[g.destinations.index(v["destination"])])

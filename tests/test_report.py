@@ -99,8 +99,10 @@ def test_report_states_the_run_and_its_result(found):
     m = c.metrics
     low, high = held.faithfulness_ci
     assert (m["heldout_faithfulness_ci_low"], m["heldout_faithfulness_ci_high"]) == (low, high)
+    # 6 held-out prompts, 14 for discovery: the held-out interval rests on too few (< 10)
     assert field(text, "faithfulness, held-out prompts") == (
-        f"{held.faithfulness:.3f} (95% CI {low:.3f} to {high:.3f})")
+        f"{held.faithfulness:.3f} (95% CI {low:.3f} to {high:.3f} over only 6 prompts: too few "
+        "to trust)")
     # discover measures the selected circuit on the discovery prompts too, with its interval
     assert field(text, "faithfulness, discovery prompts") == (
         f"{m['faithfulness']:.3f} (95% CI {m['faithfulness_ci_low']:.3f} to "
@@ -149,13 +151,18 @@ def test_role_table_lists_the_annotated_heads(found):
     saved = dict(c.node_info)
     head = next(n for n in c.nodes if n.startswith("a"))
     c.node_info = {head: {"role": "induction", "role_score": 0.9312, "dla": -1.25,
+                          "dla_contrast": 0.5,
                           "roles": {"previous-token": 0.1, "induction": 0.9312}}}
     try:
         text = report_markdown(found)
-        rows = table_after(text.split("## Head roles", 1)[1], "the unembedding.")
-        assert rows == [[f"`{head}`", "induction", "0.93", "-1.250", "0.10", "0.93"]]
-        assert role_table(c).splitlines()[0] == ("| head | role | score | direct logit "
-                                                  "attribution | previous-token | induction |")
+        rows = table_after(text.split("## Head roles", 1)[1], "clean minus corrupted.")
+        assert rows == [[f"`{head}`", "induction", "0.93", "-1.250", "0.500", "0.10", "0.93"]]
+        assert role_table(c).splitlines()[0] == (
+            "| head | label | score | direct logit attribution | clean − corrupted | "
+            "previous-token | induction |")
+        # a head no role is strong enough to name is unlabelled
+        c.node_info = {head: {"role": "", "dla": 0.1, "roles": {"induction": 0.2}}}
+        assert role_table(c).splitlines()[2].startswith(f"| `{head}` | — | — | 0.100 | — |")
         c.node_info = {}
         assert "## Head roles" not in report_markdown(found)
     finally:

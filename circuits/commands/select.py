@@ -20,7 +20,8 @@ from typing import Any
 HELP_EXAMPLES = """examples:
   circuits select circuits-out/ioi/scores.json --select topk:40
   circuits select circuits-out/ioi/scores.json --select faithfulness:0.9 --out out/ioi-f90
-  circuits select circuits-out/ioi/scores.json --select threshold:0.01 --level node"""
+  circuits select circuits-out/ioi/scores.json --select threshold:0.01 --level node
+  circuits select circuits-out/acdc/scores.json --select method   # acdc's own circuit"""
 
 MAX_BYTES = 512 * 2**20  # as for circuit files: far more than any model's scores
 
@@ -45,14 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scores", metavar="SCORES.json",
                         help="the scores.json a `circuits discover` run wrote")
     parser.add_argument("--select", required=True, metavar="RULE",
-                        help="threshold:X, topk:N or faithfulness:F (the smallest circuit "
-                        "reaching faithfulness F on the discovery prompts)")
+                        help="threshold:X, topk:N, faithfulness:F (the smallest prefix of the "
+                        "ranking reaching faithfulness F on the discovery prompts) or method "
+                        "(the circuit the method decided itself, acdc)")
     parser.add_argument("--level", choices=("edge", "node"),
                         help="select edges, or heads and MLPs (default: the run's level)")
-    parser.add_argument("--out", metavar="DIR", help="output folder; its discover outputs are "
-                        "replaced as a set (default: the folder of SCORES.json)")
-    add_device_arguments(parser)
-    parser.set_defaults(dtype=None)  # the run's dtype, so faithfulness selects the same circuit
+    parser.add_argument("-o", "--out", metavar="DIR", help="output folder; its discover outputs "
+                        "are replaced as a set (default: the folder of SCORES.json)")
+    # by default the run's dtype (so faithfulness selects the same circuit) and BOS choice
+    add_device_arguments(parser, dtype=None)
 
 
 def read_scores(path: Path) -> tuple[str, dict[str, Any]]:
@@ -123,6 +125,7 @@ def scores_from(doc: dict[str, Any], where: Path) -> Any:
 
     from ..cost import Cost
     from ..errors import CircuitFileError
+    from ..io import FLOAT32_MAX
     from ..scores import Scores
 
     graph = graph_of(doc, where)
@@ -133,15 +136,21 @@ def scores_from(doc: dict[str, Any], where: Path) -> Any:
     if set(values) != set(names):
         raise CircuitFileError(f"{where}: its {len(values)} {doc['level']} scores do not name "
                                f"the {len(names)} of its graph; the file was edited")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    # null: the method never evaluated that edge (kept as NaN, which ranks last)
+    if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                             and math.isfinite(v) and abs(v) <= FLOAT32_MAX)
                for v in values.values()):
-        raise CircuitFileError(f"{where}: a score is not a finite number; the file was edited")
+        raise CircuitFileError(f"{where}: a score is not a number within float32's range "
+                               "(or null); the file was edited")
+    number = [math.nan if values[n] is None else float(values[n]) for n in names]
+    circuit = None
     if edge:
         tensor = torch.zeros(graph.n_sources, graph.n_destinations)
-        for name in names:
-            tensor[graph.edge_index(name)] = values[name]
+        index = torch.tensor([graph.edge_index(n) for n in names]).reshape(-1, 2)
+        tensor[index[:, 0], index[:, 1]] = torch.tensor(number)
+        circuit = decided_circuit(doc.get("circuit"), graph, where)
     else:
-        tensor = torch.tensor([float(values[n]) for n in names])
+        tensor = torch.tensor(number)
     cost = doc.get("cost") if isinstance(doc.get("cost"), dict) else {}
     figures = {k: float(v) for k, v in cost.items()
                if k in ("forward", "backward", "seconds", "peak_memory_mb")
@@ -149,7 +158,25 @@ def scores_from(doc: dict[str, Any], where: Path) -> Any:
     options = doc.get("options") if isinstance(doc.get("options"), dict) else {}
     return Scores(graph, tensor, doc["level"], str(doc.get("method", "")),
                   str(doc.get("task", "")), str(doc.get("model", "")), dict(options),
-                  Cost(**figures))
+                  Cost(**figures), circuit=circuit)
+
+
+def decided_circuit(names: Any, graph: Any, where: Path) -> Any:
+    """The mask of the circuit a scores file says the method decided (its 'circuit' list of
+    edge names), or None when it records none."""
+    from ..errors import CircuitFileError
+
+    if names is None:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CircuitFileError(f"{where}: 'circuit' must be a list of edge names; the file was "
+                               "edited")
+    known = set(graph.edge_names())
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise CircuitFileError(f"{where}: the method's circuit names {unknown[0]!r}, which is not "
+                               "an edge of its graph; the file was edited")
+    return graph.mask_from_edges(names)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -175,6 +202,8 @@ def run(args: argparse.Namespace) -> int:
     if args.level == "edge" and doc["level"] == "node":
         raise OptionError(f"{path} holds node scores; select with --level node")
     args.dtype = args.dtype or saved["dtype"]
+    if args.bos is None:  # files from before BOS tokens were recorded had none
+        args.bos = saved.get("bos", False)
     check_device_and_dtype(args)
     out = Path(args.out) if args.out else path.parent
     check_output(out, folder=True, flag="--out")
@@ -187,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
         task, model = load_task_and_model(saved["task"], saved["model"], saved["n"],
                                           saved["seed"], args)
         check_weights(saved, model, path)
+        check_prompts(saved, task, path)
         found = rediscover(doc, scores, task, model, args, selection, stage)
         stage("writing")
         write_discovery(name_circuit(found, saved["task"]), out,
@@ -196,16 +226,30 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_weights(saved: dict[str, Any], model: Any, path: Path) -> None:
-    """Refuse a model whose weights differ from those the scores were made on."""
-    from ..errors import OptionError
-    from ..model import dtype_name
+    """Refuse a model whose weights differ from those the scores were made on; warn where an
+    older fingerprint cannot tell (`circuits.model.check_same_weights`)."""
+    import sys
 
-    fingerprint = saved.get("model_fingerprint")
-    if (fingerprint is not None and saved["dtype"] == dtype_name(model.dtype)
-            and fingerprint != model.fingerprint):
-        raise OptionError(f"{path} was scored on other weights of {saved['model']!r} "
-                          f"({fingerprint}, now {model.fingerprint}); the model changed since, "
-                          "so run `circuits discover` again")
+    from ..cli import PROG
+    from ..model import check_same_weights
+
+    note = check_same_weights(model, saved.get("model_fingerprint"), saved["dtype"],
+                              f"{path} was scored on {saved['model']!r}",
+                              "the model changed since, so run `circuits discover` again")
+    if note is not None:
+        print(f"{PROG}: warning: {note}", file=sys.stderr)
+
+
+def check_prompts(saved: dict[str, Any], task: Any, path: Path) -> None:
+    """Refuse prompts other than those the scores were made on (a task file edited since)."""
+    from ..cli import prompts_digest
+    from ..errors import OptionError
+
+    recorded = saved.get("prompts")
+    if isinstance(recorded, str) and recorded != prompts_digest(task):
+        raise OptionError(f"{path} was scored on other prompts than task {saved['task']!r} gives "
+                          "now (its file was edited since `circuits discover`); restore the "
+                          "task file, or run `circuits discover` again on the new prompts")
 
 
 def rediscover(doc: dict[str, Any], scores: Any, task: Any, model: Any,

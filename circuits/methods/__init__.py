@@ -2,7 +2,10 @@
 
 A method is a function ``fn(setup: Setup, **options) -> Tensor | tuple[Tensor, dict]`` returning
 signed scores (``[n_sources, n_destinations]`` for edge methods, ``[n_sources]`` for node
-methods; positive = the component carries the behavior) and optionally extra results. It is
+methods; positive = the component carries the behavior; NaN where it never evaluated an edge)
+and optionally extra results. A method that decides its own circuit (ACDC; registered with
+``decides_circuit=True``) returns it as the extra ``"circuit"``, a bool edge mask, which becomes
+`Scores.circuit`. It is
 registered with `register`; `run_method` checks the options and the metric against the method
 and adds the bookkeeping (cost, names, options).
 """
@@ -23,6 +26,7 @@ from ..cost import measure
 from ..errors import OptionError
 from ..metrics import Metric
 from ..model import dtype_name
+from ..outputs import activity
 from ..scores import Level, Scores
 from ..setup import Setup
 
@@ -42,6 +46,9 @@ class MethodSpec:
     uses_metric : bool
         False for baselines whose scores ignore the metric (random scores, activation norms,
         attention rollout).
+    decides_circuit : bool
+        The method decides its own circuit (ACDC's kept edges) besides scoring; discovery then
+        returns that circuit unless another selection is asked for.
     """
 
     name: str
@@ -52,6 +59,7 @@ class MethodSpec:
     edge_engine: bool = True
     gradient_at_clean: bool = False
     uses_metric: bool = True
+    decides_circuit: bool = False
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -67,13 +75,13 @@ _MODULES = (
 
 def register(
     name: str, level: Level, description: str, passes: str, edge_engine: bool = True,
-    gradient_at_clean: bool = False, uses_metric: bool = True,
+    gradient_at_clean: bool = False, uses_metric: bool = True, decides_circuit: bool = False,
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator adding a method to the registry under `name` (fields as in `MethodSpec`)."""
 
     def add(fn: MethodFn) -> MethodFn:
         METHODS[name] = MethodSpec(name, fn, level, description, passes, edge_engine,
-                                   gradient_at_clean, uses_metric)
+                                   gradient_at_clean, uses_metric, decides_circuit)
         return fn
 
     return add
@@ -162,6 +170,8 @@ def check_metric(name: str, metric: Metric) -> None:
 def run_method(name: str, setup: Setup, **options: Any) -> Scores:
     """Run a registered method on a prepared setup and return its Scores with the cost.
 
+    On a terminal, a line on stderr shows which method runs and for how long.
+
     Raises
     ------
     OptionError
@@ -176,14 +186,21 @@ def run_method(name: str, setup: Setup, **options: Any) -> Scores:
     device = setup.model.device
     counter = setup.engine.passes if spec.edge_engine else setup.node_passes
     prompts = sum(b.size for b in setup.batches)
-    with measure(counter, device, prompts) as cost:
+    with measure(counter, device, prompts) as cost, activity(f"scoring with {name}"):
         out = spec.fn(setup, **options)
     values, extra = out if isinstance(out, tuple) else (out, {})
+    extra = dict(extra)
+    circuit = extra.pop("circuit", None)
+    if spec.decides_circuit and circuit is None:
+        raise RuntimeError(f"method {name!r} is registered as deciding its circuit but returned "
+                           "none (its extra results lack 'circuit')")
     graph = setup.graph
     # d_model travels with the scores because MIB's submission format records it; dtype and
-    # device because the scores (and the cost) depend on them.
+    # device because the scores (and the cost) depend on them; the weights' fingerprint so
+    # that a circuit selected from them is evaluated on the same weights.
     recorded = {"ablation": setup.ablation, "metric": setup.metric.name,
                 "d_model": int(setup.model.hf.config.hidden_size),
-                "dtype": dtype_name(setup.model.dtype), "device": str(device), **options}
+                "dtype": dtype_name(setup.model.dtype), "device": str(device),
+                "model_fingerprint": setup.model.fingerprint, **options}
     return Scores(graph, values, spec.level, name, setup.task, setup.model.name, recorded,
-                  cost, extra)
+                  cost, extra, circuit)

@@ -292,6 +292,7 @@ def _show_progress(progress: bool | None) -> bool:
     description="ACDC: greedy removal of edges whose ablation moves the metric by less than τ",
     passes="about one partial forward per (prompts x edges), batched over candidate edges, "
            "and one partial forward-backward per stage",
+    decides_circuit=True,
 )
 def acdc(
     setup: Setup,
@@ -329,11 +330,13 @@ def acdc(
     scores : Tensor
         ``[n_src, n_dst]`` the change measured for each edge when it was tried: kept edges have
         ``change >= τ`` (positive for τ > 0), removed edges their small change, edges into
-        destinations skipped as disconnected 0.
+        destinations skipped as disconnected NaN (never evaluated).
     extra : dict
-        ``kept``: the circuit, a bool ``[n_src, n_dst]`` mask. ``summary``: counts (edges
-        visited, kept, skipped, variants evaluated, forwards run) and the initial and final
-        loss. ``visits``: one entry per destination (name, edges, kept, skipped, evaluated).
+        ``circuit``: the circuit ACDC decided, a bool ``[n_src, n_dst]`` mask (it becomes
+        `Scores.circuit`; ``kept`` is the same mask under its earlier name). ``summary``: counts
+        (edges visited, kept, skipped, variants evaluated, forwards run) and the initial and
+        final loss. ``visits``: one entry per destination (name, edges, kept, skipped,
+        evaluated).
 
     Raises
     ------
@@ -356,7 +359,7 @@ def acdc(
     >>> from circuits.toys import induction_toy
     >>> model, batches, true_edges = induction_toy(n=8)
     >>> scores = run_method("acdc", Setup(model, batches, "logit-diff"), threshold=0.1)
-    >>> kept = scores.extra["kept"]
+    >>> kept = scores.circuit
     >>> sorted(e.name for e in scores.graph.edges() if kept[scores.graph.edge_index(e)]) == \
 sorted(true_edges)
     True
@@ -465,7 +468,12 @@ sorted(true_edges)
         "initial_loss": initial_loss,
         "final_loss": state.loss,
     }
-    return state.scores.float(), {"kept": kept_mask, "summary": summary, "visits": state.visits}
+    values = state.scores.float()
+    for visit in skipped_visits:  # removed without being evaluated: no measured change
+        j = graph.dst_index[visit["destination"]]
+        values[graph.valid[:, j], j] = math.nan
+    return values, {"circuit": kept_mask, "kept": kept_mask, "summary": summary,
+                    "visits": state.visits}
 
 
 def _disconnected(graph: Graph, removed: Tensor, dst: int) -> bool:
