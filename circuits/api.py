@@ -14,18 +14,10 @@ from typing import Any
 import torch
 
 from .annotate import annotate_heads
+from .behavior import Behavior, few_prompts
 from .circuit import DECIDED, Circuit, parse_selection, select
 from .errors import BehaviorError, OptionError, TaskError
-from .evaluate import (
-    MAX_SCAN,
-    Behavior,
-    Evaluation,
-    behavior,
-    evaluate,
-    faithfulness_curve,
-    few_prompts,
-    fine_fractions,
-)
+from .evaluate import MAX_SCAN, Evaluation, behavior, evaluate, faithfulness_curve, fine_fractions
 from .methods import check_metric, check_options, get_method, run_method
 from .metrics import Metric, get_metric
 from .model import Model, dtype_name, load_model, resolve_device, resolve_dtype

@@ -628,7 +628,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p = command("render", cmd_render, "Draw a saved circuit: SVG, PNG, PDF or DOT with "
                 "graphviz, or an interactive HTML page (format from the file name).")
     p.add_argument("circuit", metavar="CIRCUIT.json")
-    p.add_argument("-o", "--output", required=True, metavar="FILE",
+    p.add_argument("-o", "--output", "--out", dest="output", required=True, metavar="FILE",
                    help="FILE.svg, .png, .pdf, .dot or .html")
     p.add_argument("--reverse", action="store_true", help="input at the top, logits at the "
                    "bottom")
@@ -638,7 +638,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("circuit", metavar="CIRCUIT.json")
     p.add_argument("--format", choices=EXPORT_FORMATS,
                    help="default: from the output's suffix (mib must be named)")
-    p.add_argument("-o", "--output", required=True, metavar="PATH",
+    p.add_argument("-o", "--output", "--out", dest="output", required=True, metavar="PATH",
                    help="output file (a folder for --format mib --binary)")
     p.add_argument("--d-model", type=int, metavar="D", help="model width MIB records (default: "
                    "from the circuit or its local model)")

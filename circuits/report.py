@@ -269,14 +269,14 @@ def role_table(circuit: Circuit) -> str | None:
 def interval(metrics: dict[str, Any], prefix: str = "") -> str:
     """The 95% bootstrap interval of a faithfulness in `metrics` as text, e.g. '95% CI 0.81 to
     0.97' ('no CI' when it was not measured), with a caution when it rests on fewer than
-    `circuits.evaluate.FEW_PROMPTS` prompts.
+    `circuits.behavior.FEW_PROMPTS` prompts.
 
     Examples
     --------
     >>> interval({"faithfulness_ci_low": 0.5, "faithfulness_ci_high": 0.7, "n_prompts": 2})
     '95% CI 0.500 to 0.700 over only 2 prompts: too few to trust'
     """
-    from .evaluate import FEW_PROMPTS
+    from .behavior import FEW_PROMPTS
 
     low = metrics.get(f"{prefix}faithfulness_ci_low")
     high = metrics.get(f"{prefix}faithfulness_ci_high")

@@ -13,7 +13,8 @@ import torch
 
 import circuits
 from circuits.api import make_setup, parse_selection, resolve
-from circuits.evaluate import evaluate, few_prompts
+from circuits.behavior import few_prompts
+from circuits.evaluate import evaluate
 from circuits.methods import run_method
 from circuits.model import Model, load_model
 from circuits.planted import true_edges

@@ -293,3 +293,15 @@ def test_the_page_carries_never_evaluated_scores_as_null(acdc_run):
     # the page's number format names them instead of failing on null
     template = (Path(cli.__file__).parent / "html_template.html").read_text()
     assert 'if (x === null) return "not evaluated";' in template
+
+
+@pytest.mark.parametrize("argv, dest", [
+    (["discover", "ioi"], "out"), (["select", "s.json", "--select", "topk:3"], "out"),
+    (["render", "c.json"], "output"), (["export", "c.json"], "output"),
+    (["heads", "--model", "ioi-gpt2-4l"], "out"), (["lens", "ioi"], "out"),
+    (["dla", "ioi"], "out"), (["trace", "factual"], "out"), (["attribute", "ioi"], "out"),
+    (["attention", "--model", "m", "--heads", "a0.h0", "--task", "ioi"], "output"),
+    (["bench"], "out")])
+def test_every_command_takes_o_and_out_for_where_it_writes(argv, dest):
+    for flag in ("-o", "--out"):
+        assert getattr(cli.parse([*argv, flag, "there"]), dest) == "there", (argv, flag)
