@@ -5,8 +5,9 @@ method with its default options attributes the same prompts; the table gives the
 insertion AUC (the metric as a fraction of clean - corrupted, x = fraction of tokens replaced
 with the corrupted prompt's; `circuits.attribution.compare`), the known-token accuracy, the
 wall time per prompt, and how many prompts the method ran on (exact Shapley values refuse
-prompts longer than 12 tokens). A seeded random ordering is the reference row. The rank
-agreement between methods follows each table.
+prompts longer than 12 tokens). A seeded random ordering is the reference row. Prompts where
+the corrupted prompt scores at least as well as the clean one are left out of every measure and
+counted under the table. The rank agreement between methods follows each table.
 
 Usage::
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 
 import torch
@@ -56,8 +58,10 @@ def main() -> None:
         results.append(result)
         print(f"\n## {name} ({model.name}, {result.metric}, {result.n_prompts} prompts)\n")
         print(result.table())
-        print("\nrank agreement (Spearman, mean over prompts)")
-        print(result.agreement_table(), flush=True)
+        if result.counted:  # else the table is the one line saying why there is none
+            print("\nrank agreement (Spearman, mean over prompts)")
+            print(result.agreement_table())
+        sys.stdout.flush()
     print(f"\n# {time.perf_counter() - t0:.0f} s in all; load average at the end "
           f"{os.getloadavg()[0]:.1f}")
     if args.png:

@@ -22,6 +22,7 @@ from circuits.attribution.compare import (
     replacement_curves,
 )
 from circuits.attribution.known import known_mask, known_token_accuracy
+from circuits.attribution.methods import attribute
 from circuits.attribution.view import PromptView, render_html, token_texts, write_html
 from circuits.batch import Batch
 from circuits.errors import OptionError
@@ -279,5 +280,134 @@ def test_curves_on_every_family(family):
     logits = model.hf(b.clean).logits[:, -1]
     diff = (logits.gather(1, b.answers) - logits.gather(1, b.wrong))[:, 0]
     assert curves.clean.tolist() == pytest.approx(diff.tolist(), abs=1e-5)
-    assert curves.deletion[:, 0].tolist() == pytest.approx([1.0, 1.0])
-    assert curves.insertion[:, -1].tolist() == pytest.approx([1.0, 1.0])
+    # a random model: the corruption may raise the logit difference, and such a prompt has
+    # no curve (its fraction of clean - corrupted would flip sign)
+    effect = curves.clean > curves.corrupt
+    assert torch.isnan(curves.deletion).all(1).tolist() == (~effect).tolist()
+    assert curves.deletion[effect, 0].tolist() == pytest.approx([1.0] * int(effect.sum()))
+    assert curves.insertion[effect, -1].tolist() == pytest.approx([1.0] * int(effect.sum()))
+
+
+# -- prompts where the corruption does nothing ----------------------------------------------------
+WORDS = "a b c d x y"
+WEIGHT = {"a": 1.0, "b": 0.0, "c": 2.0, "d": 0.0, "x": 0.0, "y": 0.0}
+
+
+class SumLM(torch.nn.Module):
+    """A causal LM whose last-position logit difference (answer ``x`` minus wrong ``y``) is the
+    sum of one weight per token of the prompt (`WEIGHT`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(len(WEIGHT), 2)
+        self.readout = torch.nn.Linear(2, len(WEIGHT), bias=False)
+        with torch.no_grad():
+            self.embed.weight.zero_()
+            self.embed.weight[:, 0] = torch.tensor(list(WEIGHT.values()))
+            self.readout.weight.zero_()
+            self.readout.weight[WORDS.split().index("x"), 0] = 1.0
+        self.config = None
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.embed
+
+    def forward(self, input_ids=None, inputs_embeds=None, **kwargs):
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        return type("Out", (), {"logits": self.readout(x.cumsum(1))})
+
+
+def sum_model():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from circuits.model import Model
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS.split())}, "a"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return Model(hf=SumLM().eval(), tokenizer=tok, name="sum-toy")
+
+
+def test_prompts_the_corruption_does_not_lower_are_left_out_and_counted():
+    # "a b b" -> "b b b" lowers the logit difference from 1 to 0: counted. "a b b" -> "c b b"
+    # raises it to 2 and "b a b" -> "b a d" leaves it at 1: both left out. On the counted
+    # prompt occlusion scores [1, 0, 0]; deleting in that order gives 1, 0, 0, 0 of the gap,
+    # area (1/3) (1/2) = 1/6, and inserting 0, 1, 1, 1, area (1/3) (1 + 1 + 1/2) = 5/6. Kept,
+    # the second prompt's flipped fraction (1, 1, 1, 0: area 5/6) would move the mean to 1/2.
+    model = sum_model()
+    examples = [Example("a b b", "b b b", " x", " y"), Example("a b b", "c b b", " x", " y"),
+                Example("b a b", "b a d", " x", " y")]
+    pages = []
+    result = compare(Task("toy", examples), model, ["occlusion"], attribute=attribute,
+                     on_batch=pages.append)
+    occlusion = result.results[0]
+    assert result.left_out == 2 and result.counted == 1
+    assert occlusion.summary()["deletion_auc"] == pytest.approx(1 / 6)
+    assert occlusion.summary()["insertion_auc"] == pytest.approx(5 / 6)
+    assert occlusion.counted == 1 and occlusion.measured == 3
+    assert np.isnan(occlusion.deletion_auc).sum() == 2
+    assert sorted(result.gaps.tolist()) == pytest.approx([-1.0, 0.0, 1.0])
+    record = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert record["left_out"]["prompts"] == 2 and "at least as well" in record["left_out"][
+        "reason"]
+    assert sorted(record["left_out"]["which"]) == sorted(
+        i for i, gap in enumerate(result.gaps) if gap <= 0)
+    assert "2 of 3 prompts left out" in result.table()
+    assert [bool(v) for p in pages for v in p.effective] == [gap > 0 for gap in result.gaps]
+
+
+def test_every_prompt_left_out_is_one_line():
+    examples = [Example("a b b", "c b b", " x", " y"), Example("b a b", "b a d", " x", " y")]
+    result = compare(Task("toy", examples), sum_model(), ["occlusion"], attribute=attribute)
+    assert result.left_out == 2
+    lines = result.table().splitlines()
+    assert len(lines) == 1 and "no prompt to compare" in lines[0] and "nan" not in lines[0]
+    assert result.report().splitlines()[-1] == lines[0]
+    assert "rank agreement" not in result.report()
+
+
+def test_refusal_reason_sits_next_to_its_nulls(ioi_model):
+    task = get_task("ioi", ioi_model.tokenizer, n=8, seed=1)
+    result = compare(task, ioi_model, ["oracle", "short-only"],
+                     attribute=stand_in(task, ioi_model.tokenizer), batch_size=4)
+    record = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    short = record["methods"][1]
+    assert short["refused"] == {"prompts": result.results[1].refused,
+                                "reason": "prompts too long for this stand-in"}
+    assert short["per_prompt"]["deletion_auc"].count(None) == short["refused"]["prompts"] > 0
+    assert record["methods"][0]["refused"] is None
+    assert record["agreement"]["refused"] == {"short-only": "prompts too long for this stand-in"}
+
+
+def test_known_masks_match_known_mask_and_encode_each_prompt_a_bounded_number_of_times(
+        monkeypatch):
+    # known_mask matches a batch against every example of the task: n / b batches x n
+    # encodings; known_masks against the batch's own examples: about 2 n
+    from circuits.attribution import known
+    from circuits.attribution.known import known_masks
+
+    model = load_model(get_task("ioi", n=1).reference_model)
+    tok = model.tokenizer
+    task = get_task("ioi", tok, n=48, seed=3)
+    batches = task.batches(tok, batch_size=4)
+    expected = [known_mask(task, tok, b) for b in batches]
+    calls = []
+    encode = known._encode
+    monkeypatch.setattr(known, "_encode", lambda *a: calls.append(1) or encode(*a))
+    found = list(known_masks(task, tok, batches, 4))
+    assert all(torch.equal(a, b) for a, b in zip(found, expected, strict=True))
+    assert len(calls) <= 2 * len(task)
+
+
+def test_spearman_rows_matches_scipy():
+    from scipy.stats import spearmanr
+
+    from circuits.attribution.compare import spearman_rows
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 4, (20, 7), generator=gen).float()  # ties
+    b = torch.randn(20, 7, generator=gen)
+    found = spearman_rows(a, b)
+    for row, value in enumerate(found):
+        if np.ptp(a[row].numpy()) == 0:
+            assert np.isnan(value)
+        else:
+            assert value == pytest.approx(spearmanr(a[row], b[row]).statistic)

@@ -267,3 +267,88 @@ def test_options_and_errors(linear):
             attribute(model, batch, method, metric="kl")
     with pytest.raises(OptionError, match="unknown metric"):
         attribute(model, batch, "occlusion", metric="nope")
+
+
+# -- cost: passes ticked as planned, memory cut into chunks ---------------------------------------
+def _options(name: str) -> dict:
+    return {"samples": 4} if name == "shap" else {"steps": 3} if name == "integrated-gradients" \
+        else {}
+
+
+@pytest.mark.parametrize("metric", ["logit-diff", "kl"])
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_ticked_passes_add_up_to_the_planned_ones(name, metric):
+    # what a progress bar counts is what the plan promised: the method's passes, plus one
+    # forward of each clean prompt for a metric that reads the clean logits (kl)
+    from circuits.attribution.methods import check_metric
+    from circuits.attribution.plan import batch_passes
+
+    model, batch = tiny_gpt2(), make_batch(b=3, p=5, vocab=32)
+    try:
+        check_metric(name, metric)
+    except OptionError:
+        return  # gradients at the clean prompt: kl is refused before any pass
+    ticks: list[float] = []
+    attribute(model, batch, name, metric=metric, progress=ticks.append, **_options(name))
+    assert sum(ticks) == batch_passes(name, 3, 5, _options(name), metric) > 0
+
+
+class RowCounter:
+    """Records how many rows each forward of the wrapped model runs."""
+
+    def __init__(self, hf):
+        self.rows: list[int] = []
+        self.handle = hf.register_forward_pre_hook(self.count, with_kwargs=True)
+
+    def count(self, module, args, kwargs):
+        given = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        self.rows.append(int(given.shape[0]))
+
+
+@pytest.mark.parametrize("name", ["integrated-gradients", "shap", "occlusion", "grad-attention",
+                                  "attention-rollout"])
+def test_passes_are_cut_to_the_memory_budget(name, monkeypatch):
+    # with a budget below one prompt's estimate, every pass runs one row, however many steps,
+    # samples or positions the method has; the scores do not depend on the chunking
+    from circuits.attribution import core
+
+    model, batch = tiny_gpt2(), make_batch(b=3, p=5, vocab=32)
+    options = {"samples": 8} if name == "shap" else {"steps": 8} if name == "integrated-gradients" \
+        else {}
+    whole = attribute(model, batch, name, **options).scores
+    monkeypatch.setattr(core, "RUN_MEMORY", 1, raising=False)
+    counter = RowCounter(model.hf)
+    try:
+        chunked = attribute(model, batch, name, **options).scores
+    finally:
+        counter.handle.remove()
+    assert counter.rows and set(counter.rows) == {1}
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-4)
+
+
+def test_shap_streams_its_permutations(monkeypatch):
+    # a chunk of one permutation pair at a time: its 2 (p - 1) b variants run together, never
+    # all 16 permutations' at once, and the permutations drawn are the same as all at once,
+    # so the estimate and its standard error are the same
+    from circuits.attribution import shapley
+
+    model = tiny_gpt2(seed=3, initializer_range=0.5)
+    batch = make_batch(b=2, p=6, vocab=32, seed=3)
+    whole = attribute(model, batch, "shap", samples=16, seed=4)
+    monkeypatch.setattr(shapley, "VARIANT_ROWS", 1, raising=False)
+    counter = RowCounter(model.hf)
+    try:
+        streamed = attribute(model, batch, "shap", samples=16, seed=4)
+    finally:
+        counter.handle.remove()
+    assert max(counter.rows) == 2 * 5 * 2 and len(counter.rows) == 1 + 8
+    torch.testing.assert_close(streamed.scores, whole.scores, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(streamed.stderr, whole.stderr, atol=1e-6, rtol=1e-5)
+
+
+def test_long_prompts_are_refused_by_the_methods_that_cannot_take_them():
+    model = tiny_gpt2()
+    for name, limit in (("shapley-exact", 12), ("attention-flow", 64)):
+        assert METHODS[name].refusal(limit) is None
+        with pytest.raises(OptionError, match=f"at most {limit} tokens"):
+            attribute(model, make_batch(b=1, p=limit + 1, vocab=32), name)

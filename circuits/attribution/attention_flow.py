@@ -15,9 +15,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .core import Run, attention_patterns, register
+from ..errors import OptionError
+from .core import METHODS, Run, attention_patterns, register
 
 FLOW_SCALE = 10**6  # capacities are made whole numbers: networkx's flows are exact on integers
+MAX_FLOW_TOKENS = 64  # about 10 s a prompt with 4 layers on a CPU core, growing as p**2.7
 
 
 def with_residual(attn: Tensor) -> Tensor:
@@ -121,13 +123,14 @@ def max_flow(layers: Sequence[Tensor], target: int = -1) -> Tensor:
     return torch.tensor(flows, dtype=torch.float32) / FLOW_SCALE
 
 
-def _head_means(run: Run) -> list[Tensor]:
-    """Per layer, ``[b, p, p]`` the clean prompts' attention averaged over heads."""
-    return [a.mean(1) for a in attention_patterns(run, run.batch.clean)]
+def _head_means(run: Run, rows: slice, count: bool = True) -> list[Tensor]:
+    """Per layer, ``[n, p, p]`` the attention of the clean prompts `rows`, averaged over heads
+    (`count`: tick the forward pass as it runs)."""
+    return [a.mean(1) for a in attention_patterns(run, rows, count=count)]
 
 
 @register("attention-rollout", "attention rollout (Abnar & Zuidema 2020)", uses_metric=False,
-          signed=False)
+          signed=False, kind="patterns")
 def attention_rollout(run: Run) -> Tensor:
     """Rollout of the head-averaged attention: ``score[b, j] = rollout[b, -1, j]``.
 
@@ -150,15 +153,19 @@ def attention_rollout(run: Run) -> Tensor:
     >>> round(float(r.scores.sum()), 4)
     1.0
     """
-    return rollout(_head_means(run))[:, -1, :]
+    return torch.cat([rollout(_head_means(run, rows))[:, -1, :]
+                      for rows in run.chunks(run.batch.size, "patterns")])
 
 
 @register("attention-flow", "attention flow: maximum flow (Abnar & Zuidema 2020)",
-          uses_metric=False, signed=False)
+          uses_metric=False, signed=False, kind="patterns", max_tokens=MAX_FLOW_TOKENS,
+          why_max="one maximum-flow problem per token, each slower than p**2; use method "
+          "attention-rollout")
 def attention_flow(run: Run) -> Tensor:
     """Maximum attention flow from each token to the last position's output (`max_flow`).
 
-    One forward pass and ``b p`` maximum-flow problems on the CPU: slow past a few dozen tokens.
+    One forward pass and ``b p`` maximum-flow problems on the CPU: slow past a few dozen
+    tokens, so prompts longer than `MAX_FLOW_TOKENS` are refused.
 
     Parameters
     ----------
@@ -176,12 +183,21 @@ def attention_flow(run: Run) -> Tensor:
     >>> attribute(tiny_gpt2(), make_batch(b=1, p=4, vocab=32), "attention-flow").scores.shape
     torch.Size([1, 4])
     """
-    layers = [a.cpu() for a in _head_means(run)]
-    return torch.stack([max_flow([a[i] for a in layers]) for i in range(run.batch.size)])
+    refused = METHODS["attention-flow"].refusal(run.batch.length)
+    if refused:
+        raise OptionError(refused)
+    flows = []
+    for rows in run.chunks(run.batch.size, "patterns"):
+        layers = [a.cpu() for a in _head_means(run, rows, count=False)]
+        for i in range(layers[0].shape[0]):
+            flows.append(max_flow([a[i] for a in layers]))
+            run.tick(1)  # the prompt's forward, counted when its flows are done (the slow part)
+    return torch.stack(flows)
 
 
 @register("grad-attention", "gradient-weighted attention rollout (Chefer et al. 2021)",
-          signed=False, gradient_at_clean=True)
+          signed=False, gradient_at_clean=True, passes=lambda b, p, options: 3.0 * b,
+          kind="patterns-backward")
 def grad_attention(run: Run) -> Tensor:
     """Gradient-weighted attention, rolled out as in Chefer, Gur & Wolf (2021, "Generic
     attention-model explainability", their rule for self-attention without LRP).
@@ -208,12 +224,15 @@ def grad_attention(run: Run) -> Tensor:
     >>> bool((r.scores >= 0).all())
     True
     """
-    read = attention_patterns(run, run.batch.clean, grad=True)
-    patterns, grads = read[: len(read) // 2], read[len(read) // 2:]
     p = run.batch.length
-    eye = torch.eye(p, device=patterns[0].device)
-    relevance = eye.expand(run.batch.size, p, p)
-    for attn, grad in zip(patterns, grads, strict=True):
-        weighted = (attn * grad).clamp(min=0).mean(1)  # [b, p, p]
-        relevance = relevance + weighted @ relevance
-    return (relevance - eye)[:, -1, :]
+    eye = torch.eye(p, device=run.batch.clean.device)
+    scores = []
+    for rows in run.chunks(run.batch.size, "patterns-backward"):
+        read = attention_patterns(run, rows, grad=True)
+        patterns, grads = read[: len(read) // 2], read[len(read) // 2:]
+        relevance = eye.expand(patterns[0].shape[0], p, p)
+        for attn, grad in zip(patterns, grads, strict=True):
+            weighted = (attn * grad).clamp(min=0).mean(1)  # [n, p, p]
+            relevance = relevance + weighted @ relevance
+        scores.append((relevance - eye)[:, -1, :])
+    return torch.cat(scores)

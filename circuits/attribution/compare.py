@@ -2,28 +2,28 @@
 
 Three measures, each per prompt and then averaged:
 
-- **Deletion and insertion curves** (after Petsiuk et al., 2018, RISE). Tokens are taken in
-  attribution order (highest signed score first; ties by position). Deletion starts from the
-  clean prompt and replaces the first k of them with the corrupted prompt's tokens; insertion
-  starts from the corrupted prompt and restores them. The metric is read after every step and
-  normalised per prompt as ``(m - m(corrupt)) / (m(clean) - m(corrupt))``, so the curves run
-  from 1 to 0 (deletion) and 0 to 1 (insertion) on every prompt, task and metric scale; x is
-  the fraction k / p of the prompt's p tokens. The area under each curve (trapezoid rule on
-  x in [0, 1]) summarises it: lower is better for deletion, higher for insertion. A position
-  where the two prompts hold the same token changes nothing when replaced, so a ranking gains
-  by putting the tokens the corruption changes (and that matter) first. A prompt whose clean
-  and corrupted metric are equal has no scale and is left out of the curves.
+- **Deletion and insertion curves** (`circuits.attribution.curves`): tokens are replaced with
+  the corrupted prompt's (deletion) or restored (insertion) in each method's order, and the
+  areas under the curves of the metric, as a fraction of clean minus corrupted, summarise
+  them. A position where the two prompts hold the same token changes nothing when replaced,
+  so a ranking gains by putting the tokens the corruption changes (and that matter) first.
 - **Known-token accuracy**: the share of prompts where the method's highest-scored context
   token is one the behavior is known to rest on (`circuits.attribution.known`).
 - **Agreement**: Spearman's rank correlation of two methods' scores on a prompt, averaged over
-  prompts (scipy).
+  prompts.
 
-A seeded random ordering is measured alongside the methods as a reference.
+A prompt where the corrupted prompt scores at least as well as the clean one (the corruption
+does nothing, or helps) is left out of every measure and counted: its areas are fractions of a
+difference that is zero or of the wrong sign, and the methods whose baseline is the corrupted
+prompt explain that same difference. A seeded random ordering is measured alongside the
+methods as a reference.
+
+The work streams batch by batch: each batch is scored by every method, measured and dropped,
+so memory grows with the number of prompts only by a few numbers per prompt and method.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,152 +38,22 @@ from ..errors import OptionError
 from ..metrics import Metric, get_metric
 from ..model import Model
 from ..task import Task
-from .known import known_mask, known_token_accuracy
+from .curves import (
+    Curves,
+    LogitsFn,
+    area,
+    has_effect,
+    logits_fn,
+    metric_ends,
+    replacement_curves,
+)
+from .known import known_masks, known_token_accuracy
 
 RANDOM = "(random order)"
 GRID = np.linspace(0.0, 1.0, 51)  # common x grid the mean curves are drawn on
-
-#: ids ``[n, pos]`` -> last-position logits ``[n, vocab]``: a model's forward, or a stand-in
-LogitsFn = Callable[[Tensor], Tensor]
-
-
-# -- deletion and insertion -----------------------------------------------------------------------
-@dataclass(frozen=True)
-class Curves:
-    """Deletion and insertion curves of one batch under one ranking.
-
-    Attributes
-    ----------
-    deletion, insertion : Tensor
-        ``[b, p + 1]`` the metric as a fraction of ``m(clean) - m(corrupt)`` after k = 0 ... p
-        tokens were replaced (deletion) or restored (insertion); NaN rows for prompts whose
-        clean and corrupted metric are equal.
-    clean, corrupt : Tensor
-        ``[b]`` the raw metric of the clean and the corrupted prompt.
-    """
-
-    deletion: Tensor
-    insertion: Tensor
-    clean: Tensor
-    corrupt: Tensor
-
-    @property
-    def x(self) -> Tensor:
-        """``[p + 1]`` the fraction of tokens replaced at each step."""
-        p = self.deletion.shape[1] - 1
-        return torch.arange(p + 1, dtype=torch.float64) / p
-
-    @property
-    def deletion_auc(self) -> Tensor:
-        """``[b]`` area under the deletion curve (lower is better)."""
-        return area(self.deletion)
-
-    @property
-    def insertion_auc(self) -> Tensor:
-        """``[b]`` area under the insertion curve (higher is better)."""
-        return area(self.insertion)
-
-
-def area(values: Tensor) -> Tensor:
-    """Area under curves sampled at x = 0, 1/p, ..., 1 (trapezoid rule).
-
-    Parameters
-    ----------
-    values : Tensor
-        ``[b, p + 1]``.
-
-    Returns
-    -------
-    Tensor
-        ``[b]`` float64.
-
-    Examples
-    --------
-    >>> import torch
-    >>> area(torch.tensor([[1.0, 0.5, 0.0]]))
-    tensor([0.5000], dtype=torch.float64)
-    """
-    values = values.double()
-    return torch.trapezoid(values, dx=1.0 / (values.shape[1] - 1), dim=-1)
-
-
-def logits_fn(model: Model, chunk: int = 64) -> LogitsFn:
-    """The model's last-position logits for token ids, without gradients, `chunk` rows a pass."""
-    keep = "logits_to_keep" in inspect.signature(model.hf.forward).parameters
-    extra = {"logits_to_keep": 1} if keep else {}
-
-    def run(ids: Tensor) -> Tensor:
-        out = []
-        with torch.no_grad():
-            for start in range(0, ids.shape[0], chunk):
-                rows = ids[start : start + chunk].to(model.device)
-                out.append(model.hf(input_ids=rows, **extra).logits[:, -1])  # [n, vocab]
-        return torch.cat(out)
-
-    return run
-
-
-def replacement_curves(model: Model | LogitsFn, batch: Batch, scores: Tensor,
-                       metric: str | Metric = "logit-diff", chunk: int = 64) -> Curves:
-    """Deletion and insertion curves of `batch` with tokens taken in the order of `scores`.
-
-    Parameters
-    ----------
-    model : Model or callable
-        A model, or any function from token ids ``[n, p]`` to last-position logits
-        ``[n, vocab]``.
-    batch : Batch
-        ``[b, p]`` clean and corrupted prompts; a replaced token takes the corrupted prompt's
-        token at its position.
-    scores : Tensor
-        ``[b, p]`` attributions; the highest score is replaced (or restored) first, ties by
-        position.
-    metric : str or Metric
-        What is measured at the last position (default the logit difference).
-    chunk : int
-        Rows per forward pass.
-
-    Returns
-    -------
-    Curves
-
-    Examples
-    --------
-    A stand-in model whose logit difference is the number of clean tokens kept: every curve is
-    a straight line, whatever the order.
-
-    >>> import torch
-    >>> from circuits.batch import Batch
-    >>> def count_clean(ids):
-    ...     return torch.stack([(ids == 1).sum(-1).float(), torch.zeros(len(ids))], -1)
-    >>> b = Batch(torch.ones(1, 4, dtype=torch.long), torch.full((1, 4), 2),
-    ...           torch.tensor([[0]]), torch.tensor([[1]]))
-    >>> curves = replacement_curves(count_clean, b, torch.rand(1, 4))
-    >>> curves.deletion.tolist(), curves.deletion_auc.tolist()
-    ([[1.0, 0.75, 0.5, 0.25, 0.0]], [0.5])
-    """
-    metric = get_metric(metric)
-    run = logits_fn(model, chunk) if isinstance(model, Model) else model
-    b, p = batch.clean.shape
-    clean, corrupt = batch.clean.cpu(), batch.corrupt.cpu()
-    order = scores.detach().float().cpu().argsort(dim=-1, descending=True, stable=True)  # [b, p]
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(p).expand(b, p))  # [b, p]
-    replaced = rank[:, None, :] < torch.arange(p + 1)[None, :, None]  # [b, p+1, p]: k first
-    deleted = torch.where(replaced, corrupt[:, None], clean[:, None])  # [b, p+1, p]
-    inserted = torch.where(replaced, clean[:, None], corrupt[:, None])
-    ids = torch.cat([deleted.reshape(-1, p), inserted.reshape(-1, p)])  # [2 b (p+1), p]
-    logits = run(ids)  # [2 b (p+1), vocab]
-    rows = torch.arange(b).repeat_interleave(p + 1).repeat(2)  # which prompt each row is
-    clean_logits = logits[: b * (p + 1)].reshape(b, p + 1, -1)[:, 0]  # [b, vocab]
-    dev = logits.device
-    rows_batch = Batch(ids.to(dev), ids.to(dev), batch.answers.to(dev)[rows.to(dev)],
-                       batch.wrong.to(dev)[rows.to(dev)], clean_logits[rows.to(dev)])
-    values = metric(logits, rows_batch).detach().double().cpu().reshape(2, b, p + 1)
-    m_clean, m_corrupt = values[0, :, 0], values[0, :, p]  # [b]
-    gap = m_clean - m_corrupt
-    scale = torch.where(gap.abs() > 1e-9, gap, torch.full_like(gap, float("nan")))
-    normalised = (values - m_corrupt[None, :, None]) / scale[None, :, None]
-    return Curves(normalised[0], normalised[1], m_clean, m_corrupt)
+LEFT_OUT = ("the corrupted prompt scores at least as well as the clean one, so the areas "
+            "(fractions of clean - corrupted) and the attributions against the corrupted "
+            "prompt mean nothing there")
 
 
 # -- agreement ------------------------------------------------------------------------------------
@@ -208,18 +78,36 @@ def rank_agreement(a: Tensor, b: Tensor) -> float:
     >>> rank_agreement(x, 10 * x), rank_agreement(x, -x)
     (1.0, -1.0)
     """
-    values = _spearman_rows(a, b)
-    return float(np.mean(values)) if values else float("nan")
+    values = spearman_rows(a, b)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else float("nan")
 
 
-def _spearman_rows(a: Tensor, b: Tensor) -> list[float]:
-    """Spearman's correlation of each pair of rows where both rankings have an order."""
-    from scipy.stats import spearmanr
+def _unit_ranks(scores: Tensor) -> np.ndarray:
+    """``[n, p]`` each row's average ranks (ties share theirs), centred and scaled to unit
+    length: the dot product of two such rows is Spearman's correlation. NaN rows where the
+    ranking is constant."""
+    from scipy.stats import rankdata
 
-    return [float(spearmanr(row_a, row_b).statistic)
-            for row_a, row_b in zip(a.double().cpu().numpy(), b.double().cpu().numpy(),
-                                    strict=True)
-            if np.ptp(row_a) > 0 and np.ptp(row_b) > 0]
+    ranks = rankdata(scores.double().cpu().numpy(), axis=1)  # [n, p]
+    ranks = ranks - ranks.mean(1, keepdims=True)
+    norm = np.linalg.norm(ranks, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(norm > 0, ranks / np.where(norm > 0, norm, 1.0), np.nan)
+
+
+def spearman_rows(a: Tensor, b: Tensor) -> np.ndarray:
+    """``[n]`` Spearman's correlation of each pair of rows of ``[n, p]`` scores; NaN where
+    either ranking is constant.
+
+    Examples
+    --------
+    >>> import torch
+    >>> spearman_rows(torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]]),
+    ...               torch.tensor([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]])).round(9).tolist()
+    [-1.0, nan]
+    """
+    return (_unit_ranks(a) * _unit_ranks(b)).sum(1)
 
 
 # -- the comparison -------------------------------------------------------------------------------
@@ -231,18 +119,23 @@ class MethodResult:
     ----------
     method : str
     deletion_auc, insertion_auc : ndarray
-        ``[n]`` per prompt (NaN for prompts without a clean-corrupted gap).
+        ``[n]`` per prompt; NaN for prompts left out (no effect of the corruption) or refused.
     accuracy : ndarray or None
-        ``[n]`` known-token hits (1/0, NaN where nothing is known), None when the task knows
-        no token.
+        ``[n]`` known-token hits (1/0; NaN where nothing is known, or the prompt is left out or
+        refused), None when the task knows no token.
     seconds : float
         Wall time of the attributions, all prompts measured.
     deletion_curve, insertion_curve : ndarray
-        ``[len(GRID)]`` the curves averaged over prompts on the x grid `GRID`.
+        ``[len(GRID)]`` the curves averaged over the prompts counted, on the x grid `GRID`
+        (NaN when none is).
     measured : int
         Prompts the method ran on.
     note : str
         Why it refused the others (its error message), or "".
+    refused : int
+        Prompts it refused.
+    counted : int
+        Prompts its measures are averaged over: those it ran on, less those left out.
     """
 
     method: str
@@ -254,15 +147,18 @@ class MethodResult:
     insertion_curve: np.ndarray
     measured: int
     note: str = ""
+    refused: int = 0
+    counted: int = 0
 
     def summary(self) -> dict[str, Any]:
-        """Means over the prompts measured (NaN-free ones) and seconds per prompt."""
+        """Means over the prompts counted (NaN-free ones) and seconds per prompt."""
         return {
             "deletion_auc": _mean(self.deletion_auc),
             "insertion_auc": _mean(self.insertion_auc),
             "accuracy": None if self.accuracy is None else _mean(self.accuracy),
             "seconds_per_prompt": self.seconds / self.measured if self.measured else None,
             "prompts": self.measured,
+            "counted": self.counted,
         }
 
 
@@ -270,6 +166,16 @@ def _mean(values: np.ndarray) -> float:
     """The mean of the non-NaN values (NaN when there are none)."""
     kept = values[~np.isnan(values)]
     return float(kept.mean()) if kept.size else float("nan")
+
+
+def _plain(values: Any) -> Any:
+    """Numbers, arrays and nested lists as JSON-ready lists, NaN as None."""
+    if values is None:
+        return None
+    if isinstance(values, np.ndarray | list | tuple):
+        return [_plain(v) for v in values]
+    value = float(values)
+    return None if np.isnan(value) else value
 
 
 @dataclass(frozen=True)
@@ -285,9 +191,16 @@ class Comparison:
     results : tuple of MethodResult
         One per method, then the random-order reference.
     agreement : ndarray
-        ``[m, m]`` mean Spearman correlation between the methods (not the reference).
+        ``[m, m]`` mean Spearman correlation between the methods (not the reference), over
+        the prompts both ran on and that count.
     options : dict
         The method options used.
+    gaps : ndarray or None
+        ``[n]`` per prompt, the metric of the clean prompt minus that of the corrupted one.
+    effective : ndarray or None
+        ``[n]`` bool, per prompt: the corruption moves the metric away from the behavior
+        (`circuits.attribution.curves.has_effect`). The others are left out of every measure
+        (`LEFT_OUT`); None counts every prompt.
     """
 
     task: str
@@ -297,6 +210,8 @@ class Comparison:
     results: tuple[MethodResult, ...]
     agreement: np.ndarray
     options: dict[str, Any] = field(default_factory=dict)
+    gaps: np.ndarray | None = None
+    effective: np.ndarray | None = None
 
     @property
     def methods(self) -> list[str]:
@@ -307,10 +222,36 @@ class Comparison:
     def has_known(self) -> bool:
         return any(r.accuracy is not None for r in self.results)
 
+    @property
+    def left_out(self) -> int:
+        """Prompts left out of every measure (`LEFT_OUT`)."""
+        return 0 if self.effective is None else int((~self.effective).sum())
+
+    @property
+    def counted(self) -> int:
+        """Prompts the measures are taken over: all but those left out."""
+        return self.n_prompts - self.left_out
+
+    def left_out_line(self) -> str:
+        """One line on the prompts left out, "" when none is."""
+        if not self.left_out:
+            return ""
+        if not self.counted:
+            which = "the one prompt" if self.n_prompts == 1 else f"all {self.n_prompts} prompts"
+            return (f"no prompt to compare the methods on: on {which} the corrupted prompt "
+                    f"scores at least as well as the clean one "
+                    f"({self.metric}), so there is no effect to explain; use a task, model or "
+                    "metric where the corruption lowers the behavior")
+        return (f"{self.left_out} of {self.n_prompts} prompts left out: {LEFT_OUT}; the "
+                f"measures are over the other {self.counted}")
+
     def table(self) -> str:
-        """The comparison table as aligned text, then a line per method that refused prompts."""
+        """The comparison table as aligned text, then a line per method that refused prompts
+        and one on the prompts left out; only that line when every prompt is left out."""
         from ..report import text_table
 
+        if not self.counted:
+            return self.left_out_line()
         header = ["method", "deletion AUC (lower better)", "insertion AUC (higher better)"]
         header += ["known-token accuracy"] if self.has_known else []
         header += ["s / prompt", "prompts"]
@@ -320,11 +261,13 @@ class Comparison:
             row = [r.method, _fmt(s["deletion_auc"]), _fmt(s["insertion_auc"])]
             row += [_fmt(s["accuracy"])] if self.has_known else []
             row += ["-" if r.method == RANDOM else _fmt(s["seconds_per_prompt"], 4),
-                    f"{r.measured}/{self.n_prompts}"]
+                    f"{r.counted}/{self.counted}"]
             rows.append(row)
             if r.note:
-                notes.append(f"{r.method}: {r.measured} of {self.n_prompts} prompts: {r.note}")
-        return "\n".join([text_table(rows, header=header), *notes])
+                notes.append(f"{r.method}: refused {r.refused} of {self.n_prompts} prompts: "
+                             f"{r.note}")
+        lines = [text_table(rows, header=header), *notes]
+        return "\n".join([*lines, self.left_out_line()] if self.left_out else lines)
 
     def agreement_table(self) -> str:
         """The agreement matrix as aligned text."""
@@ -334,24 +277,41 @@ class Comparison:
         rows = [[name, *(_fmt(v, 2) for v in self.agreement[i])] for i, name in enumerate(names)]
         return text_table(rows, header=["spearman", *names])
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready record: summaries, per-prompt values, curves and agreement."""
-        def plain(a: np.ndarray | None) -> list[float | None] | None:
-            return None if a is None else [None if np.isnan(v) else float(v) for v in a]
+    def report(self) -> str:
+        """The whole comparison as text: a heading, the table and the agreement; the heading
+        and one line when every prompt is left out."""
+        head = (f"token attribution on {self.task} ({self.model}, {self.metric}, "
+                f"{self.n_prompts} prompts)")
+        if not self.counted:
+            return f"{head}\n\n{self.left_out_line()}"
+        return (f"{head}\n\n{self.table()}\n\nrank agreement (Spearman, mean over prompts)\n"
+                f"{self.agreement_table()}")
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready record: summaries, per-prompt values, curves and agreement; every null
+        that stands for a prompt left out or refused has its reason beside it."""
+        refusals = {r.method: r.note for r in self.results if r.note}
         return {
             "task": self.task, "model": self.model, "metric": self.metric,
             "n_prompts": self.n_prompts, "options": self.options,
+            "left_out": {"prompts": self.left_out, "reason": LEFT_OUT if self.left_out else None,
+                         "which": ([] if self.effective is None else
+                                   np.flatnonzero(~self.effective).tolist())},
+            "metric_gap": _plain(self.gaps),
             "x": GRID.tolist(),
-            "methods": [{"method": r.method, **r.summary(),
-                         "per_prompt": {"deletion_auc": plain(r.deletion_auc),
-                                        "insertion_auc": plain(r.insertion_auc),
-                                        "accuracy": plain(r.accuracy)},
-                         "deletion_curve": plain(r.deletion_curve),
-                         "insertion_curve": plain(r.insertion_curve)}
+            "methods": [{"method": r.method,
+                         **{k: v if isinstance(v, int) else _plain(v)
+                            for k, v in r.summary().items()},
+                         "refused": ({"prompts": r.refused, "reason": r.note} if r.note
+                                     else None),
+                         "per_prompt": {"deletion_auc": _plain(r.deletion_auc),
+                                        "insertion_auc": _plain(r.insertion_auc),
+                                        "accuracy": _plain(r.accuracy)},
+                         "deletion_curve": _plain(r.deletion_curve),
+                         "insertion_curve": _plain(r.insertion_curve)}
                         for r in self.results],
-            "agreement": {"methods": self.methods,
-                          "spearman": [plain(row) for row in self.agreement]},
+            "agreement": {"methods": self.methods, "spearman": _plain(self.agreement),
+                          "refused": {m: refusals[m] for m in self.methods if m in refusals}},
         }
 
     def plot(self, path: str | Path | IO[bytes]) -> None:
@@ -378,8 +338,8 @@ class Comparison:
             for r in self.results:
                 s = r.summary()
                 style = dict(color="0.4", linestyle="--") if r.method == RANDOM else {}
-                ax.plot(GRID, getattr(r, f"{kind}_curve"), **style,
-                        label=f"{r.method} ({_fmt(s[f'{kind}_auc'])})")
+                why = "refused" if r.note and not r.counted else _fmt(s[f"{kind}_auc"])
+                ax.plot(GRID, getattr(r, f"{kind}_curve"), **style, label=f"{r.method} ({why})")
             better = "lower" if kind == "deletion" else "higher"
             ax.set(xlabel="fraction of tokens " + ("replaced" if kind == "deletion"
                                                    else "restored"),
@@ -387,6 +347,10 @@ class Comparison:
                    title=f"{self.task}: {kind} (AUC, {better} is better)", xlim=(0, 1))
             ax.axhline(0, color="0.8", linewidth=0.8)
             ax.legend(fontsize=7)
+            if self.left_out:
+                ax.text(0.5, 0.02, f"{self.left_out} of {self.n_prompts} prompts left out: "
+                        "corrupted scores at least as well as clean", transform=ax.transAxes,
+                        ha="center", va="bottom", fontsize=7, color="0.3")
         names = self.methods
         ax = axes[2]
         image = ax.imshow(self.agreement, cmap="RdBu_r", vmin=-1, vmax=1)
@@ -406,9 +370,69 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None or np.isnan(value) else f"{value:.{digits}f}"
 
 
-def _on_grid(x: Tensor, curves: Tensor) -> np.ndarray:
-    """``[b, len(GRID)]`` curves sampled at x ``[p + 1]``, linearly interpolated onto `GRID`."""
-    return np.stack([np.interp(GRID, x.numpy(), row.numpy()) for row in curves])
+@dataclass(frozen=True)
+class BatchScores:
+    """What `compare` hands its `on_batch` callback for each batch, before dropping it.
+
+    Attributes
+    ----------
+    batch : Batch
+    known : Tensor or None
+        ``[b, p]`` the known tokens (`circuits.attribution.known.known_mask`).
+    scores : dict
+        Method name -> ``[b, p]`` scores, or None where the method refused the batch.
+    refused : dict
+        Method name -> why it refused the batch.
+    gaps : Tensor
+        ``[b]`` the metric of each clean prompt minus that of its corrupted prompt.
+    effective : Tensor
+        ``[b]`` bool: the prompts that count (the others are left out, `LEFT_OUT`).
+    """
+
+    batch: Batch
+    known: Tensor | None
+    scores: dict[str, Tensor | None]
+    refused: dict[str, str]
+    gaps: Tensor
+    effective: Tensor
+
+
+class _Tally:
+    """One method's measures, added up batch by batch: per-prompt numbers, curve sums."""
+
+    def __init__(self, method: str) -> None:
+        self.method, self.seconds, self.measured, self.refused, self.note = method, 0.0, 0, 0, ""
+        self.deletion, self.insertion, self.hits = [], [], []  # per batch, [b] each
+        self.curve_sum = np.zeros((2, len(GRID)))
+        self.counted = 0
+
+    def refuse(self, size: int, why: str) -> None:
+        nan = np.full(size, np.nan)
+        self.deletion.append(nan)
+        self.insertion.append(nan)
+        self.hits.append(nan)
+        self.refused += size
+        self.note = self.note or why  # the first reason (a later batch may give another)
+
+    def add(self, curves: Curves, hits: np.ndarray, effective: np.ndarray, took: float) -> None:
+        self.seconds, self.measured = self.seconds + took, self.measured + len(effective)
+        on_grid = np.stack([_on_grid(curves.x, c) for c in (curves.deletion, curves.insertion)])
+        whole = effective & ~np.isnan(on_grid).any((0, 2))  # [b]
+        self.curve_sum += on_grid[:, whole].sum(1)
+        self.counted += int(whole.sum())
+        for values, kept in ((curves.deletion_auc.numpy(), self.deletion),
+                             (curves.insertion_auc.numpy(), self.insertion),
+                             (hits, self.hits)):
+            kept.append(np.where(effective, values, np.nan))
+
+    def result(self, has_known: bool) -> MethodResult:
+        curves = (self.curve_sum / self.counted if self.counted
+                  else np.full(self.curve_sum.shape, np.nan))
+        return MethodResult(self.method, np.concatenate(self.deletion),
+                            np.concatenate(self.insertion),
+                            np.concatenate(self.hits) if has_known else None, self.seconds,
+                            curves[0], curves[1], self.measured, self.note, self.refused,
+                            self.counted)
 
 
 def compare(
@@ -422,8 +446,14 @@ def compare(
     batch_size: int = 16,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    tick: Callable[[float], None] | None = None,
+    on_batch: Callable[[BatchScores], None] | None = None,
+    batches: Sequence[Batch] | None = None,
 ) -> Comparison:
     """Attribute every prompt of `task` with every method and measure the attributions.
+
+    Batch by batch: every method scores the batch, the scores are measured, handed to
+    `on_batch` and dropped.
 
     Parameters
     ----------
@@ -436,7 +466,8 @@ def compare(
     attribute : callable
         ``attribute(model, batch, method, metric=..., **options) -> TokenAttribution``
         (`circuits.attribution.methods.attribute`); its result has ``scores`` ``[b, p]`` and
-        ``seconds``.
+        ``seconds``. An `OptionError` refuses the batch for that method. Given `tick`, it is
+        also passed ``progress=tick``.
     metric : str or Metric, optional
         Default: the task's metric.
     options : mapping, optional
@@ -446,7 +477,15 @@ def compare(
     seed : int
         Seeds the random-order reference.
     progress : callable, optional
-        Called with a short text as each method starts.
+        Called with a method's name as it starts on a batch.
+    tick : callable, optional
+        Called with the prompt passes run: the curves' and the metric's here, the methods'
+        through `attribute` (`circuits.attribution.plan` counts them beforehand).
+    on_batch : callable, optional
+        Called with each batch's `BatchScores`.
+    batches : sequence of Batch, optional
+        The task's batches, if already made by ``task.batches(model.tokenizer, batch_size,
+        model.device, model.context_length)``; made here otherwise.
 
     Returns
     -------
@@ -472,79 +511,76 @@ def compare(
     """
     metric = get_metric(metric if metric is not None else task.metric_fn)
     options = options or {}
-    batches = task.batches(model.tokenizer, batch_size=batch_size, device=model.device,
-                           max_length=model.context_length)
-    knowns = [known_mask(task, model.tokenizer, b) for b in batches]
-    run = logits_fn(model, chunk=max(64, batch_size))
+    if batches is None:
+        batches = task.batches(model.tokenizer, batch_size=batch_size, device=model.device,
+                               max_length=model.context_length)
+    run = logits_fn(model)
     generator = torch.Generator().manual_seed(seed)
-    scores: dict[str, list[Tensor | None]] = {}
-    results = []
-    for method in [*methods, RANDOM]:
-        if progress is not None:
-            progress(method)
-
-        def score(batch: Batch, method: str = method) -> tuple[Tensor, float]:
-            if method == RANDOM:
-                return torch.rand(batch.clean.shape, generator=generator), 0.0  # [b, p]
-            found = attribute(model, batch, method, metric=metric,
-                              **dict(options.get(method, {})))
-            return found.scores.detach().float().cpu(), float(found.seconds)
-
-        result, scores[method] = _measure(method, score, batches, knowns, run, metric)
-        results.append(result)
-    agreement = np.array([[_agreement(scores[a], scores[b]) for b in methods] for a in methods])
-    return Comparison(task.name, model.name, metric.name, len(task), tuple(results),
-                      agreement.reshape(len(methods), len(methods)),
-                      {m: dict(options.get(m, {})) for m in methods})
-
-
-def _measure(method: str, score: Callable[[Batch], tuple[Tensor, float]],
-             batches: list[Batch], knowns: list[Tensor | None], run: LogitsFn,
-             metric: Metric) -> tuple[MethodResult, list[Tensor | None]]:
-    """One method's curves, AUCs and hits on every batch, and its scores per batch (None for
-    a batch it refused: prompts too long for it, an option it cannot use)."""
-    has_known = any(k is not None for k in knowns)
-    seconds, measured, note, per_batch = 0.0, 0, "", []
-    deletion, insertion, dele_auc, ins_auc, hits = [], [], [], [], []
-    for batch, known in zip(batches, knowns, strict=True):
-        try:
-            s, took = score(batch)  # [b, p]
-        except OptionError as err:
-            note, s = str(err), None
-        per_batch.append(s)
-        hit = np.full(batch.size, np.nan)
-        if s is None:
-            nan = np.full((batch.size, len(GRID)), np.nan)
-            deletion.append(nan)
-            insertion.append(nan)
-            dele_auc.append(hit)
-            ins_auc.append(hit)
-            hits.append(hit)
-            continue
-        seconds, measured = seconds + took, measured + batch.size
-        curves = replacement_curves(run, batch, s, metric)
-        deletion.append(_on_grid(curves.x, curves.deletion))
-        insertion.append(_on_grid(curves.x, curves.insertion))
-        dele_auc.append(curves.deletion_auc.numpy())
-        ins_auc.append(curves.insertion_auc.numpy())
-        hits.append(hit if known is None else known_token_accuracy(s, known).numpy())
-    result = MethodResult(
-        method, np.concatenate(dele_auc), np.concatenate(ins_auc),
-        np.concatenate(hits) if has_known else None, seconds,
-        _nanmean_rows(np.concatenate(deletion)), _nanmean_rows(np.concatenate(insertion)),
-        measured, note)
-    return result, per_batch
+    tallies = {m: _Tally(m) for m in [*methods, RANDOM]}
+    pair_sum, pair_count = np.zeros((len(methods),) * 2), np.zeros((len(methods),) * 2)
+    gaps, effective, has_known = [], [], False
+    extra = {} if tick is None else {"progress": tick}
+    for batch, known in zip(batches, known_masks(task, model.tokenizer, batches, batch_size),
+                            strict=True):
+        has_known = has_known or known is not None
+        m_clean, m_corrupt = metric_ends(run, batch, metric)  # [b] each
+        counts = has_effect(m_clean, m_corrupt, metric).numpy()  # [b]
+        gaps.append((m_clean - m_corrupt).numpy())
+        effective.append(counts)
+        scores: dict[str, Tensor | None] = {}
+        refused: dict[str, str] = {}
+        _tick(tick, 2 * batch.size)
+        for method, tally in tallies.items():
+            if progress is not None:
+                progress(method)
+            try:
+                if method == RANDOM:
+                    s, took = torch.rand(batch.clean.shape, generator=generator), 0.0  # [b, p]
+                else:
+                    found = attribute(model, batch, method, metric=metric, **extra,
+                                      **dict(options.get(method, {})))
+                    s, took = found.scores.detach().float().cpu(), float(found.seconds)
+            except OptionError as err:
+                scores[method], refused[method] = None, str(err)
+                tally.refuse(batch.size, str(err))
+                continue
+            scores[method] = s
+            curves = replacement_curves(run, batch, s, metric)
+            _tick(tick, 2 * batch.size * (batch.length + 1))
+            hits = (np.full(batch.size, np.nan) if known is None
+                    else known_token_accuracy(s, known).numpy())
+            tally.add(curves, hits, counts, took)
+        ranks = {m: _unit_ranks(s[torch.from_numpy(counts)]) for m, s in scores.items()
+                 if s is not None and m != RANDOM}
+        for i, a in enumerate(methods):
+            for j, b in enumerate(methods):
+                if a in ranks and b in ranks:
+                    values = (ranks[a] * ranks[b]).sum(1)
+                    values = values[~np.isnan(values)]
+                    pair_sum[i, j] += values.sum()
+                    pair_count[i, j] += values.size
+        if on_batch is not None:
+            on_batch(BatchScores(batch, known, scores, refused, m_clean - m_corrupt,
+                                 torch.from_numpy(counts)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        agreement = np.where(pair_count > 0, pair_sum / np.maximum(pair_count, 1), np.nan)
+    return Comparison(task.name, model.name, metric.name, len(task),
+                      tuple(t.result(has_known) for t in tallies.values()), agreement,
+                      {m: dict(options.get(m, {})) for m in methods},
+                      np.concatenate(gaps), np.concatenate(effective))
 
 
-def _nanmean_rows(values: np.ndarray) -> np.ndarray:
-    """Column means over the rows that hold no NaN (NaN columns when none does)."""
-    kept = values[~np.isnan(values).any(1)]
-    return kept.mean(0) if len(kept) else np.full(values.shape[1], np.nan)
+def _tick(tick: Callable[[float], None] | None, passes: float) -> None:
+    """Report `passes` to `tick`, if there is one."""
+    if tick is not None:
+        tick(passes)
 
 
-def _agreement(a: list[Tensor | None], b: list[Tensor | None]) -> float:
-    """`rank_agreement` over batches of different lengths, each prompt counted once (batches
-    either method refused left out)."""
-    values = [v for sa, sb in zip(a, b, strict=True) if sa is not None and sb is not None
-              for v in _spearman_rows(sa, sb)]
-    return float(np.mean(values)) if values else float("nan")
+def _on_grid(x: Tensor, curves: Tensor) -> np.ndarray:
+    """``[b, len(GRID)]`` curves sampled at x ``[p + 1]``, linearly interpolated onto `GRID`."""
+    return np.stack([np.interp(GRID, x.numpy(), row.numpy()) for row in curves])
+
+
+__all__ = ["GRID", "LEFT_OUT", "RANDOM", "BatchScores", "Comparison", "Curves", "LogitsFn",
+           "MethodResult", "area", "compare", "logits_fn", "metric_ends", "rank_agreement",
+           "replacement_curves", "spearman_rows"]

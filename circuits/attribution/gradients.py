@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..errors import OptionError
-from .core import CHUNK, Run, register
+from .core import Run, register, rows_per_pass
 
 MAX_STEPS = 1000
 BASELINES = ("corrupted", "zeros", "pad")
@@ -21,13 +21,15 @@ BASELINES = ("corrupted", "zeros", "pad")
 
 def embedding_gradient(run: Run, embeds: Tensor, rows: Tensor) -> Tensor:
     """``d metric / d embeds`` ``[n, p, d]`` for embeddings ``[n, p, d]`` of examples `rows`,
-    in chunks of `CHUNK` rows (each row's metric depends only on its own embeddings)."""
+    in chunks of rows that fit one backward pass (each row's metric depends only on its own
+    embeddings); ticks three passes a row."""
     grads = []
-    for lo in range(0, embeds.shape[0], CHUNK):
-        part = embeds[lo:lo + CHUNK].detach().requires_grad_(True)
+    for part in run.chunks(embeds.shape[0], "backward"):
+        leaf = embeds[part].detach().requires_grad_(True)
         with torch.enable_grad():
-            value = run.metric_of_embeds(part, rows[lo:lo + CHUNK]).sum()
-            grads.append(torch.autograd.grad(value, part)[0])
+            value = run.metric_of_embeds(leaf, rows[part]).sum()
+            grads.append(torch.autograd.grad(value, leaf)[0])
+        run.tick(3 * leaf.shape[0])
     return torch.cat(grads)
 
 
@@ -41,7 +43,9 @@ def baseline_embeddings(run: Run, baseline: str) -> Tensor:
     raise OptionError(f"unknown baseline {baseline!r}; use {', '.join(BASELINES)}")
 
 
-@register("integrated-gradients", "integrated gradients over the token embeddings")
+@register("integrated-gradients", "integrated gradients over the token embeddings",
+          passes=lambda b, p, options: 3.0 * options["steps"] * b, kind="backward",
+          baselines=BASELINES)
 def integrated_gradients(run: Run, steps: int = 32, baseline: str = "corrupted") -> Tensor:
     """Integrated gradients from a baseline to the clean token embeddings.
 
@@ -49,7 +53,8 @@ def integrated_gradients(run: Run, steps: int = 32, baseline: str = "corrupted")
     the path mean taken with `steps`-point Gauss-Legendre quadrature on ``[0, 1]`` (exact for
     polynomials of degree ``2 steps - 1`` along the path, so completeness, ``sum_j score =
     metric(x) - metric(x')``, holds closely with few steps). Costs ``steps`` forward and
-    backward passes of the batch.
+    backward passes of the batch, run a chunk of steps at a time: memory does not grow with
+    `steps`.
 
     Parameters
     ----------
@@ -87,15 +92,20 @@ def integrated_gradients(run: Run, steps: int = 32, baseline: str = "corrupted")
     alphas = torch.tensor((nodes + 1) / 2, dtype=x.dtype, device=x.device)  # [s] in (0, 1)
     w = torch.tensor(weights / 2, dtype=torch.float32, device=x.device)  # [s], sums to 1
     b = x.shape[0]
-    path = x0 + alphas[:, None, None, None] * (x - x0)  # [s, b, p, d]
-    rows = torch.arange(b, device=x.device).repeat(steps)
-    grads = embedding_gradient(run, path.flatten(0, 1), rows).unflatten(0, (steps, b)).float()
-    mean_grad = (w[:, None, None, None] * grads).sum(0)  # [b, p, d]
+    rows = torch.arange(b, device=x.device)
+    mean_grad = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [b, p, d]
+    per_chunk = max(1, rows_per_pass(run.model, run.batch.length, "backward") // b)
+    for lo in range(0, steps, per_chunk):
+        part = slice(lo, min(lo + per_chunk, steps))
+        path = x0 + alphas[part, None, None, None] * (x - x0)  # [s', b, p, d]
+        n = path.shape[0]
+        grads = embedding_gradient(run, path.flatten(0, 1), rows.repeat(n)).unflatten(0, (n, b))
+        mean_grad += (w[part, None, None, None] * grads.float()).sum(0)
     return ((x - x0).float() * mean_grad).sum(-1)
 
 
 @register("gradient-x-input", "gradient of the metric times the token embedding",
-          gradient_at_clean=True)
+          gradient_at_clean=True, passes=lambda b, p, options: 3.0 * b, kind="backward")
 def gradient_x_input(run: Run) -> Tensor:
     """Gradient times input: ``score[b, j] = sum_d x[b, j, d] * d metric / d x[b, j, d]``.
 

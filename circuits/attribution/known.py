@@ -11,7 +11,8 @@ naming it says nothing about which earlier token the model used) is a known one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from ..batch import Batch
 from ..errors import OptionError
-from ..task import Example, Task, _encode
+from ..task import Example, Task, _encode, prefix_ids
 
 
 def _ioi_known(clean: list[int], answers: list[int], example: Example, tokenizer: Any) -> list[int]:
@@ -92,8 +93,9 @@ def known_mask(task: Task, tokenizer: Any, batch: Batch) -> Tensor | None:
     Parameters
     ----------
     task : Task
-        The task the batch was made from (`Task.batches`); rows are matched to its examples by
-        their token ids.
+        The task the batch was made from (`Task.batches`, with its ``bos``); rows are matched
+        to its examples by their token ids, and positions count the prefix put before each
+        prompt (its BOS).
     tokenizer : tokenizer
         The tokenizer the batch was made with.
     batch : Batch
@@ -119,23 +121,63 @@ def known_mask(task: Task, tokenizer: Any, batch: Batch) -> Tensor | None:
     [[0, 1]]
     """
     rule = KNOWN_RULES.get(task.name.split("/", 1)[0])
+    # rows start with what the task puts before every prompt (its BOS); the rules and meta
+    # positions speak of the prompt's own tokens, after it
+    prefix = prefix_ids(tokenizer, task.bos)
     by_ids: dict[tuple[int, ...], Example] = {}
     for example in task.examples:
-        by_ids.setdefault(tuple(_encode(tokenizer, example.clean)), example)
+        by_ids.setdefault(tuple(prefix + _encode(tokenizer, example.clean)), example)
     mask = torch.zeros(batch.clean.shape, dtype=torch.bool)  # [b, p]
     for row, ids in enumerate(batch.clean.tolist()):
         example = by_ids.get(tuple(ids))
         if example is None:
             continue
+        own = ids[len(prefix):]
         if "known" in example.meta:
-            found = _given_known(example.meta["known"], example, tokenizer, len(ids))
+            found = _given_known(example.meta["known"], example, tokenizer, len(own))
         elif rule is not None:
             answers = [a for a in batch.answers[row].tolist() if a >= 0]
-            found = rule(ids, answers, example, tokenizer)
+            found = rule(own, answers, example, tokenizer)
         else:
             continue
-        mask[row, [i for i in found if 0 <= i < len(ids)]] = True
+        mask[row, [len(prefix) + i for i in found if 0 <= i < len(own)]] = True
     return mask if bool(mask.any()) else None
+
+
+def known_masks(task: Task, tokenizer: Any, batches: Sequence[Batch],
+                batch_size: int) -> Iterator[Tensor | None]:
+    """`known_mask` of each of `batches`, made by ``task.batches(tokenizer, batch_size)``,
+    matching each batch against the examples it was made from only.
+
+    `known_mask` matches a batch's rows against every example of the task, which costs the
+    task's length per batch: over a whole task, the square of it. `Task.batches` groups the
+    examples by token length (shortest first, in order within a length) and cuts each group
+    into batches of `batch_size`, so the same grouping gives each batch its examples: the work
+    grows with the number of prompts. Batches that do not follow that grouping are matched
+    against the whole task.
+
+    Examples
+    --------
+    >>> from circuits.task import Example, Task
+    >>> from tokenizers import Tokenizer, models, pre_tokenizers
+    >>> words = ["when", "Mary", "and", "John", "left", "Tom", "gave", "it", "to"]
+    >>> tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, "to"))
+    >>> tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    >>> ex = Example("when Mary and John left John gave it to",
+    ...              "when Mary and John left Tom gave it to", " Mary", " John")
+    >>> task = Task("ioi", [ex, ex])
+    >>> [m.nonzero().tolist() for m in known_masks(task, tok, task.batches(tok, 1), 1)]
+    [[[0, 1]], [[0, 1]]]
+    """
+    groups: dict[int, list[Example]] = {}
+    for example in task.examples:
+        groups.setdefault(len(_encode(tokenizer, example.clean)), []).append(example)
+    parts = [group[lo:lo + batch_size] for _, group in sorted(groups.items())
+             for lo in range(0, len(group), batch_size)]
+    follows = [len(part) for part in parts] == [batch.size for batch in batches]
+    for n, batch in enumerate(batches):
+        yield known_mask(replace(task, examples=tuple(parts[n])) if follows else task,
+                         tokenizer, batch)
 
 
 def known_token_accuracy(scores: Tensor, known: Tensor) -> Tensor:

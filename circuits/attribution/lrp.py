@@ -165,7 +165,7 @@ def attnlrp_rules(hf: nn.Module) -> Iterator[None]:
 
 
 @register("lrp", "AttnLRP relevance: gradient x input with the AttnLRP backward rules",
-          gradient_at_clean=True)
+          gradient_at_clean=True, passes=lambda b, p, options: 3.0 * b, kind="backward")
 def lrp(run: Run) -> Tensor:
     """AttnLRP relevance of each token: gradient x input at the token embeddings, the gradient
     taken with the AttnLRP rules (`attnlrp_rules`). One forward and one backward pass.

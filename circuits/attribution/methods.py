@@ -28,6 +28,7 @@ for the prompt and every baseline, so they carry no attribution.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 
 import torch
 
@@ -36,7 +37,7 @@ from ..errors import OptionError
 from ..metrics import Metric, get_metric
 from ..model import Model
 from . import attention_flow, gradients, lrp, shapley  # noqa: F401  (they register the methods)
-from .core import METHODS, AttributionMethod, Run, TokenAttribution, register, timed
+from .core import METHODS, AttributionMethod, Run, TokenAttribution, no_tick, register, timed
 
 
 def get_method(name: str) -> AttributionMethod:
@@ -60,7 +61,30 @@ def get_method(name: str) -> AttributionMethod:
     return METHODS[name]
 
 
+def check_metric(method: str, metric: str | Metric) -> None:
+    """Refuse a metric flat at the clean prompt (``kl``) for a method that takes gradients
+    only there (its every score would be 0).
+
+    Raises
+    ------
+    OptionError
+
+    Examples
+    --------
+    >>> check_metric("occlusion", "kl")  # takes it
+    >>> check_metric("gradient-x-input", "kl")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    circuits.errors.OptionError: method 'gradient-x-input' takes gradients at the clean ...
+    """
+    metric = get_metric(metric)
+    if get_method(method).gradient_at_clean and metric.flat_at_clean:
+        raise OptionError(f"method {method!r} takes gradients at the clean prompt, where metric "
+                          f"{metric.name!r} is flat (every score would be 0); use "
+                          "integrated-gradients, occlusion or shap, or another metric")
+
+
 def attribute(model: Model, batch: Batch, method: str, *, metric: str | Metric = "logit-diff",
+              progress: Callable[[float], None] | None = None,
               **options: object) -> TokenAttribution:
     """Attribute the metric of each clean prompt of `batch` to its tokens with `method`.
 
@@ -75,6 +99,9 @@ def attribute(model: Model, batch: Batch, method: str, *, metric: str | Metric =
         A name in `METHODS` (see the module docstring).
     metric : str or Metric
         What is attributed, read at the last position (`circuits.metrics.get_metric`).
+    progress : callable, optional
+        Called with the prompt passes run as they are run (one forward of one prompt is 1, a
+        forward and backward 3); they add up to `circuits.attribution.plan.batch_passes`.
     **options
         The method's options (its keyword arguments; unknown names are refused).
 
@@ -106,13 +133,10 @@ def attribute(model: Model, batch: Batch, method: str, *, metric: str | Metric =
         raise OptionError(f"method {method!r} has no option {unknown[0]!r}; its options: {known}")
     used = {**defaults, **options}
     metric_fn = get_metric(metric)
-    if spec.gradient_at_clean and metric_fn.flat_at_clean:
-        raise OptionError(f"method {method!r} takes gradients at the clean prompt, where metric "
-                          f"{metric_fn.name!r} is flat (every score would be 0); use "
-                          "integrated-gradients, occlusion or shap, or another metric")
+    check_metric(method, metric_fn)
 
     def call() -> tuple[torch.Tensor, torch.Tensor | None]:
-        run = _prepare(model, batch, metric_fn)
+        run = _prepare(model, batch, metric_fn, progress or no_tick)
         out = spec.fn(run, **used)
         scores, stderr = out if isinstance(out, tuple) else (out, None)
         return scores.detach().float().cpu(), None if stderr is None else stderr.float().cpu()
@@ -121,16 +145,19 @@ def attribute(model: Model, batch: Batch, method: str, *, metric: str | Metric =
     return TokenAttribution(method, scores, stderr, seconds, used)
 
 
-def _prepare(model: Model, batch: Batch, metric: Metric) -> Run:
+def _prepare(model: Model, batch: Batch, metric: Metric, tick: Callable[[float], None]) -> Run:
     """The run of `metric` on `batch` moved to `model`'s device, with the clean logits added
-    for metrics that compare with them."""
+    for metrics that compare with them (one pass a prompt, ticked)."""
     batch = batch.to(model.device)
     if not metric.tokens_only and batch.clean_logits is None:
+        run = Run(model, batch, metric)
         with torch.no_grad():
-            run = Run(model, batch, metric)
-            batch = batch.with_clean_logits(run.logits(run.embed(batch.clean)))
-    return Run(model, batch, metric)
+            logits = [run.logits(run.embed(batch.clean[rows]))
+                      for rows in run.chunks(batch.size, "forward")]
+        batch = batch.with_clean_logits(torch.cat(logits))
+        tick(batch.size)
+    return Run(model, batch, metric, tick)
 
 
-__all__ = ["METHODS", "AttributionMethod", "TokenAttribution", "attribute", "get_method",
-           "register"]
+__all__ = ["METHODS", "AttributionMethod", "TokenAttribution", "attribute", "check_metric",
+           "get_method", "register"]

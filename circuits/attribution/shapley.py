@@ -20,9 +20,12 @@ import torch
 from torch import Tensor
 
 from ..errors import OptionError
-from .core import Run, register
+from .core import METHODS, Run, register
 
 MAX_EXACT_TOKENS = 12  # 2**12 coalitions per prompt
+MAX_SAMPLES = 10_000  # permutations; the standard error falls as 1 / sqrt(samples)
+BASELINES = ("corrupted", "pad")
+VARIANT_ROWS = 8192  # prompt variants built at once (their ids), however many a method runs
 
 
 def _whole(value: object) -> bool:
@@ -35,7 +38,9 @@ def _coalitions(clean: Tensor, base: Tensor, present: Tensor) -> Tensor:
     return torch.where(present, clean, base)
 
 
-@register("shap", "Shapley values over token positions, sampled by (antithetic) permutations")
+@register("shap", "Shapley values over token positions, sampled by (antithetic) permutations",
+          passes=lambda b, p, options: float(b * (options["samples"] * (p - 1) + 2)),
+          baselines=BASELINES)
 def shap(run: Run, samples: int = 64, baseline: str = "corrupted", antithetic: bool = True,
          seed: int = 0) -> tuple[Tensor, Tensor]:
     """Sampled Shapley values of the token positions, with their standard error.
@@ -44,14 +49,15 @@ def shap(run: Run, samples: int = 64, baseline: str = "corrupted", antithetic: b
     a token's marginal contribution is the change of the metric when it is added. Its score is
     the mean over `samples` permutations (per prompt). With `antithetic`, the permutations come
     in pairs, a random one and its reverse, whose contributions are negatively correlated,
-    which lowers the variance. Every permutation's ``p - 1`` intermediate prompts run in one
-    batched pass: ``samples * (p - 1) + 2`` prompt evaluations per prompt.
+    which lowers the variance. The permutations' ``p - 1`` intermediate prompts run in batched
+    passes, a chunk of permutations at a time (memory does not grow with `samples`):
+    ``samples * (p - 1) + 2`` prompt evaluations per prompt.
 
     Parameters
     ----------
     run : Run
     samples : int
-        Permutations per prompt, at least 2 (an even number with `antithetic`).
+        Permutations per prompt, 2 to 10,000 (an even number with `antithetic`).
     baseline : {"corrupted", "pad"}
         The token an absent position takes.
     antithetic : bool
@@ -74,34 +80,48 @@ def shap(run: Run, samples: int = 64, baseline: str = "corrupted", antithetic: b
     >>> bool((r.stderr >= 0).all())
     True
     """
-    if not (_whole(samples) and samples >= 2 and (samples % 2 == 0 or not antithetic)):
-        raise OptionError(f"samples must be a whole number >= 2 (even when antithetic), got "
-                          f"{samples!r}")
+    if not (_whole(samples) and 2 <= samples <= MAX_SAMPLES
+            and (samples % 2 == 0 or not antithetic)):
+        raise OptionError(f"samples must be a whole number from 2 to {MAX_SAMPLES} (even when "
+                          f"antithetic), got {samples!r}")
     if not _whole(seed):
         raise OptionError(f"seed must be a whole number, got {seed!r}")
     clean, base = run.batch.clean, run.baseline_ids(baseline)
     b, p = clean.shape
     gen = torch.Generator().manual_seed(seed)
     draws = samples // 2 if antithetic else samples
-    perms = torch.argsort(torch.rand(draws, b, p, generator=gen), dim=-1)  # [k, b, p]
-    if antithetic:
-        perms = torch.cat([perms, perms.flip(-1)])  # [n, b, p]: pair i is rows i and i + k
-    perms = perms.to(clean.device)
-    rank = torch.argsort(perms, dim=-1)  # [n, b, p] the step at which each position is added
-    steps = torch.arange(1, p, device=clean.device)  # the intermediate coalition sizes
-    present = rank[:, None] < steps[None, :, None, None]  # [n, p - 1, b, p]
-    n = perms.shape[0]
     ends = run.metric_of_variants(torch.stack([base, clean]))  # [2, b]
-    middle = run.metric_of_variants(_coalitions(clean, base, present).flatten(0, 1))
-    values = torch.cat([ends[0].expand(n, 1, b), middle.reshape(n, p - 1, b),
-                        ends[1].expand(n, 1, b)], dim=1).transpose(1, 2)  # [n, b, p + 1]
-    phi = values.gather(-1, rank + 1) - values.gather(-1, rank)  # [n, b, p]
-    if antithetic:
-        phi = (phi[:draws] + phi[draws:]) / 2  # [k, b, p] independent pair means
-    return phi.mean(0), phi.std(0) / math.sqrt(draws)
+    steps = torch.arange(1, p, device=clean.device)  # the intermediate coalition sizes
+    total = torch.zeros(b, p, dtype=torch.float64, device=clean.device)  # sums over draws
+    squares = torch.zeros_like(total)
+    per_chunk = max(1, VARIANT_ROWS // (max(p - 1, 1) * b * (2 if antithetic else 1)))
+    for lo in range(0, draws, per_chunk):
+        k = min(per_chunk, draws - lo)
+        # drawn in order, chunk after chunk: the same permutations as drawing all at once
+        perms = torch.argsort(torch.rand(k, b, p, generator=gen), dim=-1)  # [k, b, p]
+        if antithetic:
+            perms = torch.cat([perms, perms.flip(-1)])  # [n, b, p]: pair i is rows i and i + k
+        rank = torch.argsort(perms.to(clean.device), dim=-1)  # [n, b, p] the step adding each
+        present = rank[:, None] < steps[None, :, None, None]  # [n, p - 1, b, p]
+        n = rank.shape[0]
+        middle = run.metric_of_variants(_coalitions(clean, base, present).flatten(0, 1))
+        values = torch.cat([ends[0].expand(n, 1, b), middle.reshape(n, p - 1, b),
+                            ends[1].expand(n, 1, b)], dim=1).transpose(1, 2)  # [n, b, p + 1]
+        phi = (values.gather(-1, rank + 1) - values.gather(-1, rank)).double()  # [n, b, p]
+        if antithetic:
+            phi = (phi[:k] + phi[k:]) / 2  # [k, b, p] independent pair means
+        total += phi.sum(0)
+        squares += (phi * phi).sum(0)
+    mean = total / draws
+    # the sample standard deviation (NaN from a single draw, as torch's std gives)
+    spread = ((squares - draws * mean * mean) / (draws - 1) if draws > 1
+              else torch.full_like(mean, math.nan)).clamp(min=0).sqrt()
+    return mean.float(), (spread / math.sqrt(draws)).float()
 
 
-@register("shapley-exact", "exact Shapley values over token positions (short prompts)")
+@register("shapley-exact", "exact Shapley values over token positions (short prompts)",
+          passes=lambda b, p, options: float(b * 2**p), max_tokens=MAX_EXACT_TOKENS,
+          why_max="it evaluates all 2**p coalitions; use method shap", baselines=BASELINES)
 def shapley_exact(run: Run, baseline: str = "corrupted") -> Tensor:
     """Exact Shapley values of the token positions, from all ``2**p`` coalitions.
 
@@ -129,9 +149,9 @@ def shapley_exact(run: Run, baseline: str = "corrupted") -> Tensor:
     """
     clean, base = run.batch.clean, run.baseline_ids(baseline)
     b, p = clean.shape
-    if p > MAX_EXACT_TOKENS:
-        raise OptionError(f"shapley-exact enumerates 2**p coalitions and takes prompts of at "
-                          f"most {MAX_EXACT_TOKENS} tokens, got {p}; use method shap")
+    refused = METHODS["shapley-exact"].refusal(p)
+    if refused:
+        raise OptionError(refused)
     codes = torch.arange(2 ** p, device=clean.device)  # coalition S as a bit set
     bits = 2 ** torch.arange(p, device=clean.device)  # [p]
     member = (codes[:, None] & bits) > 0  # [2**p, p]
@@ -149,7 +169,8 @@ def shapley_exact(run: Run, baseline: str = "corrupted") -> Tensor:
     return phi.float()
 
 
-@register("occlusion", "leave-one-out: the metric's drop when one token is replaced")
+@register("occlusion", "leave-one-out: the metric's drop when one token is replaced",
+          passes=lambda b, p, options: float(b * (p + 1)), baselines=BASELINES)
 def occlusion(run: Run, baseline: str = "corrupted") -> Tensor:
     """Leave-one-out: ``score[b, j] = metric(clean) - metric(clean with token j replaced by the
     baseline's token j)``; ``p + 1`` prompt evaluations per prompt.
@@ -176,8 +197,10 @@ def occlusion(run: Run, baseline: str = "corrupted") -> Tensor:
     True
     """
     clean, base = run.batch.clean, run.baseline_ids(baseline)
-    p = clean.shape[1]
+    b, p = clean.shape
+    whole = run.metric_of_variants(clean[None])[0]  # [b]
     one = torch.eye(p, dtype=torch.bool, device=clean.device)[:, None, :]  # [p, 1, p]
-    variants = torch.cat([clean[None], _coalitions(base, clean, one)])  # [p + 1, b, p]
-    values = run.metric_of_variants(variants)  # [p + 1, b]
-    return (values[0] - values[1:]).T
+    per_chunk = max(1, VARIANT_ROWS // b)  # positions replaced in one set of variants
+    dropped = [run.metric_of_variants(_coalitions(base, clean, one[lo:lo + per_chunk]))
+               for lo in range(0, p, per_chunk)]  # each [positions, b]
+    return (whole - torch.cat(dropped)).T

@@ -14,7 +14,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ h1 { font-size: 20px; margin-bottom: 4px; }
 .toks { font-family: ui-monospace, monospace; font-size: 15px; line-height: 1.9; }
 .tok { white-space: pre; padding: 2px 1px; border-radius: 3px; }
 .known { border-bottom: 3px solid #111; }
+.refused { font-size: 12px; color: #a33; }
+.notes { color: #333; font-size: 13px; margin-bottom: 12px; }
 .legend span { padding: 2px 6px; margin-right: 6px; border-radius: 3px; }
 """
 
@@ -65,12 +67,16 @@ class PromptView:
         Which tokens are known to matter (underlined), or None.
     note : str
         A line shown above the tokens (e.g. the answer and the metric).
+    refused : mapping
+        Method name -> why it refused this prompt: its line shows the reason instead of the
+        tokens (its scores, if any, are not shown).
     """
 
     tokens: list[str]
     scores: Mapping[str, Sequence[float]]
     known: list[bool] | None = None
     note: str = ""
+    refused: Mapping[str, str] = field(default_factory=dict)
 
 
 def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
@@ -120,7 +126,14 @@ def _line(method: str, tokens: list[str], scores: Sequence[float],
             f'<div class="toks">{"".join(spans)}</div></div>')
 
 
-def render_html(prompts: Sequence[PromptView], title: str, subtitle: str = "") -> str:
+def _refused_line(method: str, why: str) -> str:
+    """A method's line that says why it has no scores for the prompt."""
+    return (f'<div class="line"><div class="method">{html.escape(method)}</div>'
+            f'<div class="refused">refused: {html.escape(why)}</div></div>')
+
+
+def render_html(prompts: Sequence[PromptView], title: str, subtitle: str = "",
+                notes: Sequence[str] = ()) -> str:
     """The page for `prompts` as one HTML string.
 
     Parameters
@@ -130,6 +143,8 @@ def render_html(prompts: Sequence[PromptView], title: str, subtitle: str = "") -
         The page's heading.
     subtitle : str
         A line under it (model, metric, options).
+    notes : sequence of str
+        Lines shown above the prompts (what was left out, how many prompts are shown).
 
     Returns
     -------
@@ -143,11 +158,13 @@ def render_html(prompts: Sequence[PromptView], title: str, subtitle: str = "") -
     """
     blocks = []
     for n, prompt in enumerate(prompts):
-        lines = "".join(_line(m, prompt.tokens, s, prompt.known)
+        lines = "".join(_refused_line(m, prompt.refused[m]) if m in prompt.refused else
+                        _line(m, prompt.tokens, s, prompt.known)
                         for m, s in prompt.scores.items())
         note = f" · {html.escape(prompt.note)}" if prompt.note else ""
         blocks.append(f'<div class="prompt"><div class="head">prompt {n}{note}</div>'
                       f"{lines}</div>")
+    said = "".join(f'<div class="notes">{html.escape(n)}</div>' for n in notes)
     legend = ('<div class="sub legend"><span style="background:rgba(220, 38, 38, 0.8)">'
               'pushes the metric up</span><span style="background:rgba(37, 99, 235, 0.8)">'
               'pushes it down</span><span class="known">known token</span> shade = score / '
@@ -156,14 +173,14 @@ def render_html(prompts: Sequence[PromptView], title: str, subtitle: str = "") -
             f"<title>{html.escape(title)}</title><style>{STYLE}</style>"
             f"<script>{SCRIPT}</script></head><body>"
             f"<h1>{html.escape(title)}</h1><div class=\"sub\">{html.escape(subtitle)}</div>"
-            f"{legend}{''.join(blocks)}"
+            f"{legend}{said}{''.join(blocks)}"
             '<div id="state" data-tokens="0" data-visible="0" data-shaded="0"></div>'
             "</body></html>\n")
 
 
 def write_html(path: str | Path, prompts: Sequence[PromptView], title: str,
-               subtitle: str = "") -> Path:
+               subtitle: str = "", notes: Sequence[str] = ()) -> Path:
     """Write `render_html`'s page to `path` (atomically) and return the path."""
     path = Path(path)
-    write_atomic(path, render_html(prompts, title, subtitle).encode("utf-8"))
+    write_atomic(path, render_html(prompts, title, subtitle, notes).encode("utf-8"))
     return path

@@ -1,73 +1,88 @@
 """``circuits attribute``: per-token attributions of the metric, or a comparison of the methods.
 
 One method: for each prompt, a signed score per token (positive = the token pushes the metric
-up), printed as a table (each prompt's top tokens, the scores' sum against the clean - corrupted
-metric gap, whether the top context token is the known one) and written as
-``attributions.json`` and ``attributions.html`` (the prompts, tokens shaded by score).
+up), printed as a table (each prompt's top tokens with their positions, the scores' sum against
+the clean - corrupted metric gap, whether the top context token is the known one) and written
+as ``attributions.json`` (every prompt) and ``attributions.html`` (the first prompts, tokens
+shaded by score).
 
 ``--compare``: every method (or those named) on the same prompts: deletion and insertion AUC,
 known-token accuracy and time per prompt (`circuits.attribution.compare`), the rank agreement
 between methods; written as ``compare.txt``, ``compare.json``, ``compare.png`` (curves and
-agreement) and ``compare.html`` (each prompt shaded by every method).
+agreement) and ``compare.html`` (the first prompts shaded by every method).
 
-All files are staged in the output folder and moved into place together, after the work.
+Before any attribution the run is planned (`circuits.attribution.plan`): a run that needs more
+prompt passes than `MAX_PASSES` or more memory than is free is refused, and the passes show on
+a progress bar with the time left. The work streams batch by batch; the files are written into
+a staging folder and moved into place together (`circuits.outputs.staged`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import shutil
-import signal
-import tempfile
 from pathlib import Path
 from typing import Any
 
 HELP_EXAMPLES = """examples:
-  circuits attribute ioi                                   # integrated gradients, 20 prompts
+  circuits attribute factual --method integrated-gradients --steps 16 --n 4 -o out/attr
+  circuits attribute ioi --method integrated-gradients --baseline pad
   circuits attribute ioi --method shap --samples 128 --seed 1
-  circuits attribute induction --method integrated-gradients --steps 64 --baseline pad
-  circuits attribute my_behavior.jsonl --model ioi-gpt2-4l --method occlusion --out out/occ
+  circuits attribute my_behavior.jsonl --model ioi-gpt2-4l --method occlusion -o out/occ
   circuits attribute factual --compare --n 40              # every method: table, plot, page
-  circuits attribute ioi --compare --method occlusion,shap,attention-rollout"""
+  circuits attribute ioi --compare --method occlusion shap attention-rollout
+
+limits: --n up to 100,000 prompts, --batch-size up to 1,024, --steps up to 1,000, --samples
+up to 10,000; a run that needs more than 1e9 prompt passes, or more memory than is free, is
+refused before it starts, with what it would need."""
 
 DEFAULT_METHOD = "integrated-gradients"
 BASELINES = ("corrupted", "zeros", "pad")
 OPTION_FLAGS = ("steps", "baseline", "samples")  # passed only when given
 TOP = 3  # top tokens shown per prompt in the table
+SHOWN = 50  # prompts in the printed table (every prompt goes into the JSON)
+PAGE = 200  # prompts on the HTML page
+MAX_BATCH = 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options."""
+    from ..attribution.gradients import MAX_STEPS
+    from ..attribution.shapley import MAX_SAMPLES
     from ..cli import add_device_arguments
+    from ..task import MAX_PROMPTS
 
     parser.add_argument("task", metavar="TASK_OR_JSONL",
                         help="a built-in task (`circuits tasks`) or a JSONL file of prompt pairs")
     parser.add_argument("--model", help="a shipped model, a local model folder or a hub name "
                         "(default: the task's reference model)")
-    parser.add_argument("--method", metavar="METHOD",
+    parser.add_argument("--method", nargs="+", metavar="METHOD",
                         help=f"an attribution method (default: {DEFAULT_METHOD}); with "
-                        "--compare, a comma-separated list (default: all)")
+                        "--compare, several, space- or comma-separated (default: all)")
     parser.add_argument("--compare", action="store_true",
                         help="compare the methods: deletion/insertion AUC, known-token accuracy, "
                         "time, rank agreement")
     parser.add_argument("--metric", help="logit-diff, prob-diff, logprob or kl (default: the "
                         "task's)")
     parser.add_argument("--steps", type=int, metavar="K",
-                        help="integration steps (integrated-gradients; method default if unset)")
+                        help=f"integration steps, 1 to {MAX_STEPS:,} (integrated-gradients; "
+                        "method default if unset)")
     parser.add_argument("--baseline", metavar="B",
                         help="what an absent token becomes: corrupted, zeros (embedding methods) "
                         "or pad (method default if unset)")
     parser.add_argument("--samples", type=int, metavar="S",
-                        help="sampled permutations (shap; method default if unset)")
+                        help=f"sampled permutations, an even number from 2 to {MAX_SAMPLES:,} "
+                        "(shap; method default if unset)")
     parser.add_argument("--seed", type=int, default=0, metavar="SEED",
                         help="seeds the prompts and the sampling methods (default: %(default)s)")
     parser.add_argument("--n", type=int, default=20,
-                        help="number of prompts (default: %(default)s)")
+                        help=f"number of prompts, 1 to {MAX_PROMPTS:,} (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="B",
-                        help="prompts per batch (default: %(default)s)")
-    parser.add_argument("--out", metavar="DIR",
+                        help=f"prompts per batch, 1 to {MAX_BATCH:,}; the passes inside a batch "
+                        "are cut to fit the memory (default: %(default)s)")
+    parser.add_argument("-o", "--out", metavar="DIR",
                         help="output folder (default: circuits-out/TASK-attribute)")
     add_device_arguments(parser)
 
@@ -78,17 +93,44 @@ def _fail(message: str) -> Any:
     raise OptionError(message)
 
 
+def method_names(given: list[str] | str | None, compare: bool) -> list[str]:
+    """The methods named by ``--method`` (space- or comma-separated, or both), in order,
+    without repeats; all of them for a comparison without ``--method``.
+
+    Examples
+    --------
+    >>> method_names(["occlusion,shap", "lrp"], compare=True)
+    ['occlusion', 'shap', 'lrp']
+    >>> method_names(None, compare=False)
+    ['integrated-gradients']
+    """
+    from ..attribution.methods import METHODS
+
+    if given is None:
+        return sorted(METHODS) if compare else [DEFAULT_METHOD]
+    words = [given] if isinstance(given, str) else given
+    names = list(dict.fromkeys(n.strip() for w in words for n in w.split(",") if n.strip()))
+    if not names:
+        _fail("--method names no method; name one (or several with --compare), or leave it out")
+    if len(names) > 1 and not compare:
+        _fail("one --method at a time without --compare; add --compare to compare several")
+    return names
+
+
 def method_options(methods: list[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Each method's options from the flags given: a flag goes to the methods that take it, and
-    one that none of them takes is an error."""
+    one that none of them takes is an error, as is a baseline a method cannot use."""
     from ..attribution.methods import get_method
 
     given = {flag: getattr(args, flag) for flag in OPTION_FLAGS if getattr(args, flag) is not None}
     given["seed"] = args.seed
     options: dict[str, dict[str, Any]] = {}
     for method in methods:
-        accepted = get_method(method).defaults
-        options[method] = {k: v for k, v in given.items() if k in accepted}
+        spec = get_method(method)
+        options[method] = {k: v for k, v in given.items() if k in spec.defaults}
+        if "baseline" in options[method] and options[method]["baseline"] not in spec.baselines:
+            _fail(f"method {method!r} takes --baseline {' or '.join(spec.baselines)}, not "
+                  f"{options[method]['baseline']!r}")
     for flag in OPTION_FLAGS:
         if flag in given and not any(flag in o for o in options.values()):
             which = "none of these methods takes" if len(methods) > 1 else (
@@ -98,31 +140,27 @@ def method_options(methods: list[str], args: argparse.Namespace) -> dict[str, di
 
 
 def check_arguments(args: argparse.Namespace) -> tuple[list[str], Path]:
-    """Everything that can be wrong with the arguments, before any work: the methods and the
-    output folder."""
-    from ..attribution.methods import METHODS, get_method
+    """Everything that can be wrong with the arguments, before any work: the methods, the
+    numbers (finite and within their limits) and the output folder."""
+    from ..attribution.gradients import MAX_STEPS
+    from ..attribution.methods import get_method
+    from ..attribution.shapley import MAX_SAMPLES
     from ..cli import check_device_and_dtype, check_output, check_seed_and_n, task_name
     from ..metrics import get_metric
 
-    if args.compare:
-        names = args.method.split(",") if args.method else sorted(METHODS)
-        methods = list(dict.fromkeys(n.strip() for n in names if n.strip()))
-        if not methods:
-            _fail("--method names no method; give a comma-separated list or leave it out")
-    else:
-        methods = [args.method or DEFAULT_METHOD]
-        if "," in methods[0]:
-            _fail("one --method at a time without --compare; add --compare to compare several")
+    methods = method_names(args.method, args.compare)
     for method in methods:
         get_method(method)
     if args.baseline is not None and args.baseline not in BASELINES:
         _fail(f"--baseline must be one of {', '.join(BASELINES)}, got {args.baseline!r}")
-    for flag in ("steps", "samples"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            _fail(f"--{flag} must be at least 1, got {value}")
-    if args.batch_size < 1:
-        _fail(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
+        _fail(f"--steps must be from 1 to {MAX_STEPS}, got {args.steps}")
+    if args.samples is not None and not (2 <= args.samples <= MAX_SAMPLES
+                                         and args.samples % 2 == 0):
+        _fail(f"--samples must be an even number from 2 to {MAX_SAMPLES} (each permutation "
+              f"is paired with its reverse), got {args.samples}")
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        _fail(f"--batch-size must be from 1 to {MAX_BATCH}, got {args.batch_size}")
     if args.metric is not None:
         get_metric(args.metric)
     check_seed_and_n(args.seed, args.n)
@@ -132,159 +170,244 @@ def check_arguments(args: argparse.Namespace) -> tuple[list[str], Path]:
     return methods, out
 
 
+def check_plan(plan: Any, metric: Any, compare: bool, device: Any) -> None:
+    """Refuse, with what it would need, a run that cannot be done: a method refusing the
+    prompts or the metric (without --compare, which records it), too many passes, more memory
+    than is free."""
+    from ..attribution.methods import METHODS
+    from ..attribution.plan import MAX_PASSES, free_memory
+
+    for method in plan.passes:
+        spec = METHODS.get(method)
+        if not compare and spec is not None and spec.gradient_at_clean and metric.flat_at_clean:
+            _fail(f"method {method!r} takes gradients at the clean prompt, where metric "
+                  f"{metric.name!r} is flat (every score would be 0); use "
+                  "integrated-gradients, occlusion or shap, or another metric")
+    if plan.refused and not compare:
+        count, why = next(iter(plan.refused.values()))
+        _fail(f"{why} ({count} of {plan.prompts} prompts are longer)")
+    if plan.total > MAX_PASSES:
+        most = max((k for k in plan.passes if k not in ("metric", "curves")),
+                   key=plan.passes.__getitem__, default="curves")
+        _fail(f"this run needs about {plan.total:.3g} prompt passes ({most}: "
+              f"{plan.passes[most]:.3g}), more than the {MAX_PASSES:.0e} one run may take; use "
+              "fewer prompts (--n), steps (--steps) or samples (--samples)")
+    free = free_memory(device)
+    if free is not None and plan.peak_bytes > free:
+        _fail(f"{plan.peak_of} needs about {plan.peak_bytes / 2**30:.1f} GiB at once, but "
+              f"{free / 2**30:.1f} GiB are free on {device}; use shorter prompts, a smaller "
+              "--batch-size or model, or a method without gradients")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Attribute (or compare), write the files, print the table."""
+    """Plan, attribute (or compare), write the files, print the table."""
+    from ..attribution.plan import make_plan
     from ..cli import load_task_and_model, stages
+    from ..metrics import get_metric
+    from ..outputs import progress_bar, staged
 
     methods, out = check_arguments(args)
     options = method_options(methods, args)
-    with stages(["loading", "attributing", "writing"]) as stage:
+    with stages(["loading", "planning", "attributing", "writing"]) as stage:
         stage("loading")
         task, model = load_task_and_model(args.task, args.model, args.n, args.seed, args)
+        stage("planning")
+        metric = get_metric(args.metric or task.metric_fn)
+        batches = task.batches(model.tokenizer, batch_size=args.batch_size, device=model.device,
+                               max_length=model.context_length)
+        plan = make_plan(model, [(b.size, b.length) for b in batches], methods, options,
+                         metric, curves=args.compare)
+        check_plan(plan, metric, args.compare, model.device)
         stage("attributing")
-        if args.compare:
-            files, text = _compare(task, model, methods, options, args, stage)
-        else:
-            files, text = _single(task, model, methods[0], options[methods[0]], args)
-        stage("writing")
-        write_together(out, files)
+        with staged(out) as folder, progress_bar(plan.total, "attributing", "pass",
+                                                 unit_scale=True) as bar:
+            work = _compare if args.compare else _single
+            text, names = work(task, model, batches, methods, options, metric, args, folder,
+                               bar.update)
+            stage("writing")
     print(text)
-    print(f"\nwritten to {out}{os.sep}: {', '.join(files)}")
+    print(f"\nwritten to {out}{os.sep}: {', '.join(names)}")
     return 0
 
 
-def _single(task: Any, model: Any, method: str, options: dict[str, Any],
-            args: argparse.Namespace) -> tuple[dict[str, bytes], str]:
-    """One method on every prompt: the files and the printed table."""
-    import torch
+def _finite(values: list[float]) -> list[float | None]:
+    """Numbers for a JSON file: None for NaN and infinities."""
+    return [_number(v) for v in values]
 
-    from ..attribution.compare import logits_fn
-    from ..attribution.known import known_mask, known_token_accuracy
+
+def _number(value: float) -> float | None:
+    """A number for a JSON file: None for NaN and infinities."""
+    return value if math.isfinite(value) else None
+
+
+def top_tokens(texts: list[str], scores: list[float], top: int = TOP) -> str:
+    """The `top` highest-scored tokens with their positions, highest first, only those that
+    score above 0.
+
+    Examples
+    --------
+    >>> top_tokens([" Mary", " and", " John"], [1.5, 0.0, 0.25])
+    "' Mary'@0 +1.500  ' John'@2 +0.250"
+    >>> top_tokens(["a", "b"], [0.0, -1.0])
+    'no token scores above 0'
+    """
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:top]
+    shown = [f"{texts[i]!r}@{i} {_signed(scores[i])}" for i in order if scores[i] > 0]
+    return "  ".join(shown) or "no token scores above 0"
+
+
+def _signed(value: float) -> str:
+    """A score with its sign: three decimals, or two digits where those would read 0.
+
+    >>> _signed(1.23456), _signed(0.00002)
+    ('+1.235', '+2.0e-05')
+    """
+    return f"{value:+.3f}" if value == 0 or abs(value) >= 5e-4 else f"{value:+.1e}"
+
+
+def baseline_note(method: str, used: dict[str, Any], unchanged: int, tokens: int,
+                  known_unchanged: int, known_prompts: int) -> str:
+    """Why tokens the corruption leaves unchanged score exactly 0, for a method whose baseline
+    is the corrupted prompt ("" for any other)."""
+    from ..attribution.methods import get_method
+
+    if used.get("baseline") != "corrupted":
+        return ""
+    others = " or ".join(b for b in get_method(method).baselines if b != "corrupted")
+    known = (f", among them the known token on {known_unchanged} of {known_prompts} prompts "
+             "(which this baseline therefore cannot find)" if known_unchanged else "")
+    return (f"baseline 'corrupted': a token the corrupted prompt shares with the clean one "
+            f"scores exactly 0 (replacing it with itself changes nothing): {unchanged:,} of "
+            f"{tokens:,} tokens here{known}; to score every token use --baseline {others}")
+
+
+def _single(task: Any, model: Any, batches: list[Any], methods: list[str],
+            options: dict[str, dict[str, Any]], metric: Any, args: argparse.Namespace,
+            folder: Path, tick: Any) -> tuple[str, list[str]]:
+    """One method on every prompt, streamed: each prompt's record is written as its batch is
+    done; the table and the page keep the first prompts only. Returns the text and files."""
+    from ..attribution.curves import logits_fn, metric_ends
+    from ..attribution.known import known_masks, known_token_accuracy
     from ..attribution.methods import attribute
     from ..attribution.view import PromptView, render_html, token_texts
-    from ..metrics import get_metric
     from ..report import text_table
 
-    metric = get_metric(args.metric or task.metric_fn)
-    tok = model.tokenizer
-    records, views, rows, seconds, hits = [], [], [], 0.0, []
-    run_logits = logits_fn(model, chunk=max(64, args.batch_size))
-    for batch in task.batches(tok, batch_size=args.batch_size, device=model.device,
-                              max_length=model.context_length):
-        found = attribute(model, batch, method, metric=metric, **options)
-        seconds += found.seconds
-        known = known_mask(task, tok, batch)
-        hit = None if known is None else known_token_accuracy(found.scores, known)
-        clean_logits = run_logits(batch.clean)  # [b, vocab]
-        both = batch.with_clean_logits(clean_logits)
-        m_clean = metric(clean_logits, both).double().cpu()
-        m_corrupt = metric(run_logits(batch.corrupt), both).double().cpu()
-        for r in range(batch.size):
-            ids = batch.clean[r].tolist()
-            texts = token_texts(tok, ids)
-            scores = found.scores[r].tolist()
-            answer = token_texts(tok, [int(batch.answers[r, 0])])[0]
-            top = torch.tensor(scores).argsort(descending=True, stable=True)[:TOP].tolist()
-            flag = "-" if hit is None or hit[r].isnan() else ("yes" if hit[r] == 1 else "no")
-            if flag != "-":
-                hits.append(flag == "yes")
-            rows.append((len(rows), "".join(texts), answer,
-                         "  ".join(f"{texts[i]!r} {scores[i]:+.3f}" for i in top),
-                         f"{sum(scores):+.3f}", f"{m_clean[r] - m_corrupt[r]:+.3f}", flag))
-            row_known = None if known is None else known[r].tolist()
-            views.append(PromptView(texts, {method: scores}, row_known,
-                                    f"answer {answer!r}, {metric.name} {m_clean[r]:.3f} "
-                                    f"(corrupted {m_corrupt[r]:.3f})"))
-            records.append({
-                "prompt": "".join(texts), "tokens": texts, "ids": ids, "answer": answer,
-                "scores": scores,
-                "stderr": None if found.stderr is None else found.stderr[r].tolist(),
-                "known": None if row_known is None else [i for i, k in enumerate(row_known) if k],
-                "metric_clean": float(m_clean[r]), "metric_corrupt": float(m_corrupt[r]),
-            })
-    used = dict(found.options)
-    table = text_table(rows, header=("#", "prompt", "answer", f"top {TOP} tokens (score)",
-                                     "sum", "clean - corrupt", "known found"))
-    summary = (f"\n{method} on {task.name} ({model.name}, {metric.name}, {len(rows)} prompts): "
-               f"{seconds / max(len(rows), 1):.4f} s per prompt")
+    method, tok = methods[0], model.tokenizer
+    views, rows, hits, seconds, used = [], [], [], 0.0, dict(options[method])
+    count = {"prompts": 0, "unchanged": 0, "tokens": 0, "known_unchanged": 0, "known": 0}
+    run_logits = logits_fn(model)
+    with open(folder / "attributions.json", "w", encoding="utf-8") as file:
+        file.write("{" + _fields({"task": task.name, "model": model.name, "method": method,
+                                  "metric": metric.name}) + ', "prompts": [\n')
+        for batch, known in zip(batches, known_masks(task, tok, batches, args.batch_size),
+                                strict=True):
+            found = attribute(model, batch, method, metric=metric, progress=tick,
+                              **options[method])
+            seconds, used = seconds + found.seconds, dict(found.options)
+            hit = None if known is None else known_token_accuracy(found.scores, known)
+            m_clean, m_corrupt = metric_ends(run_logits, batch, metric)
+            tick(2 * batch.size)
+            same = (batch.clean == batch.corrupt).cpu()  # [b, p]
+            count["unchanged"] += int(same.sum())
+            count["tokens"] += same.numel()
+            if known is not None:
+                count["known"] += int(known.any(1).sum())
+                count["known_unchanged"] += int((known.any(1) & ~(known & ~same).any(1)).sum())
+            for r in range(batch.size):
+                ids = batch.clean[r].tolist()
+                texts = token_texts(tok, ids)
+                scores = found.scores[r].tolist()
+                answer = token_texts(tok, [int(batch.answers[r, 0])])[0]
+                flag = "-" if hit is None or hit[r].isnan() else ("yes" if hit[r] == 1 else "no")
+                if flag != "-":
+                    hits.append(flag == "yes")
+                row_known = None if known is None else known[r].tolist()
+                n = count["prompts"]
+                if n < SHOWN:
+                    rows.append((n, "".join(texts), answer, top_tokens(texts, scores),
+                                 f"{sum(scores):+.3f}", f"{m_clean[r] - m_corrupt[r]:+.3f}", flag))
+                if n < PAGE:
+                    views.append(PromptView(texts, {method: scores}, row_known,
+                                            f"answer {answer!r}, {metric.name} {m_clean[r]:.3f} "
+                                            f"(corrupted {m_corrupt[r]:.3f})"))
+                record = {
+                    "prompt": "".join(texts), "tokens": texts, "ids": ids, "answer": answer,
+                    "scores": _finite(scores),
+                    "stderr": None if found.stderr is None else _finite(found.stderr[r].tolist()),
+                    "known": None if row_known is None else [i for i, k in enumerate(row_known)
+                                                             if k],
+                    "metric_clean": _number(float(m_clean[r])),
+                    "metric_corrupt": _number(float(m_corrupt[r])),
+                }
+                file.write(("" if n == 0 else ",\n") + json.dumps(record, allow_nan=False))
+                count["prompts"] += 1
+        file.write("\n], " + _fields({"options": used, "seconds": seconds}) + "}\n")
+    n = count["prompts"]
+    table = text_table(rows, header=("#", "prompt", "answer", f"top {TOP} tokens @position "
+                                     "(score)", "sum", "clean - corrupt", "known found"))
+    lines = [table]
+    if n > SHOWN:
+        lines.append(f"(the first {SHOWN} of {n:,} prompts; every one is in attributions.json)")
+    note = baseline_note(method, used, count["unchanged"], count["tokens"],
+                         count["known_unchanged"], count["known"])
+    summary = (f"\n{method} on {task.name} ({model.name}, {metric.name}, {n:,} prompts): "
+               f"{seconds / max(n, 1):.4f} s per prompt")
     if hits:
         summary += f"; known-token accuracy {sum(hits) / len(hits):.3f} over {len(hits)} prompts"
-    title = f"{method} attributions: {task.name} on {model.name}"
-    record = {"task": task.name, "model": model.name, "method": method, "metric": metric.name,
-              "options": used, "seconds": seconds, "prompts": records}
-    files = {
-        "attributions.json": json.dumps(record, indent=1, default=str).encode("utf-8"),
-        "attributions.html": render_html(views, title, f"{metric.name}; options {used}")
-        .encode("utf-8"),
-    }
-    return files, table + summary
+    lines += [summary, *([note] if note else [])]
+    page_notes = [] if n <= PAGE else [f"the first {PAGE} of {n:,} prompts; every prompt's "
+                                       "scores are in attributions.json"]
+    page = render_html(views, f"{method} attributions: {task.name} on {model.name}",
+                       f"{metric.name}; options {used}", [*page_notes, *([note] if note else [])])
+    (folder / "attributions.html").write_text(page, encoding="utf-8")
+    return "\n".join(lines), ["attributions.json", "attributions.html"]
 
 
-def _compare(task: Any, model: Any, methods: list[str], options: dict[str, dict[str, Any]],
-             args: argparse.Namespace, stage: Any) -> tuple[dict[str, bytes], str]:
-    """Every method on the same prompts: the files and the printed tables."""
-    import io
+def _fields(values: dict[str, Any]) -> str:
+    """``"key": value`` pairs of a JSON object, without its braces."""
+    return json.dumps(values, default=str, allow_nan=False)[1:-1]
 
-    import torch
 
-    from ..attribution.compare import compare
-    from ..attribution.known import known_mask
+def _compare(task: Any, model: Any, batches: list[Any], methods: list[str],
+             options: dict[str, dict[str, Any]], metric: Any, args: argparse.Namespace,
+             folder: Path, tick: Any) -> tuple[str, list[str]]:
+    """Every method on the same prompts, streamed batch by batch; the page keeps the first
+    prompts only. Returns the text and the files."""
+    from ..attribution.compare import RANDOM, compare
     from ..attribution.methods import attribute
     from ..attribution.view import PromptView, render_html, token_texts
 
-    kept: dict[tuple[str, Any], Any] = {}  # (method, the batch's token ids) -> scores [b, p]
+    views: list[PromptView] = []
 
-    def keeping(model: Any, batch: Any, method: str, **kwargs: Any) -> Any:
-        found = attribute(model, batch, method, **kwargs)
-        kept[method, _key(batch)] = found.scores
-        return found
+    def keep(done: Any) -> None:
+        for r in range(done.batch.size):
+            if len(views) >= PAGE:
+                return
+            ids = done.batch.clean[r].tolist()
+            texts = token_texts(model.tokenizer, ids)
+            scores = {m: [math.nan] * len(ids) if s is None else s[r].tolist()
+                      for m, s in done.scores.items() if m != RANDOM}
+            note = f"clean - corrupted {metric.name} {float(done.gaps[r]):+.3f}"
+            if not done.effective[r]:
+                note += "; left out of the measures (the corruption does not lower the metric)"
+            views.append(PromptView(texts, scores, None if done.known is None else
+                                    done.known[r].tolist(), note,
+                                    {m: why for m, why in done.refused.items() if m != RANDOM}))
 
-    result = compare(task, model, methods, attribute=keeping, metric=args.metric,
-                     options=options, batch_size=args.batch_size, seed=args.seed,
-                     progress=lambda m: stage(f"attributing: {m}"))
-    text = (f"token attribution on {result.task} ({result.model}, {result.metric}, "
-            f"{result.n_prompts} prompts)\n\n{result.table()}\n\n"
-            f"rank agreement (Spearman, mean over prompts)\n{result.agreement_table()}")
-    png = io.BytesIO()
-    result.plot(png)
-    views = []
-    for batch in task.batches(model.tokenizer, batch_size=args.batch_size, device=model.device):
-        known = known_mask(task, model.tokenizer, batch)
-        nan = torch.full(batch.clean.shape, float("nan"))  # a method that refused the batch
-        scores = {m: kept.get((m, _key(batch)), nan) for m in methods}
-        for r in range(batch.size):
-            texts = token_texts(model.tokenizer, batch.clean[r].tolist())
-            views.append(PromptView(texts, {m: s[r].tolist() for m, s in scores.items()},
-                                    None if known is None else known[r].tolist()))
-    files = {
-        "compare.txt": (text + "\n").encode("utf-8"),
-        "compare.json": json.dumps(result.to_dict(), indent=1, default=str).encode("utf-8"),
-        "compare.png": png.getvalue(),
-        "compare.html": render_html(views, f"token attributions: {result.task} on "
-                                    f"{result.model}", f"{result.metric}; methods compared")
-        .encode("utf-8"),
-    }
-    return files, text
-
-
-def _key(batch: Any) -> bytes:
-    """A batch's clean token ids as bytes: the same prompts give the same key."""
-    return batch.clean.cpu().numpy().tobytes()
-
-
-def write_together(out: Path, files: dict[str, bytes]) -> None:
-    """Write `files` (name -> content) into `out`: staged in a folder inside it, then moved into
-    place with Ctrl-C held back, so `out` holds the old set or the new one, never a mix."""
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
-    try:
-        for name, data in files.items():
-            (staging / name).write_bytes(data)
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            for name in files:
-                os.replace(staging / name, out / name)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    result = compare(task, model, methods, attribute=attribute, metric=metric, options=options,
+                     batch_size=args.batch_size, seed=args.seed, tick=tick, on_batch=keep,
+                     batches=batches)
+    text = result.report()
+    notes = [line for line in (result.left_out_line(), *(
+        f"{r.method} refused {r.refused} of {result.n_prompts} prompts: {r.note}"
+        for r in result.results if r.note)) if line]
+    if result.n_prompts > PAGE:
+        notes.append(f"the first {PAGE} of {result.n_prompts:,} prompts")
+    (folder / "compare.txt").write_text(text + "\n", encoding="utf-8")
+    with open(folder / "compare.json", "w", encoding="utf-8") as file:
+        json.dump(result.to_dict(), file, indent=1, default=str, allow_nan=False)
+    result.plot(folder / "compare.png")
+    page = render_html(views, f"token attributions: {result.task} on {result.model}",
+                       f"{result.metric}; methods compared", notes)
+    (folder / "compare.html").write_text(page, encoding="utf-8")
+    return text, ["compare.txt", "compare.json", "compare.png", "compare.html"]
