@@ -157,6 +157,15 @@ shape_mismatch = with_config(n_embd=64)  # the weights are 128 wide
 more_layers = with_config(n_layer=6)  # the weights hold 4 layers
 
 
+def without_bos_token(f: Files) -> Path:
+    """A copy of the IOI model whose tokenizer names no BOS token."""
+    folder = f.model()
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["bos_token"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
 def truncated_weights(f: Files) -> Path:
     folder = f.model()
     weights = folder / "model.safetensors"
@@ -318,13 +327,138 @@ CASES = [
 
 # Cases added per area (each area's list is kept by whoever works on that area).
 # -- reading commands: lens, trace, heads, attention, dla --------------------------------------
-READING_CASES: list[Case] = []
+def lens(*flags: str) -> Callable[[Files], list[str]]:
+    return lambda f: ["lens", "ioi", "--n", "2", "--out", "{out}", *flags]
+
+
+def trace(*flags: str) -> Callable[[Files], list[str]]:
+    return lambda f: ["trace", "factual", "--out", "{out}", *flags]
+
+
+def attention(*flags: str) -> Callable[[Files], list[str]]:
+    return lambda f: ["attention", "--heads", "a0.h0", "-o", "{out}.png", *flags]
+
+
+def translators(value: float) -> Callable[[Files], list[str]]:
+    """Translators for the IOI model with one entry set to `value`."""
+    def argv(f: Files) -> list[str]:
+        from circuits.model import load_model
+        from circuits.reading.tuned_lens import TunedLens
+
+        lens_ = TunedLens.for_model(load_model(IOI))
+        with torch.no_grad():
+            lens_.translators[2].bias[3] = value
+        path = lens_.save(f.root / "bad.safetensors")
+        return ["lens", "ioi", "--n", "2", "--out", "{out}", "--translators", str(path)]
+    return argv
+
+
+READING_CASES: list[Case] = [
+    Case("lens-lr-inf", lens("--lr", "inf"), ("--lr", "at most 10")),
+    Case("lens-lr-nan", lens("--lr", "nan"), ("--lr",)),
+    Case("lens-lr-1e30", lens("--lr", "1e30"), ("--lr", "at most 10")),
+    Case("lens-train-steps-billion", lens("--train-steps", str(10**9)),
+         ("--train-steps", "2000")),
+    Case("lens-train-texts-dev-zero", lens("--train-texts", "/dev/zero"), ("not a text file",)),
+    Case("lens-train-texts-nul", lambda f: lens("--train-texts", f.raw(
+        "nul.txt", b"some text\n" + bytes(64)))(f), ("NUL",)),
+    Case("lens-train-texts-latin-1", lambda f: lens("--train-texts", f.raw(
+        "latin.txt", "Caf\u00e9 au lait\n".encode("latin-1")))(f), ("UTF-8",)),
+    Case("lens-translators-nan", translators(float("nan")), ("non-finite", "bad.safetensors")),
+    Case("lens-translators-1e30", translators(1e30), ("1e+30", "bad.safetensors")),
+    Case("trace-noise-1e30", trace("--noise", "1e30"), ("--noise", "100")),
+    Case("trace-noise-inf", trace("--noise", "inf"), ("--noise",)),
+    Case("trace-noise-nan", trace("--noise", "nan"), ("--noise",)),
+    Case("trace-samples-million", trace("--samples", "1000000"), ("--samples", "100")),
+    Case("trace-too-many-runs", trace("--n", "8000", "--samples", "100"),
+         ("needs at least 10,400,000 noised runs", "10,000,000")),
+    Case("attention-prompt-not-utf8", attention("--model", IOI, "--prompt", "Mary \udcff"),
+         ("UTF-8",)),
+    Case("attention-no-model", attention("--prompt", "Mary"), ("--model",)),
+    Case("attention-empty-head-in-list", lambda f: ["attention", "--model", IOI, "--heads",
+                                                    "a0.h0,,a1.h1", "--prompt", "Mary", "-o",
+                                                    "{out}.png"], ("not a head name",)),
+    Case("heads-two-models", lambda f: ["heads", IOI, "--model", "factual-gpt2-4l", "--out",
+                                        "{out}"], ("two models",)),
+    Case("heads-no-model", lambda f: ["heads", "--out", "{out}"], ("--model",)),
+]
 # -- token attribution: attribute ------------------------------------------------------------
-ATTRIBUTION_CASES: list[Case] = []
+def attribute(*flags: str) -> Callable[[Files], list[str]]:
+    """`circuits attribute` on IOI prompts with `flags`."""
+    return lambda f: ["attribute", "ioi", "--out", "{out}", *flags]
+
+
+ATTRIBUTION_CASES: list[Case] = [
+    Case("attribute-steps-past-limit", attribute("--steps", "5000"), ("--steps", "1000")),
+    # with --compare this was a row of NaN, not an error
+    Case("attribute-compare-steps-past-limit", attribute(
+        "--compare", "--method", "integrated-gradients,occlusion", "--steps", "5000"),
+         ("--steps", "1000")),
+    Case("attribute-samples-odd", attribute("--method", "shap", "--samples", "9"),
+         ("--samples", "even")),
+    Case("attribute-samples-past-limit", attribute("--method", "shap", "--samples", "100000"),
+         ("--samples", "10000")),
+    Case("attribute-batch-size-past-limit", attribute("--batch-size", "5000"),
+         ("--batch-size", "1024")),
+    Case("attribute-batch-size-negative", attribute("--batch-size", "-1"), ("--batch-size",)),
+    Case("attribute-n-past-limit", attribute("--n", "100001"), ("--n", "100000")),
+    Case("attribute-baseline-zeros-for-occlusion", attribute(
+        "--method", "occlusion", "--baseline", "zeros"), ("occlusion", "--baseline")),
+    Case("attribute-compare-baseline-zeros-for-shap", attribute(
+        "--compare", "--method", "integrated-gradients,shap", "--baseline", "zeros"),
+         ("shap", "--baseline")),
+    Case("attribute-two-methods-without-compare", attribute("--method", "occlusion", "shap"),
+         ("--compare",)),
+    Case("attribute-method-only-commas", attribute("--method", ",,"), ("--method",)),
+    Case("attribute-shapley-exact-on-long-prompts", attribute(
+        "--method", "shapley-exact", "--n", "2"), ("shapley-exact", "12 tokens")),
+    Case("attribute-gradient-method-with-kl", attribute(
+        "--method", "gradient-x-input", "--metric", "kl", "--n", "2"), ("flat",)),
+    Case("attribute-short-out-is-a-file", lambda f: [
+        "attribute", "ioi", "-o", f.text("taken.txt", "mine")], ("not a folder",)),
+]
 # -- model folders ----------------------------------------------------------------------------
-MODEL_CASES: list[Case] = []
+MODEL_CASES: list[Case] = [
+    # refused from the headers, before anything is allocated (no minutes, no memory killer)
+    Case("model-config-vocab-1e8", discover_model(with_config(vocab_size=10**8)),
+         ("transformer.wte.weight", "[100000000, 128] by the config")),
+    Case("model-config-positions-1e7", discover_model(with_config(n_positions=10**7)),
+         ("transformer.wpe.weight", "[10000000, 128] by the config")),
+    Case("model-config-4000-layers", discover_model(with_config(n_layer=4000)),
+         ("asks for 4000 layers", "hold 4")),
+    Case("evaluate-circuit-without-fingerprint", on_circuit(
+        "evaluate", lambda doc: doc["options"].pop("model_fingerprint"), "--n", "8"),
+         ("no fingerprint", "--any-model")),
+    Case("bos-flag-without-a-bos-token", lambda f: [
+        "discover", "ioi", "--model", str(without_bos_token(f)), "--n", "8", "--bos", "--out",
+        "{out}"], ("--bos", "has none")),
+]
 # -- discovery, select, resume ----------------------------------------------------------------
-DISCOVERY_CASES: list[Case] = []
+def edited_scores(edit: Callable[[dict], None]) -> Callable[[Files], list[str]]:
+    """`circuits select` on the saved run's scores.json, edited."""
+    def argv(f: Files) -> list[str]:
+        doc = json.loads((f.circuit.parent / "scores.json").read_text("utf-8"))
+        edit(doc)
+        path = f.text("scores.json", json.dumps(doc))
+        return ["select", path, "--select", "topk:5", "--out", "{out}"]
+    return argv
+
+
+def first_score(value: object) -> Callable[[dict], None]:
+    return lambda doc: doc["scores"].update({next(iter(doc["scores"])): value})
+
+
+DISCOVERY_CASES: list[Case] = [
+    Case("select-score-1e308", edited_scores(first_score(1e308)), ("float32",)),
+    Case("select-score-string", edited_scores(first_score("big")), ("score",)),
+    Case("select-circuit-unknown-edge", edited_scores(
+        lambda doc: doc.update(circuit=["a9.h9->logits"])), ("a9.h9->logits",)),
+    Case("select-method-without-circuit", lambda f: [
+        "select", str(f.circuit.parent / "scores.json"), "--select", "method", "--out", "{out}"],
+        ("decides no circuit",)),
+    Case("discover-method-rule-with-eap", discover("ioi", "--method", "eap", "--select",
+                                                   "method"), ("decides no circuit",)),
+]
 CASES += READING_CASES + ATTRIBUTION_CASES + MODEL_CASES + DISCOVERY_CASES
 
 
