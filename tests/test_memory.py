@@ -154,7 +154,9 @@ def test_results_do_not_depend_on_the_memory_budget(tmp_tempdir):
         results.append((acdc.values, acdc.extra["kept"], metric_of_masks(setup, masks),
                         metric_of_masks(setup, masks)))
         setup.close()
-    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    same = [torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+            for a, b in zip(*results, strict=True)]  # ACDC's never-evaluated edges are NaN
+    assert all(same)
     assert torch.equal(results[0][2], results[0][3])
     assert not stores_in(tmp_tempdir)
 
@@ -163,14 +165,16 @@ def test_results_do_not_depend_on_the_memory_budget(tmp_tempdir):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
 def test_eap_ig_peak_memory_does_not_grow_with_the_number_of_prompts():
     """EAP-IG on 4x the prompts, same batch size, each in a fresh process: the peak memory the
-    run adds grows by less than four batches' ablated outputs. One batch's are 37 sources x 8
+    run adds grows by less than six batches' ablated outputs. One batch's are 37 sources x 8
     prompts x 64 positions x 256 x 4 bytes = 18.5 MiB; keeping every batch's, as the Setup used
-    to, would hold 24 more of them with 256 prompts than with 64 (444 MiB). The runs start at
-    64 prompts: below that, which allocations the heap can reuse varies by tens of MiB, the
-    size of the whole run's peak (about 200 MiB)."""
+    to, would hold 24 more of them with 256 prompts than with 64 (444 MiB), four times the
+    bound. The runs start at 64 prompts: below that, which allocations the heap can reuse varies
+    by tens of MiB, the size of the whole run's peak (about 200 MiB). At 64 and 256 prompts each
+    figure still spreads over up to 45 MiB from run to run, hence six batches (111 MiB)."""
     batch_mib = 37 * 8 * 64 * 256 * 4 / 2**20
     runs = [subprocess.Popen([sys.executable, str(PROBE), str(n), "8", "64"],
                              stdout=subprocess.PIPE, text=True) for n in (64, 256)]
-    small, large = [json.loads(run.communicate(timeout=300)[0]) for run in runs]
+    # a guard against a hung probe, not a time limit: on a loaded machine each takes minutes
+    small, large = [json.loads(run.communicate(timeout=1800)[0]) for run in runs]
     assert all(run.returncode == 0 for run in runs)
-    assert large["growth_mib"] - small["growth_mib"] < 4 * batch_mib, (small, large)
+    assert large["growth_mib"] - small["growth_mib"] < 6 * batch_mib, (small, large)
