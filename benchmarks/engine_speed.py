@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from circuits.engine import Engine
+from circuits.heap import keep_freed_memory
 from circuits.model import Model
 from circuits.testing import tiny_gpt2, tiny_model
 
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--family", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the circuits program does (see circuits.heap)
     print(f"batch {args.batch}, {args.tokens} tokens, {args.threads} threads, median of "
           f"{args.repeats}", flush=True)
     # two timings (engine, plain model) per row and family

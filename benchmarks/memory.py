@@ -35,10 +35,12 @@ def rss_mib() -> float:
 def probe(n_prompts: int, steps: int, threads: int) -> dict[str, float]:
     """Build the model and the Setup, run EAP-IG, and measure (in this process)."""
     import circuits
+    from circuits.heap import keep_freed_memory
     from circuits.methods import run_method
     from circuits.testing import make_batch, tiny_gpt2
 
     torch.set_num_threads(threads)
+    keep_freed_memory()  # as the circuits program does (see circuits.heap)
     model = tiny_gpt2(**SHAPE)
     vocab = SHAPE["vocab_size"]
     batches = [make_batch(b=BATCH, p=POSITIONS, vocab=vocab, seed=i)

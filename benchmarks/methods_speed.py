@@ -47,6 +47,7 @@ from circuits.api import make_setup, resolve
 from circuits.batch import Batch
 from circuits.bench import ACDC_TAU_FRACTION
 from circuits.graph import Graph
+from circuits.heap import keep_freed_memory
 from circuits.methods import run_method
 from circuits.model import Model
 from circuits.setup import Setup
@@ -304,6 +305,7 @@ def main() -> None:
                         help="print the top operators of one EAP-IG run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the circuits program does (see circuits.heap)
     load = os.getloadavg()[0]
     print(f"{args.threads} torch threads, {os.cpu_count()} cores, load average {load:.1f}, "
           f"torch {torch.__version__}")

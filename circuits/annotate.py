@@ -27,6 +27,10 @@ import re
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from .reading.attention import attention_patterns
+from .reading.dla import direct_logit_attribution
+from .reading.roles import head_roles
+
 if TYPE_CHECKING:
     from .circuit import Circuit
     from .model import Model
@@ -68,10 +72,6 @@ def head_info(model: Model, task: Task, heads: list[tuple[int, int]]) -> dict[st
         ``{"a{l}.h{h}": {"role", "role_score", "roles", "dla", "dla_contrast", "attention"}}``
         (no ``role_score`` where ``role`` is ``""``).
     """
-    from .reading.attention import attention_patterns
-    from .reading.dla import direct_logit_attribution
-    from .reading.roles import head_roles
-
     roles = head_roles(model, task, n=ROLE_PROMPTS)
     labels = roles.labels()
     dla = direct_logit_attribution(model, task, contrast=True)

@@ -243,7 +243,6 @@ def _prepare(task: Task | str, model: Model | str | None, *, ablation: str,
              dtype: str | torch.dtype | None, strict: bool,
              stage: Callable[[str], None]) -> _Run:
     """Resolve, split, tokenize both parts and measure the behavior (`discover`'s first half)."""
-    torch.manual_seed(seed)
     t0 = time.perf_counter()
     if not (isinstance(heldout, float) and 0 < heldout < 1):
         raise OptionError(f"heldout must be a fraction between 0 and 1, got {heldout!r}")
@@ -391,7 +390,8 @@ def discover(
     n : int, optional
         Number of prompts (the task's default when None).
     seed : int
-        Seeds the prompts, the split and the method.
+        Seeds the prompts, the split and the bootstrap intervals, each through a generator of
+        its own: the caller's random state (torch's, Python's, numpy's) is left as it was.
     progress : callable, optional
         Called with ``"measuring the behavior"``, ``"scoring"``, ``"selecting"``,
         ``"evaluating"`` and ``"reading the heads"`` as each stage starts. By default the

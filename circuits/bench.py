@@ -54,14 +54,9 @@ Resuming
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
-import importlib
-import io
 import json
 import math
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -71,11 +66,15 @@ from typing import Any
 
 import torch
 
+from .api import make_setup
+from .bench_report import CURVE_COLUMNS, read_rows, write_report, write_rows
+from .commands.common import add_device_arguments
+from .commands.options import add_method_arguments, options_for
 from .errors import CircuitsError, OptionError
 from .evaluate import MIB_FRACTIONS, faithfulness_curve, metric_of_masks, smallest_faithful
-from .io import write_atomic
 from .methods import available, run_method
 from .model import Model, dtype_name, load_model, resolve_device, resolve_dtype
+from .planted import true_edges as planted_edges
 from .progress import check_interrupt, interrupted, sigint_handler
 from .recovery import roc_auc
 from .setup import Setup
@@ -97,12 +96,6 @@ TARGET = 0.8
 ACDC_TAU_FRACTION = 0.002
 SIGNED_RANKING = frozenset({"acdc"})
 
-CURVE_COLUMNS = tuple(f"f_{100 * x:g}%" for x in MIB_FRACTIONS)
-COLUMNS = (
-    "task", "model", "method", "cpr", "cmd", "f_1%", "f_5%", "f_10%", "edges_f0.8", "roc_auc",
-    "seconds", "forward", "backward", "peak_memory_mb", "n_discovery", "n_heldout", "n_edges",
-    "options", "config",
-) + tuple(c for c in CURVE_COLUMNS if c not in ("f_1%", "f_5%", "f_10%"))
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -133,6 +126,9 @@ class BenchConfig:
     resume : bool
         Keep the rows of the table whose stamp matches instead of computing them again (see
         the module notes).
+    given : dict
+        Method options given on the command line, per method (``{"acdc": {"absolute":
+        True}}``); they take the place of the runner's own choices.
     """
 
     tasks: tuple[str, ...]
@@ -148,16 +144,28 @@ class BenchConfig:
     device: str = "cpu"
     dtype: str = "float32"
     resume: bool = False
+    given: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def method_options(self, method: str) -> dict[str, Any]:
-        """Options passed to `method` (ACDC's τ is added per task, see the module notes)."""
+        """Options passed to `method`: the runner's, then those given (ACDC's τ, unless given,
+        is added per task, see the module notes)."""
+        own: dict[str, Any] = {}
         if method in ("eap-ig", "eap-ig-stages", "eap-ig-activations"):
-            return {"steps": self.steps}
-        if method == "acdc":
-            return {"metric": "task"}
-        if method == "random":
-            return {"seed": self.seed}
-        return {}
+            own = {"steps": self.steps}
+        elif method == "acdc":
+            own = {"metric": "task"}
+        elif method == "random":
+            own = {"seed": self.seed}
+        return {**own, **self.given.get(method, {})}
+
+    def settings(self) -> str:
+        """The run's settings in words, for results.md."""
+        given = "".join(f", {method} with {k}={v}" for method, options in self.given.items()
+                        for k, v in options.items())
+        return (f"n={self.n} prompts per task, {1 - self.heldout:.0%} for discovery and "
+                f"{self.heldout:.0%} held out, seed {self.seed}, EAP-IG steps {self.steps}, "
+                f"{self.dtype} on {self.device}, ACDC on the task metric with τ = "
+                f"{ACDC_TAU_FRACTION:g} x |m(model) - m(empty)|{given}")
 
     def stamp(self, task: str, model: str, method: str) -> str:
         """A short hash of everything that changes the numbers of one row."""
@@ -206,52 +214,9 @@ def default_methods() -> tuple[list[str], list[str]]:
 def true_edges(task: str) -> list[str] | None:
     """The known circuit of a planted task (edge names), or None where none is known."""
     try:
-        planted = importlib.import_module("circuits.planted")
-    except ModuleNotFoundError:
-        return None
-    known = getattr(planted, "true_edges", None)
-    if known is None:
-        return None
-    try:
-        return sorted(known(task))
+        return sorted(planted_edges(task))
     except (KeyError, CircuitsError):
         return None
-
-
-# -- files (each written whole to a temporary file, then renamed over the old one) ---------------
-def _atomic_text(path: Path, text: str) -> None:
-    write_atomic(path, text.encode("utf-8"))
-
-
-def _save_png(fig: Any, path: Path) -> None:
-    """A matplotlib figure as a PNG file, written atomically."""
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=110, format="png")
-    write_atomic(path, buf.getvalue())
-
-
-def read_rows(path: Path) -> list[dict[str, str]]:
-    """The rows of a results CSV (empty when there is none yet)."""
-    if not path.exists():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"task", "model", "method", "config"} <= set(
-            reader.fieldnames
-        ):
-            raise OptionError(f"{path} is not a results table of `circuits bench`; move it away "
-                              "or pass another --out folder")
-        return list(reader)
-
-
-def write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Write the results CSV atomically."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in COLUMNS})
-    _atomic_text(path, buf.getvalue())
 
 
 def _key(row: dict[str, Any]) -> tuple[str, str, str]:
@@ -303,8 +268,6 @@ def model_label(task: str, model: str | None) -> str:
 
 def prepare(config: BenchConfig, task_name: str, model: Model) -> _Prepared:
     """Build the task for the model's tokenizer and split it into discovery and held-out."""
-    from .api import make_setup
-
     task = get_task(task_name, model.tokenizer, n=config.n, seed=config.seed)
     if len(task) < 4:
         raise OptionError(f"task {task_name!r} has only {len(task)} prompts for this model; "
@@ -326,10 +289,13 @@ def bench_row(config: BenchConfig, prep: _Prepared, method: str, model: str,
     """Score one method on a prepared task and measure everything the table shows."""
     options = config.method_options(method)
     if method == "acdc":
-        options.update(threshold=round(ACDC_TAU_FRACTION * prep.metric_span(), 6),
-                       progress=progress)
-    torch.manual_seed(config.seed)
-    scores = run_method(method, prep.found, **options)
+        if "threshold" not in options:
+            options["threshold"] = round(ACDC_TAU_FRACTION * prep.metric_span(), 6)
+        options.setdefault("progress", progress)
+    # methods that draw randomness see the same draws every row; the caller's state is restored
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        scores = run_method(method, prep.found, **options)
     by_abs = method not in SIGNED_RANKING
     curve = faithfulness_curve(scores, prep.kept, MIB_FRACTIONS, by_abs=by_abs)
     smallest = smallest_faithful(scores, prep.kept, TARGET, by_abs=by_abs)
@@ -445,7 +411,8 @@ def run_bench(config: BenchConfig, notes: Sequence[str] = (),
     write_rows(csv_path, ordered)
     seconds = time.perf_counter() - t0
     result = BenchResult(ordered, computed, skipped, notes + failed, failed, seconds)
-    write_report(out, ordered, config, result.notes)
+    write_report(out, ordered, f"circuits bench{' --quick' if config.quick else ''}",
+                 config.settings(), result.notes)
     return result
 
 
@@ -459,170 +426,12 @@ def _order(rows: list[dict[str, Any]], config: BenchConfig) -> list[dict[str, An
                                        methods.get(r["method"], big), r["method"]))
 
 
-# -- report -------------------------------------------------------------------------------------
-#: Each method's colour in every plot (matplotlib's tab10), so a method looks alike everywhere.
-METHOD_COLOURS = {
-    "eap": "#1f77b4", "eap-ig": "#ff7f0e", "eap-ig-stages": "#2ca02c", "exact": "#d62728",
-    "acdc": "#9467bd", "eap-ig-activations": "#8c564b", "random": "#7f7f7f",
-    "activation": "#e377c2", "grad-x-act": "#bcbd22", "attention-rollout": "#17becf",
-}
-# methods not named above take one of these, chosen by a hash of the name (tab20's light shades)
-_SPARE_COLOURS = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2",
-                  "#dbdb8d", "#9edae5")
-
-
-def method_colour(method: str) -> str:
-    """The colour a method has in every plot `circuits bench` writes: fixed by its name.
-
-    Examples
-    --------
-    >>> method_colour("eap"), method_colour("acdc")
-    ('#1f77b4', '#9467bd')
-    >>> method_colour("my-method") == method_colour("my-method")  # not in the table: a hash
-    True
-    """
-    if method in METHOD_COLOURS:
-        return METHOD_COLOURS[method]
-    digest = hashlib.sha256(method.encode("utf-8")).digest()
-    return _SPARE_COLOURS[digest[0] % len(_SPARE_COLOURS)]
-
-
-_MD_COLUMNS = (
-    ("task", "task"), ("model", "model"), ("method", "method"), ("cpr", "CPR ↑"),
-    ("cmd", "CMD ↓"), ("f_1%", "f@1%"), ("f_5%", "f@5%"), ("f_10%", "f@10%"),
-    ("edges_f0.8", "edges f≥0.8"), ("roc_auc", "ROC AUC"), ("seconds", "time (s)"),
-    ("forward", "fwd"), ("backward", "bwd"), ("peak_memory_mb", "peak MiB"),
-)
-
-
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The results as a markdown table (blank cells where a value is not known)."""
-    lines = ["| " + " | ".join(h for _, h in _MD_COLUMNS) + " |",
-             "|" + "|".join("---" if c in ("task", "model", "method") else "---:"
-                            for c, _ in _MD_COLUMNS) + "|"]
-    for row in rows:
-        cells = []
-        for col, _ in _MD_COLUMNS:
-            value = row.get(col, "")
-            value = "" if value is None else str(value)
-            if col in ("cpr", "cmd", "f_1%", "f_5%", "f_10%", "roc_auc") and value not in ("",
-                                                                                       "nan"):
-                value = f"{float(value):.3f}"
-            elif col == "seconds" and value:
-                value = f"{float(value):.2f}"
-            elif col in ("forward", "backward") and value:
-                value = f"{float(value):g}"
-            elif col == "peak_memory_mb" and value not in ("", "nan"):
-                mib = float(value)
-                value = f"{mib:.1f}" if mib >= 1 else f"{mib:.3f}"
-            cells.append(value)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_report(out: Path, rows: Sequence[dict[str, Any]], config: BenchConfig,
-                 notes: Sequence[str]) -> None:
-    """Write results.md and the plots (curves per task, time against CPR) for `rows`."""
-    plots = plot_results(out, rows)
-    when = time.strftime("%Y-%m-%d %H:%M")
-    head = [
-        "# circuits bench results", "",
-        f"Written {when} by `circuits bench{' --quick' if config.quick else ''}` "
-        f"(n={config.n} prompts per task, {1 - config.heldout:.0%} for discovery and "
-        f"{config.heldout:.0%} held out, seed {config.seed}, EAP-IG steps {config.steps}, "
-        f"{config.dtype} on {config.device}, "
-        f"ACDC on the task metric with τ = {ACDC_TAU_FRACTION:g} x |m(model) - m(empty)|).",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch "
-        f"{torch.__version__} with {torch.get_num_threads()} thread(s); load average "
-        f"{os.getloadavg()[0]:.1f} when the report was written (other work on the machine "
-        "slows every timing, and more torch threads than free cores slow it many times).", "",
-        "Every column but time, passes and memory is measured on the held-out prompts: CPR "
-        "and CMD are the areas under f and |1 - f| over MIB's edge fractions (0.1% ... 100%), "
-        "f@x is the faithfulness of the top x of the edges (pruned), *edges f≥0.8* the "
-        "smallest such circuit reaching 0.8, ROC AUC the ranking against the planted circuit. "
-        "Time, passes and peak memory are those of scoring on the discovery prompts, the "
-        "ablated run every method shares done beforehand: passes are forward-equivalents over "
-        "the prompts (one plain forward of every prompt is 1), peak memory the most the method "
-        "added at once on top of what was in use when it began (on the CPU the growth of the "
-        "process's peak resident memory; see `circuits/cost.py`).", "",
-        markdown_table(rows),
-    ]
-    if notes:
-        head += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    if plots:
-        head += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
-    _atomic_text(out / "results.md", "\n".join(head))
-
-
-def plot_results(out: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
-    """Faithfulness curves per task and model (one line per method) and time against CPR;
-    a method has one colour in all of them (`method_colour`)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    written = []
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["task"], row["model"]), []).append(row)
-    xs = list(MIB_FRACTIONS)
-    for (task, model), group in groups.items():
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for row in group:
-            ys = [float(row[c]) for c in CURVE_COLUMNS]
-            label = f"{row['method']} (CPR {float(row['cpr']):.2f})"
-            ax.plot(xs, ys, marker="o", ms=3, label=label, color=method_colour(row["method"]))
-        ax.set_xscale("log")
-        ax.set_xlabel("fraction of edges kept")
-        ax.set_ylabel("faithfulness (held out)")
-        ax.axhline(1.0, color="grey", lw=0.5)
-        ax.set_title(f"{task} on {model}")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"curves_{_slug(task)}__{_slug(model)}.png"
-        _save_png(fig, path)
-        plt.close(fig)
-        written.append(path)
-    if rows:
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        methods = sorted({r["method"] for r in rows})
-        tasks = sorted({r["task"] for r in rows})
-        markers = "osD^v<>pP*Xh"
-        for row in rows:
-            ax.scatter(max(float(row["seconds"]), 1e-4), float(row["cpr"]),
-                       color=method_colour(row["method"]),
-                       marker=markers[tasks.index(row["task"]) % len(markers)])
-        # Legend proxies: colour names the method, marker the task (hollow, not a method's
-        # colour).
-        for method in methods:
-            ax.scatter([], [], color=method_colour(method), marker="o", label=method)
-        for j, task in enumerate(tasks):
-            ax.scatter([], [], facecolors="none", edgecolors="black",
-                       marker=markers[j % len(markers)], label=task)
-        ax.set_xscale("log")
-        ax.set_xlabel("scoring wall time (s, log)")
-        ax.set_ylabel("CPR (held out)")
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        path = out / "time_vs_cpr.png"
-        _save_png(fig, path)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
-
-
 # -- command line -------------------------------------------------------------------------------
 HELP_EXAMPLES = """examples:
   circuits bench --quick -o bench-quick             # a smoke run: two tasks, 32 prompts
   circuits bench --task ioi,planted-ioi --method eap,eap-ig,exact
   circuits bench --task ioi --method eap eap-ig     # names comma- or space-separated
+  circuits bench --task ioi --method acdc --absolute  # a method option, as in discover
   circuits bench --model path/to/model --task ioi --resume
   circuits bench --threads 2                        # the full run, into benchmarks/results"""
 
@@ -632,8 +441,6 @@ _DEPRECATED = {"--tasks": "--task", "--methods": "--method", "--models": "--mode
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``circuits bench`` to `parser`, and its examples as the epilog."""
-    from .cli import add_device_arguments
-
     parser.epilog = HELP_EXAMPLES
     lists = dict(nargs="+", action="extend")
     parser.add_argument("--task", metavar="TASK", **lists,
@@ -668,6 +475,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_arguments(parser, bos=False)  # each tokenizer's own convention
     parser.add_argument("--threads", type=int, metavar="T",
                         help="torch CPU threads (default: torch's choice)")
+    add_method_arguments(parser)
 
 
 def _names(args: argparse.Namespace, flag: str) -> list[str] | None:
@@ -726,13 +534,14 @@ def config_from_args(args: argparse.Namespace) -> tuple[BenchConfig, list[str]]:
         raise OptionError(f"--n must be at least 4 (half is held out), got {n}")
     if args.batch_size < 1:
         raise OptionError(f"--batch-size must be positive, got {args.batch_size}")
+    given = {m: o for m, o in options_for(chosen, args).items() if o}
     config = BenchConfig(
         tasks=tuple(tasks), methods=tuple(chosen),
         models=tuple(asked_models) if asked_models else (None,), out=Path(args.out), n=n,
         seed=args.seed, steps=QUICK_STEPS if args.quick else FULL_STEPS,
         batch_size=args.batch_size, quick=args.quick,
         device=str(resolve_device(args.device)), dtype=dtype_name(resolve_dtype(args.dtype)),
-        resume=bool(getattr(args, "resume", False)),
+        resume=bool(getattr(args, "resume", False)), given=given,
     )
     return config, notes
 

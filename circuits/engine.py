@@ -2,10 +2,14 @@
 
 The engine builds the graph from its family adapter's description and offers the runs methods
 need: plain and traced forwards, ablated source values, patched forwards (circuits, variants
-side by side, restarts from a trace), per-edge gradients in one backward pass, and exact
-single-edge patching. Each run is resolved into a plan (`circuits.plans`) and carried out by
-an executor (`circuits.runs`); the engine itself holds no run logic beyond exact patching,
-which restarts plain runs from cached activations.
+side by side, restarts from a trace, and differentiable with respect to the edge weights for
+learned masks), per-edge gradients in one backward pass, and exact single-edge patching. Each
+run is resolved into a plan (`circuits.plans`: which named rewrites share or skip work) and
+carried out by an executor (`circuits.runs`) that walks the stages (`circuits.walk`) and mixes
+ablated values into destination inputs (`circuits.mixing`); what every run must equal is the
+reference run (`circuits.reference`). The engine itself holds no run logic beyond exact
+patching, which restarts plain runs from cached activations. Building an engine changes no
+process-wide state.
 """
 
 from __future__ import annotations
@@ -20,10 +24,9 @@ from .adapters import Adapter, adapter_for
 from .cost import PassCounter
 from .errors import OptionError
 from .graph import Graph
-from .heap import keep_freed_memory
 from .model import Model
 from .plans import RunPlan, make_plan
-from .runs import Trace, after_prefix, run_gradient, run_patched
+from .runs import Trace, after_prefix, run_gradient, run_patched, run_weights
 
 Ablation = Literal["resample", "mean", "zero"]
 ABLATIONS: tuple[str, ...] = ("resample", "mean", "zero")
@@ -55,7 +58,6 @@ class Engine:
     """
 
     def __init__(self, model: Model, chunk: int = 512) -> None:
-        keep_freed_memory()  # large temporaries reuse heap pages (see circuits.heap)
         self.model = model
         self.adapter: Adapter = adapter_for(model.hf)
         a = self.adapter.arch
@@ -154,7 +156,11 @@ class Engine:
         """Logits with each edge ``(s, d)`` moved ``ablate[s, d]`` of the way to its ablated value.
 
         ablate : ``[n_src, n_dst]`` (or ``[C, n_src, n_dst]`` for C variants run side by side,
-        giving ``C * b`` rows, variant-major). A circuit's complement as 0/1 evaluates it.
+        giving ``C * b`` rows, variant-major). A circuit's complement as 0/1 evaluates it. When
+        it requires gradients (learned masks), the logits are differentiable with respect to it
+        (every edge from `start` on, zero weights included; the model's parameters get none),
+        computed without the rewrites that are exact for values only (`circuits.plans`).
+        The definition is `circuits.reference.reference_logits`.
         start : (stage, trace) restarts at that stage from a clean trace of the same prompts;
         `ablate` must be zero into earlier stages. With stage 0 the trace may cover only the
         first `first` positions.
@@ -162,10 +168,28 @@ class Engine:
         outputs there: see `circuits.batch.Batch.shared_prefix`) and are not recomputed; needs
         `start`'s trace and `last_only`.
         columns : token ids; only their logits are computed (see `circuits.Setup.narrow`).
+
+        Examples
+        --------
+        A learned mask's step: the gradient of a metric with respect to every edge weight.
+
+        >>> import torch, circuits
+        >>> from circuits.testing import tiny_gpt2
+        >>> engine = circuits.Engine(tiny_gpt2(n_layer=2, n_head=2))
+        >>> g, ids = engine.graph, torch.tensor([[1, 2, 3, 4]])
+        >>> ablated = engine.ablated_outputs(ids, "resample", corrupt=torch.tensor([[5, 6, 7, 8]]))
+        >>> w = torch.full((g.n_sources, g.n_destinations), 0.5, requires_grad=True)
+        >>> engine.patched_logits(ids, w, ablated)[:, 3].sum().backward()
+        >>> int((w.grad[g.valid] != 0).sum()) == g.n_edges
+        True
         """
         stage, trace = start if start is not None else (0, None)
+        gradients = ablate.requires_grad and torch.is_grad_enabled()
         plan = make_plan(self.graph, self._weights(ablate), start=stage, last_only=last_only,
-                         first=first, columns=columns, post_norm=self.adapter.arch.post_norm)
+                         first=first, columns=columns, post_norm=self.adapter.arch.post_norm,
+                         gradients=gradients)
+        if gradients:
+            return run_weights(self.adapter, self.graph, plan, ids, ablated, trace, self.passes)
         return self.run(plan, ids, ablated, trace)[0]
 
     def edge_attribution(
@@ -214,6 +238,10 @@ class Engine:
             ``[n_src, n_dst]`` float32 on the CPU, zero off the valid edges.
         """
         g = self.graph
+        if ablate is not None and ablate.requires_grad:
+            raise OptionError("edge_attribution computes the gradients itself: pass ablate "
+                              "without requires_grad (ablate.detach()), or differentiate "
+                              "patched_logits for gradients with respect to the weights")
         if delta is None and ablate is not None:
             raise OptionError("pass delta explicitly for an interpolated run")
         stage, trace = start if start is not None else (0, None)
@@ -271,14 +299,11 @@ class Engine:
         run computes only the later ones, with the earlier keys and values of the clean run.
         columns : token ids; `metric` gets only their logits (see `circuits.Setup.narrow`).
         """
-        g, a = self.graph, self.adapter
-        b, p = ids.shape
+        g = self.graph
+        p = ids.shape[1]
         trace = self.trace(ids)
-        outs = trace.outs
         effects = torch.full((g.n_sources, g.n_destinations), float("nan"),
                              device=self.model.device)
-        count = self.passes.add_forward
-        unit = (p - first) / p / (g.logits_stage + 1)  # one stage, the positions run
 
         def rest(stage: int, resid: Tensor) -> Tensor:
             """Unpatched run from `stage` on ``[rows, p - first, d]`` residuals -> per-variant
@@ -287,62 +312,80 @@ class Engine:
             return metric(self.run(plan, ids.new_empty(resid.shape[0], p), trace=trace,
                                    resid=resid)[0])
 
-        def keys(clean: Tensor, new: Tensor) -> Tensor:
-            """Keys or values of the run positions `new` ``[c, b, K, p - first, dh]`` after the
-            clean ones ``[b, K, p, dh]`` of the first positions."""
-            if not first:
-                return new
-            joined = after_prefix(clean[..., :first, :], new.flatten(0, 1))
-            return joined.view(*new.shape[:-2], *joined.shape[-2:])
-
-        for layer in range(a.arch.n_layers):
-            stage = g.attn_stage(layer)
-            n_up = g.n_sources_before(stage)
-            resid = trace.resid[stage]  # [b, p, d]
-            delta = (ablated[:n_up] - outs[:n_up])[:, :, first:]  # [n_up, b, p - first, d]
-            q, k, v = a.qkv(layer, resid)
-            q = q[..., first:, :]
-            pre = a.head_writes(layer, a.attend(layer, q, k, v))  # [H, b, p - first, d]
-            bias = a.out_bias(layer)
-            total = pre.sum(0) if bias is None else pre.sum(0) + bias
-            # the residual after this stage without the layer's attention write
-            base = trace.resid[stage + 1][:, first:] - a.attn_write(layer, total)
-            step = max(1, self.chunk // (g.n_heads * b))
-            for lo in range(0, n_up, step):
-                hi = min(n_up, lo + step)
-                c = hi - lo
-                q2, k2, v2 = a.qkv(layer, resid[:, first:] + delta[lo:hi])  # [c, b, n, p', dh]
-                k2, v2 = keys(k, k2), keys(v, v2)
-                count(3 * c * b, unit)
-                for port, qkv in enumerate(((q2, k, v), (q, k2, v), (q, k, v2))):
-                    qq, kk, vv = (t.expand(c, *t.shape[-4:]) for t in qkv)
-                    diff = a.head_writes(layer, a.attend(layer, qq, kk, vv)) - pre[:, None]
-                    if port:  # a key/value head changes the outputs of its whole group
-                        diff = diff.unflatten(0, (g.n_kv_heads, -1)).sum(1)
-                    n = diff.shape[0]
-                    rows = base + a.attn_write(layer, total + diff.transpose(0, 1))  # [c,n,b,p,d]
-                    values = rest(stage + 1, rows.flatten(0, 2)).view(c, n)
-                    dst = g.attn_destinations(layer).start + (0 if port == 0 else
-                                                              g.n_heads + (port - 1) * n)
-                    effects[lo:hi, dst:dst + n] = values
-            stage = g.mlp_stage(layer)
-            n_up = g.n_sources_before(stage)
-            resid = trace.resid[stage][:, first:]
-            delta = (ablated[:n_up] - outs[:n_up])[:, :, first:]
-            base = trace.resid[stage + 1][:, first:] - outs[g.mlp_source(layer)][:, first:]
-            step = max(1, self.chunk // b)
-            for lo in range(0, n_up, step):
-                hi = min(n_up, lo + step)
-                new = a.mlp(layer, resid + delta[lo:hi])  # [c, b, p - first, d]
-                count((hi - lo) * b, unit)
-                rows = (base + new).flatten(0, 1)
-                effects[lo:hi, g.mlp_destination(layer)] = rest(stage + 1, rows)
+        for layer in range(self.adapter.arch.n_layers):
+            self._head_effects(layer, trace, ablated, first, rest, effects)
+            self._mlp_effects(layer, trace, ablated, first, rest, effects)
         resid = trace.resid[g.logits_stage]
-        delta = ablated - outs
+        delta = ablated - trace.outs
+        b = ids.shape[0]
         step = max(1, self.chunk // b)
         for lo in range(0, g.n_sources, step):
             hi = min(g.n_sources, lo + step)
-            logits = a.unembed((resid + delta[lo:hi])[:, :, -1], columns).flatten(0, 1)
-            count((hi - lo) * b, 1 / (g.logits_stage + 1))
+            logits = self.adapter.unembed((resid + delta[lo:hi])[:, :, -1], columns).flatten(0, 1)
+            self.passes.add_forward((hi - lo) * b, 1 / (g.logits_stage + 1))
             effects[lo:hi, -1] = metric(logits)
         return effects.cpu().masked_fill(~g.valid, float("nan"))
+
+    def _head_effects(self, layer: int, trace: Trace, ablated: Tensor, first: int,
+                      rest: Callable[[int, Tensor], Tensor], effects: Tensor) -> None:
+        """`edge_effects` of the edges into layer `layer`'s queries, keys and values, written
+        into `effects`: every upstream source's delta added to the attention's input, one port
+        at a time, the layer's write rebuilt from the changed heads."""
+        g, a = self.graph, self.adapter
+        stage = g.attn_stage(layer)
+        n_up = g.n_sources_before(stage)
+        b, p = trace.resid[stage].shape[:2]
+        unit = (p - first) / p / (g.logits_stage + 1)  # one stage, the positions run
+        resid = trace.resid[stage]  # [b, p, d]
+        delta = (ablated[:n_up] - trace.outs[:n_up])[:, :, first:]  # [n_up, b, p - first, d]
+        q, k, v = a.qkv(layer, resid)
+        q = q[..., first:, :]
+        pre = a.head_writes(layer, a.attend(layer, q, k, v))  # [H, b, p - first, d]
+        bias = a.out_bias(layer)
+        total = pre.sum(0) if bias is None else pre.sum(0) + bias
+        # the residual after this stage without the layer's attention write
+        base = trace.resid[stage + 1][:, first:] - a.attn_write(layer, total)
+        step = max(1, self.chunk // (g.n_heads * b))
+        for lo in range(0, n_up, step):
+            hi = min(n_up, lo + step)
+            c = hi - lo
+            q2, k2, v2 = a.qkv(layer, resid[:, first:] + delta[lo:hi])  # [c, b, n, p', dh]
+            k2, v2 = _after_clean(k, k2, first), _after_clean(v, v2, first)
+            self.passes.add_forward(3 * c * b, unit)
+            for port, qkv in enumerate(((q2, k, v), (q, k2, v), (q, k, v2))):
+                qq, kk, vv = (t.expand(c, *t.shape[-4:]) for t in qkv)
+                diff = a.head_writes(layer, a.attend(layer, qq, kk, vv)) - pre[:, None]
+                if port:  # a key/value head changes the outputs of its whole group
+                    diff = diff.unflatten(0, (g.n_kv_heads, -1)).sum(1)
+                n = diff.shape[0]
+                rows = base + a.attn_write(layer, total + diff.transpose(0, 1))  # [c,n,b,p,d]
+                values = rest(stage + 1, rows.flatten(0, 2)).view(c, n)
+                dst = g.attn_destinations(layer).start + (0 if port == 0 else
+                                                          g.n_heads + (port - 1) * n)
+                effects[lo:hi, dst:dst + n] = values
+
+    def _mlp_effects(self, layer: int, trace: Trace, ablated: Tensor, first: int,
+                     rest: Callable[[int, Tensor], Tensor], effects: Tensor) -> None:
+        """`edge_effects` of the edges into layer `layer`'s MLP, written into `effects`."""
+        g = self.graph
+        stage = g.mlp_stage(layer)
+        n_up = g.n_sources_before(stage)
+        resid = trace.resid[stage][:, first:]
+        b, p = trace.resid[stage].shape[:2]
+        delta = (ablated[:n_up] - trace.outs[:n_up])[:, :, first:]
+        base = trace.resid[stage + 1][:, first:] - trace.outs[g.mlp_source(layer)][:, first:]
+        step = max(1, self.chunk // b)
+        for lo in range(0, n_up, step):
+            hi = min(n_up, lo + step)
+            new = self.adapter.mlp(layer, resid + delta[lo:hi])  # [c, b, p - first, d]
+            self.passes.add_forward((hi - lo) * b, (p - first) / p / (g.logits_stage + 1))
+            effects[lo:hi, g.mlp_destination(layer)] = rest(stage + 1, (base + new).flatten(0, 1))
+
+
+def _after_clean(clean: Tensor, new: Tensor, first: int) -> Tensor:
+    """Keys or values of the run positions `new` ``[c, b, K, p - first, dh]`` after the clean
+    ones ``[b, K, p, dh]`` of the first `first` positions."""
+    if not first:
+        return new
+    joined = after_prefix(clean[..., :first, :], new.flatten(0, 1))
+    return joined.view(*new.shape[:-2], *joined.shape[-2:])

@@ -1,7 +1,7 @@
-"""How good is a circuit: faithfulness and its bootstrap interval, faithfulness curves (CPR, CMD),
-and whether the model shows the behavior at all (`behavior`, judged by `circuits.behavior`,
-whose names are also importable from here). How well scores recover a known circuit (ROC,
-precision/recall) is `circuits.recovery`.
+"""How good is a circuit: its faithfulness with a bootstrap interval (`evaluate`), the smallest
+faithful prefix of a ranking (`smallest_faithful`), and whether the model shows the behavior at
+all (`behavior`, judged by `circuits.behavior`, whose names are also importable from here). How
+well scores recover a known circuit (ROC, precision/recall) is `circuits.recovery`.
 
 Faithfulness of a circuit C is ``f(C) = (m(C) - m(empty)) / (m(model) - m(empty))`` where m is
 the task metric averaged over the prompts (weighted by batch size) with every edge outside C
@@ -9,187 +9,46 @@ ablated. m(model) and m(empty) are evaluated in the same batched forward as the 
 themselves (the full mask and the empty mask are two more variants), so f(full) = 1 and
 f(empty) = 0 hold exactly, not up to rounding.
 
-Every function takes a `Setup`; to evaluate on held-out prompts, build a second Setup on them
-(same model, metric and ablation) and pass that one instead of the discovery Setup. The edge
-engine runs the circuits; on a model without an edge adapter, node-level circuits run by node
-patching instead (`metric_of_masks` chooses), so selection, evaluation and curves of node scores
-work on any causal LM.
-
-Faithfulness curves follow the MIB circuit track: circuits keep the top ``floor(x * n)`` edges
-for x in 0.1%, 0.2%, 0.5%, 1%, 2%, 5%, 10%, 20%, 50%, 100% of the n edges (pruned afterwards),
-and the areas are taken by the trapezoid rule over x as given:
-
-* CPR (circuit performance ratio) = area under f(x); higher is better.
-* CMD (circuit-model distance) = area under |1 - f(x)|; lower is better.
-
-Like MIB, x runs from the first fraction evaluated (0.001 on the default grid) to 1; the sliver
-[0, 0.001] is left out (it is worth at most 0.001 * max |f|). Pass fractions starting at 0 to
-include the empty circuit (f(0) = 0) in the areas.
+The measurements live in `circuits.faithfulness` (running circuits, the ratio, the bootstrap)
+and the faithfulness curves (CPR, CMD on MIB's grid) in `circuits.curves`; their names are
+importable from here too.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-# the behavior's judgement lived here before; its names stay importable from this module
+# the behavior's judgement and the curves lived here before; their names stay importable here
 from .behavior import FEW_PROMPTS as FEW_PROMPTS
 from .behavior import MIN_EFFECT_RATIO as MIN_EFFECT_RATIO
 from .behavior import MIN_T as MIN_T
 from .behavior import Behavior
 from .behavior import few_prompts as few_prompts
-from .circuit import Circuit, n_items, prune, ranks, top_mask
-from .engine import Engine
-from .errors import OptionError, UnsupportedModelError
-from .nodes import NODE_ROWS, metric_of_nodes, node_sets
+from .circuit import Circuit
+from .curves import MIB_FRACTIONS as MIB_FRACTIONS
+from .curves import Curve as Curve
+from .curves import area as area
+from .curves import cmd as cmd
+from .curves import cpr as cpr
+from .curves import faithfulness_curve as faithfulness_curve
+from .curves import fine_fractions as fine_fractions
+from .errors import OptionError
+from .faithfulness import (
+    Baseline,
+    bootstrap_faithfulness,
+    default_chunk,
+    faithfulness_of_masks,
+    metric_of_masks,
+    ratio,
+)
+from .masks import n_items, prune, ranks, top_mask
 from .scores import Scores
 from .setup import Setup
-
-MIB_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-
-
-def fine_fractions(points: int = 31) -> tuple[float, ...]:
-    """A finer grid than MIB's: `points` fractions log-spaced from 0.001 to 1, MIB's included."""
-    grid = set(np.logspace(-3, 0, points).round(6).tolist()) | set(MIB_FRACTIONS)
-    return tuple(sorted(grid))
-
-
-# -- evaluating masks ---------------------------------------------------------------------------
-def default_chunk(setup: Setup) -> int:
-    """How many circuits to run side by side: the row budget over the largest batch (the
-    engine's, or `NODE_ROWS` for a model that has no edge adapter)."""
-    try:
-        rows = setup.engine.chunk
-    except UnsupportedModelError:
-        rows = NODE_ROWS
-    largest = max(b.size for b in setup.batches)
-    return max(1, min(32, rows // largest))
-
-
-def metric_of_masks(
-    setup: Setup, masks: Tensor, chunk: int | None = None, per_prompt: bool = False
-) -> Tensor:
-    """The task metric with everything outside each circuit ablated.
-
-    The edge engine runs the circuits. On a model whose family has no edge adapter, circuits
-    that are all induced by node sets (node-level circuits: `node_sets` finds their nodes) run
-    through node patching instead (`metric_of_nodes`), which gives the same values; any other
-    circuit raises the engine's UnsupportedModelError.
-
-    Parameters
-    ----------
-    setup : Setup
-        Prompts, metric, ablation (its ablated source outputs are computed once and kept, within
-        ``setup.memory_budget`` in memory and on disk beyond it, for the next call).
-    masks : Tensor
-        ``[C, n_src, n_dst]`` bool, True = edge kept.
-    chunk : int, optional
-        Most circuits run side by side in one forward (``chunk * batch`` rows).
-    per_prompt : bool
-        Return every prompt's value instead of the mean (from the same forwards).
-
-    Returns
-    -------
-    Tensor
-        ``[C]`` float64, the metric averaged over all prompts (each prompt counts once, whatever
-        its batch), or ``[C, n_prompts]`` with `per_prompt` (prompts in batch order).
-    """
-    masks = masks.bool() & setup.graph.valid
-    try:
-        engine = setup.engine
-    except UnsupportedModelError as err:
-        keep = node_sets(setup.graph, masks)
-        if keep is None:
-            raise UnsupportedModelError(
-                f"only node-level circuits (every edge among a set of nodes) can be evaluated "
-                f"on this model, and these keep other sets of edges: {err}") from None
-        return metric_of_nodes(setup, keep, chunk or default_chunk(setup), per_prompt)
-    values = _engine_values(setup, engine, masks, chunk or default_chunk(setup))
-    return values if per_prompt else values.mean(1)
-
-
-def _engine_values(setup: Setup, engine: Engine, masks: Tensor, chunk: int) -> Tensor:
-    """``[C, n_prompts]`` float64 metric of each circuit run by the edge engine.
-
-    The whole model's values come from the clean logits the Setup holds, and under resample
-    ablation the empty circuit's are the corrupted run's (made with the ablated values, see
-    `Setup.empty_values`): neither is run again.
-    """
-    valid = setup.graph.valid
-    C = masks.shape[0]
-    whole = (masks == valid).all(2).all(1)  # [C]
-    empty = ~masks.any(2).any(1)
-    out = []
-    for i, (batch, ablated, _) in enumerate(setup.items(reuse=True)):
-        rows = torch.empty(C, batch.size, dtype=torch.float64)
-        whole_values = setup.metric_values(batch.clean_logits, batch).double().cpu()
-        done = torch.zeros(C, dtype=torch.bool)
-        for which, values in ((whole, whole_values), (empty, setup.empty_values(i))):
-            if values is not None and which.any():
-                rows[which] = values
-                done |= which
-        todo = (~done).nonzero().squeeze(1)
-        if not len(todo):
-            out.append(rows)
-            continue
-        columns, narrow = setup.narrow(batch)
-        # the positions the clean and corrupted prompts share are clean in every circuit: one
-        # clean run of them, and the circuits run only the rest
-        first = setup.prefix(batch)
-        start = (0, engine.trace(batch.clean[:, :first])) if first else None
-        for lo in range(0, len(todo), chunk):
-            idx = todo[lo:lo + chunk]
-            ablate = (valid & ~masks[idx]).float().to(ablated.device)  # [c, n_src, n_dst]
-            logits = engine.patched_logits(batch.clean, ablate, ablated, start=start,
-                                           first=first, columns=columns)  # [c * b, n_cols]
-            values = setup.metric_values(logits, narrow).view(len(idx), batch.size)
-            rows[idx] = values.double().cpu()
-        out.append(rows)
-    return torch.cat(out, 1)
-
-
-def _ratio(m: Tensor, m_model: float, m_empty: float) -> Tensor:
-    """(m - m_empty) / (m_model - m_empty); NaN when the model and the empty circuit agree."""
-    span = m_model - m_empty
-    return (m - m_empty) / span if span != 0 else torch.full_like(m, math.nan)
-
-
-@dataclass(frozen=True)
-class Baseline:
-    """The metric of the full model and of the empty circuit on one Setup."""
-
-    metric_model: float
-    metric_empty: float
-
-
-def faithfulness_of_masks(
-    setup: Setup, masks: Tensor, chunk: int | None = None
-) -> tuple[Tensor, Tensor, Baseline]:
-    """Faithfulness ``[C]``, metric ``[C]`` and the baseline, for ``[C, n_src, n_dst]`` masks.
-
-    The full and the empty circuit run as two extra variants next to the given ones.
-    """
-    g = setup.graph
-    both = torch.cat([g.valid[None], torch.zeros_like(g.valid)[None], masks.bool().cpu()])
-    m = metric_of_masks(setup, both, chunk)
-    base = Baseline(float(m[0]), float(m[1]))
-    return _ratio(m[2:], base.metric_model, base.metric_empty), m[2:], base
-
-
-def _faithfulness(
-    setup: Setup, masks: Tensor, chunk: int | None, base: Baseline | None
-) -> tuple[Tensor, Tensor, Baseline]:
-    """Like `faithfulness_of_masks`, reusing a known baseline instead of running it again."""
-    if base is None:
-        return faithfulness_of_masks(setup, masks, chunk)
-    m = metric_of_masks(setup, masks, chunk)
-    return _ratio(m, base.metric_model, base.metric_empty), m, base
 
 
 @dataclass(frozen=True)
@@ -229,70 +88,6 @@ class Evaluation:
         return out
 
 
-def bootstrap_faithfulness(
-    m_circuit: Sequence[float] | np.ndarray | Tensor,
-    m_model: Sequence[float] | np.ndarray | Tensor,
-    m_empty: Sequence[float] | np.ndarray | Tensor,
-    n_resamples: int = 1000,
-    level: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile-bootstrap interval of the faithfulness from per-prompt metric values.
-
-    Each resample draws n prompts with replacement, jointly for the three runs (a prompt's
-    m(C), m(model) and m(empty) stay together), and recomputes ``(mean m(C) - mean m(empty)) /
-    (mean m(model) - mean m(empty))``; the interval holds the central `level` of those values.
-    The draws come from a numpy Generator seeded with `seed`, so the interval is deterministic.
-    Resamples whose m(model) and m(empty) agree (no ratio) are left out.
-
-    Parameters
-    ----------
-    m_circuit, m_model, m_empty : array-like
-        ``[n_prompts]`` metric values of the circuit, the full model and the empty circuit.
-    n_resamples : int
-    level : float
-        Coverage of the interval, in (0, 1).
-    seed : int
-
-    Returns
-    -------
-    tuple[float, float]
-        (low, high); (NaN, NaN) when the faithfulness itself is undefined (mean m(model) =
-        mean m(empty)) or there are no prompts.
-
-    Examples
-    --------
-    >>> bootstrap_faithfulness([0.5, 0.5, 0.5], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
-    (0.5, 0.5)
-    >>> lo, hi = bootstrap_faithfulness([0.2, 0.9, 0.4, 0.7], [1.0] * 4, [0.0] * 4)
-    >>> bool(lo < 0.55 < hi)
-    True
-    """
-    if not 0 < level < 1 or n_resamples < 1:
-        raise OptionError(f"a bootstrap needs 0 < level < 1 and at least one resample, got "
-                          f"level={level}, n_resamples={n_resamples}")
-    c, full, empty = (np.asarray(torch.as_tensor(v, dtype=torch.float64).cpu(), dtype=np.float64)
-                      for v in (m_circuit, m_model, m_empty))
-    n = len(c)
-    if n == 0 or full.mean() == empty.mean():
-        return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    step = max(1, 2**22 // n)  # resamples per block: at most ~4M drawn indices at a time
-    f = []
-    for start in range(0, n_resamples, step):
-        idx = rng.integers(0, n, size=(min(step, n_resamples - start), n))  # [r, n]
-        mc, mm, me = c[idx].mean(1), full[idx].mean(1), empty[idx].mean(1)
-        span = mm - me
-        with np.errstate(divide="ignore", invalid="ignore"):
-            f.append(np.where(span != 0, (mc - me) / span, np.nan))
-    values = np.concatenate(f)
-    if np.isnan(values).all():
-        return (math.nan, math.nan)
-    tail = (1 - level) / 2 * 100
-    lo, hi = np.nanpercentile(values, [tail, 100 - tail])
-    return (float(lo), float(hi))
-
-
 def evaluate(
     circuit: Circuit | Tensor,
     setup: Setup,
@@ -328,7 +123,7 @@ def evaluate(
     masks = torch.stack([g.valid, torch.zeros_like(g.valid), mask.bool().cpu()])
     per = metric_of_masks(setup, masks, chunk, per_prompt=True)  # [3, n_prompts]
     m_model, m_empty, m_circuit = (float(v) for v in per.mean(1))
-    f = float(_ratio(per[2].mean()[None], m_model, m_empty)[0])  # float64
+    f = float(ratio(per[2].mean()[None], m_model, m_empty)[0])  # float64
     ci = bootstrap_faithfulness(per[2], per[0], per[1], n_resamples, seed=seed)
     c = circuit if isinstance(circuit, Circuit) else Circuit(g, mask, keep_dangling=True)
     return Evaluation(f, m_circuit, m_model, m_empty, c.n_edges, c.n_nodes, ci, per.shape[1])
@@ -517,107 +312,11 @@ def _scan_below(hi: int, mask: Any, known: dict[int, tuple[float, float]], setup
     return hi, True, base
 
 
-# -- curves -----------------------------------------------------------------------------------
-def area(x: Sequence[float], y: Sequence[float]) -> float:
-    """Trapezoid-rule area under y(x) over the x given (increasing)."""
-    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    return float(((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2).sum())
-
-
-def cpr(fractions: Sequence[float], faithfulness: Sequence[float]) -> float:
-    """Circuit performance ratio: area under the faithfulness curve (higher is better)."""
-    return area(fractions, faithfulness)
-
-
-def cmd(fractions: Sequence[float], faithfulness: Sequence[float]) -> float:
-    """Circuit-model distance: area under |1 - faithfulness| (lower is better)."""
-    return area(fractions, np.abs(1 - np.asarray(faithfulness, dtype=float)))
-
-
-@dataclass(frozen=True)
-class Curve:
-    """Faithfulness over circuit sizes.
-
-    Attributes
-    ----------
-    fractions : tuple[float, ...]
-        Share x of the ranked edges (or nodes) kept before pruning.
-    n_edges : tuple[int, ...]
-        Edges left after pruning.
-    faithfulness, metric : tuple[float, ...]
-        f and m of each circuit.
-    metric_model, metric_empty : float
-    cpr, cmd : float
-        Areas under f and under |1 - f| over `fractions`.
-    """
-
-    fractions: tuple[float, ...]
-    n_edges: tuple[int, ...]
-    faithfulness: tuple[float, ...]
-    metric: tuple[float, ...]
-    metric_model: float
-    metric_empty: float
-    cpr: float
-    cmd: float
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-    def plot(self, ax: Any = None, label: str | None = None) -> Any:
-        """Draw f against the fraction of edges (log x axis) on a matplotlib axis."""
-        import matplotlib.pyplot as plt
-
-        ax = ax or plt.gca()
-        xs = [x for x in self.fractions if x > 0]
-        ys = [f for x, f in zip(self.fractions, self.faithfulness, strict=True) if x > 0]
-        ax.plot(xs, ys, marker="o",
-                label=label or f"CPR {self.cpr:.3f}, CMD {self.cmd:.3f}")
-        ax.set_xscale("log")
-        ax.set_xlabel("fraction of edges kept")
-        ax.set_ylabel("faithfulness")
-        ax.axhline(1.0, color="grey", lw=0.5)
-        return ax
-
-
-def faithfulness_curve(
-    scores: Scores,
-    setup: Setup,
-    fractions: Sequence[float] = MIB_FRACTIONS,
-    by_abs: bool = True,
-    chunk: int | None = None,
-) -> Curve:
-    """Faithfulness of the top-x circuits for every fraction x, with CPR and CMD.
-
-    All circuits (and the full and empty baselines) run as variants of one batched forward per
-    batch, `chunk` at a time.
-
-    Parameters
-    ----------
-    scores : Scores
-        Edge scores (x counts edges) or node scores (x counts heads and MLPs).
-    setup : Setup
-        Prompts to evaluate on (held-out ones for an honest curve).
-    fractions : sequence of float
-        Increasing values in [0, 1]; MIB's grid by default, `fine_fractions()` for more.
-    by_abs : bool
-        Rank by |score| (default; MIB uses it for CMD) or signed score (MIB's choice for CPR).
-    chunk : int, optional
-        Most circuits per forward.
-
-    Returns
-    -------
-    Curve
-    """
-    xs = tuple(float(x) for x in fractions)
-    increasing = all(b > a for a, b in zip(xs, xs[1:], strict=False))
-    if not xs or not increasing or any(not 0 <= x <= 1 for x in xs):
-        raise OptionError(f"fractions must increase within [0, 1], got {list(fractions)}")
-    g, level = scores.graph, scores.level
-    rank = ranks(g, scores.values, level, by_abs)
-    n = n_items(g, level)
-    masks = torch.stack([prune(g, top_mask(g, rank, math.floor(x * n + 1e-9), level))
-                         for x in xs])
-    f, m, base = faithfulness_of_masks(setup, masks, chunk)
-    fs = tuple(float(v) for v in f)
-    return Curve(xs, tuple(int(k) for k in masks.sum((1, 2))), fs, tuple(float(v) for v in m),
-                 base.metric_model, base.metric_empty, cpr(xs, fs), cmd(xs, fs))
+def _faithfulness(
+    setup: Setup, masks: Tensor, chunk: int | None, base: Baseline | None
+) -> tuple[Tensor, Tensor, Baseline]:
+    """Like `faithfulness_of_masks`, reusing a known baseline instead of running it again."""
+    if base is None:
+        return faithfulness_of_masks(setup, masks, chunk)
+    m = metric_of_masks(setup, masks, chunk)
+    return ratio(m, base.metric_model, base.metric_empty), m, base

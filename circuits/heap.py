@@ -13,8 +13,12 @@ million and 1.6 s, and the sample took 11 s.
 and the trim threshold to 2 GiB (freed heap memory stays with the process), so a run's pages
 are faulted in once and then reused. The memory goes back to the system when a measured block
 ends (`circuits.cost.measure` trims the heap): a finished method holds no more than before.
-The settings are process-wide; they are made once, by the first `circuits.Engine`. Set the
-environment variable ``CIRCUITS_KEEP_FREED_MEMORY=0`` to leave the C library's defaults alone.
+
+The settings are process-wide and glibc has no call that undoes them, so they are opt-in: no
+library call makes them (a notebook that frees a large tensor gets its memory back as before).
+The ``circuits`` program makes them as it starts, and so do the benchmarks; a script or
+notebook that runs many methods can call `keep_freed_memory` itself. Set the environment
+variable ``CIRCUITS_KEEP_FREED_MEMORY=0`` to leave the C library's defaults alone even then.
 Elsewhere than glibc (macOS, Windows, musl) nothing is changed.
 """
 
@@ -40,11 +44,16 @@ def _libc_function(name: str) -> Callable[..., int] | None:
 
 @functools.cache
 def keep_freed_memory() -> bool:
-    """Make the C heap keep freed memory for reuse (see the module notes); returns whether the
-    settings were made. Done once per process; later calls return the first answer.
+    """Make the C heap keep freed memory for reuse, for the rest of the process (see the module
+    notes); returns whether the settings were made. Done once per process; later calls return
+    the first answer. The ``circuits`` program and the benchmarks call it; the library never
+    does.
 
     Examples
     --------
+    At the top of a script that runs many methods:
+
+    >>> from circuits.heap import keep_freed_memory
     >>> isinstance(keep_freed_memory(), bool)
     True
     """

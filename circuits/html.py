@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .circuit import all_nodes, group_of, n_items, ranks
+from .files import dumps, write_atomic
+from .masks import all_nodes, group_of, n_items, ranks
 from .render import title
 
 if TYPE_CHECKING:
@@ -151,8 +152,6 @@ def _faithfulness(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def render_html(circuit: Circuit, max_size: int = 5000) -> str:
     """The page's HTML text."""
-    from .io import dumps
-
     data = dumps(page_data(circuit, max_size), separators=(",", ":"))
     # a "</script>" inside the JSON would end the script element early
     data = data.replace("</", "<\\/")
@@ -176,8 +175,6 @@ def to_html(circuit: Circuit, path: str | Path, max_size: int = 5000) -> Path:
     -------
     Path
     """
-    from .io import write_atomic
-
     path = Path(path)
     write_atomic(path, render_html(circuit, max_size).encode("utf-8"))
     return path

@@ -37,129 +37,44 @@ file size (at most `MAX_FILE_BYTES`), the graph shape (at most `MAX_LAYERS` laye
 `MAX_HEADS` heads, and exactly as many edges as the file lists), every type and every score.
 Anything wrong raises `CircuitFileError` with one line saying what and where.
 
-The MIB circuit-track layout (`export_mib`) is the one EAP-IG's ``Graph.to_json`` writes and
-MIB's evaluation reads: ``{"cfg": {"n_layers", "n_heads", "n_kv_heads", "parallel_attn_mlp",
-"d_model"}, "nodes": {name: {"in_graph": bool[, "score": float]}}, "edges": {name: {"score":
-float, "in_graph": bool}}}`` with the same node and edge names as ours. MIB's layout has no
-shared destinations, so a grouped-query graph is written *ungrouped*, as its peers do: each edge
-into a shared key/value destination ``a{l}.kv{g}<k>`` appears once per query head of the group,
-as ``a{l}.h{h}<k>``, with the shared score and in-graph flag, and key/value heads are not
-nodes there. A submission is either one importance-score file per task/model folder, or binary
-circuits (no scores) at MIB's edge budgets 0.1%, 0.2%, 0.5%, 1%, 2%, 5%, 10%, 20%, 50% (and
-100%).
+The MIB circuit-track layout (`export_mib`) is described in `circuits.mib`; strict JSON and
+atomic writes (`dumps`, `write_atomic`) live in `circuits.files`. Both are importable from here.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from .circuit import Circuit
 from .errors import CircuitFileError, OptionError
+from .files import dumps, show_json, write_atomic
+from .files import plain as _plain  # the name report.py imports
 from .graph import Graph
-
-if TYPE_CHECKING:
-    from .circuit import Circuit
+from .masks import all_nodes
+from .mib import MIB_BUDGETS as MIB_BUDGETS  # re-exported, as is mib_dict
+from .mib import export_mib
+from .mib import mib_dict as mib_dict
+from .render import render
 
 FORMAT = "circuits.circuit"
 VERSION = 1
 EXPORT_FORMATS = ("json", "graphml", "dot", "mib")
-MIB_BUDGETS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 MAX_FILE_BYTES = 512 * 2**20  # about 8M edges; a GPT-2 XL edge circuit (2.2M) is ~130 MiB
 MAX_LAYERS = 1024
 MAX_HEADS = 1024
 FLOAT32_MAX = 3.4028234663852886e38
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file next to `path`, then rename it into place, so an error
-    never leaves a half-written file where a good one was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates the file 0600; give it the mode a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _plain(value: Any) -> Any:
-    """`value` as JSON types; tensors and numbers become lists/floats, other objects their repr
-    (options are recorded for reading, never evaluated)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return value.item()
-    return repr(value)
-
-
-def _finite(value: Any) -> Any:
-    """`value` with every non-finite float (also in dicts, lists, numpy/torch values) as None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if hasattr(value, "tolist") and callable(value.tolist):  # numpy and torch values
-        return _finite(value.tolist())
-    return value
-
-
-def dumps(obj: Any, **kw: Any) -> str:
-    """Strict JSON text of `obj`: every NaN or infinite float becomes ``null``.
-
-    Python's `json` writes ``NaN`` and ``Infinity``, which strict parsers (JavaScript's
-    ``JSON.parse``, ``jq``) refuse; this writes ``null`` instead, also inside nested dicts and
-    lists and for numpy and torch scalars and tensors (turned into numbers and lists).
-
-    Parameters
-    ----------
-    obj : Any
-        Dicts, lists, tuples, strings, numbers, None, numpy or torch values.
-    **kw
-        Passed to `json.dumps` (``indent``, ``separators``, ...); ``allow_nan`` is always False.
-
-    Returns
-    -------
-    str
-
-    Examples
-    --------
-    >>> import torch
-    >>> dumps({"f": float("nan"), "x": [1.5, -float("inf")], "t": torch.tensor(2.0)})
-    '{"f": null, "x": [1.5, null], "t": 2.0}'
-    """
-    return json.dumps(_finite(obj), **{**kw, "allow_nan": False})
-
-
 # -- the circuit file ---------------------------------------------------------------------------
 def circuit_to_dict(circuit: Circuit) -> dict[str, Any]:
     """The circuit as the version-1 JSON document (see the module docstring)."""
     from . import __version__
-    from .circuit import all_nodes
 
     g = circuit.graph
     in_nodes = set(circuit.nodes)
@@ -222,23 +137,6 @@ def _need(cond: bool, where: str, what: str) -> None:
         raise CircuitFileError(f"{where}: {what}")
 
 
-def _show(value: Any) -> str:
-    """A short one-line rendering of a JSON value for an error message."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value) if abs(value) < 10**30 else "a huge integer"
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else {"nan": "NaN", "inf": "Infinity",
-                                                         "-inf": "-Infinity"}[repr(value)]
-    if isinstance(value, str):
-        text = repr(value)
-        return text if len(text) <= 60 else text[:56] + "...'"
-    return {list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -249,9 +147,9 @@ def _score(entry: dict[str, Any], what: str, where: str) -> float:
     s = entry.get("score")
     evaluated = entry.get("evaluated", True)
     _need(isinstance(evaluated, bool), where,
-          f"{what} has 'evaluated' {_show(evaluated)}; it must be true or false")
+          f"{what} has 'evaluated' {show_json(evaluated)}; it must be true or false")
     if not evaluated:
-        _need(s is None, where, f"{what} is marked not evaluated but has score {_show(s)}; "
+        _need(s is None, where, f"{what} is marked not evaluated but has score {show_json(s)}; "
               "the file was edited")
         return math.nan
     _need("score" in entry and s is not None, where,
@@ -259,10 +157,10 @@ def _score(entry: dict[str, Any], what: str, where: str) -> float:
           "circuit needs a finite number here (the score was NaN when it was saved, or the "
           "file was edited)")
     _need(isinstance(s, (int, float)) and not isinstance(s, bool), where,
-          f"{what} has score {_show(s)}; a score must be a number")
+          f"{what} has score {show_json(s)}; a score must be a number")
     # compared before float(): float() of a huge integer raises OverflowError
-    _need(abs(s) <= FLOAT32_MAX, where, f"{what} has score {_show(s)}; a score must be a finite "
-          "float32 number (at most 3.4e38 in size)")
+    _need(abs(s) <= FLOAT32_MAX, where, f"{what} has score {show_json(s)}; a score must be a "
+          "finite float32 number (at most 3.4e38 in size)")
     return float(s)
 
 
@@ -274,16 +172,16 @@ def _graph(shape: Any, n_edges: int, where: str) -> Graph:
     for key, low, high in (("n_layers", 0, MAX_LAYERS), ("n_heads", 1, MAX_HEADS)):
         v = shape.get(key)
         _need(_is_int(v) and low <= v <= high, where,
-              f"'graph' {key} is {_show(v) if key in shape else 'missing'}; it must be an "
+              f"'graph' {key} is {show_json(v) if key in shape else 'missing'}; it must be an "
               f"integer from {low} to {high}")
     n_layers, n_heads = shape["n_layers"], shape["n_heads"]
     kv = shape.get("n_kv_heads", n_heads)
     _need(_is_int(kv) and 1 <= kv <= n_heads and n_heads % kv == 0, where,
-          f"'graph' n_kv_heads is {_show(kv)}; it must be a positive integer that divides "
+          f"'graph' n_kv_heads is {show_json(kv)}; it must be a positive integer that divides "
           f"n_heads ({n_heads})")
     parallel = shape.get("parallel", False)
     _need(isinstance(parallel, bool), where,
-          f"'graph' parallel is {_show(parallel)}; it must be true or false")
+          f"'graph' parallel is {show_json(parallel)}; it must be true or false")
     want = Graph.edge_count(n_layers, n_heads, kv, parallel)
     _need(want == n_edges, where,
           f"'graph' ({n_layers} layers, {n_heads} heads, {kv} key/value heads"
@@ -298,7 +196,8 @@ def _metrics(metrics: Any, where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, v in metrics.items():
         ok = v is None or isinstance(v, float) or (_is_int(v) and abs(v) <= FLOAT32_MAX)
-        _need(ok, where, f"metric {_show(key)} is {_show(v)}; metrics must be numbers or null")
+        _need(ok, where,
+              f"metric {show_json(key)} is {show_json(v)}; metrics must be numbers or null")
         out[key] = math.nan if v is None else v
     return out
 
@@ -326,7 +225,7 @@ def _options(options: Any, where: str) -> dict[str, Any]:
     for key, (ok, what) in _OPTIONS.items():
         if key in options:
             _need(ok(options[key]), where,
-                  f"option {key!r} is {_show(options[key])}; it must be {what}")
+                  f"option {key!r} is {show_json(options[key])}; it must be {what}")
     return dict(options)
 
 
@@ -362,7 +261,7 @@ def _node_info(name: str, entry: dict[str, Any], where: str) -> dict[str, Any]:
     info = {k: v for k, v in entry.items() if k not in ("in_circuit", "score")}
     for key, value in info.items():
         ok, what = _NODE_INFO.get(key, (lambda v: True, ""))
-        _need(ok(value), where, f"node {name!r}: {key!r} is {_show(value)}; it must be {what}")
+        _need(ok(value), where, f"node {name!r}: {key!r} is {show_json(value)}; it must be {what}")
     return info
 
 
@@ -405,27 +304,25 @@ def circuit_from_dict(doc: Any, where: str = "circuit") -> Circuit:
     CircuitFileError
         Anything in the document is missing, of the wrong type, out of range or inconsistent.
     """
-    from .circuit import Circuit, all_nodes
-
     _need(isinstance(doc, dict), where, "the file does not hold a JSON object; is it a circuit "
           "saved with circuit.save()?")
     _need(doc.get("format") == FORMAT, where,
-          f"format is {_show(doc.get('format'))}, not {FORMAT!r}; save it with circuit.save()")
+          f"format is {show_json(doc.get('format'))}, not {FORMAT!r}; save it with circuit.save()")
     _need(_is_int(doc.get("version")) and doc["version"] == VERSION, where,
-          f"version {_show(doc.get('version'))} is not supported (this package reads version "
+          f"version {show_json(doc.get('version'))} is not supported (this package reads version "
           f"{VERSION}); save it again with this package")
     for key in ("graph", "level", "nodes", "edges"):
         _need(key in doc, where, f"the {key!r} entry is missing; the file is truncated or "
               "was not written by circuit.save()")
     level = doc["level"]
     _need(level in ("edge", "node"), where,
-          f"level is {_show(level)}; it must be 'edge' or 'node'")
+          f"level is {show_json(level)}; it must be 'edge' or 'node'")
     has_scores = doc.get("has_scores", True)
     _need(isinstance(has_scores, bool), where,
-          f"'has_scores' is {_show(has_scores)}; it must be true or false")
+          f"'has_scores' is {show_json(has_scores)}; it must be true or false")
     for key in ("task", "model", "method"):
         _need(isinstance(doc.get(key, ""), str), where,
-              f"{key!r} is {_show(doc.get(key))}; it must be a string")
+              f"{key!r} is {show_json(doc.get(key))}; it must be a string")
     options = _options(doc.get("options", {}), where)
     metrics = _metrics(doc.get("metrics", {}), where)
     edges, nodes = doc["edges"], doc["nodes"]
@@ -437,7 +334,7 @@ def circuit_from_dict(doc: Any, where: str = "circuit") -> Circuit:
     missing = [n for n in names if n not in edges]
     _need(not missing, where, f"{len(missing)} edges of the graph are missing, the first "
           f"{missing[0] if missing else ''!r}, and as many unknown ones are listed (the first "
-          f"{_show(min(set(edges) - set(names), default=''))}); 'graph' does not match the "
+          f"{show_json(min(set(edges) - set(names), default=''))}); 'graph' does not match the "
           "edges, or the file is from another model")
     mask = torch.zeros_like(g.valid)
     values = torch.zeros(g.n_sources, g.n_destinations) if level == "edge" else None
@@ -453,7 +350,7 @@ def circuit_from_dict(doc: Any, where: str = "circuit") -> Circuit:
     unknown = set(nodes) - set(node_names)
     _need(set(nodes) == set(node_names), where, "the nodes do not match the graph (missing "
           f"{sorted(set(node_names) - set(nodes))[:3]}, unknown "
-          f"{[_show(n) for n in sorted(unknown)[:3]]})")
+          f"{[show_json(n) for n in sorted(unknown)[:3]]})")
     node_values = torch.zeros(g.n_sources) if level == "node" else None
     for name in node_names:
         entry = nodes[name]
@@ -548,103 +445,6 @@ def export_graphml(circuit: Circuit, path: str | Path, full: bool = False) -> Pa
     return path
 
 
-def _d_model(circuit: Circuit, d_model: Any) -> int:
-    """The model width MIB's config records: `d_model`, else the circuit's option; a positive
-    integer (OptionError otherwise)."""
-    d_model = d_model if d_model is not None else circuit.options.get("d_model")
-    if d_model is None:
-        raise OptionError("MIB's format records the model width; pass d_model= (e.g. 768 for "
-                          "GPT-2 small)")
-    integral = isinstance(d_model, numbers.Integral) and not isinstance(d_model, bool)
-    shown = int(d_model) if integral else d_model  # numpy integers shown as numbers
-    if not integral or d_model < 1:
-        raise OptionError(f"d_model must be a positive integer (the model width, e.g. 768 for "
-                          f"GPT-2 small), got {_show(shown)}")
-    return int(d_model)
-
-
-def mib_dict(circuit: Circuit, d_model: int | None = None, mask: torch.Tensor | None = None,
-             scores: bool = True) -> dict[str, Any]:
-    """The circuit in MIB's layout (see the module docstring; a grouped-query graph is written
-    ungrouped); `mask` overrides the in-graph edges, `scores=False` leaves the scores out (binary
-    circuits). A NaN score stays NaN here; `dumps` writes it as null."""
-    g = circuit.graph
-    d_model = _d_model(circuit, d_model)
-    from .circuit import nodes_of
-
-    mask = circuit.mask if mask is None else mask
-    in_nodes = set(nodes_of(g, mask)) | {"input", "logits"}
-    node_values = circuit.values if circuit.level == "node" else None
-    nodes: dict[str, dict[str, Any]] = {}
-    for i, name in enumerate([*g.sources, "logits"]):
-        nodes[name] = {"in_graph": name in in_nodes}
-        if scores and node_values is not None and i < g.n_sources:
-            nodes[name]["score"] = float(node_values[i])
-    ev = circuit.edge_values
-    # MIB has no shared destinations: a key/value destination is written once per query head of
-    # its group, under that head's name (a1.kv0<k> -> a1.h0<k>, a1.h1<k>)
-    shared = g.group_size > 1
-    ungrouped = [[f"{h}<{d[-2]}>" for h in g.fed_nodes(j)] if shared and port in (1, 2) else [d]
-                 for j, (d, port) in enumerate(zip(g.destinations, g.dst_port.tolist(),
-                                                   strict=True))]
-    edges: dict[str, dict[str, Any]] = {}
-    for i, j in g.valid.nonzero().tolist():
-        entry: dict[str, Any] = {}
-        if scores:
-            entry["score"] = float(ev[i, j]) if ev is not None else math.nan
-        entry["in_graph"] = bool(mask[i, j])
-        for d in ungrouped[j]:
-            edges[f"{g.sources[i]}->{d}"] = dict(entry)
-    cfg = {"n_layers": g.n_layers, "n_heads": g.n_heads, "n_kv_heads": g.n_kv_heads,
-           "parallel_attn_mlp": g.parallel, "d_model": d_model}
-    return {"cfg": cfg, "nodes": nodes, "edges": edges}
-
-
-def export_mib(circuit: Circuit, path: str | Path, d_model: int | None = None,
-               binary: bool = False, by_abs: bool = True) -> Path:
-    """Write a MIB circuit-track submission entry.
-
-    Parameters
-    ----------
-    circuit : Circuit
-        Needs scores for ``binary=True``.
-    path : str or Path
-        ``binary=False``: the importance-score JSON file (``importances.json`` in MIB's
-        ``<task>_<model>`` folder). ``binary=True``: a folder that receives one circuit per
-        MIB edge budget, ``edges_<percent>.json``, each the top ``floor(budget * n)`` edges
-        pruned (so at most that share of the edges). In a grouped-query graph the budget counts
-        a shared key/value edge once, though the file lists it once per query head.
-    d_model : int, optional
-        The model width, which MIB's config records; from ``circuit.options['d_model']`` if
-        omitted. A positive integer (OptionError otherwise).
-    binary : bool
-    by_abs : bool
-        Rank by |score| (default) or signed score for the binary circuits.
-
-    Returns
-    -------
-    Path
-    """
-    path = Path(path)
-    d_model = _d_model(circuit, d_model)  # checked before the folder of binary circuits is made
-    if not binary:
-        write_atomic(path, dumps(mib_dict(circuit, d_model)).encode("utf-8"))
-        return path
-    if circuit.values is None:
-        raise OptionError("binary MIB circuits are cut from scores; this circuit has none")
-    from .circuit import n_items, prune, ranks, top_mask
-
-    g, level = circuit.graph, circuit.level
-    rank = ranks(g, circuit.values, level, by_abs)
-    n = n_items(g, level)
-    path.mkdir(parents=True, exist_ok=True)
-    for budget in MIB_BUDGETS:
-        mask = prune(g, top_mask(g, rank, math.floor(budget * n + 1e-9), level))
-        doc = mib_dict(circuit, d_model, mask=mask, scores=False)
-        write_atomic(path / f"edges_{budget * 100:g}.json", dumps(doc).encode("utf-8"))
-    return path
-
-
 def export(circuit: Circuit, path: str | Path, format: str | None = None,
            **options: Any) -> Path:
     """Write a circuit as ``json`` (our lossless format), ``graphml``, ``dot`` or ``mib``.
@@ -673,6 +473,5 @@ def export(circuit: Circuit, path: str | Path, format: str | None = None,
         return export_graphml(circuit, path, **options)
     if fmt == "mib":
         return export_mib(circuit, path, **options)
-    from .render import render
 
     return render(circuit, path, format="dot", **options)

@@ -173,8 +173,40 @@ def kl(logits: Tensor, batch: Batch) -> Tensor:
         raise TaskError(
             "metric 'kl' needs the clean logits: call batch.with_clean_logits(logits) first"
         )
-    clean = _full(batch.clean_logits).log_softmax(-1)  # [batch, vocab]
-    current = logits.log_softmax(-1)
+    return kl_divergence(batch.clean_logits, logits)
+
+
+def kl_divergence(clean_logits: Tensor, logits: Tensor) -> Tensor:
+    """KL(clean || current) over the last dimension, computed in float32 at least.
+
+    A half-precision log-softmax over a large vocabulary rounds each log-probability (about
+    ``log(vocab)`` in size) to a few significant digits, far more than the small differences
+    the KL sums; both distributions are upcast first.
+
+    Parameters
+    ----------
+    clean_logits : Tensor
+        ``[..., vocab]`` the clean run's logits.
+    logits : Tensor
+        ``[..., vocab]`` the current logits, broadcastable against `clean_logits` (e.g.
+        ``[C, batch, vocab]`` variants of a ``[batch, vocab]`` batch).
+
+    Returns
+    -------
+    Tensor
+        The broadcast shape without the last dimension; values ``>= 0``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> clean = torch.tensor([[0.0, 0.0]])
+    >>> round(float(kl_divergence(clean, torch.tensor([[0.0, 0.0]]))), 6)
+    0.0
+    >>> kl_divergence(clean, torch.zeros(3, 1, 2, dtype=torch.bfloat16)).dtype
+    torch.float32
+    """
+    clean = _full(clean_logits).log_softmax(-1)  # [..., vocab]
+    current = _full(logits).log_softmax(-1)
     return (clean.exp() * (clean - current)).sum(-1)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError, OptionError, TaskError
+from .tokenizer import folder_tokenizer
 from .weights import (
     FINGERPRINT_SAMPLES,
     SAFE_ONLY,
@@ -405,7 +406,8 @@ def load_model(
         The folder is missing or incomplete; config.json is not JSON or has a shape field that
         is not a positive integer; the weights are not safetensors, or a safetensors file is
         truncated or of another format; the weights do not match the config (missing, unused
-        or of another shape); or the hub could not be reached.
+        or of another shape); the hub could not be reached; or transformers loads another
+        tokenizer class than the folder names and the folder's tokenizer.json cannot be loaded.
     OptionError
         The name is not a non-empty string or path; the device or dtype is unknown or not
         available here, or the model cannot run in that dtype on that device.
@@ -414,7 +416,10 @@ def load_model(
     -----
     Weights are read from safetensors files only: a PyTorch ``.bin`` file is a pickle, which
     can run code when read, so it is never opened (a folder or hub model with only those is
-    refused with how to convert it). No remote code runs.
+    refused with how to convert it). No remote code runs. The tokenizer is the one the
+    folder's tokenizer_config.json names: where transformers loads another class (it forces
+    ``Qwen2Tokenizer`` on every ``qwen2`` folder) that tokenizes text differently, the folder's
+    tokenizer.json is used instead, with a warning (`circuits.tokenizer`).
 
     Examples
     --------
@@ -456,6 +461,9 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(
                 source, local_files_only=local_only, trust_remote_code=False
             )
+            # transformers may load another class than the folder names (circuits.tokenizer)
+            tokenizer, note = folder_tokenizer(
+                tokenizer, folder if folder is not None else _hub_folder(display))
             # mismatched shapes are reported through the loading info, checked below
             hf, info = AutoModelForCausalLM.from_pretrained(
                 source, dtype=dtype, local_files_only=local_only, use_safetensors=True,
@@ -479,6 +487,8 @@ def load_model(
         if bars:
             hf_logging.enable_progress_bar()
     check_loading_info(info, display)
+    if note is not None:
+        warnings.warn(note, stacklevel=2)
     logging.getLogger(__name__).debug("loaded %s", display)
     hf.eval().to(device)
     if dtype != torch.float32:

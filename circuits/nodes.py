@@ -12,7 +12,9 @@ in the model's own module tree, four kinds of hook sites, named like the graph's
     outputs before they are mixed. ``[b, p, dh]``. With grouped-query attention that input still
     holds every query head. Replacing the slice changes the head's write ``z_h @ W_O[h]`` and
     nothing else, which is what the edge engine's head source is (the output bias belongs to no
-    head).
+    head) — except where a layer's heads share a post-norm (Gemma-2): the norm's scale comes
+    from the sum of the heads' writes, so the slice moves every head of the layer, and the
+    engine's ablated head differs (`shared_post_norm`).
 ``m{l}``
     The output of layer ``l``'s MLP module (``mlp``, ``feed_forward``, ...). ``[b, p, d]``. A
     layer that holds its MLP's linear layers itself, with no MLP module around them (OPT's
@@ -27,26 +29,21 @@ Every read or patch of many nodes is one traced forward. `patch_each` runs many 
 patches in one forward by repeating the batch, variant-major (rows ``c*b:(c+1)*b`` belong to
 variant ``c``), in chunks of at most ``chunk`` rows.
 
-On top of these, for a `Setup`: `ablated_values` gives each node's ablated value (resample, mean
-or zero ablation), and `metric_of_nodes` evaluates node-level circuits (sets of kept nodes, the
-rest ablated) on any causal LM; `node_sets` recognises the edge masks such circuits induce.
+Circuits of node sets (kept nodes, the rest ablated) are built on top of these in
+`circuits.node_circuits`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from .errors import OptionError, UnsupportedModelError
 from .model import Model
-
-if TYPE_CHECKING:
-    from .graph import Graph
-    from .setup import Setup
 
 SiteKind = Literal["input", "head", "mlp", "resid"]
 Positions = int | Sequence[int] | Tensor | None
@@ -237,7 +234,6 @@ class NodeSites:
 
 # -- discovery helpers ------------------------------------------------------------------------
 _PARALLEL_FLAGS = ("use_parallel_residual", "parallel_attn")
-NODE_ROWS = 512  # rows per forward of node-patched circuits (the edge engine's default budget)
 
 
 def is_parallel(cfg: Any, layer: nn.Module) -> bool:
@@ -573,132 +569,3 @@ def patch_each(
         batch_ids = ids.repeat(len(group), 1)  # [len(group) * b, p]
         pieces.append(_run(model, batch_ids, writes, [], last_only=last_only)[0])
     return torch.cat(pieces)
-
-
-def ablated_values(setup: Setup, sites: NodeSites, names: Sequence[str]) -> list[dict[str, Tensor]]:
-    """Per batch, each node's ablated value (broadcastable to the node's ``[b, p, width]``).
-
-    resample: the node's activation on the batch's corrupted prompts. mean: its mean over the
-    reference prompts (the batches' corrupted prompts unless `setup.mean_reference` is set), per
-    position when `setup.per_position`. zero: zeros.
-    """
-    if setup.ablation == "resample":
-        out = []
-        for batch in setup.batches:
-            out.append(collect(setup.model, batch.corrupt, names))
-            setup.node_passes.add_forward(batch.size)
-        return out
-    if setup.ablation == "zero":
-        dtype, device = setup.model.dtype, setup.model.device
-        zeros = {n: torch.zeros(1, 1, sites.width_of(n), dtype=dtype, device=device)
-                 for n in names}
-        return [zeros] * len(setup.batches)
-    reference = setup.mean_reference or [b.corrupt for b in setup.batches]
-    if setup.per_position and len({ids.shape[1] for ids in reference}) > 1:
-        raise OptionError("per-position mean ablation needs reference prompts of one length; "
-                          "use per_position=False or prompts of one token length")
-    totals: dict[str, Tensor] = {}
-    count = 0
-    for ids in reference:
-        acts = collect(setup.model, ids, names)  # name -> [b, p, width]
-        setup.node_passes.add_forward(ids.shape[0])
-        for name, act in acts.items():
-            dims = (0,) if setup.per_position else (0, 1)
-            s = act.sum(dims, keepdim=True)  # [1, p|1, width]
-            totals[name] = s if name not in totals else totals[name] + s
-        count += ids.shape[0] * (1 if setup.per_position else ids.shape[1])
-    means = {name: total / count for name, total in totals.items()}
-    return [means] * len(setup.batches)
-
-
-# -- circuits of node sets --------------------------------------------------------------------
-def node_sets(graph: Graph, masks: Tensor) -> Tensor | None:
-    """The kept nodes ``[C, n_src]`` of circuits ``[C, n_src, n_dst]`` that are all induced by
-    node sets, else None.
-
-    A node set K induces the edges from the sources in K into the inputs of the nodes in K and
-    into the logits (`Graph.node_mask_to_edges`, which always keeps ``input``; here ``input`` may
-    be left out too, as in the empty circuit). Every source feeds the logits, so K is read off
-    the logits column and the mask must be exactly what K induces.
-
-    Examples
-    --------
-    >>> from circuits.graph import Graph
-    >>> g = Graph(1, 2)
-    >>> node_sets(g, g.node_mask_to_edges(["a0.h1"])[None]).tolist()
-    [[True, False, True, False]]
-    >>> node_sets(g, g.mask_from_edges(["input->logits", "a0.h1->logits"])[None]) is None
-    True
-    """
-    masks = masks.bool() & graph.valid
-    keep = masks[:, :, graph.dst_index["logits"]]  # [C, n_src]
-    fed = torch.cat([keep, torch.ones(len(keep), 1, dtype=torch.bool)], 1)  # [C, n_src + 1]
-    dst_keep = (graph.feeds[None] & fed[:, None, :]).any(2)  # [C, n_dst]
-    induced = graph.valid & keep[:, :, None] & dst_keep[:, None, :]
-    return keep if torch.equal(induced, masks) else None
-
-
-def metric_of_nodes(
-    setup: Setup, keep: Tensor, chunk: int | None = None, per_prompt: bool = False
-) -> Tensor:
-    """The task metric with every source node outside each node set ablated, by node patching.
-
-    Each ablated node's output is replaced by its ablated value (resample: its output on the
-    corrupted prompts; mean: its mean output over the reference prompts; zero: zeros; see
-    `ablated_values`) by `patch_each`, so this runs on any causal LM. A node outside the circuit
-    reaches the rest of the model only through its outgoing edges, so this equals the edge
-    engine's metric of the circuit the node set induces (`node_sets`).
-
-    Parameters
-    ----------
-    setup : Setup
-    keep : Tensor
-        ``[C, n_src]`` bool over the graph's sources (``input``, heads, MLPs), True = kept.
-    chunk : int, optional
-        Most node sets run side by side in one forward (default: as many as fill `NODE_ROWS`
-        rows).
-    per_prompt : bool
-        Return every prompt's value instead of the mean.
-
-    Returns
-    -------
-    Tensor
-        ``[C]`` float64 (``[C, n_prompts]`` with `per_prompt`), as `metric_of_masks`.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from circuits import Setup
-    >>> from circuits.evaluate import metric_of_masks
-    >>> from circuits.testing import make_batch, tiny_gpt2
-    >>> setup = Setup(tiny_gpt2(), [make_batch(vocab=32)], "logit-diff")
-    >>> keep = torch.ones(2, setup.graph.n_sources, dtype=torch.bool)
-    >>> keep[1, 1:] = False  # only the input: every head and MLP ablated
-    >>> full = torch.stack([setup.graph.valid, setup.graph.node_mask_to_edges([])])
-    >>> torch.allclose(metric_of_nodes(setup, keep), metric_of_masks(setup, full), atol=1e-5)
-    True
-    """
-    g = setup.graph
-    keep = keep.bool().cpu()
-    if tuple(keep.shape[1:]) != (g.n_sources,):
-        raise OptionError(f"node sets must have shape [C, {g.n_sources}] (one flag per source), "
-                          f"got {list(keep.shape)}")
-    C = len(keep)
-    chunk = chunk or max(1, NODE_ROWS // max(b.size for b in setup.batches))
-    names = list(g.sources)
-    ablated = ablated_values(setup, NodeSites.of(setup.model), names)
-    out = []
-    for batch, values in zip(setup.batches, ablated, strict=True):
-        rows = torch.empty(C, batch.size, dtype=torch.float64)
-        for start in range(0, C, chunk):
-            part = keep[start:start + chunk].tolist()
-            variants = [{n: values[n] for n, kept in zip(names, row, strict=True) if not kept}
-                        for row in part]
-            logits = patch_each(setup.model, batch.clean, variants, chunk=len(part) * batch.size,
-                                last_only=True)  # [c * b, vocab]
-            setup.node_passes.add_forward(len(part) * batch.size)
-            m = setup.metric_values(logits, batch).view(len(part), batch.size)
-            rows[start:start + len(part)] = m.double().cpu()
-        out.append(rows)
-    per = torch.cat(out, 1)  # [C, n_prompts]
-    return per if per_prompt else per.mean(1)

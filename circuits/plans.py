@@ -13,40 +13,89 @@ Everything a run needs to know is resolved once into a frozen `RunPlan`: the sta
 at, how many variants of the batch run side by side, which destinations of each stage read an
 input of their own (the others share the residual, so an unpatched run costs what the model's
 own forward costs), which sources are mixed into them, whether the run is recorded as a `Trace`
-and whether only the last position's logits are wanted. Several kinds of work are shared or
-skipped where the plan allows, each an exact rewrite of the run:
+and whether only the last position's logits are wanted.
 
-- a source whose weight is the same into all its destinations is *folded*: its output itself is
-  moved towards its ablated value (an interpolated input, a removed node), with no per-edge
-  mixing; a source folded all the way in every variant is not computed at all when it is an
-  MLP (or every head of a layer), and the inputs of the destinations that only feed such
-  sources are not patched, since nothing reads what they lead to;
-- a reader whose destinations have most of their incoming edges ablated mixes the few *kept*
-  ones out of the fully ablated residual instead (``resid + sum of every upstream delta - sum
-  of the kept edges' deltas``), from running sums of the deltas;
-- a head whose own delta no later destination mixes in on its own reaches the residual only
-  through its layer's summed write: the layer's write is one output projection, with a write of
-  its own only for each head still read, and heads folded all the way are not computed (unless
-  a head of their key/value group is);
-- the layer a run of several variants starts at reads the same residual in every variant: it
-  is computed once, and per variant only the heads whose inputs differ between the variants
-  (ACDC's variants differ in the edges into one destination);
-- positions before ``first`` are the clean run's at every stage (the clean and corrupted
-  prompts share them): only later positions are computed, attending to the clean keys and
-  values of the earlier ones;
-- only the logits of ``columns`` are computed (metrics that read a few tokens).
+Work is shared or skipped by named *rewrites* (`REWRITES`), each exact for the values of a run
+or also for its gradients with respect to the edge weights (`Rewrite.exact_for`). The
+definition they must all keep is `circuits.reference.reference_logits`. A plan made with
+``gradients=True`` (weights that require gradients: learned masks) enables only the rewrites
+exact for gradients; this is the one place that decides it (`make_plan`), and a value-only
+rewrite handed weights that require gradients raises (`value_only`). A plan lists the rewrites
+it enabled (`RunPlan.rewrites`) and those the planner applied (`RunPlan.applied`); the
+executors consult `RunPlan.allows` for the ones decided as they run.
 
 The executors that carry plans out are in `circuits.runs`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from .errors import OptionError
 from .graph import Graph
+from .reach import idle_destinations
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """A named way of sharing or skipping work that leaves a run's result unchanged.
+
+    exact_for : "values" when only the logits are kept (gradients with respect to the edge
+    weights would be wrong or missing), "gradients" when the gradients are kept too.
+    """
+
+    name: str
+    exact_for: Literal["values", "gradients"]
+    doc: str
+
+
+REWRITES: dict[str, Rewrite] = {r.name: r for r in (
+    Rewrite("zero-edges", "values",
+            "edges of weight 0 in every variant are not mixed, and destinations without any "
+            "read the shared residual (a zero weight's gradient needs its edge)"),
+    Rewrite("fold", "values",
+            "a source with the same weight into all its destinations is moved at its output "
+            "(one factor per source, so only one edge would get its gradient)"),
+    Rewrite("idle-sources", "values",
+            "sources folded all the way are not computed, and the inputs of destinations "
+            "that only feed them are not patched (`circuits.reach`)"),
+    Rewrite("complement", "values",
+            "a reader with most edges ablated mixes the kept ones out of the fully ablated "
+            "residual, from running sums of the deltas"),
+    Rewrite("distinct-columns", "values",
+            "destinations with equal weights read one input, mixed and normalised once"),
+    Rewrite("shared-variants", "values",
+            "weights equal in every variant are mixed once for all variants"),
+    Rewrite("row-sums", "values",
+            "mostly-zero weights are mixed as sums of the weighted rows (CPU only: it reads "
+            "the weights on the host)"),
+    Rewrite("summed-heads", "values",
+            "heads whose own delta nothing reads reach the residual through one output "
+            "projection of the layer"),
+    Rewrite("start-layer", "values",
+            "the layer a run of several variants starts at is computed once, and per variant "
+            "only the heads whose inputs differ"),
+    Rewrite("prefix", "gradients",
+            "positions before `first` are the clean run's (prompts share them): only later "
+            "positions are computed"),
+    Rewrite("columns", "gradients", "only the logits of the wanted token columns are computed"),
+    Rewrite("shared-read", "gradients",
+            "destinations that read the shared residual only for their input gradients "
+            "normalise it once (`_SharedRead`)"),
+)}
+GRADIENT_SAFE = frozenset(n for n, r in REWRITES.items() if r.exact_for == "gradients")
+
+
+def value_only(name: str, *weights: Tensor | None) -> None:
+    """Refuse weights that require gradients at a rewrite exact for values only."""
+    if any(w is not None and w.requires_grad for w in weights):
+        raise OptionError(f"weights that require gradients reached the {name!r} rewrite, "
+                          "which is exact for values only; plan the run with gradients=True "
+                          "(Engine.patched_logits does when ablate requires grad)")
 
 
 @dataclass(frozen=True)
@@ -54,8 +103,8 @@ class ReaderPlan:
     """The destinations of one reader (a layer's attention, a layer's MLP, the unembedding) that
     read an input of their own.
 
-    first : the graph index of the reader's first destination. n_up : the sources upstream of
-    it. own : ``[n]`` the positions of those destinations among the reader's. weights : ``[C,
+    dst_start : the graph index of the reader's first destination. n_up : the sources upstream
+    of it. own : ``[n]`` the positions of those destinations among the reader's. weights : ``[C,
     n_up, n]`` (``[1, n_up, n]`` when every variant has the same) the weights of the upstream
     sources' deltas, or None when only gradients are wanted there. used : ``[n_up]`` bool, the
     sources with a nonzero weight into them. complement : the weights are those of the edges
@@ -64,7 +113,7 @@ class ReaderPlan:
     distinct column once, ``[C, n_up, u]``, and destination i reads input ``groups[i]``.
     """
 
-    first: int
+    dst_start: int
     n_up: int
     own: Tensor
     weights: Tensor | None
@@ -90,6 +139,9 @@ class RunPlan:
     read : ``[n_src]`` bool or None (every source), the sources whose own delta some later
     destination mixes into its input. A head outside it reaches the residual only through its
     layer's summed write, so its own write need not be formed.
+
+    rewrites : the rewrites enabled (all of `REWRITES`, or those exact for gradients when the
+    run is differentiated with respect to the weights). applied : those the planner applied.
     """
 
     variants: int
@@ -102,6 +154,17 @@ class RunPlan:
     columns: Tensor | None = None  # the only logits computed
     idle: Tensor | None = None
     read: Tensor | None = None
+    rewrites: frozenset[str] = frozenset(REWRITES)
+    applied: frozenset[str] = field(default_factory=frozenset)
+
+    def allows(self, rewrite: str) -> bool:
+        """The executors may apply `rewrite` (a name in `REWRITES`)."""
+        return rewrite in self.rewrites
+
+    @property
+    def gradients(self) -> bool:
+        """The run is differentiated with respect to the edge weights."""
+        return self.rewrites <= GRADIENT_SAFE
 
     @property
     def patched(self) -> bool:
@@ -140,6 +203,7 @@ def make_plan(
     first: int = 0,
     columns: Tensor | None = None,
     post_norm: bool = False,
+    gradients: bool = False,
 ) -> RunPlan:
     """Resolve a run.
 
@@ -165,19 +229,29 @@ def make_plan(
     post_norm : bool
         The heads of a layer share a post-norm's scale: a head's inputs matter to the other
         heads' outputs even when its own output is replaced.
+    gradients : bool
+        The run's logits are differentiated with respect to `weights`: every edge from `start`
+        on is mixed on its own, and only the rewrites exact for gradients are enabled.
     """
     if first and keep:
         raise ValueError("a run that records a Trace computes every position")
+    if weights is not None and weights.requires_grad and not gradients:
+        value_only("zero-edges", weights)
+    enabled = GRADIENT_SAFE if gradients else frozenset(REWRITES)
+    applied = {name for name, on in (("prefix", first), ("columns", columns is not None)) if on}
     C = 1 if weights is None else weights.shape[0]
     fold = idle = None
-    if weights is not None and not keep:
+    if weights is not None and not keep and not gradients:
         fold, weights = _fold(graph, weights, start)
         idle, weights = _idle(graph, fold, weights, post_norm)
-    # which edges are ablated in some variant: one transfer from the weights' device
-    nonzero = None if weights is None else (weights != 0).any(0).cpu()  # [n_src, n_dst]
+        applied |= {name for name, on in (("fold", fold), ("idle-sources", idle)) if on is not None}
+    # which edges are mixed in some variant: one transfer from the weights' device
+    mixed = None
+    if weights is not None:
+        mixed = graph.valid if gradients else (weights != 0).any(0).cpu()  # [n_src, n_dst]
     need_all = torch.zeros(graph.n_destinations, dtype=torch.bool)
-    if nonzero is not None:
-        need_all |= nonzero.any(0)
+    if mixed is not None:
+        need_all |= mixed.any(0)
     if own is not None:
         need_all |= own.cpu()
     readers: dict[int, ReaderPlan] = {}
@@ -185,36 +259,52 @@ def make_plan(
         stage = int(graph.dst_stage[dsts.start])
         if stage < start or not need_all[dsts].any():
             continue
-        n_up = graph.n_sources_before(stage)
-        pos = need_all[dsts].nonzero().squeeze(1)
-        w = used = groups = None
-        complement = False
-        if nonzero is not None:
-            used = nonzero[:n_up, dsts][:, pos].any(1)  # [n_up]
-            if used.any():
-                w = weights[:, :n_up, dsts][:, :, pos.to(weights.device)]  # [C, n_up, n]
-                if C > 1 and bool((w == w[:1]).all()):
-                    w = w[:1]  # the same in every variant: one product mixes them all
-                w, used, complement = _complement(graph.valid[:n_up, dsts][:, pos], w, used)
-                if complement and used is not None and idle is not None:
-                    # idle sources keep their edges only nominally: their deltas are zero, so
-                    # their weights are dropped (their buffer rows are never written)
-                    active = ~idle[:n_up]
-                    w = w * active.to(w.device, w.dtype).view(1, -1, 1)
-                    used = used & active
-                    used = used if used.any() else None
-                if own is None:  # no destination's own gradient is wanted
-                    w, groups = _distinct(w)
-            else:
-                used = None
-        readers[dsts.start] = ReaderPlan(dsts.start, n_up, pos, w, used, complement, groups)
+        rp = _reader(graph, dsts, need_all, weights, mixed, idle, own is None, enabled, applied)
+        readers[dsts.start] = rp
     read = None
-    if not keep and own is None:
+    if not keep and own is None and "summed-heads" in enabled:
         read = torch.zeros(graph.n_sources, dtype=torch.bool)
         for rp in readers.values():
             if rp.used is not None:
                 read[:rp.n_up] |= rp.used
-    return RunPlan(C, start, readers, fold, keep, last_only, first, columns, idle, read)
+    return RunPlan(C, start, readers, fold, keep, last_only, first, columns, idle, read,
+                   enabled, frozenset(applied))
+
+
+def _reader(graph: Graph, dsts: slice, need_all: Tensor, weights: Tensor | None,
+            mixed: Tensor | None, idle: Tensor | None, share_columns: bool,
+            enabled: frozenset[str], applied: set[str]) -> ReaderPlan:
+    """The plan of one reader whose destinations `dsts` include some with inputs of their own
+    (`need_all`); records the rewrites it applies in `applied`."""
+    n_up = graph.n_sources_before(int(graph.dst_stage[dsts.start]))
+    pos = need_all[dsts].nonzero().squeeze(1)
+    if mixed is None:
+        return ReaderPlan(dsts.start, n_up, pos, None, None)
+    used = mixed[:n_up, dsts][:, pos].any(1)  # [n_up]
+    if not used.any():
+        return ReaderPlan(dsts.start, n_up, pos, None, None)
+    w = weights[:, :n_up, dsts][:, :, pos.to(weights.device)]  # [C, n_up, n]
+    if "shared-variants" in enabled and w.shape[0] > 1 and bool((w == w[:1]).all()):
+        w = w[:1]  # the same in every variant: one product mixes them all
+        applied.add("shared-variants")
+    complement = False
+    if "complement" in enabled:
+        w, used, complement = _complement(graph.valid[:n_up, dsts][:, pos], w, used)
+    if complement:
+        applied.add("complement")
+        if used is not None and idle is not None:
+            # idle sources keep their edges only nominally: their deltas are zero, so their
+            # weights are dropped (their buffer rows are never written)
+            active = ~idle[:n_up]
+            w = w * active.to(w.device, w.dtype).view(1, -1, 1)
+            used = used & active
+            used = used if used.any() else None
+    groups = None
+    if share_columns and "distinct-columns" in enabled:  # no destination's own gradient wanted
+        w, groups = _distinct(w)
+        if groups is not None:
+            applied.add("distinct-columns")
+    return ReaderPlan(dsts.start, n_up, pos, w, used, complement, groups)
 
 
 def _complement(valid: Tensor, w: Tensor, used: Tensor
@@ -224,6 +314,7 @@ def _complement(valid: Tensor, w: Tensor, used: Tensor
     sources have a kept (not fully ablated) edge into them than an ablated one, the kept part
     ``1 - w``: ``input = resid + sum of all deltas - sum of (1 - w) * delta``. Returns the
     weights, the sources they use (None: none) and whether they are the complement."""
+    value_only("complement", w)
     if not bool(valid.all()):
         return w, used, False
     kept = 1 - w
@@ -237,6 +328,7 @@ def _distinct(w: Tensor) -> tuple[Tensor, Tensor | None]:
     """Weights ``[C, n_up, n]`` with each distinct destination column once ``[C, n_up, u]``, and
     the column each destination reads ``[n]`` (None when all are distinct): destinations with
     the same weights read the same input, mixed and normalised once."""
+    value_only("distinct-columns", w)
     if w.shape[2] < 2:
         return w, None
     cols, groups = torch.unique(w.permute(2, 0, 1).flatten(1), dim=0, return_inverse=True)
@@ -248,18 +340,16 @@ def _distinct(w: Tensor) -> tuple[Tensor, Tensor | None]:
 def _idle(graph: Graph, fold: Tensor | None, weights: Tensor | None, post_norm: bool
           ) -> tuple[Tensor | None, Tensor | None]:
     """The sources folded all the way in every variant ``[n_src]`` (None: none), and `weights`
-    without the edges into destinations that feed only such sources (what those destinations
-    read cannot matter: the sources they feed are replaced whatever they compute; with a
-    post-norm, only MLP inputs are left out, heads share the norm's scale)."""
+    without the edges into destinations whose input cannot matter once those sources are
+    replaced (`circuits.reach.idle_destinations`, which knows the post-norm's coupling)."""
     if fold is None:
         return None, weights
+    value_only("idle-sources", fold, weights)
     idle = (fold == 1).all(0).cpu()  # [n_src]
     if not idle.any():
         return None, weights
     if weights is not None:
-        useless = ~(graph.feeds[:, :-1] & ~idle).any(1) & ~graph.feeds[:, -1]  # [n_dst]
-        if post_norm:
-            useless[graph.dst_head >= 0] = False
+        useless = idle_destinations(graph, idle, post_norm)  # [n_dst]
         if useless.any():
             weights = weights * ~useless.to(weights.device)
             if not bool((weights != 0).any()):
@@ -274,9 +364,10 @@ def _fold(graph: Graph, weights: Tensor, start: int) -> tuple[Tensor | None, Ten
     Only sources computed in the run (at `start` or later) can be folded; the others' outputs
     come from the trace, inside the residual the run starts from.
     """
+    value_only("fold", weights)
     valid = graph.valid.to(weights.device)
-    first = valid.to(torch.uint8).argmax(1)  # every source has a destination (the logits)
-    ref = weights.gather(2, first.view(1, -1, 1).expand(weights.shape[0], -1, 1))  # [C, n_src, 1]
+    head = valid.to(torch.uint8).argmax(1)  # each source's first destination (it has the logits)
+    ref = weights.gather(2, head.view(1, -1, 1).expand(weights.shape[0], -1, 1))  # [C, n_src, 1]
     same = ((weights == ref) | ~valid).all(2).all(0) & (ref != 0).any(0).squeeze(1)
     same[:graph.n_sources_before(start)] = False
     if not same.any():

@@ -14,242 +14,29 @@ They are *not causal*: they write into residual dimensions that nothing on the w
 reads. A method that scores "how much a component does" instead of "how much the answer depends
 on it" ranks them high; exact edge patching gives them exactly zero.
 
-How a hand-set model stays exact
---------------------------------
-The residual stream is cut into blocks, one per writer (token embedding, position embedding,
-each head, each MLP). Every write is "one-hot minus sink": ``+1`` in one dimension of the
-writer's block and ``-1`` in the block's sink dimension. So
-
-* the residual always has mean zero and squared norm ``2 x (writers so far)`` plus a constant
-  "ballast" written by the position embedding: LayerNorm only divides by a known root mean
-  square, and its gain is set to that value (to the last float bit), which makes every
-  LayerNorm the identity on the prompts the model is built for;
-* resample ablation swaps a writer's one-hot for another of its one-hots and keeps the norm, so
-  an edge into a destination that ignores the writer's block changes nothing, not even through
-  LayerNorm;
-* the ballast (squared norm ``2 x BALLAST^2``, far above the writes') keeps LayerNorm's scale
-  nearly constant off those prompts too, so gradient methods, which see LayerNorm's first-order
-  response to a write's norm, see only a small leak through it;
-* every attention pattern is sharp (score margins of at least ``SHARP / 4`` after GPT-2's
-  ``1/sqrt(d_head)`` scaling, with a fallback to the first token when nothing matches), so head
-  outputs are one-hots too, on clean and corrupted prompts alike;
-* each MLP neuron is an AND of one-hot inputs, ``relu(sum - (k - 1))``: exactly one neuron
-  fires, with value 1, so MLP outputs are one-hots.
-
-The answer's logit is ``LOGIT_SCALE``, every other logit 0, so a working circuit gives a logit
-difference of ``LOGIT_SCALE`` (10) and each circuit edge, ablated alone, moves it by several
-units, while every other edge moves it by float rounding (< 1e-6).
+How the models stay exact (one-hot writes, LayerNorm gains set to the last bit, sharp
+attention, AND neurons) is explained in `circuits.handset`, the canvas they are drawn on.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .errors import OptionError
+from .handset import BALLAST as BALLAST  # re-exported, as is LOGIT_SCALE: tests read them
+from .handset import EOS, SHARP, UNK, Canvas, identity, same_pairs, shift_pairs
+from .handset import LOGIT_SCALE as LOGIT_SCALE
 from .model import Model
 from .task import Example
 
-SHARP = 40.0  # attention score of a full match, after GPT-2's 1/sqrt(d_head) scaling
-LOGIT_SCALE = 10.0  # the answer's logit; every other logit is 0
-BALLAST = 16.0  # size of the constant write that keeps every LayerNorm's scale nearly fixed
-EOS, UNK = "<|endoftext|>", "<unk>"
 NAMES = ("planted-induction", "planted-ioi", "planted-mlp")
-
-
-# A head's value: (block it reads, block it writes, index map from the first to the second).
-_Value = tuple[str, str, Callable[[int], int]]
-
-
-# -- the canvas: residual blocks, heads and MLPs set by hand ---------------------------------------
-class _Canvas:
-    """Allocates residual blocks and sets a GPT-2's weights head by head and MLP by MLP."""
-
-    def __init__(self, vocab: Sequence[str], n_positions: int, n_layers: int, n_heads: int,
-                 blocks: dict[str, int]) -> None:
-        self.vocab = list(vocab)
-        self.token = {w: i for i, w in enumerate(self.vocab)}
-        self.n_positions, self.n_layers, self.n_heads = n_positions, n_layers, n_heads
-        # block name -> (first dimension, number of one-hot dimensions); the sink follows them
-        self.blocks: dict[str, tuple[int, int]] = {}
-        start = 0
-        layout = {"TOK": len(self.vocab), "POS": n_positions, "BAL": 1, **blocks}
-        for name, size in layout.items():
-            self.blocks[name] = (start, size)
-            start += size + 1
-        self.d_model = -(-start // n_heads) * n_heads
-        self.d_head = self.d_model // n_heads
-        self.writers: dict[str, str] = {}  # source name -> block it writes
-        self._neurons: dict[int, list[tuple[list[tuple[str, int]], str, int]]] = {}
-        self._heads: dict[tuple[int, int], tuple[list, _Value]] = {}
-
-    def dim(self, block: str, i: int) -> int:
-        start, size = self.blocks[block]
-        if not 0 <= i < size:
-            raise IndexError(f"index {i} outside block {block} of size {size}")
-        return start + i
-
-    def sink(self, block: str) -> int:
-        start, size = self.blocks[block]
-        return start + size
-
-    def head(self, layer: int, head: int, terms: list[tuple], value: _Value) -> None:
-        """Declare a head: its attention-score terms and its value map ``src -> out``.
-
-        Terms are ``("pairs", q_block, k_block, [(i_q, i_k), ...], weight)`` (score ``weight``
-        when the query has ``i_q`` and the key ``i_k``) or ``("const", k_block, [i, ...],
-        weight)`` (score ``weight`` for keys holding any of the indices).
-        """
-        self._heads[(layer, head)] = (terms, value)
-        self.writers[f"a{layer}.h{head}"] = value[1]
-
-    def mlp(self, layer: int, inputs: list[str], table: Callable[..., int], out: str) -> None:
-        """Declare an MLP that writes ``table(i, j, ...)`` of its input blocks' one-hots."""
-        sizes = [self.blocks[b][1] for b in inputs]
-        combos = [()]
-        for size in sizes:
-            combos = [c + (i,) for c in combos for i in range(size)]
-        self._neurons[layer] = [(list(zip(inputs, c, strict=True)), out, table(*c))
-                                for c in combos]
-        self.writers[f"m{layer}"] = out
-
-    def build(self, name: str, readout: str) -> Model:
-        """Create the GPT-2 with every weight zero but those declared, and its tokenizer."""
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        n_inner = max((len(v) for v in self._neurons.values()), default=1)
-        cfg = GPT2Config(
-            vocab_size=len(self.vocab), n_positions=self.n_positions, n_embd=self.d_model,
-            n_layer=self.n_layers, n_head=self.n_heads, n_inner=n_inner,
-            activation_function="relu", layer_norm_epsilon=1e-12, tie_word_embeddings=False,
-            bos_token_id=0, eos_token_id=0, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-        hf = GPT2LMHeadModel(cfg).eval()
-        with torch.no_grad():
-            for p in hf.parameters():
-                p.zero_()
-            t = hf.transformer
-            for i in range(len(self.vocab)):
-                self._write(t.wte.weight[i], "TOK", i)
-            for i in range(self.n_positions):
-                self._write(t.wpe.weight[i], "POS", i)
-                self._write(t.wpe.weight[i], "BAL", 0, BALLAST)
-            writers = 2  # token and position embeddings
-            for layer, block in enumerate(t.h):
-                block.ln_1.weight.fill_(self._gain(writers))
-                for h in range(self.n_heads):
-                    if (layer, h) in self._heads:
-                        self._set_head(block.attn, h, *self._heads[(layer, h)])
-                        writers += 1
-                block.ln_2.weight.fill_(self._gain(writers))
-                if layer in self._neurons:
-                    self._set_mlp(block.mlp, self._neurons[layer])
-                    writers += 1
-            t.ln_f.weight.fill_(self._gain(writers))
-            start, size = self.blocks[readout]
-            for i in range(min(size, len(self.vocab))):
-                hf.lm_head.weight[i, start + i] = LOGIT_SCALE
-        return Model(hf=hf, tokenizer=_tokenizer(self.vocab), name=name)
-
-    def _gain(self, writers: int) -> float:
-        """The LayerNorm gain that maps this residual's ``+-1`` entries to exactly ``+-1``.
-
-        Each write has squared norm 2 and they are orthogonal, so the residual's rms is
-        ``sqrt((2 writers + 2 BALLAST^2) / d)``; the gain is that, nudged by a few float steps
-        until float32 LayerNorm returns 1.0 exactly (so sums stay exact downstream).
-        """
-        d = self.d_model
-        x = torch.zeros(d)
-        x[:writers], x[writers:2 * writers] = 1.0, -1.0
-        x[-2:] = torch.tensor([BALLAST, -BALLAST])
-        gain = torch.tensor(math.sqrt(float(x.square().sum()) / d))
-        for _ in range(16):
-            y = torch.nn.functional.layer_norm(x, (d,), gain.expand(d), None, eps=1e-12)
-            if y[0] == 1.0:
-                break
-            gain = torch.nextafter(gain, gain * (2.0 if y[0] < 1.0 else 0.5))
-        return float(gain)
-
-    def _write(self, row: torch.Tensor, block: str, i: int, size: float = 1.0) -> None:
-        row[self.dim(block, i)] += size
-        row[self.sink(block)] -= size
-
-    def _set_head(self, attn: torch.nn.Module, h: int, terms: list[tuple], value: _Value
-                  ) -> None:
-        w, b = attn.c_attn.weight, attn.c_attn.bias  # [d, 3d] Conv1D: q | k | v, heads inside
-        q0, k0, v0 = (part * self.d_model + h * self.d_head for part in range(3))
-        scale = math.sqrt(self.d_head)  # undo GPT-2's 1/sqrt(d_head)
-        col = 0
-        for term in terms:
-            if term[0] == "pairs":
-                _, qb, kb, pairs, weight = term
-                for iq, ik in pairs:
-                    w[self.dim(qb, iq), q0 + col] = weight * scale
-                    w[self.dim(kb, ik), k0 + col] = 1.0
-                    col += 1
-            else:
-                _, kb, indices, weight = term
-                b[q0 + col] = weight * scale
-                for i in indices:
-                    w[self.dim(kb, i), k0 + col] = 1.0
-                col += 1
-        if col > self.d_head:
-            raise ValueError(f"head {h}: {col} query/key dimensions exceed d_head={self.d_head}")
-        src, out, fn = value
-        for i in range(self.blocks[src][1]):
-            w[self.dim(src, i), v0 + fn(i)] = 1.0
-        n_out = self.blocks[out][1]
-        w[self.sink(src), v0 + n_out] = 1.0  # the sink's -1 carries over to the output sink
-        proj = attn.c_proj.weight  # [H * d_head, d]
-        for j in range(n_out):
-            proj[h * self.d_head + j, self.dim(out, j)] = 1.0
-        proj[h * self.d_head + n_out, self.sink(out)] = 1.0
-
-    def _set_mlp(self, mlp: torch.nn.Module,
-                 neurons: list[tuple[list[tuple[str, int]], str, int]]) -> None:
-        fc, fc_b, proj = mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight
-        for n, (reads, out, j) in enumerate(neurons):
-            # an AND of one-hot inputs: relu(sum - (k - 1)) is 1 when all k inputs are on and 0
-            # otherwise, so exactly one neuron fires and the output is a one-hot.
-            for block, i in reads:
-                fc[self.dim(block, i), n] = 1.0
-            fc_b[n] = -(len(reads) - 1.0)
-            proj[n, self.dim(out, j)] = 1.0
-            proj[n, self.sink(out)] = -1.0
-
-
-def _tokenizer(vocab: Sequence[str]):
-    """A word-level tokenizer over `vocab` (words split on whitespace and punctuation)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, bos_token=EOS,
-                                   unk_token=UNK, pad_token=EOS)
-
-
-def _shift(n: int) -> list[tuple[int, int]]:
-    """Query position p matches key position p - 1 (and position 0 itself)."""
-    return [(0, 0)] + [(p, p - 1) for p in range(1, n)]
-
-
-def _same(indices: Sequence[int]) -> list[tuple[int, int]]:
-    return [(i, i) for i in indices]
-
-
-def _identity(i: int) -> int:
-    return i
 
 
 # -- planted-induction ---------------------------------------------------------------------------
@@ -267,22 +54,22 @@ INDUCTION_EDGES = frozenset({
 
 def _induction_model() -> Model:
     v = len(IND_VOCAB)
-    c = _Canvas(IND_VOCAB, IND_LENGTH, n_layers=2, n_heads=2, blocks={
+    c = Canvas(IND_VOCAB, IND_LENGTH, n_layers=2, n_heads=2, blocks={
         "PREV": v, "J0": v, "M0": 4, "OUT": v, "J1": 4, "M1": 3,
     })
     p = IND_LENGTH
     # a0.h0 previous-token head: position p attends to p - 1 and copies its token.
-    c.head(0, 0, [("pairs", "POS", "POS", _shift(p), SHARP)], ("TOK", "PREV", _identity))
+    c.head(0, 0, [("pairs", "POS", "POS", shift_pairs(p), SHARP)], ("TOK", "PREV", identity))
     # a0.h1 distractor: attends to itself and copies its token (differs clean vs corrupt).
-    c.head(0, 1, [("pairs", "POS", "POS", _same(range(p)), SHARP)], ("TOK", "J0", _identity))
+    c.head(0, 1, [("pairs", "POS", "POS", same_pairs(range(p)), SHARP)], ("TOK", "J0", identity))
     # m0 distractor: a function of that copy.
     c.mlp(0, ["J0"], lambda j: j % 4, "M0")
     # a1.h0 induction head: the current token matches the key whose previous token is the
     # same; with no match it falls back to the first token. It copies the token found.
-    c.head(1, 0, [("pairs", "TOK", "PREV", _same(range(v)), SHARP),
-                  ("const", "POS", [0], SHARP / 2)], ("TOK", "OUT", _identity))
+    c.head(1, 0, [("pairs", "TOK", "PREV", same_pairs(range(v)), SHARP),
+                  ("const", "POS", [0], SHARP / 2)], ("TOK", "OUT", identity))
     # a1.h1 distractor: attends to itself and copies m0's output.
-    c.head(1, 1, [("pairs", "POS", "POS", _same(range(p)), SHARP)], ("M0", "J1", _identity))
+    c.head(1, 1, [("pairs", "POS", "POS", same_pairs(range(p)), SHARP)], ("M0", "J1", identity))
     # m1 distractor: reads the circuit's previous-token signal and a1.h1's output.
     c.mlp(1, ["PREV", "J1"], lambda a, b: (a + b) % 3, "M1")
     return c.build("planted-induction", "OUT")
@@ -328,36 +115,36 @@ IOI_EDGES = frozenset({
 def _ioi_model() -> Model:
     v, p = len(IOI_VOCAB), IOI_LENGTH
     names = [IOI_VOCAB.index(w) for w in IOI_NAMES]
-    c = _Canvas(IOI_VOCAB, p, n_layers=3, n_heads=2, blocks={
+    c = Canvas(IOI_VOCAB, p, n_layers=3, n_heads=2, blocks={
         "DUP": p, "J0": v, "M0": 4, "INH": v, "J1": 4, "M1": 3, "MOVE": v, "J2": 3, "M2": 4,
     })
     # a0.h0 duplicate-token head: a name attends to an earlier copy of itself (its own
     # position is excluded), else to the first token; it writes the position it found.
-    c.head(0, 0, [("pairs", "TOK", "TOK", _same(names), SHARP),
-                  ("pairs", "POS", "POS", _same(range(p)), -SHARP),
-                  ("const", "POS", [0], SHARP / 2)], ("POS", "DUP", _identity))
+    c.head(0, 0, [("pairs", "TOK", "TOK", same_pairs(names), SHARP),
+                  ("pairs", "POS", "POS", same_pairs(range(p)), -SHARP),
+                  ("const", "POS", [0], SHARP / 2)], ("POS", "DUP", identity))
     # a0.h1 distractor: previous-token copy.
-    c.head(0, 1, [("pairs", "POS", "POS", _shift(p), SHARP)], ("TOK", "J0", _identity))
+    c.head(0, 1, [("pairs", "POS", "POS", shift_pairs(p), SHARP)], ("TOK", "J0", identity))
     # m0 distractor: a function of the current token.
     c.mlp(0, ["TOK"], lambda t: t % 4, "M0")
     # a1.h0 inhibition head: attends to the position marked as a duplicate (else the first
     # token) and moves the repeated name there into INH.
     c.head(1, 0, [("const", "DUP", list(range(1, p)), SHARP),
-                  ("const", "POS", [0], SHARP / 2)], ("TOK", "INH", _identity))
+                  ("const", "POS", [0], SHARP / 2)], ("TOK", "INH", identity))
     # a1.h1 distractor: attends to the first name's position, copies m0's output there.
     c.head(1, 1, [("const", "POS", [2], SHARP), ("const", "POS", [0], SHARP / 2)],
-           ("M0", "J1", _identity))
+           ("M0", "J1", identity))
     # m1 distractor: reads the duplicate mark and a1.h1's output.
     c.mlp(1, ["DUP", "J1"], lambda a, b: (a + b) % 3, "M1")
     # a2.h0 name mover: attends to names, except the inhibited one (-2 SHARP), with a tie-break
     # for the first name (SHARP / 2) so that it stays sharp when nothing is inhibited; copies
     # the name it attends to.
     c.head(2, 0, [("const", "TOK", names, SHARP),
-                  ("pairs", "INH", "TOK", _same(names), -2 * SHARP),
+                  ("pairs", "INH", "TOK", same_pairs(names), -2 * SHARP),
                   ("const", "POS", [2], SHARP / 2),
-                  ("const", "POS", [0], SHARP / 2)], ("TOK", "MOVE", _identity))
+                  ("const", "POS", [0], SHARP / 2)], ("TOK", "MOVE", identity))
     # a2.h1 distractor: attends to itself, copies m1's output.
-    c.head(2, 1, [("pairs", "POS", "POS", _same(range(p)), SHARP)], ("M1", "J2", _identity))
+    c.head(2, 1, [("pairs", "POS", "POS", same_pairs(range(p)), SHARP)], ("M1", "J2", identity))
     # m2 distractor: reads the inhibited name and a2.h1's output.
     c.mlp(2, ["INH", "J2"], lambda a, b: (a + b) % 4, "M2")
     return c.build("planted-ioi", "MOVE")
@@ -390,7 +177,7 @@ MLP_EDGES = frozenset({
 
 def _mlp_model() -> Model:
     v, p = len(MLP_VOCAB), MLP_LENGTH
-    c = _Canvas(MLP_VOCAB, p, n_layers=2, n_heads=3, blocks={
+    c = Canvas(MLP_VOCAB, p, n_layers=2, n_heads=3, blocks={
         "X": v, "Y": v, "J0": v, "ANS": v, "J1": v, "J2": v, "J3": v, "M1": 3,
     })
     first = MLP_VOCAB.index("0")
@@ -403,16 +190,16 @@ def _mlp_model() -> Model:
 
     fallback = ("const", "POS", [0], SHARP / 2)
     # a0.h0 / a0.h1: the last position attends to position 1 / 3 and copies the digit there.
-    c.head(0, 0, [("const", "POS", [1], SHARP), fallback], ("TOK", "X", _identity))
-    c.head(0, 1, [("const", "POS", [3], SHARP), fallback], ("TOK", "Y", _identity))
+    c.head(0, 0, [("const", "POS", [1], SHARP), fallback], ("TOK", "X", identity))
+    c.head(0, 1, [("const", "POS", [3], SHARP), fallback], ("TOK", "Y", identity))
     # a0.h2 distractor: previous-token copy.
-    c.head(0, 2, [("pairs", "POS", "POS", _shift(p), SHARP)], ("TOK", "J0", _identity))
+    c.head(0, 2, [("pairs", "POS", "POS", shift_pairs(p), SHARP)], ("TOK", "J0", identity))
     # m0: the sum modulo 5 of the two digits, the answer the unembedding reads.
     c.mlp(0, ["X", "Y"], add, "ANS")
     # Layer 1 is all distractors: they read the circuit's blocks and write where no one looks.
-    c.head(1, 0, [("const", "POS", [1], SHARP), fallback], ("X", "J1", _identity))
-    c.head(1, 1, [("pairs", "POS", "POS", _same(range(p)), SHARP)], ("ANS", "J2", _identity))
-    c.head(1, 2, [("const", "POS", [2], SHARP), fallback], ("J0", "J3", _identity))
+    c.head(1, 0, [("const", "POS", [1], SHARP), fallback], ("X", "J1", identity))
+    c.head(1, 1, [("pairs", "POS", "POS", same_pairs(range(p)), SHARP)], ("ANS", "J2", identity))
+    c.head(1, 2, [("const", "POS", [2], SHARP), fallback], ("J0", "J3", identity))
     c.mlp(1, ["ANS", "J1"], lambda a, b: (a + 2 * b) % 3, "M1")
     return c.build("planted-mlp", "ANS")
 

@@ -35,12 +35,12 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from .errors import OptionError
+from .files import write_atomic
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from .batch import Batch
-    from .setup import Setup
+    from .model import Model
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def _quiet_unraisable(hook: Any) -> Any:
 
 
 # -- progress files -----------------------------------------------------------------------------
-def _canonical(run: dict[str, Any]) -> dict[str, Any]:
+def canonical(run: dict[str, Any]) -> dict[str, Any]:
     """`run` as it reads back from JSON (tuples become lists), checked to be JSON-able."""
     try:
         return json.loads(json.dumps(run, sort_keys=True, allow_nan=False))
@@ -236,7 +236,7 @@ class Checkpoint:
         if self.folder.exists() and not self.folder.is_dir():
             raise OptionError(f"{self.folder} is a file, where the progress folder goes; move "
                               "it away (it is not circuits' progress)")
-        self.run = _canonical(run)
+        self.run = canonical(run)
         self.resume = bool(resume)
         self.every = float(every)
         self._digest = _digest(self.run)
@@ -318,23 +318,21 @@ class Checkpoint:
 
     def load_for(self, name: str, header: dict[str, Any], what: str | None = None
                  ) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
-        """`load`, for progress whose state holds the `header` it was saved with (the settings
-        it depends on beyond the run description).
+        """`load`, for progress whose state holds the `header` it was saved with (its
+        `progress_key`: the settings it depends on beyond the run description).
 
-        Returns None without progress; raises OptionError, naming the header fields that
-        differ, for progress saved with another header. `what` names the progress in the
-        message (`name` by default).
+        Returns None without progress; raises OptionError, naming the first header field that
+        differs (a dotted path), for progress saved with another header. `what` names the
+        progress in the message (`name` by default).
         """
         saved = self.load(name)
         if saved is None:
             return None
-        header, old = _canonical(header), saved[1].get("header")
-        if old != header:
-            differ = sorted(k for k in header
-                            if not isinstance(old, dict) or old.get(k) != header[k])
+        header, old = canonical(header), saved[1].get("header")
+        field = _difference(old, header) if isinstance(old, dict) else "its header"
+        if field is not None:
             raise OptionError(f"the {what or name} progress in {self.folder} was saved by a "
-                              f"different run (differs in {', '.join(differ) or 'its header'})"
-                              f"; {RESTART}")
+                              f"different run (differs in {field}); {RESTART}")
         return saved
 
     def save(self, name: str, tensors: dict[str, Tensor], state: dict[str, Any],
@@ -367,8 +365,6 @@ class Checkpoint:
         if not force and last is not None and now - last < self.every:
             return
         self._claim()
-        from .io import write_atomic
-
         write_atomic(path, _pack(tensors, state, self._digest))
         self._last[name] = time.monotonic()
 
@@ -385,8 +381,6 @@ class Checkpoint:
         for stale in self.folder.iterdir():  # left by a crash inside write_atomic
             if _is_temporary(stale.name):
                 stale.unlink(missing_ok=True)
-        from .io import write_atomic
-
         doc = {"format": FORMAT, "version": VERSION, "run": self.run}
         write_atomic(self.folder / RUN_FILE,
                      json.dumps(doc, indent=1, sort_keys=True, allow_nan=False).encode("utf-8"))
@@ -471,82 +465,15 @@ def _unpack(data: bytes) -> tuple[dict[str, Tensor], dict[str, str]]:
     return load(data), meta
 
 
-def resumable_items(setup: Setup, name: str, sums: dict[str, Tensor],
-                    options: dict[str, Any]) -> Iterator[tuple[Batch, Tensor, float]]:
-    """``setup.items()`` for a method that adds up per-batch results, kept in `setup.checkpoint`.
-
-    The caller adds each batch's share to the tensors of `sums` *in place*; after each batch
-    they are saved (with how many batches are done) under `name`. With progress of the same
-    run in the checkpoint, `sums` are set to the saved values and the batches done are not
-    yielded again (their ablated outputs are still computed on the way for resample ablation;
-    nothing at all when every batch is done), so the totals are bit for bit those of an
-    uninterrupted run. Without a checkpoint this is ``setup.items()``.
-
-    Parameters
-    ----------
-    setup : Setup
-    name : str
-        The progress name (the method's).
-    sums : dict[str, Tensor]
-        The running totals, updated in place by the caller.
-    options : dict
-        JSON data: the method options the sums depend on (checked on resume).
-
-    Yields
-    ------
-    batch, ablated, weight
-        As `Setup.items` does.
-
-    Raises
-    ------
-    OptionError
-        The saved progress was made with other options or does not fit `sums`.
+def weights_key(model: Model) -> dict[str, str]:
+    """The part of a progress key that names the weights: their fingerprint
+    (`Model.fingerprint`, the same in every dtype) and the dtype they run in.
 
     Examples
     --------
-    >>> import tempfile, torch
-    >>> from circuits import Setup
-    >>> from circuits.testing import make_batch, tiny_gpt2
-    >>> batches = [make_batch(vocab=32, seed=0), make_batch(vocab=32, seed=1)]
-    >>> setup = Setup(tiny_gpt2(), batches, "logit-diff")
-    >>> setup.checkpoint = Checkpoint(tempfile.mkdtemp(), {"demo": 1}, every=0)
-    >>> sums = {"n": torch.zeros(1)}
-    >>> for batch, _, _ in resumable_items(setup, "demo", sums, {}):
-    ...     sums["n"] += batch.size
-    >>> setup.checkpoint = Checkpoint(setup.checkpoint.folder, {"demo": 1}, resume=True)
-    >>> again = {"n": torch.zeros(1)}
-    >>> [b.size for b, _, _ in resumable_items(setup, "demo", again, {})], again["n"].item()
-    ([], 8.0)
+    >>> from circuits.testing import tiny_gpt2
+    >>> model = tiny_gpt2()
+    >>> weights_key(model) == {"model": model.fingerprint, "dtype": "float32"}
+    True
     """
-    checkpoint = setup.checkpoint
-    if checkpoint is None:
-        yield from setup.items()
-        return
-    n = len(setup.batches)
-    header = {"version": VERSION, "options": options,
-              "batch_sizes": [b.size for b in setup.batches]}
-    done = _resume_sums(checkpoint, name, sums, header)
-    if done >= n:
-        return
-    for i, item in enumerate(setup.items()):
-        if i < done:
-            continue
-        yield item
-        checkpoint.save(name, sums, {"header": header, "done": i + 1}, force=i + 1 == n)
-
-
-def _resume_sums(checkpoint: Checkpoint, name: str, sums: dict[str, Tensor],
-                 header: dict[str, Any]) -> int:
-    """How many batches the saved progress covers (0 without any), its sums copied into
-    `sums`."""
-    saved = checkpoint.load_for(name, header)
-    if saved is None:
-        return 0
-    tensors, state = saved
-    for key, total in sums.items():
-        value = tensors.get(key)
-        if value is None or value.shape != total.shape or value.dtype != total.dtype:
-            raise OptionError(f"the {name} progress in {checkpoint.folder} does not fit this "
-                              f"run ({key!r} has another shape); {RESTART}")
-        total.copy_(value)
-    return int(state["done"])
+    return {"model": model.fingerprint, "dtype": str(model.dtype).removeprefix("torch.")}

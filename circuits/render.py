@@ -36,8 +36,9 @@ from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .circuit import group_of
 from .errors import DependencyError, OptionError
+from .files import write_atomic
+from .masks import group_of
 
 if TYPE_CHECKING:
     import graphviz
@@ -423,7 +424,6 @@ def render(circuit: Circuit, path: str | Path, format: str | None = None,
             raise DependencyError("Graphviz's 'dot' program is not installed; install Graphviz "
                                   "(e.g. apt-get install graphviz) or render to format='dot'")
         data = dot.pipe(format=fmt)
-    from .io import write_atomic
 
     write_atomic(path, data)
     return path

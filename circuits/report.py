@@ -10,6 +10,14 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from .behavior import FEW_PROMPTS
+from .circuit import edges_of
+from .io import _plain, dumps
+from .model import dtype_name
+from .tables import markdown_table
+from .tables import text_table as text_table  # where the commands long found it
+from .task import prefix_ids
+
 if TYPE_CHECKING:
     from .api import Discovery
     from .circuit import Circuit
@@ -48,8 +56,6 @@ def scores_document(scores: Scores, run: dict[str, Any] | None = None) -> dict[s
     >>> doc["level"], doc["scores"]
     ('node', {'input': 0.0, 'a0.h0': 2.0, 'm0': -1.0})
     """
-    from .io import _plain
-
     values = scores.edge_scores() if scores.level == "edge" else scores.node_scores()
     return {
         "format": SCORES_FORMAT, "version": SCORES_VERSION,
@@ -63,15 +69,11 @@ def scores_document(scores: Scores, run: dict[str, Any] | None = None) -> dict[s
 
 def decided_edges(scores: Scores) -> list[str]:
     """The names of the edges in the circuit the method decided, source-major."""
-    from .circuit import edges_of
-
     return [e.name for e in edges_of(scores.graph, scores.circuit)]
 
 
 def scores_json(scores: Scores, run: dict[str, Any] | None = None) -> str:
     """`scores_document` as JSON text."""
-    from .io import dumps
-
     return dumps(scores_document(scores, run), indent=1)
 
 
@@ -87,8 +89,6 @@ def run_record(found: Discovery, task: str, model: str) -> dict[str, Any]:
     size, ablation, metric (None: the task's own), level, selection, dtype, the model's
     fingerprint, and what went before every prompt: ``bos`` (the task's choice, `Task.bos`:
     None for the tokenizer's convention) and ``bos_tokens`` (the tokens that were added)."""
-    from .model import dtype_name
-
     c, o = found.circuit, found.options
     return {"task": task, "model": model, "n": len(found.task), "seed": c.options.get("seed"),
             "heldout": o.get("heldout"), "batch_size": o.get("batch_size"),
@@ -106,8 +106,6 @@ def bos_record(found: Discovery) -> dict[str, Any]:
     record = found.options.get("bos")
     if isinstance(record, dict):
         return record
-    from .task import prefix_ids
-
     tok = found.model.tokenizer
     added = [str(tok.convert_ids_to_tokens(i)) for i in prefix_ids(tok, found.task.bos)]
     return {"bos": found.task.bos, "added": added}
@@ -120,42 +118,6 @@ def bos_text(found: Discovery) -> str:
     if record["added"]:
         return f"added ({' '.join(record['added'])}{', --bos' if record['bos'] else ''})"
     return "off (--no-bos)" if record["bos"] is False else "none (the tokenizer adds none)"
-
-
-# -- tables -------------------------------------------------------------------------------------
-def text_table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) -> str:
-    """Rows as aligned plain-text columns (what the CLI prints).
-
-    Examples
-    --------
-    >>> print(text_table([("edges", 12), ("faithfulness", "0.91")]))
-    edges         12
-    faithfulness  0.91
-    """
-    cells = [[str(c) for c in row] for row in ([header] if header else []) + list(rows)]
-    widths = [max(len(row[i]) for row in cells if i < len(row))
-              for i in range(max(map(len, cells)))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()
-             for row in cells]
-    if header:
-        lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub-flavoured markdown table; ``|`` inside cells is escaped.
-
-    Examples
-    --------
-    >>> print(markdown_table(["edge", "score"], [("input->m0", "1.5")]))
-    | edge | score |
-    | --- | --- |
-    | input->m0 | 1.5 |
-    """
-    def row(cells: Sequence[Any]) -> str:
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-
-    return "\n".join([row(header), row(["---"] * len(header)), *map(row, rows)])
 
 
 def _number(x: Any, digits: int = 3) -> str:
@@ -276,8 +238,6 @@ def interval(metrics: dict[str, Any], prefix: str = "") -> str:
     >>> interval({"faithfulness_ci_low": 0.5, "faithfulness_ci_high": 0.7, "n_prompts": 2})
     '95% CI 0.500 to 0.700 over only 2 prompts: too few to trust'
     """
-    from .behavior import FEW_PROMPTS
-
     low = metrics.get(f"{prefix}faithfulness_ci_low")
     high = metrics.get(f"{prefix}faithfulness_ci_high")
     if low is None or high is None:

@@ -9,13 +9,15 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from .ablation import Ablation, check_ablation, mean_activations, zero_activations
 from .batch import Batch
 from .cost import PassCounter
-from .engine import ABLATIONS, Ablation, Engine
+from .engine import Engine
 from .errors import OptionError, UnsupportedModelError
 from .graph import Graph
 from .metrics import Metric, get_metric
 from .model import Model
+from .nodes import NodeSites
 from .progress import Checkpoint, check_interrupt
 from .store import DEFAULT_BUDGET, Store, check_budget
 
@@ -75,10 +77,7 @@ class Setup:
                                              compare=False)
 
     def __post_init__(self) -> None:
-        if self.ablation not in ABLATIONS:
-            raise OptionError(
-                f"unknown ablation {self.ablation!r}; use one of {', '.join(ABLATIONS)}"
-            )
+        check_ablation(self.ablation)
         if not self.batches:
             raise OptionError("no prompts to run on; the task has no examples")
         check_budget(self.memory_budget)
@@ -101,8 +100,6 @@ class Setup:
         try:
             return self.engine.graph
         except UnsupportedModelError:
-            from .nodes import NodeSites
-
             sites = NodeSites.of(self.model)
             cfg = self.model.hf.config
             kv = getattr(cfg, "num_key_value_heads", None) or sites.n_heads
@@ -131,18 +128,30 @@ class Setup:
 
     @cached_property
     def mean(self) -> Tensor | None:
-        """Mean source outputs for mean ablation."""
+        """Mean source outputs for mean ablation ``[n_src, 1, 1|p, d]`` (`circuits.ablation`)."""
         if self.ablation != "mean":
             return None
-        ref = self.mean_reference or [b.corrupt for b in self.batches]
-        return self.engine.mean_outputs(ref, per_position=self.per_position)
+
+        def read(ids: Tensor) -> dict[str, Tensor]:
+            return {"outs": self.engine.trace(ids, last_only=True).outs}  # [n_src, b, p, d]
+
+        return mean_activations(read, self.reference, self.per_position)["outs"]
+
+    @property
+    def reference(self) -> list[Tensor]:
+        """The prompts mean ablation averages over: `mean_reference`, else the batches'
+        corrupted prompts."""
+        return self.mean_reference or [b.corrupt for b in self.batches]
 
     @cached_property
     def _shared(self) -> Tensor | None:
         """The ablated outputs every batch shares (mean and zero ablation), None for resample."""
         if self.ablation == "resample":
             return None
-        return self.engine.ablated_outputs(self.batches[0].clean, self.ablation, mean=self.mean)
+        if self.ablation == "mean":
+            return self.mean
+        shape = (self.graph.n_sources, self.engine.adapter.arch.d_model)
+        return zero_activations({"outs": shape}, self.model.dtype, self.model.device)["outs"]
 
     def items(self, reuse: bool = False) -> Iterator[tuple[Batch, Tensor, float]]:
         """(batch, ablated source outputs, weight) for each batch, in order.

@@ -15,7 +15,7 @@ from circuits.methods import run_method
 from circuits.metrics import kl
 from circuits.progress import Checkpoint
 from circuits.setup import Setup
-from circuits.testing import tiny_gpt2
+from circuits.testing import tiny_gpt2, tiny_model
 from circuits.toys import INDUCTION_EDGES, induction_toy
 
 
@@ -24,13 +24,17 @@ def kept_names(scores) -> set[str]:
     return {e.name for e in g.edges() if kept[g.edge_index(e)]}
 
 
-def random_setup(seed: int = 0, ablation: str = "resample", shared: int = 0) -> Setup:
-    """A 2-layer random GPT-2 in float64 (so batched and one-at-a-time runs agree to ~1e-15)
-    with two batches of random clean/corrupt prompts (sharing their first `shared` tokens).
-    Weights drawn 10x larger than GPT-2's init so that many edges matter (with 0.02 nearly all
-    effects are below 1e-4)."""
-    model = tiny_gpt2(n_layer=2, n_head=2, n_embd=16, vocab_size=24, seed=seed,
-                      initializer_range=0.2)
+def random_setup(seed: int = 0, ablation: str = "resample", shared: int = 0,
+                 family: str = "gpt2") -> Setup:
+    """A 2-layer random GPT-2 (or another family's tiny model) in float64 (so batched and
+    one-at-a-time runs agree to ~1e-15) with two batches of random clean/corrupt prompts (sharing
+    their first `shared` tokens). Weights drawn 10x larger than GPT-2's init so that many edges
+    matter (with 0.02 nearly all effects are below 1e-4)."""
+    if family == "gpt2":
+        model = tiny_gpt2(n_layer=2, n_head=2, n_embd=16, vocab_size=24, seed=seed,
+                          initializer_range=0.2)
+    else:
+        model = tiny_model(family, vocab_size=24, seed=seed, initializer_range=0.2)
     model.hf.double()
     gen = torch.Generator().manual_seed(seed)
     batches = []
@@ -152,13 +156,42 @@ def test_prefix_speculation_matches_the_sequential_loop(seed):
         same_scores(scores, scores_ref)
 
 
-def same_scores(scores, reference: torch.Tensor) -> None:
+def same_scores(scores, reference: torch.Tensor, atol: float = 1e-9) -> None:
     """Scores agree where both measured them; the edges ACDC skipped (NaN: never evaluated) the
     loop measured at ~1e-16, since they cannot reach the logits any more."""
     measured = scores.evaluated
-    assert torch.allclose(scores.values.double()[measured], reference[measured], atol=1e-9)
+    assert torch.allclose(scores.values.double()[measured], reference[measured], atol=atol)
     skipped = reference[scores.graph.valid & ~measured]
     assert skipped.numel() == 0 or skipped.abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("threshold", [0.03, 0.1])
+def test_gemma2_acdc_matches_the_sequential_loop(threshold):
+    """Gemma-2's attention post-norm takes its scale from the sum of every head's write, so a
+    head whose outputs are all removed still moves the other heads of its layer: the edges into
+    it must be evaluated (the loop measures changes up to ~3e-3 there at τ = 0.03), and are
+    skipped only once no head of its layer keeps an outgoing edge (τ = 0.1 gets there).
+    Tolerance 1e-7: the post-norm's scale is computed in float32 even in a float64 model (by
+    Hugging Face's norm and the adapter alike)."""
+    setup = random_setup(0, family="gemma2")
+    g = setup.graph
+    kept_ref, scores_ref = sequential_acdc(setup, threshold)
+    assert 0 < int(kept_ref.sum()) < g.n_edges
+    for chunk in (3, 64):
+        scores = run_method("acdc", setup, threshold=threshold, chunk=chunk)
+        assert torch.equal(scores.extra["kept"], kept_ref), chunk
+        same_scores(scores, scores_ref, atol=1e-7)
+    # some head lost every outgoing edge while another head of its layer kept one, and edges
+    # into it moved the loss: the coupling is there to be missed
+    removed_heads = [(layer, h) for layer in range(g.n_layers) for h in range(g.n_heads)
+                     if not kept_ref[g.src_index[f"a{layer}.h{h}"]].any()]
+    if threshold == 0.03:
+        coupled = [scores_ref[:, g.dst_index[f"a{layer}.h{h}<q>"]].abs().max()
+                   for layer, h in removed_heads
+                   if kept_ref[g.head_sources(layer)].any()]
+        assert coupled and max(coupled) > 1e-4
+    else:
+        assert scores.extra["summary"]["skipped_edges"] > 0
 
 
 def reference_threshold(seed: int) -> float:
@@ -261,11 +294,11 @@ def test_progress_of_other_settings_is_a_clear_error(tmp_path):
     run_method("acdc", setup, threshold=1e-3)
     assert (tmp_path / "acdc.safetensors").is_file()
     setup.checkpoint = Checkpoint(tmp_path, {"what": "acdc"}, resume=True)
-    with pytest.raises(OptionError, match=r"differs in threshold\); drop --resume"):
+    with pytest.raises(OptionError, match=r"differs in options.threshold\); drop --resume"):
         run_method("acdc", setup, threshold=2e-3)
     other = random_setup(ablation="zero")
     other.checkpoint = Checkpoint(tmp_path, {"what": "acdc"}, resume=True)
-    with pytest.raises(OptionError, match="differs in fingerprint"):
+    with pytest.raises(OptionError, match=r"differs in ablation\)"):
         run_method("acdc", other, threshold=1e-3)
     # The same settings take the finished sweep as it is: nothing is evaluated again.
     again = run_method("acdc", setup, threshold=1e-3)
@@ -291,3 +324,38 @@ def test_progress_bar_and_debug_log(toy, capsys, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 15  # one per destination
     assert lines[-1].startswith("acdc a0.h0<q>: 46/46 edges visited, 5 kept")
+
+
+# -- precision -----------------------------------------------------------------------------------
+
+
+def test_bfloat16_takes_the_float32_decisions():
+    """ACDC's KL is the package's `kl`, computed in float32 from bfloat16 logits: a bfloat16
+    log-softmax over 2,048 tokens rounds log-probabilities of size ~7.6 (log 2048) to steps of
+    2^-6, errors of the size of the changes compared with τ (the clean circuit's KL with itself
+    was no longer ~0, and decisions flipped). The same weights (rounded to bfloat16) run in
+    both dtypes; τ = 0.03 lies farther from every change the float32 run measured than the two
+    runs' measurements differ (checked below), so the decisions must agree."""
+    threshold, vocab = 0.03, 2048
+
+    def setup(dtype: torch.dtype) -> Setup:
+        model = tiny_gpt2(n_layer=2, n_head=2, n_embd=16, vocab_size=vocab, seed=2,
+                          initializer_range=0.2)
+        model.hf.to(torch.bfloat16).to(dtype)
+        gen = torch.Generator().manual_seed(2)
+        clean, corrupt = torch.randint(0, vocab, (2, 4, 6), generator=gen)
+        answers = torch.randint(0, vocab, (4, 1), generator=gen)
+        return Setup(model, [Batch(clean, corrupt, answers, (answers + 1) % vocab)],
+                     "logit-diff")
+
+    full = run_method("acdc", setup(torch.float32), threshold=threshold)
+    half = run_method("acdc", setup(torch.bfloat16), threshold=threshold)
+    assert torch.equal(half.circuit, full.circuit)
+    assert 0 < int(full.circuit.sum()) < full.graph.n_edges
+    # no edge within float noise of τ: the float32 changes' distance to τ exceeds the largest
+    # difference between the two runs' measurements of the same edge
+    measured = full.evaluated & half.evaluated
+    assert torch.equal(measured, full.evaluated)
+    noise = (full.values - half.values)[measured].abs().max()
+    assert (full.values[measured] - threshold).abs().min() > 2 * noise
+    assert abs(half.extra["summary"]["initial_loss"]) < 1e-4

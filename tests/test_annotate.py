@@ -3,7 +3,6 @@ evidence is strong), and a warning (not a failure) where the readers do not appl
 
 from __future__ import annotations
 
-import sys
 import types
 from dataclasses import dataclass
 
@@ -41,9 +40,6 @@ def readers(monkeypatch):
     scores = {"a": torch.full((2, 4), 0.5).index_put_((torch.tensor(0), torch.tensor(0)),
                                                         torch.tensor(0.2)),
               "b": torch.arange(2)[:, None] / 4 + torch.arange(4)[None, :] * 0.1}
-    roles = types.ModuleType("circuits.reading.roles")
-    roles.head_roles = lambda model, task=None, **kw: Roles(scores)
-    dla = types.ModuleType("circuits.reading.dla")
     layer, head = torch.arange(2)[:, None].float(), torch.arange(4)[None, :].float()
 
     def attribution(model, task, contrast=False):
@@ -52,9 +48,9 @@ def readers(monkeypatch):
         return types.SimpleNamespace(heads=clean - corrupt,
                                      clean=types.SimpleNamespace(heads=clean))
 
-    dla.direct_logit_attribution = attribution
-    monkeypatch.setitem(sys.modules, "circuits.reading.roles", roles)
-    monkeypatch.setitem(sys.modules, "circuits.reading.dla", dla)
+    monkeypatch.setattr("circuits.annotate.head_roles",
+                        lambda model, task=None, **kw: Roles(scores))
+    monkeypatch.setattr("circuits.annotate.direct_logit_attribution", attribution)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +93,7 @@ def test_readers_that_do_not_apply_give_a_warning(readers, model_and_task, monke
     def refuse(*args, **kwargs):
         raise UnsupportedModelError("no adapter for this family")
 
-    monkeypatch.setattr(sys.modules["circuits.reading.roles"], "head_roles", refuse)
+    monkeypatch.setattr("circuits.annotate.head_roles", refuse)
     c = circuit_from_edges(Graph(2, 4), ["input->a0.h1<q>", "a0.h1->logits"])
     warnings = annotate_heads(c, model, task)
     assert warnings == ["head roles skipped: the readers do not apply to 'induction-gpt2-2l' "

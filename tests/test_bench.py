@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from circuits import bench
+from circuits import bench, bench_report
 from circuits.circuit import select
 from circuits.errors import OptionError
 from circuits.evaluate import MIB_FRACTIONS, cpr, evaluate
@@ -44,9 +44,9 @@ def test_rows_round_trip_and_blank_cells(tmp_path: Path):
     path = tmp_path / "results.csv"
     rows = [{"task": "t", "model": "m", "method": "eap", "cpr": "0.5000", "roc_auc": None,
              "config": "abc"}]
-    bench.write_rows(path, rows)
-    back = bench.read_rows(path)
-    assert list(back[0]) == list(bench.COLUMNS)
+    bench_report.write_rows(path, rows)
+    back = bench_report.read_rows(path)
+    assert list(back[0]) == list(bench_report.COLUMNS)
     assert back[0]["cpr"] == "0.5000" and back[0]["roc_auc"] == "" and back[0]["config"] == "abc"
     assert not list(tmp_path.glob(".results*"))  # no temporary file left behind
 
@@ -60,7 +60,8 @@ def test_failed_write_keeps_the_old_file(tmp_path: Path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", disk_full)  # the new table is half written by then
     with pytest.raises(OSError, match="No space"):
-        bench.write_rows(path, [{"task": "t", "model": "m", "method": "eap", "config": "abc"}])
+        bench_report.write_rows(path, [{"task": "t", "model": "m", "method": "eap",
+                                        "config": "abc"}])
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]
 
@@ -68,14 +69,14 @@ def test_failed_write_keeps_the_old_file(tmp_path: Path, monkeypatch):
 def test_a_foreign_csv_is_refused(tmp_path: Path):
     (tmp_path / "results.csv").write_text("a,b\n1,2\n")
     with pytest.raises(OptionError, match="not a results table"):
-        bench.read_rows(tmp_path / "results.csv")
+        bench_report.read_rows(tmp_path / "results.csv")
 
 
 def test_markdown_table_rounds_and_leaves_unknowns_blank():
     row = {"task": "ioi", "model": "m", "method": "eap", "cpr": "0.95312", "cmd": "0.0469",
            "f_1%": "0.1", "f_5%": "0.5", "f_10%": "0.9", "edges_f0.8": "35", "roc_auc": "",
            "seconds": "0.1234", "forward": "10.0", "backward": "10", "peak_memory_mb": "5.4"}
-    lines = bench.markdown_table([row]).splitlines()
+    lines = bench_report.markdown_table([row]).splitlines()
     assert len(lines) == 3
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     assert cells == ["ioi", "m", "eap", "0.953", "0.047", "0.100", "0.500", "0.900", "35", "",
@@ -86,7 +87,7 @@ def test_markdown_table_rounds_and_leaves_unknowns_blank():
                                             ("nan", "nan")])
 def test_markdown_table_keeps_small_memory_figures(mib: str, shown: str):
     """A method that adds a few KiB is not rounded to 0; an unmeasured one stays nan."""
-    line = bench.markdown_table([{"peak_memory_mb": mib}]).splitlines()[2]
+    line = bench_report.markdown_table([{"peak_memory_mb": mib}]).splitlines()[2]
     assert line.strip("| ").split(" | ")[-1].strip() == shown
 
 
@@ -160,13 +161,14 @@ def test_a_method_has_one_colour_in_every_plot(tmp_path: Path, monkeypatch):
     from matplotlib.colors import to_hex
 
     figures = {}
-    monkeypatch.setattr(bench, "_save_png", lambda fig, path: figures.update({path.name: fig}))
+    monkeypatch.setattr(bench_report, "_save_png",
+                        lambda fig, path: figures.update({path.name: fig}))
     # the tasks cover different methods in different orders, so any colour given by position
     # (in a plot or in the sorted list of all methods) would differ between the plots
     rows = [fake_row("ioi", "acdc", 1.0, 0.9), fake_row("ioi", "eap", 2.0, 0.8),
             fake_row("induction", "random", 3.0, 0.3), fake_row("induction", "eap", 4.0, 0.7),
             fake_row("induction", "my-method", 5.0, 0.5)]
-    written = bench.plot_results(tmp_path, rows)
+    written = bench_report.plot_results(tmp_path, rows)
     assert sorted(p.name for p in written) == sorted(figures) == [
         "curves_induction__m.png", "curves_ioi__m.png", "time_vs_cpr.png"]
     seen: dict[str, set[str]] = {}
@@ -191,8 +193,8 @@ def test_a_method_has_one_colour_in_every_plot(tmp_path: Path, monkeypatch):
                     seen[text.get_text()].add(to_hex(handle.get_facecolor()[0]))
     assert {m: sorted(c) for m, c in seen.items() if len(c) > 1} == {}  # one colour each
     assert {m: c.pop() for m, c in seen.items()} == {
-        m: bench.method_colour(m) for m in ("acdc", "eap", "random", "my-method")}
-    assert len({bench.method_colour(m) for m in bench.CAUSAL_METHODS
+        m: bench_report.method_colour(m) for m in ("acdc", "eap", "random", "my-method")}
+    assert len({bench_report.method_colour(m) for m in bench.CAUSAL_METHODS
                 + bench.BASELINE_METHODS}) == len(bench.CAUSAL_METHODS + bench.BASELINE_METHODS)
 
 
@@ -257,7 +259,7 @@ def test_quick_run_writes_the_table_and_resumes(tmp_path: Path, capsys):
     for task in config.tasks:
         assert list(out.glob(f"curves_{task}__*.png"))
     for row in rows:
-        assert set(bench.COLUMNS) <= set(row)
+        assert set(bench_report.COLUMNS) <= set(row)
         # CPR is the area under the row's own curve (columns rounded to 4 decimals, so the two
         # trapezoid sums differ by at most 0.5e-4, plus CPR's own rounding)
         curve = [float(row[c]) for c in bench.CURVE_COLUMNS]
@@ -303,3 +305,45 @@ def test_quick_run_writes_the_table_and_resumes(tmp_path: Path, capsys):
     assert result.computed == [("induction", "induction-gpt2-2l", "eap-ig")]
     assert result.skipped == [("induction", "induction-gpt2-2l", "eap")]
     assert len(read(out)) == len(rows)
+
+
+def test_method_options_from_the_registry_reach_only_the_methods_that_take_them():
+    methods = ["--task", "ioi", "--method", "eap,acdc,eap-ig"]
+    plain, _ = bench.config_from_args(parse(methods))
+    given, _ = bench.config_from_args(parse([*methods, "--absolute", "--threshold", "0.5",
+                                             "--steps", "2"]))
+    assert plain.given == {}
+    assert given.given == {"acdc": {"absolute": True, "threshold": 0.5}, "eap-ig": {"steps": 2}}
+    assert given.method_options("acdc") == {"metric": "task", "absolute": True,
+                                            "threshold": 0.5}
+    assert given.method_options("eap-ig") == {"steps": 2} and given.method_options("eap") == {}
+    # only the rows whose options changed are recomputed on --resume
+    assert given.stamp("ioi", "m", "eap") == plain.stamp("ioi", "m", "eap")
+    assert given.stamp("ioi", "m", "acdc") != plain.stamp("ioi", "m", "acdc")
+    with pytest.raises(OptionError, match="no method run takes --receivers"):
+        bench.config_from_args(parse([*methods, "--receivers", "logits"]))
+    with pytest.raises(OptionError, match="steps must be a whole number from 1"):
+        bench.config_from_args(parse([*methods, "--steps", "0"]))
+
+
+def test_a_threshold_given_replaces_acdcs_tau_from_the_effect(monkeypatch):
+    class Prep:  # what bench_row reads of a prepared task before scoring
+        found = None
+
+        def metric_span(self) -> float:
+            return 10.0
+
+    seen = []
+
+    def scored(method, setup, **options):
+        seen.append(options)
+        raise OptionError("stop")
+
+    monkeypatch.setattr(bench, "run_method", scored)
+    for argv in ([], ["--threshold", "0.5"]):
+        config, _ = bench.config_from_args(parse(["--task", "ioi", "--method", "acdc", *argv]))
+        with pytest.raises(OptionError, match="stop"):
+            bench.bench_row(config, Prep(), "acdc", "m", progress=False)
+    # τ = ACDC_TAU_FRACTION x the effect's span, unless given
+    assert seen[0]["threshold"] == pytest.approx(bench.ACDC_TAU_FRACTION * 10.0)
+    assert seen[1]["threshold"] == 0.5

@@ -367,19 +367,19 @@ def test_failure_while_writing_exits_1_and_keeps_the_previous_outputs(tmp_path, 
 
 
 def test_debug_shows_the_traceback_and_ctrl_c_exits_130(monkeypatch, capsys):
-    import circuits.methods
+    import circuits.commands.methods
 
     def fail():
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(circuits.methods, "available", fail)
+    monkeypatch.setattr(circuits.commands.methods, "available", fail)
     code, _, err = run(["methods", "--debug"], capsys)
     assert code == 1 and "Traceback" in err and err.strip().endswith("RuntimeError: boom")
 
     def interrupt():
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(circuits.methods, "available", interrupt)
+    monkeypatch.setattr(circuits.commands.methods, "available", interrupt)
     code, _, err = run(["methods"], capsys)
     assert code == 130
     assert err.strip().splitlines() == [err.strip()] and "interrupted" in err
@@ -497,3 +497,85 @@ def test_evaluate_refuses_other_weights_unless_asked(discovered, capsys):
     code, stdout, err = run([*other, "--any-model"], capsys)
     assert code == 0, err
     assert "faithfulness" in stdout
+
+
+# -- method options from the registry ------------------------------------------------------------
+def test_every_method_option_is_declared_and_has_one_flag():
+    """Each parameter of a registered method (after the setup) is declared in its registry entry
+    with the method's own default, so `discover` and `bench` offer it; ACDC's progress bar is
+    the one exception (the command shows it on a terminal). Options that share a flag agree on
+    what it takes."""
+    import inspect
+
+    from circuits.commands.options import option_flags
+    from circuits.methods import available
+
+    for name, spec in available().items():
+        declared = {p.name: p for p in spec.params}
+        signature = inspect.signature(spec.fn).parameters
+        wanted = set(spec.options) - ({"progress"} if name == "acdc" else set())
+        assert set(declared) == wanted, name
+        for option in declared.values():
+            assert option.default == signature[option.name].default, (name, option.name)
+    for flag, owners in option_flags().items():
+        assert len({(o.kind, o.choices) for _, o in owners}) == 1, flag
+
+
+def test_discover_help_offers_every_method_option(capsys):
+    code, out, _ = run(["discover", "--help"], capsys)
+    assert code == 0
+    for flag in ("--steps", "--threshold", "--acdc-metric", "--absolute", "--chunk",
+                 "--receivers", "--senders", "--positions", "--kind"):
+        assert flag in out, flag
+
+
+@pytest.mark.parametrize("argv, options", [
+    (["--method", "path-patching", "--receivers", "a3.h0<q>,logits", "--level", "node"],
+     {"receivers": ("a3.h0<q>", "logits")}),
+    (["--method", "path-patching", "--senders", "a0.h1, m0"], {"senders": ("a0.h1", "m0")}),
+    (["--method", "acdc", "--acdc-metric", "task", "--absolute", "--chunk", "4",
+      "--threshold", "0.05"], {"metric": "task", "absolute": True, "chunk": 4, "threshold": 0.05}),
+    (["--method", "acdc", "--no-absolute"], {"absolute": False}),
+    (["--method", "activation-patching", "--positions", "--chunk", "64"],
+     {"positions": True, "chunk": 64}),
+    (["--method", "activation", "--kind", "diff"], {"kind": "diff"}),
+    (["--method", "eap-ig-stages", "--steps", "3"], {"steps": 3}),
+    (["--method", "eap"], {}),
+])
+def test_method_flags_reach_the_method_only_when_given(argv, options, monkeypatch, capsys,
+                                                     tmp_path):
+    import circuits.commands.discover as command
+    from circuits.errors import OptionError
+
+    seen = {}
+
+    def stop(task, model, args, selection, given, stage, checkpoint=None):
+        seen.update(given)
+        raise OptionError("stopped before scoring")
+
+    monkeypatch.setattr(command, "run_discovery", stop)
+    code, _, err = run(["discover", "ioi", "--n", "8", *argv, "--out", str(tmp_path)], capsys)
+    assert code == 2
+    one_error_line(err, "stopped before scoring")
+    assert seen == options
+
+
+def test_path_patching_receivers_from_the_command_line(tmp_path, capsys):
+    argv = ["discover", "ioi", "--n", "12", "--method", "path-patching", "--receivers",
+            "a3.h0<q>,a3.h0<k>", "--level", "node", "--select", "topk:3", "--out", str(tmp_path)]
+    assert run(argv, capsys)[0] == 0
+    doc = json.loads((tmp_path / "scores.json").read_text())
+    assert doc["options"]["receivers"] == ["a3.h0<q>", "a3.h0<k>"]
+    # only sources upstream of layer 3 are senders: the layer-3 heads and MLP score 0
+    assert all(doc["scores"][name] == 0 for name in ("a3.h1", "a3.h2", "m3"))
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--method", "eap", "--receivers", "logits"], ["'eap'", "--receivers", "path-patching"]),
+    (["--method", "eap-ig", "--absolute"], ["--absolute", "acdc"]),
+    (["--method", "acdc", "--kind", "diff"], ["--kind", "activation"]),
+])
+def test_an_option_of_another_method_is_one_error_line(argv, words, capsys):
+    code, out, err = run(["discover", "ioi", *argv], capsys)
+    assert code == 2 and out == ""
+    one_error_line(err, *words)

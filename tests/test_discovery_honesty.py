@@ -236,7 +236,7 @@ def test_the_ctrl_c_line_offers_resume_only_where_it_exists(command, resumable, 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "load_task_and_model", interrupt)
+    monkeypatch.setattr("circuits.commands.discover.load_task_and_model", interrupt)
     argv = {"discover": ["discover", "ioi", "--method", "eap", "--out", "/tmp/never"],
             "select": ["select", "none.json", "--select", "topk:2"]}[command]
     if command == "select":

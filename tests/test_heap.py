@@ -1,8 +1,12 @@
-"""The C heap keeps freed tensor memory for reuse, and hands it back when asked."""
+"""The C heap keeps freed tensor memory for reuse, and hands it back when asked; only the program
+and the benchmarks make that setting, never a library call."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,3 +72,75 @@ def test_the_settings_can_be_left_alone(monkeypatch):
         assert heap.keep_freed_memory() is False
     finally:
         heap.keep_freed_memory.cache_clear()
+
+
+# -- who makes the settings ----------------------------------------------------------------------
+# Whether a 64 MiB tensor is a mapping of its own, read from glibc's own count of mapped bytes
+# (mallinfo2's hblkhd) while the tensor lives: by default every request above 32 MiB (the
+# largest threshold glibc's defaults reach) is mapped, while with the settings made it comes
+# from the heap. A count, not a time or a resident size: the machine's load cannot move it.
+MAPPED = """
+import ctypes
+
+import torch
+
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost").split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+
+def mapped_mib():
+    before = libc.mallinfo2().hblkhd
+    x = torch.empty(2**24)  # 64 MiB
+    during = libc.mallinfo2().hblkhd
+    del x
+    return (during - before) / 2**20
+"""
+
+
+def run_python(code: str, **env: str) -> list[str]:
+    """Run `code` in a fresh interpreter from the repository root; its stdout lines."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", MAPPED + code], capture_output=True, text=True,
+                         cwd=root, env={**os.environ, "PYTHONPATH": str(root), **env},
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+glibc = pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"),
+                           reason="reads glibc's mallinfo2 (glibc 2.33 or later)")
+
+
+@glibc
+def test_a_library_call_leaves_the_allocator_as_it_was():
+    """Building an Engine and running methods through the API change no setting: a freed large
+    tensor still goes back to the system at once."""
+    lines = run_python("""
+import circuits
+from circuits.testing import tiny_gpt2
+print(mapped_mib())
+circuits.Engine(tiny_gpt2(n_layer=2, n_head=2))
+circuits.score("planted-mlp", method="eap-ig", steps=2)
+circuits.discover("planted-mlp", method="eap", n=16, annotate=False)
+print(mapped_mib())
+""")
+    before, after = map(float, lines[-2:])
+    assert before >= 64 and after >= 64, lines
+
+
+@glibc
+@pytest.mark.parametrize(("keep", "want_mapped"), [("1", False), ("0", True)])
+def test_the_program_keeps_freed_memory_unless_told_not_to(keep, want_mapped):
+    """The ``circuits`` program makes the settings as it starts (measured as it exits);
+    ``CIRCUITS_KEEP_FREED_MEMORY=0`` leaves glibc's defaults."""
+    lines = run_python("""
+import atexit, sys
+import circuits_entry
+atexit.register(lambda: print(mapped_mib()))
+sys.argv = ["circuits", "methods"]
+circuits_entry.entry()
+""", CIRCUITS_KEEP_FREED_MEMORY=keep)
+    assert (float(lines[-1]) >= 64) is want_mapped, lines

@@ -33,7 +33,7 @@ CIRCUITS = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "circ
 ARGS = ["discover", "induction", "--n", "16", "--select", "topk:20", "--method", "acdc"]
 PROGRESS = Path(".progress") / "acdc.safetensors"
 # a guard against a hung run, not a time limit: on a loaded machine a run takes minutes
-HANG = 900
+HANG = 1800
 
 
 def command(out: Path, *extra: str) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -132,7 +133,10 @@ def test_every_family_saved_with_save_pretrained_loads_exactly(tmp_path, family,
     original.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(find("ioi-gpt2-4l") / name, folder / name)
-    loaded = circuits.load_model(folder)
+    # transformers would give a qwen2 folder Qwen2Tokenizer, not the GPT-2 tokenizer it holds
+    forced = family == "qwen2"
+    with pytest.warns(UserWarning, match="folder's tokenizer.json") if forced else nullcontext():
+        loaded = circuits.load_model(folder)
     state = loaded.hf.state_dict()
     assert all(torch.equal(value, state[key]) for key, value in original.state_dict().items())
     assert loaded.fingerprint == circuits.model.fingerprint(original)
@@ -198,3 +202,55 @@ def test_fingerprint_of_the_weights_as_stored_in_every_dtype():
     bf16 = circuits.load_model("ioi-gpt2-4l", dtype="bfloat16")
     assert bf16.fingerprint == circuits.load_model("ioi-gpt2-4l").fingerprint
     assert bf16.fingerprint != circuits.load_model("factual-gpt2-4l", dtype="bfloat16").fingerprint
+
+
+# -- the tokenizer the folder names --------------------------------------------------------------
+SENTENCE = "When Alice and Bob went to the school"
+WORDS = ["<unk>", "<s>", *SENTENCE.split(), ",", "gave", "a", "drink"]
+
+
+def word_level_qwen2(folder):
+    """A random Qwen2 model whose folder holds a word-level tokenizer (a word per id, split on
+    whitespace), named in tokenizer_config.json as the generic fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>",
+                            bos_token="<s>").save_pretrained(folder)
+    tiny_model("qwen2", vocab_size=len(WORDS)).hf.save_pretrained(folder)
+
+
+def test_a_qwen2_folder_keeps_its_own_word_level_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    word_level_qwen2(tmp_path)
+    want = [WORDS.index(w) for w in SENTENCE.split()]  # one id per word, by construction
+    # what transformers alone loads: the test needs it to differ (Qwen2Tokenizer, byte-level)
+    forced = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(forced).__name__ == "Qwen2Tokenizer"
+    assert forced(SENTENCE, add_special_tokens=False)["input_ids"] != want
+    with pytest.warns(UserWarning, match="not the TokenizersBackend its tokenizer_config.json "
+                                         "names.*using the folder's tokenizer.json"):
+        model = circuits.load_model(tmp_path)
+    assert model.tokenizer(SENTENCE, add_special_tokens=False)["input_ids"] == want
+    assert model.tokenizer.unk_token == "<unk>" and model.tokenizer.bos_token == "<s>"
+
+
+def test_a_tokenizer_json_that_cannot_be_read_stops_the_load(tmp_path, monkeypatch):
+    """Where the folder's own tokenizer is needed but cannot be built: one line, no traceback."""
+    import transformers
+
+    word_level_qwen2(tmp_path)
+
+    class Broken:  # as the tokenizers library fails on a file it cannot parse
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            raise Exception("data did not match any variant of untagged enum ModelWrapper")
+
+    # the generic class only: transformers' own loading of Qwen2Tokenizer still works
+    monkeypatch.setattr(transformers, "PreTrainedTokenizerFast", Broken)
+    with pytest.raises(ModelLoadError, match=r"^transformers loads Qwen2Tokenizer for .*its "
+                                             r"tokenizer.json cannot be loaded \(data did not"):
+        circuits.load_model(tmp_path)

@@ -12,11 +12,13 @@ import torch
 
 from circuits import UnsupportedModelError, zoo
 from circuits.circuit import Circuit, prune, ranks, select, top_mask
+from circuits.errors import OptionError
 from circuits.evaluate import evaluate, faithfulness_curve, metric_of_masks
 from circuits.graph import Graph
 from circuits.methods import run_method
 from circuits.model import Model
-from circuits.nodes import NodeSites, metric_of_nodes, node_sets
+from circuits.node_circuits import metric_of_nodes, node_sets
+from circuits.nodes import NodeSites
 from circuits.setup import Setup
 from circuits.testing import FAMILIES, NODE_FAMILIES, make_batch, tiny_model
 
@@ -51,11 +53,16 @@ def _node_circuits(g: Graph, n: int = 6, seed: int = 0) -> torch.Tensor:
     ("gpt2", {}),
     ("llama", dict(num_key_value_heads=2)),  # grouped-query: two query heads per key/value head
     ("neox", {}),  # parallel attention and MLP
+    ("gemma2", {}),  # heads share a post-norm; grouped-query
 ])
 def test_node_patching_equals_the_edge_engine(family, config, ablation):
+    """Node circuits evaluated for the nodes equal the edge engine on the edges they induce. On
+    Gemma-2 a head's slice of the output projection's input moves the shared post-norm's scale
+    of its whole layer (patching it differed from the engine by up to ~1 here); node circuits
+    follow the engine's definition of an ablated head there."""
     setup = _setup(tiny_model(family, initializer_range=INIT, **config), ablation)
     g = setup.graph
-    assert g.group_size == (2 if family == "llama" else 1)
+    assert g.group_size == (2 if family in ("llama", "gemma2") else 1)
     assert g.parallel == (family == "neox")
     masks = _node_circuits(g)
     keep = node_sets(g, masks)
@@ -320,3 +327,22 @@ def test_causal_tracing_restores_opt_mlp_outputs(tmp_path):
     assert trace.effects["mlp"].shape == trace.effects["hidden"].shape
     assert trace.effects["hidden"][-1, -1] == pytest.approx(trace.p_clean - trace.p_corrupt,
                                                             abs=1e-6)
+
+
+def test_activation_patching_on_a_post_norm_family_is_the_engines_ablated_node():
+    """On Gemma-2 a head's z patch moves its whole layer's post-norm scale; activation patching
+    there scores each node by cutting all its outgoing edges in the edge engine, so its score is
+    the metric drop of that edge circuit (and per-position patching is refused)."""
+    setup = _setup(tiny_model("gemma2", initializer_range=INIT))
+    g = setup.graph
+    scores = run_method("activation-patching", setup)
+    masks = [g.valid]
+    for s in g.sources:
+        cut = torch.zeros(g.n_sources, dtype=torch.bool)
+        cut[g.src_index[s]] = True
+        masks.append(g.valid & ~cut[:, None])  # every outgoing edge of s ablated
+    m = metric_of_masks(setup, torch.stack(masks))
+    torch.testing.assert_close((m[0] - m[1:]).float(), scores.values, atol=1e-5, rtol=0)
+    assert scores.values.abs().max() > 1e-2
+    with pytest.raises(OptionError, match="post-norm"):
+        run_method("activation-patching", setup, positions=True)

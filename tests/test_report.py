@@ -10,14 +10,8 @@ import re
 import pytest
 
 import circuits
-from circuits.report import (
-    markdown_table,
-    report_markdown,
-    scores_document,
-    scores_json,
-    summary_rows,
-    text_table,
-)
+from circuits.report import report_markdown, scores_document, scores_json, summary_rows
+from circuits.tables import markdown_table, text_table
 
 
 @pytest.fixture(scope="module")

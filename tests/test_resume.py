@@ -110,10 +110,31 @@ def test_finished_progress_returns_without_recomputing(tmp_path, monkeypatch):
 def test_other_options_are_refused_on_resume(tmp_path):
     run_method("eap-ig", make_setup(checkpoint=Checkpoint(tmp_path, RUN, every=0)), steps=2)
     setup = make_setup(checkpoint=Checkpoint(tmp_path, RUN, resume=True))
-    with pytest.raises(OptionError, match=r"eap-ig progress .*\(differs in options\).*--resume"):
+    with pytest.raises(OptionError,
+                       match=r"eap-ig progress .*\(differs in options.steps\).*--resume"):
         run_method("eap-ig", setup, steps=3)
     with pytest.raises(OptionError, match="differs in batch_sizes"):
         run_method("eap-ig", make_setup(2, Checkpoint(tmp_path, RUN, resume=True)), steps=2)
+
+
+@pytest.mark.parametrize("method", ["acdc", "exact", "eap-ig"])
+@pytest.mark.parametrize(("change", "field"), [("dtype", "dtype"), ("weights", "model")])
+def test_progress_of_other_weights_or_dtype_is_refused(tmp_path, method, change, field):
+    """The progress key holds the weights' fingerprint and the dtype: a folder's progress made
+    on other weights (one weight moved) or in another dtype is refused on resume, however
+    little the folder's own run description says."""
+    options = {"acdc": {"threshold": 2e-3}, "exact": {}, "eap-ig": {"steps": 2}}[method]
+    run_method(method, make_setup(2, Checkpoint(tmp_path, RUN, every=0)), **options)
+    other = make_setup(2, Checkpoint(tmp_path, RUN, resume=True))
+    if change == "dtype":
+        other.model.hf.double()
+    else:
+        with torch.no_grad():
+            other.model.hf.transformer.wte.weight[0, 0] += 1.0
+    with pytest.raises(OptionError, match=rf"progress .*\(differs in {field}\).*--resume"):
+        run_method(method, other, **options)
+    # the same weights in the same dtype resume it
+    run_method(method, make_setup(2, Checkpoint(tmp_path, RUN, resume=True)), **options)
 
 
 def test_no_checkpoint_writes_nothing(tmp_path, monkeypatch):

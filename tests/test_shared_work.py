@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import circuits.mixing
 import circuits.plans
-import circuits.runs
+import circuits.walk
 from circuits.batch import Batch
 from circuits.engine import Engine
 from circuits.methods import run_method
@@ -372,20 +373,20 @@ def test_heads_whose_own_writes_nobody_reads_are_summed_in_one_projection(family
     summed = [bool((~plan.read[h] | plan.idle[h]).any()) for h in heads]
     assert any(summed) and any(bool(plan.read[h].any()) for h in heads)
     got = engine.patched_logits(batch.clean, ablate, ablated)
-    monkeypatch.setattr(circuits.runs._Walk, "_sums_heads", lambda self, heads: False)
+    monkeypatch.setattr(circuits.walk.Walk, "_sums_heads", lambda self, heads: False)
     want = engine.patched_logits(batch.clean, ablate, ablated)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
 def test_mostly_zero_weights_are_mixed_as_row_sums():
-    """`_mix_rows` sums the weighted rows each destination reads; it equals the dense product,
+    """`mix_rows` sums the weighted rows each destination reads; it equals the dense product,
     a destination that reads no row included."""
     gen = torch.Generator().manual_seed(0)
     delta = torch.randn(6, 2 * 3, 4, 5, generator=gen, dtype=torch.float64)  # [r, C*b, p, d]
     w = torch.zeros(6, 4, dtype=torch.float64)
     w[0, 0], w[3, 0], w[5, 1], w[2, 3] = 1.0, -0.5, 2.0, 0.25  # destination 2 reads nothing
-    got = circuits.runs._mix_rows(delta, w, 2)
-    want = circuits.runs._mix(delta, w[None], 2)
+    got = circuits.mixing.mix_rows(delta, w, 2)
+    want = circuits.mixing.mix(delta, w[None], 2)
     assert got.shape == want.shape == (4, 2, 3, 4, 5)
     assert torch.allclose(got, want, atol=1e-12)
     assert not got[2].any()
@@ -399,12 +400,12 @@ def test_circuits_mixed_as_row_sums_give_the_dense_mixings_logits(family, monkey
     engine, batch, ablated = ablated_run(family)
     ablate = random_ablate(engine, 1, keep=0.1).repeat(2, 1, 1)
     calls = []
-    row_sums = circuits.runs._mix_rows
-    monkeypatch.setattr(circuits.runs, "_mix_rows",
+    row_sums = circuits.mixing.mix_rows
+    monkeypatch.setattr(circuits.mixing, "mix_rows",
                         lambda *args: calls.append(1) or row_sums(*args))
-    monkeypatch.setattr(circuits.runs, "_sparse", lambda w: True)
+    monkeypatch.setattr(circuits.mixing, "sparse", lambda w: True)
     got = engine.patched_logits(batch.clean, ablate, ablated)
     assert calls
-    monkeypatch.setattr(circuits.runs, "_sparse", lambda w: False)
+    monkeypatch.setattr(circuits.mixing, "sparse", lambda w: False)
     want = engine.patched_logits(batch.clean, ablate, ablated)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()

@@ -18,6 +18,27 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..model import load_model
+from ..outputs import staged
+from ..reading.attention import (
+    MAX_PANELS,
+    attention_patterns,
+    check_heads,
+    plot_attention,
+    token_labels,
+)
+from .common import (
+    add_device_arguments,
+    check_device_and_dtype,
+    check_output,
+    check_seed_and_n,
+    fail,
+    load_task_and_model,
+)
+from .heads import add_model_arguments, model_name
+
 HELP_EXAMPLES = """examples:
   circuits attention --model induction-gpt2-2l --heads a1.h0,a0.h1 --task induction -o attn.png
   circuits attention --model ioi-gpt2-4l --heads a3.h0 --task ioi --n 3 -o ioi-a3h0.png
@@ -29,9 +50,6 @@ _HEAD = re.compile(r"a(\d+)\.h(\d+)")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The model, the heads, the prompts (text or a task), the output file, device and
     dtype."""
-    from ..cli import add_device_arguments
-    from .heads import add_model_arguments
-
     add_model_arguments(parser)
     parser.add_argument("--heads", nargs="+", required=True, metavar="HEAD",
                         help="heads to draw, named a{layer}.h{head}, separated by spaces or "
@@ -58,25 +76,17 @@ def parse_heads(names: list[str]) -> list[tuple[int, int]]:
     >>> parse_heads(["a1.h2", "a0.h0,a2.h1"])
     [(1, 2), (0, 0), (2, 1)]
     """
-    from ..cli import _fail
-
     heads = []
     for name in (part.strip() for item in names for part in item.split(",")):
         match = _HEAD.fullmatch(name)
         if match is None:
-            _fail(f"{name!r} is not a head name; name heads a{{layer}}.h{{head}}, e.g. a1.h2")
+            fail(f"{name!r} is not a head name; name heads a{{layer}}.h{{head}}, e.g. a1.h2")
         heads.append((int(match[1]), int(match[2])))
     return heads
 
 
 def run(args: argparse.Namespace) -> int:
     """Check the options, load the model, read the patterns, draw them."""
-    from ..cli import _fail, check_device_and_dtype, check_output, check_seed_and_n
-    from ..model import load_model
-    from ..outputs import staged
-    from ..reading.attention import MAX_PANELS, attention_patterns, check_heads, plot_attention
-    from .heads import model_name
-
     args.model = model_name(args)
     heads = parse_heads(args.heads)
     for text in args.prompt or ():
@@ -84,13 +94,13 @@ def run(args: argparse.Namespace) -> int:
     n_prompts = len(args.prompt) if args.prompt else args.n
     check_seed_and_n(args.seed, args.n)
     if n_prompts * len(heads) > MAX_PANELS:
-        _fail(f"{n_prompts} prompts x {len(heads)} heads make more than {MAX_PANELS} panels; "
-              "draw fewer at a time")
+        fail(f"{n_prompts} prompts x {len(heads)} heads make more than {MAX_PANELS} panels; "
+             "draw fewer at a time")
     if any(not text.strip() for text in args.prompt or ()):
-        _fail("a --prompt is empty; give some text")
+        fail("a --prompt is empty; give some text")
     out = Path(args.output)
     if out.suffix.lower() != ".png":
-        _fail(f"the attention figure is a PNG; name the output .png, not {out.name!r}")
+        fail(f"the attention figure is a PNG; name the output .png, not {out.name!r}")
     check_device_and_dtype(args)
     check_output(out, folder=False, flag="-o")
 
@@ -123,23 +133,16 @@ def check_text(text: str, flag: str) -> None:
     circuits.errors.OptionError: --prompt is not valid UTF-8 text (byte 0xe9 at character 4); \
 pass the text in UTF-8
     """
-    from ..cli import _fail
-
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
         bad = text[err.start:err.end].encode("utf-8", "surrogateescape")
-        _fail(f"{flag} is not valid UTF-8 text (byte 0x{bad.hex()[:2]} at character "
-              f"{err.start + 1}); pass the text in UTF-8")
+        fail(f"{flag} is not valid UTF-8 text (byte 0x{bad.hex()[:2]} at character "
+             f"{err.start + 1}); pass the text in UTF-8")
 
 
 def prompt_ids(args: argparse.Namespace, model: Any) -> tuple[list[tuple[Any, list[str]]], Any]:
     """The prompts as ``(ids [1, p], token labels)`` and the model (loaded here for a task)."""
-    import torch
-
-    from ..cli import _fail, load_task_and_model
-    from ..reading.attention import token_labels
-
     if args.task:
         task, model = load_task_and_model(args.task, args.model, args.n, args.seed, args)
         batches = task.batches(model.tokenizer, batch_size=1, device=model.device,
@@ -152,9 +155,9 @@ def prompt_ids(args: argparse.Namespace, model: Any) -> tuple[list[tuple[Any, li
             # as the tasks' prompts: the tokenizer's prefix (or --bos/--no-bos), no trailing EOS
             ids = model.tokenize([text], bos=args.bos)[0].tolist()
             if not ids:
-                _fail(f"the prompt {text!r} has no tokens for {model.name!r}; give other text")
+                fail(f"the prompt {text!r} has no tokens for {model.name!r}; give other text")
             if limit is not None and len(ids) > limit:
-                _fail(f"the prompt {text[:40]!r}... is {len(ids)} tokens, more than "
-                      f"{model.name!r} reads ({limit}); shorten it")
+                fail(f"the prompt {text[:40]!r}... is {len(ids)} tokens, more than "
+                     f"{model.name!r} reads ({limit}); shorten it")
             rows.append(torch.tensor([ids], device=model.device))
     return [(ids, token_labels(model.tokenizer, ids[0].tolist())) for ids in rows], model

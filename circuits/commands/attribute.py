@@ -26,6 +26,30 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .. import outputs  # outputs.progress_bar: tests replace it there
+from ..attribution import plan as planning  # planning.MAX_PASSES: tests lower it there
+from ..attribution.compare import RANDOM, compare
+from ..attribution.curves import logits_fn, metric_ends
+from ..attribution.gradients import MAX_STEPS
+from ..attribution.known import known_masks, known_token_accuracy
+from ..attribution.methods import METHODS, attribute, get_method
+from ..attribution.shapley import MAX_SAMPLES
+from ..attribution.view import PromptView, render_html, token_texts
+from ..metrics import get_metric
+from ..outputs import staged
+from ..tables import text_table
+from ..task import MAX_PROMPTS
+from .common import (
+    add_device_arguments,
+    check_device_and_dtype,
+    check_output,
+    check_seed_and_n,
+    fail,
+    load_task_and_model,
+    stages,
+    task_name,
+)
+
 HELP_EXAMPLES = """examples:
   circuits attribute factual --method integrated-gradients --steps 16 --n 4 -o out/attr
   circuits attribute ioi --method integrated-gradients --baseline pad
@@ -49,11 +73,6 @@ MAX_BATCH = 1024
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options."""
-    from ..attribution.gradients import MAX_STEPS
-    from ..attribution.shapley import MAX_SAMPLES
-    from ..cli import add_device_arguments
-    from ..task import MAX_PROMPTS
-
     parser.add_argument("task", metavar="TASK_OR_JSONL",
                         help="a built-in task (`circuits tasks`) or a JSONL file of prompt pairs")
     parser.add_argument("--model", help="a shipped model, a local model folder or a hub name "
@@ -87,12 +106,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_arguments(parser)
 
 
-def _fail(message: str) -> Any:
-    from ..errors import OptionError
-
-    raise OptionError(message)
-
-
 def method_names(given: list[str] | str | None, compare: bool) -> list[str]:
     """The methods named by ``--method`` (space- or comma-separated, or both), in order,
     without repeats; all of them for a comparison without ``--method``.
@@ -104,24 +117,20 @@ def method_names(given: list[str] | str | None, compare: bool) -> list[str]:
     >>> method_names(None, compare=False)
     ['integrated-gradients']
     """
-    from ..attribution.methods import METHODS
-
     if given is None:
         return sorted(METHODS) if compare else [DEFAULT_METHOD]
     words = [given] if isinstance(given, str) else given
     names = list(dict.fromkeys(n.strip() for w in words for n in w.split(",") if n.strip()))
     if not names:
-        _fail("--method names no method; name one (or several with --compare), or leave it out")
+        fail("--method names no method; name one (or several with --compare), or leave it out")
     if len(names) > 1 and not compare:
-        _fail("one --method at a time without --compare; add --compare to compare several")
+        fail("one --method at a time without --compare; add --compare to compare several")
     return names
 
 
 def method_options(methods: list[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Each method's options from the flags given: a flag goes to the methods that take it, and
     one that none of them takes is an error, as is a baseline a method cannot use."""
-    from ..attribution.methods import get_method
-
     given = {flag: getattr(args, flag) for flag in OPTION_FLAGS if getattr(args, flag) is not None}
     given["seed"] = args.seed
     options: dict[str, dict[str, Any]] = {}
@@ -129,38 +138,32 @@ def method_options(methods: list[str], args: argparse.Namespace) -> dict[str, di
         spec = get_method(method)
         options[method] = {k: v for k, v in given.items() if k in spec.defaults}
         if "baseline" in options[method] and options[method]["baseline"] not in spec.baselines:
-            _fail(f"method {method!r} takes --baseline {' or '.join(spec.baselines)}, not "
-                  f"{options[method]['baseline']!r}")
+            fail(f"method {method!r} takes --baseline {' or '.join(spec.baselines)}, not "
+                 f"{options[method]['baseline']!r}")
     for flag in OPTION_FLAGS:
         if flag in given and not any(flag in o for o in options.values()):
             which = "none of these methods takes" if len(methods) > 1 else (
                 f"method {methods[0]!r} has no")
-            _fail(f"{which} --{flag}; drop it or pick a method that takes it")
+            fail(f"{which} --{flag}; drop it or pick a method that takes it")
     return options
 
 
 def check_arguments(args: argparse.Namespace) -> tuple[list[str], Path]:
     """Everything that can be wrong with the arguments, before any work: the methods, the
     numbers (finite and within their limits) and the output folder."""
-    from ..attribution.gradients import MAX_STEPS
-    from ..attribution.methods import get_method
-    from ..attribution.shapley import MAX_SAMPLES
-    from ..cli import check_device_and_dtype, check_output, check_seed_and_n, task_name
-    from ..metrics import get_metric
-
     methods = method_names(args.method, args.compare)
     for method in methods:
         get_method(method)
     if args.baseline is not None and args.baseline not in BASELINES:
-        _fail(f"--baseline must be one of {', '.join(BASELINES)}, got {args.baseline!r}")
+        fail(f"--baseline must be one of {', '.join(BASELINES)}, got {args.baseline!r}")
     if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
-        _fail(f"--steps must be from 1 to {MAX_STEPS}, got {args.steps}")
+        fail(f"--steps must be from 1 to {MAX_STEPS}, got {args.steps}")
     if args.samples is not None and not (2 <= args.samples <= MAX_SAMPLES
                                          and args.samples % 2 == 0):
-        _fail(f"--samples must be an even number from 2 to {MAX_SAMPLES} (each permutation "
-              f"is paired with its reverse), got {args.samples}")
+        fail(f"--samples must be an even number from 2 to {MAX_SAMPLES} (each permutation "
+             f"is paired with its reverse), got {args.samples}")
     if not 1 <= args.batch_size <= MAX_BATCH:
-        _fail(f"--batch-size must be from 1 to {MAX_BATCH}, got {args.batch_size}")
+        fail(f"--batch-size must be from 1 to {MAX_BATCH}, got {args.batch_size}")
     if args.metric is not None:
         get_metric(args.metric)
     check_seed_and_n(args.seed, args.n)
@@ -174,38 +177,31 @@ def check_plan(plan: Any, metric: Any, compare: bool, device: Any) -> None:
     """Refuse, with what it would need, a run that cannot be done: a method refusing the
     prompts or the metric (without --compare, which records it), too many passes, more memory
     than is free."""
-    from ..attribution.methods import METHODS
-    from ..attribution.plan import MAX_PASSES, free_memory
-
     for method in plan.passes:
         spec = METHODS.get(method)
         if not compare and spec is not None and spec.gradient_at_clean and metric.flat_at_clean:
-            _fail(f"method {method!r} takes gradients at the clean prompt, where metric "
-                  f"{metric.name!r} is flat (every score would be 0); use "
-                  "integrated-gradients, occlusion or shap, or another metric")
+            fail(f"method {method!r} takes gradients at the clean prompt, where metric "
+                 f"{metric.name!r} is flat (every score would be 0); use "
+                 "integrated-gradients, occlusion or shap, or another metric")
     if plan.refused and not compare:
         count, why = next(iter(plan.refused.values()))
-        _fail(f"{why} ({count} of {plan.prompts} prompts are longer)")
-    if plan.total > MAX_PASSES:
+        fail(f"{why} ({count} of {plan.prompts} prompts are longer)")
+    if plan.total > planning.MAX_PASSES:
         most = max((k for k in plan.passes if k not in ("metric", "curves")),
                    key=plan.passes.__getitem__, default="curves")
-        _fail(f"this run needs about {plan.total:.3g} prompt passes ({most}: "
-              f"{plan.passes[most]:.3g}), more than the {MAX_PASSES:.0e} one run may take; use "
-              "fewer prompts (--n), steps (--steps) or samples (--samples)")
-    free = free_memory(device)
+        fail(f"this run needs about {plan.total:.3g} prompt passes ({most}: "
+             f"{plan.passes[most]:.3g}), more than the {planning.MAX_PASSES:.0e} one run may "
+             "take; use "
+             "fewer prompts (--n), steps (--steps) or samples (--samples)")
+    free = planning.free_memory(device)
     if free is not None and plan.peak_bytes > free:
-        _fail(f"{plan.peak_of} needs about {plan.peak_bytes / 2**30:.1f} GiB at once, but "
-              f"{free / 2**30:.1f} GiB are free on {device}; use shorter prompts, a smaller "
-              "--batch-size or model, or a method without gradients")
+        fail(f"{plan.peak_of} needs about {plan.peak_bytes / 2**30:.1f} GiB at once, but "
+             f"{free / 2**30:.1f} GiB are free on {device}; use shorter prompts, a smaller "
+             "--batch-size or model, or a method without gradients")
 
 
 def run(args: argparse.Namespace) -> int:
     """Plan, attribute (or compare), write the files, print the table."""
-    from ..attribution.plan import make_plan
-    from ..cli import load_task_and_model, stages
-    from ..metrics import get_metric
-    from ..outputs import progress_bar, staged
-
     methods, out = check_arguments(args)
     options = method_options(methods, args)
     with stages(["loading", "planning", "attributing", "writing"]) as stage:
@@ -215,11 +211,11 @@ def run(args: argparse.Namespace) -> int:
         metric = get_metric(args.metric or task.metric_fn)
         batches = task.batches(model.tokenizer, batch_size=args.batch_size, device=model.device,
                                max_length=model.context_length)
-        plan = make_plan(model, [(b.size, b.length) for b in batches], methods, options,
+        plan = planning.make_plan(model, [(b.size, b.length) for b in batches], methods, options,
                          metric, curves=args.compare)
         check_plan(plan, metric, args.compare, model.device)
         stage("attributing")
-        with staged(out) as folder, progress_bar(plan.total, "attributing", "pass",
+        with staged(out) as folder, outputs.progress_bar(plan.total, "attributing", "pass",
                                                  unit_scale=True) as bar:
             work = _compare if args.compare else _single
             text, names = work(task, model, batches, methods, options, metric, args, folder,
@@ -269,8 +265,6 @@ def baseline_note(method: str, used: dict[str, Any], unchanged: int, tokens: int
                   known_unchanged: int, known_prompts: int) -> str:
     """Why tokens the corruption leaves unchanged score exactly 0, for a method whose baseline
     is the corrupted prompt ("" for any other)."""
-    from ..attribution.methods import get_method
-
     if used.get("baseline") != "corrupted":
         return ""
     others = " or ".join(b for b in get_method(method).baselines if b != "corrupted")
@@ -286,12 +280,6 @@ def _single(task: Any, model: Any, batches: list[Any], methods: list[str],
             folder: Path, tick: Any) -> tuple[str, list[str]]:
     """One method on every prompt, streamed: each prompt's record is written as its batch is
     done; the table and the page keep the first prompts only. Returns the text and files."""
-    from ..attribution.curves import logits_fn, metric_ends
-    from ..attribution.known import known_masks, known_token_accuracy
-    from ..attribution.methods import attribute
-    from ..attribution.view import PromptView, render_html, token_texts
-    from ..report import text_table
-
     method, tok = methods[0], model.tokenizer
     views, rows, hits, seconds, used = [], [], [], 0.0, dict(options[method])
     count = {"prompts": 0, "unchanged": 0, "tokens": 0, "known_unchanged": 0, "known": 0}
@@ -373,10 +361,6 @@ def _compare(task: Any, model: Any, batches: list[Any], methods: list[str],
              folder: Path, tick: Any) -> tuple[str, list[str]]:
     """Every method on the same prompts, streamed batch by batch; the page keeps the first
     prompts only. Returns the text and the files."""
-    from ..attribution.compare import RANDOM, compare
-    from ..attribution.methods import attribute
-    from ..attribution.view import PromptView, render_html, token_texts
-
     views: list[PromptView] = []
 
     def keep(done: Any) -> None:

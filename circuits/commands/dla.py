@@ -11,6 +11,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..metrics import get_metric
+from ..outputs import staged
+from ..reading.dla import direct_logit_attribution
+from .common import (
+    add_device_arguments,
+    check_device_and_dtype,
+    check_output,
+    check_seed_and_n,
+    fail,
+    load_task_and_model,
+    task_name,
+)
+
 HELP_EXAMPLES = """examples:
   circuits dla ioi                                 # table; circuits-out/dla-ioi/
   circuits dla ioi --n 100 -o out/ioi-dla
@@ -22,8 +35,6 @@ FILES = ("dla.png", "dla.json")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The task, model, prompts, output folder, device and dtype."""
-    from ..cli import add_device_arguments
-
     parser.add_argument("task", metavar="TASK",
                         help="a built-in task (`circuits tasks`) or a JSONL file of prompt pairs")
     parser.add_argument("--model", help="a shipped model (`circuits models`), a local model "
@@ -46,27 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the options, load the task and model, attribute, write and print."""
-    from ..cli import (
-        _fail,
-        check_device_and_dtype,
-        check_output,
-        check_seed_and_n,
-        load_task_and_model,
-        task_name,
-    )
-    from ..metrics import get_metric
-
     if args.metric is not None and get_metric(args.metric).name != "logit-diff":
-        _fail(f"direct logit attribution splits a metric that is linear in the logits, and "
-              f"{args.metric!r} is not; use --metric logit-diff")
+        fail(f"direct logit attribution splits a metric that is linear in the logits, and "
+             f"{args.metric!r} is not; use --metric logit-diff")
     if args.batch_size < 1:
-        _fail(f"--batch-size must be at least 1, got {args.batch_size}")
+        fail(f"--batch-size must be at least 1, got {args.batch_size}")
     check_seed_and_n(args.seed, args.n)
     check_device_and_dtype(args)
     out = Path(args.out or Path("circuits-out") / f"dla-{task_name(args.task)}")
     check_output(out, folder=True, flag="--out")
-
-    from ..reading.dla import direct_logit_attribution
 
     task, model = load_task_and_model(args.task, args.model, args.n, args.seed, args)
     dla = direct_logit_attribution(model, task, metric=args.metric, batch_size=args.batch_size,
@@ -79,8 +78,6 @@ def run(args: argparse.Namespace) -> int:
 
 def write_outputs(dla: object, out: Path) -> None:
     """dla.png and dla.json, staged inside `out` and moved into place together."""
-    from ..outputs import staged
-
     with staged(out) as staging:
         dla.plot(staging / FILES[0])
         dla.save_json(staging / FILES[1])

@@ -16,6 +16,19 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..io import dumps, write_atomic
+from ..model import load_model
+from ..outputs import staged
+from ..reading.roles import head_roles, plot_roles
+from .common import (
+    add_device_arguments,
+    check_device_and_dtype,
+    check_output,
+    check_seed_and_n,
+    fail,
+    load_task_and_model,
+)
+
 HELP_EXAMPLES = """examples:
   circuits heads --model induction-gpt2-2l         # table; circuits-out/heads-induction-gpt2-2l/
   circuits heads --model ioi-gpt2-4l --task ioi -o out/ioi-heads
@@ -34,25 +47,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def model_name(args: argparse.Namespace) -> str:
     """The model named by ``--model`` or, with a one-line warning on stderr, by the deprecated
     positional ``MODEL``; an OptionError when neither or two different ones are given."""
-    from ..cli import _fail
-
     if args.old_model is not None and args.model is not None and args.old_model != args.model:
-        _fail(f"two models given ({args.old_model!r} and --model {args.model!r}); pass only "
-              "--model MODEL")
+        fail(f"two models given ({args.old_model!r} and --model {args.model!r}); pass only "
+             "--model MODEL")
     if args.old_model is not None and args.model is None:
         print(f"circuits: warning: `circuits {args.command} MODEL`: the positional MODEL is "
               "deprecated; use --model MODEL", file=sys.stderr)
         return args.old_model
     if args.model is None:
-        _fail(f"circuits {args.command} needs a model: pass --model MODEL (a shipped model, a "
-              "local model folder or a hub name)")
+        fail(f"circuits {args.command} needs a model: pass --model MODEL (a shipped model, a "
+             "local model folder or a hub name)")
     return args.model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The model, the optional task, the sample sizes, the output folder, device and dtype."""
-    from ..cli import add_device_arguments
-
     add_model_arguments(parser)
     parser.add_argument("--task", help="a built-in task or a JSONL file: adds the name-mover "
                         "role and each head's direct logit attribution, measured on its prompts")
@@ -71,20 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the options, load the model (and task), score the heads, write and print."""
-    from ..cli import (
-        _fail,
-        check_device_and_dtype,
-        check_output,
-        check_seed_and_n,
-        load_task_and_model,
-    )
-    from ..model import load_model
-    from ..reading.roles import head_roles
-
     name = model_name(args)
     check_seed_and_n(args.seed, args.n)
     if args.length < 2:
-        _fail(f"--length must be at least 2, got {args.length}")
+        fail(f"--length must be at least 2, got {args.length}")
     check_device_and_dtype(args)
     out = Path(args.out or Path("circuits-out") / f"heads-{Path(name).name}")
     check_output(out, folder=True, flag="--out")
@@ -103,10 +102,6 @@ def run(args: argparse.Namespace) -> int:
 
 def write_outputs(roles: object, record: dict, out: Path) -> None:
     """heads.png and heads.json, staged inside `out` and moved into place together."""
-    from ..io import dumps, write_atomic
-    from ..outputs import staged
-    from ..reading.roles import plot_roles
-
     with staged(out) as staging:
         plot_roles(roles, staging / FILES[0])
         write_atomic(staging / FILES[1], (dumps(record, indent=1) + "\n").encode("utf-8"))

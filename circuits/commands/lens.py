@@ -17,6 +17,20 @@ import stat
 import sys
 from pathlib import Path
 
+from ..metrics import get_metric
+from ..outputs import staged
+from ..reading.lens import logit_lens, plot_lenses, save_json
+from ..reading.tuned_lens import MAX_LR, MAX_STEPS, TunedLens, train_tuned_lens, tuned_lens
+from .common import (
+    add_device_arguments,
+    check_device_and_dtype,
+    check_output,
+    check_seed_and_n,
+    fail,
+    load_task_and_model,
+    task_name,
+)
+
 HELP_EXAMPLES = """examples:
   circuits lens ioi                                # logit lens; circuits-out/lens-ioi/
   circuits lens ioi --tuned --train-steps 250      # also train and apply a tuned lens
@@ -31,9 +45,6 @@ MAX_LINE_BYTES = 64 * 2**10  # of one line: beyond any context window of ordinar
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The task, model, lens options, prompts, output folder, device and dtype."""
-    from ..cli import add_device_arguments
-    from ..reading.tuned_lens import MAX_LR, MAX_STEPS
-
     parser.add_argument("task", metavar="TASK",
                         help="a built-in task (`circuits tasks`) or a JSONL file of prompt pairs")
     parser.add_argument("--model", help="a shipped model (`circuits models`), a local model "
@@ -70,16 +81,14 @@ def read_texts(path: Path) -> list[str]:
     """The non-empty lines of a UTF-8 text file, read as a stream: at most `MAX_TEXT_BYTES` in
     all and `MAX_LINE_BYTES` per line (what is beyond is cut, with one warning line on
     stderr); a device, a folder, a binary file or bytes that are not UTF-8 are refused."""
-    from ..cli import _fail
-
     try:
         mode = path.stat().st_mode
     except OSError as err:
-        _fail(f"cannot read --train-texts {path} ({err.strerror or err}); pass a UTF-8 text "
-              "file, one text per line")
+        fail(f"cannot read --train-texts {path} ({err.strerror or err}); pass a UTF-8 text "
+             "file, one text per line")
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISDIR(mode) or stat.S_ISSOCK(mode):
-        _fail(f"--train-texts {path} is not a text file; pass a UTF-8 text file, one text per "
-              "line")
+        fail(f"--train-texts {path} is not a text file; pass a UTF-8 text file, one text per "
+             "line")
     texts: list[str] = []
     budget, cut_lines, cut_file = MAX_TEXT_BYTES, 0, False
     try:
@@ -101,12 +110,12 @@ def read_texts(path: Path) -> list[str]:
                         if rest.endswith(b"\n"):
                             break
                 if b"\0" in line:
-                    _fail(f"--train-texts {path} holds NUL bytes (line {len(texts) + 1}): it is "
-                          "not a text file; pass a UTF-8 text file, one text per line")
+                    fail(f"--train-texts {path} holds NUL bytes (line {len(texts) + 1}): it is "
+                         "not a text file; pass a UTF-8 text file, one text per line")
                 texts.append(_decode(line, path, len(texts) + 1, cut))
     except OSError as err:
-        _fail(f"cannot read --train-texts {path} ({err.strerror or err}); pass a UTF-8 text "
-              "file, one text per line")
+        fail(f"cannot read --train-texts {path} ({err.strerror or err}); pass a UTF-8 text "
+             "file, one text per line")
     if cut_file or cut_lines:
         cuts = ([f"read the first {MAX_TEXT_BYTES // 2**20} MiB"] if cut_file else []) + (
             [f"cut {cut_lines} lines longer than {MAX_LINE_BYTES // 2**10} KiB"]
@@ -115,63 +124,47 @@ def read_texts(path: Path) -> list[str]:
               "keeps at most 32768 token positions", file=sys.stderr)
     texts = [t for t in texts if t.strip()]
     if not texts:
-        _fail(f"--train-texts {path} holds no text; put one text per line")
+        fail(f"--train-texts {path} holds no text; put one text per line")
     return texts
 
 
 def _decode(line: bytes, path: Path, number: int, cut: bool) -> str:
     """One line as text, without its line break (a `cut` line loses a character cut in two)."""
-    from ..cli import _fail
-
     try:
         return line.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as err:
         if cut and err.reason == "unexpected end of data":
             return line[:err.start].decode("utf-8")
-        return _fail(f"--train-texts {path} line {number} is not UTF-8 ({err.reason} at byte "
-                     f"{err.start + 1}); pass a UTF-8 text file")
+        return fail(f"--train-texts {path} line {number} is not UTF-8 ({err.reason} at byte "
+                    f"{err.start + 1}); pass a UTF-8 text file")
 
 
 def run(args: argparse.Namespace) -> int:
     """Check the options, load the task and model, run the lenses, write and print."""
-    from ..cli import (
-        _fail,
-        check_device_and_dtype,
-        check_output,
-        check_seed_and_n,
-        load_task_and_model,
-        task_name,
-    )
-    from ..metrics import get_metric
-    from ..reading.tuned_lens import MAX_LR, MAX_STEPS
-
     tuned = bool(args.tuned or args.translators or args.train_steps is not None
                  or args.lr is not None or args.train_texts)
     if args.train_steps is not None and not 1 <= args.train_steps <= MAX_STEPS:
-        _fail(f"--train-steps must be from 1 to {MAX_STEPS} (the paper trains 250), got "
-              f"{args.train_steps}")
+        fail(f"--train-steps must be from 1 to {MAX_STEPS} (the paper trains 250), got "
+             f"{args.train_steps}")
     if args.lr is not None and not 0 < args.lr <= MAX_LR:
-        _fail(f"--lr must be a learning rate above 0 and at most {MAX_LR:g} (the default is "
-              f"0.5), got {args.lr}")
+        fail(f"--lr must be a learning rate above 0 and at most {MAX_LR:g} (the default is "
+             f"0.5), got {args.lr}")
     if args.translators and (args.train_steps is not None or args.lr is not None
                              or args.train_texts):
-        _fail("--translators loads trained translators; drop --train-steps, --lr and "
-              "--train-texts, or drop --translators to train new ones")
+        fail("--translators loads trained translators; drop --train-steps, --lr and "
+             "--train-texts, or drop --translators to train new ones")
     if args.translators and not Path(args.translators).is_file():
-        _fail(f"--translators {args.translators} is not a file; pass the tuned_lens.safetensors "
-              "of an earlier `circuits lens --tuned` run")
+        fail(f"--translators {args.translators} is not a file; pass the tuned_lens.safetensors "
+             "of an earlier `circuits lens --tuned` run")
     if args.metric is not None:
         get_metric(args.metric)
     if args.batch_size < 1:
-        _fail(f"--batch-size must be at least 1, got {args.batch_size}")
+        fail(f"--batch-size must be at least 1, got {args.batch_size}")
     check_seed_and_n(args.seed, args.n)
     check_device_and_dtype(args)
     out = Path(args.out or Path("circuits-out") / f"lens-{task_name(args.task)}")
     check_output(out, folder=True, flag="--out")
     texts = read_texts(Path(args.train_texts)) if args.train_texts else None
-
-    from ..reading.lens import logit_lens
-    from ..reading.tuned_lens import TunedLens, train_tuned_lens, tuned_lens
 
     task, model = load_task_and_model(args.task, args.model, args.n, args.seed, args)
     results = [logit_lens(model, task, metric=args.metric, batch_size=args.batch_size)]
@@ -199,9 +192,6 @@ def run(args: argparse.Namespace) -> int:
 def write_outputs(results: list, trained: object, out: Path) -> list[Path]:
     """lens.png, lens.json (and tuned_lens.safetensors), staged inside `out` and moved into
     place together."""
-    from ..outputs import staged
-    from ..reading.lens import plot_lenses, save_json
-
     names = list(FILES[:2]) + ([FILES[2]] if trained is not None else [])
     with staged(out) as staging:
         plot_lenses(results, staging / FILES[0])

@@ -11,11 +11,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from ..api import discover_from_scores, parse_selection
+from ..cost import Cost
+from ..errors import CircuitFileError, OptionError
+from ..graph import Graph
+from ..io import FLOAT32_MAX, _graph
+from ..model import check_same_weights
+from ..report import SCORES_FORMAT, SCORES_VERSION, summary_rows
+from ..scores import Scores
+from ..tables import text_table
+from .common import (
+    PROG,
+    add_device_arguments,
+    check_device_and_dtype,
+    check_output,
+    load_task_and_model,
+    name_circuit,
+    prompts_digest,
+    stages,
+    write_discovery,
+)
 
 HELP_EXAMPLES = """examples:
   circuits select circuits-out/ioi/scores.json --select topk:40
@@ -41,8 +66,6 @@ _RUN: dict[str, Any] = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's arguments: the scores file, the rule, the output folder, device and
     dtype."""
-    from ..cli import add_device_arguments
-
     parser.add_argument("scores", metavar="SCORES.json",
                         help="the scores.json a `circuits discover` run wrote")
     parser.add_argument("--select", required=True, metavar="RULE",
@@ -60,9 +83,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def read_scores(path: Path) -> tuple[str, dict[str, Any]]:
     """The text of a scores file and its parsed document, checked: a CircuitFileError with one
     line when it is missing, not JSON, not a scores file, or records no run."""
-    from ..errors import CircuitFileError
-    from ..report import SCORES_FORMAT, SCORES_VERSION
-
     def fail(what: str) -> Any:
         raise CircuitFileError(f"{path}: {what}")
 
@@ -101,9 +121,6 @@ def read_scores(path: Path) -> tuple[str, dict[str, Any]]:
 def graph_of(doc: dict[str, Any], where: Path) -> Any:
     """The Graph of a scores document's 'graph' shape, checked (`circuits.io` rules) against
     the number of edge scores it holds."""
-    from ..graph import Graph
-    from ..io import _graph
-
     shape = doc.get("graph")
     if doc["level"] == "edge":
         return _graph(shape, len(doc["scores"]), str(where))
@@ -119,15 +136,6 @@ def graph_of(doc: dict[str, Any], where: Path) -> Any:
 def scores_from(doc: dict[str, Any], where: Path) -> Any:
     """The Scores of a scores document: every name of its graph present with a finite number,
     nothing else."""
-    import math
-
-    import torch
-
-    from ..cost import Cost
-    from ..errors import CircuitFileError
-    from ..io import FLOAT32_MAX
-    from ..scores import Scores
-
     graph = graph_of(doc, where)
 
     values = doc["scores"]
@@ -164,8 +172,6 @@ def scores_from(doc: dict[str, Any], where: Path) -> Any:
 def decided_circuit(names: Any, graph: Any, where: Path) -> Any:
     """The mask of the circuit a scores file says the method decided (its 'circuit' list of
     edge names), or None when it records none."""
-    from ..errors import CircuitFileError
-
     if names is None:
         return None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -181,19 +187,6 @@ def decided_circuit(names: Any, graph: Any, where: Path) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Select, evaluate and write a new circuit from saved scores; print the summary."""
-    from ..api import parse_selection
-    from ..cli import (
-        PROG,
-        check_device_and_dtype,
-        check_output,
-        load_task_and_model,
-        name_circuit,
-        stages,
-        write_discovery,
-    )
-    from ..errors import OptionError
-    from ..report import summary_rows, text_table
-
     path = Path(args.scores)
     selection = parse_selection(args.select)
     text, doc = read_scores(path)
@@ -228,11 +221,6 @@ def run(args: argparse.Namespace) -> int:
 def check_weights(saved: dict[str, Any], model: Any, path: Path) -> None:
     """Refuse a model whose weights differ from those the scores were made on; warn where an
     older fingerprint cannot tell (`circuits.model.check_same_weights`)."""
-    import sys
-
-    from ..cli import PROG
-    from ..model import check_same_weights
-
     note = check_same_weights(model, saved.get("model_fingerprint"), saved["dtype"],
                               f"{path} was scored on {saved['model']!r}",
                               "the model changed since, so run `circuits discover` again")
@@ -242,9 +230,6 @@ def check_weights(saved: dict[str, Any], model: Any, path: Path) -> None:
 
 def check_prompts(saved: dict[str, Any], task: Any, path: Path) -> None:
     """Refuse prompts other than those the scores were made on (a task file edited since)."""
-    from ..cli import prompts_digest
-    from ..errors import OptionError
-
     recorded = saved.get("prompts")
     if isinstance(recorded, str) and recorded != prompts_digest(task):
         raise OptionError(f"{path} was scored on other prompts than task {saved['task']!r} gives "
@@ -255,8 +240,6 @@ def check_prompts(saved: dict[str, Any], task: Any, path: Path) -> None:
 def rediscover(doc: dict[str, Any], scores: Any, task: Any, model: Any,
                args: argparse.Namespace, selection: dict[str, float], stage: Any) -> Any:
     """`circuits.api.discover_from_scores` with the run the document records."""
-    from ..api import discover_from_scores
-
     saved = doc["run"]
     return discover_from_scores(
         scores, task, model, selection=selection,

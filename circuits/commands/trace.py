@@ -14,6 +14,20 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..io import dumps, write_atomic
+from ..outputs import staged
+from ..reading.tracing import MAX_NOISE, MAX_RUNS, MAX_SAMPLES, causal_trace
+from ..tables import text_table
+from .common import (
+    add_device_arguments,
+    check_device_and_dtype,
+    check_output,
+    check_seed_and_n,
+    fail,
+    load_task_and_model,
+    task_name,
+)
+
 if TYPE_CHECKING:
     from ..reading.tracing import CausalTrace
 
@@ -28,9 +42,6 @@ DEFAULT_N = 20
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The task, model, prompt count, noise, samples, window, seed, output folder, device."""
-    from ..cli import add_device_arguments
-    from ..reading.tracing import MAX_NOISE, MAX_RUNS, MAX_SAMPLES
-
     parser.add_argument("task", metavar="TASK", help="a built-in task (`circuits tasks`) or a "
                         "JSONL file whose lines name their subject in \"meta\": {\"subject\": ...}")
     parser.add_argument("--model", help="a shipped model (`circuits models`), a local model folder "
@@ -56,25 +67,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the options, load the task and model, trace, write and print the summary."""
-    from ..cli import (
-        _fail,
-        check_device_and_dtype,
-        check_output,
-        check_seed_and_n,
-        load_task_and_model,
-        task_name,
-    )
-    from ..reading.tracing import MAX_NOISE, MAX_SAMPLES, causal_trace
-    from ..report import text_table
-
     check_seed_and_n(args.seed, args.n)
     if not 0 <= args.noise <= MAX_NOISE:
-        _fail(f"--noise must be a number of standard deviations from 0 to {MAX_NOISE:g} (ROME "
-              f"uses 3), got {args.noise}")
+        fail(f"--noise must be a number of standard deviations from 0 to {MAX_NOISE:g} (ROME "
+             f"uses 3), got {args.noise}")
     if not 1 <= args.samples <= MAX_SAMPLES:
-        _fail(f"--samples must be from 1 to {MAX_SAMPLES} (ROME uses 10), got {args.samples}")
+        fail(f"--samples must be from 1 to {MAX_SAMPLES} (ROME uses 10), got {args.samples}")
     if args.window is not None and args.window < 1:
-        _fail(f"--window must be at least 1 layer, got {args.window}")
+        fail(f"--window must be at least 1 layer, got {args.window}")
     check_device_and_dtype(args)
     out = Path(args.out or Path("circuits-out") / f"trace-{task_name(args.task)}")
     check_output(out, folder=True, flag="--out")
@@ -101,9 +101,6 @@ def run(args: argparse.Namespace) -> int:
 
 def write_outputs(trace: CausalTrace, out: Path) -> None:
     """trace.png and trace.json, staged inside `out` and moved into place together."""
-    from ..io import dumps, write_atomic
-    from ..outputs import staged
-
     with staged(out) as staging:
         trace.plot(staging / FILES[0])
         write_atomic(staging / FILES[1], (dumps(trace.to_dict(), indent=1) + "\n").encode("utf-8"))

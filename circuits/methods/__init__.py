@@ -8,6 +8,11 @@ and optionally extra results. A method that decides its own circuit (ACDC; regis
 `Scores.circuit`. It is
 registered with `register`; `run_method` checks the options and the metric against the method
 and adds the bookkeeping (cost, names, options).
+
+Each option a method takes is declared once, next to the method, as an `Option` (name, kind,
+help, default, choices, bounds): `check_options` checks values against it, and ``circuits
+discover`` and ``circuits bench`` build their flags from it, so a new option touches only the
+method's module.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 
@@ -31,6 +36,108 @@ from ..scores import Level, Scores
 from ..setup import Setup
 
 MethodFn = Callable[..., "Tensor | tuple[Tensor, dict[str, Any]]"]
+OptionKind = Literal["int", "float", "bool", "choice", "names"]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a registered method: what values it takes and how the command line offers it.
+
+    Attributes
+    ----------
+    name : str
+        The method's keyword argument.
+    kind : "int", "float", "bool", "choice" or "names"
+        ``names``: a sequence of graph names (comma-separated on the command line).
+    help : str
+        One phrase for ``--help``.
+    default : Any
+        The method's own default, shown in ``--help``; None also admits None as a value.
+    choices : tuple of str
+        The values a ``choice`` takes.
+    low, high : float, optional
+        Inclusive bounds of an ``int`` or ``float``.
+    flag : str
+        The command-line flag; by default ``--`` and the name with dashes. Where a command has
+        a flag of that name already (``--seed``), the command sets the option itself.
+
+    Examples
+    --------
+    >>> steps = Option("steps", "int", "integration steps", 5, low=1, high=1000)
+    >>> steps.cli_flag, steps.parse("7")
+    ('--steps', 7)
+    >>> steps.check("eap-ig", 0)
+    Traceback (most recent call last):
+    ...
+    circuits.errors.OptionError: method 'eap-ig': steps must be a whole number from 1 to 1000, got 0
+    """
+
+    name: str
+    kind: OptionKind
+    help: str
+    default: Any = None
+    choices: tuple[str, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    flag: str = ""
+
+    @property
+    def cli_flag(self) -> str:
+        """The flag ``circuits discover`` and ``circuits bench`` offer for this option."""
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def _wanted(self) -> str:
+        """What a good value is, in words (``a whole number from 1 to 1000``)."""
+        if self.kind == "bool":
+            return "True or False"
+        if self.kind == "choice":
+            return f"one of {', '.join(self.choices)}"
+        if self.kind == "names":
+            return "a list of names"
+        what = "a whole number" if self.kind == "int" else "a finite number"
+        if self.low is not None and self.high is not None:
+            return f"{what} from {self.low:g} to {self.high:g}"
+        if self.low is not None:
+            return f"{what} >= {self.low:g}"
+        return what
+
+    def _fits(self, value: Any) -> bool:
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind == "choice":
+            return isinstance(value, str) and value in self.choices
+        if self.kind == "names":
+            return (isinstance(value, (list, tuple)) and len(value) > 0
+                    and all(isinstance(v, str) and v for v in value))
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind == "int" and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        return ((self.low is None or value >= self.low)
+                and (self.high is None or value <= self.high))
+
+    def check(self, method: str, value: Any) -> None:
+        """An OptionError when `value` is not one this option takes."""
+        if value is None and self.default is None:
+            return
+        if not self._fits(value):
+            raise OptionError(f"method {method!r}: {self.name} must be {self._wanted()}, got "
+                              f"{value!r}")
+
+    def parse(self, text: str) -> Any:
+        """The value of a command-line word, or an OptionError naming the flag."""
+        try:
+            if self.kind == "int":
+                return int(text)
+            if self.kind == "float":
+                return float(text)
+        except ValueError:
+            raise OptionError(f"{self.cli_flag} must be {self._wanted()}, got {text!r}") from None
+        if self.kind == "names":
+            return tuple(n for part in text.split(",") if (n := part.strip()))
+        return text
 
 
 @dataclass(frozen=True)
@@ -49,6 +156,9 @@ class MethodSpec:
     decides_circuit : bool
         The method decides its own circuit (ACDC's kept edges) besides scoring; discovery then
         returns that circuit unless another selection is asked for.
+    params : tuple of Option
+        Its options, declared (`Option`): what `check_options` checks and what the command
+        line offers.
     """
 
     name: str
@@ -60,6 +170,7 @@ class MethodSpec:
     gradient_at_clean: bool = False
     uses_metric: bool = True
     decides_circuit: bool = False
+    params: tuple[Option, ...] = ()
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -76,12 +187,14 @@ _MODULES = (
 def register(
     name: str, level: Level, description: str, passes: str, edge_engine: bool = True,
     gradient_at_clean: bool = False, uses_metric: bool = True, decides_circuit: bool = False,
+    params: tuple[Option, ...] = (),
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator adding a method to the registry under `name` (fields as in `MethodSpec`)."""
 
     def add(fn: MethodFn) -> MethodFn:
         METHODS[name] = MethodSpec(name, fn, level, description, passes, edge_engine,
-                                   gradient_at_clean, uses_metric, decides_circuit)
+                                   gradient_at_clean, uses_metric, decides_circuit,
+                                   tuple(params))
         return fn
 
     return add
@@ -113,35 +226,16 @@ def get_method(name: str) -> MethodSpec:
 MAX_STEPS = 1000  # integration steps; far past the point where more change the scores
 
 
-def _check_value(name: str, key: str, value: Any) -> None:
-    """An OptionError for a value of a common option that no method can use."""
-    def number(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-    def integer(x: Any) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
-
-    if key == "steps" and not (integer(value) and 1 <= value <= MAX_STEPS):
-        raise OptionError(f"method {name!r}: steps must be a whole number from 1 to {MAX_STEPS}, "
-                          f"got {value!r}")
-    if key == "threshold" and not (number(value) and math.isfinite(value) and value >= 0):
-        raise OptionError(f"method {name!r}: threshold must be a finite number >= 0, got "
-                          f"{value!r}")
-    if key == "seed" and not (integer(value) and 0 <= value < 2**32):
-        raise OptionError(f"method {name!r}: seed must be a whole number from 0 to 2**32 - 1, "
-                          f"got {value!r}")
-    if key == "chunk" and value is not None and not (integer(value) and value >= 1):
-        raise OptionError(f"method {name!r}: chunk must be a whole number >= 1, got {value!r}")
-
-
 def check_options(name: str, options: dict[str, Any]) -> None:
     """An OptionError, listing the method's options, for any option method `name` does not
-    take, or a value out of range for a common option (steps, threshold, seed, chunk)."""
+    take, or a value its declaration (`Option`) does not admit."""
     spec = get_method(name)
     unknown = [key for key in options if key not in spec.options]
     if not unknown:
+        declared = {p.name: p for p in spec.params}
         for key, value in options.items():
-            _check_value(name, key, value)
+            if key in declared:
+                declared[key].check(name, value)
         return
     key = unknown[0]
     close = difflib.get_close_matches(key, spec.options, n=1)

@@ -40,15 +40,15 @@ How it runs fast
     prompts at the GPT-2-small shape the estimates decide 99% of the edges as ACDC does, where
     assuming every edge removed wasted about one variant per two edges. The guesses only choose
     which variants run: every decision is taken on a measured loss, so this gives exactly the
-    result of the one-edge-at-a-time loop. A destination whose node has lost
-    all its outgoing edges (so no path to the logits is left) cannot matter: its incoming edges
-    are removed without being evaluated.
+    result of the one-edge-at-a-time loop. A destination whose input cannot reach the logits
+    any more (the nodes it feeds have lost all their outgoing edges; with a post-norm shared by a
+    layer's heads, so have all the heads of that layer: `circuits.reach`) cannot matter: its
+    incoming edges are removed without being evaluated.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import sys
@@ -64,15 +64,19 @@ from ..batch import Batch
 from ..engine import Trace
 from ..errors import CircuitsError, OptionError
 from ..graph import Graph
+from ..metrics import kl_divergence
 from ..progress import RESTART, Checkpoint
+from ..reach import idle_destinations, replaced_sources
+from ..resume import progress_key
 from ..setup import Setup
 from ..store import Store
-from . import register
+from . import Option, register
 
 log = logging.getLogger(__name__)
 
 PROGRESS = "acdc"  # the name of ACDC's progress in a Checkpoint
-PROGRESS_VERSION = 3  # 1: the pickled checkpoint file of earlier versions; 2: without guesses
+PROGRESS_VERSION = 4  # 1: the pickled checkpoint file of earlier versions; 2: without guesses;
+# 3: KL in the model's dtype, post-norm heads skipped when their own outputs were cut
 # Destinations with at least this many incoming edges get first-order guesses of their decisions
 # (a stage's gradient run costs about five variants, against about one variant wasted per two
 # edges without them).
@@ -212,35 +216,14 @@ class _Loss:
 
     def _per_variant(self, logits: Tensor, batch: Any, C: int) -> Tensor:
         """Mean loss over the batch's prompts for each of the C variants ``[C]``."""
-        if self.kind == "kl":
-            clean = batch.clean_logits.log_softmax(-1)  # [b, vocab]
-            patched = logits.unflatten(0, (C, batch.size)).log_softmax(-1)  # [C, b, vocab]
-            return (clean.exp() * (clean - patched)).sum(-1).mean(1)
+        if self.kind == "kl":  # in float32 at least, whatever the model's dtype
+            patched = logits.unflatten(0, (C, batch.size))  # [C, b, vocab]
+            return kl_divergence(batch.clean_logits, patched).mean(1)
         values = self.setup.metric_values(logits, batch).view(C, batch.size)
         return -self.setup.sign * values.mean(1)
 
 
-def _fingerprint(setup: Setup) -> dict[str, Any]:
-    """What must match for saved progress to be resumed on this setup."""
-    g = setup.graph
-    digest = hashlib.sha256()
-    for b in setup.batches:
-        digest.update(b.clean.cpu().numpy().tobytes())
-        digest.update(b.corrupt.cpu().numpy().tobytes())
-    return {
-        "n_layers": g.n_layers,
-        "n_heads": g.n_heads,
-        "parallel": g.parallel,
-        "n_prompts": sum(b.size for b in setup.batches),
-        "batch_sizes": [b.size for b in setup.batches],
-        "prompts_sha256": digest.hexdigest()[:16],
-        "ablation": setup.ablation,
-        "per_position": setup.per_position,
-        "model": setup.model.name,
-    }
-
-
-def _save(checkpoint: Checkpoint | None, header: dict[str, Any], state: _State,
+def _save(checkpoint: Checkpoint | None, header: dict[str, Any] | None, state: _State,
           force: bool = False) -> None:
     """A safe point: keep the state in the checkpoint, if any (throttled unless forced)."""
     if checkpoint is None:
@@ -254,7 +237,8 @@ def _save(checkpoint: Checkpoint | None, header: dict[str, Any], state: _State,
     )
 
 
-def _resume(checkpoint: Checkpoint | None, header: dict[str, Any], graph: Graph) -> _State | None:
+def _resume(checkpoint: Checkpoint | None, header: dict[str, Any] | None, graph: Graph
+            ) -> _State | None:
     """The saved state if the checkpoint holds one of this very run, else None (an OptionError
     when it was saved with other ACDC settings or on another setup)."""
     saved = None if checkpoint is None else checkpoint.load_for(PROGRESS, header, "ACDC")
@@ -293,6 +277,15 @@ def _show_progress(progress: bool | None) -> bool:
     passes="about one partial forward per (prompts x edges), batched over candidate edges, "
            "and one partial forward-backward per stage",
     decides_circuit=True,
+    params=(
+        Option("threshold", "float", "ACDC's removal threshold τ", 0.01, low=0),
+        Option("metric", "choice", "ACDC's loss: KL at the last position, or the task's metric",
+               "kl", choices=("kl", "task"), flag="--acdc-metric"),
+        Option("absolute", "bool", "compare |change| with τ (keeps edges whose removal helps)",
+               False),
+        Option("chunk", "int", "most candidate variants per forward (default: from the "
+               "engine's chunk, at most 32)", low=1),
+    ),
 )
 def acdc(
     setup: Setup,
@@ -375,17 +368,15 @@ sorted(true_edges)
         raise OptionError(f"chunk must be a positive integer, got {chunk!r}")
 
     order = visit_order(graph)
+    post_norm = engine.adapter.arch.post_norm
     metric_name = "kl" if metric == "kl" else f"task:{setup.metric.name}"
     checkpoint = setup.checkpoint
     # everything the saved state depends on (the chunk too: it decides which variants share a
     # forward, and so the last bits of their losses)
-    header = {
-        "version": PROGRESS_VERSION,
-        "fingerprint": _fingerprint(setup),
-        "threshold": float(threshold),
-        "metric": metric_name,
-        "absolute": bool(absolute),
-        "chunk": chunk,
+    header = None if checkpoint is None else {
+        **progress_key(setup, PROGRESS, {"threshold": float(threshold), "metric": metric_name,
+                                         "absolute": bool(absolute), "chunk": chunk}),
+        "state_version": PROGRESS_VERSION,
     }
     state = _resume(checkpoint, header, graph)
 
@@ -420,12 +411,13 @@ sorted(true_edges)
                 evaluated = 0
                 # The outgoing edges of the nodes this destination feeds (a head, a key/value
                 # head's group, an MLP) are final: they all go to later stages, visited already.
-                skipped = _disconnected(graph, state.removed, dst)
+                skipped = _disconnected(graph, state.removed, dst, post_norm)
                 if skipped:
                     state.removed[sources, dst] = True
                 else:
                     if estimated_stage != stage:
-                        estimates = _stage_estimates(graph, state.removed, stage, loss)
+                        estimates = _stage_estimates(graph, state.removed, stage, loss,
+                                                     post_norm)
                         estimated_stage = stage
                     est = estimates.get(dst)
                     guess = None if est is None else {s: not is_small(float(est[s]))
@@ -476,15 +468,15 @@ sorted(true_edges)
                     "visits": state.visits}
 
 
-def _disconnected(graph: Graph, removed: Tensor, dst: int) -> bool:
-    """The nodes `dst` feeds (a head, a key/value head's group, an MLP) have no outgoing edge
-    left, so nothing `dst` reads can matter. Final once `dst`'s stage is reached: those edges
-    all go to later stages, visited already."""
-    fed = graph.feeds[dst, :graph.n_sources]
-    return not bool(graph.feeds[dst, -1]) and not bool((graph.valid[fed] & ~removed[fed]).any())
+def _disconnected(graph: Graph, removed: Tensor, dst: int, post_norm: bool) -> bool:
+    """Nothing `dst` reads can reach the logits any more (`circuits.reach.idle_destinations`).
+    Final once `dst`'s stage is reached: the outgoing edges of the nodes it feeds (and of their
+    layer's heads) all go to later stages, visited already."""
+    replaced = replaced_sources(graph, removed)
+    return bool(idle_destinations(graph, replaced, post_norm)[dst])
 
 
-def _stage_estimates(graph: Graph, removed: Tensor, stage: int, loss: _Loss
+def _stage_estimates(graph: Graph, removed: Tensor, stage: int, loss: _Loss, post_norm: bool
                      ) -> dict[int, Tensor]:
     """First-order estimates ``[n_src]`` of the changes of the edges into each destination of
     `stage` that will be evaluated and has at least ``GUESS_MIN_EDGES`` edges, from one gradient
@@ -494,7 +486,7 @@ def _stage_estimates(graph: Graph, removed: Tensor, stage: int, loss: _Loss
     at_start[:, graph.dst_stage == stage] = False
     dsts = [j for j in (graph.dst_stage == stage).nonzero().squeeze(1).tolist()
             if int(graph.valid[:, j].sum()) >= GUESS_MIN_EDGES
-            and not _disconnected(graph, at_start, j)]
+            and not _disconnected(graph, at_start, j, post_norm)]
     if not dsts:
         return {}
     est = loss.estimates(at_start, dsts)

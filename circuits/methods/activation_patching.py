@@ -11,7 +11,11 @@ lower means more behavior (``kl``), so a positive score always means the node ca
 ``input`` is the residual stream entering the first layer (the embeddings); a head is its slice
 of the attention output projection's input; an MLP is its output (see `circuits.nodes`).
 Ablating a node this way equals ablating every outgoing edge of it in the edge engine, so the
-scores are the per-source totals that edge patching would give with all of a node's edges cut.
+scores are the per-source totals that edge patching would give with all of a node's edges cut,
+except on families whose heads share a post-norm (Gemma-2): there a head replaced before the
+output projection still moves the norm's scale, which the engine's ablated head does not. On
+those families every node's score is measured through the edge engine instead (all its outgoing
+edges cut), and per-position patching, which has no engine counterpart yet, is refused.
 
 The method runs only through nnsight, so it works on every architecture `circuits.nodes`
 discovers, including families the edge engine has no adapter for.
@@ -25,9 +29,11 @@ import torch
 from torch import Tensor
 
 from ..errors import OptionError
-from ..nodes import NodeSites, ablated_values, patch_each
+from ..faithfulness import metric_of_masks
+from ..node_circuits import ablated_values, shared_post_norm
+from ..nodes import NodeSites, patch_each
 from ..setup import Setup
-from . import register
+from . import Option, register
 
 
 def _effects(
@@ -55,12 +61,33 @@ def _effects(
     return total.cpu()
 
 
+def _engine_effects(setup: Setup) -> Tensor:
+    """``[n_src]`` effects of ablating each node alone as the edge engine defines it: every
+    outgoing edge of the node cut, its own inputs left clean. On post-norm families a patch of a
+    head's ``z`` moves the norm's scale of its whole layer, which is not that."""
+    g = setup.graph
+    cut = torch.eye(g.n_sources, dtype=torch.bool)[:, :, None]  # row i: node i's edges
+    patched = metric_of_masks(setup, g.valid & ~cut, per_prompt=True)  # [n_src, prompts]
+    total, at = torch.zeros(g.n_sources, dtype=torch.float64), 0
+    for batch, weight in zip(setup.batches, setup.weights, strict=True):
+        clean = setup.metric_values(batch.clean_logits, batch).double().cpu()  # [b]
+        part = patched[:, at:at + batch.size]
+        total += weight * setup.sign * (clean[None] - part).mean(1)
+        at += batch.size
+    return total.float()
+
+
 @register(
     "activation-patching",
     level="node",
     description="ablate each node (input, head, MLP) alone through nnsight; any architecture",
     passes="1 + n_nodes forwards per batch (+ n_nodes x positions with positions=True)",
     edge_engine=False,
+    params=(
+        Option("positions", "bool", "also patch one token position at a time (the per-position "
+               "grids go into scores.json)", False),
+        Option("chunk", "int", "most rows (prompts x variants) per forward", 256, low=1),
+    ),
 )
 def activation_patching(
     setup: Setup, positions: bool = False, chunk: int = 256
@@ -109,6 +136,13 @@ def activation_patching(
             f"modules have {sites.n_layers} x {sites.n_heads}; build the Setup for this model"
         )
     nodes = list(graph.sources)
+    if shared_post_norm(setup):
+        if positions:
+            raise OptionError(
+                "activation-patching positions=True patches a head's z, which on a family whose "
+                "heads share a post-norm (Gemma-2) is not the engine's ablated head; drop "
+                "positions (or --positions)")
+        return _engine_effects(setup), {}
     resid = [f"resid{layer}" for layer in range(sites.n_layers)]
     ablated = ablated_values(setup, sites, nodes + resid if positions else nodes)
     values = _effects(setup, ablated, [(n, None) for n in nodes], chunk)

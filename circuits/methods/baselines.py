@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..errors import OptionError
 from ..setup import Setup
-from . import register
+from . import Option, register
 
 
 @register(
@@ -30,6 +30,7 @@ from . import register
     description="baseline: seeded random scores (the floor; ROC AUC about 0.5)",
     passes="none",
     uses_metric=False,
+    params=(Option("seed", "int", "seed of the random scores", 0, low=0, high=2**32 - 1),),
 )
 def random_scores(setup: Setup, seed: int = 0) -> Tensor:
     """Standard normal scores on the valid edges, reproducible from `seed`."""
@@ -44,6 +45,8 @@ def random_scores(setup: Setup, seed: int = 0) -> Tensor:
     description="baseline: a source's mean output norm (or ablation change), for all its edges",
     passes="1 clean forward per batch (kind='diff' also uses the ablated run)",
     uses_metric=False,
+    params=(Option("kind", "choice", "a source's output norm, or the change ablation makes",
+                   "norm", choices=("norm", "diff")),),
 )
 def activation(setup: Setup, kind: Literal["norm", "diff"] = "norm") -> Tensor:
     """Score edge (s, d) by the mean over prompts and positions of ``||out_s||`` (``norm``) or

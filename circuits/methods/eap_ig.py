@@ -39,9 +39,9 @@ from torch import Tensor
 from ..batch import Batch
 from ..errors import OptionError
 from ..graph import Graph
-from ..progress import resumable_items
+from ..resume import resumable_items
 from ..setup import Setup
-from . import register
+from . import MAX_STEPS, Option, register
 
 
 def _alphas(steps: int) -> Tensor:
@@ -68,6 +68,7 @@ def _run(setup: Setup, batch: Batch) -> dict[str, Any]:
     level="edge",
     description="EAP with integrated gradients over the input embeddings (the default method)",
     passes="1 ablated forward + 1 clean forward + 1 forward-backward over steps x prompts",
+    params=(Option("steps", "int", "integration steps", 5, low=1, high=MAX_STEPS),),
 )
 def eap_ig(setup: Setup, steps: int = 5) -> Tensor:
     """EAP-IG over the inputs: the ``input`` source's edges interpolated, `steps` path samples."""
@@ -99,6 +100,7 @@ def eap_ig(setup: Setup, steps: int = 5) -> Tensor:
     description="EAP-IG interpolating each stage's destination inputs in turn",
     passes="1 ablated + 1 clean forward + (2 x layers + 1) partial forward-backwards over "
            "steps x prompts",
+    params=(Option("steps", "int", "integration steps", 5, low=1, high=MAX_STEPS),),
 )
 def eap_ig_stages(setup: Setup, steps: int = 5) -> Tensor:
     """EAP-IG with one sweep per stage, each interpolating that stage's destination inputs."""
@@ -145,6 +147,7 @@ def _source_layers(g: Graph) -> list[list[int]]:
                 "EAP-IG-activations)",
     passes="1 ablated + 1 clean forward + (2 x layers + 1) forward-backwards over steps x "
            "prompts",
+    params=(Option("steps", "int", "integration steps", 5, low=1, high=MAX_STEPS),),
 )
 def eap_ig_activations(setup: Setup, steps: int = 5) -> Tensor:
     """EAP-IG as the reference's ``EAP-IG-activations`` defines it (see the module notes).

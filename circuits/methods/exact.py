@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..progress import resumable_items
+from ..resume import resumable_items
 from ..setup import Setup
 from . import register
 

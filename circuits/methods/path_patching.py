@@ -18,7 +18,7 @@ from ..engine import Engine
 from ..errors import OptionError, UnsupportedModelError
 from ..graph import Graph
 from ..setup import Setup
-from . import register
+from . import Option, register
 
 
 def _engine(setup: Setup) -> Engine:
@@ -80,6 +80,12 @@ def path_effects(setup: Setup, senders: Sequence[Sequence[str]], receivers: Sequ
     level="node",
     description="path patching: each sender's effect on the receivers through direct edges",
     passes="1 ablated forward + 1 patched forward per sender (batched) per batch",
+    params=(
+        Option("receivers", "names", "destinations the senders' effect is measured through, "
+               "e.g. logits or a2.h0<q>,a2.h0<k>", ("logits",)),
+        Option("senders", "names", "sources to score, e.g. a0.h1,m0 (default: every source "
+               "upstream of a receiver)"),
+    ),
 )
 def path_patching(
     setup: Setup,

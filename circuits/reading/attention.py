@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DependencyError, OptionError, UnsupportedModelError
+from ..io import write_atomic
 from ..model import Model
 
 MAX_PANELS = 64  # heatmaps in one figure; more would not be readable
@@ -212,8 +213,6 @@ def plot_attention(patterns: Tensor | Sequence[Tensor], tokens: Sequence[str] |
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from ..io import write_atomic
 
     panels = [p.detach().float().cpu() for p in patterns]
     n = len(panels)

@@ -37,12 +37,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import outputs  # outputs.progress_bar: tests replace it there
 from ..adapters import Adapter, adapter_for
 from ..batch import Batch
 from ..errors import OptionError, UnsupportedModelError
+from ..io import write_atomic
 from ..metrics import Metric
 from ..model import Model
 from ..nodes import NodeSites, collect
+from ..tables import text_table
 from ..task import Task
 from .lens import HALF, Data, Unembedding, batches_of, metric_of, save_json
 
@@ -141,7 +144,9 @@ def linear_metric(fn: Metric, batch: Batch, logits: Tensor) -> tuple[Tensor, Ten
         (g,) = torch.autograd.grad(m0.sum(), zero, allow_unused=True)
     g = torch.zeros_like(logits) if g is None else g
     m0 = m0.detach()
-    probe = logits + torch.randn_like(logits)
+    # a fixed probe from a generator of its own: the caller's random state is left alone
+    noise = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
+    probe = logits + noise.to(logits)
     for point in (logits, probe):
         want = fn(point, batch).double()
         got = (g * point).sum(-1) + m0
@@ -225,8 +230,6 @@ class DLA:
         ...
         total (model's metric)  ...
         """
-        from ..report import text_table
-
         grid = [(str(layer), *(f"{v:+.4f}" for v in row), f"{float(self.mlps[layer]):+.4f}")
                 for layer, row in enumerate(self.heads.tolist())]
         header = ("layer", *(f"h{h}" for h in range(self.heads.shape[1])), "mlp")
@@ -275,8 +278,6 @@ class DLA:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        from ..io import write_atomic
 
         L, H = self.heads.shape
         grid = torch.cat([self.heads, self.mlps[:, None]], 1).numpy()  # [L, H + 1]
@@ -404,10 +405,9 @@ def direct_logit_attribution(
              *((f"m{layer}" for layer in range(L)) if writes_of.adapter is None else ())]
     runs = ("clean", "corrupt") if contrast else ("clean",)
     sums = {run: _Sums(L, sites.n_heads) for run in runs}
-    from ..outputs import progress_bar
 
     total = sum(b.size for b in batches)
-    with torch.no_grad(), progress_bar(total, "direct logit attribution", "prompt") as bar:
+    with torch.no_grad(), outputs.progress_bar(total, "direct logit attribution", "prompt") as bar:
         for i, batch in enumerate(batches):
             reference = None
             for run in runs:

@@ -16,20 +16,20 @@ import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .. import outputs  # outputs.progress_bar: tests replace it there
 from ..batch import Batch
 from ..errors import OptionError, UnsupportedModelError
+from ..io import dumps, write_atomic
 from ..metrics import Metric, get_metric
 from ..model import Model
 from ..nodes import NodeSites, collect
+from ..tables import text_table
 from ..task import Task
-
-if TYPE_CHECKING:
-    from .tuned_lens import TunedLens
 
 Data = Task | Batch | Sequence[Batch]
 # translate(index, h): the residual at hidden state `index` (0 = input) as the lens reads it
@@ -222,7 +222,7 @@ class LensResult:
     kl: Tensor
     model_value: float
     n_prompts: int
-    lens: TunedLens | None = field(default=None, compare=False, repr=False)
+    lens: nn.Module | None = field(default=None, compare=False, repr=False)  # a TunedLens
     nonfinite: Tensor | None = field(default=None, compare=False)
 
     def rows(self) -> list[tuple[str, ...]]:
@@ -245,8 +245,6 @@ class LensResult:
         ...
         resid1  ...
         """
-        from ..report import text_table
-
         head = (f"{self.kind} lens, {self.model}, {self.n_prompts} prompts, metric "
                 f"{self.metric} (model: {self.model_value:.4f})")
         table = head + "\n" + text_table(
@@ -293,8 +291,6 @@ def plot_lenses(results: Sequence[LensResult], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import write_atomic
-
     first = results[0]
     x = list(range(len(first.layers)))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -336,8 +332,6 @@ def save_json(results: dict[str, Any], path: str | Path) -> Path:
     >>> json.loads(path.read_text())
     {'kl': [0.5, None]}
     """
-    from ..io import dumps, write_atomic
-
     path = Path(path)
     write_atomic(path, (dumps(results, indent=2) + "\n").encode("utf-8"))
     return path
@@ -346,16 +340,14 @@ def save_json(results: dict[str, Any], path: str | Path) -> Path:
 # -- running ------------------------------------------------------------------------------------
 def run_lens(model: Model, data: Data, *, kind: str, translate: Translate | None = None,
              metric: str | Metric | Callable | None = None, batch_size: int = 32,
-             lens: TunedLens | None = None) -> LensResult:
+             lens: nn.Module | None = None) -> LensResult:
     """Read every layer's last-position residual, `translate` it (identity for the logit lens;
     the last layer is never translated), decode it and summarise per layer."""
-    from ..outputs import progress_bar
-
     fn = metric_of(data, metric)
     batches = batches_of(model, data, batch_size)
     unembed = Unembedding.of(model)
     per: dict[str, list[Tensor]] = {"values": [], "ranks": [], "kl": [], "model": [], "bad": []}
-    with torch.no_grad(), progress_bar(sum(b.size for b in batches), f"{kind} lens",
+    with torch.no_grad(), outputs.progress_bar(sum(b.size for b in batches), f"{kind} lens",
                                        "prompt") as bar:
         for i, batch in enumerate(batches):
             states = read_residuals(model, batch.clean)  # [L + 1, b, d]

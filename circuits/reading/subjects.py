@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import TaskError
-from ..task import Example, n_tokens, prefix_ids
+from ..task import Example, list_tasks, n_tokens, prefix_ids
 
 SubjectRule = Callable[[Example, Any], Sequence[int]]
 
@@ -100,8 +100,6 @@ def _offsets(tokenizer: Any, text: str) -> list[tuple[int, int]] | None:
 
 def task_rule(name: str) -> SubjectRule | None:
     """The subject rule of built-in task `name`: its module's ``subject_positions``, if any."""
-    from ..task import list_tasks
-
     base = name.split("/")[0]
     if base not in {task for task, _ in list_tasks()}:
         return None

@@ -42,8 +42,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .. import outputs  # outputs.progress_bar: tests replace it there
 from ..batch import Batch
 from ..errors import OptionError
+from ..io import write_atomic
 from ..metrics import Metric
 from ..model import Model, check_same_weights, dtype_name
 from ..nodes import NodeSites
@@ -136,8 +138,6 @@ class TunedLens(nn.Module):
         2
         """
         from safetensors.torch import save
-
-        from ..io import write_atomic
 
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
         meta = {**self.info, "format": FORMAT, "version": VERSION,
@@ -273,13 +273,12 @@ def _cached_residuals(model: Model, sequences: list[Tensor], max_tokens: int,
     """Every hidden state ``[N, L + 1, d]`` at up to `max_tokens` token positions (and at most
     `CACHE_BYTES` of them) of `sequences`, read in order, a random subset of the positions of
     the sequence that reaches the limit."""
-    from ..outputs import progress_bar
-
     sites = NodeSites.of(model)
     per_token = (sites.n_layers + 1) * sites.d_model * torch.finfo(model.dtype).bits // 8
     limit = min(max_tokens, max(1, CACHE_BYTES // per_token))
     states, kept = [], 0
-    with torch.no_grad(), progress_bar(limit, "tuned lens: reading residuals", "token") as bar:
+    bar_ = outputs.progress_bar(limit, "tuned lens: reading residuals", "token")
+    with torch.no_grad(), bar_ as bar:
         for ids in sequences:
             if kept >= limit:
                 break
@@ -380,7 +379,6 @@ def train_tuned_lens(
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= MAX_LR:
         raise OptionError(f"lr must be a learning rate above 0 and at most {MAX_LR:g} (the "
                           f"default is 0.5), got {lr!r}")
-    from ..outputs import progress_bar
 
     t0 = time.perf_counter()
     unembed = Unembedding.of(model)
@@ -401,7 +399,7 @@ def train_tuned_lens(
     lens.train()
     optimizer = torch.optim.SGD(lens.parameters(), lr=lr, momentum=0.9, nesterov=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
-    with _frozen(model.hf), progress_bar(steps, "tuned lens: training", "step") as bar:
+    with _frozen(model.hf), outputs.progress_bar(steps, "tuned lens: training", "step") as bar:
         for step in range(steps):
             rows = torch.randint(len(h), (min(batch_tokens, len(h)),), generator=gen)
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,144 @@
+"""``circuits discover``: score every edge, select a circuit, check it on held-out prompts,
+write the six files and print a summary."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..api import Discovery, discover, resolve_selection
+from ..methods import check_metric, get_method
+from ..metrics import get_metric
+from ..model import Model
+from ..progress import Checkpoint, weights_key
+from ..report import run_record, scores_json, summary_rows
+from ..tables import text_table
+from ..task import Task
+from .common import (
+    ABLATIONS,
+    PROG,
+    add_device_arguments,
+    check_device_and_dtype,
+    check_output,
+    check_seed_and_n,
+    fail,
+    load_task_and_model,
+    name_circuit,
+    prompts_digest,
+    stages,
+    task_name,
+    write_discovery,
+)
+from .options import add_method_arguments, method_options
+
+HELP_EXAMPLES = """examples:
+  circuits discover ioi                              # IOI circuit of the reference model
+  circuits discover ioi --method eap --select topk:30 --out out/ioi-eap
+  circuits discover my_behavior.jsonl --model ioi-gpt2-4l --n 100 --seed 1
+  circuits discover induction --method acdc --threshold 0.02
+  circuits discover ioi --method path-patching --receivers 'a3.h0<q>,logits' --level node
+  circuits discover ioi --model gpt2 --device cuda --dtype bfloat16"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command's arguments, the method options from the registry among them."""
+    p = parser
+    p.add_argument("task", metavar="TASK",
+                   help="a built-in task (`circuits tasks`) or a JSONL file of prompt pairs")
+    p.add_argument("--model", help="a shipped model (`circuits models`), a local model folder "
+                   "or a hub name (default: the task's reference model)")
+    p.add_argument("--method", default="eap-ig",
+                   help="a registered method (`circuits methods`; default: %(default)s)")
+    p.add_argument("--ablation", choices=ABLATIONS, default="resample",
+                   help="what replaces an edge outside the circuit (default: %(default)s)")
+    p.add_argument("--metric", help="logit-diff, prob-diff, logprob or kl (default: the task's)")
+    p.add_argument("--level", choices=("edge", "node"), default="edge",
+                   help="select edges, or heads and MLPs (default: %(default)s)")
+    p.add_argument("--select", metavar="RULE",
+                   help="threshold:X, topk:N, faithfulness:F (the smallest prefix of the "
+                   "ranking reaching faithfulness F on the discovery prompts) or method (the "
+                   "circuit the method decided itself, acdc) (default: method for acdc, "
+                   "faithfulness:0.85 otherwise)")
+    p.add_argument("-o", "--out", metavar="DIR",
+                   help="output folder (default: circuits-out/TASK)")
+    p.add_argument("--n", type=int, help="number of prompts, discovery and held-out together "
+                   "(default: the task's; a JSONL task uses all its lines)")
+    p.add_argument("--heldout", type=float, default=0.3, metavar="F",
+                   help="fraction of the prompts kept apart for evaluation (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="B",
+                   help="prompts per forward pass (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="seeds the prompts, the split and the method; same seed, same circuit "
+                   "(default: %(default)s)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop with an error, instead of a warning, when the model barely shows "
+                   "the behavior (its effect is small against its spread over the prompts)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same command from the progress "
+                   "it kept in the output folder (acdc, exact, eap-ig)")
+    add_device_arguments(p)
+    add_method_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Score, select, evaluate on held-out prompts, write the six files, print a summary."""
+    # check everything that can be wrong before the slow part starts
+    spec = get_method(args.method)
+    options = method_options(args.method, args)
+    selection = resolve_selection(args.select, args.method, spec.decides_circuit, args.level)
+    if args.metric is not None:
+        check_metric(args.method, get_metric(args.metric))
+    if not 0 < args.heldout < 1:
+        fail(f"--heldout must be a fraction between 0 and 1, got {args.heldout}")
+    if args.batch_size < 1:
+        fail(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_seed_and_n(args.seed, args.n)
+    check_device_and_dtype(args)
+    out = Path(args.out or Path("circuits-out") / task_name(args.task))
+    check_output(out, folder=True, flag="--out")
+
+    t0 = time.perf_counter()
+    names = ["loading", "measuring the behavior", "scoring", "selecting", "evaluating",
+             "reading the heads", "writing"]
+    with stages(names) as stage:
+        stage("loading")
+        task, model = load_task_and_model(args.task, args.model, args.n, args.seed, args)
+        checkpoint = discovery_checkpoint(out, task, model, args, options)
+        found = run_discovery(task, model, args, selection, options, stage, checkpoint)
+        stage("writing")
+        run_ = run_record(found, args.task, args.model or model.name)
+        run_["prompts"] = prompts_digest(found.task)
+        write_discovery(found, out, " ".join([PROG, *map(shlex.quote, args.argv)]),
+                        scores_json(found.scores, run_))
+        checkpoint.finish()
+    print(text_table(summary_rows(found, f"{out}{os.sep}", time.perf_counter() - t0)))
+    return 0
+
+
+def discovery_checkpoint(out: Path, task: Task, model: Model, args: argparse.Namespace,
+                         options: dict[str, Any]) -> Checkpoint:
+    """Where a long discovery keeps its progress (``OUT/.progress``), keyed by everything the
+    scores depend on, so ``--resume`` continues only the same run."""
+    run_ = dict(command="discover", method=args.method, options=options,
+                task=task.name, prompts=prompts_digest(task), bos=task.bos,
+                **weights_key(model), ablation=args.ablation,
+                metric=args.metric, batch_size=args.batch_size, heldout=args.heldout,
+                seed=args.seed)
+    return Checkpoint(out / ".progress", run_, resume=args.resume)
+
+
+def run_discovery(task: Task, model: Model, args: argparse.Namespace,
+                  selection: dict[str, float], options: dict[str, Any],
+                  stage: Callable[[str], None], checkpoint: Checkpoint | None = None) -> Discovery:
+    """`circuits.api.discover` on a resolved task and model, the circuit named after the whole
+    task (and its JSONL file, so `evaluate` finds it again)."""
+    kwargs: dict[str, Any] = dict(ablation=args.ablation, metric=args.metric, level=args.level,
+                                  selection=selection, heldout=args.heldout, seed=args.seed,
+                                  batch_size=args.batch_size, progress=stage,
+                                  strict=args.strict, checkpoint=checkpoint, **options)
+    return name_circuit(discover(task, model, args.method, **kwargs), args.task)
