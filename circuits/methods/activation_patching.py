@@ -28,12 +28,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..batch import Batch
 from ..errors import OptionError
 from ..faithfulness import metric_of_masks
 from ..node_circuits import ablated_values, shared_post_norm
 from ..nodes import NodeSites, patch_each
 from ..setup import Setup
 from . import Option, register
+
+
+def _drop(setup: Setup, batch: Batch, patched: Tensor) -> Tensor:
+    """``[C]`` mean over the batch's prompts of ``sign * (m(clean) - m(patched))``, from the
+    patched metric ``[C, b]`` (in its dtype and on its device)."""
+    clean = setup.metric_values(batch.clean_logits, batch).to(patched)  # [b]
+    return setup.sign * (clean[None] - patched).mean(1)
 
 
 def _effects(
@@ -49,15 +57,13 @@ def _effects(
     if not patches:
         return total.cpu()
     for batch, values, weight in zip(setup.batches, ablated, setup.weights, strict=True):
-        clean = setup.metric_values(batch.clean_logits, batch)  # [b]
         variants = [{name: values[name]} for name, _ in patches]
         positions = [pos for _, pos in patches]
         logits = patch_each(setup.model, batch.clean, variants, positions=positions,
                             chunk=chunk, last_only=True)  # [C * b, V]
         setup.node_passes.add_forward(len(patches) * batch.size)
         patched = setup.metric_values(logits, batch).view(len(patches), batch.size)  # [C, b]
-        effect = setup.sign * (clean[None] - patched).mean(1)  # [C]
-        total += weight * effect.detach().float()
+        total += weight * _drop(setup, batch, patched).detach().float()
     return total.cpu()
 
 
@@ -70,9 +76,7 @@ def _engine_effects(setup: Setup) -> Tensor:
     patched = metric_of_masks(setup, g.valid & ~cut, per_prompt=True)  # [n_src, prompts]
     total, at = torch.zeros(g.n_sources, dtype=torch.float64), 0
     for batch, weight in zip(setup.batches, setup.weights, strict=True):
-        clean = setup.metric_values(batch.clean_logits, batch).double().cpu()  # [b]
-        part = patched[:, at:at + batch.size]
-        total += weight * setup.sign * (clean[None] - part).mean(1)
+        total += weight * _drop(setup, batch, patched[:, at:at + batch.size])
         at += batch.size
     return total.float()
 
