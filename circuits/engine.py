@@ -7,9 +7,9 @@ learned masks), per-edge gradients in one backward pass, and exact single-edge p
 run is resolved into a plan (`circuits.plans`: which named rewrites share or skip work) and
 carried out by an executor (`circuits.runs`) that walks the stages (`circuits.walk`) and mixes
 ablated values into destination inputs (`circuits.mixing`); what every run must equal is the
-reference run (`circuits.reference`). The engine itself holds no run logic beyond exact
-patching, which restarts plain runs from cached activations. Building an engine changes no
-process-wide state.
+reference run (`circuits.reference`). The engine itself holds no run logic: it resolves
+options into plans and hands them to the executors. Building an engine changes no process-wide
+state.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .errors import OptionError
 from .graph import Graph
 from .model import Model
 from .plans import RunPlan, make_plan
-from .runs import Trace, after_prefix, run_gradient, run_patched, run_weights
+from .runs import Trace, run_gradient, run_patched, run_single_edges, run_weights
 
 Ablation = Literal["resample", "mean", "zero"]
 ABLATIONS: tuple[str, ...] = ("resample", "mean", "zero")
@@ -280,112 +280,17 @@ class Engine:
         return (scores * g.valid.to(scores.device)).cpu()
 
     # -- exact single-edge patching -----------------------------------------------------------
-    @torch.no_grad()
     def edge_effects(
         self, ids: Tensor, ablated: Tensor, metric: Callable[[Tensor], Tensor], first: int = 0,
         columns: Tensor | None = None,
     ) -> Tensor:
-        """The metric with each edge alone ablated: ``[n_src, n_dst]`` (NaN off the edges).
-
-        All edges into one stage run together as variants of the batch, restarting right after
-        that stage from the clean run's cached residual: an edge into a head's query changes
-        only that head's output, an edge into a key/value head the outputs of its group, an edge
-        into an MLP only the MLP's; the stage's write is rebuilt from the changed heads (through
-        the post-norm where the family has one), and the rest of the model runs unpatched.
+        """The metric with each edge alone ablated: ``[n_src, n_dst]`` (NaN off the edges); see
+        `circuits.runs.run_single_edges`, which carries it out in chunks of `chunk` rows.
 
         metric : maps last-position logits ``[k * b, vocab]`` (k variants, variant-major) to
         per-variant means ``[k]``.
-        first : positions before it are clean whatever is ablated (see `patched_logits`): every
-        run computes only the later ones, with the earlier keys and values of the clean run.
+        first : positions before it are clean whatever is ablated (see `patched_logits`).
         columns : token ids; `metric` gets only their logits (see `circuits.Setup.narrow`).
         """
-        g = self.graph
-        p = ids.shape[1]
-        trace = self.trace(ids)
-        effects = torch.full((g.n_sources, g.n_destinations), float("nan"),
-                             device=self.model.device)
-
-        def rest(stage: int, resid: Tensor) -> Tensor:
-            """Unpatched run from `stage` on ``[rows, p - first, d]`` residuals -> per-variant
-            metric."""
-            plan = make_plan(g, start=stage, last_only=True, first=first, columns=columns)
-            return metric(self.run(plan, ids.new_empty(resid.shape[0], p), trace=trace,
-                                   resid=resid)[0])
-
-        for layer in range(self.adapter.arch.n_layers):
-            self._head_effects(layer, trace, ablated, first, rest, effects)
-            self._mlp_effects(layer, trace, ablated, first, rest, effects)
-        resid = trace.resid[g.logits_stage]
-        delta = ablated - trace.outs
-        b = ids.shape[0]
-        step = max(1, self.chunk // b)
-        for lo in range(0, g.n_sources, step):
-            hi = min(g.n_sources, lo + step)
-            logits = self.adapter.unembed((resid + delta[lo:hi])[:, :, -1], columns).flatten(0, 1)
-            self.passes.add_forward((hi - lo) * b, 1 / (g.logits_stage + 1))
-            effects[lo:hi, -1] = metric(logits)
-        return effects.cpu().masked_fill(~g.valid, float("nan"))
-
-    def _head_effects(self, layer: int, trace: Trace, ablated: Tensor, first: int,
-                      rest: Callable[[int, Tensor], Tensor], effects: Tensor) -> None:
-        """`edge_effects` of the edges into layer `layer`'s queries, keys and values, written
-        into `effects`: every upstream source's delta added to the attention's input, one port
-        at a time, the layer's write rebuilt from the changed heads."""
-        g, a = self.graph, self.adapter
-        stage = g.attn_stage(layer)
-        n_up = g.n_sources_before(stage)
-        b, p = trace.resid[stage].shape[:2]
-        unit = (p - first) / p / (g.logits_stage + 1)  # one stage, the positions run
-        resid = trace.resid[stage]  # [b, p, d]
-        delta = (ablated[:n_up] - trace.outs[:n_up])[:, :, first:]  # [n_up, b, p - first, d]
-        q, k, v = a.qkv(layer, resid)
-        q = q[..., first:, :]
-        pre = a.head_writes(layer, a.attend(layer, q, k, v))  # [H, b, p - first, d]
-        bias = a.out_bias(layer)
-        total = pre.sum(0) if bias is None else pre.sum(0) + bias
-        # the residual after this stage without the layer's attention write
-        base = trace.resid[stage + 1][:, first:] - a.attn_write(layer, total)
-        step = max(1, self.chunk // (g.n_heads * b))
-        for lo in range(0, n_up, step):
-            hi = min(n_up, lo + step)
-            c = hi - lo
-            q2, k2, v2 = a.qkv(layer, resid[:, first:] + delta[lo:hi])  # [c, b, n, p', dh]
-            k2, v2 = _after_clean(k, k2, first), _after_clean(v, v2, first)
-            self.passes.add_forward(3 * c * b, unit)
-            for port, qkv in enumerate(((q2, k, v), (q, k2, v), (q, k, v2))):
-                qq, kk, vv = (t.expand(c, *t.shape[-4:]) for t in qkv)
-                diff = a.head_writes(layer, a.attend(layer, qq, kk, vv)) - pre[:, None]
-                if port:  # a key/value head changes the outputs of its whole group
-                    diff = diff.unflatten(0, (g.n_kv_heads, -1)).sum(1)
-                n = diff.shape[0]
-                rows = base + a.attn_write(layer, total + diff.transpose(0, 1))  # [c,n,b,p,d]
-                values = rest(stage + 1, rows.flatten(0, 2)).view(c, n)
-                dst = g.attn_destinations(layer).start + (0 if port == 0 else
-                                                          g.n_heads + (port - 1) * n)
-                effects[lo:hi, dst:dst + n] = values
-
-    def _mlp_effects(self, layer: int, trace: Trace, ablated: Tensor, first: int,
-                     rest: Callable[[int, Tensor], Tensor], effects: Tensor) -> None:
-        """`edge_effects` of the edges into layer `layer`'s MLP, written into `effects`."""
-        g = self.graph
-        stage = g.mlp_stage(layer)
-        n_up = g.n_sources_before(stage)
-        resid = trace.resid[stage][:, first:]
-        b, p = trace.resid[stage].shape[:2]
-        delta = (ablated[:n_up] - trace.outs[:n_up])[:, :, first:]
-        base = trace.resid[stage + 1][:, first:] - trace.outs[g.mlp_source(layer)][:, first:]
-        step = max(1, self.chunk // b)
-        for lo in range(0, n_up, step):
-            hi = min(n_up, lo + step)
-            new = self.adapter.mlp(layer, resid + delta[lo:hi])  # [c, b, p - first, d]
-            self.passes.add_forward((hi - lo) * b, (p - first) / p / (g.logits_stage + 1))
-            effects[lo:hi, g.mlp_destination(layer)] = rest(stage + 1, (base + new).flatten(0, 1))
-
-
-def _after_clean(clean: Tensor, new: Tensor, first: int) -> Tensor:
-    """Keys or values of the run positions `new` ``[c, b, K, p - first, dh]`` after the clean
-    ones ``[b, K, p, dh]`` of the first `first` positions."""
-    if not first:
-        return new
-    joined = after_prefix(clean[..., :first, :], new.flatten(0, 1))
-    return joined.view(*new.shape[:-2], *joined.shape[-2:])
+        return run_single_edges(self.adapter, self.graph, ids, ablated, metric, first, columns,
+                                self.chunk, self.passes)
