@@ -40,8 +40,7 @@ from .recovery import pr_curve, precision_recall, roc_auc
 from .scores import Scores
 from .setup import Setup
 from .task import Example, Task, get_task, list_tasks
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "MIB_FRACTIONS",

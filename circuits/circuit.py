@@ -27,12 +27,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from . import html, render
+from . import circuit_writers, html, render
 from .errors import OptionError
+from .faithfulness import evaluate_mask
 from .graph import Edge, Graph
 from .masks import all_nodes, edges_of, group_of, n_items, nodes_of, prune, ranks, top_mask
 from .outputs import activity
 from .scores import Level, Scores
+from .smallest import MAX_SCAN, smallest_prefix
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -231,23 +233,17 @@ class Circuit:
     def evaluate(self, setup: Setup) -> dict[str, float]:
         """Faithfulness and metric values of this circuit on `setup`'s prompts; also stored in
         `metrics`. See `circuits.evaluate.evaluate`."""
-        from .evaluate import evaluate
-
-        result = evaluate(self, setup).as_dict()
+        result = evaluate_mask(setup, self.mask).as_dict()
         self.metrics.update(result)
         return result
 
     def save(self, path: str | Path) -> Path:
         """Write the circuit as versioned JSON (see `circuits.io`); returns the path."""
-        from .io import save_circuit
-
-        return save_circuit(self, path)
+        return circuit_writers.save_circuit(self, path)
 
     def export(self, path: str | Path, format: str | None = None, **options: Any) -> Path:
         """Write the circuit as ``json``, ``graphml``, ``dot`` or ``mib`` (see `circuits.io`)."""
-        from .io import export
-
-        return export(self, path, format=format, **options)
+        return circuit_writers.export(self, path, format=format, **options)
 
     def render(self, path: str | Path, format: str | None = None, **options: Any) -> Path:
         """Draw the circuit with graphviz to SVG, PNG, PDF or DOT (see `circuits.render`)."""
@@ -453,8 +449,6 @@ def select(
     if faithfulness is not None:
         if setup is None:
             raise OptionError("select(faithfulness=...) needs setup= to evaluate circuits on")
-        from .evaluate import smallest_faithful
-
         with activity(f"finding the smallest circuit reaching faithfulness {faithfulness:g}"):
             circuit = smallest_faithful(scores, setup, faithfulness, by_abs=by_abs, chunk=chunk)
         circuit.options.update(selection)
@@ -477,6 +471,64 @@ def select(
         selection["threshold"] = threshold
     circuit = Circuit.from_scores(scores, mask)
     circuit.options.update(selection)
+    return circuit
+
+
+def smallest_faithful(
+    scores: Scores,
+    setup: Setup,
+    target: float,
+    by_abs: bool = True,
+    chunk: int | None = None,
+    max_scan: int = MAX_SCAN,
+) -> Circuit:
+    """The Circuit of the shortest prefix of the score ranking whose pruned circuit reaches
+    `target`: a bisection, then a scan of every shorter prefix in increasing order, each
+    distinct pruned circuit evaluated once and at most `max_scan` of them (see
+    `circuits.smallest`, which carries out the search on masks).
+
+    Parameters
+    ----------
+    scores : Scores
+    setup : Setup
+    target : float
+        Faithfulness to reach, at most 1.
+    by_abs : bool
+        Rank by |score| (default) or signed score.
+    chunk : int, optional
+        Lengths evaluated per forward.
+    max_scan : int
+        Most distinct circuits the scan below the bisection's boundary evaluates.
+
+    Returns
+    -------
+    Circuit
+        With ``metrics`` holding its faithfulness and metric values, and ``options`` the
+        target, the prefix length ``k``, the bisection's boundary ``k_bisection`` and
+        ``smallest``: True when every shorter prefix was evaluated and fell short.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from circuits import Setup, get_task, load_model
+    >>> from circuits.scores import Scores
+    >>> model = load_model("induction-gpt2-2l")
+    >>> task = get_task("induction", model.tokenizer, n=8)
+    >>> setup = Setup(model, task.batches(model.tokenizer), task.metric)
+    >>> scores = Scores(setup.graph, torch.rand(setup.graph.valid.shape) * setup.graph.valid)
+    >>> c = smallest_faithful(scores, setup, 0.5)
+    >>> c.metrics["faithfulness"] >= 0.5, c.options["smallest"], c.options["k"] <= \
+c.options["k_bisection"]
+    (True, True, True)
+    """
+    found = smallest_prefix(scores, setup, target, by_abs, chunk, max_scan)
+    circuit = Circuit.from_scores(scores, found.mask)
+    circuit.options.update(target_faithfulness=target, k=found.k, k_bisection=found.k_bisection,
+                           smallest=found.smallest)
+    base = found.baseline
+    circuit.metrics.update(faithfulness=found.faithfulness, metric_circuit=found.metric_circuit,
+                           metric_model=base.metric_model, metric_empty=base.metric_empty,
+                           n_edges=circuit.n_edges, n_nodes=circuit.n_nodes)
     return circuit
 
 

@@ -29,12 +29,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .commands.common import DISCOVER_FILES as DISCOVER_FILES  # where the tests long found it
 from .commands.common import PROG, fail
 from .errors import CircuitsError
 from .heap import keep_freed_memory
 from .progress import interrupted, sigint_handler
+from .version import __version__
 
 _fail = fail  # the name the commands and other modules long used
 

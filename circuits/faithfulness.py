@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .engine import Engine
 from .errors import OptionError, UnsupportedModelError
+from .masks import nodes_of
 from .node_circuits import NODE_ROWS, metric_of_nodes, node_sets
 from .setup import Setup
 
@@ -213,3 +214,56 @@ def bootstrap_faithfulness(
     tail = (1 - level) / 2 * 100
     lo, hi = np.nanpercentile(values, [tail, 100 - tail])
     return (float(lo), float(hi))
+
+
+# -- a circuit's evaluation ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Evaluation:
+    """A circuit's faithfulness on one Setup and the metric values it comes from.
+
+    Attributes
+    ----------
+    faithfulness : float
+        ``(m(C) - m(empty)) / (m(model) - m(empty))``, NaN when m(model) = m(empty).
+    metric_circuit, metric_model, metric_empty : float
+        m(C), m(model), m(empty): the metric averaged over the prompts.
+    n_edges, n_nodes : int
+        The circuit's size.
+    faithfulness_ci : tuple[float, float]
+        95% percentile-bootstrap interval of the faithfulness over the prompts
+        (`bootstrap_faithfulness`); NaN where the faithfulness is undefined. Over fewer than
+        `FEW_PROMPTS` prompts the interval says little (see `few_prompts`).
+    n_prompts : int
+        How many prompts the numbers average over (0: not recorded).
+    """
+
+    faithfulness: float
+    metric_circuit: float
+    metric_model: float
+    metric_empty: float
+    n_edges: int
+    n_nodes: int
+    faithfulness_ci: tuple[float, float] = (math.nan, math.nan)
+    n_prompts: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        """Flat numbers for JSON: the fields, the interval as ``faithfulness_ci_low`` and
+        ``faithfulness_ci_high``."""
+        out = asdict(self)
+        out["faithfulness_ci_low"], out["faithfulness_ci_high"] = out.pop("faithfulness_ci")
+        return out
+
+
+def evaluate_mask(setup: Setup, mask: Tensor, chunk: int | None = None, n_resamples: int = 1000,
+                  seed: int = 0) -> Evaluation:
+    """The `Evaluation` of a ``[n_src, n_dst]`` bool edge mask (kept as given: not pruned, edges
+    off the graph dropped); see `circuits.evaluate.evaluate`."""
+    g = setup.graph
+    mask = mask.bool().cpu() & g.valid
+    masks = torch.stack([g.valid, torch.zeros_like(g.valid), mask])
+    per = metric_of_masks(setup, masks, chunk, per_prompt=True)  # [3, n_prompts]
+    m_model, m_empty, m_circuit = (float(v) for v in per.mean(1))
+    f = float(ratio(per[2].mean()[None], m_model, m_empty)[0])  # float64
+    ci = bootstrap_faithfulness(per[2], per[0], per[1], n_resamples, seed=seed)
+    return Evaluation(f, m_circuit, m_model, m_empty, int(mask.sum()), len(nodes_of(g, mask)), ci,
+                      per.shape[1])

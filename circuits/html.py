@@ -32,19 +32,17 @@ import html
 import math
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from .circuit_like import CircuitLike
 from .files import dumps, write_atomic
 from .masks import all_nodes, group_of, n_items, ranks
 from .render import title
 
-if TYPE_CHECKING:
-    from .circuit import Circuit
 
-
-def page_data(circuit: Circuit, max_size: int = 5000) -> dict[str, Any]:
+def page_data(circuit: CircuitLike, max_size: int = 5000) -> dict[str, Any]:
     """What the page script needs: nodes with their stage, edges in ranking order, sizes.
 
     ``nodes`` are the graph's sources (same indices), the logits (index ``logits``) and then the
@@ -150,7 +148,7 @@ def _faithfulness(metrics: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def render_html(circuit: Circuit, max_size: int = 5000) -> str:
+def render_html(circuit: CircuitLike, max_size: int = 5000) -> str:
     """The page's HTML text."""
     data = dumps(page_data(circuit, max_size), separators=(",", ":"))
     # a "</script>" inside the JSON would end the script element early
@@ -160,7 +158,7 @@ def render_html(circuit: Circuit, max_size: int = 5000) -> str:
             .replace("__DATA__", data))
 
 
-def to_html(circuit: Circuit, path: str | Path, max_size: int = 5000) -> Path:
+def to_html(circuit: CircuitLike, path: str | Path, max_size: int = 5000) -> Path:
     """Write the interactive page of a circuit.
 
     Parameters

@@ -39,6 +39,11 @@ Anything wrong raises `CircuitFileError` with one line saying what and where.
 
 The MIB circuit-track layout (`export_mib`) is described in `circuits.mib`; strict JSON and
 atomic writes (`dumps`, `write_atomic`) live in `circuits.files`. Both are importable from here.
+
+The writers (`save_circuit`, `export`, `circuit_to_dict`, `export_graphml`) live in
+`circuits.circuit_writers`, below `circuits.circuit`, so that a Circuit's own ``save`` and
+``export`` call them without an import cycle; reading files back, which builds Circuits, is
+here.
 """
 
 from __future__ import annotations
@@ -52,83 +57,26 @@ from typing import Any
 import torch
 
 from .circuit import Circuit
+from .circuit_writers import EXPORT_FORMATS as EXPORT_FORMATS  # the writers, re-exported
+from .circuit_writers import FORMAT, VERSION
+from .circuit_writers import circuit_to_dict as circuit_to_dict
+from .circuit_writers import export as export
+from .circuit_writers import export_graphml as export_graphml
+from .circuit_writers import save_circuit as save_circuit
 from .errors import CircuitFileError, OptionError
-from .files import dumps, show_json, write_atomic
-from .files import plain as _plain  # the name report.py imports
+from .files import dumps as dumps
+from .files import show_json
+from .files import write_atomic as write_atomic
 from .graph import Graph
 from .masks import all_nodes
-from .mib import MIB_BUDGETS as MIB_BUDGETS  # re-exported, as is mib_dict
-from .mib import export_mib
+from .mib import MIB_BUDGETS as MIB_BUDGETS  # re-exported, as are mib_dict and export_mib
+from .mib import export_mib as export_mib
 from .mib import mib_dict as mib_dict
-from .render import render
 
-FORMAT = "circuits.circuit"
-VERSION = 1
-EXPORT_FORMATS = ("json", "graphml", "dot", "mib")
 MAX_FILE_BYTES = 512 * 2**20  # about 8M edges; a GPT-2 XL edge circuit (2.2M) is ~130 MiB
 MAX_LAYERS = 1024
 MAX_HEADS = 1024
 FLOAT32_MAX = 3.4028234663852886e38
-
-
-# -- the circuit file ---------------------------------------------------------------------------
-def circuit_to_dict(circuit: Circuit) -> dict[str, Any]:
-    """The circuit as the version-1 JSON document (see the module docstring)."""
-    from . import __version__
-
-    g = circuit.graph
-    in_nodes = set(circuit.nodes)
-    node_values = circuit.values if circuit.level == "node" else None
-    nodes: dict[str, dict[str, Any]] = {}
-    for node in all_nodes(g):
-        entry: dict[str, Any] = {"in_circuit": node.name in in_nodes}
-        if node_values is not None and node.name in g.src_index:
-            entry.update(_score_entry(float(node_values[g.src_index[node.name]])))
-        entry.update(_plain(circuit.node_info.get(node.name, {})))
-        nodes[node.name] = entry
-    edge_values = circuit.edge_values
-    edges: dict[str, dict[str, Any]] = {}
-    for i, j in g.valid.nonzero().tolist():
-        entry = {"in_circuit": bool(circuit.mask[i, j])}
-        if edge_values is not None:
-            entry.update(_score_entry(float(edge_values[i, j])))
-        edges[f"{g.sources[i]}->{g.destinations[j]}"] = entry
-    return {
-        "format": FORMAT, "version": VERSION, "package_version": __version__,
-        "graph": g.shape(),
-        "level": circuit.level, "task": circuit.task, "model": circuit.model,
-        "method": circuit.method, "options": _plain(circuit.options),
-        "metrics": _plain(circuit.metrics), "has_scores": circuit.values is not None,
-        **({} if circuit.curve is None else {"curve": _plain(circuit.curve)}),
-        "nodes": nodes, "edges": edges,
-    }
-
-
-def _score_entry(score: float) -> dict[str, Any]:
-    """An entry's score; a NaN score is one the method never evaluated (`_score` reads it)."""
-    return {"score": None, "evaluated": False} if math.isnan(score) else {"score": score}
-
-
-def save_circuit(circuit: Circuit, path: str | Path) -> Path:
-    """Save a circuit as versioned JSON, atomically.
-
-    The file is strict JSON (`dumps`): a NaN metric is written as ``null`` and loads back as
-    NaN. A NaN score (never evaluated by the method) is written ``"score": null, "evaluated":
-    false`` and loads back as NaN; a bare ``null`` score is refused.
-
-    Parameters
-    ----------
-    circuit : Circuit
-    path : str or Path
-
-    Returns
-    -------
-    Path
-    """
-    path = Path(path)
-    text = dumps(circuit_to_dict(circuit), separators=(",", ":"))
-    write_atomic(path, text.encode("utf-8"))
-    return path
 
 
 def _need(cond: bool, where: str, what: str) -> None:
@@ -430,48 +378,3 @@ def load_circuit(path: str | Path) -> Circuit:
         raise CircuitFileError(f"{path}: the JSON is nested too deeply to be a circuit file; "
                                "the file is corrupted") from None
     return circuit_from_dict(doc, str(path))
-
-
-# -- exports ------------------------------------------------------------------------------------
-def export_graphml(circuit: Circuit, path: str | Path, full: bool = False) -> Path:
-    """GraphML of `circuit.to_networkx(full)` (node and edge attributes as typed keys)."""
-    import networkx as nx
-
-    path = Path(path)
-    graph = circuit.to_networkx(full=full)
-    graph.graph = {k: str(v) for k, v in graph.graph.items()}
-    lines = "\n".join(nx.generate_graphml(graph))
-    write_atomic(path, lines.encode("utf-8"))
-    return path
-
-
-def export(circuit: Circuit, path: str | Path, format: str | None = None,
-           **options: Any) -> Path:
-    """Write a circuit as ``json`` (our lossless format), ``graphml``, ``dot`` or ``mib``.
-
-    Parameters
-    ----------
-    circuit : Circuit
-    path : str or Path
-    format : str, optional
-        From the path's suffix when omitted (``.gv`` is DOT; MIB must be named).
-    **options
-        ``full`` for GraphML; `render.to_graphviz` options for DOT; `export_mib` options for MIB.
-
-    Returns
-    -------
-    Path
-    """
-    path = Path(path)
-    fmt = (format or path.suffix.lstrip(".")).lower()
-    fmt = "dot" if fmt == "gv" else fmt
-    if fmt not in EXPORT_FORMATS:
-        raise OptionError(f"cannot export to {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
-    if fmt == "json":
-        return save_circuit(circuit, path)
-    if fmt == "graphml":
-        return export_graphml(circuit, path, **options)
-    if fmt == "mib":
-        return export_mib(circuit, path, **options)
-
-    return render(circuit, path, format="dot", **options)

@@ -17,21 +17,19 @@ from __future__ import annotations
 import math
 import numbers
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from .circuit_like import CircuitLike
 from .errors import OptionError
 from .files import dumps, show_json, write_atomic
 from .masks import n_items, nodes_of, prune, ranks, top_mask
 
-if TYPE_CHECKING:
-    from .circuit import Circuit
-
 MIB_BUDGETS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
-def _d_model(circuit: Circuit, d_model: Any) -> int:
+def _d_model(circuit: CircuitLike, d_model: Any) -> int:
     """The model width MIB's config records: `d_model`, else the circuit's option; a positive
     integer (OptionError otherwise)."""
     d_model = d_model if d_model is not None else circuit.options.get("d_model")
@@ -46,7 +44,7 @@ def _d_model(circuit: Circuit, d_model: Any) -> int:
     return int(d_model)
 
 
-def mib_dict(circuit: Circuit, d_model: int | None = None, mask: torch.Tensor | None = None,
+def mib_dict(circuit: CircuitLike, d_model: int | None = None, mask: torch.Tensor | None = None,
              scores: bool = True) -> dict[str, Any]:
     """The circuit in MIB's layout (see the module docstring; a grouped-query graph is written
     ungrouped); `mask` overrides the in-graph edges, `scores=False` leaves the scores out (binary
@@ -81,7 +79,7 @@ def mib_dict(circuit: Circuit, d_model: int | None = None, mask: torch.Tensor | 
     return {"cfg": cfg, "nodes": nodes, "edges": edges}
 
 
-def export_mib(circuit: Circuit, path: str | Path, d_model: int | None = None,
+def export_mib(circuit: CircuitLike, path: str | Path, d_model: int | None = None,
                binary: bool = False, by_abs: bool = True) -> Path:
     """Write a MIB circuit-track submission entry.
 

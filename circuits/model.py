@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
+from . import zoo
 from .errors import ModelLoadError, OptionError, TaskError
+from .task_tokens import prefix_ids
 from .tokenizer import folder_tokenizer
 from .weights import (
     FINGERPRINT_SAMPLES,
@@ -197,8 +199,6 @@ class Model:
         """Token ids ``[batch, pos]`` of texts that all have the same token length, each after
         ``circuits.task.prefix_ids(tokenizer, bos)`` (by default what the tokenizer itself puts
         before a text: a BOS token for Llama and Gemma, nothing for GPT-2)."""
-        from .task import prefix_ids
-
         prefix = prefix_ids(self.tokenizer, bos)
         ids = [prefix + self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         if len({len(x) for x in ids}) != 1:
@@ -330,8 +330,6 @@ def _check_name(name_or_path: Any) -> str:
 def _resolve(name_or_path: str | os.PathLike) -> tuple[Path | None, str]:
     """Return (local folder or None for a hub name, display name)."""
     text = _check_name(name_or_path)
-    from . import zoo
-
     shipped = zoo.find(text)
     if shipped is not None:
         return shipped, text

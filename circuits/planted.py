@@ -35,6 +35,7 @@ from .handset import EOS, SHARP, UNK, Canvas, identity, same_pairs, shift_pairs
 from .handset import LOGIT_SCALE as LOGIT_SCALE
 from .model import Model
 from .task import Example
+from .zoo import models_dir
 
 NAMES = ("planted-induction", "planted-ioi", "planted-mlp")
 
@@ -383,8 +384,6 @@ def save(name: str, folder: str | os.PathLike[str]) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """Write every planted model into the zoo folder: ``python -m circuits.planted``."""
-    from .zoo import models_dir
-
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--out", type=Path, default=models_dir(), help="parent folder")
     args = parser.parse_args(argv)

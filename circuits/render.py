@@ -36,6 +36,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .circuit_like import CircuitLike
 from .errors import DependencyError, OptionError
 from .files import write_atomic
 from .masks import group_of
@@ -43,7 +44,6 @@ from .masks import group_of
 if TYPE_CHECKING:
     import graphviz
 
-    from .circuit import Circuit
     from .graph import Edge, Graph, Node
 
 FORMATS = ("svg", "png", "pdf", "dot")
@@ -85,7 +85,7 @@ def faithfulness_text(metrics: dict[str, Any]) -> str:
     return ""
 
 
-def title(circuit: Circuit) -> str:
+def title(circuit: CircuitLike) -> str:
     """'task · model · method — N edges, M nodes, held-out faithfulness F (95% CI L to H)'
     (parts that are known; see `faithfulness_text`)."""
     names = " · ".join(x for x in (circuit.task, circuit.model, circuit.method) if x)
@@ -96,7 +96,7 @@ def title(circuit: Circuit) -> str:
     return f"{names} — {size}" if names else size
 
 
-def role_text(circuit: Circuit, name: str) -> str:
+def role_text(circuit: CircuitLike, name: str) -> str:
     """'induction 0.93': a head's strongest role and its score (`Circuit.node_info`), or ''."""
     info = circuit.node_info.get(name, {})
     role, score = info.get("role"), info.get("role_score")
@@ -188,7 +188,7 @@ def _check_widths(min_width: Any, max_width: Any) -> None:
         raise OptionError(f"min_width ({min_width}) must not exceed max_width ({max_width})")
 
 
-def _drawn_edges(circuit: Circuit, max_edges: int | None
+def _drawn_edges(circuit: CircuitLike, max_edges: int | None
                  ) -> list[tuple[Edge, float | None]]:
     """The circuit's edges with their scores (None without edge scores), cut to the
     `max_edges` strongest by |score| (non-finite scores count as weakest), in graph order."""
@@ -202,7 +202,7 @@ def _drawn_edges(circuit: Circuit, max_edges: int | None
     return [scored[i] for i in keep]
 
 
-def to_graphviz(circuit: Circuit, reverse: bool = False, legend: bool = True,
+def to_graphviz(circuit: CircuitLike, reverse: bool = False, legend: bool = True,
                 min_width: float = 0.5, max_width: float | None = None,
                 max_edges: int | None = MAX_EDGES,
                 merge_ports: bool | None = None) -> graphviz.Digraph:
@@ -391,7 +391,7 @@ def _edge_tip(e: Edge, s: float | None) -> str:
     return f"{e.name}: {s:.4g}" if math.isfinite(s) else f"{e.name}: {s} (no finite score)"
 
 
-def render(circuit: Circuit, path: str | Path, format: str | None = None,
+def render(circuit: CircuitLike, path: str | Path, format: str | None = None,
            **options: Any) -> Path:
     """Draw a circuit to a file.
 

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from .behavior import FEW_PROMPTS
 from .circuit import edges_of
-from .io import _plain, dumps
+from .files import dumps
+from .files import plain as _plain
 from .model import dtype_name
 from .tables import markdown_table
 from .tables import text_table as text_table  # where the commands long found it

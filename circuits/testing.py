@@ -9,6 +9,7 @@ import torch
 
 from .batch import Batch
 from .model import Model
+from .zoo import find
 
 
 def tiny_gpt2(
@@ -115,8 +116,6 @@ def model_folder(family: str, out: str | os.PathLike, reference: str = "ioi-gpt2
     """
     import json
     import shutil
-
-    from .zoo import find
 
     source = find(reference)
     vocab = json.loads((source / "config.json").read_text())["vocab_size"]

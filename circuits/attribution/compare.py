@@ -37,6 +37,7 @@ from ..batch import Batch
 from ..errors import OptionError
 from ..metrics import Metric, get_metric
 from ..model import Model
+from ..tables import text_table
 from ..task import Task
 from .curves import (
     Curves,
@@ -248,8 +249,6 @@ class Comparison:
     def table(self) -> str:
         """The comparison table as aligned text, then a line per method that refused prompts
         and one on the prompts left out; only that line when every prompt is left out."""
-        from ..report import text_table
-
         if not self.counted:
             return self.left_out_line()
         header = ["method", "deletion AUC (lower better)", "insertion AUC (higher better)"]
@@ -271,8 +270,6 @@ class Comparison:
 
     def agreement_table(self) -> str:
         """The agreement matrix as aligned text."""
-        from ..report import text_table
-
         names = self.methods
         rows = [[name, *(_fmt(v, 2) for v in self.agreement[i])] for i, name in enumerate(names)]
         return text_table(rows, header=["spearman", *names])

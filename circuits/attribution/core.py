@@ -30,6 +30,7 @@ from ..batch import Batch
 from ..errors import OptionError
 from ..metrics import Metric
 from ..model import Model
+from ..reading.attention import eager_attention
 
 #: Rows (prompt variants) per forward pass at most, in the methods that run many variants.
 CHUNK = 256
@@ -337,8 +338,6 @@ def attention_patterns(run: Run, rows: slice, grad: bool = False,
     With `grad`, also returns, after the patterns, the gradients of the summed metric with
     respect to them (eager attention: the returned weights are those the values are mixed with).
     """
-    from ..reading.attention import eager_attention
-
     ids = run.batch.clean[rows]
     with eager_attention(run.hf), torch.set_grad_enabled(grad):
         kwargs: dict[str, Any] = {"inputs_embeds": run.embed(ids), "use_cache": False,
