@@ -194,19 +194,8 @@ class Task:
         return cls(name or path.stem, examples, metric, description)
 
     def to_jsonl(self, path: str | os.PathLike) -> None:
-        """Write the examples to a JSONL file that `from_jsonl` reads back unchanged.
-
-        Parameters
-        ----------
-        path : path-like
-            Output file (overwritten).
-
-        Raises
-        ------
-        TaskError
-            If an example's ``meta`` holds a value JSON cannot write, or the file cannot be
-            written (nothing is written then).
-        """
+        """Write the examples to a JSONL file that `from_jsonl` reads back unchanged (the file
+        is overwritten; `circuits.task_files.write_examples` says what it refuses)."""
         write_examples(self.examples, path)
 
     def split(self, n_or_fraction: int | float, seed: int = 0) -> tuple[Task, Task]:

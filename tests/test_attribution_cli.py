@@ -8,21 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-
-from circuits import cli
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = cli.main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(err: str, *words: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("circuits: error: "), err
-    for word in words:
-        assert word in lines[0], (word, err)
+from cli_helpers import one_error_line, run
 
 
 def test_help_has_examples(capsys):

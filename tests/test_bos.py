@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import summary_rows as summary
 
 import circuits
 from circuits import cli
@@ -162,10 +163,6 @@ def discover(argv: list[str], out: Path) -> tuple[int, str]:
         code = cli.main(["discover", "ioi", "--n", "24", "--method", "eap", "--select",
                          "topk:10", "--out", str(out), *argv])
     return code, stdout.getvalue()
-
-
-def summary(stdout: str) -> list[tuple[str, str]]:
-    return [tuple(re.split(r"\s{2,}", line, maxsplit=1)) for line in stdout.strip().splitlines()]
 
 
 @pytest.fixture(scope="module")

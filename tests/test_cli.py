@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import one_error_line, run
 
 from circuits import cli
 from circuits.graph import Graph
@@ -34,22 +35,6 @@ def ioi_edges() -> int:
     also from its own layer's 4 heads; logits from all 1 + 4 x 5 sources."""
     per_layer = [12 * (1 + 5 * layer) + (1 + 5 * layer + 4) for layer in range(IOI_LAYERS)]
     return sum(per_layer) + 1 + 5 * IOI_LAYERS
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = cli.main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(err: str, *words: str) -> None:
-    """stderr holds exactly one line, ``circuits: error: ...`` naming `words`, no traceback."""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("circuits: error: "), err
-    assert "Traceback" not in err
-    for word in words:
-        assert word in lines[0], (word, err)
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ import importlib
 import io
 import json
 import math
-import re
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import run, summary
 
 from circuits import cli
 from circuits.api import discover
@@ -29,16 +29,6 @@ from circuits.scores import Scores
 evaluation = importlib.import_module("circuits.evaluate")
 
 ACDC = ["--method", "acdc", "--threshold", "0.05", "--n", "20"]
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = cli.main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def summary(stdout: str) -> dict[str, str]:
-    return dict(re.split(r"\s{2,}", line, maxsplit=1) for line in stdout.strip().splitlines())
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +152,9 @@ def test_faithfulness_selection_finds_the_smallest_prefix_when_f_is_not_monotone
         f = torch.tensor([f_of(m) for m in masks], dtype=torch.float64)
         return f, f, evaluation.Baseline(1.0, 0.0)
 
-    monkeypatch.setattr(evaluation, "_faithfulness", fake)
-    monkeypatch.setattr(evaluation, "prune", lambda graph, mask: mask)
+    search = importlib.import_module("circuits.smallest")  # the search on masks
+    monkeypatch.setattr(search, "_faithfulness", fake)
+    monkeypatch.setattr(search, "prune", lambda graph, mask: mask)
     for chunk in (1, 4, 32):
         found = evaluation.smallest_faithful(scores, None, 0.8, chunk=chunk)
         assert found.options["k"] == 10 and found.options["smallest"], chunk

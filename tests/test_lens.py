@@ -9,25 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import one_error_line, run
 
-from circuits import cli
 from circuits.errors import OptionError, UnsupportedModelError
 from circuits.metrics import logit_diff
 from circuits.reading.lens import Unembedding, answer_rank, logit_lens, read_residuals
 from circuits.testing import make_batch, model_folder, tiny_gpt2, tiny_model
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = cli.main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(err: str, *words: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("circuits: error: "), err
-    for word in words:
-        assert word in lines[0], (word, err)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2", "phi"])

@@ -7,34 +7,16 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import re
 from pathlib import Path
 
 import pytest
+from cli_helpers import one_error_line, run, summary
 
 import circuits.api
 from circuits import cli
 from circuits.io import load_circuit
 
 RUN = ["--n", "20", "--method", "eap", "--seed", "4"]
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = cli.main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def summary(stdout: str) -> dict[str, str]:
-    """The printed summary's rows (name, value)."""
-    return dict(re.split(r"\s{2,}", line, maxsplit=1) for line in stdout.strip().splitlines())
-
-
-def one_error_line(err: str, *words: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("circuits: error: "), err
-    for word in words:
-        assert word in lines[0], (word, err)
 
 
 @pytest.fixture(scope="module")

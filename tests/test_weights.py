@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import one_error_line as error_line
+from cli_helpers import run
 
 import circuits
 from circuits import cli
@@ -28,20 +30,6 @@ from circuits.weights import (
 from circuits.zoo import find
 
 IOI, OTHER = "ioi-gpt2-4l", "factual-gpt2-4l"  # the same shape, other weights
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = cli.main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_line(err: str, *words: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("circuits: error: "), err
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
