@@ -24,6 +24,7 @@ from .model import Model, dtype_name, load_model, resolve_device, resolve_dtype
 from .outputs import activity
 from .progress import Checkpoint
 from .scores import Scores
+from .selection_stable import check_resamplable, check_stable
 from .setup import Setup
 from .task import Task, get_task, prefix_ids
 
@@ -48,6 +49,13 @@ def resolve_selection(selection: str | dict[str, Any] | None, method: str,
         raise OptionError(f"method {method!r} decides no circuit of its own, so there is no "
                           f"'{DECIDED}' selection; select with topk:N, threshold:X or "
                           "faithfulness:F")
+    if "stable" in chosen:  # refused before the scoring, not after
+        check_stable(chosen["stable"], chosen.get("top_k"), chosen.get("resamples"),
+                     chosen.get("seed"))
+        if "per_prompt" in chosen:
+            raise OptionError("per_prompt= is for circuits.select; discover scores each prompt "
+                              "alone itself")
+        check_resamplable(method)
     if chosen.get("decided") and level == "node":
         raise OptionError("a method's own circuit is a set of edges; at node level select with "
                           "topk:N, threshold:X or faithfulness:F")
@@ -153,7 +161,9 @@ def score(
     model : Model or str, optional
         A loaded model, or anything `load_model` takes; the task's reference model when None.
     method : str
-        A registered method (``circuits methods``); EAP-IG by default.
+        A registered method (``circuits methods``), EAP-IG by default; or an ensemble,
+        ``mean:eap,eap-ig``: the mean of several methods' scores, each divided by its largest
+        |score| (`circuits.methods.ensemble`).
     ablation : "resample", "mean" or "zero"
     metric : str or Metric, optional
         The task's metric by default.
@@ -327,6 +337,8 @@ def _conclude(run: _Run, scores: Scores, chosen: dict[str, float], level: str, s
     if level == "node" and scores.level == "edge":
         scores = Scores(scores.graph, scores.per_node(), "node", scores.method, scores.task,
                         scores.model, scores.options, scores.cost, scores.extra)
+    if "stable" in chosen:  # the resamples are drawn with the run's seed unless the rule has one
+        chosen = {"seed": seed, **chosen}
     stage("selecting")
     circuit = select(scores, setup=run.setup, **chosen)
     stage("evaluating")
@@ -382,9 +394,11 @@ def discover(
         Node level selects heads and MLPs (edge scores summed over each component's outgoing
         edges) and keeps the edges among them.
     selection : str or dict, optional
-        ``threshold:X``, ``topk:N``, ``faithfulness:F`` (evaluated on the discovery prompts) or
-        ``method`` (the circuit the method decided itself). By default (None) the method's own
-        circuit for a method that decides one (ACDC) at edge level, else ``faithfulness:0.85``.
+        ``threshold:X``, ``topk:N``, ``faithfulness:F`` (evaluated on the discovery prompts),
+        ``method`` (the circuit the method decided itself) or ``stable:S,topk:N`` (the edges in
+        the top N of at least a share S of bootstrap resamples of the discovery prompts, drawn
+        with `seed`; see `circuits.select`). By default (None) the method's own circuit for a
+        method that decides one (ACDC) at edge level, else ``faithfulness:0.85``.
     heldout : float
         Fraction of the prompts kept apart for evaluation.
     n : int, optional

@@ -4,11 +4,11 @@ For every task and model (by default each task's reference model) the prompts ar
 two: the methods score edges on the *discovery* half, and every number in the table is
 measured on the *held-out* half (an honest curve, not one fitted to the prompts it ranks on).
 
-Each row holds: CPR and CMD of the faithfulness curve on MIB's grid of edge fractions (the
-whole curve is in the CSV, ``f_0.1%`` ... ``f_100%``), the smallest circuit (edges, after
-pruning) reaching faithfulness 0.8, the ROC AUC of the ranking against the true circuit where
-one is known (the planted tasks, ``circuits.planted.true_edges``), and the method's wall time,
-forward and backward passes and peak memory.
+Each row holds: MIB's CPR and CMD on its grid of edge fractions (`circuits.curves.mib_curves`),
+the curve CPR is the area of (in the CSV, ``f_0.1%`` ... ``f_100%``), the smallest circuit
+(edges, after pruning) reaching faithfulness 0.8, the ROC AUC of the ranking against the true
+circuit where one is known (the planted tasks, ``circuits.planted.true_edges``), and the
+method's wall time, forward and backward passes and peak memory.
 
 Cost columns
     Measured by `circuits.cost.measure` around the method on the discovery prompts, after the
@@ -24,11 +24,15 @@ Cost columns
     methods keep them (ACDC's clean traces, up to the Setup's memory budget).
 
 Ranking
-    Every method's edges are ranked by |score| (MIB's convention for CMD; a method's sign is
-    kept in its scores, and an edge that hurts the behavior is still part of the mechanism),
-    except ACDC's, ranked by its signed score: its score is the loss change measured when the
-    edge was tried, kept edges have a change of at least τ and removed ones less, so the signed
-    ranking puts its circuit first, and edges whose removal *helped* last.
+    CPR and CMD are MIB's: CPR from the edges ranked by signed score, CMD from the edges ranked
+    by |score|, the fractions of the ungrouped edge count on grouped-query models. (Up to bench
+    version 2 both came from the |score| ranking, which is not MIB's CPR: an edge that hurts
+    the behavior counted for the circuit; rows of those versions are recomputed.) *edges f≥0.8*
+    and ROC AUC use the method's own ranking: by |score| (a method's sign is kept in its scores,
+    and an edge that hurts the behavior is still part of the mechanism), except ACDC's, by its
+    signed score: its score is the loss change measured when the edge was tried, kept edges have
+    a change of at least τ and removed ones less, so the signed ranking puts its circuit first,
+    and edges whose removal *helped* last.
 
 ACDC's threshold
     ACDC runs on the task's own metric (``metric="task"``, the quantity faithfulness is measured
@@ -70,9 +74,10 @@ from .api import make_setup
 from .bench_report import CURVE_COLUMNS, read_rows, write_report, write_rows
 from .commands.common import add_device_arguments
 from .commands.options import add_method_arguments, options_for
+from .curves import mib_curves
 from .errors import CircuitsError, OptionError
-from .evaluate import MIB_FRACTIONS, faithfulness_curve, metric_of_masks, smallest_faithful
-from .methods import available, run_method
+from .evaluate import MIB_FRACTIONS, metric_of_masks, smallest_faithful
+from .methods import available, get_method, run_method
 from .model import Model, dtype_name, load_model, resolve_device, resolve_dtype
 from .planted import true_edges as planted_edges
 from .progress import check_interrupt, interrupted, sigint_handler
@@ -81,8 +86,9 @@ from .setup import Setup
 from .task import Task, get_task, list_tasks
 
 #: Bumped when a change to the runner changes the numbers, so old rows are recomputed (2: peak
-#: memory measured from the kernel's high-water mark, passes per prompt).
-BENCH_VERSION = 2
+#: memory measured from the kernel's high-water mark, passes per prompt; 3: MIB's CPR, from the
+#: signed ranking, and MIB's ungrouped edge counts).
+BENCH_VERSION = 3
 DEFAULT_OUT = "benchmarks/results"
 REFERENCE_TASKS = ("ioi", "induction", "factual")
 PLANTED_TASKS = ("planted-induction", "planted-ioi", "planted-mlp")
@@ -95,7 +101,6 @@ HELDOUT = 0.5
 TARGET = 0.8
 ACDC_TAU_FRACTION = 0.002
 SIGNED_RANKING = frozenset({"acdc"})
-
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -150,7 +155,8 @@ class BenchConfig:
         """Options passed to `method`: the runner's, then those given (ACDC's τ, unless given,
         is added per task, see the module notes)."""
         own: dict[str, Any] = {}
-        if method in ("eap-ig", "eap-ig-stages", "eap-ig-activations"):
+        parts = {p.name for p in getattr(get_method(method), "parts", ())} or {method}
+        if parts & {"eap-ig", "eap-ig-stages", "eap-ig-activations"}:  # an ensemble's too
             own = {"steps": self.steps}
         elif method == "acdc":
             own = {"metric": "task"}
@@ -297,14 +303,14 @@ def bench_row(config: BenchConfig, prep: _Prepared, method: str, model: str,
         torch.manual_seed(config.seed)
         scores = run_method(method, prep.found, **options)
     by_abs = method not in SIGNED_RANKING
-    curve = faithfulness_curve(scores, prep.kept, MIB_FRACTIONS, by_abs=by_abs)
+    mib = mib_curves(scores, prep.kept, MIB_FRACTIONS)
     smallest = smallest_faithful(scores, prep.kept, TARGET, by_abs=by_abs)
     truth = true_edges(prep.task.name)
     auc = roc_auc(scores, truth, by_abs=by_abs) if truth else None
     shown = {k: v for k, v in options.items() if k != "progress"}
     row: dict[str, Any] = {
         "task": prep.task.name, "model": model, "method": method,
-        "cpr": _fmt(curve.cpr), "cmd": _fmt(curve.cmd),
+        "cpr": _fmt(mib.cpr), "cmd": _fmt(mib.cmd),
         "edges_f0.8": smallest.n_edges, "roc_auc": None if auc is None else _fmt(auc),
         "seconds": f"{scores.cost.seconds:.4g}", "forward": _fmt(scores.cost.forward, 2),
         "backward": _fmt(scores.cost.backward, 2),
@@ -315,7 +321,7 @@ def bench_row(config: BenchConfig, prep: _Prepared, method: str, model: str,
         "options": " ".join(f"{k}={v}" for k, v in shown.items()),
         "config": config.stamp(prep.task.name, model, method),
     }
-    row.update({c: _fmt(f) for c, f in zip(CURVE_COLUMNS, curve.faithfulness, strict=True)})
+    row.update({c: _fmt(f) for c, f in zip(CURVE_COLUMNS, mib.signed.faithfulness, strict=True)})
     return row
 
 
@@ -516,13 +522,11 @@ def config_from_args(args: argparse.Namespace) -> tuple[BenchConfig, list[str]]:
         tasks, notes_t = default_tasks(args.quick)
         notes += notes_t
     if asked_methods:
-        methods = available()
-        for name in asked_methods:
-            if name not in methods:
-                raise OptionError(f"unknown method {name!r}; choose from {', '.join(methods)}")
-        chosen = [m for m in asked_methods if methods[m].level == "edge"]
+        # get_method also makes ensembles (mean:eap,eap-ig); an unknown name fails there
+        levels = {name: get_method(name).level for name in asked_methods}
+        chosen = [m for m in asked_methods if levels[m] == "edge"]
         notes += [f"method {m!r} scores nodes, not edges; left out of the edge table"
-                  for m in asked_methods if methods[m].level != "edge"]
+                  for m in asked_methods if levels[m] != "edge"]
     else:
         chosen, notes_m = default_methods()
         notes += notes_m

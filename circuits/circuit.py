@@ -34,6 +34,7 @@ from .graph import Edge, Graph
 from .masks import all_nodes, edges_of, group_of, n_items, nodes_of, prune, ranks, top_mask
 from .outputs import activity
 from .scores import Level, Scores
+from .selection_stable import SPELLING, check_stable, parse_stable, stable_mask
 from .smallest import MAX_SCAN, smallest_prefix
 
 if TYPE_CHECKING:
@@ -269,12 +270,14 @@ _COUNT = re.compile(r"[0-9]{1,18}", re.ASCII)
 
 
 def parse_selection(text: str) -> dict[str, Any]:
-    """``threshold:X``, ``topk:N``, ``faithfulness:F`` or ``method`` -> keyword arguments of
-    `select`.
+    """``threshold:X``, ``topk:N``, ``faithfulness:F``, ``method`` or
+    ``stable:S,topk:N[,resamples:R][,seed:K]`` -> keyword arguments of `select`.
 
     The value is a plain decimal number (``0.02``, ``1e-3``), no spaces: a finite threshold, a
     non-negative whole number of edges (or nodes), a faithfulness in (0, 1]. ``method`` takes
-    the circuit a method decided itself (ACDC's).
+    the circuit a method decided itself (ACDC's). ``stable`` keeps the edges in the top N of at
+    least a share S in (0, 1] of R bootstrap resamples of the prompts
+    (`circuits.selection_stable`).
 
     Parameters
     ----------
@@ -283,13 +286,14 @@ def parse_selection(text: str) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``{"threshold": x}``, ``{"top_k": n}`` (an int), ``{"faithfulness": f}`` or
-        ``{"decided": True}``.
+        ``{"threshold": x}``, ``{"top_k": n}`` (an int), ``{"faithfulness": f}``,
+        ``{"decided": True}`` or ``{"stable": s, "top_k": n}`` (with ``resamples`` and ``seed``
+        where given).
 
     Raises
     ------
     OptionError
-        The text is not one of the four forms, or its value is out of range.
+        The text is not one of the five forms, or its value is out of range.
 
     Examples
     --------
@@ -303,9 +307,11 @@ def parse_selection(text: str) -> dict[str, Any]:
     if text == DECIDED:
         return {"decided": True}
     kind, sep, value = text.partition(":")
+    if kind == "stable" and sep:
+        return parse_stable(text)
     if not sep or kind not in SELECTION_NAMES:
-        raise OptionError(f"bad selection {shown}; use threshold:X, topk:N, faithfulness:F "
-                          f"(no spaces) or {DECIDED}")
+        raise OptionError(f"bad selection {shown}; use threshold:X, topk:N, faithfulness:F, "
+                          f"{SPELLING} (no spaces) or {DECIDED}")
     name = SELECTION_NAMES[kind]
     if name == "top_k":
         if not _COUNT.fullmatch(value):
@@ -383,11 +389,17 @@ def select(
     setup: Setup | None = None,
     signed: bool = False,
     chunk: int | None = None,
+    stable: float | None = None,
+    resamples: int | None = None,
+    seed: int | None = None,
+    per_prompt: Tensor | None = None,
 ) -> Circuit:
     """Select a circuit from scores: by threshold, top-k, the smallest that is faithful enough,
-    or the circuit the method decided itself.
+    the circuit the method decided itself, or the top-k edges that are stable under bootstrap
+    resamples of the prompts.
 
-    Give exactly one of `threshold`, `top_k`, `faithfulness`, ``decided=True``. The circuit is
+    Give exactly one of `threshold`, `top_k`, `faithfulness`, ``decided=True``, or `stable`
+    together with `top_k`. The circuit is
     pruned (edges on no input-to-logits path dropped) and its size counted after pruning,
     except the method's own circuit, which is taken exactly as the method decided it. A NaN
     score (an edge the method never evaluated) ranks last and passes no threshold.
@@ -412,6 +424,19 @@ def select(
         Rank by signed score (most positive first) instead of |score|.
     chunk : int, optional
         With `faithfulness`: most circuit sizes evaluated in one batched forward.
+    stable : float, optional
+        In (0, 1], with `top_k`: keep the edges (nodes) in the top `top_k` of at least this
+        share of `resamples` bootstrap resamples of the prompts, then prune
+        (`circuits.selection_stable`). The per-prompt scores are `per_prompt`, or the method run
+        again on each prompt of `setup` alone (eap, eap-ig and the other methods whose scores
+        are means over the prompts). The result's options record the rule.
+    resamples : int, optional
+        With `stable`: how many resamples (100 when None).
+    seed : int, optional
+        With `stable`: seeds a generator of the resamples' own (0 when None); the caller's
+        random state is left as it was.
+    per_prompt : Tensor, optional
+        With `stable`: ``[n_prompts, *scores.values.shape]`` per-prompt scores to resample.
 
     Returns
     -------
@@ -436,10 +461,22 @@ def select(
     >>> select(Scores(g, v), top_k=2, signed=True).edge_names
     []
     """
+    if stable is not None:
+        check_stable(stable, top_k, resamples, seed)
+    elif resamples is not None or seed is not None or per_prompt is not None:
+        raise OptionError("resamples=, seed= and per_prompt= belong to a stable selection; "
+                          "give stable= and top_k= with them")
     _check_selection(scores, threshold, top_k, faithfulness, decided, signed, chunk)
     g, level = scores.graph, scores.level
     by_abs = not signed
     selection: dict[str, Any] = {"signed": signed}
+    if stable is not None:
+        mask, record = stable_mask(scores, float(stable), int(top_k), setup=setup,
+                                   per_prompt=per_prompt, resamples=resamples, seed=seed,
+                                   by_abs=by_abs)
+        circuit = Circuit.from_scores(scores, mask)
+        circuit.options.update(selection, **record)
+        return circuit
     if decided:
         circuit = Circuit(g, scores.circuit, scores.values, scores.level, method=scores.method,
                           task=scores.task, model=scores.model, options=dict(scores.options),

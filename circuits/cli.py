@@ -70,6 +70,8 @@ COMMANDS = {
     "attribute": ("commands.attribute", "Per-token attributions of the metric (integrated "
                   "gradients, SHAP, LRP, attention rollout and flow, occlusion, ...), or "
                   "--compare the methods."),
+    "mib-score": ("commands.mib_score", "MIB's CPR and CMD of saved scores, as its circuit track "
+                  "computes them: see your leaderboard numbers before submitting."),
     "bench": ("bench", "Benchmark methods x tasks x models (faithfulness curves, ROC AUC, time, "
               "memory)."),
 }

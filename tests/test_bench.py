@@ -282,11 +282,12 @@ def test_quick_run_writes_the_table_and_resumes(tmp_path: Path, capsys):
     assert (float(eap["forward"]), float(eap["backward"])) == (1.0, 1.0)
     random = by_key[("induction", "random")]
     assert (float(random["forward"]), float(random["backward"])) == (0.0, 0.0)
-    # The curve is measured on the held-out prompts: redo one point of it by hand.
+    # The curve is measured on the held-out prompts: redo one point of it by hand (MIB's CPR
+    # curve: the edges ranked by signed score).
     prep = bench.prepare(config, "induction", load_model("induction-gpt2-2l"))
     scores = run_method("eap", prep.found)
     k = int(0.1 * scores.graph.n_edges)
-    assert evaluate(select(scores, top_k=k), prep.kept).faithfulness == pytest.approx(
+    assert evaluate(select(scores, top_k=k, signed=True), prep.kept).faithfulness == pytest.approx(
         float(eap["f_10%"]), abs=1e-4)
     md = (out / "results.md").read_text()
     assert "| task | model | method | CPR" in md and "time_vs_cpr.png" in md

@@ -25,6 +25,7 @@ import torch
 
 from circuits import cli
 from circuits.errors import CircuitsError
+from circuits.io import export_mib, load_circuit
 from circuits.zoo import find
 
 IOI = "ioi-gpt2-4l"
@@ -444,6 +445,13 @@ def edited_scores(edit: Callable[[dict], None]) -> Callable[[Files], list[str]]:
     return argv
 
 
+def without_scores(doc: dict) -> None:
+    """A circuit file as saved without scores."""
+    doc["has_scores"] = False
+    for entry in [*doc["edges"].values(), *doc["nodes"].values()]:
+        entry.pop("score", None)
+
+
 def first_score(value: object) -> Callable[[dict], None]:
     return lambda doc: doc["scores"].update({next(iter(doc["scores"])): value})
 
@@ -481,6 +489,75 @@ DISCOVERY_CASES: list[Case] = [
                                                  "logits"), ("--receivers", "path-patching")),
     Case("discover-kind-unknown", discover("ioi", "--method", "activation", "--kind", "cosine"),
          ("kind", "norm, diff")),
+    Case("discover-ig-points-unknown", discover("ioi", "--method", "eap-ig", "--ig-points",
+                                                "ends"), ("points", "midpoint, reference")),
+    Case("discover-ig-points-with-eap-ig-stages", discover(
+        "ioi", "--method", "eap-ig-stages", "--ig-points", "reference"), ("--ig-points",)),
+    # learned masks: bad training options, and a budget larger than the graph
+    Case("discover-edges-0", discover("induction", "--method", "edge-pruning", "--edges", "0"),
+         ("edges", ">= 1")),
+    Case("discover-sparsity-1", discover("induction", "--method", "ugs", "--sparsity", "1"),
+         ("sparsity", "from 0 to 0.9999")),
+    Case("discover-init-acdc", discover("induction", "--method", "edge-pruning", "--init",
+                                        "acdc"), ("init", "eap-ig")),
+    Case("discover-loss-unknown", discover("induction", "--method", "ugs", "--loss", "mse"),
+         ("loss", "kl, task")),
+    Case("discover-share-with-edge-pruning", discover(
+        "induction", "--method", "edge-pruning", "--share", "0.5"), ("--share", "ugs")),
+    Case("discover-edges-too-many", discover("induction", "--method", "edge-pruning", "--edges",
+                                             "100000", "--steps", "1"), ("edges", "at most")),
+    # mib-score: missing or foreign files, files without scores, another model
+    Case("mib-score-missing-file", lambda f: ["mib-score", f.path("none.json")],
+         ("cannot read",)),
+    Case("mib-score-task-file", lambda f: ["mib-score", f.task()], ("not a circuit or scores",)),
+    Case("mib-score-mib-file-without-cfg", lambda f: ["mib-score", f.text(
+        "importances.json", json.dumps({"cfg": {}, "nodes": {}, "edges": {}}))],
+         ("'cfg' n_layers",)),
+    Case("mib-score-mib-file-without-task", lambda f: ["mib-score", str(export_mib(
+        load_circuit(f.circuit), f.path("importances.json")))], ("names no task", "--task")),
+    Case("mib-score-mib-file-cfg-disagrees", lambda f: [
+        "mib-score", f.text("edges.json", json.dumps({"cfg": {"n_layers": 2, "n_heads": 4},
+                                                      "edges": {"input->m0": {}}})),
+        "--task", "ioi", "--model", IOI], ("has 110 edges but the file lists 1",)),
+    Case("mib-score-circuit-without-scores", lambda f: ["mib-score", f.edited_circuit(
+        without_scores)], ("no scores",)),
+    Case("mib-score-other-weights", lambda f: [
+        "mib-score", str(f.circuit), "--model", "factual-gpt2-4l"], ("other weights",
+                                                                      "--any-model")),
+    Case("mib-score-other-shape", lambda f: [
+        "mib-score", str(f.circuit), "--model", "induction-gpt2-2l", "--any-model"],
+         ("2 layers", "--model")),
+    Case("mib-score-out-is-a-folder", lambda f: [
+        "mib-score", str(f.circuit.parent / "scores.json"), "--out", str(f.root)],
+         ("is a folder",)),
+    # ensembles (mean:A,B) and stable selection (stable:S,topk:N)
+    Case("discover-ensemble-mixed-levels", discover(
+        "ioi", "--method", "mean:eap,activation-patching"), ("mixes edge-level",)),
+    Case("discover-ensemble-unknown-part", discover("ioi", "--method", "mean:eap,eap-igg"),
+         ("unknown method 'eap-igg'",)),
+    Case("discover-ensemble-part-twice", discover("ioi", "--method", "mean:eap,eap"),
+         ("twice",)),
+    Case("discover-ensemble-option-no-part-takes", discover(
+        "ioi", "--method", "mean:eap,eap-ig", "--threshold", "0.1"), ("--threshold", "acdc")),
+    Case("discover-ensemble-bad-steps", discover(
+        "ioi", "--method", "mean:eap,eap-ig", "--steps", "0"), ("steps", "from 1 to 1000")),
+    Case("discover-stable-share-0", discover("ioi", "--select", "stable:0,topk:10"),
+         ("stable", "(0, 1]")),
+    Case("discover-stable-share-1.5", discover("ioi", "--select", "stable:1.5,topk:10"),
+         ("stable", "(0, 1]")),
+    Case("discover-stable-without-k", discover("ioi", "--select", "stable:0.8"),
+         ("stable needs the size", "topk:N")),
+    Case("discover-stable-k-word", discover("ioi", "--select", "stable:0.8,topk:ten"),
+         ("topk", "whole number")),
+    Case("discover-stable-unknown-part", discover("ioi", "--select", "stable:0.8,topk:5,k:3"),
+         ("resamples:R",)),
+    Case("discover-stable-with-acdc", discover(
+        "ioi", "--method", "acdc", "--select", "stable:0.8,topk:10"), ("'acdc' cannot give",)),
+    Case("select-stable-from-ensemble-scores", lambda f: [
+        "select", f.text("scores.json", json.dumps({
+            **json.loads((f.circuit.parent / "scores.json").read_text("utf-8")),
+            "method": "mean:eap,eap-ig"})), "--select", "stable:0.5,topk:5", "--out", "{out}"],
+         ("cannot give",)),
 ]
 CASES += READING_CASES + ATTRIBUTION_CASES + MODEL_CASES + DISCOVERY_CASES
 

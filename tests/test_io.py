@@ -126,7 +126,9 @@ def test_mib_layout(tmp_path):
         budget = float(f.stem.split("_")[1]) / 100
         d = json.loads(f.read_text())
         kept = sum(e["in_graph"] for e in d["edges"].values())
-        assert kept <= budget * c.graph.n_edges and "score" not in d["edges"][e]
+        # every edge's score, which MIB's loaders read
+        assert kept <= budget * c.graph.n_edges and d["edges"][e] == {
+            "score": doc["edges"][e]["score"], "in_graph": d["edges"][e]["in_graph"]}
 
 
 # -- strict JSON ----------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ HELP_EXAMPLES = """examples:
   circuits discover ioi --method eap --select topk:30 --out out/ioi-eap
   circuits discover my_behavior.jsonl --model ioi-gpt2-4l --n 100 --seed 1
   circuits discover induction --method acdc --threshold 0.02
+  circuits discover ioi --method mean:eap,eap-ig,eap-ig-activations --steps 10
+  circuits discover ioi --method eap-ig --select stable:0.8,topk:50
   circuits discover ioi --method path-patching --receivers 'a3.h0<q>,logits' --level node
   circuits discover ioi --model gpt2 --device cuda --dtype bfloat16"""
 
@@ -53,7 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a shipped model (`circuits models`), a local model folder "
                    "or a hub name (default: the task's reference model)")
     p.add_argument("--method", default="eap-ig",
-                   help="a registered method (`circuits methods`; default: %(default)s)")
+                   help="a registered method (`circuits methods`), or mean:M1,M2,... for the "
+                   "mean of several methods' scores, each divided by its largest |score| "
+                   "(default: %(default)s)")
     p.add_argument("--ablation", choices=ABLATIONS, default="resample",
                    help="what replaces an edge outside the circuit (default: %(default)s)")
     p.add_argument("--metric", help="logit-diff, prob-diff, logprob or kl (default: the task's)")
@@ -61,9 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="select edges, or heads and MLPs (default: %(default)s)")
     p.add_argument("--select", metavar="RULE",
                    help="threshold:X, topk:N, faithfulness:F (the smallest prefix of the "
-                   "ranking reaching faithfulness F on the discovery prompts) or method (the "
-                   "circuit the method decided itself, acdc) (default: method for acdc, "
-                   "faithfulness:0.85 otherwise)")
+                   "ranking reaching faithfulness F on the discovery prompts), method (the "
+                   "circuit the method decided itself, acdc) or stable:S,topk:N[,resamples:R]"
+                   "[,seed:K] (the edges in the top N of at least a share S of R bootstrap "
+                   "resamples of the prompts; eap, eap-ig, exact and a few more) (default: "
+                   "method for acdc, faithfulness:0.85 otherwise)")
     p.add_argument("-o", "--out", metavar="DIR",
                    help="output folder (default: circuits-out/TASK)")
     p.add_argument("--n", type=int, help="number of prompts, discovery and held-out together "

@@ -27,7 +27,7 @@ def option_flags() -> dict[str, list[tuple[str, Option]]]:
     Examples
     --------
     >>> [method for method, _ in option_flags()["--steps"]]
-    ['eap-ig', 'eap-ig-activations', 'eap-ig-stages']
+    ['eap-ig', 'eap-ig-activations', 'eap-ig-stages', 'edge-pruning', 'ugs']
     """
     flags: dict[str, list[tuple[str, Option]]] = {}
     for name, spec in available().items():
@@ -102,7 +102,9 @@ def method_options(method: str, args: argparse.Namespace, strict: bool = True) -
         given = getattr(args, _dest(flag), None)
         if given is None or flag in shared:
             continue
-        option = next((o for m, o in owners if m == spec.name), None)
+        # an ensemble (``mean:eap,eap-ig``) takes the flags of its parts, and passes each on
+        names = {part.name for part in getattr(spec, "parts", ())} or {spec.name}
+        option = next((o for m, o in owners if m in names), None)
         if option is None:
             if strict:
                 takers = ", ".join(m for m, _ in owners)

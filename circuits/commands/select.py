@@ -46,7 +46,8 @@ HELP_EXAMPLES = """examples:
   circuits select circuits-out/ioi/scores.json --select topk:40
   circuits select circuits-out/ioi/scores.json --select faithfulness:0.9 --out out/ioi-f90
   circuits select circuits-out/ioi/scores.json --select threshold:0.01 --level node
-  circuits select circuits-out/acdc/scores.json --select method   # acdc's own circuit"""
+  circuits select circuits-out/acdc/scores.json --select method   # acdc's own circuit
+  circuits select circuits-out/ioi/scores.json --select stable:0.8,topk:40"""
 
 MAX_BYTES = 512 * 2**20  # as for circuit files: far more than any model's scores
 
@@ -70,8 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the scores.json a `circuits discover` run wrote")
     parser.add_argument("--select", required=True, metavar="RULE",
                         help="threshold:X, topk:N, faithfulness:F (the smallest prefix of the "
-                        "ranking reaching faithfulness F on the discovery prompts) or method "
-                        "(the circuit the method decided itself, acdc)")
+                        "ranking reaching faithfulness F on the discovery prompts), method "
+                        "(the circuit the method decided itself, acdc) or "
+                        "stable:S,topk:N[,resamples:R][,seed:K] (the edges in the top N of at "
+                        "least a share S of R bootstrap resamples of the discovery prompts; "
+                        "runs the method once more, one prompt at a time)")
     parser.add_argument("--level", choices=("edge", "node"),
                         help="select edges, or heads and MLPs (default: the run's level)")
     parser.add_argument("-o", "--out", metavar="DIR", help="output folder; its discover outputs "

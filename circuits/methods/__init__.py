@@ -181,7 +181,12 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {}
 _MODULES = (
     "activation_patching", "path_patching", "eap", "eap_ig", "exact", "acdc", "baselines",
+    "edge_pruning", "ugs", "ensemble",
 )
+#: Methods made of registered ones, by the prefix of their name before ':' (``mean:eap,eap-ig``,
+#: `circuits.methods.ensemble`): the function that makes such a name's MethodSpec (or raises
+#: OptionError). Filled by the modules that define them, as `register` fills `METHODS`.
+COMBINERS: dict[str, Callable[[str], MethodSpec]] = {}
 
 
 def register(
@@ -216,8 +221,12 @@ def available() -> dict[str, MethodSpec]:
 
 
 def get_method(name: str) -> MethodSpec:
-    """The method registered as `name`, or an OptionError listing the known ones."""
+    """The method registered as `name` (or made of registered ones, `COMBINERS`: an ensemble
+    ``mean:eap,eap-ig``), or an OptionError listing the known ones."""
     methods = available()
+    prefix, colon, _ = name.partition(":") if isinstance(name, str) else ("", "", "")
+    if colon and prefix in COMBINERS:
+        return COMBINERS[prefix](name)
     if name not in methods:
         raise OptionError(f"unknown method {name!r}; choose one of {', '.join(methods)}")
     return methods[name]

@@ -18,9 +18,16 @@ d m / d input_d`` with ``delta_s = ablated_s - clean_s``. Three paths are offere
   incoming scores add up to the effect of ablating all of them; the benchmark tables up to now
   were computed with it (under the name ``eap-ig-activations``).
 
-The path is sampled at the midpoints ``alpha = (k + 0.5) / steps`` (the reference samples the
-steps' end points, which differs by O(1 / steps)); the steps of a sweep run in one forward and one
-backward, as variants of the batch or as repeats of its prompts, in as few chunks as the setup's
+The path is sampled at the midpoints ``alpha = (k + 0.5) / steps``, k = 0 .. steps - 1, alpha
+being the distance from the clean run (0) towards the ablated one (1): the scores then add up
+to the metric change with an error of order 1 / steps², against 1 / steps for the reference's
+end points. With ``points="reference"`` (``--ig-points reference``) ``eap-ig`` and
+``eap-ig-activations`` sample the reference's points, reproducing its scores (and MIB's):
+``alpha = (k + 1) / steps`` for EAP-IG-inputs (its input ``corrupted + k / steps * (clean -
+corrupted)``, k = 0 .. steps - 1, starts at the ablated end) and ``alpha = k / steps`` for
+EAP-IG-activations (its output ``k / steps * clean + (1 - k / steps) * corrupted``, k = 1 ..
+steps, ends at the clean run). The steps of a sweep run in one forward and one backward, as
+variants of the batch or as repeats of its prompts, in as few chunks as the setup's
 ``run_memory`` allows (`Setup.step_chunks`). Positions the clean and corrupted prompts share
 are clean on the whole path and are not rerun.
 
@@ -43,12 +50,35 @@ from ..resume import resumable_items
 from ..setup import Setup
 from . import MAX_STEPS, Option, register
 
+POINTS = ("midpoint", "reference")
+# where the reference's samples lie within each of the steps, as a share of a step (see the
+# module notes): EAP-IG-inputs at the ends towards the ablated run, EAP-IG-activations at the
+# ends towards the clean one
+_REFERENCE_SHIFT = {"eap-ig": 1.0, "eap-ig-activations": 0.0}
 
-def _alphas(steps: int) -> Tensor:
-    """The path's sample points ``[steps]``, the midpoints of `steps` equal steps."""
+
+def _points_option() -> Option:
+    """The ``points`` option of the variants the reference defines."""
+    return Option("points", "choice", "where the path is sampled: midpoint (more accurate) or "
+                  "reference (the EAP-IG reference's and MIB's points)", "midpoint",
+                  choices=POINTS, flag="--ig-points")
+
+
+def _alphas(steps: int, points: str = "midpoint", method: str = "eap-ig") -> Tensor:
+    """The path's sample points ``[steps]``: the midpoints of `steps` equal steps, or the
+    points the reference samples for `method` (``points="reference"``)."""
     if steps < 1:
         raise OptionError(f"steps must be a positive integer, got {steps}")
-    return (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
+    if points not in POINTS:
+        raise OptionError(f"points must be one of {', '.join(POINTS)}, got {points!r}")
+    shift = 0.5 if points == "midpoint" else _REFERENCE_SHIFT[method]
+    return (torch.arange(steps, dtype=torch.float32) + shift) / steps
+
+
+def _saved(steps: int, points: str) -> dict[str, Any]:
+    """The options a run's saved progress depends on (the default points left out, so that
+    progress saved before the option existed still resumes)."""
+    return {"steps": steps} if points == "midpoint" else {"steps": steps, "points": points}
 
 
 def _run(setup: Setup, batch: Batch) -> dict[str, Any]:
@@ -68,19 +98,21 @@ def _run(setup: Setup, batch: Batch) -> dict[str, Any]:
     level="edge",
     description="EAP with integrated gradients over the input embeddings (the default method)",
     passes="1 ablated forward + 1 clean forward + 1 forward-backward over steps x prompts",
-    params=(Option("steps", "int", "integration steps", 5, low=1, high=MAX_STEPS),),
+    params=(Option("steps", "int", "integration steps", 5, low=1, high=MAX_STEPS),
+            _points_option()),
 )
-def eap_ig(setup: Setup, steps: int = 5) -> Tensor:
-    """EAP-IG over the inputs: the ``input`` source's edges interpolated, `steps` path samples."""
+def eap_ig(setup: Setup, steps: int = 5, points: str = "midpoint") -> Tensor:
+    """EAP-IG over the inputs: the ``input`` source's edges interpolated, `steps` path samples
+    (at `points`, see the module notes)."""
     engine = setup.engine
     g = engine.graph
-    alphas = _alphas(steps)
+    alphas = _alphas(steps, points, "eap-ig")
     w = torch.zeros(steps, g.n_sources, g.n_destinations)
     w[:, 0, :] = alphas[:, None]
     w = w.to(setup.model.device)  # once, not on every batch
     total = torch.zeros(g.n_sources, g.n_destinations)
     for batch, ablated, weight in resumable_items(setup, "eap-ig", {"total": total},
-                                                  {"steps": steps}):
+                                                  _saved(steps, points)):
         trace = engine.trace(batch.clean, last_only=True)
         delta = ablated - trace.outs  # [n_src, b, p, d]
         # the metric is a mean over a chunk's steps x prompts, so the summed gradient is the
@@ -147,19 +179,20 @@ def _source_layers(g: Graph) -> list[list[int]]:
                 "EAP-IG-activations)",
     passes="1 ablated + 1 clean forward + (2 x layers + 1) forward-backwards over steps x "
            "prompts",
-    params=(Option("steps", "int", "integration steps", 5, low=1, high=MAX_STEPS),),
+    params=(Option("steps", "int", "integration steps", 5, low=1, high=MAX_STEPS),
+            _points_option()),
 )
-def eap_ig_activations(setup: Setup, steps: int = 5) -> Tensor:
+def eap_ig_activations(setup: Setup, steps: int = 5, points: str = "midpoint") -> Tensor:
     """EAP-IG as the reference's ``EAP-IG-activations`` defines it (see the module notes).
 
     A layer's outputs are set to the fixed ``clean + alpha * delta`` by ablating its edges fully
     (weight 1) towards those values: a destination then reads ``resid + (fixed - out)``, whose
     gradient through ``out`` cancels. The steps run as repeats of the prompts, each with its own
-    fixed values.
+    fixed values; `points` as for `eap_ig`.
     """
     engine = setup.engine
     g = engine.graph
-    alphas = _alphas(steps)
+    alphas = _alphas(steps, points, "eap-ig-activations")
     groups = _source_layers(g)
     sweeps = []  # weights [n_src, n_dst] on the model's device: 1 out of one source layer
     for sources in groups:
@@ -168,7 +201,7 @@ def eap_ig_activations(setup: Setup, steps: int = 5) -> Tensor:
         sweeps.append((w * g.valid).to(setup.model.device))
     total = torch.zeros(g.n_sources, g.n_destinations)
     for batch, ablated, weight in resumable_items(setup, "eap-ig-activations", {"total": total},
-                                                  {"steps": steps}):
+                                                  _saved(steps, points)):
         trace = engine.trace(batch.clean, last_only=True)
         clean = trace.outs  # [n_src, b, p, d]
         delta = ablated - clean
