@@ -13,7 +13,8 @@ from circuits.testing import make_batch, tiny_model
 
 # options that keep the slow methods small; every other method runs with its defaults
 OPTIONS = {"acdc": {"threshold": 0.01}, "eap-ig": {"steps": 3},
-           "eap-ig-activations": {"steps": 3}, "eap-ig-stages": {"steps": 3}}
+           "eap-ig-activations": {"steps": 3}, "eap-ig-stages": {"steps": 3},
+           "edge-pruning": {"steps": 10}, "ugs": {"steps": 10}}
 
 
 def fresh_scores(family: str, method: str) -> torch.Tensor:

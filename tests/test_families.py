@@ -302,7 +302,8 @@ def test_every_method_runs(name):
     g = setup.graph
     options = {"acdc": dict(threshold=0.01), "eap-ig": dict(steps=2),
                "eap-ig-activations": dict(steps=2), "eap-ig-stages": dict(steps=2),
-               "path-patching": dict(receivers=["logits"])}
+               "path-patching": dict(receivers=["logits"]), "edge-pruning": dict(steps=5),
+               "ugs": dict(steps=5)}
     for method, spec in available().items():
         scores = run_method(method, setup, **options.get(method, {}))
         shape = (g.n_sources, g.n_destinations) if spec.level == "edge" else (g.n_sources,)
