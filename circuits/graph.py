@@ -337,9 +337,14 @@ class Graph:
         keep = set(nodes) | {"input", "logits"}
         for name in keep:
             self.node(name)
-        src_keep = torch.tensor([s in keep for s in self.sources])
-        dst_keep = (self.feeds & torch.cat([src_keep, torch.tensor([True])])[None, :]).any(1)
-        return self.valid & src_keep[:, None] & dst_keep[None, :]
+        return self.edges_among(torch.tensor([s in keep for s in self.sources]))
+
+    def edges_among(self, keep: Tensor) -> Tensor:
+        """Edge mask of the circuit induced by ``[n_src]`` bool kept sources: edges from a kept
+        source into a destination of a kept node (a shared key/value destination when any head
+        of its group is kept; the logits always)."""
+        keep_dst = (self.feeds & torch.cat([keep, torch.tensor([True])])[None, :]).any(1)
+        return self.valid & keep[:, None] & keep_dst[None, :]
 
     def shape(self) -> dict[str, int | bool]:
         """What rebuilds this graph: ``Graph(**g.shape())``."""

@@ -155,11 +155,7 @@ def top_mask(graph: Graph, rank: Tensor, k: int, level: Level = "edge") -> Tenso
     """The unpruned mask of the `k` best edges (or the edges among the `k` best nodes)."""
     if level == "edge":
         return rank < k
-    keep = rank < k  # [n_src]; input has rank -1
-    # a destination is kept when a node it is an input of is: a shared key/value destination
-    # when any head of its group is; the logits always are
-    keep_dst = (graph.feeds & torch.cat([keep, torch.tensor([True])])[None, :]).any(1)  # [n_dst]
-    return graph.valid & keep[:, None] & keep_dst[None, :]
+    return graph.edges_among(rank < k)  # input has rank -1: always kept
 
 
 def n_items(graph: Graph, level: Level) -> int:

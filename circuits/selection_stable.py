@@ -33,7 +33,7 @@ from torch import Tensor
 from .batch import Batch
 from .errors import OptionError
 from .graph import Graph
-from .masks import n_items, ranks, top_mask
+from .masks import n_items, ranks
 from .methods import get_method, run_method
 from .outputs import progress_bar
 from .scores import Level, Scores
@@ -267,7 +267,7 @@ def stable_mask(scores: Scores, share: float, top_k: int, *, setup: Setup | None
     freq = frequency(per_prompt.detach().cpu().float(), graph, level, top_k, draws, by_abs)
     keep = (freq >= share) & (freq > 0)
     # node level: the kept components and the edges among them, as a top-k of nodes gives
-    mask = keep & graph.valid if level == "edge" else top_mask(graph, (~keep).long(), 1, "node")
+    mask = keep & graph.valid if level == "edge" else graph.edges_among(keep)
     record = {"stable": share, "top_k": top_k, "resamples": resamples, "seed": seed,
               "resampled_prompts": int(per_prompt.shape[0]), "per_prompt": source}
     return mask, record

@@ -20,6 +20,7 @@ from typing import NoReturn
 
 from ..ablation import ABLATIONS as ABLATIONS  # the choices of --ablation
 from ..api import Discovery, resolve
+from ..circuit import Circuit
 from ..errors import OptionError
 from ..io import write_atomic
 from ..model import Model, resolve_device, resolve_dtype
@@ -59,6 +60,15 @@ def stages(names: Sequence[str]) -> Iterator[Stages]:
 def is_task_file(text: str) -> bool:
     """Whether a TASK argument names a JSONL file rather than a built-in task."""
     return text.endswith(".jsonl") or os.path.isfile(text)
+
+
+def saved_task(circuit: Circuit) -> str:
+    """The TASK a saved circuit was discovered on: its JSONL file, where it names one, else the
+    task's name without the ``/discovery`` or ``/heldout`` part of a split."""
+    task_file = circuit.options.get("task_file")
+    if isinstance(task_file, str) and is_task_file(task_file):
+        return task_file
+    return circuit.task.removesuffix("/discovery").removesuffix("/heldout")
 
 
 def task_name(task: str) -> str:

@@ -22,8 +22,8 @@ from .common import (
     check_device_and_dtype,
     check_seed_and_n,
     fail,
-    is_task_file,
     load_task_and_model,
+    saved_task,
     stages,
 )
 
@@ -54,10 +54,7 @@ def run(args: argparse.Namespace) -> int:
     """Faithfulness, metric values and the faithfulness curve of a saved circuit on fresh
     prompts."""
     circuit = load_circuit(args.circuit)
-    task_file = circuit.options.get("task_file")
-    saved_task = task_file if isinstance(task_file, str) and is_task_file(task_file) else (
-        circuit.task.removesuffix("/discovery").removesuffix("/heldout"))
-    task_name = args.task or saved_task
+    task_name = args.task or saved_task(circuit)
     model_name = args.model or circuit.model
     if not task_name:
         fail(f"{args.circuit} names no task; pass --task (a built-in task or a JSONL file)")

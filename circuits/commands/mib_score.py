@@ -43,8 +43,8 @@ from .common import (
     check_output,
     check_seed_and_n,
     fail,
-    is_task_file,
     load_task_and_model,
+    saved_task,
     stages,
 )
 from .select import MAX_BYTES, read_scores, scores_from
@@ -129,12 +129,9 @@ def read_scored(path: Path) -> Scored:
             raise CircuitFileError(f"{path}: the circuit holds no scores to rank edges by; pass "
                                    "the scores.json of its discover run")
         o = circuit.options
-        task_file = o.get("task_file")
-        task = task_file if isinstance(task_file, str) and is_task_file(task_file) else (
-            circuit.task.removesuffix("/discovery").removesuffix("/heldout"))
-        return Scored(scores, task, circuit.model, o.get("seed", 0), o.get("n_prompts"),
-                      o.get("ablation"), o.get("metric"), o.get("dtype"), o.get("bos"),
-                      o.get("model_fingerprint"))
+        return Scored(scores, saved_task(circuit), circuit.model, o.get("seed", 0),
+                      o.get("n_prompts"), o.get("ablation"), o.get("metric"), o.get("dtype"),
+                      o.get("bos"), o.get("model_fingerprint"))
     if kind:
         raise CircuitFileError(f"{path}: a {kind!r} file, not a circuit or scores file; pass a "
                                "discover run's circuit.json or scores.json")

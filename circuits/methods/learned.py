@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..batch import Batch
 from ..errors import OptionError
 from ..graph import Graph
 from ..masks import prune
@@ -113,9 +114,12 @@ class _State:
 
 @dataclass
 class _Reference:
-    """A batch's fixed quantities: the full model's last-position logits (``kl``) or metric
-    (``task``), and the empty circuit's distance."""
+    """A batch's fixed quantities: the vocabulary columns the loss reads and the batch renumbered
+    into them (`Setup.narrow`; all columns for ``kl``), the full model's last-position logits
+    (``kl``) or metric (``task``), and the empty circuit's distance."""
 
+    columns: Tensor | None
+    batch: Batch
     full: Tensor
     empty: float
 
@@ -134,21 +138,29 @@ def train_mask(setup: Setup, kind: MaskKind, steps: int, lr: float, sparsity: fl
               else progress_key(setup, kind.name, options))
     generator = torch.Generator().manual_seed(seed)
     state = _resume(setup, kind.name, header, generator) or _start(setup, init, goal, valid)
-    items = list(setup.items(reuse=True))
-    refs = [_reference(setup, batch, ablated, loss) for batch, ablated, _ in items]
+    cold = init in ("full", "zeros")
+    n = len(setup.batches)
+    refs: dict[int, _Reference] = {}
     with progress_bar(steps, kind.name, unit="step", initial=state.step) as bar:
         while state.step < steps:
-            batch, ablated, _ = items[state.step % len(items)]
-            cold = init in ("full", "zeros")
-            target = _scheduled(goal, state.step, steps) if cold else goal
-            record = _step(setup, kind, state, batch, ablated, refs[state.step % len(items)],
-                           loss, target, lr, valid, generator)
-            state.history.append(record)
-            state.step += 1
-            _save(setup, kind.name, header, state, generator, force=state.step == steps)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['distance']:.4f}",
-                            kept=f"{record['density']:.3f}", refresh=False)
+            # one pass over the batches (their ablated outputs kept after the first), from the
+            # batch the step is due on (a resumed run's may be any)
+            for i, (batch, ablated, _) in enumerate(setup.items(reuse=True)):
+                if state.step >= steps:
+                    break
+                if i != state.step % n:
+                    continue
+                if i not in refs:
+                    refs[i] = _reference(setup, batch, ablated, loss)
+                target = _scheduled(goal, state.step, steps) if cold else goal
+                record = _step(setup, kind, state, ablated, refs[i], loss, target, lr, valid,
+                               generator)
+                state.history.append(record)
+                state.step += 1
+                _save(setup, kind.name, header, state, generator, force=state.step == steps)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['distance']:.4f}",
+                                kept=f"{record['density']:.3f}", refresh=False)
     theta = (state.theta.detach() * valid).cpu()
     last = state.history[-1] if state.history else {}
     summary = {"target_density": goal, "final_density": last.get("density", math.nan),
@@ -196,45 +208,47 @@ def warm_logits(scores: Tensor, valid: Tensor, goal: float) -> Tensor:
     return theta
 
 
-def _reference(setup: Setup, batch: Any, ablated: Tensor, loss: str) -> _Reference:
-    """The batch's full-model quantity and its empty circuit's distance (no gradients)."""
-    engine, g = setup.engine, setup.graph
+def _reference(setup: Setup, batch: Batch, ablated: Tensor, loss: str) -> _Reference:
+    """The batch's columns, full-model quantity and empty circuit's distance (no gradients);
+    the full model's logits are those the Setup keeps with every batch."""
     columns, narrow = setup.narrow(batch) if loss == "task" else (None, batch)
+    full_logits = batch.clean_logits
+    assert full_logits is not None  # a Setup's batches carry them
     with torch.no_grad():
-        full_logits = engine.logits(batch.clean, last_only=True)
-        empty_logits = engine.patched_logits(batch.clean, g.valid.float(), ablated)
+        empty_logits = setup.engine.patched_logits(batch.clean, setup.graph.valid.float(),
+                                                   ablated, columns=columns)
         if loss == "kl":
             full = full_logits.float()
         else:
             full = setup.metric_values(_columns(full_logits, columns), narrow).float()
-        empty = _distance(setup, narrow, _columns(empty_logits, columns), full, loss)
-    if not float(empty) > 0:
+        empty = float(_distance(setup, narrow, empty_logits, full, loss))
+    if not empty > 0:
         raise OptionError(
             "ablating every edge leaves this batch's output unchanged, so there is nothing for a "
             "mask to keep; check the corrupted prompts (or the ablation) of the task")
-    return _Reference(full, float(empty))
+    return _Reference(columns, narrow, full, empty)
 
 
 def _columns(logits: Tensor, columns: Tensor | None) -> Tensor:
     return logits if columns is None else logits[:, columns.to(logits.device)]
 
 
-def _distance(setup: Setup, batch: Any, logits: Tensor, full: Tensor, loss: str) -> Tensor:
+def _distance(setup: Setup, batch: Batch, logits: Tensor, full: Tensor, loss: str) -> Tensor:
     """D of a run's last-position logits (see the module docstring)."""
     if loss == "kl":
         return kl_divergence(full, logits).mean()
     return (setup.metric_values(logits, batch).float() - full).square().mean()
 
 
-def _step(setup: Setup, kind: MaskKind, state: _State, batch: Any, ablated: Tensor,
-          ref: _Reference, loss: str, target: float, lr: float, valid: Tensor,
-          generator: torch.Generator) -> dict[str, float]:
+def _step(setup: Setup, kind: MaskKind, state: _State, ablated: Tensor, ref: _Reference,
+          loss: str, target: float, lr: float, valid: Tensor, generator: torch.Generator
+          ) -> dict[str, float]:
     """One training step on one batch: sample, run, backpropagate, update (in place)."""
-    columns, narrow = setup.narrow(batch) if loss == "task" else (None, batch)
     theta = state.theta.detach().requires_grad_(True)
     z = kind.sample(theta, valid, generator)
-    logits = setup.engine.patched_logits(batch.clean, (1 - z) * valid, ablated, columns=columns)
-    distance = _distance(setup, narrow, logits, ref.full, loss) / ref.empty
+    logits = setup.engine.patched_logits(ref.batch.clean, (1 - z) * valid, ablated,
+                                         columns=ref.columns)
+    distance = _distance(setup, ref.batch, logits, ref.full, loss) / ref.empty
     density = kind.density(theta[valid])
     excess = (density - target).clamp(min=0)
     total = distance + state.lam[0] * excess + state.lam[1] * excess.square()
