@@ -18,10 +18,11 @@ from .behavior import Behavior, few_prompts
 from .circuit import DECIDED, Circuit, parse_selection, select
 from .errors import BehaviorError, OptionError, TaskError
 from .evaluate import MAX_SCAN, Evaluation, behavior, evaluate, faithfulness_curve, fine_fractions
-from .methods import check_metric, check_options, get_method, run_method
+from .methods import check_metric, check_options, check_positions, get_method, run_method
 from .metrics import Metric, get_metric
 from .model import Model, dtype_name, load_model, resolve_device, resolve_dtype
 from .outputs import activity
+from .positions import Positions
 from .progress import Checkpoint
 from .scores import Scores
 from .selection_stable import check_resamplable, check_stable
@@ -124,12 +125,22 @@ def make_setup(
     metric: str | Metric | None = None,
     batch_size: int = 32,
     per_position: bool = False,
+    positions: Positions | None = None,
 ) -> Setup:
-    """Tokenize a task for a model and resolve everything a method runs on."""
+    """Tokenize a task for a model and resolve everything a method runs on (for
+    position-resolved circuits, at `positions`: `task_positions`)."""
     batches = task.batches(model.tokenizer, batch_size=batch_size, device=model.device,
-                           max_length=model.context_length)
+                           max_length=model.context_length, positions=positions)
     return Setup(model, batches, metric or task.metric_fn, ablation, per_position,
-                 task=task.name)
+                 task=task.name, positions=positions)
+
+
+def task_positions(task: Task, model: Model) -> Positions:
+    """The positions of a position-resolved graph for `task`: its named spans when its examples
+    name any (`circuits.example.Example.spans`), else one per token (prompts of one length)."""
+    if any(ex.spans for ex in task.examples):
+        return Positions.spans(task, model.tokenizer, model.context_length)
+    return Positions.tokens(task, model.tokenizer, model.context_length)
 
 
 def _check_method(method: str, metric: str | Metric | None, options: dict[str, Any]) -> None:
@@ -150,6 +161,7 @@ def score(
     batch_size: int = 32,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    by_position: bool = False,
     **options: Any,
 ) -> Scores:
     """Score every edge (or node) of `model`'s graph for the behavior of `task`.
@@ -174,6 +186,10 @@ def score(
     dtype : str or torch.dtype, optional
         ``"float32"`` (when None), ``"bfloat16"`` or ``"float16"``, likewise; recorded in the
         scores' options.
+    by_position : bool
+        Score the edges between components at positions (`circuits.positions`): at the task's
+        named spans, or per token when it names none. EAP, EAP-IG (all three) and exact
+        patching do.
     **options
         Passed to the method (``steps=`` for EAP-IG, ``threshold=`` for ACDC, ...).
 
@@ -188,8 +204,12 @@ def score(
         (EAP with ``kl``), before anything is loaded.
     """
     _check_method(method, metric, options)
+    check_positions(method, by_position)
     task, model = resolve(task, model, device=device, dtype=dtype)
-    setup = make_setup(model, task, ablation=ablation, metric=metric, batch_size=batch_size)
+    positions = (by_position if isinstance(by_position, Positions)
+                 else task_positions(task, model) if by_position else None)
+    setup = make_setup(model, task, ablation=ablation, metric=metric, batch_size=batch_size,
+                       positions=positions)
     return run_method(method, setup, **options)
 
 
@@ -251,8 +271,9 @@ def _prepare(task: Task | str, model: Model | str | None, *, ablation: str,
              metric: str | Metric | None, heldout: float, n: int | None, seed: int,
              batch_size: int, device: str | torch.device | None,
              dtype: str | torch.dtype | None, strict: bool,
-             stage: Callable[[str], None]) -> _Run:
-    """Resolve, split, tokenize both parts and measure the behavior (`discover`'s first half)."""
+             stage: Callable[[str], None], by_position: bool | Positions = False) -> _Run:
+    """Resolve, split, tokenize both parts and measure the behavior (`discover`'s first half);
+    at positions when `by_position` says so (or names them)."""
     t0 = time.perf_counter()
     if not (isinstance(heldout, float) and 0 < heldout < 1):
         raise OptionError(f"heldout must be a fraction between 0 and 1, got {heldout!r}")
@@ -263,9 +284,11 @@ def _prepare(task: Task | str, model: Model | str | None, *, ablation: str,
     if isinstance(metric, str) and metric == task.metric_fn.name:
         metric = None  # the task's own metric (saved scores name it; a custom one has no entry)
     common = dict(ablation=ablation, metric=metric, batch_size=batch_size)
-    setup = make_setup(model, found, **common)
+    # both parts at the whole task's positions, so the held-out prompts evaluate its circuit
+    positions = task_positions(task, model) if by_position else None
+    setup = make_setup(model, found, **common, positions=positions)
     # tokenized now, so that a bad held-out prompt stops the run before the scoring
-    heldout_setup = make_setup(model, kept, **common)
+    heldout_setup = make_setup(model, kept, **common, positions=positions)
     stage("measuring the behavior")
     strength = behavior(setup)
     bos = _bos_record(model, found, setup, batch_size)
@@ -382,6 +405,7 @@ def discover(
     strict: bool = False,
     checkpoint: Checkpoint | None = None,
     annotate: bool = True,
+    by_position: bool = False,
     **options: Any,
 ) -> Discovery:
     """Score, select, prune and evaluate a circuit on held-out prompts; read its heads.
@@ -423,6 +447,11 @@ def discover(
         Read the role, direct logit attribution and example attention of the circuit's heads
         into ``circuit.node_info`` (`circuits.annotate`; a warning where the readers do not
         apply).
+    by_position : bool
+        Discover a circuit of components at positions (`circuits.positions`): the task's named
+        spans, or each token when it names none (prompts of one length). Its edges are scored
+        (EAP, EAP-IG, exact patching), selected and evaluated at positions: ablating an edge
+        at a position patches it at that position's tokens only. Edge level only.
 
     Returns
     -------
@@ -435,11 +464,15 @@ def discover(
     if level not in ("edge", "node"):
         raise OptionError(f"unknown level {level!r}; use edge or node")
     _check_method(method, metric, options)
+    check_positions(method, by_position)
+    if by_position and level != "edge":
+        raise OptionError("circuits at positions are edge-level; drop --level node (or "
+                          "by_position)")
     chosen = resolve_selection(selection, method, get_method(method).decides_circuit, level)
     with _steps(progress) as stage:
         run = _prepare(task, model, ablation=ablation, metric=metric, heldout=heldout, n=n,
                        seed=seed, batch_size=batch_size, device=device, dtype=dtype,
-                       strict=strict, stage=stage)
+                       strict=strict, stage=stage, by_position=by_position)
         run.setup.checkpoint = checkpoint
         stage("scoring")
         scores = run_method(method, run.setup, **options)
@@ -515,7 +548,8 @@ def discover_from_scores(
         run = _prepare(task, model, ablation=scores.options.get("ablation", "resample"),
                        metric=scores.options.get("metric") if metric is None else metric,
                        heldout=heldout, n=n, seed=seed, batch_size=batch_size, device=device,
-                       dtype=dtype, strict=strict, stage=stage)
+                       dtype=dtype, strict=strict, stage=stage,
+                       by_position=getattr(scores.graph, "positions", False))
         if run.setup.graph.shape() != scores.graph.shape():
             raise OptionError(f"the scores are for a graph {scores.graph.shape()} but "
                               f"{run.model.name!r} has {run.setup.graph.shape()}; pass the model "

@@ -27,6 +27,9 @@ class Batch:
     clean_logits : Tensor or None
         ``[batch, vocab]`` the model's clean logits at the last position, filled in by the engine
         for metrics that compare with the clean distribution (``kl``).
+    where : Tensor or None
+        ``[batch, pos]`` the position (index into `circuits.positions.Positions.labels`) of
+        every token, for position-resolved circuits; None otherwise.
     """
 
     clean: Tensor
@@ -34,6 +37,7 @@ class Batch:
     answers: Tensor
     wrong: Tensor
     clean_logits: Tensor | None = None
+    where: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.clean.shape != self.corrupt.shape:

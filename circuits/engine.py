@@ -78,6 +78,22 @@ class Engine:
         w = w.to(device=self.model.device, dtype=self.model.dtype)
         return w * self.graph.valid.to(w.device)
 
+    def _position_weights(self, ablate: Tensor, where: Tensor, stage: int) -> Tensor:
+        """Per-position weights ``[C, n_src, n_dst, P]`` (positions last, as plans slice
+        weights) from ``[P, n_src, n_dst]`` or ``[C, P, n_src, n_dst]``."""
+        if stage:
+            raise OptionError("per-position weights run from the embedding: pass start=None or "
+                              "start=(0, trace)")
+        w = ablate if ablate.dim() == 4 else ablate.unsqueeze(0)
+        if w.dim() != 4 or w.shape[-2:] != self.graph.valid.shape:
+            raise OptionError(f"per-position weights must have shape [P, {self.graph.n_sources}, "
+                              f"{self.graph.n_destinations}] or [C, P, ...], got "
+                              f"{tuple(ablate.shape)}")
+        if int(where.max()) >= w.shape[1] or int(where.min()) < 0:
+            raise OptionError(f"where holds positions outside 0..{w.shape[1] - 1}; give weights "
+                              "for every position")
+        return self._weights(w.flatten(0, 1)).view(*w.shape).permute(0, 2, 3, 1)
+
     def gradient_bytes(self, rows: int, positions: int) -> int:
         """About how many bytes a gradient run (`edge_attribution`) of `rows` prompts of
         `positions` tokens keeps for its backward pass.
@@ -152,6 +168,7 @@ class Engine:
         start: tuple[int, Trace] | None = None,
         first: int = 0,
         columns: Tensor | None = None,
+        where: Tensor | None = None,
     ) -> Tensor:
         """Logits with each edge ``(s, d)`` moved ``ablate[s, d]`` of the way to its ablated value.
 
@@ -168,6 +185,11 @@ class Engine:
         outputs there: see `circuits.batch.Batch.shared_prefix`) and are not recomputed; needs
         `start`'s trace and `last_only`.
         columns : token ids; only their logits are computed (see `circuits.Setup.narrow`).
+        where : ``[b, p]`` the position of every token (`circuits.positions`): `ablate` is then
+        per position, ``[P, n_src, n_dst]`` (or ``[C, P, n_src, n_dst]``), and the edge into
+        ``d`` at a token of position ``k`` weighs ``ablate[k, s, d]``. Computed like a run
+        with gradients (no value-only rewrite knows per-position weights); not with `start`
+        after stage 0.
 
         Examples
         --------
@@ -185,9 +207,13 @@ class Engine:
         """
         stage, trace = start if start is not None else (0, None)
         gradients = ablate.requires_grad and torch.is_grad_enabled()
-        plan = make_plan(self.graph, self._weights(ablate), start=stage, last_only=last_only,
+        if where is not None:
+            weights = self._position_weights(ablate, where, stage)
+        else:
+            weights = self._weights(ablate)
+        plan = make_plan(self.graph, weights, start=stage, last_only=last_only,
                          first=first, columns=columns, post_norm=self.adapter.arch.post_norm,
-                         gradients=gradients)
+                         gradients=gradients or where is not None, where=where)
         if gradients:
             return run_weights(self.adapter, self.graph, plan, ids, ablated, trace, self.passes)
         return self.run(plan, ids, ablated, trace)[0]
@@ -203,6 +229,8 @@ class Engine:
         start: tuple[int, Trace] | None = None,
         first: int = 0,
         columns: Tensor | None = None,
+        where: Tensor | None = None,
+        n_positions: int = 0,
     ) -> Tensor:
         """``sum over (b, p) of delta[s] . d metric / d input[d]`` for every edge, in one backward.
 
@@ -231,11 +259,15 @@ class Engine:
             trace: valid when `delta` is zero there (see `patched_logits`).
         columns : Tensor, optional
             Token ids: `metric` gets only their logits (see `circuits.Setup.narrow`).
+        where : Tensor, optional
+            ``[b, p]`` the position (of `n_positions`) of every token (`circuits.positions`):
+            the sum is kept apart per position instead of taken over ``p`` as well.
 
         Returns
         -------
         Tensor
-            ``[n_src, n_dst]`` float32 on the CPU, zero off the valid edges.
+            ``[n_src, n_dst]`` float32 on the CPU, zero off the valid edges (``[n_positions,
+            n_src, n_dst]`` with `where`).
         """
         g = self.graph
         if ablate is not None and ablate.requires_grad:
@@ -245,7 +277,8 @@ class Engine:
         if delta is None and ablate is not None:
             raise OptionError("pass delta explicitly for an interpolated run")
         stage, trace = start if start is not None else (0, None)
-        scores = torch.zeros(g.n_sources, g.n_destinations, device=self.model.device)
+        lead = (n_positions,) if where is not None else ()
+        scores = torch.zeros(*lead, g.n_sources, g.n_destinations, device=self.model.device)
         wanted = g.dst_stage >= stage if only is None else only.cpu() & (g.dst_stage >= stage)
         weights = None if ablate is None else self._weights(ablate)
         if first and delta is None:
@@ -266,9 +299,12 @@ class Engine:
             d = ref["delta"][:n_up, :, -grad.shape[2]:].to(grad.dtype)
             if grad.shape[1] != d.shape[1]:  # variants and repeats of the prompts share delta
                 grad = grad.unflatten(1, (-1, d.shape[1])).sum(1)
+            cols = dsts.to(scores.device)
+            if where is not None:
+                scores[:, :n_up, cols] += _per_position(d, grad, where, n_positions)
+                return
             # one matrix product over (b, p, d): an einsum would copy both operands permuted
-            scores[:n_up, dsts.to(scores.device)] += (
-                d.reshape(n_up, -1) @ grad.reshape(len(dsts), -1).T).float()
+            scores[:n_up, cols] += (d.reshape(n_up, -1) @ grad.reshape(len(dsts), -1).T).float()
 
         def objective(logits: Tensor, run: Trace | None) -> Tensor:
             if run is not None:  # EAP: the deltas come from this very (clean) run
@@ -282,7 +318,7 @@ class Engine:
     # -- exact single-edge patching -----------------------------------------------------------
     def edge_effects(
         self, ids: Tensor, ablated: Tensor, metric: Callable[[Tensor], Tensor], first: int = 0,
-        columns: Tensor | None = None,
+        columns: Tensor | None = None, where: Tensor | None = None, n_positions: int = 0,
     ) -> Tensor:
         """The metric with each edge alone ablated: ``[n_src, n_dst]`` (NaN off the edges); see
         `circuits.runs.run_single_edges`, which carries it out in chunks of `chunk` rows.
@@ -291,6 +327,19 @@ class Engine:
         per-variant means ``[k]``.
         first : positions before it are clean whatever is ablated (see `patched_logits`).
         columns : token ids; `metric` gets only their logits (see `circuits.Setup.narrow`).
+        where : ``[b, p]`` every token's position, of `n_positions`: each edge at each position
+        alone, ``[n_positions, n_src, n_dst]``.
         """
         return run_single_edges(self.adapter, self.graph, ids, ablated, metric, first, columns,
-                                self.chunk, self.passes)
+                                self.chunk, self.passes, where, n_positions)
+
+
+def _per_position(delta: Tensor, grad: Tensor, where: Tensor, n_positions: int) -> Tensor:
+    """``[n_positions, n_up, n]``: ``delta[s] . grad[d]`` summed over the prompts and over the
+    tokens of each position; delta ``[n_up, b, p, d]``, grad ``[n, b, p, d]`` (the last ``p``
+    tokens of `where` ``[b, p']``)."""
+    p = grad.shape[2]
+    at = where[:, -p:].reshape(-1).to(grad.device)  # [b * p]
+    per_token = delta.permute(1, 2, 0, 3) @ grad.permute(1, 2, 3, 0).to(delta.dtype)  # [b,p,s,n]
+    out = per_token.new_zeros(n_positions, *per_token.shape[2:])
+    return out.index_add_(0, at, per_token.flatten(0, 1)).float()

@@ -6,6 +6,7 @@ Also the checks every task input goes through (strings, valid Unicode, list-like
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,11 @@ class Example:
         Source line in a JSONL file, used in error messages. Not compared.
     file : str or None
         The JSONL file, used in error messages. Not compared.
+    spans : mapping of str to (int, int)
+        Named spans of the prompt for position-resolved circuits (``{"S1": (2, 3), "END": (13,
+        14)}``): token positions ``start`` (inclusive) to ``end`` (exclusive) of the prompt as
+        tokenized, not counting what the model puts before it (a BOS token). Spans may not
+        overlap; tokens in no span belong to the span ``other``. Not compared.
 
     Raises
     ------
@@ -49,6 +55,7 @@ class Example:
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
     line: int | None = field(default=None, compare=False)
     file: str | None = field(default=None, compare=False, repr=False)
+    spans: Mapping[str, tuple[int, int]] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         where = self.where()
@@ -74,6 +81,7 @@ class Example:
         if not isinstance(self.meta, Mapping):
             raise TaskError(f"{where}: meta must be a mapping (a JSON object), got "
                             f"{show(self.meta)}")
+        object.__setattr__(self, "spans", _spans(where, self.spans))
 
     def where(self) -> str:
         """Say where the example came from, for error messages."""
@@ -91,6 +99,8 @@ class Example:
         }
         if self.meta:
             record["meta"] = dict(self.meta)
+        if self.spans:
+            record["spans"] = {name: list(span) for name, span in self.spans.items()}
         return record
 
 
@@ -137,6 +147,37 @@ def _strings(where: str, name: str, value: Any) -> tuple[str, ...]:
                             f'e.g. "{name}": [" Mary"]')
         _check_unicode(where, name, text)
     return value
+
+
+#: The span of the tokens a task's spans leave out (`Example.spans`).
+OTHER_SPAN = "other"
+_SPAN_NAME = re.compile(r"[A-Za-z0-9_.:+-]{1,40}")
+
+
+def _spans(where: str, spans: Any) -> dict[str, tuple[int, int]]:
+    """`Example.spans` checked: names, whole-number bounds, no overlaps."""
+    if not isinstance(spans, Mapping):
+        raise TaskError(f"{where}: spans must be an object of name: [start, end], got "
+                        f'{show(spans)}; write e.g. "spans": {{"S1": [2, 3], "END": [13, 14]}}')
+    out: dict[str, tuple[int, int]] = {}
+    for name, span in spans.items():
+        if not isinstance(name, str) or not _SPAN_NAME.fullmatch(name) or name == OTHER_SPAN:
+            raise TaskError(f"{where}: span name {show(name)} is not allowed; use up to 40 "
+                            f"letters, digits or _.:+- (not {OTHER_SPAN!r}, the name of the "
+                            "tokens in no span)")
+        ok = (isinstance(span, (list, tuple)) and len(span) == 2
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in span)
+              and 0 <= span[0] < span[1])
+        if not ok:
+            raise TaskError(f"{where}: span {name!r} is {show(span)}; give [start, end], token "
+                            "positions with 0 <= start < end (end excluded)")
+        out[name] = (int(span[0]), int(span[1]))
+    ordered = sorted(out.items(), key=lambda item: item[1])
+    for (a, (_, end)), (b, (start, _)) in zip(ordered, ordered[1:], strict=False):
+        if start < end:
+            raise TaskError(f"{where}: spans {a!r} and {b!r} overlap; a token belongs to one "
+                            "span at most")
+    return out
 
 
 def items_of(what: str, items: Any) -> tuple[Any, ...]:

@@ -27,6 +27,7 @@ from .engine import Engine
 from .errors import OptionError, UnsupportedModelError
 from .masks import nodes_of
 from .node_circuits import NODE_ROWS, metric_of_nodes, node_sets
+from .positions import PositionGraph
 from .setup import Setup
 
 
@@ -115,9 +116,13 @@ def _engine_values(setup: Setup, engine: Engine, masks: Tensor, chunk: int) -> T
         start = (0, engine.trace(batch.clean[:, :first])) if first else None
         for lo in range(0, len(todo), chunk):
             idx = todo[lo:lo + chunk]
-            ablate = (valid & ~masks[idx]).float().to(ablated.device)  # [c, n_src, n_dst]
-            logits = engine.patched_logits(batch.clean, ablate, ablated, start=start,
-                                           first=first, columns=columns)  # [c * b, n_cols]
+            ablate = valid & ~masks[idx]  # [c, n_src, n_dst]
+            at = {}
+            if isinstance(setup.graph, PositionGraph):  # [c, P, n_src, n_dst] of the engine's
+                ablate, at = setup.graph.blocks(ablate), {"where": batch.where}
+            logits = engine.patched_logits(batch.clean, ablate.float().to(ablated.device),
+                                           ablated, start=start, first=first, columns=columns,
+                                           **at)  # [c * b, n_cols]
             values = setup.metric_values(logits, narrow).view(len(idx), batch.size)
             rows[idx] = values.double().cpu()
         out.append(rows)

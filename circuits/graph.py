@@ -35,6 +35,7 @@ class Node:
     kind: NodeKind
     layer: int  # -1 for input, n_layers for logits
     head: int | None = None
+    position: str | None = None  # in a position-resolved graph (`circuits.positions`)
 
 
 @dataclass(frozen=True)
@@ -310,6 +311,18 @@ class Graph:
     def nodes(self) -> list[Node]:
         """Every node: input, heads and MLPs in layer order, logits."""
         return [self.node(s) for s in self.sources] + [self.node("logits")]
+
+    def all_nodes(self) -> list[Node]:
+        """Every node a circuit can hold, in graph order: `nodes` and, in a grouped-query
+        graph, the key/value heads ``a{l}.kv{g}`` right after the query heads of their layer."""
+        if self.group_size == 1:
+            return self.nodes
+        out: list[Node] = []
+        for node in self.nodes:
+            out.append(node)
+            if node.kind == "head" and node.head == self.n_heads - 1:
+                out += [self.node(self.kv_name(node.layer, kv)) for kv in range(self.n_kv_heads)]
+        return out
 
     @property
     def components(self) -> list[str]:

@@ -39,6 +39,7 @@ import torch
 from .circuit_like import CircuitLike
 from .files import dumps, write_atomic
 from .masks import all_nodes, group_of, n_items, ranks
+from .positions import PositionGraph
 from .render import title
 
 
@@ -69,8 +70,15 @@ def page_data(circuit: CircuitLike, max_size: int = 5000) -> dict[str, Any]:
                "group": [g.src_index[h] for h in group_of(g, n.name)]}
               for n in all_nodes(g) if n.kind == "kv"]
     index = {n["name"]: i for i, n in enumerate(nodes)}
+    if isinstance(g, PositionGraph) and g.group_size == 1:
+        # a head's keys and values at one position reach its output at the later positions:
+        # it passes on to itself there, as a key/value head does to its group
+        for i, n in enumerate(g.nodes[:g.n_sources]):
+            if n.kind == "head":
+                fed = g.fed_nodes(g.dst_index[f"{n.name}<k>"])
+                nodes[i]["group"] = [index[h] for h in fed if h != n.name]
     rank = ranks(g, values, level, by_abs=not signed)
-    dst_node = [index[d.split("<", 1)[0]] for d in g.destinations]
+    dst_node = [index[g.node(d).name] for d in g.destinations]
     src, dst = g.valid.nonzero(as_tuple=True)
     if level == "edge":
         order = torch.argsort(rank[src, dst])
@@ -99,6 +107,7 @@ def page_data(circuit: CircuitLike, max_size: int = 5000) -> dict[str, Any]:
         "level": level,
         "hasEdgeScores": score_of is not None,
         "grouped": g.group_size > 1,
+        "positions": isinstance(g, PositionGraph),
         "logits": g.n_sources,
         "nodes": nodes,
         "edges": edges,

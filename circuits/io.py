@@ -72,6 +72,7 @@ from .masks import all_nodes
 from .mib import MIB_BUDGETS as MIB_BUDGETS  # re-exported, as are mib_dict and export_mib
 from .mib import export_mib as export_mib
 from .mib import mib_dict as mib_dict
+from .positions import MAX_POSITIONS, PositionGraph, Positions
 
 MAX_FILE_BYTES = 512 * 2**20  # about 8M edges; a GPT-2 XL edge circuit (2.2M) is ~130 MiB
 MAX_LAYERS = 1024
@@ -131,11 +132,41 @@ def _graph(shape: Any, n_edges: int, where: str) -> Graph:
     _need(isinstance(parallel, bool), where,
           f"'graph' parallel is {show_json(parallel)}; it must be true or false")
     want = Graph.edge_count(n_layers, n_heads, kv, parallel)
+    if shape.get("positions") is not None:
+        n_src = 1 + n_layers * (n_heads + 1)  # each source has one edge into the logits
+        P, ends = _positions(shape["positions"], where)
+        want = (want - n_src) * P + n_src * ends
     _need(want == n_edges, where,
           f"'graph' ({n_layers} layers, {n_heads} heads, {kv} key/value heads"
           f"{', parallel' if parallel else ''}) has {want} edges but the file lists {n_edges}; "
           "'graph' does not match the edges (the file was edited or truncated)")
-    return Graph(n_layers, n_heads, parallel, kv)
+    base = Graph(n_layers, n_heads, parallel, kv)
+    if shape.get("positions") is None:
+        return base
+    return PositionGraph(base, Positions.from_record(shape["positions"]))
+
+
+def _positions(entry: Any, where: str) -> tuple[int, int]:
+    """Check the 'positions' of a position-resolved graph (`circuits.positions`); returns how
+    many there are and how many hold a prompt's last token."""
+    _need(isinstance(entry, dict), where, "'graph' positions must be an object with labels, "
+          "kind, reach and ends")
+    labels = entry.get("labels")
+    _need(isinstance(labels, list) and 0 < len(labels) <= MAX_POSITIONS
+          and all(isinstance(x, str) and x for x in labels) and len(set(labels)) == len(labels),
+          where, f"'graph' positions labels must be 1 to {MAX_POSITIONS} distinct names")
+    P = len(labels)
+    _need(entry.get("kind") in ("tokens", "spans"), where,
+          "'graph' positions kind must be 'tokens' or 'spans'")
+    reach, ends = entry.get("reach"), entry.get("ends")
+    _need(isinstance(reach, list) and len(reach) == P and all(
+        isinstance(r, list) and len(r) == P and all(v in (0, 1) and not isinstance(v, float)
+                                                    for v in r) for r in reach), where,
+          f"'graph' positions reach must be {P} rows of {P} zeros and ones")
+    _need(isinstance(ends, list) and len(ends) == P and all(
+        v in (0, 1) and not isinstance(v, float) for v in ends) and any(ends), where,
+          f"'graph' positions ends must be {P} zeros and ones, some of them one")
+    return P, sum(ends)
 
 
 def _metrics(metrics: Any, where: str) -> dict[str, Any]:

@@ -19,15 +19,9 @@ from .scores import Level
 # -- nodes and pruning ------------------------------------------------------------------------
 def all_nodes(graph: Graph) -> list[Node]:
     """Every node a circuit can hold, in graph order: ``graph.nodes`` and, in a grouped-query
-    graph, the key/value heads ``a{l}.kv{g}`` right after the query heads of their layer."""
-    if graph.group_size == 1:
-        return graph.nodes
-    out: list[Node] = []
-    for node in graph.nodes:
-        out.append(node)
-        if node.kind == "head" and node.head == graph.n_heads - 1:
-            out += [graph.node(graph.kv_name(node.layer, kv)) for kv in range(graph.n_kv_heads)]
-    return out
+    graph, the key/value heads ``a{l}.kv{g}`` right after the query heads of their layer
+    (`Graph.all_nodes`)."""
+    return graph.all_nodes()
 
 
 def group_of(graph: Graph, kv: str) -> list[str]:
@@ -76,7 +70,7 @@ def prune(graph: Graph, mask: Tensor) -> Tensor:
     # forward: reach[s] = some kept path input -> s. Sources of stage k are fed by destinations
     # of stage k and feed only later stages.
     reach = torch.zeros(n_src + 1, dtype=torch.bool)
-    reach[0] = True
+    reach[:n_src] = graph.src_stage == 0  # the input (at every position of a position graph)
     for stage in stages:
         dsts = (graph.dst_stage == stage).nonzero().squeeze(1)
         live = (mask[:, dsts] & reach[:n_src, None]).any(0)  # [nD]

@@ -30,6 +30,7 @@ from .errors import CircuitFileError, OptionError
 from .files import dumps, show_json, write_atomic
 from .graph import Graph
 from .masks import n_items, nodes_of, prune, ranks, top_mask
+from .positions import PositionGraph
 from .scores import Scores
 
 MIB_BUDGETS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -196,6 +197,9 @@ def mib_dict(circuit: CircuitLike, d_model: int | None = None, mask: torch.Tenso
     ungrouped); `mask` overrides the in-graph edges, `scores=False` leaves the scores out. A NaN
     score stays NaN here; `dumps` writes it as null."""
     g = circuit.graph
+    if isinstance(g, PositionGraph):
+        raise OptionError("MIB's circuit format has no positions; export a circuit at positions "
+                          "as json, graphml or dot, or discover it without --positions")
     d_model = _d_model(circuit, d_model)
     mask = circuit.mask if mask is None else mask
     in_nodes = set(nodes_of(g, mask)) | {"input", "logits"}

@@ -48,6 +48,8 @@ class Deltas:
         # the host reads the weights to sum rows: worth it on a CPU only (see `mix_rows`)
         self.row_sums = plan.allows("row-sums") and like.device.type == "cpu" and not tracked
         self.share = plan.allows("shared-variants")
+        # per-position weights: each token's position, for the positions this run computes
+        self.where = None if plan.where is None else plan.where[:, -self.positions:]
 
     def record(self, sources: slice, value: Tensor, through: bool = True) -> None:
         diff = minus(self.ablated[sources], value, self.C)
@@ -92,6 +94,8 @@ class Deltas:
 
     def cut(self) -> None:
         self.positions = 1
+        if self.where is not None:
+            self.where = self.where[:, -1:]
         if self.buf is not None:
             self.buf = self.buf[..., -1:, :]
         self.chained = [(lo, hi, diff[..., -1:, :]) for lo, hi, diff in self.chained]
@@ -112,6 +116,13 @@ class Deltas:
         if C is not None and C != self.C and n_pre < n_up:
             raise ValueError("only the restored sources' deltas are shared by every variant")
         extra = None  # the products below accumulate into it (no separate additions)
+        if self.where is not None:
+            if n_pre or n_const:
+                raise ValueError("per-position weights mix deltas of sources run with them only")
+            for lo, hi, diff in self.chained:
+                if lo < n_up:
+                    extra = mix_at(diff, w[:, lo:hi], self.C, self.where, extra)
+            return extra
         if used[n_pre:n_const].any():
             extra = self._mix_buffer(used, w, n_pre, n_const)
         for lo, hi, diff in self.chained:
@@ -233,6 +244,18 @@ def mix(delta: Tensor, w: Tensor, C: int, acc: Tensor | None = None) -> Tensor:
     else:
         out = torch.baddbmm(acc.transpose(0, 1).reshape(C, len(acc), -1), w.transpose(1, 2), per)
     return out.view(C, -1, rows // C, p, d).transpose(0, 1)
+
+
+def mix_at(delta: Tensor, w: Tensor, C: int, where: Tensor, acc: Tensor | None = None
+           ) -> Tensor:
+    """`mix` of per-position weights: ``out[D, c, b, p] = sum over r of w[c, r, D, where[b, p]]
+    * delta[r, (c, b), p]``; delta ``[r, C*b, p, d]``, w ``[C, r, nD, P]``, where ``[b, p]``
+    each token's position; returns ``[nD, C, b, p, d]``, added to `acc`."""
+    r, rows, p, d = delta.shape
+    per_token = w[..., where.to(w.device)]  # [C, r, nD, b, p]
+    out = torch.einsum("crnbp,rcbpd->ncbpd", per_token.to(delta.dtype),
+                       delta.view(r, C, rows // C, p, d))
+    return out if acc is None else acc + out
 
 
 def query_heads(kv: Tensor, group: int) -> Tensor:

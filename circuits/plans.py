@@ -156,6 +156,7 @@ class RunPlan:
     read: Tensor | None = None
     rewrites: frozenset[str] = frozenset(REWRITES)
     applied: frozenset[str] = field(default_factory=frozenset)
+    where: Tensor | None = None  # [b, p] each token's position: weights [C, n_up, n, P]
 
     def allows(self, rewrite: str) -> bool:
         """The executors may apply `rewrite` (a name in `REWRITES`)."""
@@ -204,6 +205,7 @@ def make_plan(
     columns: Tensor | None = None,
     post_norm: bool = False,
     gradients: bool = False,
+    where: Tensor | None = None,
 ) -> RunPlan:
     """Resolve a run.
 
@@ -232,7 +234,13 @@ def make_plan(
     gradients : bool
         The run's logits are differentiated with respect to `weights`: every edge from `start`
         on is mixed on its own, and only the rewrites exact for gradients are enabled.
+    where : Tensor, optional
+        ``[b, p]`` every token's position (`circuits.positions`), for weights given per
+        position, ``[C, n_src, n_dst, P]``; needs `gradients` (the value-only rewrites assume
+        one weight per edge).
     """
+    if where is not None and not gradients:
+        raise ValueError("per-position weights need a plan made with gradients=True")
     if first and keep:
         raise ValueError("a run that records a Trace computes every position")
     if weights is not None and weights.requires_grad and not gradients:
@@ -268,7 +276,7 @@ def make_plan(
             if rp.used is not None:
                 read[:rp.n_up] |= rp.used
     return RunPlan(C, start, readers, fold, keep, last_only, first, columns, idle, read,
-                   enabled, frozenset(applied))
+                   enabled, frozenset(applied), where)
 
 
 def _reader(graph: Graph, dsts: slice, need_all: Tensor, weights: Tensor | None,

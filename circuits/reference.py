@@ -25,7 +25,7 @@ from .graph import Graph
 
 
 def reference_logits(adapter: Adapter, graph: Graph, ids: Tensor, w: Tensor,
-                     ablated: Tensor) -> Tensor:
+                     ablated: Tensor, where: Tensor | None = None) -> Tensor:
     """Logits ``[C * b, p, vocab]`` (variant-major) of the patched forward, straight from the
     definition in the module docstring; differentiable with respect to `w` and `ablated`.
 
@@ -36,6 +36,9 @@ def reference_logits(adapter: Adapter, graph: Graph, ids: Tensor, w: Tensor,
     w : ``[n_src, n_dst]`` or ``[C, n_src, n_dst]`` edge weights (0 clean, 1 ablated); weights
         off the graph's edges are ignored.
     ablated : the sources' ablated values, broadcastable to ``[n_src, b, p, d]``.
+    where : ``[b, p]`` each token's position (`circuits.positions`); `w` is then per position,
+        ``[P, n_src, n_dst]`` or ``[C, P, n_src, n_dst]``, and token ``(b, p)`` weighs its edges
+        by ``w[:, where[b, p]]``.
 
     Examples
     --------
@@ -50,7 +53,11 @@ def reference_logits(adapter: Adapter, graph: Graph, ids: Tensor, w: Tensor,
     True
     """
     a, g = adapter, graph
-    w = (w if w.dim() == 3 else w[None]) * g.valid.to(w.device)  # [C, n_src, n_dst]
+    if where is None:  # the same weights at every token: [C, 1, 1, n_src, n_dst]
+        w = (w if w.dim() == 3 else w[None])[:, None, None]
+    else:  # [C, b, p, n_src, n_dst]
+        w = (w if w.dim() == 4 else w[None])[:, where]
+    w = w * g.valid.to(w.device)
     C = w.shape[0]
     resid = a.embed(ids).expand(C, *ids.shape, -1)  # [C, b, p, d]: one copy per variant
     outs = [resid]  # every source's output so far, in source order, each [C, b, p, d]
@@ -60,7 +67,8 @@ def reference_logits(adapter: Adapter, graph: Graph, ids: Tensor, w: Tensor,
         cols = torch.arange(g.n_destinations)[dsts].view(-1)
         n_up = g.n_sources_before(int(g.dst_stage[cols[0]]))
         delta = torch.stack([ablated[s] - outs[s] for s in range(n_up)])  # [n_up, C, b, p, d]
-        return base + torch.einsum("csn,scbpd->ncbpd", w[:, :n_up, cols], delta)
+        return base + torch.einsum("cbpsn,scbpd->ncbpd", w[..., :n_up, cols].expand(
+            -1, *delta.shape[2:4], -1, -1), delta)
 
     for layer in range(g.n_layers):
         attn_in = resid

@@ -40,6 +40,7 @@ from .circuit_like import CircuitLike
 from .errors import DependencyError, OptionError
 from .files import write_atomic
 from .masks import group_of
+from .positions import PositionGraph
 
 if TYPE_CHECKING:
     import graphviz
@@ -352,8 +353,30 @@ def to_graphviz(circuit: CircuitLike, reverse: bool = False, legend: bool = True
     for kv, h in groups:
         dot.edge(kv, h if merged else f"{h}:kv", style="dashed", color=HEAD_LINE, penwidth="1",
                  dir="none", tooltip=f"{kv} is the key/value head of {h}")
+    for a, b in _attention_reads(g, nodes, used):
+        dot.edge(a, b, style="dotted", color=HEAD_LINE, penwidth="1.2", constraint="false",
+                 tooltip=f"{b} attends to the keys and values of {a}")
     _draw_lines(dot, drawn, merged, compass, min_width, max_width)
     return dot
+
+
+def _attention_reads(g: Graph, nodes: list[str], used: dict[str, set[str]]
+                     ) -> list[tuple[str, str]]:
+    """In a position graph, (head at one position, the same head at a later one) pairs of the
+    circuit where the first has key or value inputs: the second reads them through attention,
+    drawn as dotted lines (a graph without positions has none)."""
+    if not isinstance(g, PositionGraph):
+        return []
+    in_nodes = set(nodes)
+    out = []
+    for name in nodes:
+        node = g.node(name)
+        if node.kind not in ("head", "kv") or not used.get(name, set()) & {"k", "v", "kv"}:
+            continue
+        for other in g.fed_nodes(g.dst_index[f"{name}<k>"]):
+            if other != name and other in in_nodes:
+                out.append((name, other))
+    return out
 
 
 def _draw_lines(dot: graphviz.Digraph, drawn: list[tuple[Edge, float | None]], merged: bool,

@@ -97,8 +97,13 @@ def run_weights(adapter: Adapter, graph: Graph, plan: RunPlan, ids: Tensor,
 def run_single_edges(adapter: Adapter, graph: Graph, ids: Tensor, ablated: Tensor,
                      metric: Callable[[Tensor], Tensor], first: int = 0,
                      columns: Tensor | None = None, chunk: int = 512,
-                     counter: PassCounter | None = None) -> Tensor:
-    """The metric with each edge alone ablated: ``[n_src, n_dst]`` (NaN off the edges).
+                     counter: PassCounter | None = None, where: Tensor | None = None,
+                     n_positions: int = 0) -> Tensor:
+    """The metric with each edge alone ablated: ``[n_src, n_dst]`` (NaN off the edges); with
+    `where` (``[b, p]`` each token's position, of `n_positions`), each edge at each position
+    alone, ``[n_positions, n_src, n_dst]``: the edge's delta kept at that position's tokens
+    only. A position none of the run's tokens is at (or only shared-prefix tokens are) changes
+    nothing: its edges get the clean run's metric without a run.
 
     All edges into one stage run together as variants of the batch, restarting right after that
     stage from the clean run's cached residual: an edge into a head's query changes only that
@@ -117,8 +122,6 @@ def run_single_edges(adapter: Adapter, graph: Graph, ids: Tensor, ablated: Tenso
     g, p = graph, ids.shape[1]
     trace = run_patched(adapter, g, make_plan(g, keep=True), ids, counter=counter)[1]
     assert trace is not None
-    effects = torch.full((g.n_sources, g.n_destinations), float("nan"),
-                         device=trace.outs.device)
 
     def rest(stage: int, resid: Tensor) -> Tensor:
         """Unpatched run from `stage` on ``[rows, p - first, d]`` residuals -> per-variant
@@ -127,22 +130,43 @@ def run_single_edges(adapter: Adapter, graph: Graph, ids: Tensor, ablated: Tenso
         return metric(run_patched(adapter, g, plan, ids.new_empty(resid.shape[0], p), None,
                                   trace, counter, resid)[0])
 
-    for layer in range(adapter.arch.n_layers):
-        _head_effects(adapter, g, layer, trace, ablated, first, rest, effects, chunk, counter)
-        _mlp_effects(adapter, g, layer, trace, ablated, first, rest, effects, chunk, counter)
+    full = ablated - trace.outs  # [n_src, b, p, d]
+    if where is None:
+        return _single_edges(adapter, g, trace, full, first, rest, metric, columns, chunk,
+                             counter).cpu().masked_fill(~g.valid, float("nan"))
+    clean = metric(adapter.unembed(trace.resid[g.logits_stage][:, -1], columns))
+    out = []
+    for k in range(n_positions):
+        at = (where == k)[None, :, :, None]  # [1, b, p, 1]
+        if not bool(at[:, :, first:].any()):
+            out.append(torch.full((g.n_sources, g.n_destinations), float(clean[0]),
+                                  device=full.device))
+            continue
+        out.append(_single_edges(adapter, g, trace, full * at.to(full.dtype), first, rest,
+                                 metric, columns, chunk, counter))
+    return torch.stack(out).cpu().masked_fill(~g.valid, float("nan"))
+
+
+def _single_edges(a: Adapter, g: Graph, trace: Trace, delta: Tensor, first: int, rest: Rest,
+                  metric: Callable[[Tensor], Tensor], columns: Tensor | None, chunk: int,
+                  counter: PassCounter) -> Tensor:
+    """`run_single_edges` with each source's delta ``[n_src, b, p, d]`` given."""
+    effects = torch.full((g.n_sources, g.n_destinations), float("nan"), device=delta.device)
+    for layer in range(a.arch.n_layers):
+        _head_effects(a, g, layer, trace, delta, first, rest, effects, chunk, counter)
+        _mlp_effects(a, g, layer, trace, delta, first, rest, effects, chunk, counter)
     resid = trace.resid[g.logits_stage]
-    delta = ablated - trace.outs
-    b = ids.shape[0]
+    b = resid.shape[0]
     step = max(1, chunk // b)
     for lo in range(0, g.n_sources, step):
         hi = min(g.n_sources, lo + step)
-        logits = adapter.unembed((resid + delta[lo:hi])[:, :, -1], columns).flatten(0, 1)
+        logits = a.unembed((resid + delta[lo:hi])[:, :, -1], columns).flatten(0, 1)
         counter.add_forward((hi - lo) * b, 1 / (g.logits_stage + 1))
         effects[lo:hi, -1] = metric(logits)
-    return effects.cpu().masked_fill(~g.valid, float("nan"))
+    return effects
 
 
-def _head_effects(a: Adapter, g: Graph, layer: int, trace: Trace, ablated: Tensor, first: int,
+def _head_effects(a: Adapter, g: Graph, layer: int, trace: Trace, full: Tensor, first: int,
                   rest: Rest, effects: Tensor, chunk: int, counter: PassCounter) -> None:
     """`run_single_edges` of the edges into layer `layer`'s queries, keys and values, written
     into `effects`: every upstream source's delta added to the attention's input, one port at a
@@ -152,7 +176,7 @@ def _head_effects(a: Adapter, g: Graph, layer: int, trace: Trace, ablated: Tenso
     b, p = trace.resid[stage].shape[:2]
     unit = (p - first) / p / (g.logits_stage + 1)  # one stage, the positions run
     resid = trace.resid[stage]  # [b, p, d]
-    delta = (ablated[:n_up] - trace.outs[:n_up])[:, :, first:]  # [n_up, b, p - first, d]
+    delta = full[:n_up, :, first:]  # [n_up, b, p - first, d]
     q, k, v = a.qkv(layer, resid)
     q = q[..., first:, :]
     pre = a.head_writes(layer, a.attend(layer, q, k, v))  # [H, b, p - first, d]
@@ -180,14 +204,14 @@ def _head_effects(a: Adapter, g: Graph, layer: int, trace: Trace, ablated: Tenso
             effects[lo:hi, dst:dst + n] = values
 
 
-def _mlp_effects(a: Adapter, g: Graph, layer: int, trace: Trace, ablated: Tensor, first: int,
+def _mlp_effects(a: Adapter, g: Graph, layer: int, trace: Trace, full: Tensor, first: int,
                  rest: Rest, effects: Tensor, chunk: int, counter: PassCounter) -> None:
     """`run_single_edges` of the edges into layer `layer`'s MLP, written into `effects`."""
     stage = g.mlp_stage(layer)
     n_up = g.n_sources_before(stage)
     resid = trace.resid[stage][:, first:]
     b, p = trace.resid[stage].shape[:2]
-    delta = (ablated[:n_up] - trace.outs[:n_up])[:, :, first:]
+    delta = full[:n_up, :, first:]
     base = trace.resid[stage + 1][:, first:] - trace.outs[g.mlp_source(layer)][:, first:]
     step = max(1, chunk // b)
     for lo in range(0, n_up, step):

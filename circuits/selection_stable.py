@@ -120,8 +120,9 @@ def check_resamplable(method: str) -> None:
 def _one_prompt(batch: Batch, i: int) -> Batch:
     """Prompt `i` of `batch` as a batch of its own (its clean logits kept)."""
     logits = None if batch.clean_logits is None else batch.clean_logits[i:i + 1]
+    where = None if batch.where is None else batch.where[i:i + 1]
     return Batch(batch.clean[i:i + 1], batch.corrupt[i:i + 1], batch.answers[i:i + 1],
-                 batch.wrong[i:i + 1], logits)
+                 batch.wrong[i:i + 1], logits, where)
 
 
 def per_prompt_scores(scores: Scores, setup: Setup) -> Tensor:
@@ -164,7 +165,7 @@ def per_prompt_scores(scores: Scores, setup: Setup) -> Tensor:
                 one = Setup(setup.model, [_one_prompt(batch, j)], setup.metric, setup.ablation,
                             setup.per_position, setup.mean_reference, setup.task,
                             memory_budget=setup.memory_budget, run_memory=setup.run_memory,
-                            _engine=setup._engine)
+                            positions=setup.positions, _engine=setup._engine)
                 if setup.ablation == "mean":
                     # the mean over every prompt, as the whole run ablates with (not this one's)
                     one.mean = setup.mean

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,6 +19,7 @@ from .graph import Graph
 from .metrics import Metric, get_metric
 from .model import Model
 from .nodes import NodeSites
+from .positions import PositionGraph, Positions
 from .progress import Checkpoint, check_interrupt
 from .store import DEFAULT_BUDGET, Store, check_budget
 
@@ -70,6 +72,8 @@ class Setup:
     memory_budget: int = DEFAULT_BUDGET
     run_memory: int = DEFAULT_RUN_MEMORY
     checkpoint: Checkpoint | None = None  # where long methods keep their progress, if anywhere
+    #: For position-resolved circuits: the positions every batch's ``where`` refers to.
+    positions: Positions | None = None
     _engine: Engine | None = field(default=None, repr=False)
     _kept: Store | None = field(default=None, init=False, repr=False, compare=False)
     # per batch index, the metric of the corrupted run (made with the ablated values) [b]
@@ -96,7 +100,10 @@ class Setup:
     def graph(self) -> Graph:
         """The component graph: the engine's, or for families without an edge adapter one built
         from the config and the module tree (enough for node-level methods and circuits; parallel
-        blocks as `circuits.nodes.is_parallel` detects them)."""
+        blocks as `circuits.nodes.is_parallel` detects them). With `positions`, the graph of
+        components at positions (`circuits.positions.PositionGraph`)."""
+        if self.positions is not None:
+            return PositionGraph(self.engine.graph, self.positions)
         try:
             return self.engine.graph
         except UnsupportedModelError:
@@ -104,6 +111,24 @@ class Setup:
             cfg = self.model.hf.config
             kv = getattr(cfg, "num_key_value_heads", None) or sites.n_heads
             return Graph(sites.n_layers, sites.n_heads, sites.parallel, kv)
+
+    def edge_zeros(self) -> Tensor:
+        """Zero edge scores to add batches into: ``[n_src, n_dst]`` of the engine's graph, or
+        ``[P, n_src, n_dst]`` per position (what `circuits.methods.run_method` turns into the
+        position graph's scores)."""
+        g = self.engine.graph
+        lead = () if self.positions is None else (self.positions.n,)
+        return torch.zeros(*lead, g.n_sources, g.n_destinations)
+
+    def at_positions(self, batch: Batch) -> dict[str, Any]:
+        """What the engine's scoring runs take for a batch at positions (``where``,
+        ``n_positions``; nothing without `positions`)."""
+        if self.positions is None:
+            return {}
+        if batch.where is None:
+            raise OptionError("position-resolved scoring needs batches made with the task's "
+                              "positions (Task.batches(..., positions=...))")
+        return {"where": batch.where, "n_positions": self.positions.n}
 
     @property
     def sign(self) -> float:
@@ -224,7 +249,7 @@ class Setup:
             return torch.where(t >= 0, torch.searchsorted(columns, t.clamp(min=0)), t)
 
         return columns, Batch(batch.clean, batch.corrupt, renumber(batch.answers),
-                              renumber(batch.wrong))
+                              renumber(batch.wrong), where=batch.where)
 
     def step_chunks(self, steps: int, batch: Batch) -> list[slice]:
         """`steps` variants of `batch` split into chunks (consecutive slices) whose gradient
@@ -273,4 +298,4 @@ def _repeat(batch: Batch, times: int) -> Batch:
         return None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))
 
     return Batch(rep(batch.clean), rep(batch.corrupt), rep(batch.answers), rep(batch.wrong),
-                 rep(batch.clean_logits))
+                 rep(batch.clean_logits), rep(batch.where))

@@ -26,6 +26,7 @@ from .batch import Batch
 from .errors import OptionError, TaskError
 from .example import Example, items_of, show
 from .metrics import Metric, get_metric
+from .positions import Positions
 from .task_files import example_from_record, read_examples, write_examples
 from .task_tokens import encode as _encode  # noqa: F401  (attribution.known imports it here)
 from .task_tokens import (
@@ -260,6 +261,7 @@ class Task:
         batch_size: int = 32,
         device: torch.device | str = "cpu",
         max_length: int | None = None,
+        positions: Positions | None = None,
     ) -> list[Batch]:
         """Tokenize, check and group the examples into batches of one token length each.
 
@@ -280,6 +282,9 @@ class Task:
         max_length : int or None
             Longest prompt, in tokens, the model can read (``model.context_length``); None
             checks no length.
+        positions : Positions, optional
+            For position-resolved circuits: each batch's ``where`` gives the position of every
+            token (`circuits.positions.Positions.row`).
 
         Returns
         -------
@@ -308,14 +313,19 @@ class Task:
         unknown = unknown_token(tokenizer)
         prefix = prefix_ids(tokenizer, self.bos)
         buckets: dict[int, list[tuple[list[int], list[int], list[int], list[int]]]] = {}
+        wheres: dict[int, list[list[int]]] = {}
         for example in self.examples:
             row = tokenize_example(tokenizer, example, max_length, unknown, prefix)
             buckets.setdefault(len(row[0]), []).append(row)
+            if positions is not None:
+                at = positions.row(example, len(row[0]), len(prefix))
+                wheres.setdefault(len(row[0]), []).append(at)
         batches = []
         for length in sorted(buckets):
             rows = buckets[length]
             for start in range(0, len(rows), batch_size):
-                batches.append(to_batch(rows[start : start + batch_size], device))
+                where = wheres[length][start:start + batch_size] if positions else None
+                batches.append(to_batch(rows[start : start + batch_size], device, where))
         return batches
 
 

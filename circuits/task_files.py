@@ -152,4 +152,6 @@ def example_from_record(
         meta = {}
     if not isinstance(meta, Mapping):
         raise TaskError(f"{where}: meta must be a JSON object, got {show(meta)}")
-    return Example(record["clean"], record["corrupt"], answers, wrong, dict(meta), line, file)
+    spans = record.get("spans")
+    return Example(record["clean"], record["corrupt"], answers, wrong, dict(meta), line, file,
+                   {} if spans is None else spans)

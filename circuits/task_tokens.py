@@ -191,11 +191,14 @@ def _pad(rows: list[list[int]]) -> torch.Tensor:
 
 
 def to_batch(
-    rows: list[tuple[list[int], list[int], list[int], list[int]]], device: torch.device | str
+    rows: list[tuple[list[int], list[int], list[int], list[int]]], device: torch.device | str,
+    where: list[list[int]] | None = None,
 ) -> Batch:
-    """Build one `Batch` from tokenized rows of equal length."""
+    """Build one `Batch` from tokenized rows of equal length (and the position of each of their
+    tokens, for position-resolved circuits)."""
     clean = torch.tensor([r[0] for r in rows], dtype=torch.long, device=device)  # [batch, pos]
     corrupt = torch.tensor([r[1] for r in rows], dtype=torch.long, device=device)
     answers = _pad([r[2] for r in rows]).to(device)  # [batch, n]
     wrong = _pad([r[3] for r in rows]).to(device)
-    return Batch(clean, corrupt, answers, wrong)
+    at = None if where is None else torch.tensor(where, dtype=torch.long, device=device)
+    return Batch(clean, corrupt, answers, wrong, where=at)

@@ -33,6 +33,17 @@ def tiny_gpt2(
     return Model(hf=hf, tokenizer=None, name=f"tiny-gpt2-{n_layer}l{n_head}h{n_embd}d")
 
 
+def tiny_tokenizer(words: str = "abcdefghijklmnopqrstuvwxyz") -> object:
+    """A word-level ``tokenizers`` tokenizer: one token per letter of `words` (split on
+    whitespace, so ``" d"`` is one token), ids from 1, 0 for anything else."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tok
+
+
 def make_batch(b: int = 4, p: int = 6, vocab: int = 40, seed: int = 0) -> Batch:
     """Random clean and corrupt prompts with one answer and one (different) wrong token each."""
     gen = torch.Generator().manual_seed(seed)

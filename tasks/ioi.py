@@ -24,7 +24,7 @@ import random
 from typing import Any
 
 from circuits.errors import TaskError
-from circuits.task import Example, Task, TaskSpec, is_single_token
+from circuits.task import Example, Task, TaskSpec, is_single_token, n_tokens
 
 MODEL = "ioi-gpt2-4l"
 
@@ -78,8 +78,10 @@ def usable_names(tokenizer: Any = None) -> list[str]:
     return [name for name in NAMES if is_single_token(tokenizer, " " + name)]
 
 
-def sample(rng: random.Random, names: list[str]) -> tuple[Example, str]:
-    """Draw one IOI example and its full sentence (prompt + answer) from `rng`."""
+def sample(rng: random.Random, names: list[str], tokenizer: Any = None
+           ) -> tuple[Example, str]:
+    """Draw one IOI example and its full sentence (prompt + answer) from `rng`; with a
+    tokenizer, the example names its spans (`spans`)."""
     template = rng.choice(TEMPLATES)
     io, s, c = rng.sample(names, 3)
     a, b = (io, s) if rng.random() < 0.5 else (s, io)  # ABBA or BABA
@@ -87,8 +89,26 @@ def sample(rng: random.Random, names: list[str]) -> tuple[Example, str]:
     clean = template.format(s=s, **fill)
     corrupt = template.format(s=c, **fill)
     order = "ABBA" if a == io else "BABA"
-    example = Example(clean, corrupt, (" " + io,), (" " + s,), {"order": order})
+    named = {} if tokenizer is None else spans(template, fill, s, tokenizer)
+    example = Example(clean, corrupt, (" " + io,), (" " + s,), {"order": order}, spans=named)
     return example, clean + " " + io
+
+
+def spans(template: str, fill: dict[str, str], s: str, tokenizer: Any) -> dict[str, tuple]:
+    """The token spans of an IOI prompt, as position-resolved circuits name them: ``IO`` and
+    ``S1`` (the two introduced names, in their order), ``S2`` (the repeated name) and ``END``
+    (the last token). Every name is one token after a space, so the tokens before it are those
+    of the text before it."""
+    text = template.format(s=s, **fill)
+    at = {key: template.index("{" + key + "}") for key in ("a", "b", "s")}
+    # the text before a placeholder, filled in, ends where the name's token begins
+    token = {key: n_tokens(tokenizer, template[:i].rstrip(" ").format(s=s, **fill))
+             for key, i in at.items()}
+    io_key = "a" if fill["a"] != s else "b"
+    s1_key = "b" if io_key == "a" else "a"
+    last = n_tokens(tokenizer, text)
+    return {"IO": (token[io_key], token[io_key] + 1), "S1": (token[s1_key], token[s1_key] + 1),
+            "S2": (token["s"], token["s"] + 1), "END": (last - 1, last)}
 
 
 def build(tokenizer: Any = None, n: int = 200, seed: int = 0) -> Task:
@@ -119,7 +139,7 @@ def build(tokenizer: Any = None, n: int = 200, seed: int = 0) -> Task:
             f"only {len(names)} IOI names are single tokens for this tokenizer; IOI needs 3"
         )
     rng = random.Random(seed)
-    examples = tuple(sample(rng, names)[0] for _ in range(n))
+    examples = tuple(sample(rng, names, tokenizer)[0] for _ in range(n))
     return Task("ioi", examples, "logit-diff", DESCRIPTION, MODEL)
 
 

@@ -526,6 +526,8 @@ def test_discover_help_offers_every_method_option(capsys):
     (["--method", "activation", "--kind", "diff"], {"kind": "diff"}),
     (["--method", "eap-ig-stages", "--steps", "3"], {"steps": 3}),
     (["--method", "eap"], {}),
+    # discover's own --positions: circuits at positions for the methods that score there
+    (["--method", "eap", "--positions"], {"(at positions)": True}),
 ])
 def test_method_flags_reach_the_method_only_when_given(argv, options, monkeypatch, capsys,
                                                      tmp_path):
@@ -534,8 +536,10 @@ def test_method_flags_reach_the_method_only_when_given(argv, options, monkeypatc
 
     seen = {}
 
-    def stop(task, model, args, selection, given, stage, checkpoint=None):
+    def stop(task, model, args, selection, given, stage, checkpoint=None, by_position=False):
         seen.update(given)
+        if by_position:
+            seen["(at positions)"] = True
         raise OptionError("stopped before scoring")
 
     monkeypatch.setattr(command, "run_discovery", stop)

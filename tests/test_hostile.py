@@ -558,6 +558,23 @@ DISCOVERY_CASES: list[Case] = [
             **json.loads((f.circuit.parent / "scores.json").read_text("utf-8")),
             "method": "mean:eap,eap-ig"})), "--select", "stable:0.5,topk:5", "--out", "{out}"],
          ("cannot give",)),
+    # circuits at positions
+    Case("discover-positions-acdc", discover("ioi", "--method", "acdc", "--positions"),
+         ("does not score edges at positions", "eap")),
+    Case("discover-positions-node-level", discover("ioi", "--method", "eap", "--positions",
+                                                   "--level", "node"), ("edge-level",)),
+    Case("discover-positions-lengths-without-spans", discover_file(lambda f: f.task(f.good(
+        clean="When Mary and John went to the big store, John gave a drink to",
+        corrupt="When Mary and John went to the big store, Mary gave a drink to")),
+        "--method", "eap", "--positions"), ("one length", "spans")),
+    Case("discover-spans-overlap", discover_file(lambda f: f.task(f.good(
+        spans={"A": [1, 3], "B": [2, 4]}))), ("overlap",)),
+    Case("discover-span-past-end", discover_file(lambda f: f.task(f.good(
+        spans={"END": [13, 20]})), "--method", "eap", "--positions"), ("ends at token 20",)),
+    Case("discover-span-bad-bounds", discover_file(lambda f: f.task(f.good(
+        spans={"X": [3, 3]}))), ("0 <= start < end",)),
+    Case("discover-span-name-other", discover_file(lambda f: f.task(f.good(
+        spans={"other": [0, 1]}))), ("not allowed",)),
 ]
 CASES += READING_CASES + ATTRIBUTION_CASES + MODEL_CASES + DISCOVERY_CASES
 

@@ -158,10 +158,12 @@ def add_device_arguments(parser: argparse.ArgumentParser, bos: bool = True,
 
 
 # -- a discovery's outputs ----------------------------------------------------------------------
-def prompts_digest(task: Task) -> str:
-    """16 hex characters of sha256 over a task's prompt pairs and answers: what a discovery
-    ran on, recorded so that its progress and scores are used only with the same prompts."""
-    prompts = json.dumps([e.to_dict() for e in task.examples], sort_keys=True)
+def prompts_digest(task: Task, spans: bool = False) -> str:
+    """16 hex characters of sha256 over a task's prompt pairs and answers (and their spans,
+    with `spans`: a discovery at positions): what a discovery ran on, recorded so that its
+    progress and scores are used only with the same prompts."""
+    prompts = json.dumps([{k: v for k, v in e.to_dict().items() if spans or k != "spans"}
+                          for e in task.examples], sort_keys=True)
     return hashlib.sha256(prompts.encode("utf-8")).hexdigest()[:16]
 
 

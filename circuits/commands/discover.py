@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..api import Discovery, discover, resolve_selection
-from ..methods import check_metric, get_method
+from ..methods import check_metric, check_positions, get_method
 from ..metrics import get_metric
 from ..model import Model
 from ..progress import Checkpoint, weights_key
@@ -87,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same command from the progress "
                    "it kept in the output folder (acdc, exact, eap-ig)")
+    p.add_argument("--positions", action=argparse.BooleanOptionalAction, default=False,
+                   help="a circuit of components at positions: at the task's named spans "
+                   "(\"spans\" in its JSONL lines; ioi names IO, S1, S2 and END), or at each token "
+                   "when it names none (prompts of one length); eap, eap-ig, "
+                   "eap-ig-activations, eap-ig-stages and exact. With activation-patching: "
+                   "also patch one token position at a time (its per-position grids)")
     add_device_arguments(p)
     add_method_arguments(p)
 
@@ -96,6 +102,13 @@ def run(args: argparse.Namespace) -> int:
     # check everything that can be wrong before the slow part starts
     spec = get_method(args.method)
     options = method_options(args.method, args)
+    # --positions is activation-patching's own option (its grids), else circuits at positions
+    by_position = bool(args.positions) and "positions" not in spec.options
+    if args.positions and not by_position:
+        options["positions"] = True
+    check_positions(args.method, by_position)
+    if by_position and args.level != "edge":
+        fail("circuits at positions are edge-level; drop --level node or --positions")
     selection = resolve_selection(args.select, args.method, spec.decides_circuit, args.level)
     if args.metric is not None:
         check_metric(args.method, get_metric(args.metric))
@@ -114,11 +127,12 @@ def run(args: argparse.Namespace) -> int:
     with stages(names) as stage:
         stage("loading")
         task, model = load_task_and_model(args.task, args.model, args.n, args.seed, args)
-        checkpoint = discovery_checkpoint(out, task, model, args, options)
-        found = run_discovery(task, model, args, selection, options, stage, checkpoint)
+        checkpoint = discovery_checkpoint(out, task, model, args, options, by_position)
+        found = run_discovery(task, model, args, selection, options, stage, checkpoint,
+                              by_position)
         stage("writing")
         run_ = run_record(found, args.task, args.model or model.name)
-        run_["prompts"] = prompts_digest(found.task)
+        run_["prompts"] = prompts_digest(found.task, by_position)
         write_discovery(found, out, " ".join([PROG, *map(shlex.quote, args.argv)]),
                         scores_json(found.scores, run_))
         checkpoint.finish()
@@ -127,24 +141,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 def discovery_checkpoint(out: Path, task: Task, model: Model, args: argparse.Namespace,
-                         options: dict[str, Any]) -> Checkpoint:
+                         options: dict[str, Any], by_position: bool = False) -> Checkpoint:
     """Where a long discovery keeps its progress (``OUT/.progress``), keyed by everything the
     scores depend on, so ``--resume`` continues only the same run."""
     run_ = dict(command="discover", method=args.method, options=options,
-                task=task.name, prompts=prompts_digest(task), bos=task.bos,
+                task=task.name, prompts=prompts_digest(task, by_position), bos=task.bos,
                 **weights_key(model), ablation=args.ablation,
                 metric=args.metric, batch_size=args.batch_size, heldout=args.heldout,
-                seed=args.seed)
+                seed=args.seed, **({"positions": True} if by_position else {}))
     return Checkpoint(out / ".progress", run_, resume=args.resume)
 
 
 def run_discovery(task: Task, model: Model, args: argparse.Namespace,
                   selection: dict[str, float], options: dict[str, Any],
-                  stage: Callable[[str], None], checkpoint: Checkpoint | None = None) -> Discovery:
+                  stage: Callable[[str], None], checkpoint: Checkpoint | None = None,
+                  by_position: bool = False) -> Discovery:
     """`circuits.api.discover` on a resolved task and model, the circuit named after the whole
     task (and its JSONL file, so `evaluate` finds it again)."""
     kwargs: dict[str, Any] = dict(ablation=args.ablation, metric=args.metric, level=args.level,
                                   selection=selection, heldout=args.heldout, seed=args.seed,
                                   batch_size=args.batch_size, progress=stage,
-                                  strict=args.strict, checkpoint=checkpoint, **options)
+                                  strict=args.strict, checkpoint=checkpoint,
+                                  by_position=by_position, **options)
     return name_circuit(discover(task, model, args.method, **kwargs), args.task)

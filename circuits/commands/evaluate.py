@@ -84,8 +84,10 @@ def run(args: argparse.Namespace) -> int:
         if args.bos is None and isinstance(saved_bos, bool):  # start as the discovery's did
             args.bos = saved_bos
         task, model = load_task_and_model(task_name, model, n, seed, args)
+        # a circuit at positions is evaluated at its own positions (the prompts must fit them)
+        positions = getattr(circuit.graph, "positions", None)
         setup = make_setup(model, task, ablation=ablation, metric=metric,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, positions=positions)
         check_shape(circuit, model, setup.graph)
         g = circuit.graph
         stage("evaluating")

@@ -32,6 +32,7 @@ from ..io import load_circuit
 from ..metrics import get_metric
 from ..mib import mib_scores
 from ..model import Model, check_same_weights, dtype_name, load_model
+from ..positions import PositionGraph
 from ..report import SCORES_FORMAT
 from ..scores import Scores
 from ..tables import text_table
@@ -163,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
     if out is not None:
         check_output(out, folder=False, flag="--out")
     scored = read_scored(path)
+    if isinstance(scored.scores.graph, PositionGraph):
+        fail(f"{path} scores edges at positions, and MIB scores edges between components; "
+             "score a discover run made without --positions")
     task_name = args.task or scored.task
     model_name = args.model or scored.model
     if not task_name or not model_name:

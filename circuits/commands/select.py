@@ -27,6 +27,7 @@ from ..errors import CircuitFileError, OptionError
 from ..graph import Graph
 from ..io import FLOAT32_MAX, _graph
 from ..model import check_same_weights
+from ..positions import PositionGraph
 from ..report import SCORES_FORMAT, SCORES_VERSION, summary_rows
 from ..scores import Scores
 from ..tables import text_table
@@ -213,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         task, model = load_task_and_model(saved["task"], saved["model"], saved["n"],
                                           saved["seed"], args)
         check_weights(saved, model, path)
-        check_prompts(saved, task, path)
+        check_prompts(saved, task, path, isinstance(scores.graph, PositionGraph))
         found = rediscover(doc, scores, task, model, args, selection, stage)
         stage("writing")
         write_discovery(name_circuit(found, saved["task"]), out,
@@ -232,10 +233,11 @@ def check_weights(saved: dict[str, Any], model: Any, path: Path) -> None:
         print(f"{PROG}: warning: {note}", file=sys.stderr)
 
 
-def check_prompts(saved: dict[str, Any], task: Any, path: Path) -> None:
-    """Refuse prompts other than those the scores were made on (a task file edited since)."""
+def check_prompts(saved: dict[str, Any], task: Any, path: Path, spans: bool = False) -> None:
+    """Refuse prompts other than those the scores were made on (a task file edited since; its
+    spans too, for scores at positions)."""
     recorded = saved.get("prompts")
-    if isinstance(recorded, str) and recorded != prompts_digest(task):
+    if isinstance(recorded, str) and recorded != prompts_digest(task, spans):
         raise OptionError(f"{path} was scored on other prompts than task {saved['task']!r} gives "
                           "now (its file was edited since `circuits discover`); restore the "
                           "task file, or run `circuits discover` again on the new prompts")

@@ -32,6 +32,7 @@ from ..errors import OptionError
 from ..metrics import Metric
 from ..model import dtype_name
 from ..outputs import activity
+from ..positions import PositionGraph
 from ..scores import Level, Scores
 from ..setup import Setup
 
@@ -159,6 +160,10 @@ class MethodSpec:
     params : tuple of Option
         Its options, declared (`Option`): what `check_options` checks and what the command
         line offers.
+    positions : bool
+        It scores edges at positions (`circuits.positions`): given a Setup with positions, it
+        returns ``[P, n_src, n_dst]`` per-position scores, which `run_method` places on the
+        position graph.
     """
 
     name: str
@@ -171,6 +176,7 @@ class MethodSpec:
     uses_metric: bool = True
     decides_circuit: bool = False
     params: tuple[Option, ...] = ()
+    positions: bool = False
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -192,14 +198,14 @@ COMBINERS: dict[str, Callable[[str], MethodSpec]] = {}
 def register(
     name: str, level: Level, description: str, passes: str, edge_engine: bool = True,
     gradient_at_clean: bool = False, uses_metric: bool = True, decides_circuit: bool = False,
-    params: tuple[Option, ...] = (),
+    params: tuple[Option, ...] = (), positions: bool = False,
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator adding a method to the registry under `name` (fields as in `MethodSpec`)."""
 
     def add(fn: MethodFn) -> MethodFn:
         METHODS[name] = MethodSpec(name, fn, level, description, passes, edge_engine,
                                    gradient_at_clean, uses_metric, decides_circuit,
-                                   tuple(params))
+                                   tuple(params), positions)
         return fn
 
     return add
@@ -270,6 +276,16 @@ def check_metric(name: str, metric: Metric) -> None:
     )
 
 
+def check_positions(name: str, positions: bool) -> None:
+    """An OptionError, naming the methods that can, when method `name` cannot score edges at
+    positions and `positions` asks for it."""
+    if not positions or get_method(name).positions:
+        return
+    able = [m.name for m in available().values() if m.positions]
+    raise OptionError(f"method {name!r} does not score edges at positions; with --positions use "
+                      f"one of {', '.join(able)}")
+
+
 def run_method(name: str, setup: Setup, **options: Any) -> Scores:
     """Run a registered method on a prepared setup and return its Scores with the cost.
 
@@ -286,6 +302,7 @@ def run_method(name: str, setup: Setup, **options: Any) -> Scores:
                           f"{type(setup).__name__}")
     check_options(name, options)
     check_metric(name, setup.metric)
+    check_positions(name, setup.positions is not None)
     device = setup.model.device
     counter = setup.engine.passes if spec.edge_engine else setup.node_passes
     prompts = sum(b.size for b in setup.batches)
@@ -298,6 +315,8 @@ def run_method(name: str, setup: Setup, **options: Any) -> Scores:
         raise RuntimeError(f"method {name!r} is registered as deciding its circuit but returned "
                            "none (its extra results lack 'circuit')")
     graph = setup.graph
+    if isinstance(graph, PositionGraph):
+        values = graph.expand(values)
     # d_model travels with the scores because MIB's submission format records it; dtype and
     # device because the scores (and the cost) depend on them; the weights' fingerprint so
     # that a circuit selected from them is evaluated on the same weights.

@@ -7,7 +7,6 @@ clean run alone, so metrics that are flat there (``kl``) are refused: use EAP-IG
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ..setup import Setup
@@ -20,16 +19,17 @@ from . import register
     description="edge attribution patching: first-order estimate of every edge's effect",
     passes="1 ablated forward + 1 forward-backward per batch",
     gradient_at_clean=True,
+    positions=True,
 )
 def eap(setup: Setup) -> Tensor:
     """Score every edge with EAP; positive = ablating the edge is estimated to lower the metric."""
     engine = setup.engine
-    total = torch.zeros(engine.graph.n_sources, engine.graph.n_destinations)
+    total = setup.edge_zeros()
     for batch, ablated, weight in setup.items():
         columns, narrow = setup.narrow(batch)
         change = engine.edge_attribution(
             batch.clean, lambda logits, narrow=narrow: setup.metric_mean(logits, narrow),
-            ablated, columns=columns,
+            ablated, columns=columns, **setup.at_positions(batch),
         )
         total += weight * change
     # change estimates m(ablated edge) - m(clean); carrying the behavior means a drop.

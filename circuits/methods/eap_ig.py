@@ -90,7 +90,8 @@ def _run(setup: Setup, batch: Batch) -> dict[str, Any]:
     def metric(logits: Tensor) -> Tensor:
         return setup.metric_mean(logits, narrow)
 
-    return {"metric": metric, "columns": columns, "first": setup.prefix(batch)}
+    return {"metric": metric, "columns": columns, "first": setup.prefix(batch),
+            **setup.at_positions(batch)}
 
 
 @register(
@@ -100,6 +101,7 @@ def _run(setup: Setup, batch: Batch) -> dict[str, Any]:
     passes="1 ablated forward + 1 clean forward + 1 forward-backward over steps x prompts",
     params=(Option("steps", "int", "integration steps", 5, low=1, high=MAX_STEPS),
             _points_option()),
+    positions=True,
 )
 def eap_ig(setup: Setup, steps: int = 5, points: str = "midpoint") -> Tensor:
     """EAP-IG over the inputs: the ``input`` source's edges interpolated, `steps` path samples
@@ -110,7 +112,7 @@ def eap_ig(setup: Setup, steps: int = 5, points: str = "midpoint") -> Tensor:
     w = torch.zeros(steps, g.n_sources, g.n_destinations)
     w[:, 0, :] = alphas[:, None]
     w = w.to(setup.model.device)  # once, not on every batch
-    total = torch.zeros(g.n_sources, g.n_destinations)
+    total = setup.edge_zeros()
     for batch, ablated, weight in resumable_items(setup, "eap-ig", {"total": total},
                                                   _saved(steps, points)):
         trace = engine.trace(batch.clean, last_only=True)
@@ -133,6 +135,7 @@ def eap_ig(setup: Setup, steps: int = 5, points: str = "midpoint") -> Tensor:
     passes="1 ablated + 1 clean forward + (2 x layers + 1) partial forward-backwards over "
            "steps x prompts",
     params=(Option("steps", "int", "integration steps", 5, low=1, high=MAX_STEPS),),
+    positions=True,
 )
 def eap_ig_stages(setup: Setup, steps: int = 5) -> Tensor:
     """EAP-IG with one sweep per stage, each interpolating that stage's destination inputs."""
@@ -145,7 +148,7 @@ def eap_ig_stages(setup: Setup, steps: int = 5) -> Tensor:
         w = torch.zeros(steps, g.n_sources, g.n_destinations)
         w[:, :, only] = alphas[:, None, None]
         sweeps.append(((w * g.valid).to(setup.model.device), only, stage))
-    total = torch.zeros(g.n_sources, g.n_destinations)
+    total = setup.edge_zeros()
     for batch, ablated, weight in resumable_items(setup, "eap-ig-stages", {"total": total},
                                                   {"steps": steps}):
         trace = engine.trace(batch.clean, last_only=True)
@@ -181,6 +184,7 @@ def _source_layers(g: Graph) -> list[list[int]]:
            "prompts",
     params=(Option("steps", "int", "integration steps", 5, low=1, high=MAX_STEPS),
             _points_option()),
+    positions=True,
 )
 def eap_ig_activations(setup: Setup, steps: int = 5, points: str = "midpoint") -> Tensor:
     """EAP-IG as the reference's ``EAP-IG-activations`` defines it (see the module notes).
@@ -199,7 +203,7 @@ def eap_ig_activations(setup: Setup, steps: int = 5, points: str = "midpoint") -
         w = torch.zeros(g.n_sources, g.n_destinations)
         w[sources] = 1.0
         sweeps.append((w * g.valid).to(setup.model.device))
-    total = torch.zeros(g.n_sources, g.n_destinations)
+    total = setup.edge_zeros()
     for batch, ablated, weight in resumable_items(setup, "eap-ig-activations", {"total": total},
                                                   _saved(steps, points)):
         trace = engine.trace(batch.clean, last_only=True)

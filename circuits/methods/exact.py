@@ -20,6 +20,7 @@ from . import register
     level="edge",
     description="exact edge patching: each edge ablated alone (slow, the reference)",
     passes="per batch: one partial forward per edge, batched per destination stage",
+    positions=True,
 )
 def exact(setup: Setup) -> Tensor:
     """Score = sign * (m(clean) - m(edge ablated)), weighted over batches.
@@ -29,7 +30,7 @@ def exact(setup: Setup) -> Tensor:
     saved batch (same scores, bit for bit).
     """
     engine = setup.engine
-    total = torch.zeros(engine.graph.n_sources, engine.graph.n_destinations)
+    total = setup.edge_zeros()
     for batch, ablated, weight in resumable_items(setup, "exact", {"total": total}, {}):
         b = batch.size
         columns, narrow = setup.narrow(batch)
@@ -39,6 +40,6 @@ def exact(setup: Setup) -> Tensor:
 
         clean = setup.metric_mean(batch.clean_logits, batch)
         effects = engine.edge_effects(batch.clean, ablated, per_variant, setup.prefix(batch),
-                                      columns)
+                                      columns, **setup.at_positions(batch))
         total += weight * torch.nan_to_num(clean.cpu() - effects)
     return setup.sign * total * engine.graph.valid
