@@ -160,8 +160,8 @@ class BenchConfig:
             own = {"steps": self.steps}
         elif method == "acdc":
             own = {"metric": "task"}
-        elif method == "random":
-            own = {"seed": self.seed}
+        if "seed" in get_method(method).options:  # random scores, the learned masks' samples
+            own["seed"] = self.seed
         return {**own, **self.given.get(method, {})}
 
     def settings(self) -> str:
@@ -178,7 +178,10 @@ class BenchConfig:
         what = {
             "version": BENCH_VERSION, "task": task, "model": model, "method": method,
             "n": self.n, "seed": self.seed, "heldout": self.heldout,
-            "batch_size": self.batch_size, "options": self.method_options(method),
+            "batch_size": self.batch_size,
+            # the method's own defaults too: a row made under other defaults is stale
+            "options": {**{p.name: p.default for p in get_method(method).params},
+                        **self.method_options(method)},
             "tau_fraction": ACDC_TAU_FRACTION if method == "acdc" else None,
             "fractions": list(MIB_FRACTIONS), "target": TARGET,
             "signed": method in SIGNED_RANKING,
@@ -486,12 +489,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _names(args: argparse.Namespace, flag: str) -> list[str] | None:
     """The names given to `flag` (``--method``) and its deprecated plural, split at commas, in
-    order and without repeats; None when neither was given."""
+    order and without repeats; None when neither was given. A value with a colon is one name
+    (an ensemble, ``mean:eap,eap-ig``, lists its parts with commas)."""
     given = [*(getattr(args, flag[2:], None) or ()), *(getattr(args, flag[2:] + "s", None) or ())]
     if not given:
         return None
     names: list[str] = []
-    for name in (part.strip() for value in given for part in value.split(",")):
+    for name in (part.strip() for value in given
+                 for part in ([value] if ":" in value else value.split(","))):
         if name and name not in names:
             names.append(name)
     if not names:

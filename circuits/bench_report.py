@@ -73,6 +73,7 @@ METHOD_COLOURS = {
     "eap": "#1f77b4", "eap-ig": "#ff7f0e", "eap-ig-stages": "#2ca02c", "exact": "#d62728",
     "acdc": "#9467bd", "eap-ig-activations": "#8c564b", "random": "#7f7f7f",
     "activation": "#e377c2", "grad-x-act": "#bcbd22", "attention-rollout": "#17becf",
+    "edge-pruning": "#393b79", "ugs": "#637939",
 }
 # methods not named above take one of these, chosen by a hash of the name (tab20's light shades)
 _SPARE_COLOURS = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2",

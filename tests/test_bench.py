@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from circuits.circuit import select
 from circuits.errors import OptionError
 from circuits.evaluate import MIB_FRACTIONS, cpr, evaluate
 from circuits.graph import Graph
-from circuits.methods import run_method
+from circuits.methods import METHODS, get_method, run_method
 from circuits.model import load_model
 
 
@@ -123,6 +124,27 @@ def test_lists_are_comma_or_space_separated_and_out_has_a_short_form():
         assert config.methods == ("eap", "acdc", "exact")  # in order, each once
         assert config.models == ("a", "b") and config.out == Path("x")
     assert bench.deprecation_warnings(comma) == []
+    # an ensemble lists its parts with commas: a value with a colon is one method
+    ensemble = parse(["--task", "ioi", "--method", "eap,acdc", "mean:eap,eap-ig,eap-ig-stages"])
+    assert bench.config_from_args(ensemble)[0].methods == (
+        "eap", "acdc", "mean:eap,eap-ig,eap-ig-stages")
+
+
+def test_stamp_holds_the_methods_defaults_and_the_seed_reaches_every_seeded_method():
+    """A row is stale when the method's own defaults change (they decide its numbers as much
+    as given options), and --seed reaches every method with a seed option."""
+    config = bench.BenchConfig(tasks=("ioi",), methods=("ugs", "eap"), seed=7)
+    assert config.method_options("ugs")["seed"] == 7
+    assert config.method_options("edge-pruning")["seed"] == 7
+    assert "seed" not in config.method_options("eap")
+    before = config.stamp("ioi", "m", "ugs")
+    spec = get_method("ugs")
+    steps = next(p for p in spec.params if p.name == "steps")
+    changed = replace(spec, params=tuple(replace(p, default=steps.default + 1) if p is steps
+                                         else p for p in spec.params))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(METHODS, "ugs", changed)
+        assert config.stamp("ioi", "m", "ugs") != before
 
 
 def test_plural_flags_still_work_and_warn_once_each(tmp_path: Path, capsys):

@@ -16,8 +16,9 @@ from circuits.masks import prune
 from circuits.methods import edge_pruning as ep
 from circuits.methods import learned, run_method
 from circuits.methods.ugs import _sampler
+from circuits.metrics import kl_divergence
 from circuits.model import load_model
-from circuits.planted import planted_model, true_edges
+from circuits.planted import NAMES, planted_model, true_edges
 from circuits.progress import Checkpoint
 from circuits.recovery import roc_auc
 from circuits.setup import Setup
@@ -105,17 +106,55 @@ def test_warm_logits_put_the_top_share_positive():
     assert float(theta.max()) == learned.INIT_SCALE and float(theta.min()) == -learned.INIT_SCALE
 
 
+@pytest.mark.parametrize("loss", ["kl", "task"])
+def test_a_step_with_several_samples_averages_their_distances_and_gradients(monkeypatch, loss):
+    # Three fixed masks (each a different share of sigmoid(theta), so each has its own
+    # gradient): one step with samples=3 runs them side by side; its distance and the gradient
+    # handed to Adam must be the means of three one-sample steps, one mask each.
+    model = tiny_gpt2(n_layer=2, n_head=2, seed=5)
+    setup = _setup(model)
+    g = setup.graph
+    batch, ablated, _ = next(iter(setup.items()))
+    ref = learned._reference(setup, batch, ablated, loss)
+    shares = torch.rand((3, *g.valid.shape), generator=torch.Generator().manual_seed(0))
+    theta0 = torch.randn(g.valid.shape, generator=torch.Generator().manual_seed(1))
+    grads = []
+    monkeypatch.setattr(learned, "_adam", lambda state, grad, lr: grads.append(grad.clone()))
+
+    def step(masks):
+        kind = learned.MaskKind("t", lambda t, valid, gen: torch.sigmoid(t) * masks,
+                                lambda t: torch.sigmoid(t).mean())
+        zeros = torch.zeros_like(theta0)
+        state = learned._State(theta0.clone(), zeros.clone(), zeros.clone(), torch.zeros(2))
+        return learned._step(setup, kind, state, ablated, ref, loss, 1.0, 0.1, len(masks),
+                             g.valid, torch.Generator())["distance"]
+
+    together = step(shares)
+    alone = [step(shares[i:i + 1]) for i in range(3)]
+    assert together == pytest.approx(sum(alone) / 3, rel=1e-5)
+    assert torch.allclose(grads[0], sum(grads[1:]) / 3, rtol=1e-4, atol=1e-7)
+    assert float(grads[0].abs().max()) > 0  # the masks do move the output
+
+
 @pytest.fixture(scope="module")
 def planted():
     return {name: make_setup(planted_model(name), get_task(name, n=8, seed=0), batch_size=8)
-            for name in ("planted-induction", "planted-mlp")}
+            for name in NAMES}
 
 
-# planted-ioi is left out: its circuit's queries and keys pass through attention saturated by
-# construction, so near the full model their edges move the output by nothing a gradient sees;
-# both masks drop some of them while the sparsity target falls (AUC 0.83-0.90 at 100-300 steps).
+# planted-ioi's duplicate-token head acts through three saturated attention patterns in a row
+# (duplicate -> inhibition -> mover): as the mask of one of its edges falls, the distance stays
+# at 0 down to z = 0.5 and jumps to 0.375 (the three prompts of eight whose subject comes first)
+# within 0.025, flat on either side. Only a mask sample inside that window gives a gradient, and
+# mostly while the edge's logit crosses the middle during the sparsity ramp, so what counts is
+# how many masks are drawn then: with one a step the edges leave with the edges that do nothing
+# (edge pruning at 300 steps: 0.37, 0.98 and 0.63 over mask seeds 0-2); the defaults (300 steps
+# of 4 masks) give 0.97-1.0 on all three seeds for both methods. The test trains 100 steps of 4
+# masks (seed 0: 0.981 for edge pruning, 0.976 for UGS on planted-ioi, 1.0 on the others) to
+# keep the suite's time.
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["edge-pruning", "ugs"])
-@pytest.mark.parametrize("name", ["planted-induction", "planted-mlp"])
+@pytest.mark.parametrize("name", NAMES)
 def test_learned_masks_recover_the_planted_circuits(planted, name, method):
     true = true_edges(name)
     scores = run_method(method, planted[name], steps=100, edges=len(true))
@@ -193,8 +232,17 @@ def test_warm_start_from_eap_ig_is_at_least_as_faithful_as_its_top_k():
     base = run_method("eap-ig", setup)
     top = Circuit.from_scores(base, learned.threshold_circuit(
         setup.graph, base.values.abs(), k)[0])
-    # faithfulness is a task-metric quantity, so the mask is trained on the task metric (with
-    # the default KL it trades some logit difference for the rest of the distribution)
+    # Faithfulness is measured in the task metric, so the mask is trained on it. The default
+    # KL cannot tell these circuits apart: on this confident model the KL of EAP-IG's top-40
+    # from the full model is under 1e-4 of the empty circuit's, while its logit difference is 1.7%
+    # short of the full model's, so KL training leaves the choice to the mask samples' noise
+    # (faithfulness 0.979-0.994 over seeds 0-2, where the task loss gives 0.996 on each).
+    batch, ablated, _ = next(iter(setup.items()))
+    with torch.no_grad():
+        kl = [float(kl_divergence(batch.clean_logits.float(), setup.engine.patched_logits(
+            batch.clean, (~mask & setup.graph.valid).float(), ablated).float()).mean())
+            for mask in (top.mask, torch.zeros_like(top.mask))]
+    assert kl[0] < 1e-3 * kl[1]
     trained = run_method("edge-pruning", setup, steps=60, edges=k, init="eap-ig", loss="task")
     learned_circuit = Circuit(setup.graph, trained.circuit)
     assert learned_circuit.n_edges <= k and top.n_edges <= k
@@ -206,6 +254,7 @@ def test_warm_start_from_eap_ig_is_at_least_as_faithful_as_its_top_k():
     ({"sparsity": 1.5}, ["sparsity"]),
     ({"init": "acdc"}, ["init"]),
     ({"loss": "mse"}, ["loss"]),
+    ({"samples": 0}, ["samples"]),
 ])
 def test_bad_options_are_one_clear_error(options, words):
     setup = _setup(tiny_gpt2(n_layer=1, n_head=1))

@@ -2,7 +2,8 @@
 reaching a target sparsity (Bhaskar et al. 2024, "Finding Transformer Circuits with Edge
 Pruning").
 
-Each edge has a logit ``theta``. A step samples ``u ~ U(0, 1)`` per edge and keeps the edge by
+Each edge has a logit ``theta``. A step draws ``u ~ U(0, 1)`` per edge and mask (``samples`` masks
+a step) and keeps the edge by
 
     z = clamp(sigmoid((log u - log(1 - u) + theta) / beta) * (r - l) + l, 0, 1)
 
@@ -50,13 +51,13 @@ HARD_CONCRETE = MaskKind("edge-pruning", _sample, lambda t: keep_probability(t).
     "edge-pruning",
     level="edge",
     description="learned hard-concrete edge mask at a target sparsity (its own circuit)",
-    passes="steps x 1 forward-backward through the edge weights, one batch a step",
+    passes="steps x 1 forward-backward through the edge weights of one batch x samples",
     decides_circuit=True,
-    params=training_options(steps=300, lr=0.1),
+    params=training_options(steps=300, lr=0.1, samples=4),
 )
 def edge_pruning(setup: Setup, steps: int = 300, lr: float = 0.1, sparsity: float = 0.95,
                  edges: int | None = None, init: str = "full", loss: str = "kl",
-                 seed: int = 0) -> tuple[Tensor, dict[str, Any]]:
+                 seed: int = 0, samples: int = 4) -> tuple[Tensor, dict[str, Any]]:
     """Train a hard-concrete mask and cut its circuit at the target edge count (see the module
     docstring and `circuits.methods.learned`).
 
@@ -72,8 +73,8 @@ def edge_pruning(setup: Setup, steps: int = 300, lr: float = 0.1, sparsity: floa
     True
     """
     g = setup.graph
-    theta, summary = train_mask(setup, HARD_CONCRETE, steps, lr, sparsity, edges, init, loss,
-                                seed)
+    theta, summary = train_mask(setup, HARD_CONCRETE, steps, lr, samples, sparsity, edges, init,
+                                loss, seed)
     k = edges if edges is not None else max(1, round(target_density(g, sparsity, None) * g.n_edges))
     circuit, threshold = threshold_circuit(g, theta, k)
     summary.update(edges=k, threshold=threshold)
