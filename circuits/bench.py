@@ -174,14 +174,12 @@ class BenchConfig:
                 f"{ACDC_TAU_FRACTION:g} x |m(model) - m(empty)|{given}")
 
     def stamp(self, task: str, model: str, method: str) -> str:
-        """A short hash of everything that changes the numbers of one row."""
+        """A short hash of everything that changes one row's numbers, the method's defaults too."""
+        defaults = {p.name: p.default for p in get_method(method).params}
         what = {
             "version": BENCH_VERSION, "task": task, "model": model, "method": method,
             "n": self.n, "seed": self.seed, "heldout": self.heldout,
-            "batch_size": self.batch_size,
-            # the method's own defaults too: a row made under other defaults is stale
-            "options": {**{p.name: p.default for p in get_method(method).params},
-                        **self.method_options(method)},
+            "batch_size": self.batch_size, "options": {**defaults, **self.method_options(method)},
             "tau_fraction": ACDC_TAU_FRACTION if method == "acdc" else None,
             "fractions": list(MIB_FRACTIONS), "target": TARGET,
             "signed": method in SIGNED_RANKING,
@@ -488,15 +486,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _names(args: argparse.Namespace, flag: str) -> list[str] | None:
-    """The names given to `flag` (``--method``) and its deprecated plural, split at commas, in
-    order and without repeats; None when neither was given. A value with a colon is one name
-    (an ensemble, ``mean:eap,eap-ig``, lists its parts with commas)."""
+    """The names given to `flag` (``--method``) and its deprecated plural, split at commas (a value
+    with a colon, an ensemble ``mean:eap,eap-ig``, is one name), in order, once; None if none."""
     given = [*(getattr(args, flag[2:], None) or ()), *(getattr(args, flag[2:] + "s", None) or ())]
     if not given:
         return None
     names: list[str] = []
-    for name in (part.strip() for value in given
-                 for part in ([value] if ":" in value else value.split(","))):
+    for name in (p.strip() for v in given for p in ([v] if ":" in v else v.split(","))):
         if name and name not in names:
             names.append(name)
     if not names:
