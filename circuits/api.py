@@ -206,8 +206,7 @@ def score(
     _check_method(method, metric, options)
     check_positions(method, by_position)
     task, model = resolve(task, model, device=device, dtype=dtype)
-    positions = (by_position if isinstance(by_position, Positions)
-                 else task_positions(task, model) if by_position else None)
+    positions = task_positions(task, model) if by_position else None
     setup = make_setup(model, task, ablation=ablation, metric=metric, batch_size=batch_size,
                        positions=positions)
     return run_method(method, setup, **options)
@@ -285,7 +284,8 @@ def _prepare(task: Task | str, model: Model | str | None, *, ablation: str,
         metric = None  # the task's own metric (saved scores name it; a custom one has no entry)
     common = dict(ablation=ablation, metric=metric, batch_size=batch_size)
     # both parts at the whole task's positions, so the held-out prompts evaluate its circuit
-    positions = task_positions(task, model) if by_position else None
+    positions = (by_position if isinstance(by_position, Positions)
+                 else task_positions(task, model) if by_position else None)
     setup = make_setup(model, found, **common, positions=positions)
     # tokenized now, so that a bad held-out prompt stops the run before the scoring
     heldout_setup = make_setup(model, kept, **common, positions=positions)

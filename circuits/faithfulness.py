@@ -93,6 +93,7 @@ def _engine_values(setup: Setup, engine: Engine, masks: Tensor, chunk: int) -> T
     `Setup.empty_values`): neither is run again.
     """
     valid = setup.graph.valid
+    positions = setup.graph if isinstance(setup.graph, PositionGraph) else None
     C = masks.shape[0]
     whole = (masks == valid).all(2).all(1)  # [C]
     empty = ~masks.any(2).any(1)
@@ -118,8 +119,8 @@ def _engine_values(setup: Setup, engine: Engine, masks: Tensor, chunk: int) -> T
             idx = todo[lo:lo + chunk]
             ablate = valid & ~masks[idx]  # [c, n_src, n_dst]
             at = {}
-            if isinstance(setup.graph, PositionGraph):  # [c, P, n_src, n_dst] of the engine's
-                ablate, at = setup.graph.blocks(ablate), {"where": batch.where}
+            if positions is not None:  # [c, P, n_src, n_dst] of the engine's graph
+                ablate, at = positions.blocks(ablate), {"where": batch.where}
             logits = engine.patched_logits(batch.clean, ablate.float().to(ablated.device),
                                            ablated, start=start, first=first, columns=columns,
                                            **at)  # [c * b, n_cols]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -214,7 +215,9 @@ class PositionGraph(Graph):
     """
 
     def __init__(self, base: Graph, positions: Positions) -> None:
-        Graph.__init__(self, base.n_layers, base.n_heads, base.parallel, base.n_kv_heads)
+        # the base graph's shape, already checked; its names are rebuilt below per position
+        self.n_layers, self.n_heads = base.n_layers, base.n_heads
+        self.n_kv_heads, self.parallel = base.n_kv_heads, base.parallel
         self.base, self.positions = base, positions
         P, labels = positions.n, positions.labels
         at = [f"@{label}" for label in labels]
@@ -259,22 +262,17 @@ class PositionGraph(Graph):
         return out  # [..., P, S, D]
 
     # -- the graph's structure ----------------------------------------------------------------
-    @property
-    def valid(self) -> Tensor:  # type: ignore[override]
+    @cached_property
+    def valid(self) -> Tensor:
         """``[n_src, n_dst]`` bool: an edge of `base` at one position (into the logits from the
         positions in `ends`)."""
-        if "_valid" not in self.__dict__:
-            self.__dict__["_valid"] = self.expand(
-                self.base.valid.expand(self.n_positions, -1, -1).float()).bool()
-        return self.__dict__["_valid"]
+        return self.expand(self.base.valid.expand(self.n_positions, -1, -1).float()).bool()
 
-    @property
-    def feeds(self) -> Tensor:  # type: ignore[override]
+    @cached_property
+    def feeds(self) -> Tensor:
         """``[n_dst, n_src + 1]`` bool: a query or MLP input feeds its component at its own
         position, a key or value input its heads at every position that reads it, the logits
         the last column."""
-        if "_feeds" in self.__dict__:
-            return self.__dict__["_feeds"]
         base, P = self.base, self.n_positions
         same = torch.eye(P, dtype=torch.bool)
         parts = []
@@ -285,7 +283,6 @@ class PositionGraph(Graph):
         out = torch.zeros(self.n_destinations, self.n_sources + 1, dtype=torch.bool)
         out[:-1, :-1] = torch.cat(parts)
         out[-1, -1] = True
-        self.__dict__["_feeds"] = out
         return out
 
     def node(self, name: str) -> Node:
