@@ -9,15 +9,27 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .annotate import annotate_heads
 from .behavior import Behavior, few_prompts
+from .bos_check import bos_record
 from .circuit import DECIDED, Circuit, parse_selection, select
-from .errors import BehaviorError, OptionError, TaskError
+from .errors import BehaviorError, OptionError
 from .evaluate import MAX_SCAN, Evaluation, behavior, evaluate, faithfulness_curve, fine_fractions
+from .features.discovery import (
+    DEFAULT_PER_SITE,
+    node_labels,
+    score_features,
+    setup_for_graph,
+    with_features,
+)
+from .features.discovery import check_method as check_feature_method
+from .features.graph import FeatureGraph
+from .features.runs import FeatureSet
 from .methods import check_metric, check_options, check_positions, get_method, run_method
 from .metrics import Metric, get_metric
 from .model import Model, dtype_name, load_model, resolve_device, resolve_dtype
@@ -27,7 +39,7 @@ from .progress import Checkpoint
 from .scores import Scores
 from .selection_stable import check_resamplable, check_stable
 from .setup import Setup
-from .task import Task, get_task, prefix_ids
+from .task import Task, get_task
 
 DEFAULT_METHOD = "eap-ig"
 DEFAULT_SELECTION = "faithfulness:0.85"  # for methods that only score
@@ -212,6 +224,11 @@ def score(
     return run_method(method, setup, **options)
 
 
+#: Below this Pearson r between a feature circuit's node attributions and exact patching of each
+#: node alone, a discovery warns.
+AGREEMENT = 0.5
+
+
 @dataclass
 class Discovery:
     """Everything `discover` found: scores, the selected circuit, and its held-out evaluation."""
@@ -248,6 +265,12 @@ class Discovery:
                        f"stopped after {MAX_SCAN} circuits: this one (the "
                        f"{self.circuit.options.get('k')} best-ranked edges) reaches it, a "
                        "shorter prefix might too; select with topk:N to choose the size")
+        agreement = self.scores.extra.get("exact_agreement")
+        if isinstance(agreement, float) and not agreement >= AGREEMENT:
+            out.append(f"the feature attributions agree poorly with patching each node alone "
+                       f"exactly (Pearson r = {agreement:.2f} over the graph's nodes): the model "
+                       f"is far from linear between the clean and ablated runs here; try "
+                       f"--method eap-ig with more --steps")
         return out + self.notes
 
 
@@ -291,65 +314,12 @@ def _prepare(task: Task | str, model: Model | str | None, *, ablation: str,
     heldout_setup = make_setup(model, kept, **common, positions=positions)
     stage("measuring the behavior")
     strength = behavior(setup)
-    bos = _bos_record(model, found, setup, batch_size)
+    bos = bos_record(model, found, setup, batch_size)
     setup.close()  # the method computes its own ablated outputs: its cost is its own
     if strength.weak and strict:
         raise BehaviorError(f"{weak_behavior(strength)} (strict mode)")
     return _Run(task, model, setup, heldout_setup, strength, len(kept),
                 {**common, "heldout": heldout, "bos": bos}, t0)
-
-
-BOS_MARGIN = 0.1  # how much stronger, relative to the larger, the other choice must show it
-
-
-def _bos_record(model: Model, task: Task, setup: Setup, batch_size: int) -> dict[str, Any]:
-    """What went before every prompt: ``bos`` (the task's choice, `Task.bos`) and ``added``
-    (those tokens as text). When the tokenizer has a BOS token, also the task's clean metric on
-    the discovery prompts as they are (``clean``) and with the other choice (``other``: with
-    the BOS where none was added, without what was added; one more forward), and a
-    ``warning`` when the other choice shows the behavior clearly more strongly: by more than
-    `BOS_MARGIN` of the larger mean and three standard errors of the per-prompt differences."""
-    tok, metric = model.tokenizer, task.metric_fn
-    prefix = prefix_ids(tok, task.bos)
-    added = [str(tok.convert_ids_to_tokens(i)) for i in prefix]
-    record: dict[str, Any] = {"bos": task.bos, "added": added}
-    bos_token = getattr(tok, "bos_token", None)
-    if not isinstance(getattr(tok, "bos_token_id", None), int) or metric.flat_at_clean:
-        return record
-    try:  # the same prompts in the same order: every length moves by the same prefix
-        other = replace(task, bos=not prefix).batches(
-            tok, batch_size=batch_size, device=model.device, max_length=model.context_length)
-    except TaskError:  # too long for the context with a BOS: nothing to compare
-        return record
-    now = torch.cat([metric(b.clean_logits, b) for b in setup.batches]).double().cpu()
-    then = []
-    with torch.no_grad():
-        for b in other:
-            logits = model.hf(b.clean, attention_mask=torch.ones_like(b.clean)).logits
-            then.append(metric(logits[:, -1], b).double().cpu())
-    then_all = torch.cat(then)
-    if not (now.isfinite().all() and then_all.isfinite().all()):
-        return record  # no comparison of numbers that are not numbers
-    record.update(metric=metric.name, clean=float(now.mean()), other=float(then_all.mean()))
-    gain = (then_all - now) * (1.0 if metric.higher_is_better else -1.0)  # [n]
-    if len(gain) < 2:
-        return record
-    mean, error = float(gain.mean()), float(gain.std()) / len(gain) ** 0.5
-    if mean > BOS_MARGIN * max(abs(record["clean"]), abs(record["other"])) and mean > 3 * error:
-        name, now_, then_ = metric.name, f"{record['clean']:.3f}", f"{record['other']:.3f}"
-        if prefix:
-            why = "--bos" if task.bos else "the tokenizer's convention"
-            record["warning"] = (
-                f"the model shows the behavior more strongly without {' '.join(added)} before "
-                f"the prompts: clean {name} {then_} without it against {now_} with it ({why}); "
-                "if the model was trained without it, pass --no-bos (bos=False)")
-        else:
-            why = "--no-bos" if task.bos is False else "the tokenizer adds none"
-            record["warning"] = (
-                f"the model shows the behavior more strongly with {bos_token} before the "
-                f"prompts: clean {name} {then_} with it against {now_} without ({why}); if the "
-                "model was trained with it, pass --bos (bos=True)")
-    return record
 
 
 def _conclude(run: _Run, scores: Scores, chosen: dict[str, float], level: str, seed: int,
@@ -406,6 +376,8 @@ def discover(
     checkpoint: Checkpoint | None = None,
     annotate: bool = True,
     by_position: bool = False,
+    features: str | Path | FeatureSet | None = None,
+    feature_nodes: int = DEFAULT_PER_SITE,
     **options: Any,
 ) -> Discovery:
     """Score, select, prune and evaluate a circuit on held-out prompts; read its heads.
@@ -452,6 +424,16 @@ def discover(
         spans, or each token when it names none (prompts of one length). Its edges are scored
         (EAP, EAP-IG, exact patching), selected and evaluated at positions: ablating an edge
         at a position patches it at that position's tokens only. Edge level only.
+    features : str, Path or FeatureSet, optional
+        Discover a circuit of SAE features (`circuits.features`): a folder with an SAE, or one
+        SAE folder per site. Its nodes are the `feature_nodes` features of largest effect at
+        each site, the rest of each site's features together and each SAE's error; ``eap``
+        scores nodes and edges by attribution patching, ``eap-ig`` by integrated gradients
+        (``steps``). Every node is also patched alone, exactly, to check the scores (the
+        scores' ``extra``). A circuit is evaluated as the nodes its edges touch, all other
+        nodes ablated. The features are labelled with the tokens they promote.
+    feature_nodes : int
+        Features of each site kept as nodes of their own.
 
     Returns
     -------
@@ -463,6 +445,12 @@ def discover(
     """
     if level not in ("edge", "node"):
         raise OptionError(f"unknown level {level!r}; use edge or node")
+    if features is not None:
+        return _discover_features(task, model, method, features, feature_nodes, level,
+                                  selection, by_position, options, progress, seed,
+                                  dict(ablation=ablation, metric=metric, heldout=heldout, n=n,
+                                       batch_size=batch_size, device=device, dtype=dtype,
+                                       strict=strict))
     _check_method(method, metric, options)
     check_positions(method, by_position)
     if by_position and level != "edge":
@@ -477,6 +465,33 @@ def discover(
         stage("scoring")
         scores = run_method(method, run.setup, **options)
         return _conclude(run, scores, chosen, level, seed, stage, annotate)
+
+
+def _discover_features(task: Task | str, model: Model | str | None, method: str,
+                       features: str | Path | FeatureSet, per_site: int, level: str,
+                       selection: str | dict[str, Any] | None, by_position: bool,
+                       options: dict[str, Any], progress: Callable[[str], None] | None,
+                       seed: int, common: dict[str, Any]) -> Discovery:
+    """`discover` with SAE features as the nodes (its `features` argument)."""
+    check_feature_method(method)
+    if by_position:
+        raise OptionError("feature circuits are not resolved by position; drop --positions")
+    steps = options.pop("steps", 5)
+    if options:
+        raise OptionError(f"feature circuits take no option {sorted(options)[0]!r}; only steps")
+    chosen = resolve_selection(selection, method, False, level)
+    with _steps(progress) as stage:
+        run = _prepare(task, model, **common, seed=seed, stage=stage)
+        fs = (features if isinstance(features, FeatureSet)
+              else FeatureSet.load(features, run.model))
+        stage("scoring")
+        scores = score_features(run.setup, fs, method, steps, per_site)
+        run.setup = with_features(run.setup, fs, scores.graph)
+        run.heldout_setup = with_features(run.heldout_setup, fs, scores.graph)
+        found = _conclude(run, scores, chosen, level, seed, stage, annotate=False)
+    found.circuit.node_info.update(node_labels(fs, scores.graph, run.model))
+    found.circuit.options["features"] = scores.options["features"]
+    return found
 
 
 @contextlib.contextmanager
@@ -550,6 +565,11 @@ def discover_from_scores(
                        heldout=heldout, n=n, seed=seed, batch_size=batch_size, device=device,
                        dtype=dtype, strict=strict, stage=stage,
                        by_position=getattr(scores.graph, "positions", False))
+        if isinstance(scores.graph, FeatureGraph):
+            folder = scores.options.get("features")
+            run.setup = setup_for_graph(run.setup, scores.graph, folder)
+            run.heldout_setup = setup_for_graph(run.heldout_setup, scores.graph, folder)
+            annotate = False
         if run.setup.graph.shape() != scores.graph.shape():
             raise OptionError(f"the scores are for a graph {scores.graph.shape()} but "
                               f"{run.model.name!r} has {run.setup.graph.shape()}; pass the model "

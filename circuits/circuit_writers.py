@@ -14,6 +14,7 @@ from typing import Any
 
 from .circuit_like import CircuitLike
 from .errors import OptionError
+from .features.graph import FeatureGraph
 from .files import dumps, write_atomic
 from .files import plain as _plain
 from .masks import all_nodes
@@ -89,11 +90,19 @@ def save_circuit(circuit: CircuitLike, path: str | Path) -> Path:
 
 # -- exports ------------------------------------------------------------------------------------
 def export_graphml(circuit: CircuitLike, path: str | Path, full: bool = False) -> Path:
-    """GraphML of `circuit.to_networkx(full)` (node and edge attributes as typed keys)."""
+    """GraphML of `circuit.to_networkx(full)` (node and edge attributes as typed keys); a
+    feature circuit's nodes also carry ``site`` (``resid.3``), ``feature`` (its index, -1 for
+    ``other``, ``err``, input and logits) and ``label`` (its top tokens, or '')."""
     import networkx as nx
 
     path = Path(path)
     graph = circuit.to_networkx(full=full)
+    if isinstance(circuit.graph, FeatureGraph):
+        for name, attrs in graph.nodes(data=True):
+            attrs["site"] = "" if name in ("input", "logits") else circuit.graph.node_site(name)
+            attrs["feature"] = attrs["head"] if attrs["kind"] == "feature" else -1
+            label = circuit.node_info.get(name, {}).get("label")
+            attrs["label"] = label if isinstance(label, str) else ""
     graph.graph = {k: str(v) for k, v in graph.graph.items()}
     lines = "\n".join(nx.generate_graphml(graph))
     write_atomic(path, lines.encode("utf-8"))

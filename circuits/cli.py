@@ -72,6 +72,8 @@ COMMANDS = {
                   "--compare the methods."),
     "mib-score": ("commands.mib_score", "MIB's CPR and CMD of saved scores, as its circuit track "
                   "computes them: see your leaderboard numbers before submitting."),
+    "sae": ("commands.sae", "Sparse autoencoders and transcoders: train one at a site, "
+            "measure its quality, browse its features."),
     "bench": ("bench", "Benchmark methods x tasks x models (faithfulness curves, ROC AUC, time, "
               "memory)."),
 }

@@ -72,6 +72,9 @@ def metric_of_masks(
         its batch), or ``[C, n_prompts]`` with `per_prompt` (prompts in batch order).
     """
     masks = masks.bool() & setup.graph.valid
+    if setup.feature_graph is not None:  # SAE features: run by the SAEs' own runs
+        return setup.features.metric_of_masks(setup, masks, chunk or default_chunk(setup),
+                                              per_prompt)
     try:
         engine = setup.engine
     except UnsupportedModelError as err:

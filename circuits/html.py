@@ -20,6 +20,11 @@ Heads whose role was read (`circuits.annotate`) show it under their name; clicki
 opening ``page.html#head=a1.h0``) opens a panel with its role scores, its attention pattern on
 one example prompt (tokens on both axes) and its direct logit attribution.
 
+A feature circuit (`circuits.features.graph.FeatureGraph`) has one row per SAE site, in forward
+order: its features (green, with their top tokens, the node's ``label``, under the name), the
+rest of the site (``other``, dotted) and the SAE's error (``err``, grey dashed); clicking a
+labelled feature shows its top tokens in the panel.
+
 In a grouped-query graph each key/value head (``a1.kv0``) is a node of the page, on a row just
 below the query heads of its layer: edges into its shared ``<k>`` and ``<v>`` destinations land
 on it, and dashed *group* lines join it to the query heads of its group that are drawn. The page
@@ -37,6 +42,7 @@ from typing import Any
 import torch
 
 from .circuit_like import CircuitLike
+from .features.graph import FeatureGraph
 from .files import dumps, write_atomic
 from .masks import all_nodes, group_of, n_items, ranks
 from .positions import PositionGraph
@@ -108,6 +114,7 @@ def page_data(circuit: CircuitLike, max_size: int = 5000) -> dict[str, Any]:
         "hasEdgeScores": score_of is not None,
         "grouped": g.group_size > 1,
         "positions": isinstance(g, PositionGraph),
+        "features": isinstance(g, FeatureGraph),
         "logits": g.n_sources,
         "nodes": nodes,
         "edges": edges,

@@ -11,6 +11,12 @@ The circuit file (``"format": "circuits.circuit", "version": 1``) is plain JSON,
      "nodes": {"input": {"in_circuit": true, "score": 1.2}, "a0.h0": {...}, ..., "logits": {...}},
      "edges": {"input->a0.h0<q>": {"score": -0.0003, "in_circuit": false}, ...}}
 
+A feature circuit's graph (`circuits.features.graph.FeatureGraph`) records its SAE sites
+instead of heads: ``"graph": {"n_layers": 12, "parallel": false, "features": [{"site":
+"resid.3", "n_features": 2048, "chosen": [120, 7]}, ...]}``; its nodes are ``resid.3.f120``,
+``resid.3.other`` and ``resid.3.err``, and a feature's entry may carry ``"label"``, its top
+tokens. Files without ``features`` load as before.
+
 A node entry may also say what the node does (`Circuit.node_info`; a head of a discovered
 circuit: ``"role": "induction"`` (``"mixed"`` when two roles are close, ``""`` when no role is
 strong enough to name it), ``"role_score": 0.93, "roles": {role: score}, "dla": 1.2,
@@ -34,8 +40,9 @@ metric loads back as NaN; a score must be a finite float32 number, except the sc
 
 `load_circuit` checks a file against this schema before it allocates anything sized by it: the
 file size (at most `MAX_FILE_BYTES`), the graph shape (at most `MAX_LAYERS` layers and
-`MAX_HEADS` heads, and exactly as many edges as the file lists), every type and every score.
-Anything wrong raises `CircuitFileError` with one line saying what and where.
+`MAX_HEADS` heads, or for a feature graph at most `MAX_FEATURES` features an SAE and
+`MAX_FEATURE_NODES` nodes, and exactly as many edges as the file lists), every type and every
+score. Anything wrong raises `CircuitFileError` with one line saying what and where.
 
 The MIB circuit-track layout (`export_mib`) is described in `circuits.mib`; strict JSON and
 atomic writes (`dumps`, `write_atomic`) live in `circuits.files`. Both are importable from here.
@@ -64,6 +71,8 @@ from .circuit_writers import export as export
 from .circuit_writers import export_graphml as export_graphml
 from .circuit_writers import save_circuit as save_circuit
 from .errors import CircuitFileError, OptionError
+from .features.graph import FeatureGraph
+from .features.sites import parse_site
 from .files import dumps as dumps
 from .files import show_json
 from .files import write_atomic as write_atomic
@@ -77,6 +86,8 @@ from .positions import MAX_POSITIONS, PositionGraph, Positions
 MAX_FILE_BYTES = 512 * 2**20  # about 8M edges; a GPT-2 XL edge circuit (2.2M) is ~130 MiB
 MAX_LAYERS = 1024
 MAX_HEADS = 1024
+MAX_FEATURES = 2**24  # features of one SAE (the largest published have 16M)
+MAX_FEATURE_NODES = 2**14  # nodes of a feature graph: its dense tables grow with the square
 FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -118,6 +129,8 @@ def _graph(shape: Any, n_edges: int, where: str) -> Graph:
     `n_edges` edges (`Graph.edge_count`), so a hand-edited size cannot exhaust memory."""
     _need(isinstance(shape, dict), where, "'graph' must be an object with n_layers, n_heads, "
           "n_kv_heads and parallel")
+    if shape.get("features") is not None:
+        return _feature_graph(shape, n_edges, where)
     for key, low, high in (("n_layers", 0, MAX_LAYERS), ("n_heads", 1, MAX_HEADS)):
         v = shape.get(key)
         _need(_is_int(v) and low <= v <= high, where,
@@ -144,6 +157,54 @@ def _graph(shape: Any, n_edges: int, where: str) -> Graph:
     if shape.get("positions") is None:
         return base
     return PositionGraph(base, Positions.from_record(shape["positions"]))
+
+
+def _feature_graph(shape: dict[str, Any], n_edges: int, where: str) -> FeatureGraph:
+    """The FeatureGraph of a 'graph' entry with 'features' (`FeatureGraph.shape`): every type
+    and bound checked, then the edge count worked out from the sites' node counts and compared
+    with `n_edges` before the graph's ``[n_sources, n_destinations]`` tables exist."""
+    n_layers, parallel = shape.get("n_layers"), shape.get("parallel", False)
+    sites = shape["features"]
+    _need(_is_int(n_layers) and 1 <= n_layers <= MAX_LAYERS, where,
+          f"'graph' n_layers is {show_json(n_layers)}; it must be an integer from 1 to "
+          f"{MAX_LAYERS}")
+    _need(isinstance(parallel, bool), where,
+          f"'graph' parallel is {show_json(parallel)}; it must be true or false")
+    _need(isinstance(sites, list) and 0 < len(sites) <= 4 * n_layers, where,
+          f"'graph' features must be a list of 1 to {4 * n_layers} sites (4 a layer)")
+    for k, site in enumerate(sites):
+        at = f"'graph' features[{k}]"
+        _need(isinstance(site, dict) and isinstance(site.get("site"), str), where,
+              f"{at} must be an object with a site name, n_features and chosen")
+        try:
+            layer = parse_site(site["site"])[1]
+        except OptionError as err:
+            raise CircuitFileError(f"{where}: {at}: {err}") from None
+        _need(layer < n_layers, where, f"{at} is at layer {layer}, past the model's "
+              f"{n_layers} layers")
+        size, chosen = site.get("n_features"), site.get("chosen")
+        _need(_is_int(size) and 1 <= size <= MAX_FEATURES, where,
+              f"{at} n_features is {show_json(size)}; it must be an integer from 1 to "
+              f"{MAX_FEATURES}")
+        _need(isinstance(chosen, list) and all(_is_int(i) and 0 <= i < size for i in chosen)
+              and len(set(chosen)) == len(chosen), where,
+              f"{at} chosen must be a list of distinct feature indices below {size}")
+    n_nodes = sum(len(s["chosen"]) + 2 for s in sites)
+    _need(n_nodes <= MAX_FEATURE_NODES, where, f"'graph' features make {n_nodes} nodes, more "
+          f"than a feature graph holds ({MAX_FEATURE_NODES}); the file was edited")
+    try:
+        g = FeatureGraph.from_shape(shape)  # its tables of edges are built when first read
+    except OptionError as err:
+        raise CircuitFileError(f"{where}: 'graph' features: {err}") from None
+    per_site = torch.tensor([len(s.names) for s in g.site_nodes])
+    src = torch.cat([torch.tensor([1]), per_site])  # input, then each site's nodes
+    dst = torch.cat([per_site, torch.tensor([1])])  # each site's nodes, then the logits
+    want = int((g.reads().long() * src[:, None] * dst[None, :]).sum())
+    _need(want == n_edges, where,
+          f"'graph' ({len(sites)} feature sites, {int(per_site.sum())} nodes) has {want} edges but "
+          f"the file lists {n_edges}; 'graph' does not match the edges (the file was edited "
+          "or truncated)")
+    return g
 
 
 def _positions(entry: Any, where: str) -> tuple[int, int]:
@@ -228,6 +289,7 @@ _NODE_INFO: dict[str, tuple[Any, str]] = {
               "an object of numbers"),
     "dla": (_is_number, "a number"),
     "dla_contrast": (_is_number, "a number"),
+    "label": (lambda v: isinstance(v, str), "a string"),  # a feature's top tokens
     "attention": (lambda v: isinstance(v, dict) and isinstance(v.get("tokens"), list)
                   and all(isinstance(t, str) for t in v["tokens"])
                   and _is_matrix(v.get("pattern"), len(v["tokens"])),

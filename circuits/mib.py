@@ -14,6 +14,8 @@ Edge counts are MIB's: MIB counts the edges of the ungrouped graph (`ungrouped_w
 budget ``x`` allows ``floor(x * n_ungrouped_edges(graph))`` edges *as written*, a shared
 key/value edge counting once per query head of its group (`top_ungrouped`). Binary circuits carry
 every edge's score too, as MIB's loaders (``Graph.from_json``) read a score for every edge.
+Circuits at positions and feature circuits have no place in MIB's layout and are refused in one
+line (`check_components`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 
 from .circuit_like import CircuitLike
 from .errors import CircuitFileError, OptionError
+from .features.graph import FeatureGraph
 from .files import dumps, show_json, write_atomic
 from .graph import Graph
 from .masks import n_items, nodes_of, prune, ranks, top_mask
@@ -176,6 +179,28 @@ def mib_scores(doc: Any, where: str, n_kv_heads: int | None = None) -> Scores:
     return Scores(g, values, "edge", method="mib")
 
 
+def check_components(graph: Graph) -> None:
+    """Raise OptionError (one line) unless `graph` is the component graph MIB's layout
+    describes: heads and MLPs, neither at positions nor SAE features.
+
+    Examples
+    --------
+    >>> from circuits.features.graph import FeatureGraph, SiteNodes
+    >>> check_components(Graph(1, 1))
+    >>> check_components(FeatureGraph([SiteNodes("resid.0", 4, (1,))], 1))
+    Traceback (most recent call last):
+    ...
+    circuits.errors.OptionError: MIB's circuit track scores components (heads and MLPs), not \
+SAE features; export a feature circuit as json, graphml or dot
+    """
+    if isinstance(graph, PositionGraph):
+        raise OptionError("MIB's circuit format has no positions; export a circuit at positions "
+                          "as json, graphml or dot, or discover it without --positions")
+    if isinstance(graph, FeatureGraph):
+        raise OptionError("MIB's circuit track scores components (heads and MLPs), not SAE "
+                          "features; export a feature circuit as json, graphml or dot")
+
+
 def _d_model(circuit: CircuitLike, d_model: Any) -> int:
     """The model width MIB's config records: `d_model`, else the circuit's option; a positive
     integer (OptionError otherwise)."""
@@ -197,9 +222,7 @@ def mib_dict(circuit: CircuitLike, d_model: int | None = None, mask: torch.Tenso
     ungrouped); `mask` overrides the in-graph edges, `scores=False` leaves the scores out. A NaN
     score stays NaN here; `dumps` writes it as null."""
     g = circuit.graph
-    if isinstance(g, PositionGraph):
-        raise OptionError("MIB's circuit format has no positions; export a circuit at positions "
-                          "as json, graphml or dot, or discover it without --positions")
+    check_components(g)
     d_model = _d_model(circuit, d_model)
     mask = circuit.mask if mask is None else mask
     in_nodes = set(nodes_of(g, mask)) | {"input", "logits"}
@@ -253,7 +276,8 @@ def export_mib(circuit: CircuitLike, path: str | Path, d_model: int | None = Non
     Path
     """
     path = Path(path)
-    d_model = _d_model(circuit, d_model)  # checked before the folder of binary circuits is made
+    check_components(circuit.graph)  # these two before the folder of binary circuits is made
+    d_model = _d_model(circuit, d_model)
     if not binary:
         write_atomic(path, dumps(mib_dict(circuit, d_model)).encode("utf-8"))
         return path

@@ -19,6 +19,11 @@ edge whose score is NaN or infinite (thinnest, left out of the width scale: such
 nothing about strength). A legend sits beside ``input``. A head whose role was read
 (`circuits.annotate`) shows it under its name: ``induction 0.93``.
 
+A feature circuit (`circuits.features.graph.FeatureGraph`) has one row per SAE site, in forward
+order (`FeatureGraph.node_stage`): its features as green boxes with their top tokens (the node's
+``label``) under the name, ordered by index, then the site's ``other`` node (every other feature
+together, dotted) and its ``err`` node (what the SAE does not reconstruct, a grey dashed box).
+
 Large circuits stay readable: beyond `MAX_EDGES` edges only the strongest by |score| are drawn,
 and beyond `MERGE_ABOVE` drawn edges the q, k and v edges from one source into one head are one
 line (width and colour of the strongest of them, every score in its tooltip). The title states
@@ -38,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from .circuit_like import CircuitLike
 from .errors import DependencyError, OptionError
+from .features.graph import FeatureGraph
 from .files import write_atomic
 from .masks import group_of
 from .positions import PositionGraph
@@ -51,6 +57,12 @@ FORMATS = ("svg", "png", "pdf", "dot")
 POSITIVE, NEGATIVE, NEUTRAL = "#2166ac", "#b2182b", "#777777"
 HEAD_FILL, MLP_FILL, END_FILL = "#dbe9f6", "#fde0bf", "#e6e6e6"
 HEAD_LINE = "#4a6d8c"
+# a feature graph's nodes: (fill, line, border) of a feature, the rest of its site, the error
+FEATURE_STYLE = {"feature": ("#dff0d8", "#4f7f43", "solid"),
+                 "other": ("#ece4f3", "#7a6191", "dotted"),
+                 "error": ("#eeeeee", "#888888", "dashed")}
+#: Longest top-token label drawn under a feature (a longer one ends in an ellipsis).
+MAX_LABEL = 32
 #: Most edges a diagram draws by default: past this the strongest are drawn, and the title says so.
 MAX_EDGES = 150
 #: Beyond this many drawn edges, one line per source and head replaces its q, k and v edges.
@@ -106,6 +118,34 @@ def role_text(circuit: CircuitLike, name: str) -> str:
     return role if not isinstance(score, numbers.Real) else f"{role} {float(score):.2f}"
 
 
+def feature_label(circuit: CircuitLike, name: str) -> str:
+    """A feature's top tokens (``node_info[name]["label"]``), shortened to `MAX_LABEL`
+    characters, or ''.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> feature_label(SimpleNamespace(node_info={"resid.0.f1": {"label": "'Mary' ' John'"}}),
+    ...               "resid.0.f1")
+    "'Mary' ' John'"
+    """
+    label = circuit.node_info.get(name, {}).get("label")
+    if not isinstance(label, str):
+        return ""
+    return label if len(label) <= MAX_LABEL else label[:MAX_LABEL - 1] + "…"
+
+
+def _feature_node(dot: graphviz.Digraph, node: Node, label: str, tooltip: str) -> None:
+    """Draw a feature-graph node: a box with the node's name and, for a feature, its top
+    tokens; the rest of a site and the SAE's error in their own styles."""
+    fill, line, border = FEATURE_STYLE[node.kind]
+    text = f"<B>{node.name}</B>"
+    if label:
+        text += f'<BR/><FONT POINT-SIZE="9" COLOR="#2d4a27">{html.escape(label)}</FONT>'
+    dot.node(node.name, f"<{text}>", shape="box", style=f"filled,{border}", fillcolor=fill,
+             color=line, tooltip=tooltip)
+
+
 def _ports_label(name: str, ports: tuple[str, ...], ports_below: bool, used: set[str],
                  small: bool = False, role: str = "") -> str:
     """HTML label of a head or key/value head: its name (and role) and a row of ports where
@@ -126,7 +166,7 @@ def _ports_label(name: str, ports: tuple[str, ...], ports_below: bool, used: set
             f'BGCOLOR="{HEAD_FILL}" COLOR="{HEAD_LINE}">{rows}</TABLE>>')
 
 
-def _legend(has_scores: bool, grouped: bool, merged: bool) -> str:
+def _legend(has_scores: bool, grouped: bool, merged: bool, features: bool = False) -> str:
     """HTML label of the legend box."""
     inputs = ("q, k and v inputs merged: one line per source" if merged else
               "q input, kv from its key/value head" if grouped else "q/k/v inputs")
@@ -134,7 +174,15 @@ def _legend(has_scores: bool, grouped: bool, merged: bool) -> str:
         f'<TR><TD BGCOLOR="{HEAD_FILL}" STYLE="rounded">a1.h2</TD><TD ALIGN="LEFT">attention '
         f'head ({inputs})</TD></TR>',
         f'<TR><TD BGCOLOR="{MLP_FILL}">m1</TD><TD ALIGN="LEFT">MLP</TD></TR>',
-    ]
+    ] if not features else [
+        f'<TR><TD BORDER="1" BGCOLOR="{fill}" COLOR="{line}" STYLE="{border}">{name}</TD>'
+        f'<TD ALIGN="LEFT">{what}</TD></TR>'
+        for (fill, line, border), name, what in zip(FEATURE_STYLE.values(), (
+            "resid.3.f120", "resid.3.other", "resid.3.err"), (
+            "SAE feature (under it: its top tokens)",
+            "every other feature of the site, together",
+            "what the SAE does not reconstruct (its error)"), strict=True)
+    ] + ['<TR><TD COLSPAN="2" ALIGN="LEFT">one row per SAE site, in forward order</TD></TR>']
     if grouped:
         rows.append(f'<TR><TD BGCOLOR="{HEAD_FILL}" STYLE="rounded"><FONT POINT-SIZE="9">a1.kv0'
                     '</FONT></TD><TD ALIGN="LEFT">key/value head (k/v inputs), shared by the '
@@ -157,12 +205,17 @@ def _stage(g: Graph, node: Node) -> int:
         return 0
     if node.kind == "logits":
         return g.logits_stage
+    if isinstance(g, FeatureGraph):
+        return g.node_stage(node.name)
     return g.mlp_stage(node.layer) if node.kind == "mlp" else g.attn_stage(node.layer)
 
 
 def _place_in_row(g: Graph, node: Node) -> tuple[int, int]:
     """Sort key within a row: heads by index, each key/value head just left of its group (its
-    dashed edges then run rightwards)."""
+    dashed edges then run rightwards); features by index, then the rest of the site and its
+    error."""
+    if node.kind in FEATURE_STYLE:
+        return (list(FEATURE_STYLE).index(node.kind), node.head or 0)
     if node.kind == "head":
         return (node.head // g.group_size, 1 + node.head)
     return (node.head or 0, 0)
@@ -298,7 +351,8 @@ def to_graphviz(circuit: CircuitLike, reverse: bool = False, legend: bool = True
     node_values = circuit.node_values
 
     def tooltip(name: str) -> str:
-        role = f" ({role_text(circuit, name)})" if role_text(circuit, name) else ""
+        what = role_text(circuit, name) or circuit.node_info.get(name, {}).get("label")
+        role = f" ({what})" if isinstance(what, str) and what else ""
         if node_values is None or name not in g.src_index:
             return name + role
         return f"{name}: {float(node_values[g.src_index[name]]):.4g}{role}"
@@ -319,6 +373,8 @@ def to_graphviz(circuit: CircuitLike, reverse: bool = False, legend: bool = True
         elif node.kind == "mlp":
             dot.node(name, name, shape="box", fillcolor=MLP_FILL, color="#b07a3b",
                      tooltip=tooltip(name))
+        elif node.kind in FEATURE_STYLE:
+            _feature_node(dot, node, feature_label(circuit, name), tooltip(name))
         else:
             dot.node(name, name, shape="ellipse", fillcolor=END_FILL, color="#555555",
                      fontsize="13", tooltip=tooltip(name))
@@ -332,7 +388,8 @@ def to_graphviz(circuit: CircuitLike, reverse: bool = False, legend: bool = True
         order = [anchor] + [x.name for x in sorted(placed, key=lambda x: _place_in_row(g, x))]
         if s == 0 and legend and nodes:
             dot.node("legend", _legend(circuit.edge_values is not None, g.group_size > 1,
-                                       merged), shape="plain", style="")
+                                       merged, isinstance(g, FeatureGraph)),
+                     shape="plain", style="")
             order.append("legend")
         with dot.subgraph(name=f"row{s}") as row:
             row.attr(rank="same")

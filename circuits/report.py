@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .behavior import FEW_PROMPTS
 from .circuit import edges_of
+from .features.graph import FeatureGraph
 from .files import dumps
 from .files import plain as _plain
 from .model import dtype_name
@@ -174,6 +175,12 @@ def not_evaluated(scores: Scores) -> int:
                                      else True)).sum())
 
 
+def component_word(circuit: Circuit) -> str:
+    """What a node-level selection ranks: 'heads and MLPs', or in a feature circuit its
+    'feature nodes' (features, the rest of each site, the SAE errors)."""
+    return "feature nodes" if isinstance(circuit.graph, FeatureGraph) else "heads and MLPs"
+
+
 def components(circuit: Circuit) -> tuple[int, int]:
     """(heads and MLPs in the circuit, heads and MLPs in the graph): what a node-level
     selection counts (input, logits and key/value heads are not ranked)."""
@@ -189,7 +196,7 @@ def size_rows(circuit: Circuit) -> list[tuple[str, str]]:
     edges = f"{c.n_edges} / {c.graph.n_edges} ({c.fraction:.1%})"
     if c.level == "node":
         have, total = components(c)
-        return [("nodes kept", f"{have} / {total} heads and MLPs ({have / total:.1%})"),
+        return [("nodes kept", f"{have} / {total} {component_word(c)} ({have / total:.1%})"),
                 ("edges among them", edges)]
     return [("edges kept", edges), ("nodes", str(c.n_nodes))]
 
@@ -227,6 +234,27 @@ def role_table(circuit: Circuit) -> str | None:
                      *[_number(info.get("roles", {}).get(r), 2) for r in roles]])
     return markdown_table(["head", "label", "score", "direct logit attribution",
                            "clean − corrupted", *roles], rows)
+
+
+def feature_table(circuit: Circuit) -> str | None:
+    """The markdown table of the circuit's features with their top tokens (``node_info``'s
+    ``label``), in graph order; None when none has one.
+
+    Examples
+    --------
+    >>> from circuits.circuit import Circuit
+    >>> from circuits.features.graph import FeatureGraph, SiteNodes
+    >>> g = FeatureGraph([SiteNodes("resid.0", 4, (1,))], 1)
+    >>> c = Circuit(g, g.mask_from_edges(["input->resid.0.f1", "resid.0.f1->logits"]),
+    ...             node_info={"resid.0.f1": {"label": "' Mary' ' John'"}})
+    >>> print(feature_table(c))
+    | feature | site | top tokens |
+    | --- | --- | --- |
+    | `resid.0.f1` | resid.0 | ' Mary' ' John' |
+    """
+    rows = [(f"`{n}`", n.rpartition(".")[0], circuit.node_info[n]["label"].replace("\n", "\\n"))
+            for n in circuit.nodes if isinstance(circuit.node_info.get(n, {}).get("label"), str)]
+    return markdown_table(["feature", "site", "top tokens"], rows) if rows else None
 
 
 def interval(metrics: dict[str, Any], prefix: str = "") -> str:
@@ -299,7 +327,7 @@ def report_markdown(found: Discovery, files: Sequence[str] = (), command: str = 
         "## Result",
         "",
         markdown_table(["", ""], [
-            *([("heads and MLPs", "{} of {}".format(*components(c)))]
+            *([(component_word(c), "{} of {}".format(*components(c)))]
               if c.level == "node" else []),
             ("edges", f"{c.n_edges} of {c.graph.n_edges} ({c.fraction:.1%})"
                       + ("" if pruned_note(c) is None else f"; {pruned_note(c)}")),
@@ -350,6 +378,10 @@ def report_markdown(found: Discovery, files: Sequence[str] = (), command: str = 
                   "least 5% of the behavior; `circuits.reading.roles`), its role scores in [0, 1] "
                   "and its direct contribution to the metric through the unembedding, on the "
                   "clean prompts and clean minus corrupted.", "", roles, ""]
+    features = feature_table(c)
+    if features is not None:
+        lines += ["## Features", "", "Each feature of the circuit with its top tokens (its "
+                  "label in the diagram and the page).", "", features, ""]
     if files:
         lines += ["## Files", "", *[f"- [{f}]({f})" for f in files], ""]
     return "\n".join(lines)

@@ -74,6 +74,10 @@ class Setup:
     checkpoint: Checkpoint | None = None  # where long methods keep their progress, if anywhere
     #: For position-resolved circuits: the positions every batch's ``where`` refers to.
     positions: Positions | None = None
+    #: For feature circuits (`circuits.features.discovery.with_features`): the SAEs
+    #: (a FeatureSet) and the FeatureGraph whose circuits the Setup evaluates.
+    features: Any = None
+    feature_graph: Any = None
     _engine: Engine | None = field(default=None, repr=False)
     _kept: Store | None = field(default=None, init=False, repr=False, compare=False)
     # per batch index, the metric of the corrupted run (made with the ablated values) [b]
@@ -101,7 +105,10 @@ class Setup:
         """The component graph: the engine's, or for families without an edge adapter one built
         from the config and the module tree (enough for node-level methods and circuits; parallel
         blocks as `circuits.nodes.is_parallel` detects them). With `positions`, the graph of
-        components at positions (`circuits.positions.PositionGraph`)."""
+        components at positions (`circuits.positions.PositionGraph`); with `feature_graph`,
+        that graph of SAE features."""
+        if self.feature_graph is not None:
+            return self.feature_graph
         if self.positions is not None:
             return PositionGraph(self.engine.graph, self.positions)
         try:

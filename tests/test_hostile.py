@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_feature_files import feature_file
 
 from circuits import cli
 from circuits.errors import CircuitsError
@@ -710,3 +711,147 @@ def test_strict_json_even_when_faithfulness_is_undefined(tmp_path):
 
     doc = json.loads(path.read_text(), parse_constant=refuse)
     assert doc["metrics"]["faithfulness"] is None and doc["metrics"]["x"] is None
+
+
+# -- feature dashboards: circuits sae features -------------------------------------------------
+def sae_folder(f: Files, d_in: int = 128, site: str = "resid.1") -> str:
+    """An SAE of 8 features saved in sae-lens's layout (the IOI model is 128 wide, 4 layers)."""
+    from circuits.features import SAE
+
+    return str(SAE.init(d_in, 8, "relu", site=site).save(f.root / "sae"))
+
+
+def nan_sae(f: Files) -> str:
+    """An SAE whose encoder holds a NaN (its own save refuses to write one)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(sae_folder(f))
+    tensors = load_file(str(folder / "sae_weights.safetensors"))
+    tensors["W_enc"][0, 0] = float("nan")
+    save_file(tensors, str(folder / "sae_weights.safetensors"))
+    return str(folder)
+
+
+def features(*flags: str, sae: Callable[[Files], str] = sae_folder
+             ) -> Callable[[Files], list[str]]:
+    return lambda f: ["sae", "features", IOI, sae(f), "--texts", "ioi", "-o", "{out}", *flags]
+
+
+DASHBOARD_CASES: list[Case] = [
+    Case("features-reversed-range", features("--features", "5-2"), ("5-2", "range")),
+    Case("features-not-a-number", features("--features", "seven"), ("seven",)),
+    Case("features-out-of-range", features("--features", "0-99"), ("0 to 7", "99")),
+    Case("features-top-zero", features("--top", "0"), ("--top",)),
+    Case("features-top-more-than-chosen", features("--features", "0-3", "--top", "5"),
+         ("--top", "4")),
+    Case("features-window-negative", features("--window", "-1"), ("--window",)),
+    Case("features-contexts-zero", features("--contexts", "0"), ("--contexts",)),
+    Case("features-context-one", features("--context", "1"), ("--context",)),
+    Case("features-context-beyond-model", features("--context", "500"), ("--context", "64")),
+    Case("features-sae-nan", features(sae=nan_sae), ("not finite",)),
+    Case("features-sae-too-narrow", features(sae=lambda f: sae_folder(f, d_in=64)),
+         ("64-wide", "resid.1", "128")),
+    Case("features-sae-layer-beyond", features(sae=lambda f: sae_folder(f, site="resid.9")),
+         ("resid.9", "0 to 3")),
+    Case("features-sae-missing", features(sae=lambda f: f.path("no-sae")), ("no-sae",)),
+    Case("features-sae-garbage", features(sae=lambda f: f.raw("sae.safetensors", b"\x00" * 64)),
+         ("SAE weights",)),
+    Case("features-texts-missing", lambda f: ["sae", "features", IOI, sae_folder(f), "--texts",
+                                              f.path("none.txt"), "-o", "{out}"],
+         ("none.txt",)),
+    Case("features-corpus-shorter-than-a-row",
+         lambda f: ["sae", "features", IOI, sae_folder(f), "--texts", f.text("c.txt", "Mary"),
+                    "-o", "{out}", "--context", "32"], ("fewer tokens than one row",)),
+    Case("features-out-is-a-file", lambda f: ["sae", "features", IOI, sae_folder(f), "--texts",
+                                              "ioi", "-o", f.text("taken", "x")],
+         ("not a folder",)),
+]
+
+
+@pytest.mark.parametrize("case", DASHBOARD_CASES, ids=[c.name for c in DASHBOARD_CASES])
+def test_dashboard_input_exits_2_with_one_line(case, tmp_path, capsys):
+    test_hostile_input_exits_2_with_one_line(case, tmp_path / "no-circuit.json", tmp_path, capsys)
+
+
+# -- a feature circuit's file (tests/test_feature_files.py) ---------------------------------------
+def first_site(**change: object) -> Callable[[dict], None]:
+    return lambda doc: doc["graph"]["features"][0].update(change)
+
+
+def without_first_edge(doc: dict) -> None:
+    del doc["edges"][next(iter(doc["edges"]))]
+
+
+FEATURE_FILE_CASES: list[Case] = [
+    Case("feature-export-mib", on_circuit("export", None, "--format", "mib"),
+         ("MIB", "not SAE features")),
+    Case("feature-render-chosen-past-the-sae", on_circuit("render", first_site(chosen=[1, 99])),
+         ("features[0]", "below 8")),
+    Case("feature-render-bad-site", on_circuit("render", first_site(site="resid.x")),
+         ("features[0]", "not an activation site")),
+    Case("feature-export-edge-missing", on_circuit("export", without_first_edge),
+         ("has 48 edges but the file lists 47",)),
+    Case("feature-render-sites-out-of-order", on_circuit("render", first_site(site="resid.1")),
+         ("forward order",)),
+]
+
+
+@pytest.mark.parametrize("case", FEATURE_FILE_CASES, ids=[c.name for c in FEATURE_FILE_CASES])
+def test_feature_file_mistakes_exit_2_with_one_line(case, tmp_path, capsys):
+    test_hostile_input_exits_2_with_one_line(case, feature_file(tmp_path), tmp_path, capsys)
+
+
+# -- SAE training and quality: sae train, sae quality (tests/test_sae_train.py) ---------------
+def sae_train(*flags: str, texts: str = "ioi") -> Callable[[Files], list[str]]:
+    """`circuits sae train` on the IOI model with `flags`."""
+    return lambda f: ["sae", "train", IOI, "--texts", texts, "-o", "{out}", *flags]
+
+
+SAE_CASES: list[Case] = [
+    Case("sae-train-bad-site", sae_train("--site", "resid.x"), ("not an activation site",)),
+    Case("sae-train-layer-past-the-model", sae_train("--site", "resid.9"), ("layers 0 to 3",)),
+    Case("sae-train-mlp-in-without-transcoder", sae_train("--site", "mlp_in.1"),
+         ("--transcoder",)),
+    Case("sae-train-transcoder-at-resid", sae_train("--site", "resid.1", "--transcoder"),
+         ("mlp_in.L", "mlp.1")),
+    Case("sae-train-k-without-topk", sae_train("--site", "resid.1", "--kind", "relu", "--k",
+                                               "4"), ("--k", "topk")),
+    Case("sae-train-k-past-features", sae_train("--site", "resid.1", "--features", "8", "--k",
+                                                "16"), ("--k 16", "8 features")),
+    Case("sae-train-k-zero", sae_train("--site", "resid.1", "--k", "0"), ("--k",)),
+    Case("sae-train-features-zero", sae_train("--site", "resid.1", "--features", "0"),
+         ("--features",)),
+    Case("sae-train-l1-with-topk", sae_train("--site", "resid.1", "--l1", "1"), ("--l1",)),
+    Case("sae-train-l1-negative", sae_train("--site", "resid.1", "--kind", "relu", "--l1",
+                                            "-1"), ("--l1",)),
+    Case("sae-train-lr-nan", sae_train("--site", "resid.1", "--lr", "nan"), ("--lr",)),
+    Case("sae-train-steps-zero", sae_train("--site", "resid.1", "--steps", "0"), ("--steps",)),
+    Case("sae-train-context-past-the-model", sae_train("--site", "resid.1", "--context",
+                                                       "1000"), ("--context", "64")),
+    Case("sae-train-missing-corpus", lambda f: sae_train(
+        "--site", "resid.1", texts=f.path("nothere.txt"))(f), ("does not exist",)),
+    Case("sae-train-unknown-corpus-name", sae_train("--site", "resid.1", texts="no-such-task"),
+         ("neither a file",)),
+    Case("sae-train-empty-corpus", lambda f: sae_train(
+        "--site", "resid.1", texts=f.text("empty.txt", "\n \n\n"))(f), ("holds no text",)),
+    Case("sae-train-corpus-latin-1", lambda f: sae_train("--site", "resid.1", texts=f.raw(
+        "latin.txt", "Caf\u00e9 au lait\n".encode("latin-1")))(f), ("UTF-8",)),
+    Case("sae-train-jsonl-without-text", lambda f: sae_train("--site", "resid.1", texts=f.text(
+        "c.jsonl", '{"body": "x"}\n'))(f), ('"text"',)),
+    # the folder is the case's own, holding files of its own: not an SAE's output folder
+    Case("sae-train-out-not-ours", lambda f: [
+        "sae", "train", IOI, "--site", "resid.1", "--texts", "ioi", "-o",
+        str(Path(f.text("notes.txt", "mine")).parent)], ("did not write",)),
+    Case("sae-quality-missing-sae", lambda f: ["sae", "quality", IOI, f.path("nosae"),
+                                               "--texts", "ioi"], ("no such file",)),
+    Case("sae-quality-wrong-width", lambda f: ["sae", "quality", IOI, sae_folder(f, 64),
+                                               "--texts", "ioi"], ("64-wide", "128")),
+    Case("sae-quality-bad-site", lambda f: ["sae", "quality", IOI, sae_folder(f),
+                                            "--site", "foo", "--texts", "ioi"],
+         ("not an activation site",)),
+]
+
+
+@pytest.mark.parametrize("case", SAE_CASES, ids=[c.name for c in SAE_CASES])
+def test_sae_input_exits_2_with_one_line(case, tmp_path, capsys):
+    test_hostile_input_exits_2_with_one_line(case, tmp_path / "no-circuit.json", tmp_path, capsys)

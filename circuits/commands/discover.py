@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ..api import Discovery, discover, resolve_selection
+from ..features.discovery import DEFAULT_PER_SITE
+from ..features.discovery import check_method as check_feature_method
+from ..features.runs import resolve_features
 from ..methods import check_metric, check_positions, get_method
 from ..metrics import get_metric
 from ..model import Model
@@ -93,6 +96,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "when it names none (prompts of one length); eap, eap-ig, "
                    "eap-ig-activations, eap-ig-stages and exact. With activation-patching: "
                    "also patch one token position at a time (its per-position grids)")
+    p.add_argument("--features", metavar="SAE_FOLDER",
+                   help="a circuit of SAE features: a folder with an SAE (cfg.json and weights, "
+                   "as `circuits sae train` writes or sae-lens saves), one such folder per "
+                   "site, or a shipped set (ioi-gpt2-4l); nodes are each site's strongest "
+                   "features, the rest of its features and its error; --method eap or eap-ig "
+                   "(with --steps)")
+    p.add_argument("--feature-nodes", type=int, default=DEFAULT_PER_SITE, metavar="K",
+                   help=f"features of each site kept as nodes of their own (default: "
+                   f"{DEFAULT_PER_SITE})")
     add_device_arguments(p)
     add_method_arguments(p)
 
@@ -106,7 +118,11 @@ def run(args: argparse.Namespace) -> int:
     by_position = bool(args.positions) and "positions" not in spec.options
     if args.positions and not by_position:
         options["positions"] = True
-    check_positions(args.method, by_position)
+    if args.features is not None:
+        check_features(args, by_position)
+        options = {k: v for k, v in options.items() if k == "steps"}
+    else:
+        check_positions(args.method, by_position)
     if by_position and args.level != "edge":
         fail("circuits at positions are edge-level; drop --level node or --positions")
     selection = resolve_selection(args.select, args.method, spec.decides_circuit, args.level)
@@ -140,6 +156,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_features(args: argparse.Namespace, by_position: bool) -> None:
+    """One-line errors for --features given with what it does not go with."""
+    check_feature_method(args.method)
+    resolve_features(args.features)
+    if args.feature_nodes < 1:
+        fail(f"--feature-nodes must be at least 1, got {args.feature_nodes}")
+    if by_position:
+        fail("feature circuits are not resolved by position; drop --positions")
+    if args.resume:
+        fail("--resume does not apply to feature circuits (they keep no progress); drop it")
+
+
 def discovery_checkpoint(out: Path, task: Task, model: Model, args: argparse.Namespace,
                          options: dict[str, Any], by_position: bool = False) -> Checkpoint:
     """Where a long discovery keeps its progress (``OUT/.progress``), keyed by everything the
@@ -163,4 +191,6 @@ def run_discovery(task: Task, model: Model, args: argparse.Namespace,
                                   batch_size=args.batch_size, progress=stage,
                                   strict=args.strict, checkpoint=checkpoint,
                                   by_position=by_position, **options)
+    if args.features is not None:
+        kwargs.update(features=args.features, feature_nodes=args.feature_nodes)
     return name_circuit(discover(task, model, args.method, **kwargs), args.task)

@@ -9,6 +9,8 @@ import sys
 from ..api import make_setup
 from ..circuit import Circuit
 from ..evaluate import evaluate, faithfulness_curve
+from ..features.discovery import setup_for_graph
+from ..features.graph import FeatureGraph
 from ..graph import Graph
 from ..io import load_circuit
 from ..metrics import get_metric
@@ -47,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--any-model", action="store_true",
                    help="evaluate even on a model whose weights differ from those the circuit "
                    "was discovered on (refused by default)")
+    p.add_argument("--features", metavar="SAE_FOLDER", help="a feature circuit's SAEs "
+                   "(default: the folder the circuit was discovered with)")
     add_device_arguments(p)
 
 
@@ -88,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
         positions = getattr(circuit.graph, "positions", None)
         setup = make_setup(model, task, ablation=ablation, metric=metric,
                            batch_size=args.batch_size, positions=positions)
+        if isinstance(circuit.graph, FeatureGraph):
+            setup = setup_for_graph(setup, circuit.graph,
+                                    args.features or circuit.options.get("features"))
         check_shape(circuit, model, setup.graph)
         g = circuit.graph
         stage("evaluating")

@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import zoo
 from ..io import export, load_circuit
+from ..mib import check_components
 from .common import check_output, fail
 
 HELP_EXAMPLES = """examples:
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     circuit = load_circuit(args.circuit)
     options: dict[str, Any] = {}
     if fmt == "mib":
+        check_components(circuit.graph)  # before asking for a width it could not use
         width = args.d_model or circuit.options.get("d_model") or d_model_of(circuit.model)
         if not isinstance(width, int):
             fail(f"MIB's format records the model width and {circuit.model or 'the model'!r} "

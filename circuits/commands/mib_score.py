@@ -30,7 +30,7 @@ from ..files import dumps, write_atomic
 from ..graph import Graph
 from ..io import load_circuit
 from ..metrics import get_metric
-from ..mib import mib_scores
+from ..mib import check_components, mib_scores
 from ..model import Model, check_same_weights, dtype_name, load_model
 from ..positions import PositionGraph
 from ..report import SCORES_FORMAT
@@ -167,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(scored.scores.graph, PositionGraph):
         fail(f"{path} scores edges at positions, and MIB scores edges between components; "
              "score a discover run made without --positions")
+    check_components(scored.scores.graph)  # nor SAE features
     task_name = args.task or scored.task
     model_name = args.model or scored.model
     if not task_name or not model_name:
