@@ -90,7 +90,7 @@ def main() -> None:
         print(f"{method:8} {t_comp:13.1f} {t_feat:11.1f} {t_feat / t_comp:6.2f} "
               f"{comp.scores.cost.seconds:10.1f} /{feat.scores.cost.seconds:9.1f} "
               f"{c.n_nodes:5d} nodes {c.n_edges:4d} edges f={c.metrics['heldout_faithfulness']:.2f}"
-              f" {feat.scores.extra['exact_agreement']:16.3f}")
+              f" {feat.scores.options['exact_agreement']:16.3f}")
 
 
 if __name__ == "__main__":

@@ -265,7 +265,7 @@ class Discovery:
                        f"stopped after {MAX_SCAN} circuits: this one (the "
                        f"{self.circuit.options.get('k')} best-ranked edges) reaches it, a "
                        "shorter prefix might too; select with topk:N to choose the size")
-        agreement = self.scores.extra.get("exact_agreement")
+        agreement = self.scores.options.get("exact_agreement")
         if isinstance(agreement, float) and not agreement >= AGREEMENT:
             out.append(f"the feature attributions agree poorly with patching each node alone "
                        f"exactly (Pearson r = {agreement:.2f} over the graph's nodes): the model "

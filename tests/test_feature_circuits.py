@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuits import Setup
+from circuits import Circuit, Graph, Scores, Setup
+from circuits.api import Discovery
 from circuits.errors import CircuitsError, OptionError
 from circuits.faithfulness import faithfulness_of_masks, metric_of_masks
 from circuits.features.attribution import (
@@ -183,7 +184,7 @@ def test_score_features_records_the_check_and_a_graph() -> None:
     assert scores.values.shape == scores.graph.valid.shape
     assert not scores.values[~scores.graph.valid].any()
     assert len(scores.extra["exact_node_scores"]) == scores.graph.n_sources - 1
-    assert -1 <= scores.extra["exact_agreement"] <= 1
+    assert -1 <= scores.options["exact_agreement"] <= 1
     assert scores.cost.forward > 0 and scores.cost.backward > 0
 
 
@@ -215,3 +216,12 @@ def test_bad_feature_sets_are_one_line_errors(tmp_path) -> None:
         FeatureSet.load(tmp_path, model)
     with pytest.raises(OptionError, match="distinct"):
         FeatureGraph([SiteNodes("resid.0", 3, (0, 0))], 1)
+
+
+@pytest.mark.parametrize("agreement,warned", [(0.2, True), (0.9, False), (None, False)])
+def test_poor_agreement_with_exact_patching_is_a_warning(agreement, warned: bool) -> None:
+    g = Graph(1, 1)
+    options = {} if agreement is None else {"exact_agreement": agreement}
+    scores = Scores(g, torch.zeros(g.n_sources, g.n_destinations), options=options)
+    found = Discovery(scores, Circuit(g, g.valid.clone()), None, None, None, 0.0)
+    assert any("agree poorly" in w for w in found.warnings) is warned

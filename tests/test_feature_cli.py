@@ -43,6 +43,7 @@ def test_discover_with_features_writes_a_feature_circuit_that_evaluates(
     assert "faithfulness" in summary(stdout)
     scores = json.loads((out / "scores.json").read_text())
     assert scores["graph"]["features"][0]["site"] == "resid.0"
+    assert -1 <= scores["options"]["exact_agreement"] <= 1
 
     code, stdout, err = run(["evaluate", str(out / "circuit.json"), "--n", "8"], capsys)
     assert code == 0, err

@@ -11,7 +11,6 @@ features`` writes its feature dashboard (`circuits.commands.sae_features`).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from ..features.train import DEFAULT_L1, check_numbers, clear_progress, train_sa
 from ..files import write_atomic
 from ..model import load_model
 from ..outputs import staged
+from . import sae_features
 from .common import add_device_arguments, check_device_and_dtype, check_output, fail
 
 HELP_EXAMPLES = """examples:
@@ -65,8 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     quality_arguments(measure)
     measure.set_defaults(action_run=run_quality)
-    # the dashboards' module owns its options; named here, imported only for `circuits sae`
-    features = importlib.import_module(f"{__package__}.sae_features")
+    features = sae_features  # the dashboards' module owns its options
     shown = sub.add_parser("features", help="a dashboard of the SAE's features (top contexts, "
                            "histograms, promoted tokens)",
                            description="Write a browsable dashboard of an SAE's features: "

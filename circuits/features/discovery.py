@@ -69,8 +69,8 @@ def score_features(setup: Setup, fs: FeatureSet, method: str = "eap", steps: int
     -------
     Scores
         Edge scores on the `FeatureGraph`; ``extra`` holds every node's attribution score
-        (``node_scores``), the exact scores of patching each graph node alone
-        (``exact_node_scores``) and their Pearson correlation (``exact_agreement``).
+        (``node_scores``) and the exact scores of patching each graph node alone
+        (``exact_node_scores``), ``options["exact_agreement"]`` their Pearson correlation.
     """
     how = check_method(method)
     points(how, steps)
@@ -90,8 +90,9 @@ def score_features(setup: Setup, fs: FeatureSet, method: str = "eap", steps: int
                "model_fingerprint": setup.model.fingerprint}
     if how == "ig":
         options["steps"] = steps
-    extra = {"node_scores": approx[1:].tolist(), "exact_node_scores": exact[1:].tolist(),
-             "exact_agreement": pearson(approx[1:], exact[1:])}
+    # the check travels with the scores (scores.json records the options)
+    options["exact_agreement"] = pearson(approx[1:], exact[1:])
+    extra = {"node_scores": approx[1:].tolist(), "exact_node_scores": exact[1:].tolist()}
     return Scores(graph, values, "edge", method, setup.task, setup.model.name, options, cost,
                   extra)
 
