@@ -196,12 +196,9 @@ def _feature_graph(shape: dict[str, Any], n_edges: int, where: str) -> FeatureGr
         g = FeatureGraph.from_shape(shape)  # its tables of edges are built when first read
     except OptionError as err:
         raise CircuitFileError(f"{where}: 'graph' features: {err}") from None
-    per_site = torch.tensor([len(s.names) for s in g.site_nodes])
-    src = torch.cat([torch.tensor([1]), per_site])  # input, then each site's nodes
-    dst = torch.cat([per_site, torch.tensor([1])])  # each site's nodes, then the logits
-    want = int((g.reads().long() * src[:, None] * dst[None, :]).sum())
+    want = g.n_edges  # counted from the sites, before any [n_src, n_dst] table exists
     _need(want == n_edges, where,
-          f"'graph' ({len(sites)} feature sites, {int(per_site.sum())} nodes) has {want} edges but "
+          f"'graph' ({len(sites)} feature sites, {g.n_sources - 1} nodes) has {want} edges but "
           f"the file lists {n_edges}; 'graph' does not match the edges (the file was edited "
           "or truncated)")
     return g

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..features.corpus import read_texts
+from ..features.corpus import CORPUS_HELP, read_texts
 from ..features.quality import MAX_TOKENS, quality
 from ..features.sae import CONFIG, KINDS, SAE
 from ..features.sites import parse_site, site_of
@@ -42,8 +42,6 @@ QUALITY_EXAMPLES = """examples:
   circuits sae quality gpt2 gemma-scope/params.npz --site resid.6 --texts corpus.txt -o q/"""
 FILES = ("cfg.json", "sae_weights.safetensors", "quality.json")
 MAX_TRAIN_TOKENS = 10**12  # a bound that no run reaches, so a typo cannot allocate the world
-CORPUS_HELP = ("a text file (documents separated by blank lines), a .jsonl file of "
-               "{\"text\": ...}, a folder of .txt files, or a task (its clean prompts)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

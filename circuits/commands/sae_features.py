@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..features.corpus import read_texts, token_batches
+from ..features.corpus import CORPUS_HELP, read_texts, token_batches
 from ..features.dashboard import (
     feature_dashboard,
     frequencies,
@@ -44,9 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "sae-lens's), a .safetensors file or a Gemma Scope params.npz")
     p.add_argument("--site", help="the site the SAE reads, where its file does not say "
                    "(resid.3, attn.L, mlp.L, mlp_in.L)")
-    p.add_argument("--texts", required=True, metavar="CORPUS", help="a text file (documents "
-                   "separated by blank lines), a .jsonl file of {\"text\": ...}, a folder of "
-                   ".txt files, or a task (its clean prompts)")
+    p.add_argument("--texts", required=True, metavar="CORPUS", help=CORPUS_HELP)
     p.add_argument("-o", "--out", default="circuits-out/sae-features", metavar="DIR",
                    help="output folder for features.json and index.html (default: "
                    "%(default)s)")

@@ -33,7 +33,15 @@ from ..errors import OptionError
 from ..model import Model
 from ..setup import Setup
 from .graph import FeatureGraph
-from .runs import FeatureSet, NodeValues, ablated_values, keep_masks, kept_logits, node_values
+from .runs import (
+    FeatureSet,
+    NodeValues,
+    ablated,
+    ablated_values,
+    keep_masks,
+    kept_logits,
+    node_values,
+)
 from .sae import SAE
 from .sites import spliced
 
@@ -196,9 +204,7 @@ def edge_effects(setup: Setup, fs: FeatureSet, graph: FeatureGraph, method: str 
         abl = ablated_values(model, fs, batch.clean, batch.corrupt, setup.ablation)
         with torch.no_grad():
             e_clean = embed(batch.clean).float()
-            e_abl = embed(batch.corrupt).float() if setup.ablation == "resample" else (
-                e_clean.mean((0, 1), keepdim=True).expand_as(e_clean)
-                if setup.ablation == "mean" else torch.zeros_like(e_clean))
+            e_abl = ablated(embed(batch.corrupt).float(), setup.ablation)
         delta = (NodeValues([a - c for a, c in zip(abl.f, clean.f, strict=True)],
                             [a - c for a, c in zip(abl.e, clean.e, strict=True)]),
                  e_abl - e_clean)
@@ -224,8 +230,8 @@ def exact_node_effects(setup: Setup, fs: FeatureSet, graph: FeatureGraph,
     total = torch.zeros(n, dtype=torch.float64)
     for batch, weight in zip(setup.batches, setup.weights, strict=True):
         abl = ablated_values(model, fs, batch.clean, batch.corrupt, setup.ablation)
-        clean = setup.metric_values(batch.clean_logits, batch).double().mean() \
-            if batch.clean_logits is not None else None
+        # a Setup fills every batch's clean last-position logits
+        clean = setup.metric_values(batch.clean_logits, batch).double().mean()
         for lo in range(1, n, chunk):
             rows = list(range(lo, min(n, lo + chunk)))
             nodes = torch.ones(len(rows), n, dtype=torch.bool)
@@ -233,9 +239,5 @@ def exact_node_effects(setup: Setup, fs: FeatureSet, graph: FeatureGraph,
             logits = kept_logits(model, fs, batch.clean, keep_masks(graph, nodes), abl)
             setup.node_passes.add_forward(len(rows) * batch.size)
             m = setup.metric_values(logits, batch).double().view(len(rows), batch.size).mean(1)
-            if clean is None:
-                full = kept_logits(model, fs, batch.clean, keep_masks(
-                    graph, torch.ones(1, n, dtype=torch.bool)), abl)
-                clean = setup.metric_values(full, batch).double().mean()
             total[rows] += weight * (m - clean).cpu()
     return (-setup.sign * total).float()

@@ -26,6 +26,11 @@ from ..task import Task, get_task, prefix_ids
 MAX_BYTES = 2**30
 
 
+#: The corpus forms `read_texts` reads, as the commands' --texts help says them.
+CORPUS_HELP = ("a text file (documents separated by blank lines), a .jsonl file of "
+               "{\"text\": ...}, a folder of .txt files, or a task (its clean prompts)")
+
+
 def read_texts(spec: str | os.PathLike, max_bytes: int = MAX_BYTES, n: int | None = None,
                seed: int = 0) -> list[str]:
     """The documents of a corpus.

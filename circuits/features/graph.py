@@ -135,6 +135,15 @@ class FeatureGraph(Graph):
         dst = torch.cat([self.site_index[1:], torch.tensor([len(self.site_nodes)])])
         return reads[src][:, dst]
 
+    @property
+    def n_edges(self) -> int:
+        """The edge count, from the sites' node counts and `reads` (without the dense
+        ``[n_src, n_dst]`` table, so a file's count can be checked before it is built)."""
+        per_site = torch.tensor([len(s.names) for s in self.site_nodes])
+        src = torch.cat([torch.tensor([1]), per_site])  # input, then each site's nodes
+        dst = torch.cat([per_site, torch.tensor([1])])  # each site's nodes, then the logits
+        return int((self.reads().long() * src[:, None] * dst[None, :]).sum())
+
     @cached_property
     def feeds(self) -> Tensor:
         """``[n_dst, n_src + 1]`` bool: each destination is the input of its own node."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..ablation import check_ablation
 from ..errors import CircuitFileError, OptionError
 from ..model import Model
 from ..nodes import NodeSites
@@ -160,16 +161,23 @@ def ablated_values(model: Model, fs: FeatureSet, clean: Tensor, corrupt: Tensor,
                    ablation: str) -> NodeValues:
     """The nodes' ablated values for a batch: the corrupted prompts' (resample), their mean
     over the corrupted prompts' tokens (mean), or zero."""
+    check_ablation(ablation)
+    if ablation == "zero":  # no run needed: the shapes are the batch's and the SAEs'
+        b, p = clean.shape
+        return NodeValues([torch.zeros(b, p, sae.d_sae, device=clean.device) for sae in fs.saes],
+                          [torch.zeros(b, p, sae.d_out, device=clean.device) for sae in fs.saes])
+    v = node_values(model, fs, corrupt)
+    return NodeValues([ablated(t, ablation) for t in v.f], [ablated(t, ablation) for t in v.e])
+
+
+def ablated(corrupt: Tensor, ablation: str) -> Tensor:
+    """The ablated value of an activation ``[b, p, ...]`` from its value on the corrupted
+    prompts: itself (resample), its mean over their tokens (mean), or zero."""
     if ablation == "resample":
-        return node_values(model, fs, corrupt)
+        return corrupt
     if ablation == "mean":
-        v = node_values(model, fs, corrupt)
-        return NodeValues([t.mean((0, 1), keepdim=True).expand_as(t) for t in v.f],
-                          [t.mean((0, 1), keepdim=True).expand_as(t) for t in v.e])
-    if ablation == "zero":
-        v = node_values(model, fs, clean)
-        return NodeValues([torch.zeros_like(t) for t in v.f], [torch.zeros_like(t) for t in v.e])
-    raise OptionError(f"unknown ablation {ablation!r}; use resample, mean or zero")
+        return corrupt.mean((0, 1), keepdim=True).expand_as(corrupt)
+    return torch.zeros_like(corrupt)
 
 
 def keep_masks(graph: FeatureGraph, nodes: Tensor) -> list[tuple[Tensor, Tensor]]:
