@@ -38,8 +38,10 @@ demo: setup
 	$(BIN)/circuits discover ioi
 
 # The tests and every docstring's Examples (testpaths and --doctest-modules in pyproject.toml).
+# two workers, one CPU thread each (tests/conftest.py); a file's tests stay on one worker, so
+# its module fixtures are built once
 test: setup test-deps
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check circuits tasks tests benchmarks

@@ -74,6 +74,15 @@ COMMANDS = {
                   "computes them: see your leaderboard numbers before submitting."),
     "sae": ("commands.sae", "Sparse autoencoders and transcoders: train one at a site, "
             "measure its quality, browse its features."),
+    "steer": ("commands.steer", "Steering vectors: a direction from contrastive pairs at a "
+              "layer (difference of means or PCA), swept over scales: the behavior's metric, "
+              "KL and neutral loss, and generations with and without steering."),
+    "probe": ("commands.probe", "Linear or MLP probes per layer, with control tasks: "
+              "held-out accuracy with its interval, control accuracy and selectivity, a plot "
+              "and the probes' weights."),
+    "erase": ("commands.erase", "Concept erasure with LEACE at a layer: a linear probe before "
+              "and after on held-out examples, and what erasing costs the task's metric, the KL "
+              "and the loss on neutral text."),
     "bench": ("bench", "Benchmark methods x tasks x models (faithfulness curves, ROC AUC, time, "
               "memory)."),
 }

@@ -15,3 +15,17 @@ def tiny():
 @pytest.fixture
 def batch():
     return make_batch()
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets one CPU thread (and so do the programs the tests
+    start), so that two workers on two cores do not each run two threads: oversubscribed
+    cores make torch many times slower."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[name] = "1"
+        torch.set_num_threads(1)

@@ -580,6 +580,84 @@ DISCOVERY_CASES: list[Case] = [
 CASES += READING_CASES + ATTRIBUTION_CASES + MODEL_CASES + DISCOVERY_CASES
 
 
+# -- steering: circuits steer (tests/test_steer.py) ---------------------------------------------
+def steer(*flags: str) -> Callable[[Files], list[str]]:
+    """`circuits steer` on the IOI model with `flags`."""
+    return lambda f: ["steer", IOI, "-o", "{out}", *flags]
+
+
+def steer_pairs(text: str, *flags: str) -> Callable[[Files], list[str]]:
+    """`circuits steer` reading the pairs file `text` at layer 1, measured on ioi."""
+    return lambda f: steer("--pairs", f.text("pairs.jsonl", text), "--layer", "1", "--task",
+                           "ioi", *flags)(f)
+
+
+def steer_direction(width: int) -> Callable[[Files], list[str]]:
+    """`circuits steer` applying a saved direction `width` wide."""
+    def argv(f: Files) -> list[str]:
+        from circuits.representations.steer import Direction
+
+        path = Direction(torch.eye(width)[0], 1, "mean", 1.0, 1.0).save(f.path("d.safetensors"))
+        return steer("--direction", str(path), "--task", "ioi")(f)
+    return argv
+
+
+PAIR = '{"positive": "Mary", "negative": "John"}\n'
+STEER_CASES: list[Case] = [
+    Case("steer-layer-past-the-model", steer("--pairs", "ioi", "--layer", "9"),
+         ("--layer 9", "layers 0 to 3")),
+    Case("steer-no-layer", steer("--pairs", "ioi"), ("--layer is required",)),
+    Case("steer-no-source", steer("--layer", "1"), ("--pairs", "--direction")),
+    Case("steer-pairs-one-side", steer_pairs('{"positive": "Mary"}\n'), ("line 1", "negative")),
+    Case("steer-pairs-empty-file", steer_pairs("\n \n"), ("empty",)),
+    Case("steer-pairs-not-json", steer_pairs("positive,negative\n"), ("not a JSON object",)),
+    Case("steer-pairs-other-keys", steer_pairs('{"good": "a", "bad": "b"}\n'), ('"positive"',)),
+    Case("steer-pairs-missing", lambda f: steer("--pairs", f.path("none.jsonl"), "--layer",
+                                                "1")(f), ("does not exist",)),
+    Case("steer-pairs-unknown-name", steer("--pairs", "no-such-task", "--layer", "1"),
+         ("neither a file",)),
+    Case("steer-pairs-a-device", steer("--pairs", "/dev/zero", "--layer", "1"),
+         ("neither a file",)),
+    Case("steer-pairs-without-task", lambda f: steer("--pairs", f.text("pairs.jsonl", PAIR),
+                                                     "--layer", "1")(f), ("--task is required",)),
+    Case("steer-labels-one-class", lambda f: steer("--pairs", "labels:" + f.text(
+        "l.jsonl", '{"text": "Mary", "label": "a"}\n'), "--layer", "1", "--task", "ioi")(f),
+         ("1 classes",)),
+    Case("steer-classes-unknown", steer("--pairs", "labels:years", "--classes", "up,down",
+                                        "--layer", "1", "--task", "ioi"), ("no text of class",)),
+    Case("steer-classes-the-same", steer("--pairs", "ioi", "--layer", "1", "--classes", "a,a"),
+         ("--classes",)),
+    Case("steer-scales-not-numbers", steer("--pairs", "ioi", "--layer", "1", "--scales=1,x"),
+         ("scales", "not understood")),
+    Case("steer-scales-nan", steer("--pairs", "ioi", "--layer", "1", "--scales=nan,1"),
+         ("finite",)),
+    Case("steer-scales-range-of-one", steer("--pairs", "ioi", "--layer", "1",
+                                            "--scales=0:4:1"), ("A:B:N",)),
+    Case("steer-bad-position", steer("--pairs", "ioi", "--layer", "1", "--position", "1:2:3"),
+         ("position",)),
+    Case("steer-generate-zero", steer("--pairs", "ioi", "--layer", "1", "--generate", "0"),
+         ("--generate",)),
+    Case("steer-prompts-without-generate", steer("--pairs", "ioi", "--layer", "1", "--prompts",
+                                                 "ioi"), ("--generate",)),
+    Case("steer-generate-past-the-context", steer("--pairs", "ioi", "--layer", "1",
+                                                  "--generate", "500"), ("context",)),
+    Case("steer-neutral-missing", lambda f: steer("--pairs", "ioi", "--layer", "1", "--neutral",
+                                                  f.path("none.txt"))(f), ("does not exist",)),
+    Case("steer-unknown-task", steer("--pairs", "ioi", "--layer", "1", "--task", "nope"),
+         ("nope",)),
+    Case("steer-direction-missing", lambda f: steer("--direction", f.path("d.safetensors"),
+                                                    "--task", "ioi")(f), ("does not exist",)),
+    Case("steer-direction-not-a-direction", lambda f: steer("--direction", f.raw(
+        "d.safetensors", b"\x00" * 64), "--task", "ioi")(f), ("not a steering direction",)),
+    Case("steer-direction-other-width", steer_direction(16), ("width-16", "width 128")),
+    Case("steer-direction-without-task", lambda f: steer_direction(16)(f)[:-2],
+         ("--task is required",)),
+    Case("steer-direction-with-method", lambda f: steer_direction(16)(f) + ["--method", "pca"],
+         ("--method",)),
+]
+CASES += STEER_CASES
+
+
 @pytest.fixture(scope="module")
 def saved_circuit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small IOI circuit discovered on the reference model."""
@@ -854,4 +932,100 @@ SAE_CASES: list[Case] = [
 
 @pytest.mark.parametrize("case", SAE_CASES, ids=[c.name for c in SAE_CASES])
 def test_sae_input_exits_2_with_one_line(case, tmp_path, capsys):
+    test_hostile_input_exits_2_with_one_line(case, tmp_path / "no-circuit.json", tmp_path, capsys)
+
+
+# -- probes: circuits probe (tests/test_probe.py) --------------------------------------------
+def probe(*flags: str, labels: str = "ioi") -> Callable[[Files], list[str]]:
+    """`circuits probe` on the IOI model with `flags`."""
+    return lambda f: ["probe", IOI, "--labels", labels, "-o", "{out}", *flags]
+
+
+def probe_labels(*labels: str) -> Callable[[Files], list[str]]:
+    """`circuits probe` on a labels file with one line (a text of its own) per label."""
+    return lambda f: probe(labels=f.text("labels.jsonl", "".join(
+        json.dumps({"text": f"When Mary and John went to the {place}", "label": x}) + "\n"
+        for x, place in zip(labels, ("store", "park", "school", "garden"), strict=False))))(f)
+
+
+PROBE_CASES: list[Case] = [
+    Case("probe-unknown-label-set", probe(labels="no-such-set"), ("no label set", "ioi")),
+    Case("probe-labels-missing-file", lambda f: probe(labels=f.path("none.jsonl"))(f),
+         ("none.jsonl",)),
+    Case("probe-labels-latin-1", lambda f: probe(labels=f.raw(
+        "l.jsonl", '{"text": "Caf\u00e9", "label": "a"}\n'.encode("latin-1")))(f), ("UTF-8",)),
+    Case("probe-labels-one-class", probe_labels("a", "a", "a"), ("one class",)),
+    Case("probe-class-with-one-example", probe_labels("a", "a", "a", "b"),
+         ("'b' has 1 example", "at least 2 of each class")),
+    Case("probe-layer-past-the-model", probe("--layers", "9"), ("layers 0 to 3",)),
+    Case("probe-layers-not-understood", probe("--layers", "two"), ("not understood",)),
+    Case("probe-test-fraction-one", probe("--test-fraction", "1"), ("--test-fraction",)),
+    Case("probe-test-fraction-nan", probe("--test-fraction", "nan"), ("--test-fraction",)),
+    Case("probe-C-with-mlp", probe("--probe", "mlp", "--C", "2"), ("--C", "linear")),
+    Case("probe-hidden-with-linear", probe("--hidden", "8"), ("--hidden", "--probe mlp")),
+    Case("probe-C-zero", probe("--C", "0"), ("C must be a positive",)),
+    Case("probe-C-inf", probe("--C", "inf"), ("finite",)),
+    Case("probe-alpha-negative", probe("--probe", "mlp", "--alpha", "-1"), ("alpha",)),
+    Case("probe-hidden-zero", probe("--probe", "mlp", "--hidden", "0"), ("hidden", "1 to")),
+    Case("probe-max-iter-billion", probe("--max-iter", str(10**9)), ("max_iter", "100,000")),
+    Case("probe-position-not-a-spec", probe("--position", "1:2:3"), ("position",)),
+    Case("probe-position-unknown-mark", probe("--position", "subject"), ("no mark 'subject'",)),
+    Case("probe-position-past-the-text", probe("--position", "500"), ("outside",)),
+    Case("probe-n-one", probe("--n", "1"), ("--n",)),
+    Case("probe-seed-negative", probe("--seed", "-1"), ("--seed",)),
+    Case("probe-batch-size-zero", probe("--batch-size", "0"), ("--batch-size",)),
+    Case("probe-out-is-a-file", lambda f: probe()(f)[:-2] + ["-o", f.text("out.txt", "mine")],
+         ("existing file",)),
+    Case("probe-unknown-model", lambda f: ["probe", f.path("no-model"), "--labels", "ioi", "-o",
+                                           "{out}"], ("no-model",)),
+]
+
+
+@pytest.mark.parametrize("case", PROBE_CASES, ids=[c.name for c in PROBE_CASES])
+def test_probe_input_exits_2_with_one_line(case, tmp_path, capsys):
+    test_hostile_input_exits_2_with_one_line(case, tmp_path / "no-circuit.json", tmp_path, capsys)
+
+
+# -- concept erasure: circuits erase (tests/test_erase.py) --------------------------------------
+def erase(*flags: str, labels: str = "ioi") -> Callable[[Files], list[str]]:
+    """`circuits erase` on the IOI model at layer 1 with `flags`."""
+    return lambda f: ["erase", IOI, "--labels", labels, "--layer", "1", "-o", "{out}", *flags]
+
+
+def erase_labels(*labels: str) -> Callable[[Files], list[str]]:
+    """`circuits erase` on a labels file with one line per label."""
+    return lambda f: erase(labels=f.text("labels.jsonl", "".join(
+        json.dumps({"text": "When Mary and John went", "label": x}) + "\n"
+        for x in labels)))(f)
+
+
+ERASE_CASES: list[Case] = [
+    Case("erase-layer-past-the-model", erase("--layer", "9"), ("--layer 9", "layers 0 to 3")),
+    Case("erase-labels-one-class", erase_labels(*"aaaaaaaa"), ("two or more classes",)),
+    Case("erase-too-few-of-a-class", erase_labels(*"aaabbbbb"),
+         ("'a' has 3 example", "at least 4 of each class")),
+    Case("erase-n-too-few", erase("--n", "5"), ("--n 5", "too few")),
+    Case("erase-min-per-class-too-small", erase("--min-per-class", "2"),
+         ("--min-per-class must be at least 4",)),
+    Case("erase-labels-missing-file", lambda f: erase(labels=f.path("none.jsonl"))(f),
+         ("none.jsonl",)),
+    Case("erase-labels-not-json", lambda f: erase(labels=f.text("bad.jsonl", '{"text": \n'))(f),
+         ("line 1", "JSON")),
+    Case("erase-unknown-label-set", erase(labels="no-such-set"), ("no label set", "ioi")),
+    Case("erase-at-not-understood", erase("--at", "first"), ("erase at", "all")),
+    Case("erase-at-positive-index", erase("--at", "3"), ("negative token index",)),
+    Case("erase-position-not-a-spec", erase("--position", "1:2:3"), ("position",)),
+    Case("erase-position-unknown-mark", erase("--position", "subject"), ("no mark 'subject'",)),
+    Case("erase-unknown-task", erase("--task", "no-such-task"), ("unknown task",)),
+    Case("erase-missing-neutral", lambda f: erase("--neutral", f.path("none.txt"))(f),
+         ("does not exist",)),
+    Case("erase-prompts-zero", erase("--prompts", "0"), ("--prompts",)),
+    Case("erase-seed-negative", erase("--seed", "-1"), ("--seed",)),
+    Case("erase-out-is-a-file", lambda f: erase()(f)[:-2] + ["-o", f.text("o.txt", "mine")],
+         ("existing file",)),
+]
+
+
+@pytest.mark.parametrize("case", ERASE_CASES, ids=[c.name for c in ERASE_CASES])
+def test_erase_input_exits_2_with_one_line(case, tmp_path, capsys):
     test_hostile_input_exits_2_with_one_line(case, tmp_path / "no-circuit.json", tmp_path, capsys)

@@ -40,6 +40,7 @@ def test_plain_install_finds_the_shipped_models(tmp_path):
     assert {"ioi-gpt2-4l", "induction-gpt2-2l", "factual-gpt2-4l"} <= set(ast.literal_eval(out[2]))
     assert (target / "circuits" / "html_template.html").is_file()
     assert (target / "circuits" / "features" / "dashboard.html").is_file()
+    assert (target / "circuits" / "representations" / "neutral.txt").is_file()
 
 
 def series(v: Version) -> tuple[int, ...]:

@@ -77,18 +77,21 @@ def test_empty_files_folders_and_unknown_sets_are_refused(tmp_path):
         read_labeled(tmp_path / "empty.jsonl")
     with pytest.raises(TaskError, match="is a directory"):
         read_labeled(tmp_path)
+    with pytest.raises(TaskError, match="not a regular file"):
+        read_labeled("/dev/zero")
     with pytest.raises(OptionError, match="no label set or file 'iio'"):
         labeled_set("iio")
 
 
-def test_builtin_ioi_labels_say_which_name_is_the_indirect_object():
-    data = builtin_labeled("ioi", n=40, seed=3)
+def test_builtin_ioi_labels_are_the_indirect_object_and_control_on_the_subject():
+    data = builtin_labeled("ioi", n=60, seed=3)
     for text, label, marks, word in zip(data.texts, data.labels, data.marks, data.words,
                                         strict=True):
-        io, s1 = marks["io"], marks["s1"]
-        assert text[io[0]:io[1]] == word
-        assert label == ("first" if io[0] < s1[0] else "second")
-    assert set(data.labels) == {"first", "second"}
+        io, s1, s2 = marks["io"], marks["s1"], marks["s2"]
+        assert text[io[0]:io[1]] == label  # the answer, mentioned once
+        assert text[s1[0]:s1[1]] == text[s2[0]:s2[1]] == word != label  # the subject, twice
+        assert s1[0] < s2[0] and text.count(label) == 1
+    assert sorted(data.labels.count(c) for c in data.classes) == [10] * 6
 
 
 def test_builtin_factual_labels_are_the_objects_read_at_the_subject():

@@ -398,9 +398,16 @@ def _toy_build(tokenizer, n, seed):
     return Task("toy-n", tuple(Example(f"a{i}", f"b{i}", " c") for i in range(n)))
 
 
-@pytest.mark.parametrize("n", ["5", 2.5, True, 0, -3, 100_001, 10**12])
-def test_get_task_bad_n_is_an_option_error(n):
+@pytest.fixture
+def toy_n(monkeypatch):
+    """"toy-n" in a registry of the test's own (it has no reference model, and other tests
+    walk every registered task, in whatever order the tests run)."""
+    monkeypatch.setattr(task_module, "_REGISTRY", dict(task_module._REGISTRY))
     register_task(TaskSpec("toy-n", "toy", _toy_build, default_n=2))
+
+
+@pytest.mark.parametrize("n", ["5", 2.5, True, 0, -3, 100_001, 10**12])
+def test_get_task_bad_n_is_an_option_error(n, toy_n):
     with pytest.raises(OptionError, match=r"^n(=| must)") as info:
         get_task("toy-n", n=n)
     if isinstance(n, int) and not isinstance(n, bool) and n > 0:
@@ -413,10 +420,9 @@ def test_get_task_bad_seed_is_an_option_error(seed):
         get_task("ioi", n=2, seed=seed)
 
 
-def test_get_task_bounds_and_numpy_integers():
+def test_get_task_bounds_and_numpy_integers(toy_n):
     import numpy as np
 
-    register_task(TaskSpec("toy-n", "toy", _toy_build, default_n=2))
     assert len(get_task("toy-n", n=100_000, seed=2**32 - 1)) == 100_000
     assert len(get_task("ioi", n=np.int64(3), seed=np.int64(1))) == 3
     with pytest.raises(OptionError, match="task name must be a string"):

@@ -8,11 +8,17 @@ random label, so a probe that scores well on it has memorised word identities).
 Sets come from a JSONL file (`read_labeled`) or are built in (`LABEL_SETS`, `builtin_labeled`):
 
 ``ioi``
-    IOI prompts labelled ``first`` or ``second``: is the indirect object the first or the second
-    name introduced. Read at the last token; the control word is the indirect object's name.
+    IOI prompts labelled by the indirect object's name, the answer, drawn with the subject from
+    six names (`IOI_NAMES`), each name the answer equally often. Read at the last token. The
+    control word is the *subject's* name: both names are in every prompt, so a probe that reads
+    "the names present" scores as well on the control task as on the real one, and only a
+    representation that singles out the indirect object makes the probe selective. Marks
+    ``io``, ``s1``, ``s2`` (the subject's two mentions) and ``end`` (the last word).
 ``factual``
     Factual-recall prompts labelled by their object (``France``, ``Paris``, ...). Read at the
-    subject's last token; the control word is the subject.
+    last token (the subject's own tokens come before the relation, so a causal model cannot
+    know there which object is asked; ``--position subject`` reads them); the control word is
+    the subject.
 ``years``
     Greater-than style prompts ("The war lasted from the year 1732 to the year 17") labelled
     ``above`` or ``below``: is the first year's last two digits above 50. Read at the last
@@ -28,6 +34,7 @@ import json
 import os
 import random
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,13 +45,14 @@ import numpy as np
 from ..errors import OptionError, TaskError
 from ..task import get_task
 from ..task_tokens import encode, unknown_token
+from ..tasks import ioi
 
 #: The built-in label sets: name -> what the label is.
 LABEL_SETS = {
-    "ioi": "IOI prompts: is the indirect object the first or the second name (read at the last "
-           "token; control word: the indirect object)",
-    "factual": "factual-recall prompts: the object recalled (read at the subject's last token; "
-               "control word: the subject)",
+    "ioi": "IOI prompts: the indirect object's name, one of six (read at the last token; "
+           "control word: the subject's name)",
+    "factual": "factual-recall prompts: the object recalled (read at the last token; mark "
+               "'subject'; control word: the subject)",
     "years": "greater-than prompts 'from the year 17YY to the year 17': is YY above 50 (read at "
              "the last token; control word: YY)",
 }
@@ -82,6 +90,9 @@ def check_position(spec: str | int | None) -> str | None:
     raise OptionError(f"position {spec!r} is not understood; use last, mean, a token index "
                       f"(e.g. -2), a span S:E or a mark name (e.g. subject)")
 
+
+#: The largest labels file read (a file is read whole).
+MAX_BYTES = 256 * 2**20
 
 #: Keys a line of a labels file may have.
 KEYS = ("text", "label", "position", "word")
@@ -167,6 +178,33 @@ class Labeled:
                        tuple(self.marks[i] for i in pick), tuple(self.words[i] for i in pick))
 
 
+def frequent_classes(labeled: Labeled, min_count: int) -> Labeled:
+    """The examples of `labeled` whose class has at least `min_count` examples (in order).
+
+    Built-in sets with many classes (``factual``: the object recalled) have classes too rare to
+    appear in both the training and the held-out set; a probe (or an eraser) over the frequent
+    ones is the usual remedy.
+
+    Raises
+    ------
+    TaskError
+        Fewer than two classes have that many examples.
+
+    Examples
+    --------
+    >>> data = Labeled("toy", ("a", "b", "c", "d", "e"), ("x", "y", "x", "z", "y"))
+    >>> frequent_classes(data, 2).labels
+    ('x', 'y', 'x', 'y')
+    """
+    counts = {c: labeled.labels.count(c) for c in labeled.classes}
+    keep = [i for i, label in enumerate(labeled.labels) if counts[label] >= min_count]
+    kept = {labeled.labels[i] for i in keep}
+    if len(kept) < 2:
+        raise TaskError(f"{len(kept)} class(es) of {labeled.name!r} have {min_count} examples or "
+                        f"more; two are needed (lower the minimum or add examples)")
+    return labeled.subset(keep)
+
+
 def read_labeled(path: str | os.PathLike) -> Labeled:
     """Read a JSONL labels file: one ``{"text", "label", "position"?, "word"?}`` per line.
 
@@ -197,6 +235,12 @@ def read_labeled(path: str | os.PathLike) -> Labeled:
         raise TaskError(f"{path} is a directory; pass a JSONL labels file, one JSON object "
                         f"per line")
     try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise TaskError(f"{path} is not a regular file; pass a JSONL labels file")
+        if info.st_size > MAX_BYTES:
+            raise TaskError(f"{path} is {info.st_size / 2**20:.0f} MiB; a labels file may be "
+                            f"at most {MAX_BYTES // 2**20} MiB, so split it or sample it")
         text = path.read_bytes().decode("utf-8-sig")
     except OSError as exc:
         raise TaskError(f"cannot read labels file {path}: {exc.strerror or exc}; check the "
@@ -269,9 +313,9 @@ def builtin_labeled(name: str, tokenizer: Any = None, n: int = 200, seed: int = 
 
     Examples
     --------
-    >>> data = builtin_labeled("ioi", n=20, seed=0)
-    >>> data.classes, data.positions[0], data.words[0] in data.texts[0]
-    (('first', 'second'), 'last', True)
+    >>> data = builtin_labeled("ioi", n=50, seed=0)
+    >>> len(data.classes), data.positions[0], data.words[0] in data.texts[0]
+    (6, 'last', True)
     >>> years = builtin_labeled("years", n=50)
     >>> all((int(w) > 50) == (label == "above") for w, label in zip(years.words, years.labels))
     True
@@ -282,26 +326,46 @@ def builtin_labeled(name: str, tokenizer: Any = None, n: int = 200, seed: int = 
     if name == "years":
         _check_digits(tokenizer)
         return _years(n, seed)
-    task = get_task(name, tokenizer, n=n, seed=seed)
+    if name == "ioi":
+        return _ioi(tokenizer, n, seed)
     texts, labels, marks, words = [], [], [], []
-    for example in task.examples:
-        text = example.clean
-        if name == "ioi":
-            io = example.answers[0].strip()
-            s = example.wrong[0].strip()
-            label = "first" if _word_at(text, io) < _word_at(text, s) else "second"
-            marks.append({"io": _span(text, io), "s1": _span(text, s), "end": _last_word(text)})
-            words.append(io)
-        else:
-            subject = example.meta["subject"]
-            label = example.answers[0].strip()
-            marks.append({"subject": _span(text, subject)})
-            words.append(subject)
-        texts.append(text)
-        labels.append(label)
-    position = "last" if name == "ioi" else "subject"
-    return Labeled(name, tuple(texts), tuple(labels), (position,) * len(texts), tuple(marks),
+    for example in get_task(name, tokenizer, n=n, seed=seed).examples:
+        subject = example.meta["subject"]
+        texts.append(example.clean)
+        labels.append(example.answers[0].strip())
+        marks.append({"subject": _span(example.clean, subject)})
+        words.append(subject)
+    return Labeled(name, tuple(texts), tuple(labels), ("last",) * len(texts), tuple(marks),
                    tuple(words))
+
+
+#: How many names the ``ioi`` label set draws from (the classes of its label).
+IOI_NAMES = 6
+
+
+def _ioi(tokenizer: Any, n: int, seed: int) -> Labeled:
+    """The ``ioi`` label set: IOI prompts over `IOI_NAMES` names, labelled by the answer."""
+    names = ioi.usable_names(tokenizer)[:IOI_NAMES]
+    if len(names) < 3:
+        raise OptionError(f"only {len(names)} IOI names are single tokens for this tokenizer; "
+                          f"the ioi label set needs 3")
+    rng = random.Random(seed)
+    # as many examples of each name as n allows (the first names take the remainder)
+    left = {name: n // len(names) + (i < n % len(names)) for i, name in enumerate(names)}
+    texts, labels, marks, words = [], [], [], []
+    while len(texts) < n:
+        example = ioi.sample(rng, names, tokenizer)[0]
+        text, io, s = example.clean, example.answers[0].strip(), example.wrong[0].strip()
+        if not left[io]:
+            continue
+        left[io] -= 1
+        s1 = _span(text, s)
+        marks.append({"io": _span(text, io), "s1": s1, "s2": _span(text, s, after=s1[1]),
+                      "end": _last_word(text)})
+        texts.append(text)
+        labels.append(io)
+        words.append(s)
+    return Labeled("ioi", tuple(texts), tuple(labels), ("last",) * n, tuple(marks), tuple(words))
 
 
 #: Greater-than style sentences: the first year is 17YY, the prompt ends before the second's
@@ -339,15 +403,15 @@ def _check_digits(tokenizer: Any) -> None:
                           f"' 1752' as its unknown token {unknown[1]!r}; use another label set")
 
 
-def _span(text: str, word: str) -> tuple[int, int]:
-    """Character span of the first whole-word occurrence of `word` in `text`."""
-    start = _word_at(text, word)
+def _span(text: str, word: str, after: int = 0) -> tuple[int, int]:
+    """Character span of the first whole-word occurrence of `word` in `text` from `after` on."""
+    start = _word_at(text, word, after)
     return start, start + len(word)
 
 
-def _word_at(text: str, word: str) -> int:
-    """Where `word` first occurs in `text` as a whole word (not inside another word)."""
-    start = 0
+def _word_at(text: str, word: str, start: int = 0) -> int:
+    """Where `word` first occurs in `text` from `start` on as a whole word (not inside another
+    word)."""
     while True:
         start = text.find(word, start)
         if start < 0:
