@@ -33,6 +33,7 @@ from circuits.representations.erase_report import erase_concept, three_way
 from circuits.representations.planted import planted_direction
 from circuits.representations.probe import fit_probe
 from circuits.task import Example, Task
+from circuits.tasks.ioi import PLACES
 from circuits.testing import model_folder
 
 
@@ -154,6 +155,12 @@ def test_erase_concept_on_the_planted_direction(planted):
     gap_before = pos.base.metric - neg.base.metric
     assert gap_before > 5
     assert abs(pos(edit).metric - neg(edit).metric) < 0.05 * gap_before
+    # the planted set draws 200 texts from 72: each distinct text is counted once, so no copy
+    # sits on both sides of the split
+    distinct = len(set(planted.labeled.texts))
+    assert distinct < len(planted.labeled)
+    fresh = result.after_fresh
+    assert int(result.eraser.meta["n_fit"]) + fresh.n_train + fresh.n_test == distinct
 
 
 @pytest.mark.parametrize("at", ["all", "last"])
@@ -198,7 +205,7 @@ def test_eraser_file_round_trip(planted, tmp_path):
 def labels_file(path, rare: str) -> str:
     """A JSONL labels file: 32 sentences whose label is the first name, and one of class `rare`."""
     names = ["Mary", "John"]
-    lines = [{"text": f"When {names[i % 2]} and {names[1 - i % 2]} went to the store, "
+    lines = [{"text": f"When {names[i % 2]} and {names[1 - i % 2]} went to the {PLACES[i // 2]}, "
               f"{names[i % 2]} gave a drink to", "label": names[i % 2], "position": -1}
              for i in range(32)]
     lines.append({"text": "When Mary and Mary went to the store", "label": rare})

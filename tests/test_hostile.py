@@ -993,10 +993,10 @@ def erase(*flags: str, labels: str = "ioi") -> Callable[[Files], list[str]]:
 
 
 def erase_labels(*labels: str) -> Callable[[Files], list[str]]:
-    """`circuits erase` on a labels file with one line per label."""
+    """`circuits erase` on a labels file with one line (a distinct text) per label."""
     return lambda f: erase(labels=f.text("labels.jsonl", "".join(
-        json.dumps({"text": "When Mary and John went", "label": x}) + "\n"
-        for x in labels)))(f)
+        json.dumps({"text": f"When Mary and John went {i}", "label": x}) + "\n"
+        for i, x in enumerate(labels))))(f)
 
 
 ERASE_CASES: list[Case] = [

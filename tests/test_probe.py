@@ -17,7 +17,7 @@ import torch
 from circuits import cli
 from circuits.model import load_model
 from circuits.representations.activations import hidden_states
-from circuits.representations.labels import Labeled, labeled_set
+from circuits.representations.labels import Labeled, distinct_examples, labeled_set
 from circuits.representations.planted import planted_direction
 from circuits.representations.probe import (
     binomial_interval,
@@ -25,7 +25,7 @@ from circuits.representations.probe import (
     fit_probe,
     split,
 )
-from circuits.representations.probe_report import distinct_examples, load_probe, probe_layers
+from circuits.representations.probe_report import load_probe, probe_layers
 from circuits.testing import model_folder
 
 Z = 1.959963984540054

@@ -26,6 +26,7 @@ from ..representations.labels import (
     LABEL_SETS,
     Labeled,
     check_position,
+    distinct_examples,
     frequent_classes,
     labeled_set,
 )
@@ -121,21 +122,26 @@ def _task(spec: str | None, labels: str, model: Model | None, n: int, seed: int
 
 
 def _labels(args: argparse.Namespace, model: Model | None) -> tuple[Labeled, str]:
-    """The labelled set, without its rare classes with ``--min-per-class`` (then also a line that
-    says what was left out, else ""); a file is read and checked before the model is loaded."""
+    """The labelled set without repeated examples and, with ``--min-per-class``, without its rare
+    classes (then also a line that says what was left out, else ""); a file is read and checked
+    before the model is loaded."""
     n = args.n if args.n is not None or args.labels not in LABEL_SETS else DEFAULT_N
     labeled = labeled_set(args.labels, model.tokenizer if model else None, n=n,
                           seed=args.seed)
-    dropped = ""
+    every = labeled
+    labeled = distinct_examples(labeled)  # as erase_concept does, before classes are counted
+    notes = [] if len(labeled) == len(every) else [
+        f"dropped {len(every) - len(labeled)} repeated examples (the same text and label): "
+        f"{len(labeled)} distinct"]
     if args.min_per_class is not None:
         every = labeled
         labeled = frequent_classes(labeled, args.min_per_class)
         if len(labeled) < len(every):
             rare = len(every.classes) - len(labeled.classes)
-            dropped = (f"left out {rare} classes with fewer than {args.min_per_class} "
-                       f"examples ({len(every) - len(labeled)} examples)")
+            notes.append(f"left out {rare} classes with fewer than {args.min_per_class} "
+                         f"examples ({len(every) - len(labeled)} examples)")
     check_labeled(labeled)
-    return labeled, dropped
+    return labeled, "; ".join(notes)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from ..task import Task
 from .activations import hidden_states, parse_layers
 from .effects import NeutralMeter, TaskMeter
 from .erase import Eraser, check_at, cross_covariance, erase_edit, fit_eraser
-from .labels import Labeled
+from .labels import Labeled, distinct_examples
 from .probe import ProbeFit, fit_probe, split
 
 #: Each class needs this many examples: the fit, probe-training and probe-test sets each get some.
@@ -197,8 +197,9 @@ def erase_concept(model: Model, labeled: Labeled, layer: int | str,
     ----------
     model : Model
     labeled : Labeled
-        Texts with a class label each (`circuits.representations.labels.labeled_set`); at
-        least `MIN_PER_CLASS` of each class.
+        Texts with a class label each (`circuits.representations.labels.labeled_set`); repeated
+        examples are dropped (`labels.distinct_examples`: a copy on each side of the split
+        would be scored as unseen), then at least `MIN_PER_CLASS` of each class.
     layer : int or str
         One decoder layer (negative from the end): the eraser edits the residual after it.
     position : str or int, optional
@@ -231,6 +232,7 @@ def erase_concept(model: Model, labeled: Labeled, layer: int | str,
     if len(layers) != 1:
         raise OptionError(f"erase at one layer; got {layer!r} ({len(layers)} layers)")
     at = check_at(at)
+    labeled = distinct_examples(labeled)
     check_labeled(labeled)
     y = labeled.y
     fit, fresh, test = three_way(y, seed)

@@ -178,6 +178,27 @@ class Labeled:
                        tuple(self.marks[i] for i in pick), tuple(self.words[i] for i in pick))
 
 
+def distinct_examples(labeled: Labeled) -> Labeled:
+    """`labeled` without repeated examples (the same text, read at the same place, with the
+    same label): a copy on each side of a split would be the same activation, scored as held
+    out. Built-in sets drawn from a small pool (``factual``) repeat examples.
+
+    Examples
+    --------
+    >>> data = Labeled("toy", ("a", "b", "a", "a"), ("x", "y", "x", "y"))
+    >>> distinct_examples(data).labels
+    ('x', 'y', 'y')
+    """
+    seen: set = set()
+    keep = []
+    for i, key in enumerate(zip(labeled.texts, labeled.positions, labeled.labels, strict=True)):
+        marks = tuple(sorted(labeled.marks[i].items()))
+        if (key, marks) not in seen:
+            seen.add((key, marks))
+            keep.append(i)
+    return labeled if len(keep) == len(labeled) else labeled.subset(keep)
+
+
 def frequent_classes(labeled: Labeled, min_count: int) -> Labeled:
     """The examples of `labeled` whose class has at least `min_count` examples (in order).
 

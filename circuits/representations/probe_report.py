@@ -30,7 +30,7 @@ from ..nodes import NodeSites
 from ..outputs import progress_bar, staged
 from ..tables import text_table
 from .activations import control_words, hidden_states, parse_layers
-from .labels import Labeled, check_position
+from .labels import Labeled, check_position, distinct_examples
 from .probe import (
     KINDS,
     Kind,
@@ -341,27 +341,6 @@ def probe_layers(model: Model, labeled: Labeled, layers: Sequence[int] | str | N
                 "duplicates_dropped": given - len(labeled)}
     return ProbeResult(model.name, model.fingerprint, labeled.name, labeled.classes, kind,
                        rows, fits, recorded)
-
-
-def distinct_examples(labeled: Labeled) -> Labeled:
-    """`labeled` without repeated examples (the same text, read at the same place, with the
-    same label): a copy on each side of the split would be the same activation, scored as
-    held out.
-
-    Examples
-    --------
-    >>> data = Labeled("toy", ("a", "b", "a", "a"), ("x", "y", "x", "y"))
-    >>> distinct_examples(data).labels
-    ('x', 'y', 'y')
-    """
-    seen: set = set()
-    keep = []
-    for i, key in enumerate(zip(labeled.texts, labeled.positions, labeled.labels, strict=True)):
-        marks = tuple(sorted(labeled.marks[i].items()))
-        if (key, marks) not in seen:
-            seen.add((key, marks))
-            keep.append(i)
-    return labeled if len(keep) == len(labeled) else labeled.subset(keep)
 
 
 def _own_position(labeled: Labeled) -> str:
