@@ -17,6 +17,19 @@ def batch():
     return make_batch()
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread during the test, the thread count restored after. Modules of tiny
+    tensors, which a second thread only slows on a shared machine, use it for every test:
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_configure(config):
     """Under pytest-xdist each worker gets one CPU thread (and so do the programs the tests
     start), so that two workers on two cores do not each run two threads: oversubscribed

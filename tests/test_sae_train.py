@@ -35,13 +35,8 @@ from circuits.testing import model_folder
 IOI = "ioi-gpt2-4l"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These matrices are tiny: a second thread only adds contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: tiny tensors: a second thread only adds contention on a shared machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- a planted dictionary is recovered ----------------------------------------------------------

@@ -37,14 +37,8 @@ from circuits.representations.steer_report import (
 )
 from circuits.testing import model_folder, tiny_gpt2
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models are tiny: a second thread only adds contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: tiny tensors: a second thread only adds contention on a shared machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -137,6 +137,13 @@ def load_task_and_model(task: str, model: Model | str | None, n: int | None, see
     return found, loaded
 
 
+def add_model_argument(parser: argparse.ArgumentParser, also: str = "") -> None:
+    """The positional ``MODEL`` of the commands that take a model before anything else; `also`
+    ends its help (what the model must be, e.g. the one an SAE was trained on)."""
+    parser.add_argument("model", metavar="MODEL", help="a shipped model (`circuits models`), a "
+                        f"local model folder or a hub name{also}")
+
+
 def add_device_arguments(parser: argparse.ArgumentParser, bos: bool = True,
                          dtype: str | None = "float32") -> None:
     """``--device`` and ``--dtype``, for every command that loads a model (checked by the

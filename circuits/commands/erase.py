@@ -33,6 +33,7 @@ from ..representations.labels import (
 from ..task import MAX_PROMPTS, Task, get_task
 from .common import (
     add_device_arguments,
+    add_model_argument,
     check_device_and_dtype,
     check_output,
     check_seed_and_n,
@@ -53,8 +54,7 @@ DEFAULT_PROMPTS = 100
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The model, labels, layer, positions, task, neutral text, counts, seed, output, device."""
-    p.add_argument("model", metavar="MODEL", help="a shipped model (`circuits models`), a local "
-                   "model folder or a hub name")
+    add_model_argument(p)
     p.add_argument("--labels", required=True, metavar="SPEC", help="the concept: a built-in "
                    f"label set ({', '.join(LABEL_SETS)}) or a JSONL file of {{\"text\", "
                    "\"label\", \"position\"?}")

@@ -28,7 +28,13 @@ from ..representations.labels import (
 from ..representations.probe import DEFAULTS, KINDS, probe_options, split
 from ..representations.probe_report import distinct_examples, probe_layers
 from ..task import MAX_PROMPTS
-from .common import add_device_arguments, check_device_and_dtype, check_output, fail
+from .common import (
+    add_device_arguments,
+    add_model_argument,
+    check_device_and_dtype,
+    check_output,
+    fail,
+)
 
 HELP_EXAMPLES = """examples:
   circuits probe ioi-gpt2-4l --labels ioi --position last,s2   # circuits-out/probe-ioi/
@@ -42,8 +48,7 @@ a JSONL labels file has one {"text": ..., "label": ..., "position": ..., "word":
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The model, labels, layers, positions, probe and its options, split, output, device."""
-    parser.add_argument("model", metavar="MODEL", help="a shipped model (`circuits models`), a "
-                        "local model folder or a hub name")
+    add_model_argument(parser)
     parser.add_argument("--labels", required=True, metavar="SPEC", help="a built-in label set "
                         f"({', '.join(LABEL_SETS)}) or a JSONL file of "
                         "{\"text\", \"label\", \"position\"?, \"word\"?} lines")

@@ -23,7 +23,13 @@ from ..files import write_atomic
 from ..model import load_model
 from ..outputs import staged
 from . import sae_features
-from .common import add_device_arguments, check_device_and_dtype, check_output, fail
+from .common import (
+    add_device_arguments,
+    add_model_argument,
+    check_device_and_dtype,
+    check_output,
+    fail,
+)
 
 HELP_EXAMPLES = """examples:
   circuits sae train gpt2 --site resid.3 --features 2048 --kind topk --k 32 --texts corpus.txt
@@ -83,8 +89,7 @@ def run(args: argparse.Namespace) -> int:
 # -- train ----------------------------------------------------------------------------------------
 def train_arguments(p: argparse.ArgumentParser) -> None:
     """``sae train``'s arguments."""
-    p.add_argument("model", metavar="MODEL", help="a shipped model (`circuits models`), a local "
-                   "model folder or a hub name")
+    add_model_argument(p)
     p.add_argument("--site", required=True, help="where the SAE reads and writes: resid.L (the "
                    "residual after layer L), attn.L, mlp.L; with --transcoder mlp.L")
     p.add_argument("--texts", required=True, metavar="CORPUS", help=CORPUS_HELP)
@@ -203,8 +208,7 @@ def run_train(args: argparse.Namespace) -> int:
 # -- quality --------------------------------------------------------------------------------------
 def quality_arguments(p: argparse.ArgumentParser) -> None:
     """``sae quality``'s arguments."""
-    p.add_argument("model", metavar="MODEL", help="a shipped model (`circuits models`), a local "
-                   "model folder or a hub name: the model the SAE was trained on")
+    add_model_argument(p, ": the model the SAE was trained on")
     p.add_argument("sae", metavar="SAE", help="an SAE folder (cfg.json + safetensors, ours or "
                    "sae-lens's), a .safetensors file or a Gemma Scope params.npz")
     p.add_argument("--texts", required=True, metavar="CORPUS", help=CORPUS_HELP)

@@ -28,7 +28,13 @@ from ..features.train import check_context
 from ..model import load_model
 from ..outputs import progress_bar
 from ..task import prefix_ids
-from .common import add_device_arguments, check_device_and_dtype, check_output, fail
+from .common import (
+    add_device_arguments,
+    add_model_argument,
+    check_device_and_dtype,
+    check_output,
+    fail,
+)
 
 HELP_EXAMPLES = """examples:
   circuits sae features gpt2 sae-out/ --texts corpus.txt -o features-out/
@@ -38,8 +44,7 @@ HELP_EXAMPLES = """examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The model, the SAE, the corpus, which features, how much to keep, the output."""
-    p.add_argument("model", metavar="MODEL", help="a shipped model (`circuits models`), a local "
-                   "model folder or a hub name: the model the SAE was trained on")
+    add_model_argument(p, ": the model the SAE was trained on")
     p.add_argument("sae", metavar="SAE", help="an SAE folder (cfg.json + safetensors, ours or "
                    "sae-lens's), a .safetensors file or a Gemma Scope params.npz")
     p.add_argument("--site", help="the site the SAE reads, where its file does not say "

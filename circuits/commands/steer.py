@@ -37,6 +37,7 @@ from ..representations.steer_report import SCALES_HELP, parse_scales, steering_s
 from ..task import Task, get_task
 from .common import (
     add_device_arguments,
+    add_model_argument,
     check_device_and_dtype,
     check_output,
     check_seed_and_n,
@@ -62,8 +63,7 @@ WEAK = 0.6  # in-sample split accuracy below which the direction is reported as 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The model, where the direction comes from, the sweep, the generations, the output."""
-    p.add_argument("model", metavar="MODEL", help="a shipped model (`circuits models`), a local "
-                   "model folder or a hub name")
+    add_model_argument(p)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--pairs", metavar="SPEC", help="where the direction is read: a task "
                         "(built-in name or JSONL file; clean prompts against corrupted ones), a "
