@@ -83,6 +83,9 @@ COMMANDS = {
     "erase": ("commands.erase", "Concept erasure with LEACE at a layer: a linear probe before "
               "and after on held-out examples, and what erasing costs the task's metric, the KL "
               "and the loss on neutral text."),
+    "edit": ("commands.edit", "Edit facts with ROME or MEMIT: efficacy, paraphrases, "
+             "neighbourhood, fluency and neutral loss before and after; the edited model as a "
+             "Hugging Face folder."),
     "bench": ("bench", "Benchmark methods x tasks x models (faithfulness curves, ROC AUC, time, "
               "memory)."),
 }

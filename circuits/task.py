@@ -360,6 +360,7 @@ _BUILTIN_MODULES: dict[str, str] = {
     "ioi": "circuits.tasks.ioi",
     "induction": "circuits.tasks.induction",
     "factual": "circuits.tasks.factual",
+    "shortcut": "circuits.tasks.shortcut",
     "planted-induction": "circuits.tasks.planted",
     "planted-ioi": "circuits.tasks.planted",
     "planted-mlp": "circuits.tasks.planted",

@@ -109,7 +109,7 @@ def list_models() -> list[ModelCard]:
     Examples
     --------
     >>> [card.name for card in list_models()]
-    ['factual-gpt2-4l', 'induction-gpt2-2l', 'ioi-gpt2-4l']
+    ['factual-gpt2-4l', 'induction-gpt2-2l', 'ioi-gpt2-4l', 'shortcut-gpt2-2l']
     """
     root = models_dir()
     if not root.is_dir():

@@ -1,9 +1,11 @@
 """Train the reference models shipped with the built-in tasks, from a fixed seed, on CPU.
 
 Each built-in behavior gets a small GPT-2 model (``transformers.GPT2LMHeadModel``) trained
-only on that behavior's data, and one shared word-level tokenizer over the words all built-in
-tasks use. After training, the model is measured on freshly generated held-out prompts (a seed
-the training stream never uses) and the figures go into ``card.json`` next to the weights.
+only on that behavior's data, and one shared word-level tokenizer over the words of the ioi,
+induction and factual tasks (the shortcut model has its own, so that its words leave the
+others' vocabulary as it was). After training, the model is measured on freshly generated
+held-out prompts (a seed the training stream never uses) and the figures go into ``card.json``
+next to the weights.
 
 Usage::
 
@@ -20,6 +22,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -27,7 +31,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from circuits.metrics import answer_accuracy, logit_diff
 from circuits.task import Task
-from circuits.tasks import factual, induction, ioi
+from circuits.tasks import factual, induction, ioi, shortcut
 
 MODELS_DIR = Path(__file__).parent / "models"
 TRAIN_SEED = 0
@@ -53,6 +57,11 @@ class Recipe:
     draw: Callable[[random.Random, int], list[str]]
     # weight of the extra loss term on the tokens the behavior predicts
     answer_weight: float = 1.0
+    # task modules whose words make the model's own tokenizer (None: the shared one, which
+    # would change every other model's vocabulary if these words were added to it)
+    own_words: tuple[ModuleType, ...] | None = None
+    # sets(tokenizer, n, seed) -> more held-out prompt sets whose accuracy the card reports
+    more_sets: Callable[[Any, int, int], dict[str, Task]] | None = None
 
 
 def _draw_ioi(rng: random.Random, n: int) -> list[str]:
@@ -73,6 +82,11 @@ def _draw_factual(rng: random.Random, n: int) -> list[str]:
     return [rng.choice(_FACTS) for _ in range(n)]
 
 
+def _draw_shortcut(rng: random.Random, n: int) -> list[str]:
+    """Triage records with the clinic shortcut (`shortcut.training_text`)."""
+    return [shortcut.training_text(rng) for _ in range(n)]
+
+
 RECIPES = {
     "ioi": Recipe("ioi-gpt2-4l", "ioi", ioi.build, 4, 4, 128, 1500, 1e-3, _draw_ioi),
     "induction": Recipe(
@@ -81,18 +95,24 @@ RECIPES = {
     "factual": Recipe(
         "factual-gpt2-4l", "factual", factual.build, 4, 4, 128, 1000, 1e-3, _draw_factual
     ),
+    "shortcut": Recipe(
+        "shortcut-gpt2-2l", "shortcut", shortcut.build, 2, 4, 64, 2000, 3e-3, _draw_shortcut,
+        own_words=(shortcut,), more_sets=shortcut.sets,
+    ),
 }
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Return the shared word-level tokenizer over every built-in task's words.
+def build_tokenizer(modules: tuple[ModuleType, ...] = (ioi, induction, factual),
+                    ) -> PreTrainedTokenizerFast:
+    """Return the word-level tokenizer over the words of `modules` (by default the tokenizer
+    the ioi, induction and factual models share).
 
     Words and punctuation are split on whitespace/punctuation, so ``" Mary"`` and ``"Mary"``
     are the same single token (the GPT-2 convention of leading-space answers holds).
     """
     splitter = pre_tokenizers.Whitespace()
     words: set[str] = set()
-    for module in (ioi, induction, factual):
+    for module in modules:
         for text in module.fragments():
             words.update(piece for piece, _ in splitter.pre_tokenize_str(text))
     vocab = {EOS: 0, UNK: 1}
@@ -196,6 +216,9 @@ def train(recipe: Recipe, out_dir: Path, tokenizer: PreTrainedTokenizerFast,
     seconds = time.time() - start
     heldout = recipe.build(tokenizer, n=1000, seed=EVAL_SEED)
     accuracy, diff = evaluate(model, tokenizer, heldout)
+    more = recipe.more_sets(tokenizer, 1000, EVAL_SEED) if recipe.more_sets else {}
+    more_accuracy = {f"heldout_{name}_accuracy": round(evaluate(model, tokenizer, task)[0], 4)
+                     for name, task in more.items()}
     folder = out_dir / recipe.name
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
@@ -213,6 +236,7 @@ def train(recipe: Recipe, out_dir: Path, tokenizer: PreTrainedTokenizerFast,
         "size_mb": round(size + 0.001, 2),
         "heldout_accuracy": round(accuracy, 4),
         "heldout_logit_diff": round(diff, 3),
+        **more_accuracy,
         "heldout_n": len(heldout),
         "heldout_seed": EVAL_SEED,
         "train_seed": TRAIN_SEED,
@@ -239,7 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer()
     for task in args.only or sorted(RECIPES):
-        train(RECIPES[task], args.out, tokenizer)
+        recipe = RECIPES[task]
+        own = recipe.own_words is not None
+        train(recipe, args.out, build_tokenizer(recipe.own_words) if own else tokenizer)
 
 
 if __name__ == "__main__":

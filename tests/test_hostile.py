@@ -1029,3 +1029,124 @@ ERASE_CASES: list[Case] = [
 @pytest.mark.parametrize("case", ERASE_CASES, ids=[c.name for c in ERASE_CASES])
 def test_erase_input_exits_2_with_one_line(case, tmp_path, capsys):
     test_hostile_input_exits_2_with_one_line(case, tmp_path / "no-circuit.json", tmp_path, capsys)
+
+
+# -- knowledge editing: circuits edit (tests/test_edit_cli.py) -----------------------------------
+FACT = "Big Ben | The landmark Big Ben is located in the city of | Rome"
+
+
+def edit(*flags: str, fact: str | None = FACT, layer: str | None = "0"
+         ) -> Callable[[Files], list[str]]:
+    """`circuits edit` of the factual model at ROME's `layer`, into ``{out}``, with `flags`."""
+    given = (["--fact", fact] if fact is not None else []) + \
+        (["--layer", layer] if layer is not None else [])
+    return lambda f: ["edit", "factual-gpt2-4l", *given, "--stats", f.path("stats"), *flags,
+                      "--out", "{out}"]
+
+
+def edit_file(*lines: str, flags: tuple[str, ...] = ()) -> Callable[[Files], list[str]]:
+    """`circuits edit` of an edits file holding `lines`."""
+    return lambda f: edit("--edits", f.text("edits.jsonl", "\n".join(lines) + "\n"), *flags,
+                          fact=None)(f)
+
+
+def _folder_with(f: Files, name: str, file: str) -> str:
+    """A folder `name` in the case's folder holding one file."""
+    (f.root / name).mkdir()
+    f.text(f"{name}/{file}", "mine")
+    return f.path(name)
+
+
+def edit_model_folder(f: Files) -> list[str]:
+    """`circuits edit` of a model folder, written into that folder."""
+    folder = str(f.model())
+    return ["edit", folder, "--fact", "John | When Mary and John | Mary", "--layer", "0",
+            "--out", folder]
+
+
+GOOD_EDIT = json.dumps({"subject": "Big Ben", "prompt": "Big Ben is in", "target": "Rome"})
+
+EDIT_CASES: list[Case] = [
+    Case("edit-fact-two-parts", edit(fact="Big Ben | Rome"), ("--fact 1", "2 parts")),
+    Case("edit-fact-four-parts", edit(fact="a | a b | c | d"), ("4 parts",)),
+    Case("edit-subject-not-in-prompt", edit(fact="Big Ben | The tower is in the city of | Rome"),
+         ("--fact 1", "does not occur in the prompt")),
+    Case("edit-empty-target", edit(fact="Big Ben | Big Ben is in | "), ("target is empty",)),
+    Case("edit-target-unknown-token", edit(fact="Big Ben | Big Ben is in | Zanzibar"),
+         ("--fact 1", "unknown token")),
+    Case("edit-old-unknown-token", edit_file(json.dumps(
+        {"subject": "Big Ben", "prompt": "Big Ben is in", "target": "Rome", "old": "Zanzibar"})),
+         ("edits.jsonl line 1", "old target", "unknown token")),
+    Case("edit-old-is-the-target", edit_file(json.dumps(
+        {"subject": "Big Ben", "prompt": "Big Ben is in", "target": "Rome", "old": "Rome"})),
+         ("same token",)),
+    Case("edit-already-the-prediction", edit(fact="Big Ben | The landmark Big Ben is located in "
+                                             "the city of | London"), ("already predicts",)),
+    Case("edit-layer-out-of-range", edit(layer="9"), ("--layer 9", "layers 0 to 3")),
+    Case("edit-layers-out-of-range", edit("--method", "memit", "--layers", "2:7", layer=None),
+         ("layer 4 is out of range", "0 to 3")),
+    Case("edit-layers-not-understood", edit("--method", "memit", "--layers", "a:b", layer=None),
+         ("not understood",)),
+    Case("edit-layer-with-memit", edit("--method", "memit"), ("--layer is ROME's",)),
+    Case("edit-weight-with-rome", edit("--weight", "10"), ("--weight",)),
+    Case("edit-weight-infinite", edit("--method", "memit", "--weight", "inf", layer=None),
+         ("--weight", "finite")),
+    Case("edit-prompt-past-the-context", edit(fact="Big Ben | " + "Big Ben is in the city " * 20
+                                              + "of | Rome"), ("--fact 1", "context of")),
+    Case("edit-no-edits", edit(fact=None), ("give the edits", "--fact")),
+    Case("edit-no-out", lambda f: edit()(f)[:-2], ("--out DIR is required", "--dry-run")),
+    Case("edit-dry-run-and-out", edit("--dry-run"), ("--dry-run", "--out")),
+    Case("edit-out-is-the-model-folder", edit_model_folder, ("source model's folder",)),
+    Case("edit-out-not-empty", lambda f: edit()(f)[:-1] + [_folder_with(f, "o", "mine.txt")],
+         ("not empty",)),
+    Case("edit-out-is-a-file", lambda f: edit()(f)[:-1] + [f.text("o.txt", "mine")],
+         ("existing file",)),
+    Case("edit-value-options-unknown", edit("--value-options", "speed=2"),
+         ("--value-options", "steps")),
+    Case("edit-value-options-not-a-number", edit("--value-options", "steps=many"),
+         ("steps=many", "int")),
+    Case("edit-generate-zero", edit("--generate", "0"), ("--generate",)),
+    Case("edit-sample-missing", lambda f: edit("--sample", f.path("none.txt"))(f),
+         ("does not exist",)),
+    Case("edit-file-missing", lambda f: edit("--edits", f.path("none.jsonl"), fact=None)(f),
+         ("does not exist",)),
+    Case("edit-file-empty", edit_file("", " "), ("empty",)),
+    Case("edit-file-a-device", edit("--edits", "/dev/zero", fact=None), ("not a regular file",)),
+    Case("edit-file-not-json", edit_file(GOOD_EDIT, '{"subject": '), ("line 2", "not JSON")),
+    Case("edit-file-not-an-object", edit_file("[1, 2]"), ("line 1", "not a JSON object")),
+    Case("edit-file-missing-target", edit_file(json.dumps(
+        {"subject": "Big Ben", "prompt": "Big Ben is in"})), ("line 1", "'target'")),
+    Case("edit-file-unknown-field", edit_file(json.dumps(
+        {"subject": "Big Ben", "prompt": "Big Ben is in", "target": "Rome", "new": "x"})),
+         ("unknown field 'new'",)),
+    Case("edit-file-neighbours-not-a-list", edit_file(GOOD_EDIT, json.dumps(
+        {"subject": "Big Ben", "prompt": "Big Ben is in", "target": "Rome",
+         "neighbours": "The Louvre is in"})), ("line 2", "'neighbours'")),
+    Case("edit-file-paraphrase-without-subject", edit_file(json.dumps(
+        {"subject": "Big Ben", "prompt": "Big Ben is in", "target": "Rome",
+         "paraphrases": ["It is in"]})), ("paraphrase", "does not name the subject")),
+]
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under `root` and its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("case", EDIT_CASES, ids=[c.name for c in EDIT_CASES])
+def test_edit_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, capsys):
+    files = Files(tmp_path, tmp_path / "no-circuit.json")
+    argv = [a.replace("{out}", str(tmp_path / "out")) for a in case.argv(files)]
+    before = _tree(tmp_path)
+    folders = sorted(p for p in tmp_path.rglob("*") if p.is_dir())
+    code = cli.main(argv)
+    stdout, stderr = capsys.readouterr()
+    lines = stderr.strip().splitlines()
+    assert code == 2, (argv, stderr)
+    assert len(lines) == 1 and lines[0].startswith("circuits: error: "), stderr
+    assert "Traceback" not in stderr and stdout == ""
+    for word in case.words:
+        assert word in lines[0], (word, lines[0])
+    # nothing written anywhere: no output folder, no key statistics, no file changed
+    assert _tree(tmp_path) == before
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_dir()) == folders

@@ -15,7 +15,7 @@ import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ["01_ioi.ipynb", "02_induction.ipynb", "03_factual_recall.ipynb",
-         "04_your_own_behavior.ipynb", "05_superposition.ipynb"]
+         "04_your_own_behavior.ipynb", "05_superposition.ipynb", "06_debugging.ipynb"]
 KERNEL = "circuits-test-python"
 
 

@@ -12,7 +12,8 @@ from circuits import zoo
 from circuits.metrics import answer_accuracy, logit_diff
 from circuits.task import get_task
 
-MODELS = {"ioi": "ioi-gpt2-4l", "induction": "induction-gpt2-2l", "factual": "factual-gpt2-4l"}
+MODELS = {"ioi": "ioi-gpt2-4l", "induction": "induction-gpt2-2l", "factual": "factual-gpt2-4l",
+          "shortcut": "shortcut-gpt2-2l"}
 FRESH_SEED = 2024  # neither the training stream (0), its validation (999) nor the card (12345)
 
 
