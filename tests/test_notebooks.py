@@ -39,7 +39,11 @@ def execute(path: Path, kernel_dir: Path, timeout: int = 600):
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, km=manager, timeout=timeout, kernel_name=KERNEL,
                                      resources={"metadata": {"path": str(path.parent)}})
-    client.execute()
+    try:
+        client.execute()
+    finally:  # a kernel manager handed in is not the client's to stop: stop it here
+        if manager.has_kernel:
+            manager.shutdown_kernel(now=True)
     return nb
 
 
