@@ -140,3 +140,23 @@ def test_plan_command_reads_a_shipped_model(capsys):
     assert cli.main(["plan", "ioi-gpt2-4l", "--method", "eap-ig", "--memory", "1MiB"]) == 0
     out = capsys.readouterr().out
     assert "479 edges" in out and "not even a batch of one fits" in out
+
+
+def test_plan_command_reads_a_hub_name_from_the_local_cache(tmp_path, monkeypatch, capsys):
+    """A hub name whose config.json is in the Hugging Face cache is planned without a network;
+    one that is not gets one line saying the config is needed."""
+    import huggingface_hub.constants
+    from transformers import LlamaConfig
+
+    repo = tmp_path / "models--someorg--tiny-llama"
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=100).save_pretrained(repo / "snapshots" / "abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert cli.main(["plan", "someorg/tiny-llama", "--method", "eap"]) == 0
+    out = capsys.readouterr().out
+    assert "LlamaForCausalLM" in out and "82 edges" in out
+    assert cli.main(["plan", "someorg/other-model", "--method", "eap"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and "local Hugging Face cache" in errors[0], errors
