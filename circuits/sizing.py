@@ -26,13 +26,14 @@ Activations and buffers are sums of tensor sizes in a few units (one residual-si
 the batch, one MLP-sized, one layer's attention weights, one layer's query/key/value weights,
 times the sources, destinations or layers), with coefficients *fitted* to the peaks
 `circuits.cost.measure` measured on 13 small GPT-2 and Llama models of 2 to 4 layers, 4 to 8
-heads, widths 256 and 512, batches of 8 to 32 prompts of 16 to 64 tokens (``benchmarks/
-plan_memory.py`` measures them again and prints the fit). The peaks were measured with glibc's
-mmap threshold held at 128 KiB, so that resident memory follows the tensors alive at once (what
-CUDA's allocator counts) rather than what the heap kept from earlier runs. The engine's exact
-allocations are not reproduced: over those models the estimate is within 15% of the measured
-peak for EAP, EAP-IG and EAP-IG-activations (``tests/test_plan.py`` checks 25% on both
-families) and within 35% for exact patching. Models far larger than those are extrapolated.
+heads, widths 256 and 512, batches of 8 to 32 prompts of 16 to 64 tokens
+(``benchmarks/plan_memory.py`` measures them again and prints the estimate next to each peak).
+The peaks were measured with glibc's mmap threshold held at 128 KiB, so that resident memory
+follows the tensors alive at once (what CUDA's allocator counts) rather than what the heap kept
+from earlier runs. The engine's exact allocations are not reproduced: over those models the
+estimate is within 15% of the measured peak for EAP, EAP-IG and EAP-IG-activations and within
+35% for exact patching (``tests/test_plan.py`` checks EAP, EAP-IG and exact patching to 25% on
+one model of each family). Models far larger than those are extrapolated.
 Methods without such a model are refused by name (`MEMORY_METHODS` lists those that have one).
 
 Passes are forward-equivalents per prompt (`circuits.cost.Cost`), counted as the engine counts
@@ -332,9 +333,11 @@ def speed_file() -> Path:
 def machine_key(device: torch.device, dtype: torch.dtype) -> str:
     """What a speed is known for: the processor (or GPU), the torch threads, the dtype."""
     if device.type == "cuda":
-        where = torch.cuda.get_device_name(device)
+        present = torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+        where = torch.cuda.get_device_name(device) if present else "a GPU not on this machine"
     else:
-        where = f"{_cpu_name()}, {torch.get_num_threads()} threads"
+        n = torch.get_num_threads()
+        where = f"{_cpu_name()}, {n} thread{'' if n == 1 else 's'}"
     return f"{device.type}: {where}, {str(dtype).removeprefix('torch.')}"
 
 

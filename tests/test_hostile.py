@@ -672,6 +672,7 @@ PLAN_CASES: list[Case] = [
     Case("plan-memory-not-a-size", plan("--memory", "lots"), ("--memory", "'lots'")),
     Case("plan-memory-zero", plan("--memory", "0GiB"), ("--memory",)),
     Case("plan-unknown-dtype", plan("--dtype", "float8"), ("float8",)),
+    Case("plan-unknown-device", plan("--device", "tpu", "--memory", "8GiB"), ("'tpu'",)),
     Case("plan-folder-without-config", lambda f: ["plan", str(no_config(f))], ("config.json",)),
     Case("plan-config-not-json", lambda f: ["plan", str(config_not_json(f))], ("config.json",)),
     Case("plan-name-not-in-cache", lambda f: ["plan", "no-org/no-model"],

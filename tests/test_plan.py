@@ -32,7 +32,7 @@ SHAPES = {
     "llama": {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
               "hidden_size": 256, "intermediate_size": 512},
 }
-METHODS = ("eap", "eap-ig", "eap-ig-activations", "exact")
+METHODS = ("eap", "eap-ig", "exact")
 B, P, VOCAB = 8, 16, 64
 
 #: Measured in a fresh process, on one thread and one CPU (the kernel's count is then exact, see
@@ -160,3 +160,9 @@ def test_plan_command_reads_a_hub_name_from_the_local_cache(tmp_path, monkeypatc
     assert cli.main(["plan", "someorg/other-model", "--method", "eap"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 1 and "local Hugging Face cache" in errors[0], errors
+
+
+def test_plan_for_a_device_this_machine_lacks_given_its_memory(capsys):
+    assert cli.main(["plan", "ioi-gpt2-4l", "--device", "cuda:3", "--memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "on cuda:3" in out and "of 80.00 GiB" in out

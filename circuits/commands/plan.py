@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import re
 
+import torch
+
 from ..methods import available
 from ..model import resolve_device, resolve_dtype
 from ..sizing import (
@@ -135,13 +137,27 @@ def report(run: RunEstimate, where: str, speed_key: str) -> str:
     return "\n".join(lines)
 
 
+def _device_name(text: str) -> torch.device:
+    """The torch device `text` names, whether or not this machine has it."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        fail(f"--device must be cpu, cuda, cuda:N or mps, got {text!r}")
+    if device.type not in ("cpu", "cuda", "mps"):
+        fail(f"--device must be cpu, cuda, cuda:N or mps, got {text!r}")
+    return device
+
+
 def run(args: argparse.Namespace) -> int:
     """Read the config, build the model on the meta device, print the plan."""
     from ..attribution.plan import free_memory
 
     _check(args)
-    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    dtype = resolve_dtype(args.dtype)
     capacity = parse_size(args.memory) if args.memory is not None else None
+    # with --memory the device may be one this machine lacks (planning for another machine)
+    device = (resolve_device(args.device) if capacity is None or args.measure_speed
+              else _device_name(args.device))
     sizes = model_sizes(read_config(args.model), dtype, args.model)
     if args.measure_speed:
         measure_speed(device, dtype)
