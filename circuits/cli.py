@@ -86,6 +86,9 @@ COMMANDS = {
     "edit": ("commands.edit", "Edit facts with ROME or MEMIT: efficacy, paraphrases, "
              "neighbourhood, fluency and neutral loss before and after; the edited model as a "
              "Hugging Face folder."),
+    "plan": ("commands.plan", "Before any weight is loaded, from the model's config: the edges, "
+             "the memory a method's run needs per device, its passes, its time and the largest "
+             "batch that fits."),
     "bench": ("bench", "Benchmark methods x tasks x models (faithfulness curves, ROC AUC, time, "
               "memory)."),
 }

@@ -658,6 +658,30 @@ STEER_CASES: list[Case] = [
 CASES += STEER_CASES
 
 
+def plan(*flags: str) -> Callable[[Files], list[str]]:
+    return lambda f: ["plan", IOI, *flags]
+
+
+PLAN_CASES: list[Case] = [
+    Case("plan-unknown-method", plan("--method", "magic"), ("'magic'", "not a method")),
+    Case("plan-method-without-memory-model", plan("--method", "acdc"), ("no memory model",)),
+    Case("plan-n-zero", plan("--n", "0"), ("--n",)),
+    Case("plan-batch-size-negative", plan("--batch-size", "-3"), ("--batch-size",)),
+    Case("plan-tokens-zero", plan("--tokens", "0"), ("--tokens",)),
+    Case("plan-steps-zero", plan("--steps", "0"), ("--steps",)),
+    Case("plan-memory-not-a-size", plan("--memory", "lots"), ("--memory", "'lots'")),
+    Case("plan-memory-zero", plan("--memory", "0GiB"), ("--memory",)),
+    Case("plan-unknown-dtype", plan("--dtype", "float8"), ("float8",)),
+    Case("plan-unknown-device", plan("--device", "tpu", "--memory", "8GiB"), ("'tpu'",)),
+    Case("plan-folder-without-config", lambda f: ["plan", str(no_config(f))], ("config.json",)),
+    Case("plan-config-not-json", lambda f: ["plan", str(config_not_json(f))], ("config.json",)),
+    Case("plan-name-not-in-cache", lambda f: ["plan", "no-org/no-model"],
+         ("local Hugging Face cache",)),
+    Case("plan-empty-name", lambda f: ["plan", ""], ("MODEL",)),
+]
+CASES += PLAN_CASES
+
+
 @pytest.fixture(scope="module")
 def saved_circuit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small IOI circuit discovered on the reference model."""
