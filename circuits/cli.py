@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import difflib
 import importlib
+import os
 import signal
 import sys
 import time
@@ -29,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .commands.common import DISCOVER_FILES as DISCOVER_FILES  # where the tests long found it
 from .commands.common import PROG, fail
 from .errors import CircuitsError
@@ -217,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     0 if done.code is None else 2)
             args.argv = argv
             debug = getattr(args, "debug", False)
-            status = args.func(args)
+            status = _run(args)
         except KeyboardInterrupt:
             return stopped()
         except Exception as err:  # every failure ends as one line (and a traceback with --debug)
@@ -234,6 +236,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         # a Ctrl-C swallowed somewhere still ends the command as interrupted
         return stopped() if interrupted() else status
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, in the torch.distributed job when torchrun started this process: its
+    ranks share the prompts, and only rank 0 prints (`circuits.distributed`)."""
+    with distributed.process_group(getattr(args, "device", None)):
+        if distributed.is_main():
+            return args.func(args)
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            return args.func(args)
 
 
 def entry() -> None:
