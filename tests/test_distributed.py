@@ -19,8 +19,9 @@ import torch
 from circuits import Setup, cli, distributed
 from circuits.commands.common import DISCOVER_FILES
 from circuits.errors import OptionError
-from circuits.methods import get_method
+from circuits.methods import get_method, run_method
 from circuits.testing import make_batch, model_folder, tiny_gpt2
+from circuits.toys import induction_toy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -96,6 +97,7 @@ import torch
 from circuits import Setup, distributed
 from circuits.methods import get_method, run_method
 from circuits.testing import make_batch, tiny_gpt2
+from circuits.toys import induction_toy
 
 torch.set_num_threads(1)
 with distributed.process_group() as created:
@@ -108,9 +110,12 @@ with distributed.process_group() as created:
         whole = out[0] if isinstance(out, tuple) else out
         both = run_method(method, setup).values  # each rank its share, then the sum
         diffs[method] = [float((both - whole).abs().max()), float(whole.abs().max())]
+    model, batches, _ = induction_toy(n=8)
+    acdc = run_method("acdc", Setup(model, batches, "logit-diff"), threshold=0.1)
     rows = distributed.gather_rows(torch.arange(3.0) + 10 * distributed.rank())
     if distributed.is_main():
-        json.dump({"diffs": diffs, "rows": rows.tolist()}, open(sys.argv[1], "w"))
+        json.dump({"diffs": diffs, "rows": rows.tolist(), "acdc": acdc.values.tolist(),
+                   "kept": acdc.circuit.tolist()}, open(sys.argv[1], "w"))
 assert not torch.distributed.is_initialized()  # the group made here is gone
 """
 
@@ -127,6 +132,12 @@ def test_two_ranks_under_torchrun_equal_one_process(tmp_path):
     for method, (diff, size) in found["diffs"].items():
         assert size > 1e-3 and diff <= 1e-5 * size, method
     assert found["rows"] == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0]
+    # ACDC: the ranks add each variant's loss before deciding, so they decide as one process
+    model, batches, _ = induction_toy(n=8)
+    one = run_method("acdc", Setup(model, batches, "logit-diff"), threshold=0.1)
+    assert found["kept"] == one.circuit.tolist()
+    torch.testing.assert_close(torch.tensor(found["acdc"]), one.values, rtol=1e-5, atol=1e-6,
+                               equal_nan=True)
 
 
 @pytest.mark.slow
