@@ -241,10 +241,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     """The command, in the torch.distributed job when torchrun started this process: its
     ranks share the prompts, and only rank 0 prints (`circuits.distributed`)."""
-    with distributed.process_group(getattr(args, "device", None)):
-        if distributed.is_main():
+    with distributed.process_group(getattr(args, "device", None)) as joined:
+        if not joined:
             return args.func(args)
-        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        with contextlib.ExitStack() as scope:
+            scope.enter_context(distributed.stop_with_the_job())
+            if not distributed.is_main():
+                sink = scope.enter_context(open(os.devnull, "w"))
+                scope.enter_context(contextlib.redirect_stdout(sink))
             return args.func(args)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -85,6 +87,30 @@ def process_group(device: str | torch.device | None = None) -> Iterator[bool]:
         yield True
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def stop_with_the_job(grace: float = 10.0) -> Iterator[None]:
+    """For a program that owns its process: inside the block a stop of the job reaches this
+    rank as a Ctrl-C (KeyboardInterrupt).
+
+    When one rank stops (a Ctrl-C to it alone), torchrun's agent sends the others SIGTERM;
+    here SIGTERM raises KeyboardInterrupt, so every rank ends as interrupted. A rank waiting in
+    a collective sees it fail first (its peer is gone): it waits up to `grace` seconds for the
+    agent's SIGTERM before letting the failure through. The previous handler is restored.
+    """
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except RuntimeError:  # torch.distributed's errors are RuntimeErrors
+        if active():
+            time.sleep(grace)  # the SIGTERM, if the job is stopping, raises in here
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def shard(n: int) -> slice:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -170,3 +172,49 @@ def test_discover_under_torchrun_writes_one_set_of_files(tmp_path, capsys):
     assert kept[0] == kept[1] and kept[0]
     for key in ("faithfulness", "faithfulness_ci_low", "faithfulness_ci_high"):
         assert metrics[0][key] == pytest.approx(metrics[1][key], rel=1e-5, abs=1e-7), key
+
+
+def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """The ranks torchrun started, by rank: {rank: pid}."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != launcher.pid:
+                continue
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # gone in the meantime
+        rank = next(v for v in environ if v.startswith(b"RANK=")).split(b"=")[1]
+        found[int(rank)] = int(stat.parent.name)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks in /proc")
+def test_ctrl_c_to_one_rank_stops_all_and_resume_finishes(tmp_path, capsys):
+    model = model_folder("gpt2", tmp_path / "model", initializer_range=0.2)
+    argv = ["discover", "ioi", "--model", str(model), "--n", "48", "--batch-size", "2",
+            "--method", "exact", "--select", "topk:10"]
+    assert cli.main([*argv, "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    two = [*TORCHRUN, "-m", "circuits", "--", *argv, "--out", str(tmp_path / "two")]
+    launcher = subprocess.Popen(two, env=env(), cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    saved = tmp_path / "two" / ".progress" / "rank-1" / "exact.safetensors"
+    while not saved.exists() and launcher.poll() is None:  # rank 1 has done a batch
+        time.sleep(0.05)
+    os.kill(rank_pids(launcher)[1], signal.SIGINT)
+    _, err = launcher.communicate(timeout=120)
+    # torchrun's summary: both ranks ended with 130
+    assert err.count("exitcode  : 130") == 2, err[-3000:]
+    assert err.count("circuits: interrupted") == 2
+    assert not (tmp_path / "two" / "scores.json").exists()
+    done = subprocess.run([*two, "--resume"], env=env(), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "two" / ".progress").exists()
+    a, b = (json.loads((tmp_path / d / "scores.json").read_text())["scores"]
+            for d in ("one", "two"))
+    a, b = (torch.tensor(list(s.values()), dtype=torch.float64) for s in (a, b))
+    assert a.abs().max() > 1e-3 and (a - b).abs().max() <= 1e-5 * a.abs().max()
