@@ -87,6 +87,9 @@ class Setup:
     # per batch index, the metric of the corrupted run (made with the ablated values) [b]
     _empty_values: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False,
                                              compare=False)
+    # data parallel: this rank's share, by (rank, world), kept so its ablated outputs are reused
+    _shares: dict[tuple[int, int], Setup] = field(default_factory=dict, init=False, repr=False,
+                                                  compare=False)
 
     def __post_init__(self) -> None:
         check_ablation(self.ablation)
@@ -156,16 +159,24 @@ class Setup:
         """This rank's share of the prompts under torch.distributed (`circuits.distributed`):
         its rows of every batch, weighted as shares of all prompts, so that the ranks' weighted
         sums add up to the one-process sum. Mean ablation still averages over every batch's
-        corrupted prompts. In one process, the Setup itself.
+        corrupted prompts. In one process, the Setup itself. Made once per rank and kept (with
+        the ablated outputs it keeps) until `close`.
 
         Raises
         ------
         OptionError
             Some rank would get no prompt at all (fewer prompts than ranks).
         """
-        w = distributed.world()
+        r, w = distributed.rank(), distributed.world()
         if w == 1:
             return self
+        if (r, w) not in self._shares:
+            self._shares[r, w] = self._share()
+        return self._shares[r, w]
+
+    def _share(self) -> Setup:
+        """This rank's share, made (see `shard`)."""
+        w = distributed.world()
         n = sum(b.size for b in self.batches)
         if n < w:
             raise OptionError(f"{n} prompts cannot be shared by {w} ranks; use more prompts "
@@ -316,6 +327,9 @@ class Setup:
             self._kept.close()
             self._kept = None
         self._empty_values.clear()
+        for share in self._shares.values():
+            share.close()
+        self._shares.clear()
 
     def metric_values(self, logits: Tensor, batch: Batch) -> Tensor:
         """Per-example metric ``[rows]`` of last-position logits; rows may be variant-major

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuits import Setup, cli, distributed
+from circuits import Setup, cli, distributed, evaluate
 from circuits.commands.common import DISCOVER_FILES
 from circuits.errors import OptionError
 from circuits.methods import get_method, run_method
@@ -96,7 +96,7 @@ def test_ranks_scores_add_up_to_one_process(monkeypatch, method, ablation):
 WORKER = """
 import json, sys
 import torch
-from circuits import Setup, distributed
+from circuits import Setup, distributed, evaluate
 from circuits.methods import get_method, run_method
 from circuits.testing import make_batch, tiny_gpt2
 from circuits.toys import induction_toy
@@ -114,10 +114,12 @@ with distributed.process_group() as created:
         diffs[method] = [float((both - whole).abs().max()), float(whole.abs().max())]
     model, batches, _ = induction_toy(n=8)
     acdc = run_method("acdc", Setup(model, batches, "logit-diff"), threshold=0.1)
+    found = evaluate(acdc.circuit, Setup(model, batches, "logit-diff", "mean")).as_dict()
     rows = distributed.gather_rows(torch.arange(3.0) + 10 * distributed.rank())
     if distributed.is_main():
         json.dump({"diffs": diffs, "rows": rows.tolist(), "acdc": acdc.values.tolist(),
-                   "kept": acdc.circuit.tolist()}, open(sys.argv[1], "w"))
+                   "kept": acdc.circuit.tolist(), "evaluation": found},
+                  open(sys.argv[1], "w"))
 assert not torch.distributed.is_initialized()  # the group made here is gone
 """
 
@@ -140,6 +142,9 @@ def test_two_ranks_under_torchrun_equal_one_process(tmp_path):
     assert found["kept"] == one.circuit.tolist()
     torch.testing.assert_close(torch.tensor(found["acdc"]), one.values, rtol=1e-5, atol=1e-6,
                                equal_nan=True)
+    # evaluation: per-prompt values gathered from the ranks, the interval drawn on all of them
+    whole = evaluate(one.circuit, Setup(model, batches, "logit-diff", "mean")).as_dict()
+    assert found["evaluation"] == pytest.approx(whole, rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.slow
