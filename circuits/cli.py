@@ -246,9 +246,11 @@ def _run(args: argparse.Namespace) -> int:
             return args.func(args)
         with contextlib.ExitStack() as scope:
             scope.enter_context(distributed.stop_with_the_job())
-            if not distributed.is_main():
+            if not distributed.is_main():  # rank 0 says it all; errors still show
                 sink = scope.enter_context(open(os.devnull, "w"))
                 scope.enter_context(contextlib.redirect_stdout(sink))
+                scope.enter_context(warnings.catch_warnings())
+                warnings.simplefilter("ignore")
             return args.func(args)
 
 

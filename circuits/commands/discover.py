@@ -49,7 +49,9 @@ HELP_EXAMPLES = """examples:
   circuits discover ioi --method mean:eap,eap-ig,eap-ig-activations --steps 10
   circuits discover ioi --method eap-ig --select stable:0.8,topk:50
   circuits discover ioi --method path-patching --receivers 'a3.h0<q>,logits' --level node
-  circuits discover ioi --model gpt2 --device cuda --dtype bfloat16"""
+  circuits discover ioi --model gpt2 --device cuda --dtype bfloat16
+  torchrun --nproc-per-node 2 -m circuits -- discover ioi --n 64   # 2 ranks share the prompts
+    (the `--` keeps torchrun from reading --n as one of its own options)"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
