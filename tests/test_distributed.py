@@ -106,19 +106,22 @@ with distributed.process_group() as created:
     assert created and distributed.world() == 2
     setup = Setup(tiny_gpt2(), [make_batch(b=3, vocab=32, seed=0),
                                 make_batch(b=4, vocab=32, seed=1)], "logit-diff")
-    diffs = {}
+    diffs, passes = {}, {}
     for method in ("eap", "exact", "eap-ig", "path-patching"):
         out = get_method(method).fn(setup)  # the whole run, in this process
         whole = out[0] if isinstance(out, tuple) else out
-        both = run_method(method, setup).values  # each rank its share, then the sum
-        diffs[method] = [float((both - whole).abs().max()), float(whole.abs().max())]
+        both = run_method(method, setup)  # each rank its share, then the sum
+        diffs[method] = [float((both.values - whole).abs().max()), float(whole.abs().max())]
+        passes[method] = [both.cost.forward, both.cost.backward]
     model, batches, _ = induction_toy(n=8)
     acdc = run_method("acdc", Setup(model, batches, "logit-diff"), threshold=0.1)
+    passes["acdc"] = [acdc.cost.forward, acdc.cost.backward]
     found = evaluate(acdc.circuit, Setup(model, batches, "logit-diff", "mean")).as_dict()
     rows = distributed.gather_rows(torch.arange(3.0) + 10 * distributed.rank())
     if distributed.is_main():
         json.dump({"diffs": diffs, "rows": rows.tolist(), "acdc": acdc.values.tolist(),
-                   "kept": acdc.circuit.tolist(), "evaluation": found},
+                   "kept": acdc.circuit.tolist(), "evaluation": found,
+                   "passes": passes},
                   open(sys.argv[1], "w"))
 assert not torch.distributed.is_initialized()  # the group made here is gone
 """
@@ -142,6 +145,13 @@ def test_two_ranks_under_torchrun_equal_one_process(tmp_path):
     assert found["kept"] == one.circuit.tolist()
     torch.testing.assert_close(torch.tensor(found["acdc"]), one.values, rtol=1e-5, atol=1e-6,
                                equal_nan=True)
+    # the job's passes are the ranks' together: those of one process
+    assert found["passes"]["acdc"] == pytest.approx([one.cost.forward, one.cost.backward])
+    setup = Setup(tiny_gpt2(), [make_batch(b=3, vocab=32, seed=0),
+                                make_batch(b=4, vocab=32, seed=1)], "logit-diff")
+    for method in ("eap", "exact"):
+        cost = run_method(method, setup).cost
+        assert found["passes"][method] == pytest.approx([cost.forward, cost.backward]), method
     # evaluation: per-prompt values gathered from the ranks, the interval drawn on all of them
     whole = evaluate(one.circuit, Setup(model, batches, "logit-diff", "mean")).as_dict()
     assert found["evaluation"] == pytest.approx(whole, rel=1e-5, abs=1e-7)

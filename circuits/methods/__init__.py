@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 from .. import distributed
@@ -169,6 +170,10 @@ class MethodSpec:
         Its scores are weighted sums over the prompts (each batch adds ``weight *`` its part):
         under torch.distributed (`circuits.distributed`) `run_method` gives each rank its share
         of the prompts and adds the ranks' scores.
+    shares_prompts : bool
+        Under torch.distributed it runs on this rank's share of the prompts itself and combines
+        what it needs across the ranks (ACDC: every variant's loss). Additive methods share
+        theirs through `run_method`. Either way the ranks' passes add up to the run's cost.
     """
 
     name: str
@@ -183,6 +188,7 @@ class MethodSpec:
     params: tuple[Option, ...] = ()
     positions: bool = False
     additive: bool = False
+    shares_prompts: bool = False
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -205,13 +211,14 @@ def register(
     name: str, level: Level, description: str, passes: str, edge_engine: bool = True,
     gradient_at_clean: bool = False, uses_metric: bool = True, decides_circuit: bool = False,
     params: tuple[Option, ...] = (), positions: bool = False, additive: bool = False,
+    shares_prompts: bool = False,
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator adding a method to the registry under `name` (fields as in `MethodSpec`)."""
 
     def add(fn: MethodFn) -> MethodFn:
         METHODS[name] = MethodSpec(name, fn, level, description, passes, edge_engine,
                                    gradient_at_clean, uses_metric, decides_circuit,
-                                   tuple(params), positions, additive)
+                                   tuple(params), positions, additive, shares_prompts)
         return fn
 
     return add
@@ -320,6 +327,10 @@ def run_method(name: str, setup: Setup, **options: Any) -> Scores:
     values, extra = out if isinstance(out, tuple) else (out, {})
     if split:
         values = distributed.all_sum(values)
+    if split or (spec.shares_prompts and distributed.world() > 1):
+        # each rank counted the passes over its share: the run's are their sum
+        passes = distributed.all_sum(torch.tensor([cost.forward, cost.backward]))
+        cost.forward, cost.backward = (float(p) for p in passes)
     extra = dict(extra)
     circuit = extra.pop("circuit", None)
     if spec.decides_circuit and circuit is None:

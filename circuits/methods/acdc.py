@@ -278,6 +278,7 @@ def _show_progress(progress: bool | None) -> bool:
     passes="about one partial forward per (prompts x edges), batched over candidate edges, "
            "and one partial forward-backward per stage",
     decides_circuit=True,
+    shares_prompts=True,
     params=(
         Option("threshold", "float", "ACDC's removal threshold τ", 0.01, low=0),
         Option("metric", "choice", "ACDC's loss: KL at the last position, or the task's metric",
