@@ -233,3 +233,20 @@ def test_ctrl_c_to_one_rank_stops_all_and_resume_finishes(tmp_path, capsys):
             for d in ("one", "two"))
     a, b = (torch.tensor(list(s.values()), dtype=torch.float64) for s in (a, b))
     assert a.abs().max() > 1e-3 and (a - b).abs().max() <= 1e-5 * a.abs().max()
+
+
+@pytest.mark.slow
+def test_evaluate_under_torchrun_prints_what_one_process_prints(tmp_path, capsys):
+    model = model_folder("gpt2", tmp_path / "model", initializer_range=0.2)
+    argv = ["discover", "ioi", "--model", str(model), "--n", "12", "--method", "eap",
+            "--select", "topk:10", "--out", str(tmp_path / "one")]
+    assert cli.main(argv) == 0
+    evaluate_ = ["evaluate", str(tmp_path / "one" / "circuit.json"), "--n", "16"]
+    capsys.readouterr()
+    assert cli.main(evaluate_) == 0
+    one = capsys.readouterr().out
+    done = subprocess.run([*TORCHRUN, "-m", "circuits", "--", *evaluate_], env=env(),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # faithfulness, its interval (on all 16 prompts) and the curve, printed once
+    assert "faithfulness" in one and done.stdout == one
