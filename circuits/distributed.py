@@ -16,10 +16,13 @@ import signal
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+T = TypeVar("T")
 
 #: How long a rank waits for the others in one collective before the job fails.
 TIMEOUT = timedelta(minutes=30)
@@ -161,6 +164,21 @@ def gather_rows(t: Tensor) -> Tensor:
     dist.all_gather(parts, padded)
     rows = [p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)]
     return torch.cat(rows).to(t.device, t.dtype)
+
+
+def broadcast(value: T) -> T:
+    """Rank 0's `value` (any picklable object) on every rank.
+
+    Examples
+    --------
+    >>> broadcast({"position": 3})
+    {'position': 3}
+    """
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

@@ -376,7 +376,9 @@ sorted(true_edges)
     order = visit_order(graph)
     post_norm = engine.adapter.arch.post_norm
     metric_name = "kl" if metric == "kl" else f"task:{setup.metric.name}"
-    checkpoint = setup.checkpoint
+    # the state is the same on every rank (so are the decisions): rank 0 keeps it, and a resumed
+    # run starts every rank from rank 0's, at the same visit
+    checkpoint = setup.checkpoint if distributed.is_main() else None
     # everything the saved state depends on (the chunk too: it decides which variants share a
     # forward, and so the last bits of their losses)
     header = None if checkpoint is None else {
@@ -384,7 +386,7 @@ sorted(true_edges)
                                          "absolute": bool(absolute), "chunk": chunk}),
         "state_version": PROGRESS_VERSION,
     }
-    state = _resume(checkpoint, header, graph)
+    state = distributed.broadcast(_resume(checkpoint, header, graph))
 
     def is_small(change: float) -> bool:
         return (abs(change) if absolute else change) < threshold
