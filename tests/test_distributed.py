@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuits import Setup, cli, distributed, evaluate
+from circuits import Setup, cli, distributed, evaluate, get_task, load_model
+from circuits.api import make_setup, task_positions
 from circuits.commands.common import DISCOVER_FILES
 from circuits.errors import OptionError
 from circuits.methods import get_method, run_method
@@ -257,3 +258,23 @@ def test_evaluate_under_torchrun_prints_what_one_process_prints(tmp_path, capsys
     assert done.returncode == 0, done.stderr[-3000:]
     # faithfulness, its interval (on all 16 prompts) and the curve, printed once
     assert "faithfulness" in one and done.stdout == one
+
+
+@pytest.fixture(scope="module")
+def ioi_at_positions() -> Setup:
+    model = load_model("ioi-gpt2-4l")
+    task = get_task("ioi", model.tokenizer, n=6, seed=3)
+    return make_setup(model, task, positions=task_positions(task, model), batch_size=4)
+
+
+@pytest.mark.parametrize("method", ["eap", "exact"])
+def test_ranks_scores_at_positions_add_up_to_one_process(monkeypatch, ioi_at_positions, method):
+    setup = ioi_at_positions
+    fn = get_method(method).fn
+    whole = fn(setup).double()  # [P, n_src, n_dst]
+    parts = torch.zeros_like(whole)
+    for r in range(2):
+        play_rank(monkeypatch, r, 2)
+        parts += fn(setup.shard()).double()
+    assert whole.abs().max() > 1e-3
+    torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-5 * float(whole.abs().max()))
