@@ -76,6 +76,20 @@ class Batch:
             return self.length - 1
         return int(same.to(torch.uint8).argmin())
 
+    def rows(self, part: slice) -> Batch:
+        """Return the examples of `part` (a slice of the batch's rows), with all they hold.
+
+        >>> import torch
+        >>> ids = torch.arange(12).view(3, 4)
+        >>> Batch(ids, ids, ids[:, :1], ids[:, 1:2]).rows(slice(1, 3)).answers.tolist()
+        [[4], [8]]
+        """
+        picked = {
+            name: (value[part] if isinstance(value, Tensor) else value)
+            for name, value in self.__dict__.items()
+        }
+        return Batch(**picked)
+
     def with_clean_logits(self, logits: Tensor) -> Batch:
         """Return a copy holding the clean last-position logits ``[batch, vocab]``."""
         return replace(self, clean_logits=logits.detach())

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import difflib
 import importlib
+import os
 import signal
 import sys
 import time
@@ -29,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .commands.common import DISCOVER_FILES as DISCOVER_FILES  # where the tests long found it
 from .commands.common import PROG, fail
 from .errors import CircuitsError
@@ -220,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     0 if done.code is None else 2)
             args.argv = argv
             debug = getattr(args, "debug", False)
-            status = args.func(args)
+            status = _run(args)
         except KeyboardInterrupt:
             return stopped()
         except Exception as err:  # every failure ends as one line (and a traceback with --debug)
@@ -237,6 +239,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         # a Ctrl-C swallowed somewhere still ends the command as interrupted
         return stopped() if interrupted() else status
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, in the torch.distributed job when torchrun started this process: its
+    ranks share the prompts, and only rank 0 prints (`circuits.distributed`)."""
+    with distributed.process_group(getattr(args, "device", None)) as joined:
+        if not joined:
+            return args.func(args)
+        with contextlib.ExitStack() as scope:
+            scope.enter_context(distributed.stop_with_the_job())
+            if not distributed.is_main():  # rank 0 says it all; errors still show
+                sink = scope.enter_context(open(os.devnull, "w"))
+                scope.enter_context(contextlib.redirect_stdout(sink))
+                scope.enter_context(warnings.catch_warnings())
+                warnings.simplefilter("ignore")
+            return args.func(args)
 
 
 def entry() -> None:

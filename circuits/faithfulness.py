@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import distributed
 from .engine import Engine
 from .errors import OptionError, UnsupportedModelError
 from .masks import nodes_of
@@ -84,7 +85,9 @@ def metric_of_masks(
                 f"only node-level circuits (every edge among a set of nodes) can be evaluated "
                 f"on this model, and these keep other sets of edges: {err}") from None
         return metric_of_nodes(setup, keep, chunk or default_chunk(setup), per_prompt)
-    values = _engine_values(setup, engine, masks, chunk or default_chunk(setup))
+    # data parallel: each rank runs its share of the prompts; every rank gets all the values
+    values = _engine_values(setup.shard(), engine, masks, chunk or default_chunk(setup))
+    values = distributed.gather_rows(values.T.contiguous()).T  # [C, n_prompts]
     return values if per_prompt else values.mean(1)
 
 

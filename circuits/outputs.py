@@ -29,6 +29,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import distributed
+
 # whether an activity line is showing in this context (only the outermost one shows)
 _SHOWING: contextvars.ContextVar[bool] = contextvars.ContextVar("circuits_activity",
                                                                 default=False)
@@ -129,9 +131,14 @@ def progress_bar(total: int | None, desc: str, unit: str = "it",
     """
     from tqdm import tqdm
 
-    show = sys.stderr.isatty() if enabled is None else bool(enabled)
+    show = _on_terminal() if enabled is None else bool(enabled)
     return tqdm(total=total, desc=f"circuits: {desc}", unit=unit, file=sys.stderr,
                 leave=False, disable=not show, dynamic_ncols=True, **kwargs)
+
+
+def _on_terminal() -> bool:
+    """Whether progress shows: stderr is a terminal, and this process is the job's rank 0."""
+    return sys.stderr.isatty() and distributed.is_main()
 
 
 class Stages:
@@ -140,7 +147,7 @@ class Stages:
     `enabled` (by default: stderr is a terminal and no other indicator shows); see `activity`."""
 
     def __init__(self, names: Sequence[str] = (), enabled: bool | None = None) -> None:
-        self.enabled = (sys.stderr.isatty() and not _SHOWING.get()) if enabled is None \
+        self.enabled = (_on_terminal() and not _SHOWING.get()) if enabled is None \
             else bool(enabled)
         self.total = max(1, len(names))
         self.bar: Any = None

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import distributed
 from .ablation import Ablation, check_ablation, mean_activations, zero_activations
 from .batch import Batch
 from .cost import PassCounter
@@ -78,11 +79,17 @@ class Setup:
     #: (a FeatureSet) and the FeatureGraph whose circuits the Setup evaluates.
     features: Any = None
     feature_graph: Any = None
+    #: Data parallel (`shard`): the number of prompts the batches' weights are shares of, when
+    #: `batches` are one rank's share of them; None: the batches' own.
+    examples_total: int | None = None
     _engine: Engine | None = field(default=None, repr=False)
     _kept: Store | None = field(default=None, init=False, repr=False, compare=False)
     # per batch index, the metric of the corrupted run (made with the ablated values) [b]
     _empty_values: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False,
                                              compare=False)
+    # data parallel: this rank's share, by (rank, world), kept so its ablated outputs are reused
+    _shares: dict[tuple[int, int], Setup] = field(default_factory=dict, init=False, repr=False,
+                                                  compare=False)
 
     def __post_init__(self) -> None:
         check_ablation(self.ablation)
@@ -145,8 +152,44 @@ class Setup:
     @property
     def weights(self) -> list[float]:
         """Each batch's share of the examples (metric means are weighted by it)."""
-        total = sum(b.size for b in self.batches)
+        total = self.examples_total or sum(b.size for b in self.batches)
         return [b.size / total for b in self.batches]
+
+    def shard(self) -> Setup:
+        """This rank's share of the prompts under torch.distributed (`circuits.distributed`):
+        its rows of every batch, weighted as shares of all prompts, so that the ranks' weighted
+        sums add up to the one-process sum. Mean ablation still averages over every batch's
+        corrupted prompts. In one process, the Setup itself. Made once per rank and kept (with
+        the ablated outputs it keeps) until `close`.
+
+        Raises
+        ------
+        OptionError
+            Some rank would get no prompt at all (fewer prompts than ranks).
+        """
+        r, w = distributed.rank(), distributed.world()
+        if w == 1:
+            return self
+        if (r, w) not in self._shares:
+            self._shares[r, w] = self._share()
+        return self._shares[r, w]
+
+    def _share(self) -> Setup:
+        """This rank's share, made (see `shard`)."""
+        w = distributed.world()
+        n = sum(b.size for b in self.batches)
+        if n < w:
+            raise OptionError(f"{n} prompts cannot be shared by {w} ranks; use more prompts "
+                              "(--n) or fewer ranks")
+        mine = distributed.shard(n)  # rows of all batches one after the other
+        batches, start = [], 0
+        for b in self.batches:
+            lo, hi = max(mine.start - start, 0), min(mine.stop - start, b.size)
+            if lo < hi:
+                batches.append(b.rows(slice(lo, hi)))
+            start += b.size
+        reference = self.reference if self.ablation == "mean" else self.mean_reference
+        return replace(self, batches=batches, mean_reference=reference, examples_total=n)
 
     def _with_clean_logits(self, batch: Batch) -> Batch:
         batch = batch.to(self.model.device)
@@ -284,6 +327,9 @@ class Setup:
             self._kept.close()
             self._kept = None
         self._empty_values.clear()
+        for share in self._shares.values():
+            share.close()
+        self._shares.clear()
 
     def metric_values(self, logits: Tensor, batch: Batch) -> Tensor:
         """Per-example metric ``[rows]`` of last-position logits; rows may be variant-major

@@ -4,6 +4,7 @@ write the six files and print a summary."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import time
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import distributed
 from ..api import Discovery, discover, resolve_selection
 from ..features.discovery import DEFAULT_PER_SITE
 from ..features.discovery import check_method as check_feature_method
@@ -47,7 +49,9 @@ HELP_EXAMPLES = """examples:
   circuits discover ioi --method mean:eap,eap-ig,eap-ig-activations --steps 10
   circuits discover ioi --method eap-ig --select stable:0.8,topk:50
   circuits discover ioi --method path-patching --receivers 'a3.h0<q>,logits' --level node
-  circuits discover ioi --model gpt2 --device cuda --dtype bfloat16"""
+  circuits discover ioi --model gpt2 --device cuda --dtype bfloat16
+  torchrun --nproc-per-node 2 -m circuits -- discover ioi --n 64   # 2 ranks share the prompts
+    (the `--` keeps torchrun from reading --n as one of its own options)"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -149,9 +153,10 @@ def run(args: argparse.Namespace) -> int:
         stage("writing")
         run_ = run_record(found, args.task, args.model or model.name)
         run_["prompts"] = prompts_digest(found.task, by_position)
-        write_discovery(found, out, " ".join([PROG, *map(shlex.quote, args.argv)]),
-                        scores_json(found.scores, run_))
-        checkpoint.finish()
+        if distributed.is_main():  # every rank holds the same result; one writes it
+            write_discovery(found, out, " ".join([PROG, *map(shlex.quote, args.argv)]),
+                            scores_json(found.scores, run_))
+        finish(checkpoint)
     print(text_table(summary_rows(found, f"{out}{os.sep}", time.perf_counter() - t0)))
     return 0
 
@@ -177,7 +182,21 @@ def discovery_checkpoint(out: Path, task: Task, model: Model, args: argparse.Nam
                 **weights_key(model), ablation=args.ablation,
                 metric=args.metric, batch_size=args.batch_size, heldout=args.heldout,
                 seed=args.seed, **({"positions": True} if by_position else {}))
-    return Checkpoint(out / ".progress", run_, resume=args.resume)
+    folder = out / ".progress"
+    if distributed.world() > 1:  # each rank keeps the progress of its own share of the prompts
+        run_["ranks"] = distributed.world()
+        folder = folder / f"rank-{distributed.rank()}"
+    return Checkpoint(folder, run_, resume=args.resume)
+
+
+def finish(checkpoint: Checkpoint) -> None:
+    """Delete the finished run's progress: every rank its own, then rank 0 the folder."""
+    checkpoint.finish()
+    if distributed.world() > 1:
+        distributed.barrier()
+        if distributed.is_main():
+            with contextlib.suppress(OSError):
+                checkpoint.folder.parent.rmdir()
 
 
 def run_discovery(task: Task, model: Model, args: argparse.Namespace,

@@ -25,8 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
+from .. import distributed
 from ..cost import measure
 from ..errors import OptionError
 from ..metrics import Metric
@@ -164,6 +166,14 @@ class MethodSpec:
         It scores edges at positions (`circuits.positions`): given a Setup with positions, it
         returns ``[P, n_src, n_dst]`` per-position scores, which `run_method` places on the
         position graph.
+    additive : bool
+        Its scores are weighted sums over the prompts (each batch adds ``weight *`` its part):
+        under torch.distributed (`circuits.distributed`) `run_method` gives each rank its share
+        of the prompts and adds the ranks' scores.
+    shares_prompts : bool
+        Under torch.distributed it runs on this rank's share of the prompts itself and combines
+        what it needs across the ranks (ACDC: every variant's loss). Additive methods share
+        theirs through `run_method`. Either way the ranks' passes add up to the run's cost.
     """
 
     name: str
@@ -177,6 +187,8 @@ class MethodSpec:
     decides_circuit: bool = False
     params: tuple[Option, ...] = ()
     positions: bool = False
+    additive: bool = False
+    shares_prompts: bool = False
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -198,14 +210,15 @@ COMBINERS: dict[str, Callable[[str], MethodSpec]] = {}
 def register(
     name: str, level: Level, description: str, passes: str, edge_engine: bool = True,
     gradient_at_clean: bool = False, uses_metric: bool = True, decides_circuit: bool = False,
-    params: tuple[Option, ...] = (), positions: bool = False,
+    params: tuple[Option, ...] = (), positions: bool = False, additive: bool = False,
+    shares_prompts: bool = False,
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator adding a method to the registry under `name` (fields as in `MethodSpec`)."""
 
     def add(fn: MethodFn) -> MethodFn:
         METHODS[name] = MethodSpec(name, fn, level, description, passes, edge_engine,
                                    gradient_at_clean, uses_metric, decides_circuit,
-                                   tuple(params), positions)
+                                   tuple(params), positions, additive, shares_prompts)
         return fn
 
     return add
@@ -306,9 +319,18 @@ def run_method(name: str, setup: Setup, **options: Any) -> Scores:
     device = setup.model.device
     counter = setup.engine.passes if spec.edge_engine else setup.node_passes
     prompts = sum(b.size for b in setup.batches)
+    # data parallel: an additive method scores this rank's share of the prompts, and the
+    # ranks' weighted sums add up to the whole run's
+    split = spec.additive and distributed.world() > 1
     with measure(counter, device, prompts) as cost, activity(f"scoring with {name}"):
-        out = spec.fn(setup, **options)
+        out = spec.fn(setup.shard() if split else setup, **options)
     values, extra = out if isinstance(out, tuple) else (out, {})
+    if split:
+        values = distributed.all_sum(values)
+    if split or (spec.shares_prompts and distributed.world() > 1):
+        # each rank counted the passes over its share: the run's are their sum
+        passes = distributed.all_sum(torch.tensor([cost.forward, cost.backward]))
+        cost.forward, cost.backward = (float(p) for p in passes)
     extra = dict(extra)
     circuit = extra.pop("circuit", None)
     if spec.decides_circuit and circuit is None:

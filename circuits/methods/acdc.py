@@ -60,6 +60,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..batch import Batch
 from ..engine import Trace
 from ..errors import CircuitsError, OptionError
@@ -185,7 +186,7 @@ class _Loss:
             total += weight * self._per_variant(logits, narrow, C).double().cpu()
         self.forwards += 1
         self.variants += C
-        return total
+        return distributed.all_sum(total)  # every rank's prompts: the same on every rank
 
     def estimates(self, removed: Tensor, dsts: list[int]) -> Tensor:
         """First-order estimates ``[n_src, len(dsts)]`` (float64) of the change of removing each
@@ -212,7 +213,7 @@ class _Loss:
             )  # [n_src, n_dst]
             total += weight * scores[:, dsts].double()
         self.gradients += 1
-        return total
+        return distributed.all_sum(total)
 
     def _per_variant(self, logits: Tensor, batch: Any, C: int) -> Tensor:
         """Mean loss over the batch's prompts for each of the C variants ``[C]``."""
@@ -267,7 +268,7 @@ def _check_upstream_clean(graph: Graph, removed: Tensor, stage: int) -> None:
 
 
 def _show_progress(progress: bool | None) -> bool:
-    return sys.stderr.isatty() if progress is None else bool(progress)
+    return sys.stderr.isatty() and distributed.is_main() if progress is None else bool(progress)
 
 
 @register(
@@ -277,6 +278,7 @@ def _show_progress(progress: bool | None) -> bool:
     passes="about one partial forward per (prompts x edges), batched over candidate edges, "
            "and one partial forward-backward per stage",
     decides_circuit=True,
+    shares_prompts=True,
     params=(
         Option("threshold", "float", "ACDC's removal threshold τ", 0.01, low=0),
         Option("metric", "choice", "ACDC's loss: KL at the last position, or the task's metric",
@@ -366,11 +368,17 @@ sorted(true_edges)
         chunk = max(1, min(32, engine.chunk // max(b.size for b in setup.batches)))
     if not isinstance(chunk, int) or chunk < 1:
         raise OptionError(f"chunk must be a positive integer, got {chunk!r}")
+    # data parallel: this rank's prompts, the losses added over the ranks (`_Loss`), so every
+    # rank takes the same decisions; the chunk (how many collectives a visit makes) comes from
+    # all the prompts, the same on every rank
+    setup = setup.shard()
 
     order = visit_order(graph)
     post_norm = engine.adapter.arch.post_norm
     metric_name = "kl" if metric == "kl" else f"task:{setup.metric.name}"
-    checkpoint = setup.checkpoint
+    # the state is the same on every rank (so are the decisions): rank 0 keeps it, and a resumed
+    # run starts every rank from rank 0's, at the same visit
+    checkpoint = setup.checkpoint if distributed.is_main() else None
     # everything the saved state depends on (the chunk too: it decides which variants share a
     # forward, and so the last bits of their losses)
     header = None if checkpoint is None else {
@@ -378,7 +386,7 @@ sorted(true_edges)
                                          "absolute": bool(absolute), "chunk": chunk}),
         "state_version": PROGRESS_VERSION,
     }
-    state = _resume(checkpoint, header, graph)
+    state = distributed.broadcast(_resume(checkpoint, header, graph))
 
     def is_small(change: float) -> bool:
         return (abs(change) if absolute else change) < threshold

@@ -20,6 +20,7 @@ from . import register
     passes="1 ablated forward + 1 forward-backward per batch",
     gradient_at_clean=True,
     positions=True,
+    additive=True,
 )
 def eap(setup: Setup) -> Tensor:
     """Score every edge with EAP; positive = ablating the edge is estimated to lower the metric."""

@@ -102,6 +102,7 @@ def _run(setup: Setup, batch: Batch) -> dict[str, Any]:
     params=(Option("steps", "int", "integration steps", 5, low=1, high=MAX_STEPS),
             _points_option()),
     positions=True,
+    additive=True,
 )
 def eap_ig(setup: Setup, steps: int = 5, points: str = "midpoint") -> Tensor:
     """EAP-IG over the inputs: the ``input`` source's edges interpolated, `steps` path samples
@@ -136,6 +137,7 @@ def eap_ig(setup: Setup, steps: int = 5, points: str = "midpoint") -> Tensor:
            "steps x prompts",
     params=(Option("steps", "int", "integration steps", 5, low=1, high=MAX_STEPS),),
     positions=True,
+    additive=True,
 )
 def eap_ig_stages(setup: Setup, steps: int = 5) -> Tensor:
     """EAP-IG with one sweep per stage, each interpolating that stage's destination inputs."""
@@ -185,6 +187,7 @@ def _source_layers(g: Graph) -> list[list[int]]:
     params=(Option("steps", "int", "integration steps", 5, low=1, high=MAX_STEPS),
             _points_option()),
     positions=True,
+    additive=True,
 )
 def eap_ig_activations(setup: Setup, steps: int = 5, points: str = "midpoint") -> Tensor:
     """EAP-IG as the reference's ``EAP-IG-activations`` defines it (see the module notes).

@@ -21,6 +21,7 @@ from . import register
     description="exact edge patching: each edge ablated alone (slow, the reference)",
     passes="per batch: one partial forward per edge, batched per destination stage",
     positions=True,
+    additive=True,
 )
 def exact(setup: Setup) -> Tensor:
     """Score = sign * (m(clean) - m(edge ablated)), weighted over batches.

@@ -86,6 +86,7 @@ def path_effects(setup: Setup, senders: Sequence[Sequence[str]], receivers: Sequ
         Option("senders", "names", "sources to score, e.g. a0.h1,m0 (default: every source "
                "upstream of a receiver)"),
     ),
+    additive=True,
 )
 def path_patching(
     setup: Setup,
