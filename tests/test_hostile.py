@@ -697,6 +697,19 @@ def test_there_are_at_least_60_cases():
     assert len({c.name for c in CASES}) == len(CASES) >= 60
 
 
+def exits_2_with_one_line(argv: list[str], words: tuple[str, ...], capsys) -> None:
+    """`circuits` run with `argv` exits 2 with one ``circuits: error:`` line holding `words`,
+    no traceback and nothing on stdout."""
+    code = cli.main(argv)
+    stdout, stderr = capsys.readouterr()
+    lines = stderr.strip().splitlines()
+    assert code == 2, (argv, stderr)
+    assert len(lines) == 1 and lines[0].startswith("circuits: error: "), stderr
+    assert "Traceback" not in stderr and stdout == ""
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_hostile_input_exits_2_with_one_line(case, saved_circuit, tmp_path, capsys):
     files = Files(tmp_path, saved_circuit)
@@ -705,14 +718,7 @@ def test_hostile_input_exits_2_with_one_line(case, saved_circuit, tmp_path, caps
     target = Path(argv[argv.index("--out") + 1] if "--out" in argv else
                   argv[argv.index("-o") + 1] if "-o" in argv else out)
     before = target.read_bytes() if target.is_file() else None
-    code = cli.main(argv)
-    stdout, stderr = capsys.readouterr()
-    lines = stderr.strip().splitlines()
-    assert code == 2, (argv, stderr)
-    assert len(lines) == 1 and lines[0].startswith("circuits: error: "), stderr
-    assert "Traceback" not in stderr and stdout == ""
-    for word in case.words:
-        assert word in lines[0], (word, lines[0])
+    exits_2_with_one_line(argv, case.words, capsys)
     # nothing written where the output would go
     if before is not None:
         assert target.read_bytes() == before
@@ -1163,14 +1169,7 @@ def test_edit_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, cap
     argv = [a.replace("{out}", str(tmp_path / "out")) for a in case.argv(files)]
     before = _tree(tmp_path)
     folders = sorted(p for p in tmp_path.rglob("*") if p.is_dir())
-    code = cli.main(argv)
-    stdout, stderr = capsys.readouterr()
-    lines = stderr.strip().splitlines()
-    assert code == 2, (argv, stderr)
-    assert len(lines) == 1 and lines[0].startswith("circuits: error: "), stderr
-    assert "Traceback" not in stderr and stdout == ""
-    for word in case.words:
-        assert word in lines[0], (word, lines[0])
+    exits_2_with_one_line(argv, case.words, capsys)
     # nothing written anywhere: no output folder, no key statistics, no file changed
     assert _tree(tmp_path) == before
     assert sorted(p for p in tmp_path.rglob("*") if p.is_dir()) == folders
