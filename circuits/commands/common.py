@@ -120,6 +120,14 @@ def check_device_and_dtype(args: argparse.Namespace) -> None:
     resolve_dtype(args.dtype)
 
 
+def read_task(spec: str, model: Model | None, n: int | None, seed: int) -> Task:
+    """A TASK argument as a Task: a JSONL file, or a built-in task built for `model`'s
+    tokenizer (any tokenizer when `model` is None, e.g. to check the name before loading)."""
+    if is_task_file(spec):
+        return Task.from_jsonl(spec)
+    return get_task(spec, model.tokenizer if model else None, n=n, seed=seed)
+
+
 def load_task_and_model(task: str, model: Model | str | None, n: int | None, seed: int,
                         args: argparse.Namespace) -> tuple[Task, Model]:
     """The Task (built-in name or JSONL file) and the Model (name, folder, hub name or None for

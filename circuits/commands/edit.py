@@ -221,7 +221,7 @@ def _chosen_layers(args: argparse.Namespace, model: Model, cases: list[FactEdit]
     edits = [c.edit for c in cases]
     if args.method == "rome":
         return [choose_layer(model, edits)]
-    return check_layers(model, memit_layers(model, edits))
+    return memit_layers(model, edits)
 
 
 def _edit(args: argparse.Namespace, model: Model, cases: list[FactEdit], layers: list[int],

@@ -30,7 +30,7 @@ from ..representations.labels import (
     frequent_classes,
     labeled_set,
 )
-from ..task import MAX_PROMPTS, Task, get_task
+from ..task import MAX_PROMPTS, Task
 from .common import (
     add_device_arguments,
     add_model_argument,
@@ -38,7 +38,7 @@ from .common import (
     check_output,
     check_seed_and_n,
     fail,
-    is_task_file,
+    read_task,
 )
 
 HELP_EXAMPLES = """examples:
@@ -115,10 +115,8 @@ def _task(spec: str | None, labels: str, model: Model | None, n: int, seed: int
         spec = labels if labels in LABEL_SETS and labels != "years" else None
         if spec is None:
             return None
-    if is_task_file(spec):
-        return Task.from_jsonl(spec)
     # another seed than the labelled examples', so the prompts measured are mostly new ones
-    return get_task(spec, model.tokenizer if model else None, n=n, seed=seed + 1)
+    return read_task(spec, model, n, seed + 1)
 
 
 def _labels(args: argparse.Namespace, model: Model | None) -> tuple[Labeled, str]:

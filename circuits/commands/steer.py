@@ -34,7 +34,7 @@ from ..representations.steer import (
     read_contrast,
 )
 from ..representations.steer_report import SCALES_HELP, parse_scales, steering_sweep
-from ..task import Task, get_task
+from ..task import Task
 from .common import (
     add_device_arguments,
     add_model_argument,
@@ -42,7 +42,7 @@ from .common import (
     check_output,
     check_seed_and_n,
     fail,
-    is_task_file,
+    read_task,
 )
 
 HELP_EXAMPLES = """examples:
@@ -168,7 +168,7 @@ def _read_inputs(args: argparse.Namespace) -> tuple[Contrast | Direction, list[s
             fail(f"--task is required: the pairs {args.pairs} are not a task, so name the "
                  "behavior whose metric is swept (a built-in task or a task JSONL file)")
     if args.task is not None:
-        _task(args.task, None, args.n, args.seed)  # an unknown name or a bad file fails here
+        read_task(args.task, None, args.n, args.seed)  # an unknown name or a bad file fails here
     neutral = read_texts(args.neutral) if args.neutral else None
     prompts = read_texts(args.prompts) if args.prompts else None
     if prompts is not None and len(prompts) > MAX_PROMPTS:
@@ -178,17 +178,10 @@ def _read_inputs(args: argparse.Namespace) -> tuple[Contrast | Direction, list[s
     return source, neutral, prompts
 
 
-def _task(spec: str, model: Model | None, n: int, seed: int) -> Task:
-    """A built-in task (for the model's tokenizer) or a task JSONL file."""
-    if is_task_file(spec):
-        return Task.from_jsonl(spec)
-    return get_task(spec, model.tokenizer if model else None, n=n, seed=seed)
-
-
 def _halves(args: argparse.Namespace, model: Model) -> tuple[Contrast, Task]:
     """The pairs and the measured task when both are the same task: one half each."""
     spec = args.pairs.removeprefix("task:")
-    whole = _task(spec, model, 2 * args.n, args.seed)
+    whole = read_task(spec, model, 2 * args.n, args.seed)
     if len(whole) < 2:
         fail(f"task {whole.name!r} has {len(whole)} prompt; the direction is read on one half "
              "and measured on the other, so give at least 2, or a separate --task")
@@ -207,12 +200,12 @@ def run(args: argparse.Namespace) -> int:
              f"{n_layers - 1}")
     if isinstance(source, Direction):
         source.check_fits(model, args.direction, args.any_model)
-        task = _task(args.task, model, args.n, args.seed)
+        task = read_task(args.task, model, args.n, args.seed)
     elif args.task is None or args.task == args.pairs.removeprefix("task:"):
         source, task = _halves(args, model)
     else:
         source = read_contrast(args.pairs, model.tokenizer, args.n, args.seed, args.classes)
-        task = _task(args.task, model, args.n, args.seed)
+        task = read_task(args.task, model, args.n, args.seed)
     # the task's prompts and the generations fit the model: checked before any forward
     task.batches(model.tokenizer, max_length=model.context_length)
     if args.generate is not None and prompts is None:

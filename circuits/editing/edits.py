@@ -196,6 +196,8 @@ def neutral_contexts(model: Model, templates: Sequence[str], prompt: str) -> lis
     ...                  prompt)  # the last makes this model answer "basketball"
     ['{}', 'as a star of the. {}']
     """
+    if all(t.format(prompt) == prompt for t in templates):  # no prefix: nothing to run
+        return list(templates)
     kept = []
     with torch.no_grad():
         plain = int(model.hf(model.tokenize([prompt])).logits[0, -1].argmax())

@@ -22,7 +22,7 @@ from circuits.editing.layer import check_layers
 from circuits.editing.rome import (
     REFERENCE_OPTIONS,
     ValueOptions,
-    _covariance,
+    covariance,
     edit_rows,
     finite,
     keys_at,
@@ -161,7 +161,7 @@ def _covariances(model: Model, layers: list[int], sample: Sequence[str] | Sequen
     if given and len(sample) != len(layers):
         raise OptionError(f"{len(sample)} covariances for {len(layers)} layers; pass one per "
                           "layer, or texts")
-    return [_covariance(model, layer, sample[i] if given else sample, projection(model, layer),
+    return [covariance(model, layer, sample[i] if given else sample, projection(model, layer),
                         cache) for i, layer in enumerate(layers)]
 
 

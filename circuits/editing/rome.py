@@ -36,7 +36,7 @@ from circuits.model import Model
 from circuits.nodes import NodeSites
 
 __all__ = ["ValueOptions", "REFERENCE_OPTIONS", "options_for", "rank_one_update", "rome",
-           "optimise_value", "keys_at"]
+           "covariance", "optimise_value", "keys_at"]
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ def rome(model: Model, edit: Edit, layer: int, sample: Sequence[str] | Tensor,
     kept_targets = check_edits(model, shared) if shared else []
     options = options_for(model) if options is None else options
     proj = projection(model, layer)
-    cov = _covariance(model, layer, sample, proj, cache)
+    cov = covariance(model, layer, sample, proj, cache)
     templates = contexts(model, options.n_contexts, options.context_tokens, options.seed)
     r = edit_rows(model, edit, target, templates)
     parts = [(r, target)] + [(edit_rows(model, k, t, templates), t)
@@ -214,9 +214,10 @@ def finite(change: Tensor, what: str) -> Tensor:
     return change
 
 
-def _covariance(model: Model, layer: int, sample: Sequence[str] | Tensor, proj: Projection,
+def covariance(model: Model, layer: int, sample: Sequence[str] | Tensor, proj: Projection,
                 cache: str | os.PathLike | None) -> Tensor:
-    """The key covariance given, checked, or computed from texts."""
+    """The key covariance of `layer`: given (its shape checked), or computed from texts (and
+    cached: `circuits.editing.stats.key_covariance`)."""
     d_ff = proj.weight().shape[1]
     if not isinstance(sample, Tensor):
         return key_covariance(model, layer, sample, cache=cache)
