@@ -81,10 +81,12 @@ CURVE_POINTS = 16  # log-spaced sizes of the faithfulness curve discover measure
 
 def resolve(task: Task | str, model: Model | str | None = None, n: int | None = None,
             seed: int = 0, device: str | torch.device | None = None,
-            dtype: str | torch.dtype | None = None) -> tuple[Task, Model]:
+            dtype: str | torch.dtype | None = None, placing: dict[str, Any] | None = None
+            ) -> tuple[Task, Model]:
     """A built-in task name or JSONL file and a model name, path or None (the task's reference
     model), turned into a Task and a Model loaded on `device` in `dtype` (cpu and float32 when
-    None; a model given loaded must already be there)."""
+    None; a model given loaded must already be there); `placing`: `circuits.load_model`'s
+    ``device_map``, ``max_memory`` and ``offload_folder`` for a model loaded here."""
     if isinstance(task, Model) or isinstance(model, Task):
         raise OptionError("the task comes first, then the model: score(task, model, method) and "
                           "discover(task, model, method)")
@@ -93,7 +95,7 @@ def resolve(task: Task | str, model: Model | str | None = None, n: int | None = 
 
     def load(name: str) -> Model:
         return load_model(name, "cpu" if device is None else device,
-                          torch.float32 if dtype is None else dtype)
+                          torch.float32 if dtype is None else dtype, **(placing or {}))
 
     if isinstance(task, str) and task.endswith(".jsonl"):
         task = Task.from_jsonl(task)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,9 @@ from typing import Any
 import torch
 
 from . import zoo
+from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import ModelLoadError, OptionError, TaskError
+from .placement import execution_device, is_placed, outer_offloaded, placing_arguments
 from .task_tokens import prefix_ids
 from .tokenizer import folder_tokenizer
 from .weights import (
@@ -34,88 +38,6 @@ from .weights import (
 __all__ = ["FINGERPRINT_SAMPLES", "SAFE_ONLY", "SHAPE_FIELDS", "TOKENIZER_FILES", "WEIGHT_FILES",
            "Model", "check_same_weights", "context_length", "dtype_name", "fingerprint",
            "load_model", "resolve_device", "resolve_dtype"]
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEVICE_TYPES = ("cpu", "cuda", "mps")
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """The parameter dtype for a name (``"float32"``, ``"bfloat16"``, ``"float16"``) or one of
-    those torch dtypes.
-
-    Parameters
-    ----------
-    dtype : str or torch.dtype
-
-    Returns
-    -------
-    torch.dtype
-
-    Raises
-    ------
-    OptionError
-        Any other name or dtype.
-
-    Examples
-    --------
-    >>> resolve_dtype("bfloat16")
-    torch.bfloat16
-    """
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise OptionError(f"unknown dtype {str(dtype)!r}; use float32, bfloat16 or float16")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"`` (how a dtype is recorded in results)."""
-    return str(dtype).removeprefix("torch.")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """The torch device for ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` (or a torch.device),
-    checked to exist on this machine.
-
-    Parameters
-    ----------
-    device : str or torch.device
-
-    Returns
-    -------
-    torch.device
-
-    Raises
-    ------
-    OptionError
-        Torch cannot parse the name, the device type is not one of cpu, cuda and mps, or this
-        machine has no such device.
-
-    Examples
-    --------
-    >>> resolve_device("cpu")
-    device(type='cpu')
-    """
-    try:
-        dev = device if isinstance(device, torch.device) else torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise OptionError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or mps") from None
-    if dev.type not in DEVICE_TYPES:
-        raise OptionError(f"device type {dev.type!r} is not supported; use cpu, cuda, cuda:N or "
-                          "mps")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise OptionError(f"device {str(device)!r} asked for, but torch sees no CUDA GPU on "
-                              "this machine (or was built without CUDA); use cpu")
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            raise OptionError(f"device {str(device)!r} does not exist: this machine has {count} "
-                              f"CUDA GPU(s), cuda:0 to cuda:{count - 1}")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise OptionError(f"device {str(device)!r} asked for, but torch sees no Apple MPS device "
-                          "on this machine; use cpu")
-    return dev
-
 
 @dataclass
 class Model:
@@ -143,6 +65,12 @@ class Model:
     def envoy(self) -> Any:
         """The nnsight wrapper of `hf`, for node-level interventions (created on first use)."""
         if self._envoy is None:
+            if is_placed(self.hf) and outer_offloaded(self.hf):
+                raise OptionError(
+                    f"{self.name!r} has its embedding, final norm or unembedding offloaded by its "
+                    "device map, and node-level work (nnsight: node circuits, activation "
+                    "patching, DLA, head roles) does not run on it; offload only layers "
+                    "(transformer.h.N, model.layers.N) for that")
             import nnsight
 
             self._envoy = nnsight.NNsight(self.hf)
@@ -150,6 +78,10 @@ class Model:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go and results are kept: the parameters' device, or for a model loaded
+        with a device map, the embedding's."""
+        if is_placed(self.hf):
+            return execution_device(self.hf.get_input_embeddings())
         return next(self.hf.parameters()).device
 
     @property
@@ -378,6 +310,9 @@ def load_model(
     name_or_path: str | os.PathLike,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = torch.float32,
+    device_map: str | os.PathLike | dict | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> Model:
     """Load a causal LM and its tokenizer from a shipped name, a local folder or the hub.
 
@@ -393,6 +328,20 @@ def load_model(
         Parameter dtype: ``"float32"`` (default; the parity tests pin it), ``"bfloat16"`` or
         ``"float16"``. Metrics are computed in float32 whatever the dtype. float16 runs on the
         CPU too, many times slower than float32; bfloat16 is the half precision for CPUs.
+    device_map : str, path or dict, optional
+        Place the model's layers on several devices or offload them, with accelerate's
+        big-model loading: ``"auto"`` (also ``"balanced"``, ``"balanced_low_0"``,
+        ``"sequential"``) fills the GPUs, then the CPU, then the disk; a JSON file or dict maps
+        module names to ``"cuda:N"``/N, ``"cpu"`` or ``"disk"``. Offloaded weights (``"cpu"`` or
+        ``"disk"`` when a GPU runs the model, ``"disk"`` on a CPU machine) are brought in for
+        the stage that reads them, so a model larger than the memory runs. The edge engine runs
+        each layer on its device (`circuits.placement`). Give either `device` or this.
+    max_memory : str or dict, optional
+        With an automatic map, the most each device may hold: ``"0=20GiB,cpu=64GiB"``.
+    offload_folder : path, optional
+        Where weights offloaded to disk are written when the model's files cannot be read in
+        place (safetensors files are read in place); by default a temporary folder removed
+        with the model.
 
     Returns
     -------
@@ -427,6 +376,7 @@ def load_model(
     ('ioi-gpt2-4l', 4)
     """
     device, dtype = resolve_device(device), resolve_dtype(dtype)
+    placing = placing_arguments(device, device_map, max_memory, offload_folder)
     folder, display = _resolve(name_or_path)
     files = check_folder(folder) if folder is not None else []
     source = str(folder) if folder is not None else display
@@ -454,7 +404,7 @@ def load_model(
                 # before anything is allocated: a config asking for far more than the weights
                 # hold would otherwise run out of memory, or for minutes, before any check
                 asked = check_config_fits(checked, stored, display)
-                if asked is not None:
+                if asked is not None and not placing:
                     _check_memory(asked, display, dtype, device)
             tokenizer = AutoTokenizer.from_pretrained(
                 source, local_files_only=local_only, trust_remote_code=False
@@ -466,7 +416,7 @@ def load_model(
             hf, info = AutoModelForCausalLM.from_pretrained(
                 source, dtype=dtype, local_files_only=local_only, use_safetensors=True,
                 weights_only=True, trust_remote_code=False, output_loading_info=True,
-                ignore_mismatched_sizes=True,
+                ignore_mismatched_sizes=True, **placing,
             )
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -488,12 +438,17 @@ def load_model(
     if note is not None:
         warnings.warn(note, stacklevel=2)
     logging.getLogger(__name__).debug("loaded %s", display)
-    hf.eval().to(device)
+    hf.eval()
+    if not placing:
+        hf.to(device)
+    model = Model(hf=hf, tokenizer=tokenizer, name=display, _files=tuple(files))
+    if placing.get("offload_folder") is not None and offload_folder is None:
+        weakref.finalize(model, shutil.rmtree, placing["offload_folder"], True)
     if dtype != torch.float32:
-        _check_runs(hf, display, device, dtype)
+        _check_runs(hf, display, model.device, dtype)
     if folder is None:  # now in the hub cache
-        files = _cached_weights(_hub_folder(display))
-    return Model(hf=hf, tokenizer=tokenizer, name=display, _files=tuple(files))
+        model._files = tuple(_cached_weights(_hub_folder(display)))
+    return model
 
 
 def _hub_folder(name: str) -> Path | None:

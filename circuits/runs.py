@@ -29,6 +29,7 @@ from .adapters import Adapter
 from .cost import PassCounter
 from .graph import Graph
 from .mixing import after_prefix
+from .placement import OUTER
 from .plans import RunPlan, make_plan
 from .walk import GradSink, Trace, Walk
 
@@ -134,7 +135,7 @@ def run_single_edges(adapter: Adapter, graph: Graph, ids: Tensor, ablated: Tenso
     if where is None:
         return _single_edges(adapter, g, trace, full, first, rest, metric, columns, chunk,
                              counter).cpu().masked_fill(~g.valid, float("nan"))
-    clean = metric(adapter.unembed(trace.resid[g.logits_stage][:, -1], columns))
+    clean = metric(_unembed(adapter, trace.resid[g.logits_stage][:, -1], columns, full.device))
     out = []
     for k in range(n_positions):
         at = (where == k)[None, :, :, None]  # [1, b, p, 1]
@@ -153,14 +154,16 @@ def _single_edges(a: Adapter, g: Graph, trace: Trace, delta: Tensor, first: int,
     """`run_single_edges` with each source's delta ``[n_src, b, p, d]`` given."""
     effects = torch.full((g.n_sources, g.n_destinations), float("nan"), device=delta.device)
     for layer in range(a.arch.n_layers):
-        _head_effects(a, g, layer, trace, delta, first, rest, effects, chunk, counter)
-        _mlp_effects(a, g, layer, trace, delta, first, rest, effects, chunk, counter)
-    resid = trace.resid[g.logits_stage]
+        with a.holding(layer):
+            _head_effects(a, g, layer, trace, delta, first, rest, effects, chunk, counter)
+            _mlp_effects(a, g, layer, trace, delta, first, rest, effects, chunk, counter)
+    resid = trace.resid[g.logits_stage].to(delta.device)
     b = resid.shape[0]
     step = max(1, chunk // b)
     for lo in range(0, g.n_sources, step):
         hi = min(g.n_sources, lo + step)
-        logits = a.unembed((resid + delta[lo:hi])[:, :, -1], columns).flatten(0, 1)
+        logits = _unembed(a, (resid + delta[lo:hi])[:, :, -1], columns, delta.device
+                          ).flatten(0, 1)
         counter.add_forward((hi - lo) * b, 1 / (g.logits_stage + 1))
         effects[lo:hi, -1] = metric(logits)
     return effects
@@ -175,8 +178,8 @@ def _head_effects(a: Adapter, g: Graph, layer: int, trace: Trace, full: Tensor, 
     n_up = g.n_sources_before(stage)
     b, p = trace.resid[stage].shape[:2]
     unit = (p - first) / p / (g.logits_stage + 1)  # one stage, the positions run
-    resid = trace.resid[stage]  # [b, p, d]
-    delta = full[:n_up, :, first:]  # [n_up, b, p - first, d]
+    resid = trace.resid[stage]  # [b, p, d], on the layer's device
+    delta = full[:n_up, :, first:].to(resid.device)  # [n_up, b, p - first, d]
     q, k, v = a.qkv(layer, resid)
     q = q[..., first:, :]
     pre = a.head_writes(layer, a.attend(layer, q, k, v))  # [H, b, p - first, d]
@@ -209,16 +212,25 @@ def _mlp_effects(a: Adapter, g: Graph, layer: int, trace: Trace, full: Tensor, f
     """`run_single_edges` of the edges into layer `layer`'s MLP, written into `effects`."""
     stage = g.mlp_stage(layer)
     n_up = g.n_sources_before(stage)
-    resid = trace.resid[stage][:, first:]
+    resid = trace.resid[stage][:, first:]  # on the layer's device
     b, p = trace.resid[stage].shape[:2]
-    delta = full[:n_up, :, first:]
-    base = trace.resid[stage + 1][:, first:] - trace.outs[g.mlp_source(layer)][:, first:]
+    delta = full[:n_up, :, first:].to(resid.device)
+    base = (trace.resid[stage + 1][:, first:].to(resid.device)  # the next layer's
+            - trace.outs[g.mlp_source(layer)][:, first:].to(resid.device))
     step = max(1, chunk // b)
     for lo in range(0, n_up, step):
         hi = min(n_up, lo + step)
         new = a.mlp(layer, resid + delta[lo:hi])  # [c, b, p - first, d]
         counter.add_forward((hi - lo) * b, (p - first) / p / (g.logits_stage + 1))
         effects[lo:hi, g.mlp_destination(layer)] = rest(stage + 1, (base + new).flatten(0, 1))
+
+
+def _unembed(a: Adapter, x: Tensor, columns: Tensor | None, home: torch.device) -> Tensor:
+    """Logits of residuals `x`, on `home` (a model placed by a device map unembeds on the
+    unembedding's device)."""
+    with a.holding(OUTER) as dev:
+        logits = a.unembed(x if dev is None else x.to(a.placement.unembed_device), columns)
+    return logits.to(home)
 
 
 def _after_clean(clean: Tensor, new: Tensor, first: int) -> Tensor:

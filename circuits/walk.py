@@ -20,6 +20,7 @@ from torch import Tensor
 from .adapters import Adapter
 from .graph import Graph
 from .mixing import Deltas, after_prefix, grad_root, last, minus, query_heads, tile
+from .placement import OUTER
 from .plans import ReaderPlan, RunPlan
 
 # sink(destination indices [n], n upstream sources, gradient of their inputs [n, rows, p, d])
@@ -73,6 +74,9 @@ class Walk:
         self.outs: Tensor | None = None
         self.resid_at: dict[int, Tensor] = {}
         self.trace: Trace | None = None  # the clean run the first positions come from
+        # where the run's records (outputs, deltas, the scores' gradients) are kept; a model
+        # placed by a device map runs each layer on its own device (`Adapter.holding`)
+        self.home = torch.device("cpu")
 
     def __call__(self, ids: Tensor, trace: Trace | None, resid: Tensor | None = None
                  ) -> tuple[Tensor, Trace | None]:
@@ -85,15 +89,21 @@ class Walk:
         if plan.truncate and plan.start > last_attn:
             resid = self._cut(resid)
         for layer in range(a.arch.n_layers):
-            attn_in = resid
-            if g.attn_stage(layer) >= plan.start:
-                resid, attn_in = self._attention(layer, resid)
-            if g.mlp_stage(layer) >= plan.start:
+            if g.mlp_stage(layer) < plan.start:
+                continue
+            with a.holding(layer) as dev:
+                resid = resid if dev is None else resid.to(dev)
+                attn_in = resid
+                if g.attn_stage(layer) >= plan.start:
+                    resid, attn_in = self._attention(layer, resid)
                 resid = self._mlp(layer, attn_in if a.arch.parallel else resid, resid)
         self.resid_at[g.logits_stage] = resid
-        got = self._inputs(g.n_destinations - 1, resid)
-        final = resid if got is None else got[0][0]
-        logits = a.unembed(final[:, -1] if plan.last_only else final, plan.columns)
+        with a.holding(OUTER) as dev:
+            got = self._inputs(g.n_destinations - 1, resid)
+            final = resid if got is None else got[0][0]
+            final = final if dev is None else final.to(a.placement.unembed_device)
+            logits = a.unembed(final[:, -1] if plan.last_only else final, plan.columns)
+        logits = logits.to(self.home)
         trace = Trace(self.outs, self.resid_at, logits) if plan.keep else None
         return logits, trace
 
@@ -101,12 +111,15 @@ class Walk:
         """The residual `plan.start` reads ``[C*b, p, d]`` (`resid`, by default the embedding
         or the trace's), and the records of earlier stages."""
         plan, C = self.plan, self.plan.variants
+        self.home = ids.device
         if resid is None and plan.start == 0:
-            resid = self.a.embed(ids)[:, plan.first:]
+            with self.a.holding(OUTER):
+                resid = self.a.embed(ids)[:, plan.first:]
         elif resid is None:
             if trace is None:
                 raise ValueError("a run that starts after the embedding needs a clean Trace")
             resid = trace.resid[plan.start][:, plan.first:]
+        resid = resid.to(self.home)
         if self.sink is not None:
             # gradients flow back to the start and no further
             resid = resid.detach().requires_grad_(True)
@@ -136,15 +149,15 @@ class Walk:
         if self.outs is not None:
             self.outs[sources] = value.detach()
         if self.deltas is not None:
-            self.deltas.record(sources, value, through)
+            self.deltas.record(sources, value.to(self.home), through)
         return value
 
     def _folded(self, sources: slice, value: Tensor) -> Tensor:
         """``value + f * (ablated - value)`` with each folded source's per-variant factor f; a
         source ablated fully in every variant takes its ablated value (no gradient through it)."""
         C, rows, p = self.plan.variants, value.shape[1], value.shape[2]
-        f = self.plan.fold[:, sources].to(value.dtype)  # [C, n]
-        abl = last(self.ablated[sources], p)
+        f = self.plan.fold[:, sources].to(value.device, value.dtype)  # [C, n]
+        abl = last(self.ablated[sources], p).to(value.device)
         if bool((f == 1).all()):
             return tile(abl, C).expand_as(value).to(value.dtype)
         f = f.T.repeat_interleave(rows // C, 1)  # [n, C*b], variant-major like the rows
@@ -168,22 +181,23 @@ class Walk:
         groups) read on top of `base`; with ``C=1``, one variant's, of restored sources only."""
         if self.sink is not None:
             base = grad_root(base)
+        here = base.device
         if rp.complement:  # the fully ablated residual, less the kept edges' deltas
-            full = base + self.deltas.total(rp.n_up, C)
+            full = base + self.deltas.total(rp.n_up, C).to(here)
             if rp.used is None:
                 x = full.unsqueeze(0).expand(rp.weights.shape[2], *full.shape)
             else:
-                extra = self.deltas.mix(rp.used, rp.weights, rp.n_up, C)  # [n, C, b, p, d]
+                extra = self.deltas.mix(rp.used, rp.weights, rp.n_up, C).to(here)  # [n,C,b,p,d]
                 x = torch.sub(full.view(extra.shape[1:]), extra).flatten(1, 2)
         elif rp.weights is not None:
-            extra = self.deltas.mix(rp.used, rp.weights, rp.n_up, C)
+            extra = self.deltas.mix(rp.used, rp.weights, rp.n_up, C).to(here)
             x = torch.add(base.view(extra.shape[1:]), extra).flatten(1, 2)
         else:
             x = base.unsqueeze(0).expand(len(rp.own), *base.shape)
         if self.sink is not None:
             # the hook must not hold the walk (and its buffers) alive past the backward
-            sink, idx, n_up = self.sink, rp.own + rp.dst_start, rp.n_up
-            x.register_hook(lambda grad: sink(idx, n_up, grad))
+            sink, idx, n_up, home = self.sink, rp.own + rp.dst_start, rp.n_up, self.home
+            x.register_hook(lambda grad: sink(idx, n_up, grad.to(home)))
         return x
 
     def _attention(self, layer: int, resid: Tensor) -> tuple[Tensor, Tensor]:
@@ -261,7 +275,7 @@ class Walk:
         if len(written) < H:
             w = w[written]
         total = z.transpose(-3, -2).flatten(-2) @ w.flatten(0, 1)  # [C*b, p, d]
-        abl = last(self.ablated[heads], p)  # [H, b|1, p|1, d]
+        abl = last(self.ablated[heads], p).to(z.device)  # [H, b|1, p|1, d]
         after = resid + total
         if idle.any():
             after = after + tile(abl[idle].sum(0, keepdim=True), C)[0]
@@ -270,7 +284,8 @@ class Walk:
             idx = read.nonzero().squeeze(1)
             own = torch.einsum("rhpe,hed->hrpd", z[:, idx], w[idx])  # [n, C*b, p, d]
             added = tile(abl[written].sum(0, keepdim=True), C)[0] - total
-            self.deltas.record_some(written[idx] + heads.start, own, heads, added)
+            self.deltas.record_some(written[idx] + heads.start, own.to(self.home), heads,
+                                    added.to(self.home))
         bias = a.out_bias(layer)
         return after if bias is None else after + bias
 
@@ -392,9 +407,10 @@ class Walk:
         w, bias = self.a.head_weights(layer, ports, heads)
         # neither may hold the walk: its residuals' graphs lead back here, and the cycle would
         # keep every run's activations alive until a garbage collection
-        sink, idx, n_up = self.sink, rp.own + rp.dst_start, rp.n_up
+        sink, idx, n_up, home = self.sink, rp.own + rp.dst_start, rp.n_up, self.home
         norm = partial(self.a.attn_norm, layer)
-        return _SharedRead.apply(resid, w, bias, norm, lambda grad: sink(idx, n_up, grad))
+        return _SharedRead.apply(resid, w, bias, norm,
+                                 lambda grad: sink(idx, n_up, grad.to(home)))
 
     def _mlp(self, layer: int, mlp_in: Tensor, resid: Tensor) -> Tensor:
         self.resid_at.setdefault(self.g.mlp_stage(layer), mlp_in)
@@ -418,7 +434,7 @@ class Walk:
     def _skipped(self, sources: slice, like: Tensor) -> Tensor:
         """Record idle sources without computing them: their ablated values ``[n, C*b, p, d]``
         (`like` ``[C*b, p, d]`` gives the shape)."""
-        abl = last(self.ablated[sources], like.shape[1])
+        abl = last(self.ablated[sources], like.shape[1]).to(like.device)
         return self._record(sources, tile(abl, self.plan.variants).expand(-1, *like.shape))
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError
+from .placement import offloaded_value
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -350,9 +351,14 @@ def fingerprint(hf: Any, files: Sequence[Path] = ()) -> str:
     stored = read_headers(files) if files else {}
     prefix = getattr(hf, "base_model_prefix", "") or ""
     names, samples, maps = [], [], {}
+    # a model placed by a device map lists a tied parameter under both names (its offloaded
+    # copies are distinct meta tensors): it counts once, as in a model loaded whole
+    tied = set(getattr(hf, "all_tied_weights_keys", None) or {})
     try:
         with torch.no_grad():
             for name, param in hf.named_parameters():
+                if name in tied and param.device.type == "meta":
+                    continue
                 entry = _lookup(stored, name, prefix)
                 if entry is not None and entry.shape == tuple(param.shape) and (
                         entry.dtype in _STORED_DTYPES):
@@ -361,6 +367,8 @@ def fingerprint(hf: Any, files: Sequence[Path] = ()) -> str:
                             maps[entry.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                     values = _stored_sample(entry, maps[entry.file])
                 elif not files or param.dtype == torch.float32:
+                    if param.device.type == "meta":  # offloaded by a device map
+                        param = offloaded_value(hf, name)
                     values = _sample(param).float().cpu()
                 else:
                     return legacy_fingerprint(hf)

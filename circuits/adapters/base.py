@@ -16,11 +16,17 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import wraps
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..placement import OUTER, Placement, is_placed
 
 # (weight [n, dh, d], bias [n, dh] or None) of the q, k or v heads of one layer
 HeadWeights = tuple[Tensor, "Tensor | None"]
@@ -83,11 +89,31 @@ class Adapter(ABC):
         self.hf = hf
         self.arch = self.describe(hf.config)
         self._rotary_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self.placement = (Placement(hf, [self.block(i) for i in range(self.arch.n_layers)])
+                          if is_placed(hf) else None)
+        if self.placement is not None:
+            for name in PLACED_METHODS:
+                setattr(self, name, _placed(self, getattr(self, name), name in OUTER_METHODS))
+
+    @contextmanager
+    def holding(self, part: int | str) -> Iterator[torch.device | None]:
+        """Run a stage of `part` (a layer, or `circuits.placement.OUTER`) of a model loaded with
+        a device map: its offloaded weights are in place for the duration, and the device it
+        runs on is yielded; None (and nothing done) for a model loaded without a map."""
+        if self.placement is None:
+            yield None
+            return
+        with self.placement.holding(part) as dev:
+            yield dev
 
     # -- what each family provides ------------------------------------------------------------
     @abstractmethod
     def describe(self, config: object) -> Architecture:
         """The family's Architecture from its Hugging Face config."""
+
+    @abstractmethod
+    def block(self, layer: int) -> nn.Module:
+        """The module of one layer (its attention, MLP and norms)."""
 
     @abstractmethod
     def embed(self, ids: Tensor) -> Tensor:
@@ -283,6 +309,43 @@ class Adapter(ABC):
         if key not in self._rotary_cache:
             self._rotary_cache[key] = self.rotary(positions, like)
         return self._rotary_cache[key]
+
+
+#: The methods that compute from a part's weights and return activations: on a model placed by a
+#: device map each holds its part (the layer, its first argument, or the outer modules) and runs
+#: on its device, with the result returned where the input was. Methods that return weights
+#: (`head_weights`, `out_weight`, ...) are read inside the caller's `Adapter.holding`.
+OUTER_METHODS = ("embed", "final_norm", "unembed")
+PLACED_METHODS = OUTER_METHODS + (
+    "attn_norm", "project", "qkv", "qkv_heads", "attend", "attn_output", "mlp", "head_writes",
+    "attn_write", "attn_sources", "attn_post_scale")
+
+
+def _placed(adapter: Adapter, method: Callable[..., Any], outer: bool) -> Callable[..., Any]:
+    """`method` run on its part's device with the part's weights in place (see
+    `PLACED_METHODS`)."""
+    placement = adapter.placement
+
+    @wraps(method)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        part = OUTER if outer else args[0]
+        with placement.holding(part) as dev:
+            if outer and method.__name__ == "unembed":
+                dev = placement.unembed_device
+            home = next((a.device for a in args if isinstance(a, Tensor)
+                         and a.is_floating_point()), None)
+            args = tuple(a.to(dev) if isinstance(a, Tensor) and a.is_floating_point() else a
+                         for a in args)
+            out = method(*args, **kwargs)
+        if home is None or home == dev:
+            return out
+        return tuple(_back(o, home) for o in out) if isinstance(out, tuple) else _back(out, home)
+
+    return run
+
+
+def _back(x: Any, home: torch.device) -> Any:
+    return x.to(home) if isinstance(x, Tensor) else x
 
 
 def _span(idx: Tensor) -> slice | Tensor | None:

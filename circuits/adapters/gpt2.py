@@ -27,6 +27,9 @@ class GPT2Adapter(Adapter):
     def _blocks(self) -> torch.nn.ModuleList:
         return self.hf.transformer.h
 
+    def block(self, layer: int) -> torch.nn.Module:
+        return self._blocks[layer]
+
     def embed(self, ids: Tensor) -> Tensor:
         pos = torch.arange(ids.shape[-1], device=ids.device)
         return self.hf.transformer.wte(ids) + self.hf.transformer.wpe(pos)

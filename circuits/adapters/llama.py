@@ -44,6 +44,9 @@ class LlamaAdapter(Adapter):
     def _layers(self) -> torch.nn.ModuleList:
         return self.hf.model.layers
 
+    def block(self, layer: int) -> torch.nn.Module:
+        return self._layers[layer]
+
     def embed(self, ids: Tensor) -> Tensor:
         return self.hf.model.embed_tokens(ids)
 

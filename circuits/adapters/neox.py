@@ -28,6 +28,9 @@ class NeoXAdapter(Adapter):
     def _layers(self) -> torch.nn.ModuleList:
         return self.hf.gpt_neox.layers
 
+    def block(self, layer: int) -> torch.nn.Module:
+        return self._layers[layer]
+
     def embed(self, ids: Tensor) -> Tensor:
         return self.hf.gpt_neox.embed_in(ids)
 

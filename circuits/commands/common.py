@@ -25,6 +25,7 @@ from ..errors import OptionError
 from ..io import write_atomic
 from ..model import Model, resolve_device, resolve_dtype
 from ..outputs import Stages, move_into_place, staged
+from ..placement import check_placing
 from ..report import report_markdown
 from ..task import MAX_PROMPTS, Task, get_task, prefix_ids
 
@@ -114,10 +115,16 @@ def check_seed_and_n(seed: int, n: int | None) -> None:
              "change a circuit, and the prompts alone would fill the memory")
 
 
+#: The placement flags' destinations, passed to `circuits.load_model` by name.
+PLACING = ("device_map", "max_memory", "offload_folder")
+
+
 def check_device_and_dtype(args: argparse.Namespace) -> None:
     """Fail on an unknown or unavailable --device or an unknown --dtype before any work."""
-    resolve_device(args.device)
+    device = resolve_device(args.device)
     resolve_dtype(args.dtype)
+    check_placing(device, getattr(args, "device_map", None), getattr(args, "max_memory", None),
+                  getattr(args, "offload_folder", None))
 
 
 def read_task(spec: str, model: Model | None, n: int | None, seed: int) -> Task:
@@ -138,7 +145,8 @@ def load_task_and_model(task: str, model: Model | str | None, n: int | None, see
     else:
         get_task(task, n=1)  # an unknown name fails here, before a model is loaded
         given = task
-    found, loaded = resolve(given, model, n=n, seed=seed, device=args.device, dtype=args.dtype)
+    found, loaded = resolve(given, model, n=n, seed=seed, device=args.device, dtype=args.dtype,
+                            placing={k: getattr(args, k, None) for k in PLACING})
     if getattr(args, "bos", None) is not None:
         found = replace(found, bos=args.bos)
         prefix_ids(loaded.tokenizer, found.bos)  # --bos with a tokenizer that has no BOS
@@ -153,11 +161,13 @@ def add_model_argument(parser: argparse.ArgumentParser, also: str = "") -> None:
 
 
 def add_device_arguments(parser: argparse.ArgumentParser, bos: bool = True,
-                         dtype: str | None = "float32") -> None:
+                         dtype: str | None = "float32", placement: bool = False) -> None:
     """``--device`` and ``--dtype``, for every command that loads a model (checked by the
     command, so that a bad value is one line and exit status 2), and unless `bos` is False
     ``--bos``/``--no-bos``, which `load_task_and_model` applies to the task. `dtype` is the
-    default dtype; None: the one the command's input file records."""
+    default dtype; None: the one the command's input file records. With `placement` (commands
+    whose work runs on a model placed by a device map), ``--device-map``, ``--max-memory`` and
+    ``--offload-folder`` (`circuits.load_model`)."""
     parser.add_argument("--device", default="cpu", metavar="DEV",
                         help="where the model runs: cpu, cuda, cuda:N or mps "
                         "(default: %(default)s)")
@@ -165,6 +175,19 @@ def add_device_arguments(parser: argparse.ArgumentParser, bos: bool = True,
                         help="parameter dtype: float32, bfloat16 or float16; metrics are "
                         "computed in float32, and float16 is slow on CPUs (default: "
                         f"{dtype or 'the dtype the file records'})")
+    if placement:
+        parser.add_argument("--device-map", metavar="MAP",
+                            help="place the model's layers on several GPUs or offload them to "
+                            "the CPU or disk (accelerate): auto, balanced, sequential, or a JSON "
+                            'file such as {"transformer.h.0": "cuda:0", "transformer.h.1": '
+                            '"disk", ...}; instead of --device')
+        parser.add_argument("--max-memory", metavar="SPEC",
+                            help="with --device-map auto: the most each device holds, e.g. "
+                            "0=20GiB,1=20GiB,cpu=64GiB (the rest goes to disk)")
+        parser.add_argument("--offload-folder", metavar="DIR",
+                            help="where weights offloaded to disk are written when they cannot "
+                            "be read in place from the model's safetensors files (default: a "
+                            "temporary folder)")
     if bos:
         parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                             help="put the tokenizer's BOS token before every prompt, or with "

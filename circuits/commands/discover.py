@@ -109,7 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-nodes", type=int, default=DEFAULT_PER_SITE, metavar="K",
                    help=f"features of each site kept as nodes of their own (default: "
                    f"{DEFAULT_PER_SITE})")
-    add_device_arguments(p)
+    add_device_arguments(p, placement=True)
     add_method_arguments(p)
 
 

@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "was discovered on (refused by default)")
     p.add_argument("--features", metavar="SAE_FOLDER", help="a feature circuit's SAEs "
                    "(default: the folder the circuit was discovered with)")
-    add_device_arguments(p)
+    add_device_arguments(p, placement=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -101,9 +101,10 @@ def attention_patterns(setup: Setup, ids: Tensor) -> list[Tensor]:
     patterns = []
     with torch.no_grad():
         for layer in range(g.n_layers):
-            q, k, _ = a.qkv(layer, trace.resid[g.attn_stage(layer)])  # [b, H|K, p, dh]
-            eye = torch.eye(p, dtype=q.dtype, device=q.device).expand(*k.shape[:2], p, p)
-            patterns.append(a.attend(layer, q, k, eye.contiguous()))
+            with a.holding(layer):  # a model placed by a device map: the layer's weights
+                q, k, _ = a.qkv(layer, trace.resid[g.attn_stage(layer)])  # [b, H|K, p, dh]
+                eye = torch.eye(p, dtype=q.dtype, device=q.device).expand(*k.shape[:2], p, p)
+                patterns.append(a.attend(layer, q, k, eye.contiguous()).to(ids.device))
     return patterns
 
 

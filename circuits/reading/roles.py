@@ -282,7 +282,8 @@ def _copying(adapter: Adapter, tokens: Tensor, step: Callable[[int], Any]) -> Te
     """``[L, H]``: the fraction of `tokens` each head's OV circuit maps to their own top-k
     logit (see the module docstring); `step(1)` after each layer."""
     arch = adapter.arch
-    device = next(adapter.hf.parameters()).device
+    device = (next(adapter.hf.parameters()).device if adapter.placement is None
+              else adapter.placement.embed_device)
     tokens = tokens.to(device)
     counts = torch.zeros(arch.n_layers, arch.n_heads)
     with torch.no_grad():
