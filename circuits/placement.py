@@ -19,6 +19,7 @@ import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,11 @@ class Placement:
                 hook.pre_forward(module)
                 hook.offload = False  # its forward must not reload them, nor empty them after
                 held.append((module, hook))
-            yield self.devices[part]
+            if not held:
+                yield self.devices[part]
+                return
+            with _Reloaded(held):
+                yield self.devices[part]
         finally:
             self._depth[part] = 0
             for module, hook in reversed(held):
@@ -136,6 +141,53 @@ def offloaded_value(hf: nn.Module, name: str) -> torch.Tensor:
         if weights is not None and leaf in weights:
             return weights[leaf]
     raise ValueError(f"{name} is on the meta device and no offloading hook holds it")
+
+
+class _Reloaded(torch.autograd.graph.saved_tensors_hooks):
+    """While a part's offloaded weights are in place: autograd keeps, for the backward, not the
+    weights themselves (or views of them) but where to read them again, so a run with gradients
+    holds one part's weights at a time, not every layer's until its backward.
+
+    Each saved tensor whose storage is one of the held parameters' is packed as (the hook's
+    weights map, the parameter's name, device, dtype, the view's size, stride and offset), and
+    unpacked by reading the parameter again (from the CPU or the disk) and taking the same view.
+    """
+
+    def __init__(self, held: list[tuple[nn.Module, Any]]) -> None:
+        stored: dict[int, tuple[Any, str]] = {}
+        for module, hook in held:
+            for name, param in module.named_parameters(recurse=False):
+                if param.device.type != "meta" and name in hook.weights_map:
+                    stored[param.untyped_storage().data_ptr()] = (hook.weights_map, name)
+
+        def pack(t: torch.Tensor) -> Any:
+            if t.device.type == "meta":
+                return t
+            where = stored.get(t.untyped_storage().data_ptr())
+            if where is None:
+                return t
+            return _Stored(*where, t.device, t.dtype, t.size(), t.stride(), t.storage_offset())
+
+        def unpack(x: Any) -> torch.Tensor:
+            if not isinstance(x, _Stored):
+                return x
+            base = x.weights[x.name].to(x.device, x.dtype)
+            return base.as_strided(x.size, x.stride, x.offset)
+
+        super().__init__(pack, unpack)
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Where a saved tensor that views an offloaded parameter is read again (see `_Reloaded`)."""
+
+    weights: Any
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int
 
 
 def _offloaded(modules: Any) -> list[tuple[nn.Module, Any]]:

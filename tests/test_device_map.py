@@ -137,3 +137,37 @@ def test_node_level_work_with_offloaded_embeddings_is_one_line(folders):
         load_model(folders["gpt2"]).hf))
     with pytest.raises(OptionError, match="offload only layers"):
         placed.envoy  # noqa: B018
+
+
+def test_a_run_with_gradients_reads_offloaded_weights_again_for_its_backward(folders,
+                                                                             monkeypatch):
+    """Autograd keeps where to read an offloaded weight, not the weight, until the backward:
+    every weight packed is read back once, and the scores stay exact."""
+    import circuits.placement as placement
+
+    counts = {"packed": 0, "read": 0}
+    made = placement._Reloaded.__init__
+
+    def counting(self, held):
+        made(self, held)
+        pack, unpack = self.pack_hook, self.unpack_hook
+
+        def pack_counted(t):
+            out = pack(t)
+            counts["packed"] += isinstance(out, placement._Stored)
+            return out
+
+        def unpack_counted(x):
+            counts["read"] += isinstance(x, placement._Stored)
+            return unpack(x)
+
+        self.pack_hook, self.unpack_hook = pack_counted, unpack_counted
+
+    monkeypatch.setattr(placement._Reloaded, "__init__", counting)
+    memory = load_model(folders["gpt2"])
+    placed = load_model(folders["gpt2"], device_map=alternating_map(memory.hf, outer="cpu"))
+    task = get_task("ioi", memory.tokenizer, n=4)
+    torch.testing.assert_close(_scores(task, placed, "eap"), _scores(task, memory, "eap"),
+                               rtol=0, atol=0, equal_nan=True)
+    assert counts["packed"] > 0
+    assert counts["read"] == counts["packed"]
