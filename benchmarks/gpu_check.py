@@ -300,23 +300,23 @@ def fmt(x: float | None, spec: str) -> str:
     return format(x, spec) if x is not None else "-"
 
 
-def print_timing(shape: dict[str, Any]) -> None:
-    """The shape's table: ms, multiples of the plain passes, passes, memory against the plan."""
-    print(f"{'method':8s} {'ms':>9s} {'x fwd':>8s} {'x f+b':>7s} {'fwd':>8s} {'bwd':>5s} "
-          f"{'added MiB':>9s} {'plan':>7s} {'ratio':>5s} {'total MiB':>9s} {'plan':>7s} "
-          f"{'ratio':>5s}")
-    for r in shape["methods"]:
-        if r.get("error") or r.get("skipped"):
-            print(f"{r['method']:8s} {r.get('error') or 'SKIPPED (time guard)'}", flush=True)
-            continue
-        note = ("" if r["measured"] else f"  time EXTRAPOLATED from {r['layers']} layers, "
-                "memory and passes of those")
-        print(f"{r['method']:8s} {r['ms']:9.1f} {fmt(r['x_fwd'], '8.1f')} "
-              f"{fmt(r['x_fwd_bwd'], '7.1f')} {r['forward']:8.1f} {r['backward']:5.1f} "
-              f"{fmt(r['added_mib'], '9.0f')} {r['plan_added_mib']:7.0f} "
-              f"{fmt(ratio(r['added_mib'], r['plan_added_mib']), '5.2f')} "
-              f"{fmt(r['total_mib'], '9.0f')} {fmt(r['plan_total_mib'], '7.0f')} "
-              f"{fmt(ratio(r['total_mib'], r['plan_total_mib']), '5.2f')}{note}", flush=True)
+TABLE_HEAD = (f"{'method':8s} {'ms':>9s} {'x fwd':>8s} {'x f+b':>7s} {'fwd':>8s} {'bwd':>5s} "
+              f"{'added MiB':>9s} {'plan':>7s} {'ratio':>5s} {'total MiB':>9s} {'plan':>7s} "
+              f"{'ratio':>5s}")
+
+
+def print_row(r: dict[str, Any]) -> None:
+    """One method's row: ms, multiples of the plain passes, passes, memory against the plan."""
+    if r.get("error") or r.get("skipped"):
+        print(f"{r['method']:8s} {r.get('error') or 'SKIPPED (time guard)'}", flush=True)
+        return
+    note = ("" if r["measured"] else f"  time EXTRAPOLATED from {r['layers']} layers, "
+            "memory and passes of those")
+    print(f"{r['method']:8s} {r['ms']:9.1f} {r['x_fwd']:8.1f} {r['x_fwd_bwd']:7.1f} "
+          f"{r['forward']:8.1f} {r['backward']:5.1f} {fmt(r['added_mib'], '9.0f')} "
+          f"{r['plan_added_mib']:7.0f} {fmt(ratio(r['added_mib'], r['plan_added_mib']), '5.2f')} "
+          f"{fmt(r['total_mib'], '9.0f')} {fmt(r['plan_total_mib'], '7.0f')} "
+          f"{fmt(ratio(r['total_mib'], r['plan_total_mib']), '5.2f')}{note}", flush=True)
 
 
 def time_shape(label: str, build: Callable[[int], Model], model: Model, dtype_name: str,
@@ -332,13 +332,15 @@ def time_shape(label: str, build: Callable[[int], Model], model: Model, dtype_na
              "params_m": n_params / 1e6, "edges": g.n_edges, "batch": batch.size,
              "tokens": batch.length, "fwd_ms": 1e3 * fwd, "fwd_bwd_ms": 1e3 * fwd_bwd,
              "methods": []}
-    print(f"\n{label} {dtype_name}: {shape['layers']} layers, {shape['params_m']:.1f}M "
+    scaled = " (scaled down by --quick)" if build in QUICK_SHAPES.values() else ""
+    print(f"\n{label}{scaled} {dtype_name}: {shape['layers']} layers, {shape['params_m']:.1f}M "
           f"parameters, {g.n_edges:,} edges, batch {batch.size} x {batch.length} tokens, median "
           f"of {repeats} after a warm-up; plain HF forward {shape['fwd_ms']:.2f} ms, "
-          f"forward+backward {shape['fwd_bwd_ms']:.2f} ms", flush=True)
+          f"forward+backward {shape['fwd_bwd_ms']:.2f} ms\n{TABLE_HEAD}", flush=True)
     for method in METHODS:
         if guard.left() <= 0:
             shape["methods"].append({"method": method, "skipped": True})
+            print_row(shape["methods"][-1])
             continue
         try:
             r = (time_exact(build, model, batch, repeats, device, dtype, guard)
@@ -349,7 +351,7 @@ def time_shape(label: str, build: Callable[[int], Model], model: Model, dtype_na
         else:
             r.update(x_fwd=r["ms"] / shape["fwd_ms"], x_fwd_bwd=r["ms"] / shape["fwd_bwd_ms"])
         shape["methods"].append(r)
-    print_timing(shape)
+        print_row(r)
     return shape
 
 
@@ -388,6 +390,7 @@ def header(device: torch.device) -> dict[str, Any]:
             "cuda": torch.version.cuda, "circuits": circuits.__version__,
             "commit": commit or "unknown", "float32_matmul": torch.get_float32_matmul_precision(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load": round(os.getloadavg()[0], 1),
             "eap_ig_steps": ig_steps()}
 
 
@@ -396,7 +399,7 @@ def summary(head: dict[str, Any], parity: list[dict[str, Any]], timings: list[di
     """The block to paste into a note."""
     lines = [f"GPU check, commit {head['commit']}, {head['date']}: {head['device_name']} "
              f"({head['device']}), torch {head['torch']} (CUDA {head['cuda']}), float32 matmul "
-             f"{head['float32_matmul']}, {seconds:.0f} s"]
+             f"{head['float32_matmul']}, load average {head['load']}, {seconds:.0f} s"]
     for dtype_name in DTYPES:
         rows = [r for r in parity if r["dtype"] == dtype_name]
         worst = max((r for r in rows if not r.get("error")), key=lambda r: r["rel"] / r["tol"],
