@@ -76,3 +76,29 @@ def test_cuda_without_a_gpu_is_one_line_and_exit_2(gpu_check, monkeypatch, capsy
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpu_check: error:") and "CUDA" in lines[0]
+
+
+def test_exact_patching_is_extrapolated_from_3_layers_when_the_model_would_not_fit(
+        gpu_check, monkeypatch):
+    """The probe's time scaled by the units of work (`methods_speed.exact_units`) when the
+    section has no time left; the whole model timed when it has."""
+    from circuits.engine import Engine
+    from circuits.testing import make_batch
+
+    calls = []
+
+    def fake(model, batch, method, repeats, device):  # 10 ms a layer, nothing run
+        layers = model.hf.config.num_hidden_layers
+        calls.append(layers)
+        return {"method": method, "ms": 10.0 * layers, "layers": layers, "measured": True}
+
+    monkeypatch.setattr(gpu_check, "time_method", fake)
+    build = gpu_check.QUICK_SHAPES["gpt2-small"]
+    model, batch, cpu = build(5), make_batch(b=2, p=4, vocab=256), torch.device("cpu")
+    units = [gpu_check.exact_units(Engine(build(n)).graph) for n in (3, 5)]
+    out = gpu_check.time_exact(build, model, batch, 1, cpu, torch.float32, gpu_check.Guard(0))
+    assert calls == [3] and not out["measured"] and out["layers"] == 3
+    assert out["ms"] == pytest.approx(30.0 * units[1] / units[0])
+    calls.clear()
+    out = gpu_check.time_exact(build, model, batch, 1, cpu, torch.float32, gpu_check.Guard(1e6))
+    assert calls == [3, 5] and out["measured"] and out["layers"] == 5
