@@ -1,5 +1,7 @@
-"""GPU check: parity on the device in float32 and bfloat16, method timings against plain
-passes, and peak memory against `circuits plan`, in a few minutes.
+"""GPU check: parity in float32 and bfloat16, method timings, peak memory against the plan.
+
+Parity on the device, method timings against plain passes and peak memory against `circuits
+plan`, in a few minutes.
 
 Three sections, each under its share of ``--budget`` (a step that would start after its
 section's share is spent prints ``SKIPPED (time guard)``):
