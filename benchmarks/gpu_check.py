@@ -333,8 +333,8 @@ def time_shape(label: str, build: Callable[[int], Model], model: Model, dtype_na
     shape = {"shape": label, "dtype": dtype_name, "layers": model.hf.config.num_hidden_layers,
              "params_m": n_params / 1e6, "edges": g.n_edges, "batch": batch.size,
              "tokens": batch.length, "fwd_ms": 1e3 * fwd, "fwd_bwd_ms": 1e3 * fwd_bwd,
-             "methods": []}
-    scaled = " (scaled down by --quick)" if build in QUICK_SHAPES.values() else ""
+             "scaled_down": build in QUICK_SHAPES.values(), "methods": []}
+    scaled = " (scaled down by --quick)" if shape["scaled_down"] else ""
     print(f"\n{label}{scaled} {dtype_name}: {shape['layers']} layers, {shape['params_m']:.1f}M "
           f"parameters, {g.n_edges:,} edges, batch {batch.size} x {batch.length} tokens, median "
           f"of {repeats} after a warm-up; plain HF forward {shape['fwd_ms']:.2f} ms, "
@@ -413,20 +413,19 @@ def summary(head: dict[str, Any], parity: list[dict[str, Any]], timings: list[di
                  "device MiB (plan) |")
     lines.append("|---|---|---|---:|---:|---:|---:|---:|")
     for s in timings:
-        lines.append(f"| {s['shape']} | {s['dtype']} | plain fwd / fwd+bwd | "
-                     f"{s['fwd_ms']:.2f} / {s['fwd_bwd_ms']:.2f} | 1 | | | |")
+        where = f"| {s['shape']}{' (--quick)' if s['scaled_down'] else ''} | {s['dtype']} |"
+        lines.append(f"{where} plain fwd / fwd+bwd | {s['fwd_ms']:.2f} / "
+                     f"{s['fwd_bwd_ms']:.2f} | 1 | | | |")
         for r in s["methods"]:
             if r.get("error") or r.get("skipped"):
-                lines.append(f"| {s['shape']} | {s['dtype']} | {r['method']} | "
-                             f"{r.get('error') or 'skipped'} | | | | |")
+                lines.append(f"{where} {r['method']} | {r.get('error') or 'skipped'} | | | | |")
                 continue
             ms = f"{r['ms']:.1f}" + ("" if r["measured"] else
                                      f" (extrapolated from {r['layers']} layers)")
             lines.append(
-                f"| {s['shape']} | {s['dtype']} | {r['method']} | {ms} | {r['x_fwd']:.1f} | "
-                f"{r['x_fwd_bwd']:.1f} | {fmt(r['added_mib'], '.0f')} "
-                f"({r['plan_added_mib']:.0f}) | {fmt(r['total_mib'], '.0f')} "
-                f"({fmt(r['plan_total_mib'], '.0f')}) |")
+                f"{where} {r['method']} | {ms} | {r['x_fwd']:.1f} | {r['x_fwd_bwd']:.1f} | "
+                f"{fmt(r['added_mib'], '.0f')} ({r['plan_added_mib']:.0f}) | "
+                f"{fmt(r['total_mib'], '.0f')} ({fmt(r['plan_total_mib'], '.0f')}) |")
     return lines
 
 
