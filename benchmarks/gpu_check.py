@@ -9,7 +9,9 @@ section's share is spent prints ``SKIPPED (time guard)``):
 1. Parity, on the shipped IOI model and a small random model of every edge-level family
    (`circuits.testing.FAMILIES`: GPT-2, GPT-NeoX, Llama with grouped-query attention, Qwen2,
    Mistral, Gemma-2), each in float32 and in bfloat16 on the device: the engine's clean logits
-   against the Hugging Face model's on the same device and dtype, and EAP, EAP-IG and exact
+   against the Hugging Face model's on the same device and dtype, its patched logits (random
+   edge weights, its planned runs) against the reference run (`circuits.reference`, the
+   definition run naively) on the same device and dtype, and EAP, EAP-IG and exact
    patching scores against the same method on the CPU in float32 (the project's reference
    setting). One ``PASS``/``FAIL`` line each, with max |diff|, max |diff| / max |reference|
    and the tolerance.
@@ -66,6 +68,7 @@ from circuits.engine import Engine
 from circuits.errors import CircuitsError
 from circuits.methods import get_method, run_method
 from circuits.model import Model, load_model, resolve_device
+from circuits.reference import reference_logits
 from circuits.setup import Setup
 from circuits.sizing import memory, model_sizes
 from circuits.testing import FAMILIES, make_batch, tiny_gpt2, tiny_model
@@ -161,6 +164,23 @@ def compare(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
     return diff, diff / max(want.abs().max().item(), 1e-30)
 
 
+def patched_vs_reference(engine: Engine, batch: Batch) -> tuple[float, float]:
+    """The engine's patched last-position logits (its planned, rewritten runs) against
+    `circuits.reference.reference_logits` (the definition, run naively) on the same device: two
+    variants of random edge weights, resample-ablated, as tests/test_reference.py checks them on
+    the CPU."""
+    g, device, dtype = engine.graph, engine.model.device, engine.model.dtype
+    ids = batch.clean.to(device)
+    ablated = engine.ablated_outputs(ids, "resample", corrupt=batch.corrupt.to(device))
+    gen = torch.Generator().manual_seed(1)
+    w = torch.rand(2, g.n_sources, g.n_destinations, generator=gen) * g.valid
+    with torch.no_grad():
+        got = engine.patched_logits(ids, w, ablated)
+        want = reference_logits(engine.adapter, g, ids, w.to(device=device, dtype=dtype),
+                                ablated)[:, -1]
+    return compare(got, want)
+
+
 def parity_lines(name: str, device: torch.device, dtype_name: str, batch: Batch,
                  reference: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
     """The checks of one model in one dtype: logits against Hugging Face, then each method's
@@ -169,7 +189,9 @@ def parity_lines(name: str, device: torch.device, dtype_name: str, batch: Batch,
     ids = batch.clean.to(device)
     with torch.no_grad():
         hf_logits = model.hf(ids).logits
-    checks = [("logits vs HF", lambda: compare(Engine(model).logits(ids), hf_logits), "logits")]
+    engine = Engine(model)
+    checks = [("logits vs HF", lambda: compare(engine.logits(ids), hf_logits), "logits"),
+              ("patched vs ref", lambda: patched_vs_reference(engine, batch), "logits")]
     got = scores_of(model, batch)
     checks += [(f"{m} vs CPU f32", lambda m=m: compare(got[m], reference[m]), "scores")
                for m in METHODS]
@@ -196,8 +218,8 @@ def print_parity(row: dict[str, Any]) -> None:
 def section_parity(device: torch.device, names: tuple[str, ...], guard: Guard
                    ) -> list[dict[str, Any]]:
     """Every parity line of the models `names`, model by model while the guard allows."""
-    print(f"\n== 1. parity on {device}: engine logits vs Hugging Face (same device and dtype), "
-          "scores vs the CPU in float32 ==", flush=True)
+    print(f"\n== 1. parity on {device}: engine logits vs Hugging Face and patched logits vs the "
+          "reference run (same device and dtype), scores vs the CPU in float32 ==", flush=True)
     rows: list[dict[str, Any]] = []
     for name in names:
         if guard.left() <= 0:

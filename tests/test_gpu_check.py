@@ -38,7 +38,8 @@ def test_cpu_quick_mode_passes_parity_and_writes_consistent_figures(gpu_check, t
     verdicts = [line.split()[0] for line in text.splitlines()
                 if line.startswith(("PASS", "FAIL", "SKIPPED"))]
     models = len(gpu_check.QUICK_PARITY_MODELS)
-    checks = len(gpu_check.DTYPES) * (1 + len(gpu_check.METHODS))  # logits, then each method
+    # logits vs HF, patched vs the reference run, then each method
+    checks = len(gpu_check.DTYPES) * (2 + len(gpu_check.METHODS))
     assert verdicts == ["PASS"] * models * checks
     figures = json.loads(out.read_text())
     assert figures["passed"] is True
@@ -46,7 +47,7 @@ def test_cpu_quick_mode_passes_parity_and_writes_consistent_figures(gpu_check, t
         assert 0 <= row["rel"] <= row["tol"] and math.isfinite(row["max_diff"])
     # on the CPU the float32 run is the reference run itself: the scores agree exactly
     assert all(r["max_diff"] == 0 for r in figures["parity"]
-               if r["dtype"] == "float32" and r["check"] != "logits vs HF")
+               if r["dtype"] == "float32" and r["check"].endswith("vs CPU f32"))
     shapes = [(s["shape"], s["dtype"]) for s in figures["timings"]]
     assert shapes == [(shape, dtype) for shape in gpu_check.QUICK_SHAPES
                       for dtype in gpu_check.DTYPES]
