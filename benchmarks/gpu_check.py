@@ -137,6 +137,12 @@ def finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
+def one_line(err: BaseException) -> str:
+    """The error's type and the first line of its message, at most 200 characters."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
+
+
 def ig_steps() -> int:
     """EAP-IG's default integration steps, from its registry entry."""
     return next(o.default for o in get_method("eap-ig").params if o.name == "steps")
@@ -151,10 +157,9 @@ def parity_model(name: str, device: torch.device, dtype: torch.dtype) -> Model:
     return Model(hf=model.hf.to(device=device, dtype=dtype), tokenizer=None, name=model.name)
 
 
-def scores_of(model: Model, batch: Batch) -> dict[str, torch.Tensor]:
-    """EAP, EAP-IG and exact patching scores on one batch, float32 on the CPU."""
-    return {m: run_method(m, Setup(model, [batch], "logit-diff")).values.float().cpu()
-            for m in METHODS}
+def score_of(model: Model, batch: Batch, method: str) -> torch.Tensor:
+    """`method`'s scores on one batch, float32 on the CPU."""
+    return run_method(method, Setup(model, [batch], "logit-diff")).values.float().cpu()
 
 
 def compare(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
@@ -183,8 +188,9 @@ def patched_vs_reference(engine: Engine, batch: Batch) -> tuple[float, float]:
 
 def parity_lines(name: str, device: torch.device, dtype_name: str, batch: Batch,
                  reference: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-    """The checks of one model in one dtype: logits against Hugging Face, then each method's
-    scores against the CPU float32 `reference`."""
+    """The checks of one model in one dtype: logits against Hugging Face, patched logits
+    against the reference run, then each method's scores against the CPU float32 `reference`.
+    A check that raises is a FAIL line with the error; the others still run."""
     model = parity_model(name, device, DTYPES[dtype_name])
     ids = batch.clean.to(device)
     with torch.no_grad():
@@ -192,15 +198,19 @@ def parity_lines(name: str, device: torch.device, dtype_name: str, batch: Batch,
     engine = Engine(model)
     checks = [("logits vs HF", lambda: compare(engine.logits(ids), hf_logits), "logits"),
               ("patched vs ref", lambda: patched_vs_reference(engine, batch), "logits")]
-    got = scores_of(model, batch)
-    checks += [(f"{m} vs CPU f32", lambda m=m: compare(got[m], reference[m]), "scores")
-               for m in METHODS]
+    checks += [(f"{m} vs CPU f32", lambda m=m: compare(score_of(model, batch, m), reference[m]),
+                "scores") for m in METHODS]
     rows = []
     for check, fn, kind in checks:
-        tol = TOLERANCE[dtype_name][kind]
-        diff, rel = fn()
-        rows.append({"model": name, "dtype": dtype_name, "check": check, "max_diff": diff,
-                     "rel": rel, "tol": tol, "pass": bool(rel <= tol)})
+        row = {"model": name, "dtype": dtype_name, "check": check,
+               "tol": TOLERANCE[dtype_name][kind]}
+        try:
+            row["max_diff"], row["rel"] = fn()
+        except Exception as err:  # noqa: BLE001 - a GPU session is short: report, go on
+            row["error"], row["pass"] = one_line(err), False
+        else:
+            row["pass"] = bool(row["rel"] <= row["tol"])
+        rows.append(row)
     return rows
 
 
@@ -227,13 +237,13 @@ def section_parity(device: torch.device, names: tuple[str, ...], guard: Guard
             continue
         cpu = parity_model(name, torch.device("cpu"), torch.float32)
         batch = make_batch(b=4, p=9, vocab=cpu.hf.config.vocab_size, seed=0)
-        reference = scores_of(cpu, batch)
+        reference = {m: score_of(cpu, batch, m) for m in METHODS}
         for dtype_name in DTYPES:
             try:
                 lines = parity_lines(name, device, dtype_name, batch, reference)
             except Exception as err:  # noqa: BLE001 - one broken model must not end the check
-                lines = [{"model": name, "dtype": dtype_name, "check": "(all)", "pass": False,
-                          "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}]
+                lines = [{"model": name, "dtype": dtype_name, "check": "(loading)",
+                          "pass": False, "error": one_line(err)}]
             for row in lines:
                 print_parity(row)
             rows += lines
@@ -370,8 +380,7 @@ def time_shape(label: str, build: Callable[[int], Model], model: Model, dtype_na
             r = (time_exact(build, model, batch, repeats, device, dtype, guard)
                  if method == "exact" else time_method(model, batch, method, repeats, device))
         except Exception as err:  # noqa: BLE001 - report it and go on to the next method
-            r = {"method": method, "error": f"ERROR {type(err).__name__}: "
-                 f"{str(err).splitlines()[0][:200]}"}
+            r = {"method": method, "error": f"ERROR {one_line(err)}"}
         else:
             r.update(x_fwd=r["ms"] / shape["fwd_ms"], x_fwd_bwd=r["ms"] / shape["fwd_bwd_ms"])
         shape["methods"].append(r)
@@ -430,7 +439,10 @@ def summary(head: dict[str, Any], parity: list[dict[str, Any]], timings: list[di
                     default=None)
         at = (f"; worst rel {worst['rel']:.1e} of tol {worst['tol']:g} ({worst['model']}, "
               f"{worst['check']})" if worst else "")
-        lines.append(f"parity {dtype_name}: {sum(r['pass'] for r in rows)}/{len(rows)} PASS{at}")
+        failed = [f"{r['model']} {r['check']}" for r in rows if not r["pass"]]
+        failed_text = f"; FAIL: {', '.join(failed)}" if failed else ""
+        lines.append(f"parity {dtype_name}: {sum(r['pass'] for r in rows)}/{len(rows)} PASS"
+                     f"{at}{failed_text}")
     lines.append("| shape | dtype | method | ms | x fwd | x fwd+bwd | added MiB (plan) | "
                  "device MiB (plan) |")
     lines.append("|---|---|---|---:|---:|---:|---:|---:|")
