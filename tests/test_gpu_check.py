@@ -25,8 +25,8 @@ def gpu_check(monkeypatch):
     before = set(sys.modules)
     yield importlib.import_module("gpu_check")
     for name in set(sys.modules) - before:
-        if getattr(sys.modules[name], "__file__", "") and \
-                Path(sys.modules[name].__file__).parent == BENCHMARKS:
+        file = getattr(sys.modules[name], "__file__", None)
+        if file and Path(file).parent == BENCHMARKS:
             del sys.modules[name]
 
 
