@@ -214,6 +214,44 @@ def parity_lines(name: str, device: torch.device, dtype_name: str, batch: Batch,
     return rows
 
 
+def placed_map(device: torch.device, layers: int) -> dict[str, str]:
+    """A device map of the shipped GPT-2 that exercises `circuits.placement` on `device`: on a
+    GPU, layers alternate between the GPUs (two or more) or between the GPU and the CPU (one:
+    offloaded to the CPU, run on the GPU); on the CPU, between memory and disk."""
+    here = str(device) if device.index is not None or device.type == "cpu" else f"{device}:0"
+    if device.type == "cuda":
+        other = "cuda:1" if torch.cuda.device_count() > 1 else "cpu"
+    else:
+        other = "disk"
+    outer = {"transformer.wte": here, "transformer.wpe": here, "transformer.ln_f": here,
+             "lm_head": here}
+    return {**outer, **{f"transformer.h.{i}": (here if i % 2 else other)
+                        for i in range(layers)}}
+
+
+def placement_lines(device: torch.device, batch: Batch) -> list[dict[str, Any]]:
+    """EAP and exact patching of the shipped model placed by `placed_map` against the same
+    model loaded whole on `device` (float32): the same operations on the same values."""
+    whole = load_model(SHIPPED, device=device)
+    layers = whole.hf.config.n_layer
+    spec = placed_map(device, layers)
+    placed = load_model(SHIPPED, device_map=spec)
+    where = "/".join(sorted(set(spec.values())))
+    rows = []
+    for method in ("eap", "exact"):
+        row = {"model": SHIPPED, "dtype": "float32", "check": f"{method} map {where}",
+               "tol": TOLERANCE["float32"]["scores"]}
+        try:
+            row["max_diff"], row["rel"] = compare(score_of(placed, batch, method),
+                                                  score_of(whole, batch, method))
+        except Exception as err:  # noqa: BLE001 - a GPU session is short: report, go on
+            row["error"], row["pass"] = one_line(err), False
+        else:
+            row["pass"] = bool(row["rel"] <= row["tol"])
+        rows.append(row)
+    return rows
+
+
 def print_parity(row: dict[str, Any]) -> None:
     verdict = "PASS" if row["pass"] else "FAIL"
     if row.get("error"):
@@ -243,6 +281,15 @@ def section_parity(device: torch.device, names: tuple[str, ...], guard: Guard
                 lines = parity_lines(name, device, dtype_name, batch, reference)
             except Exception as err:  # noqa: BLE001 - one broken model must not end the check
                 lines = [{"model": name, "dtype": dtype_name, "check": "(loading)",
+                          "pass": False, "error": one_line(err)}]
+            for row in lines:
+                print_parity(row)
+            rows += lines
+        if name == SHIPPED:  # the shipped model placed by a device map (circuits.placement)
+            try:
+                lines = placement_lines(device, batch)
+            except Exception as err:  # noqa: BLE001 - one broken check must not end the run
+                lines = [{"model": name, "dtype": "float32", "check": "(device map)",
                           "pass": False, "error": one_line(err)}]
             for row in lines:
                 print_parity(row)

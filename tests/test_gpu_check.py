@@ -103,3 +103,15 @@ def test_exact_patching_is_extrapolated_from_3_layers_when_the_model_would_not_f
     calls.clear()
     out = gpu_check.time_exact(build, model, batch, 1, cpu, torch.float32, gpu_check.Guard(1e6))
     assert calls == [3, 5] and out["measured"] and out["layers"] == 5
+
+
+def test_the_device_map_check_passes_on_the_cpu_with_layers_on_disk(gpu_check):
+    spec = gpu_check.placed_map(torch.device("cpu"), 4)
+    assert sorted(set(spec.values())) == ["cpu", "disk"]
+    from circuits.testing import make_batch
+
+    batch = make_batch(b=2, p=6, vocab=509, seed=0)
+    rows = gpu_check.placement_lines(torch.device("cpu"), batch)
+    assert [r["check"] for r in rows] == ["eap map cpu/disk", "exact map cpu/disk"]
+    # the same operations on the same values: not close, equal
+    assert all(r["pass"] and r["max_diff"] == 0.0 for r in rows), rows
