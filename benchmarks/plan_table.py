@@ -5,7 +5,9 @@ No hub is needed: each model's config is written with its published shapes into 
 own, which `circuits plan` reads like any model folder (config only, on the meta device). MIB's
 circuit-localization code runs every model with ``--batch-size 20`` (its README: "set across
 models"); prompts of 32 tokens are assumed, 1000 of them, on a device of 80 GiB (an H100 or an
-A100-80GB), GPT-2 and Pythia in float32, the Llama models in bfloat16.
+A100-80GB), GPT-2 and Pythia in float32, the Llama models in bfloat16. A second table places
+each model by a device map (`circuits plan --devices N` / `--offload`): EAP's memory on the
+first device and the largest batch there.
 
     python benchmarks/plan_table.py [--batch-size 20] [--tokens 32] [--n 1000] [--memory 80GiB]
 """
@@ -70,6 +72,19 @@ def main() -> None:
                       f"{gib(m.buffers)} | {gib(m.activations)} | {gib(m.device)} | "
                       f"{run.forward:,.0f} + {run.backward:g} | {run.largest_batch} |",
                       flush=True)
+        print("\nplaced by a device map (eap): weights / whole run on the first device, GiB; "
+              "largest batch")
+        print("| model | one device | 2 devices | 4 devices | 8 devices | layers offloaded |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, (_, dtype) in MODELS.items():
+            sizes = model_sizes(read_config(Path(tmp) / name), dtype, name)
+            cells = []
+            for devices, offload in ((1, False), (2, False), (4, False), (8, False), (1, True)):
+                run = plan_run(sizes, "eap", args.n, args.batch_size, args.tokens,
+                               capacity=capacity, devices=devices, offload=offload)
+                cells.append(f"{gib(run.memory.weights)} / {gib(run.memory.device)}; "
+                             f"{run.largest_batch}")
+            print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

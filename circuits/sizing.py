@@ -80,6 +80,9 @@ class ModelSizes:
         Bytes of one parameter (and activation) in it.
     graph : Graph
         The edge graph.
+    layer_params : int
+        Parameters of one layer (the largest); the rest (embeddings, final norm, unembedding)
+        are outside the layers.
     """
 
     name: str
@@ -95,10 +98,32 @@ class ModelSizes:
     dtype: str
     itemsize: int
     graph: Graph
+    layer_params: int = 0
 
     @property
     def weight_bytes(self) -> int:
         return self.n_params * self.itemsize
+
+    def weights_on_first(self, devices: int = 1, offload: bool = False) -> int:
+        """Bytes of weights on the device a run's activations are on (the first of a device
+        map's): all of them on one device; with `devices` GPUs sharing the layers evenly, its
+        share of the layers and everything outside them; with `offload` (layers streamed in
+        from the CPU or disk, `circuits.placement`), the outside and two layers (a stage of
+        exact patching holds its layer while the run of the later ones holds theirs).
+
+        Examples
+        --------
+        >>> from transformers import GPT2Config
+        >>> s = model_sizes(GPT2Config())  # 39.4 M parameters outside the layers, 7.09 M each
+        >>> [round(s.weights_on_first(*a) / 2**20) for a in ((1,), (2,), (4,), (1, True))]
+        [475, 312, 231, 204]
+        """
+        outside = self.n_params - self.n_layers * self.layer_params
+        if offload:
+            layers = min(2, self.n_layers)
+        else:
+            layers = -(-self.n_layers // max(1, devices))
+        return (outside + layers * self.layer_params) * self.itemsize
 
 
 def read_config(name: str | os.PathLike) -> Any:
@@ -152,7 +177,8 @@ def model_sizes(config: Any, dtype: torch.dtype = torch.float32, name: str = "")
     except (ValueError, KeyError, TypeError) as err:
         raise OptionError(f"{name or 'the config'} does not describe a causal language model "
                           f"transformers can build ({err})") from None
-    a = adapter_for(hf).arch
+    adapter = adapter_for(hf)
+    a = adapter.arch
     d_mlp = a.d_mlp or 4 * a.d_model
     return ModelSizes(
         name=name or getattr(config, "_name_or_path", "") or type(hf).__name__,
@@ -162,7 +188,9 @@ def model_sizes(config: Any, dtype: torch.dtype = torch.float32, name: str = "")
         n_params=sum(p.numel() for p in hf.parameters()),
         dtype=str(dtype).removeprefix("torch."),
         itemsize=torch.empty((), dtype=dtype).element_size(),
-        graph=Graph(a.n_layers, a.n_heads, a.parallel, a.n_kv_heads))
+        graph=Graph(a.n_layers, a.n_heads, a.parallel, a.n_kv_heads),
+        layer_params=max(sum(p.numel() for p in adapter.block(i).parameters())
+                         for i in range(a.n_layers)))
 
 
 # -- memory ---------------------------------------------------------------------------------------
@@ -262,8 +290,10 @@ class Memory:
         return self.weights + self.buffers + self.activations + self.scores
 
 
-def memory(s: ModelSizes, method: str, b: int, p: int, steps: int = IG_STEPS) -> Memory:
-    """The memory of `method` on batches of `b` prompts of `p` tokens.
+def memory(s: ModelSizes, method: str, b: int, p: int, steps: int = IG_STEPS,
+           devices: int = 1, offload: bool = False) -> Memory:
+    """The memory of `method` on batches of `b` prompts of `p` tokens, on the device its
+    activations are on (see `ModelSizes.weights_on_first` for `devices` and `offload`).
 
     Examples
     --------
@@ -278,7 +308,8 @@ def memory(s: ModelSizes, method: str, b: int, p: int, steps: int = IG_STEPS) ->
     u = _units(s, b, p)
     buffers, activations = MEMORY_METHODS[method](u, s, b, p, steps)
     score = s.graph.n_sources * s.graph.n_destinations * 4
-    return Memory(s.weight_bytes, int(buffers), int(activations), score, 2 * score)
+    return Memory(s.weights_on_first(devices, offload), int(buffers), int(activations), score,
+                  2 * score)
 
 
 # -- passes ---------------------------------------------------------------------------------------
@@ -420,11 +451,11 @@ class RunEstimate:
 
 
 def largest_batch(s: ModelSizes, method: str, p: int, capacity: int, n: int,
-                  steps: int = IG_STEPS) -> int:
+                  steps: int = IG_STEPS, devices: int = 1, offload: bool = False) -> int:
     """The largest batch (at most `n`) whose run fits `capacity` bytes on the device; 0 when
     not even one prompt does."""
     def fits(b: int) -> bool:
-        return memory(s, method, b, p, steps).device <= capacity
+        return memory(s, method, b, p, steps, devices, offload).device <= capacity
 
     if not fits(1):
         return 0
@@ -436,9 +467,12 @@ def largest_batch(s: ModelSizes, method: str, p: int, capacity: int, n: int,
 
 
 def plan_run(s: ModelSizes, method: str, n: int, b: int, p: int, steps: int = IG_STEPS,
-             capacity: int | None = None, speed: float | None = None) -> RunEstimate:
+             capacity: int | None = None, speed: float | None = None, devices: int = 1,
+             offload: bool = False) -> RunEstimate:
     """Memory, passes, time and the largest batch of `method` on `n` prompts of `p` tokens in
-    batches of `b`; `capacity` the device's memory in bytes, `speed` multiply-adds a second.
+    batches of `b`; `capacity` the device's memory in bytes, `speed` multiply-adds a second;
+    `devices` GPUs a device map spreads the layers over, `offload` the layers streamed in from
+    the CPU or disk (the memory is the first device's, where the activations are).
 
     Examples
     --------
@@ -448,10 +482,11 @@ def plan_run(s: ModelSizes, method: str, n: int, b: int, p: int, steps: int = IG
     (7.0, False, 8)
     """
     b = min(b, n)
-    m = memory(s, method, b, p, steps)
+    m = memory(s, method, b, p, steps, devices, offload)
     forward, backward = passes(s, method, b, steps)
     seconds = None
     if speed:
         seconds = (forward + 2 * backward) * n * p * s.n_params / speed
-    top = None if capacity is None else largest_batch(s, method, p, capacity, n, steps)
+    top = (None if capacity is None
+           else largest_batch(s, method, p, capacity, n, steps, devices, offload))
     return RunEstimate(s, method, n, b, p, steps, m, forward, backward, seconds, capacity, top)

@@ -23,6 +23,7 @@ from circuits.sizing import (
     model_sizes,
     passes,
     plan_run,
+    read_config,
 )
 from circuits.testing import make_batch, model_folder, tiny_model
 
@@ -166,3 +167,27 @@ def test_plan_for_a_device_this_machine_lacks_given_its_memory(capsys):
     assert cli.main(["plan", "ioi-gpt2-4l", "--device", "cuda:3", "--memory", "80GiB"]) == 0
     out = capsys.readouterr().out
     assert "on cuda:3" in out and "of 80.00 GiB" in out
+
+
+def test_weights_on_the_first_device_of_a_device_map_count_its_layers(capsys):
+    """Counted from the loaded model's own modules: what lies outside the layers, plus the first
+    device's even share of the layers (two layers held at once when they are offloaded)."""
+    from circuits import load_model
+    from circuits.adapters import adapter_for
+
+    model = load_model("ioi-gpt2-4l")
+    a = adapter_for(model.hf)
+    per_layer = [sum(p.numel() for p in a.block(i).parameters()) for i in range(4)]
+    outside = sum(p.numel() for p in model.hf.parameters()) - sum(per_layer)
+    sizes = model_sizes(read_config("ioi-gpt2-4l"), name="ioi-gpt2-4l")
+    assert sizes.layer_params == max(per_layer)
+    assert sizes.weights_on_first() == sizes.weight_bytes
+    assert sizes.weights_on_first(devices=2) == 4 * (outside + 2 * per_layer[0])
+    assert sizes.weights_on_first(devices=3) == 4 * (outside + 2 * per_layer[0])  # 2, 1, 1
+    assert sizes.weights_on_first(devices=4) == 4 * (outside + per_layer[0])
+    assert sizes.weights_on_first(offload=True) == 4 * (outside + 2 * per_layer[0])
+    assert cli.main(["plan", "ioi-gpt2-4l", "--method", "eap", "--memory", "1GiB",
+                     "--devices", "2"]) == 0
+    assert "the first of 2 devices" in capsys.readouterr().out
+    assert cli.main(["plan", "ioi-gpt2-4l", "--offload", "--devices", "2"]) == 2
+    assert "give one of them" in capsys.readouterr().err

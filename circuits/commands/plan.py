@@ -27,7 +27,9 @@ from .common import add_model_argument, fail
 HELP_EXAMPLES = """examples:
   circuits plan gpt2 --method eap-ig --n 1000 --batch-size 20
   circuits plan path/to/llama-folder --method eap --dtype bfloat16 --memory 80GiB
-  circuits plan gpt2 --measure-speed   # once per machine: then plans show a time"""
+  circuits plan gpt2 --measure-speed   # once per machine: then plans show a time
+  circuits plan llama-70b-folder --method eap --dtype bfloat16 --memory 80GiB --devices 4
+  circuits plan llama-8b-folder --method eap --dtype bfloat16 --memory 24GiB --offload"""
 
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
          "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,
@@ -67,6 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "%(default)s)")
     parser.add_argument("--memory", metavar="SIZE",
                         help="the device's memory, e.g. 80GiB (default: what is free on --device)")
+    parser.add_argument("--devices", type=int, default=1, metavar="N",
+                        help="GPUs a device map spreads the layers over (discover --device-map "
+                        "auto); the memory shown is the first one's, which also holds the "
+                        "activations (default: %(default)s)")
+    parser.add_argument("--offload", action="store_true",
+                        help="the layers offloaded to the CPU or disk (discover --device-map "
+                        "with cpu or disk places) and brought in one stage at a time")
     parser.add_argument("--measure-speed", action="store_true",
                         help="time plain forward passes on --device first and keep the speed "
                         "for this machine's later plans")
@@ -86,6 +95,10 @@ def _check(args: argparse.Namespace) -> None:
         fail(f"--tokens must be between 1 and {2**20}, got {args.tokens}")
     if not 1 <= args.steps <= 1000:
         fail(f"--steps must be between 1 and 1000, got {args.steps}")
+    if not 1 <= args.devices <= 1024:
+        fail(f"--devices must be between 1 and 1024, got {args.devices}")
+    if args.offload and args.devices > 1:
+        fail("--offload and --devices each place the layers; give one of them")
 
 
 def _gib(n: int | float) -> str:
@@ -99,7 +112,8 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s"
 
 
-def report(run: RunEstimate, where: str, speed_key: str) -> str:
+def report(run: RunEstimate, where: str, speed_key: str, devices: int = 1,
+           offload: bool = False) -> str:
     """The plan as text lines: model, graph, run, memory, passes, time, fit."""
     s, m, g = run.sizes, run.memory, run.sizes.graph
     kv = "" if s.n_kv_heads == s.n_heads else f" ({s.n_kv_heads} key/value)"
@@ -108,6 +122,13 @@ def report(run: RunEstimate, where: str, speed_key: str) -> str:
         k = ig_chunk(s, run.batch, run.positions, run.steps)
         steps = f", {run.steps} steps ({k} at once)"
     total = (run.forward + 2 * run.backward) * run.n
+    if devices > 1:
+        rest = s.weight_bytes - s.weights_on_first(devices)
+        where += (f" (the first of {devices} devices; the others hold "
+                  f"{_gib(rest / (devices - 1))} of weights each)")
+    elif offload:
+        where += (f" (layers offloaded: {_gib(s.weight_bytes - m.weights)} of weights on the "
+                  "CPU or disk, read in a stage at a time)")
     lines = [
         f"model    {s.name} ({s.architecture}): {s.n_layers} layers, {s.n_heads} heads{kv}, "
         f"width {s.d_model}, MLP {s.d_mlp}, {s.n_params / 1e6:,.1f} M parameters in {s.dtype}",
@@ -165,6 +186,6 @@ def run(args: argparse.Namespace) -> int:
         capacity = free_memory(device)
     speed = known_speed(device, dtype)
     estimate = plan_run(sizes, args.method, args.n, args.batch_size, args.tokens, args.steps,
-                        capacity, speed)
-    print(report(estimate, str(device), machine_key(device, dtype)))
+                        capacity, speed, args.devices, args.offload)
+    print(report(estimate, str(device), machine_key(device, dtype), args.devices, args.offload))
     return 0
