@@ -96,6 +96,10 @@ COMMANDS = {
 }
 
 
+#: The commands whose work the ranks of a torch.distributed job share (``--ranks``).
+RANKED = frozenset({"discover", "evaluate", "bench"})
+
+
 def _command_of(argv: Sequence[str]) -> str | None:
     """The subcommand named in `argv` (the first word that is not an option)."""
     return next((a for a in argv if not a.startswith("-")), None)
@@ -134,6 +138,12 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(func=module.run)
         module.add_arguments(p)
+        if name in RANKED:
+            p.add_argument("--ranks", type=int, metavar="N",
+                           help="run as a job of N processes on this machine that share the "
+                                "work (torch.distributed: gloo on CPUs, NCCL on GPUs); the "
+                                "same as `torchrun --standalone --nproc-per-node N -m "
+                                f"circuits -- {name} ...`")
     return parser
 
 
@@ -223,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     0 if done.code is None else 2)
             args.argv = argv
             debug = getattr(args, "debug", False)
-            status = _run(args)
+            status = _run(args) if getattr(args, "ranks", None) is None else _ranks(args)
         except KeyboardInterrupt:
             return stopped()
         except Exception as err:  # every failure ends as one line (and a traceback with --debug)
@@ -276,6 +286,19 @@ def _run(args: argparse.Namespace) -> int:
                 if distributed.settle_error(" ".join(str(err).split())):
                     raise
                 return 2  # the same error as rank 0's, which says it
+
+
+def _ranks(args: argparse.Namespace) -> int:
+    """``--ranks N``: the command as a job of N ranks (`distributed.run_ranks`); in a rank of
+    a job, the command itself."""
+    n, job = args.ranks, int(os.environ.get("WORLD_SIZE", "1"))
+    if n < 1:
+        fail(f"--ranks must be at least 1, got {n}")
+    if distributed.launched() and n != job:
+        fail(f"--ranks {n} differs from the {job} ranks torchrun started; leave --ranks out")
+    if distributed.launched() or n == 1:
+        return _run(args)
+    return distributed.run_ranks(args.argv, n)
 
 
 def entry() -> None:

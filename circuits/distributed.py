@@ -9,13 +9,16 @@ inside `alone`: there this process is a job of one, so nothing in it splits or w
 
 The command line enters `process_group` around a command; the library only uses a group that
 exists (its caller's), and never creates one itself (`patient_group` adds one to it).
+``circuits COMMAND ... --ranks N`` starts the job itself (`run_ranks`), as torchrun would.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
@@ -124,6 +127,47 @@ def process_group(device: str | torch.device | None = None) -> Iterator[bool]:
         yield True
     finally:
         dist.destroy_process_group()
+
+
+def run_ranks(argv: Sequence[str], ranks: int) -> int:
+    """Run ``python -m circuits ARGV`` as a job of `ranks` processes on this machine and wait
+    for it: what ``torchrun --standalone --nproc-per-node RANKS -m circuits -- ARGV`` does,
+    through torch.distributed's own elastic agent, in this process.
+
+    Returns
+    -------
+    int
+        The status every rank ended with (0 when all succeeded, 2 after an input error, 130
+        when the job was interrupted), 1 when they differ otherwise.
+    """
+    # the launcher and its agent are imported only here: the rest of the package never needs
+    # them
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=ranks,
+                          run_id=f"circuits-{os.getpid()}-{time.time_ns()}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.1)
+    names = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+    kept = {n: signal.getsignal(getattr(signal, n)) for n in names if hasattr(signal, n)}
+    quiet = logging.getLogger("torch.distributed.elastic")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # each rank says what went wrong itself
+    try:
+        elastic_launch(config, sys.executable)("-m", "circuits", *argv)
+        return 0
+    except ChildFailedError as failed:
+        statuses = {f.exitcode for f in failed.failures.values()}
+        return statuses.pop() if len(statuses) == 1 and len(failed.failures) == ranks else (
+            130 if 130 in statuses else 1)
+    except SignalException:  # a Ctrl-C (or a stop) of this launcher: the agent stopped the job
+        return 130
+    finally:
+        quiet.setLevel(level)
+        for n, handler in kept.items():  # the agent's handlers end with the job
+            signal.signal(getattr(signal, n), handler)
 
 
 @contextlib.contextmanager
@@ -249,6 +293,12 @@ def patient_group(wait: timedelta = timedelta(days=7)) -> Iterator[dist.ProcessG
     """A gloo group of all ranks whose collectives wait up to `wait` (the default group's wait,
     `TIMEOUT`, is too short for ranks whose shares of the work take hours apart). Every rank
     must enter it at the same point; None in one process. Destroyed at the end.
+
+    Examples
+    --------
+    >>> with patient_group() as group:
+    ...     gather_objects("mine", group)
+    ['mine']
     """
     if not active():
         yield None
@@ -266,6 +316,11 @@ def settle_error(message: str) -> bool:
     errors, so that the ranks stop together, each with its own status, before torchrun's agent
     stops the ranks still running. Uses the job's key-value store, never a collective: a rank
     still inside one (an error on some ranks only) cannot hold the others.
+
+    Examples
+    --------
+    >>> settle_error("unknown task 'x'")  # one process: it says it
+    True
     """
     global _errors
     if not active():

@@ -126,16 +126,18 @@ def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
 
 def launch(tmp: Path, name: str, commands: list[list[str]], library: bool = False,
            stop_when: Path | None = None) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    """Run `commands` in one torchrun job of two ranks (tests/dist_job.py); with `stop_when`,
-    send rank 1 a Ctrl-C once that file exists. torchrun's result, and per command the ranks'
-    status and output."""
+    """Run `commands` in one torchrun job of two ranks (tests/dist_job.py), or one command
+    with ``--ranks 2`` (`commands` of one command, `name` ``ranks``); with `stop_when`, send
+    rank 1 a Ctrl-C once that file exists. The launcher's result, and per command the ranks'
+    status and output (from the torchrun jobs)."""
     report = tmp / name
     report.mkdir()
     plan = tmp / f"{name}.json"
     plan.write_text(json.dumps({"report": str(report), "library": library,
                                 "commands": commands}))
-    launcher = subprocess.Popen([*TORCHRUN, str(ROOT / "tests" / "dist_job.py"), str(plan)],
-                                env=env(), cwd=tmp, stdout=subprocess.PIPE,
+    argv = ([sys.executable, "-m", "circuits", *commands[0], "--ranks", "2"] if name == "ranks"
+            else [*TORCHRUN, str(ROOT / "tests" / "dist_job.py"), str(plan)])
+    launcher = subprocess.Popen(argv, env=env(), cwd=tmp, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     if stop_when is not None:
         while not stop_when.exists() and launcher.poll() is None:
@@ -161,7 +163,8 @@ def scores_of(folder: Path) -> torch.Tensor:
 def job(tmp_path_factory) -> dict:
     """Everything the slow tests check, from three torchrun jobs of two ranks (gloo, CPU) and
     the same commands in this process:
-    1. ``discover --method exact``, rank 1 stopped by a Ctrl-C;
+    1. ``discover --method exact --ranks 2`` (circuits starts the job), rank 1 stopped by a
+       Ctrl-C;
     2. the same with ``--resume``, then ``--method acdc``, rank 1 stopped by a Ctrl-C;
     3. the library checks, ACDC's ``--resume``, ``discover --method eap-ig``, ``evaluate``,
        ``bench``, and a command with a bad input (last: the job ends with its status).
@@ -187,7 +190,7 @@ def job(tmp_path_factory) -> dict:
     found["evaluate"] = printed.getvalue()
     # two ranks
     found["exact-stopped"] = launch(
-        tmp, "job-1", [[*exact, "--out", str(tmp / "two-exact")]],
+        tmp, "ranks", [[*exact, "--out", str(tmp / "two-exact")]],
         stop_when=tmp / "two-exact" / ".progress" / "rank-0" / "exact.safetensors")
     found["acdc-stopped"] = launch(
         tmp, "job-2", [[*exact, "--out", str(tmp / "two-exact"), "--resume"],
@@ -259,16 +262,28 @@ def test_torchrun_reads_options_only_after_a_double_dash(capsys):
     assert args.training_script_args == ["discover", "ioi", "--n", "8"]
 
 
+def test_ranks_must_be_a_job_size_and_that_of_the_job_torchrun_started(monkeypatch, capsys):
+    argv = ["evaluate", "circuit.json"]
+    assert cli.main([*argv, "--ranks", "0"]) == 2
+    assert capsys.readouterr().err == "circuits: error: --ranks must be at least 1, got 0\n"
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a rank of a job of two
+    assert cli.main([*argv, "--ranks", "3"]) == 2
+    assert "--ranks 3 differs from the 2 ranks torchrun started" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks in /proc")
 @pytest.mark.parametrize("method", ["exact", "acdc"])
 def test_ctrl_c_to_one_rank_stops_all_and_resume_finishes(job, method):
     tmp = job["tmp"]
     stopped, said = job[f"{method}-stopped"]
-    # torchrun's summary: both ranks ended with 130, each saying it was interrupted
-    assert stopped.stderr.count("exitcode  : 130") == 2, stopped.stderr[-3000:]
-    assert [r["status"] for r in said[-1]] == [130, 130]
-    assert all("circuits: interrupted" in r["stderr"] for r in said[-1])
+    if method == "exact":  # discover --ranks 2: 130 when every rank ended with 130
+        assert stopped.returncode == 130, stopped.stderr[-3000:]
+        assert stopped.stderr.count("circuits: interrupted") == 2
+    else:  # torchrun's summary: both ranks ended with 130, each saying it was interrupted
+        assert stopped.stderr.count("exitcode  : 130") == 2, stopped.stderr[-3000:]
+        assert [r["status"] for r in said[-1]] == [130, 130]
+        assert all("circuits: interrupted" in r["stderr"] for r in said[-1])
     # the --resume that finished it: the first command of the next job
     resumed = job["acdc-stopped" if method == "exact" else "rest"][1][0]
     assert [r["status"] for r in resumed] == [0, 0], resumed[0]["stderr"][-3000:]
