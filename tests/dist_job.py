@@ -20,14 +20,18 @@ from pathlib import Path
 import torch
 
 from circuits import Setup, cli, distributed, evaluate
+from circuits.features.discovery import score_features
+from circuits.features.runs import FeatureSet
+from circuits.features.sae import SAE
 from circuits.methods import get_method, run_method
-from circuits.testing import make_batch, tiny_gpt2
+from circuits.testing import make_batch, tiny_gpt2, tiny_model
 from circuits.toys import induction_toy
 
 
 def library_checks() -> dict:
     """What the ranks compute together through the library: each additive method's scores
-    against the whole run in this process, ACDC, evaluation and `gather_rows`."""
+    and a feature circuit's against the whole run in this process, ACDC, evaluation and
+    `gather_rows`."""
     setup = Setup(tiny_gpt2(), [make_batch(b=3, vocab=32, seed=0),
                                 make_batch(b=4, vocab=32, seed=1)], "logit-diff")
     diffs, passes = {}, {}
@@ -42,13 +46,30 @@ def library_checks() -> dict:
     acdc = run_method("acdc", Setup(model, batches, "logit-diff"), threshold=0.1)
     passes["acdc"] = [acdc.cost.forward, acdc.cost.backward]
     found = evaluate(acdc.circuit, Setup(model, batches, "logit-diff", "mean")).as_dict()
+    # feature circuits: the ranks add their shares of every score
+    model = tiny_model("llama", vocab_size=40)
+    setup = Setup(model, [make_batch(b=3, p=5, vocab=40, seed=0),
+                          make_batch(b=2, p=5, vocab=40, seed=1)], "logit-diff")
+    fs = FeatureSet.of(model, [SAE.init(32, 96, "relu", site=s, seed=i)
+                               for i, s in enumerate(["resid.0", "resid.1"])])
+    both = score_features(setup, fs, "eap-ig", steps=2, per_site=2)
+    with distributed.alone():
+        whole = score_features(setup, fs, "eap-ig", steps=2, per_site=2)
+    features = {
+        "names": [list(both.graph.sources), list(whole.graph.sources)],
+        "diff": [float((both.values - whole.values).abs().max()),
+                 float(whole.values.abs().max())],
+        "exact": [both.extra["exact_node_scores"], whole.extra["exact_node_scores"]],
+        "passes": [[both.cost.forward, both.cost.backward],
+                   [whole.cost.forward, whole.cost.backward]]}
     rows = distributed.gather_rows(torch.arange(3.0) + 10 * distributed.rank())
     objects = distributed.gather_objects({"rank": distributed.rank()})
     with distributed.alone():
         alone = [distributed.world(), distributed.is_main(), distributed.all_sum(torch.ones(1))]
     return {"diffs": diffs, "rows": rows.tolist(), "acdc": acdc.values.tolist(),
             "kept": acdc.circuit.tolist(), "evaluation": found, "passes": passes,
-            "objects": objects, "alone": [alone[0], alone[1], float(alone[2])]}
+            "objects": objects, "alone": [alone[0], alone[1], float(alone[2])],
+            "features": features}
 
 
 def main(plan_file: str) -> int:

@@ -27,6 +27,7 @@ from circuits.api import make_setup, task_positions
 from circuits.commands.common import DISCOVER_FILES
 from circuits.errors import OptionError
 from circuits.faithfulness import metric_of_masks
+from circuits.features.attribution import edge_effects, exact_node_effects, node_effects
 from circuits.features.discovery import with_features
 from circuits.features.runs import FeatureSet
 from circuits.features.sae import SAE
@@ -211,6 +212,13 @@ def test_two_ranks_compute_what_one_process_computes(job):
     assert said["rows"] == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0]
     assert said["objects"] == [{"rank": 0}, {"rank": 1}]
     assert said["alone"] == [1, True, 1.0]  # rank 0 alone: a job of one, and still the main
+    # a feature circuit: the same features chosen, the same scores, the same passes
+    features = said["features"]
+    assert features["names"][0] == features["names"][1]
+    diff, size = features["diff"]
+    assert size > 1e-4 and diff <= 1e-5 * size
+    assert features["exact"][0] == pytest.approx(features["exact"][1], rel=1e-5, abs=1e-6)
+    assert features["passes"][0] == pytest.approx(features["passes"][1])
     # ACDC: the ranks add each variant's loss before deciding, so they decide as one process
     model, batches, _ = induction_toy(n=8)
     one = run_method("acdc", Setup(model, batches, "logit-diff"), threshold=0.1)
@@ -368,15 +376,20 @@ def test_ranks_node_circuit_values_make_up_one_process(monkeypatch, ablation):
     torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("ablation", ["resample", "mean"])
-def test_ranks_feature_circuit_values_make_up_one_process(monkeypatch, ablation):
+def feature_setup(ablation: str = "resample") -> tuple[Setup, FeatureSet]:
+    """A tiny Llama with random SAEs at two sites, on 5 prompts in batches of 3 and 2."""
     model = tiny_model("llama", vocab_size=40)
     setup = Setup(model, [make_batch(b=3, p=5, vocab=40, seed=0),
                           make_batch(b=2, p=5, vocab=40, seed=1)], "logit-diff", ablation)
     saes = [SAE.init(32, 96, "relu", site=s, seed=i) for i, s in enumerate(["resid.0",
                                                                            "resid.1"])]
-    fs = FeatureSet.of(model, saes)
-    graph = fs.graph([[1, 2], [3]], model)
+    return setup, FeatureSet.of(model, saes)
+
+
+@pytest.mark.parametrize("ablation", ["resample", "mean"])
+def test_ranks_feature_circuit_values_make_up_one_process(monkeypatch, ablation):
+    setup, fs = feature_setup(ablation)
+    graph = fs.graph([[1, 2], [3]], setup.model)
     feat = with_features(setup, fs, graph)
     some = graph.valid & (torch.arange(graph.valid.shape[1]) % 2 == 0)  # every other receiver
     masks = torch.stack([graph.valid, some, torch.zeros_like(graph.valid)])
@@ -388,3 +401,23 @@ def test_ranks_feature_circuit_values_make_up_one_process(monkeypatch, ablation)
     assert [p.shape[1] for p in parts] == [2, 3]  # each rank ran its own prompts only
     assert (whole[0] - whole[2]).abs().max() > 1e-3
     torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_ranks_feature_scores_add_up_to_one_process(monkeypatch):
+    # what score_features adds over the ranks: node effects, edge effects, exact node effects
+    setup, fs = feature_setup()
+    graph = fs.graph([[1, 2], [3]], setup.model)
+
+    def scores(s: Setup) -> list[torch.Tensor]:
+        return [*node_effects(s, fs, "ig", 2), edge_effects(s, fs, graph, "ig", 2).double(),
+                exact_node_effects(s, fs, graph).double()]
+
+    whole = scores(setup)
+    parts = []
+    for r in range(2):
+        play_rank(monkeypatch, r, 2)
+        parts.append(scores(setup.shard()))
+    for w, a, b in zip(whole, *parts, strict=True):
+        size = float(w.abs().max())
+        assert size > 1e-4
+        torch.testing.assert_close(a + b, w, rtol=1e-4, atol=1e-5 * size)
