@@ -338,7 +338,10 @@ def run_bench(config: BenchConfig, notes: Sequence[str] = (),
 
     Under torch.distributed (``torchrun``) the ranks share the rows (every `world`-th row each,
     see `circuits.distributed.share`), each row computed whole by one rank, and rank 0 writes
-    the table of them all: the same rows as one process's, times aside. Each rank logs its rows.
+    the table of them all: the same rows as one process's, times aside (ACDC's pass counts can
+    differ by a little: they depend on the rows run before, as with ``--resume``). Each rank
+    logs its rows. Rank 0 rewrites the CSV after each of its rows: an interrupted job keeps
+    rank 0's finished rows, and ``--resume`` computes the others again.
 
     Parameters
     ----------
