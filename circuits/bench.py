@@ -70,8 +70,9 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .api import make_setup
-from .bench_report import CURVE_COLUMNS, read_rows, write_report, write_rows
+from .bench_report import CURVE_COLUMNS, order_rows, read_rows, write_report, write_rows
 from .commands.common import add_device_arguments
 from .commands.options import add_method_arguments, options_for
 from .curves import mib_curves
@@ -250,19 +251,6 @@ class _Prepared:
         return self._span
 
 
-class _Models:
-    """Loads each model once per run, on the configured device in the configured dtype."""
-
-    def __init__(self, config: BenchConfig) -> None:
-        self.config = config
-        self.loaded: dict[str, Model] = {}
-
-    def get(self, name: str) -> Model:
-        if name not in self.loaded:
-            self.loaded[name] = load_model(name, self.config.device, self.config.dtype)
-        return self.loaded[name]
-
-
 def model_label(task: str, model: str | None) -> str:
     """The name a row records for the model: the one given, or the task's reference model."""
     if model is not None:
@@ -348,6 +336,13 @@ def run_bench(config: BenchConfig, notes: Sequence[str] = (),
     """Run every method on every task x model (with ``config.resume``, only the rows not in
     the CSV yet).
 
+    Under torch.distributed (``torchrun``) the ranks share the rows (every `world`-th row each,
+    see `circuits.distributed.share`), each row computed whole by one rank, and rank 0 writes
+    the table of them all: the same rows as one process's, times aside (ACDC's pass counts can
+    differ by a little: they depend on the rows run before, as with ``--resume``). Each rank
+    logs its rows. Rank 0 rewrites the CSV after each of its rows: an interrupted job keeps
+    rank 0's finished rows, and ``--resume`` computes the others again.
+
     Parameters
     ----------
     config : BenchConfig
@@ -359,78 +354,82 @@ def run_bench(config: BenchConfig, notes: Sequence[str] = (),
     Returns
     -------
     BenchResult
+        The same on every rank.
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    tty = sys.stderr.isatty()
     t0 = time.perf_counter()
     _registered_tasks()
-    out = Path(config.out)
-    csv_path = out / "results.csv"
-    rows = {_key(r): r for r in read_rows(csv_path)}
-    notes = list(notes)
-    computed: list[tuple[str, str, str]] = []
-    skipped: list[tuple[str, str, str]] = []
-    failed: list[str] = []
-    models = _Models(config)
-    plan = [(t, m) for t in config.tasks for m in config.models]
-    total = len(plan) * len(config.methods)
-    done = 0
-    for task_name, model_arg in plan:
-        label = model_label(task_name, model_arg)
-        todo = []
-        for method in config.methods:
-            key = (task_name, label, method)
-            if config.resume and key in rows and rows[key].get("config") == config.stamp(*key):
-                skipped.append(key)
-                done += 1
-            else:
-                todo.append(method)
-        if not todo:
-            continue
-        if tty:
-            log(f"preparing {task_name} on {label} ...")
-        try:
-            prep = prepare(config, task_name, models.get(label))
-        except CircuitsError as err:
-            failed.append(f"{task_name} on {label}: {err}")
-            log(f"  {task_name} on {label} failed: {err}")
-            done += len(todo)
-            continue
-        for method in todo:
-            if tty:
-                log(f"[{done + 1}/{total}] {task_name} {label} {method} ...")
-            try:
-                row = bench_row(config, prep, method, label, progress=tty)
-            except CircuitsError as err:
-                failed.append(f"{method} on {task_name} / {label}: {err}")
-                log(f"[{done + 1}/{total}] {task_name} {label} {method}: failed: {err}")
-                done += 1
-                continue
-            done += 1
-            rows[_key(row)] = row
-            computed.append(_key(row))
-            write_rows(csv_path, list(rows.values()))
-            check_interrupt()  # a Ctrl-C swallowed during the row stops the run here
-            auc = f" AUC {row['roc_auc']}" if row["roc_auc"] else ""
-            log(f"[{done}/{total}] {task_name} {label} {method}: CPR {row['cpr']} "
-                f"CMD {row['cmd']}{auc} edges@0.8 {row['edges_f0.8']} {row['seconds']} s")
-    ordered = _order(list(rows.values()), config)
-    write_rows(csv_path, ordered)
-    seconds = time.perf_counter() - t0
-    result = BenchResult(ordered, computed, skipped, notes + failed, failed, seconds)
-    write_report(out, ordered, f"circuits bench{' --quick' if config.quick else ''}",
-                 config.settings(), result.notes)
+    csv_path = Path(config.out) / "results.csv"
+    # every rank reads the table (a bad one fails everywhere), rank 0's copy decides the plan
+    rows = {_key(r): r for r in distributed.broadcast(read_rows(csv_path))}
+    plan = [(t, model_label(t, m), method) for t in config.tasks for m in config.models
+            for method in config.methods]
+    skipped = [k for k in plan if config.resume and k in rows
+               and rows[k].get("config") == config.stamp(*k)]
+    todo = [(i, k) for i, k in enumerate(plan, 1) if k not in skipped]
+    with distributed.patient_group() as group:
+        share = distributed.share(todo)
+        with distributed.alone():  # a row is one rank's work, whole
+            mine = _compute(config, share, len(plan), rows, log)
+        parts = distributed.gather_objects(mine, group)
+    done = sorted((row for part in parts for row in part[0]), key=lambda r: r[0])
+    rows.update((_key(row), row) for _, row in done)
+    failed = [line for part in parts for line in part[1]]
+    ordered = order_rows(list(rows.values()), config.tasks, config.methods)
+    result = BenchResult(ordered, [_key(row) for _, row in done], skipped, list(notes) + failed,
+                         failed, time.perf_counter() - t0)
+    if distributed.is_main():
+        write_rows(csv_path, ordered)
+        write_report(Path(config.out), ordered,
+                     f"circuits bench{' --quick' if config.quick else ''}", config.settings(),
+                     result.notes)
     return result
 
 
-def _order(rows: list[dict[str, Any]], config: BenchConfig) -> list[dict[str, Any]]:
-    """Rows grouped by task and model in run order, methods in the configured order, then any
-    rows of earlier runs that this one did not cover."""
-    tasks = {t: i for i, t in enumerate(config.tasks)}
-    methods = {m: i for i, m in enumerate(config.methods)}
-    big = len(tasks) + len(methods) + 1
-    return sorted(rows, key=lambda r: (tasks.get(r["task"], big), r["task"], r["model"],
-                                       methods.get(r["method"], big), r["method"]))
+def _compute(config: BenchConfig, todo: list[tuple[int, tuple[str, str, str]]], total: int,
+             rows: dict[tuple[str, str, str], dict[str, Any]], log: Callable[[str], None]
+             ) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+    """The rows `todo` (numbered in the run), in order, each task x model prepared once, and
+    the failures. Rank 0 rewrites the table after each row (its rows, with those of `rows`)."""
+    tty = sys.stderr.isatty()
+    models: dict[str, Model] = {}  # each loaded once per run
+    done: list[tuple[int, dict[str, Any]]] = []
+    failed: list[str] = []
+    prep: _Prepared | None = None
+    prepared = None
+    for number, (task_name, label, method) in todo:
+        if prepared != (task_name, label):
+            prepared = (task_name, label)
+            if tty:
+                log(f"preparing {task_name} on {label} ...")
+            try:
+                if label not in models:
+                    models[label] = load_model(label, config.device, config.dtype)
+                prep = prepare(config, task_name, models[label])
+            except CircuitsError as err:
+                prep = None
+                failed.append(f"{task_name} on {label}: {err}")
+                log(f"  {task_name} on {label} failed: {err}")
+        if prep is None:
+            continue
+        where = f"[{number}/{total}] {task_name} {label} {method}"
+        if tty:
+            log(f"{where} ...")
+        try:
+            row = bench_row(config, prep, method, label, progress=tty)
+        except CircuitsError as err:
+            failed.append(f"{method} on {task_name} / {label}: {err}")
+            log(f"{where}: failed: {err}")
+            continue
+        done.append((number, row))
+        rows = {**rows, _key(row): row}
+        if distributed.is_main():
+            write_rows(Path(config.out) / "results.csv", list(rows.values()))
+        check_interrupt()  # a Ctrl-C swallowed during the row stops the run here
+        auc = f" AUC {row['roc_auc']}" if row["roc_auc"] else ""
+        log(f"{where}: CPR {row['cpr']} CMD {row['cmd']}{auc} edges@0.8 {row['edges_f0.8']} "
+            f"{row['seconds']} s")
+    return done, failed
 
 
 # -- command line -------------------------------------------------------------------------------

@@ -67,6 +67,17 @@ def write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     _atomic_text(path, buf.getvalue())
 
 
+def order_rows(rows: list[dict[str, Any]], tasks: Sequence[str], methods: Sequence[str]
+               ) -> list[dict[str, Any]]:
+    """Rows grouped by task and model in run order (`tasks`), methods in the order of
+    `methods`, then any rows of earlier runs that this one did not cover."""
+    task_at = {t: i for i, t in enumerate(tasks)}
+    method_at = {m: i for i, m in enumerate(methods)}
+    big = len(task_at) + len(method_at) + 1
+    return sorted(rows, key=lambda r: (task_at.get(r["task"], big), r["task"], r["model"],
+                                       method_at.get(r["method"], big), r["method"]))
+
+
 # -- report -------------------------------------------------------------------------------------
 #: Each method's colour in every plot (matplotlib's tab10), so a method looks alike everywhere.
 METHOD_COLOURS = {

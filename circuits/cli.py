@@ -96,6 +96,10 @@ COMMANDS = {
 }
 
 
+#: The commands whose work the ranks of a torch.distributed job share (``--ranks``).
+RANKED = frozenset({"discover", "evaluate", "bench"})
+
+
 def _command_of(argv: Sequence[str]) -> str | None:
     """The subcommand named in `argv` (the first word that is not an option)."""
     return next((a for a in argv if not a.startswith("-")), None)
@@ -134,6 +138,12 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(func=module.run)
         module.add_arguments(p)
+        if name in RANKED:
+            p.add_argument("--ranks", type=int, metavar="N",
+                           help="run as a job of N processes on this machine that share the "
+                                "work (torch.distributed: gloo on CPUs, NCCL on GPUs); the "
+                                "same as `torchrun --standalone --nproc-per-node N -m "
+                                f"circuits -- {name} ...`")
     return parser
 
 
@@ -216,13 +226,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     with sigint_handler(), one_line_warnings():
         try:
             try:
-                args = parse(argv)
+                with _said_by_rank_0():
+                    args = parse(argv)
             except SystemExit as done:  # --help, --version and argparse's usage errors
                 return done.code if isinstance(done.code, int) else (
                     0 if done.code is None else 2)
             args.argv = argv
             debug = getattr(args, "debug", False)
-            status = _run(args)
+            status = _run(args) if getattr(args, "ranks", None) is None else _ranks(args)
         except KeyboardInterrupt:
             return stopped()
         except Exception as err:  # every failure ends as one line (and a traceback with --debug)
@@ -241,11 +252,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return stopped() if interrupted() else status
 
 
+@contextlib.contextmanager
+def _said_by_rank_0() -> Iterator[None]:
+    """Under torchrun, the block's output on ranks other than 0 is dropped: the command line is
+    the same on every rank, so rank 0's usage error (or help) is everyone's."""
+    if not distributed.launched() or os.environ.get("RANK", "0") == "0":
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), \
+            contextlib.redirect_stderr(sink):
+        yield
+
+
 def _run(args: argparse.Namespace) -> int:
     """The command, in the torch.distributed job when torchrun started this process: its
-    ranks share the prompts, and only rank 0 prints (`circuits.distributed`)."""
-    with distributed.process_group(getattr(args, "device", None)) as joined:
-        if not joined:
+    ranks share the prompts, and only rank 0 prints (`circuits.distributed`). An input error
+    is rank 0's one line; every rank ends with status 2 (see `distributed.settle_error`). A
+    job the caller has joined already (`main` called by a program under torchrun) is used
+    alike."""
+    with distributed.process_group(getattr(args, "device", None)):
+        if not distributed.active():
             return args.func(args)
         with contextlib.ExitStack() as scope:
             scope.enter_context(distributed.stop_with_the_job())
@@ -254,18 +280,39 @@ def _run(args: argparse.Namespace) -> int:
                 scope.enter_context(contextlib.redirect_stdout(sink))
                 scope.enter_context(warnings.catch_warnings())
                 warnings.simplefilter("ignore")
-            return args.func(args)
+            try:
+                return args.func(args)
+            except CircuitsError as err:
+                if distributed.settle_error(" ".join(str(err).split())):
+                    raise
+                return 2  # the same error as rank 0's, which says it
+
+
+def _ranks(args: argparse.Namespace) -> int:
+    """``--ranks N``: the command as a job of N ranks (`distributed.run_ranks`); in a rank of
+    a job, the command itself."""
+    n, job = args.ranks, int(os.environ.get("WORLD_SIZE", "1"))
+    if n < 1:
+        fail(f"--ranks must be at least 1, got {n}")
+    if distributed.launched() and n != job:
+        fail(f"--ranks {n} differs from the {job} ranks torchrun started; leave --ranks out")
+    if distributed.launched() or n == 1:
+        return _run(args)
+    return distributed.run_ranks(args.argv, n)
 
 
 def entry() -> None:
     """The ``circuits`` program: `main`, then exit with its status.
 
-    Once `main` has returned, a Ctrl-C is ignored: the interpreter's shutdown (atexit callbacks,
-    library finalizers) takes a moment, and a Ctrl-C there would print a traceback and lose the
-    status. The program owns its process: large temporaries reuse heap pages (see
-    `circuits.heap`), which a library call never turns on.
+    Once `main` has returned, a Ctrl-C (or torchrun's SIGTERM) is ignored: the interpreter's
+    shutdown (atexit callbacks, library finalizers) takes a moment, and a Ctrl-C there would
+    print a traceback and lose the status. The program owns its process: large temporaries
+    reuse heap pages (see `circuits.heap`), which a library call never turns on.
     """
     keep_freed_memory()
     status = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # under torchrun: the agent stops the other ranks once one has ended; one that has its
+    # status already keeps it
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(status)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import distributed
 from .ablation import mean_activations, zero_activations
 from .errors import OptionError, UnsupportedModelError
 from .graph import Graph
@@ -164,17 +165,22 @@ def metric_of_nodes(
     if tuple(keep.shape[1:]) != (g.n_sources,):
         raise OptionError(f"node sets must have shape [C, {g.n_sources}] (one flag per source), "
                           f"got {list(keep.shape)}")
-    C = len(keep)
     chunk = chunk or max(1, NODE_ROWS // max(b.size for b in setup.batches))
-    if shared_post_norm(setup):
-        per = _engine_values(setup, keep, chunk)  # [C, n_prompts]
-        return per if per_prompt else per.mean(1)
-    names = list(g.sources)
+    # data parallel: each rank runs its share of the prompts; every rank gets all the values
+    values = (_engine_values if shared_post_norm(setup) else _patched_values)(
+        setup.shard(), keep, chunk)  # [C, n_prompts of this rank]
+    per = distributed.gather_rows(values.T.contiguous()).T  # [C, n_prompts]
+    return per if per_prompt else per.mean(1)
+
+
+def _patched_values(setup: Setup, keep: Tensor, chunk: int) -> Tensor:
+    """``[C, n_prompts]`` float64 metric of node sets, each ablated node patched."""
+    names = list(setup.graph.sources)
     ablated = ablated_values(setup, NodeSites.of(setup.model), names)
     out = []
     for batch, values in zip(setup.batches, ablated, strict=True):
-        rows = torch.empty(C, batch.size, dtype=torch.float64)
-        for start in range(0, C, chunk):
+        rows = torch.empty(len(keep), batch.size, dtype=torch.float64)
+        for start in range(0, len(keep), chunk):
             part = keep[start:start + chunk].tolist()
             variants = [{n: values[n] for n, kept in zip(names, row, strict=True) if not kept}
                         for row in part]
@@ -184,5 +190,4 @@ def metric_of_nodes(
             m = setup.metric_values(logits, batch).view(len(part), batch.size)
             rows[start:start + len(part)] = m.double().cpu()
         out.append(rows)
-    per = torch.cat(out, 1)  # [C, n_prompts]
-    return per if per_prompt else per.mean(1)
+    return torch.cat(out, 1)

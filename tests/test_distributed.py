@@ -6,25 +6,34 @@ command line under ``torchrun`` (gloo, two CPU ranks) in subprocesses, marked sl
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.run as torchrun
 
 from circuits import Setup, cli, distributed, evaluate, get_task, load_model
 from circuits.api import make_setup, task_positions
 from circuits.commands.common import DISCOVER_FILES
 from circuits.errors import OptionError
+from circuits.faithfulness import metric_of_masks
+from circuits.features.attribution import edge_effects, exact_node_effects, node_effects
+from circuits.features.discovery import with_features
+from circuits.features.runs import FeatureSet
+from circuits.features.sae import SAE
 from circuits.methods import get_method, run_method
-from circuits.testing import make_batch, model_folder, tiny_gpt2
+from circuits.node_circuits import metric_of_nodes
+from circuits.testing import make_batch, model_folder, tiny_gpt2, tiny_model
 from circuits.toys import induction_toy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -42,6 +51,11 @@ def play_rank(monkeypatch, r: int, w: int) -> None:
 
 def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def test_one_process_helpers_are_identities():
@@ -95,102 +109,6 @@ def test_ranks_scores_add_up_to_one_process(monkeypatch, method, ablation):
     torch.testing.assert_close(parts[0] + parts[1], whole, rtol=1e-5, atol=1e-7)
 
 
-WORKER = """
-import json, sys
-import torch
-from circuits import Setup, distributed, evaluate
-from circuits.methods import get_method, run_method
-from circuits.testing import make_batch, tiny_gpt2
-from circuits.toys import induction_toy
-
-torch.set_num_threads(1)
-with distributed.process_group() as created:
-    assert created and distributed.world() == 2
-    setup = Setup(tiny_gpt2(), [make_batch(b=3, vocab=32, seed=0),
-                                make_batch(b=4, vocab=32, seed=1)], "logit-diff")
-    diffs, passes = {}, {}
-    for method in ("eap", "exact", "eap-ig", "path-patching"):
-        out = get_method(method).fn(setup)  # the whole run, in this process
-        whole = out[0] if isinstance(out, tuple) else out
-        both = run_method(method, setup)  # each rank its share, then the sum
-        diffs[method] = [float((both.values - whole).abs().max()), float(whole.abs().max())]
-        passes[method] = [both.cost.forward, both.cost.backward]
-    model, batches, _ = induction_toy(n=8)
-    acdc = run_method("acdc", Setup(model, batches, "logit-diff"), threshold=0.1)
-    passes["acdc"] = [acdc.cost.forward, acdc.cost.backward]
-    found = evaluate(acdc.circuit, Setup(model, batches, "logit-diff", "mean")).as_dict()
-    rows = distributed.gather_rows(torch.arange(3.0) + 10 * distributed.rank())
-    if distributed.is_main():
-        json.dump({"diffs": diffs, "rows": rows.tolist(), "acdc": acdc.values.tolist(),
-                   "kept": acdc.circuit.tolist(), "evaluation": found,
-                   "passes": passes},
-                  open(sys.argv[1], "w"))
-assert not torch.distributed.is_initialized()  # the group made here is gone
-"""
-
-
-@pytest.mark.slow
-def test_two_ranks_under_torchrun_equal_one_process(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(textwrap.dedent(WORKER))
-    result = tmp_path / "result.json"
-    done = subprocess.run([*TORCHRUN, str(script), str(result)], env=env(), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(result.read_text())
-    for method, (diff, size) in found["diffs"].items():
-        assert size > 1e-3 and diff <= 1e-5 * size, method
-    assert found["rows"] == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0]
-    # ACDC: the ranks add each variant's loss before deciding, so they decide as one process
-    model, batches, _ = induction_toy(n=8)
-    one = run_method("acdc", Setup(model, batches, "logit-diff"), threshold=0.1)
-    assert found["kept"] == one.circuit.tolist()
-    torch.testing.assert_close(torch.tensor(found["acdc"]), one.values, rtol=1e-5, atol=1e-6,
-                               equal_nan=True)
-    # the job's passes are the ranks' together: those of one process
-    assert found["passes"]["acdc"] == pytest.approx([one.cost.forward, one.cost.backward])
-    setup = Setup(tiny_gpt2(), [make_batch(b=3, vocab=32, seed=0),
-                                make_batch(b=4, vocab=32, seed=1)], "logit-diff")
-    for method in ("eap", "exact"):
-        cost = run_method(method, setup).cost
-        assert found["passes"][method] == pytest.approx([cost.forward, cost.backward]), method
-    # evaluation: per-prompt values gathered from the ranks, the interval drawn on all of them
-    whole = evaluate(one.circuit, Setup(model, batches, "logit-diff", "mean")).as_dict()
-    assert found["evaluation"] == pytest.approx(whole, rel=1e-5, abs=1e-7)
-
-
-@pytest.mark.slow
-def test_discover_under_torchrun_writes_one_set_of_files(tmp_path, capsys):
-    model = model_folder("gpt2", tmp_path / "model", initializer_range=0.2)
-    argv = ["discover", "ioi", "--model", str(model), "--n", "12", "--batch-size", "4",
-            "--method", "eap-ig", "--steps", "2", "--select", "topk:10"]
-    assert cli.main([*argv, "--out", str(tmp_path / "one")]) == 0
-    capsys.readouterr()
-    # without `--`, torchrun takes --n for one of its own options and stops
-    wrong = subprocess.run([*TORCHRUN, "-m", "circuits", *argv], env=env(), cwd=tmp_path,
-                           capture_output=True, text=True, timeout=120)
-    assert wrong.returncode == 2 and "ambiguous option: --n" in wrong.stderr
-    done = subprocess.run([*TORCHRUN, "-m", "circuits", "--", *argv,
-                           "--out", str(tmp_path / "two")],
-                          env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("edges kept") == 1  # rank 0 alone prints
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(DISCOVER_FILES)
-    one, two = (json.loads((tmp_path / d / "scores.json").read_text()) for d in ("one", "two"))
-    a = torch.tensor(list(one["scores"].values()), dtype=torch.float64)
-    b = torch.tensor(list(two["scores"].values()), dtype=torch.float64)
-    assert list(one["scores"]) == list(two["scores"]) and a.abs().max() > 1e-3
-    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
-    kept, metrics = [], []
-    for d in ("one", "two"):
-        circuit = json.loads((tmp_path / d / "circuit.json").read_text())
-        kept.append({e for e, v in circuit["edges"].items() if v["in_circuit"]})
-        metrics.append(circuit["metrics"])
-    assert kept[0] == kept[1] and kept[0]
-    for key in ("faithfulness", "faithfulness_ci_low", "faithfulness_ci_high"):
-        assert metrics[0][key] == pytest.approx(metrics[1][key], rel=1e-5, abs=1e-7), key
-
-
 def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
     """The ranks torchrun started, by rank: {rank: pid}."""
     found = {}
@@ -207,57 +125,217 @@ def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
     return found
 
 
+def launch(tmp: Path, name: str, commands: list[list[str]], library: bool = False,
+           stop_when: Path | None = None) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """Run `commands` in one torchrun job of two ranks (tests/dist_job.py), or one command
+    with ``--ranks 2`` (`commands` of one command, `name` ``ranks``); with `stop_when`, send
+    rank 1 a Ctrl-C once that file exists. The launcher's result, and per command the ranks'
+    status and output (from the torchrun jobs)."""
+    report = tmp / name
+    report.mkdir()
+    plan = tmp / f"{name}.json"
+    plan.write_text(json.dumps({"report": str(report), "library": library,
+                                "commands": commands}))
+    argv = ([sys.executable, "-m", "circuits", *commands[0], "--ranks", "2"] if name == "ranks"
+            else [*TORCHRUN, str(ROOT / "tests" / "dist_job.py"), str(plan)])
+    launcher = subprocess.Popen(argv, env=env(), cwd=tmp, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    if stop_when is not None:
+        while not stop_when.exists() and launcher.poll() is None:
+            time.sleep(0.05)
+        os.kill(rank_pids(launcher)[1], signal.SIGINT)
+    out, err = launcher.communicate(timeout=600)
+    said = [[json.loads((report / f"{i}.rank-{r}.json").read_text()) for r in range(2)]
+            for i in range(len(commands)) if (report / f"{i}.rank-1.json").exists()]
+    done = subprocess.CompletedProcess(launcher.args, launcher.returncode, out, err)
+    if library:
+        said.append(json.loads((report / "library.rank-0.json").read_text()))
+    return done, said
+
+
+def scores_of(folder: Path) -> torch.Tensor:
+    """A discover run's scores in edge order (ACDC's unscored edges as NaN)."""
+    scores = json.loads((folder / "scores.json").read_text())["scores"]
+    return torch.tensor([math.nan if v is None else v for v in scores.values()],
+                        dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> dict:
+    """Everything the slow tests check, from three torchrun jobs of two ranks (gloo, CPU) and
+    the same commands in this process:
+    1. ``discover --method exact --ranks 2`` (circuits starts the job), rank 1 stopped by a
+       Ctrl-C;
+    2. the same with ``--resume``, then ``--method acdc``, rank 1 stopped by a Ctrl-C;
+    3. the library checks, ACDC's ``--resume``, ``discover --method eap-ig``, ``evaluate``,
+       ``bench``, and a command with a bad input (last: the job ends with its status).
+    """
+    tmp = tmp_path_factory.mktemp("ranks")
+    model = str(model_folder("gpt2", tmp / "model", initializer_range=0.2))
+    small = ["discover", "ioi", "--model", model, "--n", "12", "--select", "topk:10"]
+    ig = [*small, "--batch-size", "4", "--method", "eap-ig", "--steps", "2"]
+    slow = ["discover", "ioi", "--model", model, "--n", "48", "--batch-size", "2",
+            "--select", "topk:10"]
+    exact, acdc = ([*slow, "--method", m] for m in ("exact", "acdc"))
+    evaluate_ = ["evaluate", str(tmp / "one-eap" / "circuit.json"), "--n", "16"]
+    bench_ = ["bench", "--task", "induction", "--method", "eap,random,exact", "--n", "8"]
+    bad = ["discover", str(tmp / "missing.jsonl"), "--model", model]
+    found: dict = {"tmp": tmp}
+    # one process
+    for argv, out in ((ig, "one-ig"), (exact, "one-exact"), (acdc, "one-acdc"),
+                      ([*small, "--method", "eap"], "one-eap")):
+        assert cli.main([*argv, "--out", str(tmp / out)]) == 0, out
+    assert cli.main([*bench_, "--out", str(tmp / "one-bench")]) == 0
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert cli.main(evaluate_) == 0
+    found["evaluate"] = printed.getvalue()
+    # two ranks
+    found["exact-stopped"] = launch(
+        tmp, "ranks", [[*exact, "--out", str(tmp / "two-exact")]],
+        stop_when=tmp / "two-exact" / ".progress" / "rank-0" / "exact.safetensors")
+    found["acdc-stopped"] = launch(
+        tmp, "job-2", [[*exact, "--out", str(tmp / "two-exact"), "--resume"],
+                       [*acdc, "--out", str(tmp / "two-acdc")]],
+        stop_when=tmp / "two-acdc" / ".progress" / "rank-0" / "acdc.safetensors")
+    found["rest"] = launch(
+        tmp, "job-3", [[*acdc, "--out", str(tmp / "two-acdc"), "--resume"],
+                       [*ig, "--out", str(tmp / "two-ig")], evaluate_,
+                       [*bench_, "--out", str(tmp / "two-bench")], bad], library=True)
+    return found
+
+
+@pytest.mark.slow
+def test_two_ranks_compute_what_one_process_computes(job):
+    said = job["rest"][1][-1]  # the library checks: every method, ACDC, evaluation
+    for method, (diff, size) in said["diffs"].items():
+        assert size > 1e-3 and diff <= 1e-5 * size, method
+    assert said["rows"] == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0]
+    assert said["objects"] == [{"rank": 0}, {"rank": 1}]
+    assert said["alone"] == [1, True, 1.0]  # rank 0 alone: a job of one, and still the main
+    # a feature circuit: the same features chosen, the same scores, the same passes
+    features = said["features"]
+    assert features["names"][0] == features["names"][1]
+    diff, size = features["diff"]
+    assert size > 1e-4 and diff <= 1e-5 * size
+    assert features["exact"][0] == pytest.approx(features["exact"][1], rel=1e-5, abs=1e-6)
+    assert features["passes"][0] == pytest.approx(features["passes"][1])
+    # ACDC: the ranks add each variant's loss before deciding, so they decide as one process
+    model, batches, _ = induction_toy(n=8)
+    one = run_method("acdc", Setup(model, batches, "logit-diff"), threshold=0.1)
+    assert said["kept"] == one.circuit.tolist()
+    torch.testing.assert_close(torch.tensor(said["acdc"]), one.values, rtol=1e-5, atol=1e-6,
+                               equal_nan=True)
+    # the job's passes are the ranks' together: those of one process
+    assert said["passes"]["acdc"] == pytest.approx([one.cost.forward, one.cost.backward])
+    setup = Setup(tiny_gpt2(), [make_batch(b=3, vocab=32, seed=0),
+                                make_batch(b=4, vocab=32, seed=1)], "logit-diff")
+    for method in ("eap", "exact"):
+        cost = run_method(method, setup).cost
+        assert said["passes"][method] == pytest.approx([cost.forward, cost.backward]), method
+    # evaluation: per-prompt values gathered from the ranks, the interval drawn on all of them
+    whole = evaluate(one.circuit, Setup(model, batches, "logit-diff", "mean")).as_dict()
+    assert said["evaluation"] == pytest.approx(whole, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_discover_under_torchrun_writes_one_set_of_files(job):
+    tmp, (_, said) = job["tmp"], job["rest"]
+    ig = said[1]
+    assert [r["status"] for r in ig] == [0, 0]
+    assert ig[0]["stdout"].count("edges kept") == 1 and ig[1]["stdout"] == ""  # rank 0 prints
+    assert sorted(p.name for p in (tmp / "two-ig").iterdir()) == sorted(DISCOVER_FILES)
+    one, two = (json.loads((tmp / d / "scores.json").read_text()) for d in ("one-ig", "two-ig"))
+    assert list(one["scores"]) == list(two["scores"])
+    a, b = scores_of(tmp / "one-ig"), scores_of(tmp / "two-ig")
+    assert a.abs().max() > 1e-3 and (a - b).abs().max() <= 1e-5 * a.abs().max()
+    kept, metrics = [], []
+    for d in ("one-ig", "two-ig"):
+        circuit = json.loads((tmp / d / "circuit.json").read_text())
+        kept.append({e for e, v in circuit["edges"].items() if v["in_circuit"]})
+        metrics.append(circuit["metrics"])
+    assert kept[0] == kept[1] and kept[0]
+    for key in ("faithfulness", "faithfulness_ci_low", "faithfulness_ci_high"):
+        assert metrics[0][key] == pytest.approx(metrics[1][key], rel=1e-5, abs=1e-7), key
+
+
+def test_torchrun_reads_options_only_after_a_double_dash(capsys):
+    # torchrun's own parser (what `torchrun` runs first): without `--` it takes --n for one of
+    # its options and stops; after `--` every word goes to circuits
+    launch = ["--nproc-per-node", "2", "-m", "circuits"]
+    with pytest.raises(SystemExit) as stopped:
+        torchrun.parse_args([*launch, "discover", "ioi", "--n", "8"])
+    assert stopped.value.code == 2 and "ambiguous option: --n" in capsys.readouterr().err
+    args = torchrun.parse_args([*launch, "--", "discover", "ioi", "--n", "8"])
+    assert args.training_script == "circuits"
+    assert args.training_script_args == ["discover", "ioi", "--n", "8"]
+
+
+def test_ranks_must_be_a_job_size_and_that_of_the_job_torchrun_started(monkeypatch, capsys):
+    argv = ["evaluate", "circuit.json"]
+    assert cli.main([*argv, "--ranks", "0"]) == 2
+    assert capsys.readouterr().err == "circuits: error: --ranks must be at least 1, got 0\n"
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a rank of a job of two
+    assert cli.main([*argv, "--ranks", "3"]) == 2
+    assert "--ranks 3 differs from the 2 ranks torchrun started" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks in /proc")
-@pytest.mark.parametrize("method, progress", [("exact", "exact"), ("acdc", "acdc")])
-def test_ctrl_c_to_one_rank_stops_all_and_resume_finishes(tmp_path, capsys, method, progress):
-    model = model_folder("gpt2", tmp_path / "model", initializer_range=0.2)
-    argv = ["discover", "ioi", "--model", str(model), "--n", "48", "--batch-size", "2",
-            "--method", method, "--select", "topk:10"]
-    assert cli.main([*argv, "--out", str(tmp_path / "one")]) == 0
-    capsys.readouterr()
-    two = [*TORCHRUN, "-m", "circuits", "--", *argv, "--out", str(tmp_path / "two")]
-    launcher = subprocess.Popen(two, env=env(), cwd=tmp_path, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-    # rank 0 has saved progress (ACDC's state is every rank's: rank 0 alone keeps it)
-    saved = tmp_path / "two" / ".progress" / "rank-0" / f"{progress}.safetensors"
-    while not saved.exists() and launcher.poll() is None:
-        time.sleep(0.05)
-    os.kill(rank_pids(launcher)[1], signal.SIGINT)
-    _, err = launcher.communicate(timeout=120)
-    # torchrun's summary: both ranks ended with 130
-    assert err.count("exitcode  : 130") == 2, err[-3000:]
-    assert err.count("circuits: interrupted") == 2
-    assert not (tmp_path / "two" / "scores.json").exists()
-    done = subprocess.run([*two, "--resume"], env=env(), cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert not (tmp_path / "two" / ".progress").exists()
-    a, b = (json.loads((tmp_path / d / "scores.json").read_text())["scores"]
-            for d in ("one", "two"))
-    # ACDC leaves the edges of skipped destinations unscored (null)
-    a, b = (torch.tensor([math.nan if v is None else v for v in s.values()],
-                         dtype=torch.float64) for s in (a, b))
+@pytest.mark.parametrize("method", ["exact", "acdc"])
+def test_ctrl_c_to_one_rank_stops_all_and_resume_finishes(job, method):
+    tmp = job["tmp"]
+    stopped, said = job[f"{method}-stopped"]
+    if method == "exact":  # discover --ranks 2: 130 when every rank ended with 130
+        assert stopped.returncode == 130, stopped.stderr[-3000:]
+        assert stopped.stderr.count("circuits: interrupted") == 2
+    else:  # torchrun's summary: both ranks ended with 130, each saying it was interrupted
+        assert stopped.stderr.count("exitcode  : 130") == 2, stopped.stderr[-3000:]
+        assert [r["status"] for r in said[-1]] == [130, 130]
+        assert all("circuits: interrupted" in r["stderr"] for r in said[-1])
+    # the --resume that finished it: the first command of the next job
+    resumed = job["acdc-stopped" if method == "exact" else "rest"][1][0]
+    assert [r["status"] for r in resumed] == [0, 0], resumed[0]["stderr"][-3000:]
+    assert not (tmp / f"two-{method}" / ".progress").exists()
+    a, b = scores_of(tmp / f"one-{method}"), scores_of(tmp / f"two-{method}")
     assert a.nan_to_num().abs().max() > 1e-3
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.nan_to_num().abs().max(),
                                equal_nan=True)
 
 
 @pytest.mark.slow
-def test_evaluate_under_torchrun_prints_what_one_process_prints(tmp_path, capsys):
-    model = model_folder("gpt2", tmp_path / "model", initializer_range=0.2)
-    argv = ["discover", "ioi", "--model", str(model), "--n", "12", "--method", "eap",
-            "--select", "topk:10", "--out", str(tmp_path / "one")]
-    assert cli.main(argv) == 0
-    evaluate_ = ["evaluate", str(tmp_path / "one" / "circuit.json"), "--n", "16"]
-    capsys.readouterr()
-    assert cli.main(evaluate_) == 0
-    one = capsys.readouterr().out
-    done = subprocess.run([*TORCHRUN, "-m", "circuits", "--", *evaluate_], env=env(),
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_evaluate_under_torchrun_prints_what_one_process_prints(job):
+    said = job["rest"][1][2]
     # faithfulness, its interval (on all 16 prompts) and the curve, printed once
-    assert "faithfulness" in one and done.stdout == one
+    assert "faithfulness" in job["evaluate"]
+    assert [r["stdout"] for r in said] == [job["evaluate"], ""]
+
+
+@pytest.mark.slow
+def test_bench_rows_shared_by_ranks_equal_one_process(job):
+    tmp, said = job["tmp"], job["rest"][1][3]
+    assert [r["status"] for r in said] == [0, 0]
+    # the ranks computed their shares of the three rows; rank 0 alone printed the summary
+    assert "3 rows computed, 0 kept" in said[0]["stdout"] and said[1]["stdout"] == ""
+    logged = {line.split()[0] for r in said for line in r["stderr"].splitlines()
+              if line.startswith("[")}
+    assert logged == {"[1/3]", "[2/3]", "[3/3]"}
+    assert "[2/3]" in said[1]["stderr"]  # the second row was rank 1's
+    one, two = (read_csv(tmp / d / "results.csv") for d in ("one-bench", "two-bench"))
+    timing = {"seconds", "peak_memory_mb"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in two] == [
+        {k: v for k, v in r.items() if k not in timing} for r in one]
+    assert sorted(p.name for p in (tmp / "two-bench").iterdir()) == sorted(
+        p.name for p in (tmp / "one-bench").iterdir())
+
+
+@pytest.mark.slow
+def test_an_input_error_is_one_line_and_every_rank_exits_2(job):
+    done, said = job["rest"]
+    bad = said[4]
+    assert [r["status"] for r in bad] == [2, 2]
+    assert bad[0]["stderr"].startswith("circuits: error: cannot read task file")
+    assert bad[0]["stderr"].count("\n") == 1 and bad[1]["stderr"] == ""
+    assert done.stderr.count("exitcode  : 2") == 2, done.stderr[-3000:]  # torchrun's summary
 
 
 @pytest.fixture(scope="module")
@@ -278,3 +356,68 @@ def test_ranks_scores_at_positions_add_up_to_one_process(monkeypatch, ioi_at_pos
         parts += fn(setup.shard()).double()
     assert whole.abs().max() > 1e-3
     torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-5 * float(whole.abs().max()))
+
+
+@pytest.mark.parametrize("ablation", ["resample", "mean"])
+def test_ranks_node_circuit_values_make_up_one_process(monkeypatch, ablation):
+    # 5 prompts over 2 ranks: rows 0-1 and 2-4, across the batch border
+    setup = Setup(tiny_gpt2(), [make_batch(b=3, vocab=32, seed=0),
+                                make_batch(b=2, vocab=32, seed=1)], "logit-diff", ablation)
+    keep = torch.ones(3, setup.graph.n_sources, dtype=torch.bool)
+    keep[1, 1::2] = False  # every other head and MLP ablated
+    keep[2, 1:] = False  # only the input kept
+    whole = metric_of_nodes(setup, keep, per_prompt=True)  # [3, 5]
+    parts = []
+    for r in range(2):
+        play_rank(monkeypatch, r, 2)
+        parts.append(metric_of_nodes(setup, keep, per_prompt=True))
+    assert [p.shape[1] for p in parts] == [2, 3]  # each rank ran its own prompts only
+    assert (whole[0] - whole[2]).abs().max() > 1e-3
+    torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=1e-5, atol=1e-6)
+
+
+def feature_setup(ablation: str = "resample") -> tuple[Setup, FeatureSet]:
+    """A tiny Llama with random SAEs at two sites, on 5 prompts in batches of 3 and 2."""
+    model = tiny_model("llama", vocab_size=40)
+    setup = Setup(model, [make_batch(b=3, p=5, vocab=40, seed=0),
+                          make_batch(b=2, p=5, vocab=40, seed=1)], "logit-diff", ablation)
+    saes = [SAE.init(32, 96, "relu", site=s, seed=i) for i, s in enumerate(["resid.0",
+                                                                           "resid.1"])]
+    return setup, FeatureSet.of(model, saes)
+
+
+@pytest.mark.parametrize("ablation", ["resample", "mean"])
+def test_ranks_feature_circuit_values_make_up_one_process(monkeypatch, ablation):
+    setup, fs = feature_setup(ablation)
+    graph = fs.graph([[1, 2], [3]], setup.model)
+    feat = with_features(setup, fs, graph)
+    some = graph.valid & (torch.arange(graph.valid.shape[1]) % 2 == 0)  # every other receiver
+    masks = torch.stack([graph.valid, some, torch.zeros_like(graph.valid)])
+    whole = metric_of_masks(feat, masks, per_prompt=True)  # [3, 5]
+    parts = []
+    for r in range(2):
+        play_rank(monkeypatch, r, 2)
+        parts.append(metric_of_masks(feat, masks, per_prompt=True))
+    assert [p.shape[1] for p in parts] == [2, 3]  # each rank ran its own prompts only
+    assert (whole[0] - whole[2]).abs().max() > 1e-3
+    torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_ranks_feature_scores_add_up_to_one_process(monkeypatch):
+    # what score_features adds over the ranks: node effects, edge effects, exact node effects
+    setup, fs = feature_setup()
+    graph = fs.graph([[1, 2], [3]], setup.model)
+
+    def scores(s: Setup) -> list[torch.Tensor]:
+        return [*node_effects(s, fs, "ig", 2), edge_effects(s, fs, graph, "ig", 2).double(),
+                exact_node_effects(s, fs, graph).double()]
+
+    whole = scores(setup)
+    parts = []
+    for r in range(2):
+        play_rank(monkeypatch, r, 2)
+        parts.append(scores(setup.shard()))
+    for w, a, b in zip(whole, *parts, strict=True):
+        size = float(w.abs().max())
+        assert size > 1e-4
+        torch.testing.assert_close(a + b, w, rtol=1e-4, atol=1e-5 * size)

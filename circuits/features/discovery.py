@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..cost import measure
 from ..errors import OptionError
 from ..outputs import activity
@@ -77,12 +78,20 @@ def score_features(setup: Setup, fs: FeatureSet, method: str = "eap", steps: int
     if per_site < 1:
         raise OptionError(f"keep at least one feature per site, got {per_site}")
     prompts = sum(b.size for b in setup.batches)
+    # data parallel: the scores are weighted sums over prompts, so each rank scores its share
+    # and the ranks add theirs; mean ablation averages each whole batch's corrupted prompts,
+    # so there every rank runs every prompt
+    split = distributed.world() > 1 and setup.ablation != "mean"
+    part, add = (setup.shard(), distributed.all_sum) if split else (setup, _same)
     with measure(setup.node_passes, setup.model.device, prompts) as cost, \
             activity(f"scoring features with {method}"):
-        effects = node_effects(setup, fs, how, steps)
+        effects = [add(t) for t in node_effects(part, fs, how, steps)]
         graph = fs.graph(chosen_features(effects, per_site), setup.model)
-        values = edge_effects(setup, fs, graph, how, steps)
-        exact = exact_node_effects(setup, fs, graph)
+        values = add(edge_effects(part, fs, graph, how, steps))
+        exact = add(exact_node_effects(part, fs, graph))
+    if split:  # each rank counted the passes over its share: the run's are their sum
+        passes = add(torch.tensor([cost.forward, cost.backward], dtype=torch.float64))
+        cost.forward, cost.backward = (float(p) for p in passes)
     approx = graph_node_scores(graph, effects)
     folder = str(Path(fs.source).resolve()) if fs.source else ""
     options = {"ablation": setup.ablation, "metric": setup.metric.name, "features": folder,
@@ -95,6 +104,11 @@ def score_features(setup: Setup, fs: FeatureSet, method: str = "eap", steps: int
     extra = {"node_scores": approx[1:].tolist(), "exact_node_scores": exact[1:].tolist()}
     return Scores(graph, values, "edge", method, setup.task, setup.model.name, options, cost,
                   extra)
+
+
+def _same(t: Tensor) -> Tensor:
+    """`t` itself: what a rank adds when it ran every prompt."""
+    return t
 
 
 def graph_node_scores(graph: FeatureGraph, effects: list[Tensor]) -> Tensor:

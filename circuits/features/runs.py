@@ -12,7 +12,7 @@ SAE sites runs as the model does.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..ablation import check_ablation
+from ..batch import Batch
 from ..errors import CircuitFileError, OptionError
 from ..model import Model
 from ..nodes import NodeSites
@@ -231,9 +233,15 @@ def metric_of_masks(setup: Setup, masks: Tensor, chunk: int, per_prompt: bool) -
     graph: FeatureGraph = setup.feature_graph
     fs: FeatureSet = setup.features
     nodes = induced_nodes(graph, masks)
-    C, out = nodes.shape[0], []
-    for batch, _ in zip(setup.batches, setup.weights, strict=True):
-        abl = ablated_values(setup.model, fs, batch.clean, batch.corrupt, setup.ablation)
+    C, out = nodes.shape[0], [torch.empty(nodes.shape[0], 0, dtype=torch.float64)]
+    # data parallel: each rank runs its rows of every batch; every rank gets all the values
+    for whole, mine in _my_rows(setup.batches):
+        batch = whole.rows(mine)
+        if setup.ablation == "mean":  # the mean over the whole batch, as in one process
+            abl = ablated_values(setup.model, fs, whole.clean, whole.corrupt, "mean")
+            abl = NodeValues([t[mine] for t in abl.f], [t[mine] for t in abl.e])
+        else:
+            abl = ablated_values(setup.model, fs, batch.clean, batch.corrupt, setup.ablation)
         rows = torch.empty(C, batch.size, dtype=torch.float64)
         for lo in range(0, C, chunk):
             part = nodes[lo:lo + chunk]
@@ -242,5 +250,16 @@ def metric_of_masks(setup: Setup, masks: Tensor, chunk: int, per_prompt: bool) -
             values = setup.metric_values(logits, batch).view(part.shape[0], batch.size)
             rows[lo:lo + part.shape[0]] = values.double().cpu()
         out.append(rows)
-    values = torch.cat(out, 1)
+    values = distributed.gather_rows(torch.cat(out, 1).T.contiguous()).T  # [C, n_prompts]
     return values if per_prompt else values.mean(1)
+
+
+def _my_rows(batches: list[Batch]) -> Iterator[tuple[Batch, slice]]:
+    """The batches holding this rank's prompts (`circuits.distributed.shard` of all the rows,
+    one after the other), each with the slice of its rows that are this rank's."""
+    mine, start = distributed.shard(sum(b.size for b in batches)), 0
+    for b in batches:
+        lo, hi = max(mine.start - start, 0), min(mine.stop - start, b.size)
+        if lo < hi:
+            yield b, slice(lo, hi)
+        start += b.size
