@@ -7,9 +7,10 @@ The convention, for whoever edits the README:
   earlier one wrote, as a reader following along would), with the virtual environment's
   ``bin/`` first on ``PATH`` (``circuits`` and ``python`` are the installed ones). Each block
   must exit 0.
-* A block whose first line is a comment containing ``needs network``, ``setup`` or ``benchmark``
-  is not run (hub downloads; the make-based installation; the benchmarks, which rewrite the
-  committed results and are covered by their own quick test).
+* A block whose first line is a comment containing ``needs network``, ``needs a GPU``,
+  ``setup`` or ``benchmark`` is not run (hub downloads; commands for a CUDA machine; the
+  make-based installation; the benchmarks, which rewrite the committed results and are covered
+  by their own quick test).
 * A line ``# expect: PATH [PATH ...]`` inside a block names files or folders, relative to that
   directory, that must exist after the block ran (files non-empty).
 
@@ -28,7 +29,7 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SKIP_WORDS = ("needs network", "setup", "benchmark")
+SKIP_WORDS = ("needs network", "needs a GPU", "setup", "benchmark")
 FENCE = re.compile(r"^```bash[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 EXPECT = re.compile(r"^\s*#\s*expect:\s*(.+)$", re.MULTILINE)
 
