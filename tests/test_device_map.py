@@ -54,9 +54,9 @@ def _scores(task, model, method):
 
 @pytest.mark.parametrize("family, methods", [
     ("gpt2", ("eap", "eap-ig", "exact", "acdc")),
-    ("neox", ("eap", "exact")),
-    ("llama", ("eap", "eap-ig-activations", "exact")),
-    ("gemma2", ("eap", "exact")),
+    ("neox", ("eap",)),  # parallel attention and MLP
+    ("llama", ("eap", "exact")),  # grouped keys and values
+    ("gemma2", ("exact",)),  # post-norms, soft-caps, sliding windows
 ])
 def test_offloaded_layers_score_as_in_memory(folders, family, methods):
     memory = load_model(folders[family])
@@ -171,3 +171,35 @@ def test_a_run_with_gradients_reads_offloaded_weights_again_for_its_backward(fol
                                rtol=0, atol=0, equal_nan=True)
     assert counts["packed"] > 0
     assert counts["read"] == counts["packed"]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--device-map", "nonsense"], ("neither one of auto",)),
+    (["--device-map", "{bad}.json"], ("neither one of auto",)),
+    (["--device-map", "BADJSON"], ("not readable JSON",)),
+    (["--device-map", "PLACE"], ("placed on 'tpu'",)),
+    (["--max-memory", "cpu=1GiB"], ("go with --device-map",)),
+    (["--device-map", "auto", "--max-memory", "lots"], ("DEVICE=SIZE",)),
+    (["--device-map", "auto", "--offload-folder", "FILE"], ("a file is there",)),
+], ids=["name", "missing-file", "not-json", "bad-place", "memory-alone", "bad-memory",
+        "folder-is-a-file"])
+def test_bad_placement_flags_exit_2_with_one_line_before_any_work(flags, words, tmp_path,
+                                                                  capsys):
+    from circuits import cli
+
+    bad_json, place, a_file = tmp_path / "m.json", tmp_path / "p.json", tmp_path / "f"
+    bad_json.write_text("{not json")
+    place.write_text('{"transformer.h.0": "tpu"}')
+    a_file.write_text("mine")
+    swap = {"BADJSON": str(bad_json), "PLACE": str(place), "FILE": str(a_file)}
+    argv = ["discover", "ioi", "--n", "4", "-o", str(tmp_path / "out"),
+            *(swap.get(f, f) for f in flags)]
+    code = cli.main(argv)
+    stdout, stderr = capsys.readouterr()
+    lines = stderr.strip().splitlines()
+    assert code == 2, stderr
+    assert len(lines) == 1 and lines[0].startswith("circuits: error: "), stderr
+    assert "Traceback" not in stderr and stdout == ""
+    assert all(w in lines[0] for w in words), lines[0]
+    assert a_file.read_text() == "mine"  # nothing the user saved is touched
+    assert not (tmp_path / "out").exists()
