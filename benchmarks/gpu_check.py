@@ -200,18 +200,22 @@ def parity_lines(name: str, device: torch.device, dtype_name: str, batch: Batch,
               ("patched vs ref", lambda: patched_vs_reference(engine, batch), "logits")]
     checks += [(f"{m} vs CPU f32", lambda m=m: compare(score_of(model, batch, m), reference[m]),
                 "scores") for m in METHODS]
-    rows = []
-    for check, fn, kind in checks:
-        row = {"model": name, "dtype": dtype_name, "check": check,
-               "tol": TOLERANCE[dtype_name][kind]}
-        try:
-            row["max_diff"], row["rel"] = fn()
-        except Exception as err:  # noqa: BLE001 - a GPU session is short: report, go on
-            row["error"], row["pass"] = one_line(err), False
-        else:
-            row["pass"] = bool(row["rel"] <= row["tol"])
-        rows.append(row)
-    return rows
+    return [check_row(name, dtype_name, check, TOLERANCE[dtype_name][kind], fn)
+            for check, fn, kind in checks]
+
+
+def check_row(name: str, dtype_name: str, check: str, tol: float,
+              fn: Callable[[], tuple[float, float]]) -> dict[str, Any]:
+    """One parity line: `fn`'s (max |diff|, relative diff) against `tol`; a check that raises
+    is a FAIL line with the error."""
+    row = {"model": name, "dtype": dtype_name, "check": check, "tol": tol}
+    try:
+        row["max_diff"], row["rel"] = fn()
+    except Exception as err:  # noqa: BLE001 - a GPU session is short: report, go on
+        row["error"], row["pass"] = one_line(err), False
+    else:
+        row["pass"] = bool(row["rel"] <= row["tol"])
+    return row
 
 
 def placed_map(device: torch.device, layers: int) -> dict[str, str]:
@@ -237,19 +241,11 @@ def placement_lines(device: torch.device, batch: Batch) -> list[dict[str, Any]]:
     spec = placed_map(device, layers)
     placed = load_model(SHIPPED, device_map=spec)
     where = "/".join(sorted(set(spec.values())))
-    rows = []
-    for method in ("eap", "exact"):
-        row = {"model": SHIPPED, "dtype": "float32", "check": f"{method} map {where}",
-               "tol": TOLERANCE["float32"]["scores"]}
-        try:
-            row["max_diff"], row["rel"] = compare(score_of(placed, batch, method),
-                                                  score_of(whole, batch, method))
-        except Exception as err:  # noqa: BLE001 - a GPU session is short: report, go on
-            row["error"], row["pass"] = one_line(err), False
-        else:
-            row["pass"] = bool(row["rel"] <= row["tol"])
-        rows.append(row)
-    return rows
+    return [check_row(SHIPPED, "float32", f"{method} map {where}",
+                      TOLERANCE["float32"]["scores"],
+                      lambda m=method: compare(score_of(placed, batch, m),
+                                               score_of(whole, batch, m)))
+            for method in ("eap", "exact")]
 
 
 def print_parity(row: dict[str, Any]) -> None:
