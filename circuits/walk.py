@@ -97,7 +97,8 @@ class Walk:
                 if g.attn_stage(layer) >= plan.start:
                     resid, attn_in = self._attention(layer, resid)
                 resid = self._mlp(layer, attn_in if a.arch.parallel else resid, resid)
-        self.resid_at[g.logits_stage] = resid
+        if plan.keep:
+            self.resid_at[g.logits_stage] = resid
         with a.holding(OUTER) as dev:
             got = self._inputs(g.n_destinations - 1, resid)
             final = resid if got is None else got[0][0]
@@ -205,7 +206,8 @@ class Walk:
         cut to the last position when this is where the run stops needing the others)."""
         a, g, plan = self.a, self.g, self.plan
         stage = g.attn_stage(layer)
-        self.resid_at[stage] = resid
+        if plan.keep:  # the residuals are kept for a Trace only
+            self.resid_at[stage] = resid
         heads = g.head_sources(layer)
         last = plan.truncate and layer == a.arch.n_layers - 1
         if self._idle(heads) and not a.arch.post_norm:
@@ -413,7 +415,8 @@ class Walk:
                                  lambda grad: sink(idx, n_up, grad.to(home)))
 
     def _mlp(self, layer: int, mlp_in: Tensor, resid: Tensor) -> Tensor:
-        self.resid_at.setdefault(self.g.mlp_stage(layer), mlp_in)
+        if self.plan.keep:
+            self.resid_at.setdefault(self.g.mlp_stage(layer), mlp_in)
         m = self.g.mlp_source(layer)
         if self._idle(slice(m, m + 1)):  # replaced by its ablated value: not computed
             return resid + self._skipped(slice(m, m + 1), mlp_in)[0]
