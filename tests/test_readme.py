@@ -12,6 +12,9 @@ The convention, for whoever edits the README:
   committed results and are covered by their own quick test).
 * A line ``# expect: PATH [PATH ...]`` inside a block names files or folders, relative to that
   directory, that must exist after the block ran (files non-empty).
+* ``circuits`` runs with its imports already made (tests/warm_program.py: a forked child of a
+  process that imported the program, with the command's arguments, folder, environment and
+  streams); a command given its own environment variables runs the installed program itself.
 
 Other fences (```` ```python ````, ```` ```text ````) are not run.
 """
@@ -22,10 +25,13 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cli_helpers import one_error_line, run
+from warm_program import warm_program
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SKIP_WORDS = ("needs network", "setup", "benchmark")
@@ -68,6 +74,12 @@ def run_blocks(readme: Path, workdir: Path, timeout: float = 900) -> int:
                     "tests/test_readme.py for the conventions)")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                MPLBACKEND="Agg")
+    with tempfile.TemporaryDirectory() as server, warm_program(env, Path(server)) as env:
+        return _run_each(blocks, workdir, env, timeout)
+
+
+def _run_each(blocks: list[Block], workdir: Path, env: dict[str, str], timeout: float) -> int:
+    """Run the blocks that are not skipped, in order, checking each; how many ran."""
     ran = 0
     for block in blocks:
         if block.skipped:
@@ -96,6 +108,31 @@ def test_conventions_are_parsed():
     assert [b.line for b in blocks] == [2, 9, 13, 17]
     assert blocks[0].expect == ("a.txt", "b/c.json")
     assert [b.skipped for b in blocks] == [False, True, True, False]
+
+
+def test_warm_program_runs_commands_as_the_program(tmp_path, capsys, monkeypatch):
+    """Through the stand-in a command writes the output and files in its folder and exits with
+    the status the program gives; one given its own environment variable runs the installed
+    program itself."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    script = ("circuits tasks > tasks.txt\n"
+              "circuits discover nosuchtask 2> err.txt || echo $? > status.txt\n"
+              "echo {} > bad.json\n"  # read from the command's folder: the message says why
+              "circuits evaluate bad.json 2> bad.txt || true\n"
+              "CIRCUITS_KEEP_FREED_MEMORY=0 circuits tasks > tasks-real.txt\n")
+    with tempfile.TemporaryDirectory() as server, warm_program(env, Path(server)) as warm:
+        subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=warm,
+                       check=True, timeout=300)
+        served = (Path(server) / "server.sock.log").read_text().splitlines()
+    assert served == ['["tasks"]', '["discover", "nosuchtask"]', '["evaluate", "bad.json"]']
+    assert run(["tasks"], capsys)[1] == (tmp_path / "tasks.txt").read_text() \
+        == (tmp_path / "tasks-real.txt").read_text()
+    status, _, err = run(["discover", "nosuchtask"], capsys)
+    assert (tmp_path / "status.txt").read_text() == f"{status}\n" == "2\n"
+    assert (tmp_path / "err.txt").read_text() == err == one_error_line(err, "nosuchtask") + "\n"
+    monkeypatch.chdir(tmp_path)
+    err = run(["evaluate", "bad.json"], capsys)[2]
+    assert (tmp_path / "bad.txt").read_text() == err == one_error_line(err, "format") + "\n"
 
 
 @pytest.mark.slow
