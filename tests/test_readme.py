@@ -119,6 +119,8 @@ def test_warm_program_runs_commands_as_the_program(program, tmp_path, capsys, mo
     the status the program gives; one given its own environment variable runs the installed
     program itself."""
     warm, log = program
+    if not (log.parent / "bin" / "circuits").is_file():
+        pytest.skip("no stand-in here (no installed circuits, or a space in this Python's path)")
     script = ("circuits tasks > tasks.txt\n"
               "circuits discover nosuchtask 2> err.txt || echo $? > status.txt\n"
               "echo {} > bad.json\n"  # read from the command's folder: the message says why

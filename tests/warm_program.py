@@ -171,11 +171,11 @@ def warm_program(env: dict[str, str], folder: Path, wait: float = 120) -> Iterat
     """Start the server for the ``circuits`` found on ``env["PATH"]``; yields `env` with the
     stand-in first on ``PATH`` (the server's environment too). The arguments of each command
     the server ran are lines of ``folder/server.sock.log``. Without an installed program, `env`
-    as given."""
+    as given, also where a "#!" line cannot name this Python (a space in its path)."""
     real = next((Path(d) / "circuits" for d in env["PATH"].split(os.pathsep)
                  if (Path(d) / "circuits").is_file()), None)
-    if real is None:
-        yield env
+    if real is None or " " in sys.executable or len(sys.executable) > 120:
+        yield env  # the stand-in's "#!" line could not name this Python
         return
     bin_dir, path = folder / "bin", str(folder / "server.sock")
     bin_dir.mkdir(parents=True, exist_ok=True)
