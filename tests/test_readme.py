@@ -13,6 +13,9 @@ The convention, for whoever edits the README:
   by their own quick test).
 * A line ``# expect: PATH [PATH ...]`` inside a block names files or folders, relative to that
   directory, that must exist after the block ran (files non-empty).
+* ``circuits`` runs with its imports already made (tests/warm_program.py: a forked child of a
+  process that imported the program, with the command's arguments, folder, environment and
+  streams); a command given its own environment variables runs the installed program itself.
 
 Other fences (```` ```python ````, ```` ```text ````) are not run.
 """
@@ -23,10 +26,14 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cli_helpers import one_error_line, run
+from warm_program import warm_program
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SKIP_WORDS = ("needs network", "needs a GPU", "setup", "benchmark")
@@ -60,15 +67,24 @@ def bash_blocks(markdown: str) -> list[Block]:
     return blocks
 
 
-def run_blocks(readme: Path, workdir: Path, timeout: float = 900) -> int:
-    """Run every runnable block of `readme` in `workdir`; returns how many ran. Fails the test
-    with the block's output on the first non-zero exit or missing expected path."""
+@pytest.fixture(scope="module")
+def program() -> Iterator[tuple[dict[str, str], Path]]:
+    """The environment the blocks run in, with ``circuits`` warm (tests/warm_program.py), and
+    the file that lists the commands the server ran."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               MPLBACKEND="Agg")
+    with tempfile.TemporaryDirectory() as server, warm_program(env, Path(server)) as warm:
+        yield warm, Path(server) / "server.sock.log"
+
+
+def run_blocks(readme: Path, workdir: Path, env: dict[str, str], timeout: float = 900) -> int:
+    """Run every runnable block of `readme` in `workdir` with environment `env`; returns how
+    many ran. Fails the test with the block's output on the first non-zero exit or missing
+    expected path."""
     blocks = bash_blocks(readme.read_text(encoding="utf-8"))
     if not blocks:
         pytest.fail(f"{readme} has no ```bash blocks; add the Quickstart commands (see "
                     "tests/test_readme.py for the conventions)")
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               MPLBACKEND="Agg")
     ran = 0
     for block in blocks:
         if block.skipped:
@@ -99,7 +115,35 @@ def test_conventions_are_parsed():
     assert [b.skipped for b in blocks] == [False, True, True, False]
 
 
+def test_warm_program_runs_commands_as_the_program(program, tmp_path, capsys, monkeypatch):
+    """Through the stand-in a command writes the output and files in its folder and exits with
+    the status the program gives; one given its own environment variable runs the installed
+    program itself."""
+    warm, log = program
+    if not (log.parent / "bin" / "circuits").is_file():
+        pytest.skip("no stand-in here (no installed circuits, or a space in this Python's path)")
+    script = ("circuits tasks > tasks.txt\n"
+              "circuits discover nosuchtask 2> err.txt || echo $? > status.txt\n"
+              "echo {} > bad.json\n"  # read from the command's folder: the message says why
+              "circuits evaluate bad.json 2> bad.txt || true\n"
+              "CIRCUITS_KEEP_FREED_MEMORY=0 circuits tasks > tasks-real.txt\n")
+    before = log.read_text().splitlines() if log.exists() else []
+    subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=warm, check=True,
+                   timeout=300)
+    served = log.read_text().splitlines()[len(before):]
+    assert served == ['["tasks"]', '["discover", "nosuchtask"]', '["evaluate", "bad.json"]']
+    assert run(["tasks"], capsys)[1] == (tmp_path / "tasks.txt").read_text() \
+        == (tmp_path / "tasks-real.txt").read_text()
+    status, _, err = run(["discover", "nosuchtask"], capsys)
+    assert (tmp_path / "status.txt").read_text() == f"{status}\n" == "2\n"
+    assert (tmp_path / "err.txt").read_text() == err == one_error_line(err, "nosuchtask") + "\n"
+    monkeypatch.chdir(tmp_path)
+    err = run(["evaluate", "bad.json"], capsys)[2]
+    assert (tmp_path / "bad.txt").read_text() == err == one_error_line(err, "format") + "\n"
+
+
 @pytest.mark.slow
-def test_readme_bash_blocks_run(tmp_path):
+def test_readme_bash_blocks_run(program, tmp_path):
     assert README.is_file(), f"{README} is missing; the README's Quickstart is tested here"
-    assert run_blocks(README, tmp_path) > 0, "every ```bash block of README.md is skipped"
+    ran = run_blocks(README, tmp_path, program[0])
+    assert ran > 0, "every ```bash block of README.md is skipped"
