@@ -36,7 +36,7 @@ def one_torch_thread():
 # the queue and left the other worker idle for minutes at the end. Handed out first instead,
 # they run while the many short files fill in around them.
 LONGEST_FIRST = ("tests/test_readme.py", "tests/test_distributed.py", "tests/test_editing.py",
-                 "tests/test_notebooks.py")
+                 "tests/test_notebooks.py", "tests/test_device_map.py")
 
 
 def pytest_configure(config):
