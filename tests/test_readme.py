@@ -36,7 +36,7 @@ from cli_helpers import one_error_line, run
 from warm_program import warm_program
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SKIP_WORDS = ("needs network", "needs a GPU", "setup", "benchmark")
+SKIP_WORDS = ("needs network", "needs a gpu", "setup", "benchmark")  # lower case
 FENCE = re.compile(r"^```bash[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 EXPECT = re.compile(r"^\s*#\s*expect:\s*(.+)$", re.MULTILINE)
 
@@ -108,11 +108,12 @@ def test_conventions_are_parsed():
             "```python\nprint(1)\n```\n"
             "```bash\n# needs network: downloads GPT-2\ncircuits discover ioi --model gpt2\n```\n"
             "```bash\n# setup (once)\nmake setup\n```\n"
-            "```bash\n# expect: setup.json\ntouch setup.json\n```\n")
+            "```bash\n# expect: setup.json\ntouch setup.json\n```\n"
+            "```bash\n# needs a GPU\ncircuits discover ioi --device cuda\n```\n")
     blocks = bash_blocks(text)
-    assert [b.line for b in blocks] == [2, 9, 13, 17]
+    assert [b.line for b in blocks] == [2, 9, 13, 17, 21]
     assert blocks[0].expect == ("a.txt", "b/c.json")
-    assert [b.skipped for b in blocks] == [False, True, True, False]
+    assert [b.skipped for b in blocks] == [False, True, True, False, True]
 
 
 def test_warm_program_runs_commands_as_the_program(program, tmp_path, capsys, monkeypatch):
