@@ -366,11 +366,18 @@ def test_ranks_node_circuit_values_make_up_one_process(monkeypatch, ablation):
     keep = torch.ones(3, setup.graph.n_sources, dtype=torch.bool)
     keep[1, 1::2] = False  # every other head and MLP ablated
     keep[2, 1:] = False  # only the input kept
-    whole = metric_of_nodes(setup, keep, per_prompt=True)  # [3, 5]
+    ranks_make_up_one_process(monkeypatch, lambda: metric_of_nodes(setup, keep,
+                                                                  per_prompt=True))
+
+
+def ranks_make_up_one_process(monkeypatch, values) -> None:
+    """`values()` ``[3, 5]`` (per variant and prompt) computed by two ranks, each on its own
+    prompts (2 and 3), side by side equal one process's; the variants differ."""
+    whole = values()
     parts = []
     for r in range(2):
         play_rank(monkeypatch, r, 2)
-        parts.append(metric_of_nodes(setup, keep, per_prompt=True))
+        parts.append(values())
     assert [p.shape[1] for p in parts] == [2, 3]  # each rank ran its own prompts only
     assert (whole[0] - whole[2]).abs().max() > 1e-3
     torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=1e-5, atol=1e-6)
@@ -393,14 +400,8 @@ def test_ranks_feature_circuit_values_make_up_one_process(monkeypatch, ablation)
     feat = with_features(setup, fs, graph)
     some = graph.valid & (torch.arange(graph.valid.shape[1]) % 2 == 0)  # every other receiver
     masks = torch.stack([graph.valid, some, torch.zeros_like(graph.valid)])
-    whole = metric_of_masks(feat, masks, per_prompt=True)  # [3, 5]
-    parts = []
-    for r in range(2):
-        play_rank(monkeypatch, r, 2)
-        parts.append(metric_of_masks(feat, masks, per_prompt=True))
-    assert [p.shape[1] for p in parts] == [2, 3]  # each rank ran its own prompts only
-    assert (whole[0] - whole[2]).abs().max() > 1e-3
-    torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=1e-5, atol=1e-6)
+    ranks_make_up_one_process(monkeypatch, lambda: metric_of_masks(feat, masks,
+                                                                  per_prompt=True))
 
 
 def test_ranks_feature_scores_add_up_to_one_process(monkeypatch):
