@@ -29,7 +29,6 @@ from .adapters import Adapter
 from .cost import PassCounter
 from .graph import Graph
 from .mixing import after_prefix
-from .placement import OUTER
 from .plans import RunPlan, make_plan
 from .walk import GradSink, Trace, Walk
 
@@ -135,7 +134,7 @@ def run_single_edges(adapter: Adapter, graph: Graph, ids: Tensor, ablated: Tenso
     if where is None:
         return _single_edges(adapter, g, trace, full, first, rest, metric, columns, chunk,
                              counter).cpu().masked_fill(~g.valid, float("nan"))
-    clean = metric(_unembed(adapter, trace.resid[g.logits_stage][:, -1], columns, full.device))
+    clean = metric(adapter.unembed(trace.resid[g.logits_stage][:, -1].to(full.device), columns))
     out = []
     for k in range(n_positions):
         at = (where == k)[None, :, :, None]  # [1, b, p, 1]
@@ -162,8 +161,7 @@ def _single_edges(a: Adapter, g: Graph, trace: Trace, delta: Tensor, first: int,
     step = max(1, chunk // b)
     for lo in range(0, g.n_sources, step):
         hi = min(g.n_sources, lo + step)
-        logits = _unembed(a, (resid + delta[lo:hi])[:, :, -1], columns, delta.device
-                          ).flatten(0, 1)
+        logits = a.unembed((resid + delta[lo:hi])[:, :, -1], columns).flatten(0, 1)
         counter.add_forward((hi - lo) * b, 1 / (g.logits_stage + 1))
         effects[lo:hi, -1] = metric(logits)
     return effects
@@ -223,14 +221,6 @@ def _mlp_effects(a: Adapter, g: Graph, layer: int, trace: Trace, full: Tensor, f
         new = a.mlp(layer, resid + delta[lo:hi])  # [c, b, p - first, d]
         counter.add_forward((hi - lo) * b, (p - first) / p / (g.logits_stage + 1))
         effects[lo:hi, g.mlp_destination(layer)] = rest(stage + 1, (base + new).flatten(0, 1))
-
-
-def _unembed(a: Adapter, x: Tensor, columns: Tensor | None, home: torch.device) -> Tensor:
-    """Logits of residuals `x`, on `home` (a model placed by a device map unembeds on the
-    unembedding's device)."""
-    with a.holding(OUTER) as dev:
-        logits = a.unembed(x if dev is None else x.to(a.placement.unembed_device), columns)
-    return logits.to(home)
 
 
 def _after_clean(clean: Tensor, new: Tensor, first: int) -> Tensor:

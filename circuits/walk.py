@@ -20,7 +20,6 @@ from torch import Tensor
 from .adapters import Adapter
 from .graph import Graph
 from .mixing import Deltas, after_prefix, grad_root, last, minus, query_heads, tile
-from .placement import OUTER
 from .plans import ReaderPlan, RunPlan
 
 # sink(destination indices [n], n upstream sources, gradient of their inputs [n, rows, p, d])
@@ -99,11 +98,10 @@ class Walk:
                 resid = self._mlp(layer, attn_in if a.arch.parallel else resid, resid)
         if plan.keep:
             self.resid_at[g.logits_stage] = resid
-        with a.holding(OUTER) as dev:
-            got = self._inputs(g.n_destinations - 1, resid)
-            final = resid if got is None else got[0][0]
-            final = final if dev is None else final.to(a.placement.unembed_device)
-            logits = a.unembed(final[:, -1] if plan.last_only else final, plan.columns)
+        got = self._inputs(g.n_destinations - 1, resid)
+        final = resid if got is None else got[0][0]
+        # (on a placed model the adapter unembeds on the unembedding's device)
+        logits = a.unembed(final[:, -1] if plan.last_only else final, plan.columns)
         logits = logits.to(self.home)
         trace = Trace(self.outs, self.resid_at, logits) if plan.keep else None
         return logits, trace
@@ -114,8 +112,7 @@ class Walk:
         plan, C = self.plan, self.plan.variants
         self.home = ids.device
         if resid is None and plan.start == 0:
-            with self.a.holding(OUTER):
-                resid = self.a.embed(ids)[:, plan.first:]
+            resid = self.a.embed(ids)[:, plan.first:]
         elif resid is None:
             if trace is None:
                 raise ValueError("a run that starts after the embedding needs a clean Trace")
