@@ -67,21 +67,15 @@ class Placement:
     """
 
     def __init__(self, hf: nn.Module, blocks: Sequence[nn.Module]) -> None:
-        inside = {id(m) for block in blocks for m in block.modules()}
         self.devices: dict[int | str, torch.device] = {
             i: execution_device(block) for i, block in enumerate(blocks)}
         self.offloaded: dict[int | str, list[tuple[nn.Module, Any]]] = {
             i: _offloaded(block.modules()) for i, block in enumerate(blocks)}
-        self.offloaded[OUTER] = _offloaded(m for m in hf.modules() if id(m) not in inside)
+        self.offloaded[OUTER] = _offloaded_outside(hf, blocks)
         self.embed_device = execution_device(hf.get_input_embeddings())
         self.unembed_device = execution_device(hf.get_output_embeddings())
         self.devices[OUTER] = self.embed_device
         self._depth: dict[int | str, int] = {}
-
-    @property
-    def offloads(self) -> bool:
-        """Some weights are offloaded (to the CPU or the disk) rather than placed."""
-        return any(self.offloaded.values())
 
     @contextmanager
     def holding(self, part: int | str) -> Iterator[torch.device]:
@@ -123,12 +117,14 @@ def outer_offloaded(hf: nn.Module) -> bool:
     """Some module outside the layers of a placed model holds offloaded weights (nnsight's
     traces then fail inside accelerate's hooks; a model whose layers alone are offloaded runs).
     """
-    inside = {id(m) for m in hf.modules() if _is_layer_list(m) for m in m.modules()}
-    return bool(_offloaded(m for m in hf.modules() if id(m) not in inside))
+    layers = [block for m in hf.modules() if isinstance(m, nn.ModuleList) for block in m]
+    return bool(_offloaded_outside(hf, layers))
 
 
-def _is_layer_list(module: nn.Module) -> bool:
-    return isinstance(module, nn.ModuleList) and len(module) > 0
+def _offloaded_outside(hf: nn.Module, blocks: Sequence[nn.Module]) -> list[tuple[nn.Module, Any]]:
+    """`_offloaded` of the modules of `hf` outside `blocks` (its layers)."""
+    inside = {id(m) for block in blocks for m in block.modules()}
+    return _offloaded(m for m in hf.modules() if id(m) not in inside)
 
 
 def offloaded_value(hf: nn.Module, name: str) -> torch.Tensor:
