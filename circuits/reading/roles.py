@@ -64,6 +64,7 @@ from ..adapters import adapter_for
 from ..errors import OptionError, UnsupportedModelError
 from ..model import Model
 from ..nodes import NodeSites
+from ..placement import execution_device
 from .attention import attention_patterns, head_shape
 from .dla import direct_logit_attribution
 from .role_labels import DLA_SHARE as DLA_SHARE  # re-exported with the other label names
@@ -282,8 +283,7 @@ def _copying(adapter: Adapter, tokens: Tensor, step: Callable[[int], Any]) -> Te
     """``[L, H]``: the fraction of `tokens` each head's OV circuit maps to their own top-k
     logit (see the module docstring); `step(1)` after each layer."""
     arch = adapter.arch
-    device = (next(adapter.hf.parameters()).device if adapter.placement is None
-              else adapter.placement.embed_device)
+    device = execution_device(adapter.hf.get_input_embeddings())  # as `Model.device`
     tokens = tokens.to(device)
     counts = torch.zeros(arch.n_layers, arch.n_heads)
     with torch.no_grad():
